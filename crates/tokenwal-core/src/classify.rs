@@ -1,0 +1,472 @@
+//! Response classification: a pure function from what the transport saw to what it means.
+//!
+//! The one rule that matters: **only a definitive answer is definitive.** Anything that could have
+//! followed a server-side rotation (a 5xx, a timeout or reset after the request was written, a 2xx
+//! that does not parse, a status nobody documented) is [`Outcome::Ambiguous`]; it is never read as
+//! success and never as a dead grant. `invalid_client` is about the app, not the shop.
+//!
+//! | what came back | outcome |
+//! |---|---|
+//! | connect / DNS / TLS failure, connect timeout | `NotSent` (the server never saw it) |
+//! | timeout or connection loss after the request may have been written | `Ambiguous` |
+//! | 2xx with `access_token`, `refresh_token`*, positive `expires_in`* | `Success` |
+//! | 2xx otherwise (truncated, not JSON, missing field, zero/negative/huge lifetime, duplicate key) | `Ambiguous` |
+//! | 429 | `Throttled` (with `Retry-After` seconds if given) |
+//! | any 4xx with `error` = `invalid_client` or `unauthorized_client` | `BadCredentials` |
+//! | any 4xx with `error` = `invalid_grant` or `invalid_subject_token` | `Rejected` |
+//! | 401 with `error` = `invalid_request` (Shopify: "requires an active refresh_token") | `Rejected` |
+//! | 5xx (520 with `error code: 520` in plain text included), 1xx, 3xx, any other 4xx | `Ambiguous` |
+//! | a body over the size cap | `Ambiguous` |
+//!
+//! (*) as required by the provider's [`ResponseRules`].
+
+use crate::domain::TokenSet;
+use crate::record::{AmbiguityReason, NotSentReason};
+use crate::secret::{AccessToken, RefreshToken};
+use crate::time::UnixMillis;
+use serde::Deserialize;
+use std::time::Duration;
+
+/// The most response-body bytes a transport should read; a larger body is classified as ambiguous.
+pub const MAX_BODY: usize = 64 * 1024;
+/// The longest lifetime accepted for an access token (a larger `expires_in` is treated as garbage).
+pub const MAX_ACCESS_LIFETIME: Duration = Duration::from_secs(366 * 86_400);
+/// The longest lifetime accepted for a refresh token.
+pub const MAX_REFRESH_LIFETIME: Duration = Duration::from_secs(10 * 366 * 86_400);
+
+/// An HTTP answer as the transport read it.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpAnswer<'a> {
+    /// The status code.
+    pub status: u16,
+    /// The `x-request-id` header, if any.
+    pub request_id: Option<&'a str>,
+    /// The raw `Retry-After` header, if any.
+    pub retry_after: Option<&'a str>,
+    /// The body bytes read (at most [`MAX_BODY`]).
+    pub body: &'a [u8],
+    /// Whether the body was longer than what was read.
+    pub body_truncated: bool,
+}
+
+/// A transport failure, split by whether the request may have reached the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransportFailure {
+    /// Connect refused, DNS failure, TLS handshake failure, connect timeout: nothing was sent.
+    NotSent {
+        /// A description without secret material.
+        detail: String,
+    },
+    /// The request could not be built; nothing was sent.
+    Build {
+        /// A description without secret material.
+        detail: String,
+    },
+    /// No complete answer within the timeout, after the connection was up.
+    Timeout,
+    /// The connection broke after it was up (reset, EOF, a body read error).
+    ConnectionLost,
+}
+
+/// What the transport observed for one attempt.
+#[derive(Debug, Clone, Copy)]
+pub enum Exchange<'a> {
+    /// An HTTP answer arrived.
+    Answer(HttpAnswer<'a>),
+    /// It did not.
+    Failed(&'a TransportFailure),
+}
+
+/// What a provider's successful token response must contain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseRules {
+    /// A response without `refresh_token` is unusable (Shopify: yes). When `false`, the presented
+    /// refresh token is kept (RFC 6749 §6 lets servers not rotate).
+    pub require_refresh_token: bool,
+    /// A response without `expires_in` is unusable (Shopify: yes; see shopify-app-js #3400).
+    /// When `false`, `default_access_lifetime` applies.
+    pub require_expires_in: bool,
+    /// The access lifetime assumed when `expires_in` is absent and not required.
+    pub default_access_lifetime: Duration,
+}
+
+impl ResponseRules {
+    /// Shopify's expiring offline tokens.
+    pub const SHOPIFY: ResponseRules = ResponseRules {
+        require_refresh_token: true,
+        require_expires_in: true,
+        default_access_lifetime: Duration::from_secs(3600),
+    };
+}
+
+/// The classified outcome of one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A complete, usable token set (not yet durable: nothing may use it before its commit).
+    Success {
+        /// The tokens.
+        tokens: TokenSet,
+        /// `x-request-id`.
+        request_id: Option<String>,
+    },
+    /// The server never saw the request; the same credential is safe to retry.
+    NotSent(NotSentReason),
+    /// 429: the server did not process the credential.
+    Throttled {
+        /// `Retry-After`, if given in seconds.
+        retry_after: Option<Duration>,
+        /// `x-request-id`.
+        request_id: Option<String>,
+    },
+    /// The credential is dead (definitive).
+    Rejected {
+        /// The HTTP status.
+        status: u16,
+        /// The OAuth `error` code.
+        error: String,
+        /// The OAuth `error_description` (sanitised, capped).
+        description: Option<String>,
+        /// `x-request-id`.
+        request_id: Option<String>,
+    },
+    /// The app's own client credentials were refused: a fleet-wide configuration alarm.
+    BadCredentials {
+        /// The HTTP status.
+        status: u16,
+        /// The OAuth `error` code.
+        error: String,
+        /// `x-request-id`.
+        request_id: Option<String>,
+    },
+    /// The server may or may not have rotated.
+    Ambiguous {
+        /// Why.
+        reason: AmbiguityReason,
+        /// `x-request-id`, if an answer arrived.
+        request_id: Option<String>,
+    },
+}
+
+impl Outcome {
+    /// A short label for logs and stale-outcome records (no secret material).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Success { .. } => "success",
+            Outcome::NotSent(_) => "not-sent",
+            Outcome::Throttled { .. } => "throttled",
+            Outcome::Rejected { .. } => "rejected",
+            Outcome::BadCredentials { .. } => "bad-credentials",
+            Outcome::Ambiguous { .. } => "ambiguous",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct WireTokens {
+    access_token: Option<String>,
+    expires_in: Option<serde_json::Value>,
+    refresh_token: Option<String>,
+    refresh_token_expires_in: Option<serde_json::Value>,
+    scope: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireError {
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+/// Printable ASCII only, at most `max` chars: server text goes into logs and errors.
+fn sanitize(s: &str, max: usize) -> String {
+    s.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(max).collect()
+}
+
+fn lifetime(v: &serde_json::Value, field: &str, max: Duration) -> Result<Duration, String> {
+    let secs = v.as_u64().ok_or_else(|| format!("{field} is not a non-negative integer"))?;
+    if secs == 0 {
+        return Err(format!("{field} is zero"));
+    }
+    let d = Duration::from_secs(secs);
+    if d > max {
+        return Err(format!("{field} of {secs} s is implausibly large"));
+    }
+    Ok(d)
+}
+
+/// Parses a 2xx token response body.
+fn parse_tokens(
+    body: &[u8],
+    rules: &ResponseRules,
+    reuse_refresh: Option<&RefreshToken>,
+    received_at: UnixMillis,
+) -> Result<TokenSet, String> {
+    let wire: WireTokens = serde_json::from_slice(body).map_err(|e| {
+        // serde_json's messages quote no input beyond a type name or field name.
+        format!("body is not a token response ({})", sanitize(&e.to_string(), 120))
+    })?;
+    let access = wire.access_token.filter(|s| !s.is_empty()).ok_or("access_token missing")?;
+    let refresh = match wire.refresh_token.filter(|s| !s.is_empty()) {
+        Some(r) => RefreshToken::new(r),
+        None if !rules.require_refresh_token => reuse_refresh.cloned().ok_or("refresh_token missing")?,
+        None => return Err("refresh_token missing".into()),
+    };
+    let access_life = match &wire.expires_in {
+        Some(v) => lifetime(v, "expires_in", MAX_ACCESS_LIFETIME)?,
+        None if !rules.require_expires_in => rules.default_access_lifetime,
+        None => return Err("expires_in missing".into()),
+    };
+    let refresh_expires_at = match &wire.refresh_token_expires_in {
+        Some(v) => Some(received_at.saturating_add(lifetime(v, "refresh_token_expires_in", MAX_REFRESH_LIFETIME)?)),
+        None => None,
+    };
+    Ok(TokenSet {
+        access_token: AccessToken::new(access),
+        access_expires_at: received_at.saturating_add(access_life),
+        refresh_token: refresh,
+        refresh_expires_at,
+        scope: wire.scope.map(|s| sanitize(&s, 4096)),
+    })
+}
+
+fn retry_after_secs(raw: Option<&str>) -> Option<Duration> {
+    raw.and_then(|v| v.trim().parse::<u64>().ok()).map(Duration::from_secs)
+}
+
+/// Classifies one exchange. Pure and total: never panics, whatever the bytes.
+///
+/// `reuse_refresh` is the presented refresh token, kept when the provider's rules allow a response
+/// without a new one. `received_at` anchors the server-supplied lifetimes.
+pub fn classify(
+    exchange: Exchange<'_>,
+    rules: &ResponseRules,
+    reuse_refresh: Option<&RefreshToken>,
+    received_at: UnixMillis,
+) -> Outcome {
+    let answer = match exchange {
+        Exchange::Failed(TransportFailure::NotSent { detail }) => {
+            return Outcome::NotSent(NotSentReason::Connect { detail: sanitize(detail, 200) })
+        }
+        Exchange::Failed(TransportFailure::Build { detail }) => {
+            return Outcome::NotSent(NotSentReason::Build { detail: sanitize(detail, 200) })
+        }
+        Exchange::Failed(TransportFailure::Timeout) => {
+            return Outcome::Ambiguous { reason: AmbiguityReason::Timeout, request_id: None }
+        }
+        Exchange::Failed(TransportFailure::ConnectionLost) => {
+            return Outcome::Ambiguous { reason: AmbiguityReason::ConnectionLost, request_id: None }
+        }
+        Exchange::Answer(a) => a,
+    };
+    let status = answer.status;
+    let request_id = answer.request_id.map(|s| sanitize(s, 128));
+    let ambiguous = |reason| Outcome::Ambiguous { reason, request_id: request_id.clone() };
+    if answer.body_truncated || answer.body.len() > MAX_BODY {
+        return ambiguous(AmbiguityReason::BodyTooLarge { status });
+    }
+    match status {
+        200..=299 => match parse_tokens(answer.body, rules, reuse_refresh, received_at) {
+            Ok(tokens) => Outcome::Success { tokens, request_id },
+            Err(detail) => ambiguous(AmbiguityReason::UnparseableSuccess { status, detail }),
+        },
+        429 => Outcome::Throttled { retry_after: retry_after_secs(answer.retry_after), request_id },
+        400..=499 => {
+            let err = serde_json::from_slice::<WireError>(answer.body).ok();
+            let code = err.as_ref().and_then(|e| e.error.as_deref()).map(|c| sanitize(c, 64));
+            let description = err.as_ref().and_then(|e| e.error_description.as_deref()).map(|d| sanitize(d, 256));
+            match code.as_deref() {
+                Some("invalid_client" | "unauthorized_client") => {
+                    Outcome::BadCredentials { status, error: code.unwrap_or_default(), request_id }
+                }
+                Some("invalid_grant" | "invalid_subject_token") => {
+                    Outcome::Rejected { status, error: code.unwrap_or_default(), description, request_id }
+                }
+                Some("invalid_request") if status == 401 => {
+                    Outcome::Rejected { status, error: code.unwrap_or_default(), description, request_id }
+                }
+                _ => ambiguous(AmbiguityReason::UnexpectedStatus { status }),
+            }
+        }
+        500..=599 => ambiguous(AmbiguityReason::ServerError { status }),
+        _ => ambiguous(AmbiguityReason::UnexpectedStatus { status }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: UnixMillis = UnixMillis(1_000_000);
+
+    fn answer(status: u16, body: &str) -> Outcome {
+        let a = HttpAnswer {
+            status,
+            request_id: Some("rid-1"),
+            retry_after: None,
+            body: body.as_bytes(),
+            body_truncated: false,
+        };
+        classify(Exchange::Answer(a), &ResponseRules::SHOPIFY, None, NOW)
+    }
+
+    fn is_ambiguous(o: &Outcome) -> bool {
+        matches!(o, Outcome::Ambiguous { .. })
+    }
+
+    #[test]
+    fn shopify_success() {
+        let o = answer(
+            200,
+            r#"{"access_token":"shpat_y","expires_in":3600,"refresh_token":"shprt_z","refresh_token_expires_in":7776000,"scope":"write_products,read_orders"}"#,
+        );
+        let Outcome::Success { tokens, request_id } = o else { panic!("{o:?}") };
+        assert_eq!(tokens.access_token.expose_secret(), "shpat_y");
+        assert_eq!(tokens.refresh_token.expose_secret(), "shprt_z");
+        assert_eq!(tokens.access_expires_at, UnixMillis(1_000_000 + 3_600_000));
+        assert_eq!(tokens.refresh_expires_at, Some(UnixMillis(1_000_000 + 7_776_000_000)));
+        assert_eq!(tokens.scope.as_deref(), Some("write_products,read_orders"));
+        assert_eq!(request_id.as_deref(), Some("rid-1"));
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_and_short_refresh_lifetimes_are_kept() {
+        let o = answer(
+            200,
+            r#"{"access_token":"a","expires_in":60,"refresh_token":"r","refresh_token_expires_in":120,"session":"s"}"#,
+        );
+        let Outcome::Success { tokens, .. } = o else { panic!("{o:?}") };
+        assert_eq!(tokens.refresh_expires_at, Some(UnixMillis(1_120_000)));
+    }
+
+    #[test]
+    fn incomplete_or_garbled_success_is_ambiguous() {
+        for body in [
+            "",
+            "error code: 520",
+            "<html>oops</html>",
+            r#"{"access_token":"a","expires_in":3600,"refresh_token":"r""#,
+            r#"{"access_token":"a","refresh_token":"r"}"#,
+            r#"{"access_token":"a","expires_in":3600}"#,
+            r#"{"expires_in":3600,"refresh_token":"r"}"#,
+            r#"{"access_token":"","expires_in":3600,"refresh_token":"r"}"#,
+            r#"{"access_token":"a","expires_in":0,"refresh_token":"r"}"#,
+            r#"{"access_token":"a","expires_in":-5,"refresh_token":"r"}"#,
+            r#"{"access_token":"a","expires_in":1e300,"refresh_token":"r"}"#,
+            r#"{"access_token":"a","expires_in":99999999999999,"refresh_token":"r"}"#,
+            r#"{"access_token":"a","expires_in":"3600","refresh_token":"r"}"#,
+            r#"{"access_token":"a","access_token":"b","expires_in":3600,"refresh_token":"r"}"#,
+            r#"[1,2,3]"#,
+        ] {
+            let o = answer(200, body);
+            assert!(is_ambiguous(&o), "{body:?} -> {o:?}");
+        }
+    }
+
+    #[test]
+    fn server_errors_are_ambiguous_never_dead() {
+        for (status, body) in
+            [(520, "error code: 520"), (500, "Internal error"), (503, "{}"), (502, ""), (504, "<html/>")]
+        {
+            assert_eq!(
+                answer(status, body),
+                Outcome::Ambiguous {
+                    reason: AmbiguityReason::ServerError { status },
+                    request_id: Some("rid-1".into())
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn shopify_dead_refresh_token_is_rejected() {
+        let o = answer(
+            401,
+            r#"{"error":"invalid_request","error_description":"This request requires an active refresh_token"}"#,
+        );
+        assert!(matches!(o, Outcome::Rejected { status: 401, ref error, .. } if error == "invalid_request"), "{o:?}");
+        let o =
+            answer(400, r#"{"error":"invalid_grant","error_description":"The refresh token is invalid or expired"}"#);
+        assert!(matches!(o, Outcome::Rejected { status: 400, .. }), "{o:?}");
+        assert!(matches!(answer(400, r#"{"error":"invalid_subject_token"}"#), Outcome::Rejected { .. }));
+    }
+
+    #[test]
+    fn invalid_client_is_about_the_app() {
+        for status in [400, 401, 403] {
+            let o =
+                answer(status, r#"{"error":"invalid_client","error_description":"Client credentials are invalid"}"#);
+            assert!(matches!(o, Outcome::BadCredentials { .. }), "{o:?}");
+        }
+    }
+
+    #[test]
+    fn unrecognised_4xx_and_other_statuses_are_ambiguous() {
+        for (status, body) in [
+            (400, r#"{"error":"invalid_request","error_description":"Missing field"}"#),
+            (403, "Forbidden"),
+            (404, "{}"),
+            (401, "<html>login</html>"),
+            (302, ""),
+            (100, ""),
+            (600, ""),
+            (0, ""),
+        ] {
+            assert!(is_ambiguous(&answer(status, body)), "{status} {body}");
+        }
+    }
+
+    #[test]
+    fn throttling_honours_retry_after_seconds() {
+        let a =
+            HttpAnswer { status: 429, request_id: None, retry_after: Some(" 7 "), body: b"", body_truncated: false };
+        let o = classify(Exchange::Answer(a), &ResponseRules::SHOPIFY, None, NOW);
+        assert_eq!(o, Outcome::Throttled { retry_after: Some(Duration::from_secs(7)), request_id: None });
+        let a = HttpAnswer { retry_after: Some("Wed, 21 Oct 2026 07:28:00 GMT"), ..a };
+        let o = classify(Exchange::Answer(a), &ResponseRules::SHOPIFY, None, NOW);
+        assert_eq!(o, Outcome::Throttled { retry_after: None, request_id: None });
+    }
+
+    #[test]
+    fn transport_failures_split_by_whether_anything_was_sent() {
+        let f = TransportFailure::NotSent { detail: "connection refused".into() };
+        assert!(matches!(classify(Exchange::Failed(&f), &ResponseRules::SHOPIFY, None, NOW), Outcome::NotSent(_)));
+        for f in [TransportFailure::Timeout, TransportFailure::ConnectionLost] {
+            assert!(is_ambiguous(&classify(Exchange::Failed(&f), &ResponseRules::SHOPIFY, None, NOW)));
+        }
+    }
+
+    #[test]
+    fn oversized_bodies_are_ambiguous() {
+        let big = vec![b' '; MAX_BODY + 1];
+        let a = HttpAnswer { status: 200, request_id: None, retry_after: None, body: &big, body_truncated: false };
+        assert!(is_ambiguous(&classify(Exchange::Answer(a), &ResponseRules::SHOPIFY, None, NOW)));
+        let a = HttpAnswer { body: b"{}", body_truncated: true, ..a };
+        assert!(is_ambiguous(&classify(Exchange::Answer(a), &ResponseRules::SHOPIFY, None, NOW)));
+    }
+
+    #[test]
+    fn generic_rules_keep_the_presented_refresh_token() {
+        let rules = ResponseRules {
+            require_refresh_token: false,
+            require_expires_in: false,
+            default_access_lifetime: Duration::from_secs(60),
+        };
+        let old = RefreshToken::new("old");
+        let a = HttpAnswer {
+            status: 200,
+            request_id: None,
+            retry_after: None,
+            body: br#"{"access_token":"a"}"#,
+            body_truncated: false,
+        };
+        let Outcome::Success { tokens, .. } = classify(Exchange::Answer(a), &rules, Some(&old), NOW) else { panic!() };
+        assert_eq!(tokens.refresh_token, old);
+        assert_eq!(tokens.access_expires_at, UnixMillis(1_060_000));
+    }
+
+    #[test]
+    fn hostile_text_is_sanitised() {
+        let o = answer(401, "{\"error\":\"invalid_request\",\"error_description\":\"a\\u001b[31mb\\nc\"}");
+        let Outcome::Rejected { description, .. } = o else { panic!() };
+        assert_eq!(description.as_deref(), Some("a[31mbc"));
+    }
+}

@@ -1,0 +1,355 @@
+//! Domain types: shops, grants, generations, attempts, token sets and credential fingerprints.
+
+use crate::secret::{AccessToken, RefreshToken};
+use crate::time::UnixMillis;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use std::fmt;
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+/// Why a string is not a valid shop domain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShopDomainError {
+    /// The input is empty.
+    #[error("shop domain is empty")]
+    Empty,
+    /// The input is longer than a DNS name may be.
+    #[error("shop domain is longer than 253 bytes")]
+    TooLong,
+    /// The input does not end in `.myshopify.com`.
+    #[error("shop domain must end in .myshopify.com")]
+    WrongSuffix,
+    /// The part before `.myshopify.com` is not one lowercase DNS label.
+    #[error(
+        "shop handle must be one label of lowercase ascii letters, digits and '-', \
+         starting with a letter or digit, at most 63 bytes"
+    )]
+    BadHandle,
+}
+
+/// A validated `{handle}.myshopify.com` domain.
+///
+/// This is the only source of the token endpoint's host, and the client secret is sent there, so
+/// validation is strict and never normalises: `Shop.myshopify.com`, ` shop.myshopify.com`,
+/// `shop.myshopify.com.evil.com`, `evil.com/x.myshopify.com`, `user@shop.myshopify.com`,
+/// IP literals and non-ASCII look-alikes are all errors, not silently rewritten into another host.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ShopDomain(String);
+
+/// The suffix every Shopify shop domain carries.
+pub const MYSHOPIFY_SUFFIX: &str = ".myshopify.com";
+
+impl ShopDomain {
+    /// Validates `s` as `^[a-z0-9][a-z0-9-]*\.myshopify\.com$` with a handle of at most 63 bytes.
+    pub fn parse(s: &str) -> Result<ShopDomain, ShopDomainError> {
+        if s.is_empty() {
+            return Err(ShopDomainError::Empty);
+        }
+        if s.len() > 253 {
+            return Err(ShopDomainError::TooLong);
+        }
+        let handle = s.strip_suffix(MYSHOPIFY_SUFFIX).ok_or(ShopDomainError::WrongSuffix)?;
+        let bytes = handle.as_bytes();
+        let ok = !bytes.is_empty()
+            && bytes.len() <= 63
+            && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
+            && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
+        if !ok {
+            return Err(ShopDomainError::BadHandle);
+        }
+        Ok(ShopDomain(s.to_owned()))
+    }
+
+    /// The full domain, e.g. `my-shop.myshopify.com`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The handle, e.g. `my-shop` (used in admin deep links).
+    pub fn handle(&self) -> &str {
+        &self.0[..self.0.len() - MYSHOPIFY_SUFFIX.len()]
+    }
+}
+
+impl fmt::Debug for ShopDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for ShopDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for ShopDomain {
+    type Err = ShopDomainError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ShopDomain::parse(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ShopDomain {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        ShopDomain::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Why a grant key is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum GrantKeyError {
+    /// Provider ids are 1–32 bytes of `[a-z0-9_-]`.
+    #[error("provider id must be 1-32 bytes of [a-z0-9_-]")]
+    BadProvider,
+    /// Accounts are 1–255 bytes with no control characters and no `/`.
+    #[error("account must be 1-255 bytes with no control characters and no '/'")]
+    BadAccount,
+    /// A Shopify account must be a valid shop domain.
+    #[error(transparent)]
+    Shop(#[from] ShopDomainError),
+}
+
+/// The provider id of Shopify grants.
+pub const SHOPIFY: &str = "shopify";
+
+/// Identifies one grant: a provider and an account at that provider (for Shopify, the shop).
+///
+/// The key is generic so that non-Shopify OAuth providers fit; Shopify keys can only be built from a
+/// validated [`ShopDomain`].
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct GrantKey {
+    provider: String,
+    account: String,
+}
+
+impl GrantKey {
+    /// The key of a Shopify shop's grant.
+    pub fn shopify(shop: &ShopDomain) -> GrantKey {
+        GrantKey { provider: SHOPIFY.to_owned(), account: shop.as_str().to_owned() }
+    }
+
+    /// A key for any provider. A `shopify` key must name a valid shop domain.
+    pub fn new(provider: &str, account: &str) -> Result<GrantKey, GrantKeyError> {
+        let p_ok = (1..=32).contains(&provider.len())
+            && provider.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if !p_ok {
+            return Err(GrantKeyError::BadProvider);
+        }
+        if provider == SHOPIFY {
+            return Ok(GrantKey::shopify(&ShopDomain::parse(account)?));
+        }
+        let a_ok = (1..=255).contains(&account.len()) && !account.chars().any(|c| c.is_control() || c == '/');
+        if !a_ok {
+            return Err(GrantKeyError::BadAccount);
+        }
+        Ok(GrantKey { provider: provider.to_owned(), account: account.to_owned() })
+    }
+
+    /// The provider id.
+    pub fn provider(&self) -> &str {
+        &self.provider
+    }
+
+    /// The account at the provider (for Shopify, the shop domain).
+    pub fn account(&self) -> &str {
+        &self.account
+    }
+
+    /// The shop, if this is a Shopify grant.
+    pub fn shop(&self) -> Option<ShopDomain> {
+        (self.provider == SHOPIFY).then(|| ShopDomain::parse(&self.account).ok()).flatten()
+    }
+
+    /// A byte key that sorts by provider, then account: `provider / account`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.provider.len() + 1 + self.account.len());
+        v.extend_from_slice(self.provider.as_bytes());
+        v.push(b'/');
+        v.extend_from_slice(self.account.as_bytes());
+        v
+    }
+
+    /// Parses [`GrantKey::to_bytes`] output, re-validating it.
+    pub fn from_bytes(b: &[u8]) -> Result<GrantKey, GrantKeyError> {
+        let s = std::str::from_utf8(b).map_err(|_| GrantKeyError::BadAccount)?;
+        let (p, a) = s.split_once('/').ok_or(GrantKeyError::BadProvider)?;
+        GrantKey::new(p, a)
+    }
+}
+
+impl fmt::Debug for GrantKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.provider, self.account)
+    }
+}
+
+impl fmt::Display for GrantKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.provider, self.account)
+    }
+}
+
+/// A monotonically increasing counter per grant, bumped by every durable commit of a new token set
+/// (refresh, install, exchange). A result computed for an older generation never overwrites a newer one.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug, Default)]
+pub struct Generation(pub u64);
+
+impl Generation {
+    /// The next generation.
+    pub fn next(self) -> Generation {
+        Generation(self.0 + 1)
+    }
+}
+
+/// Identifies one attempt (one request to the token endpoint) within a grant. Never reused.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+pub struct AttemptId(pub u64);
+
+/// A set of tokens for one grant. Every expiry comes from a server-supplied lifetime
+/// (`expires_in`, `refresh_token_expires_in`) added to the time the response was received.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct TokenSet {
+    /// The access token.
+    pub access_token: AccessToken,
+    /// When the access token expires.
+    pub access_expires_at: UnixMillis,
+    /// The refresh token.
+    pub refresh_token: RefreshToken,
+    /// When the refresh token expires, if the server said.
+    pub refresh_expires_at: Option<UnixMillis>,
+    /// Granted scopes as the server reported them (comma-separated for Shopify).
+    pub scope: Option<String>,
+}
+
+/// A keyed fingerprint of a credential: HMAC-SHA256 under the store's fingerprint key, truncated to
+/// 16 bytes. It tells two credentials apart in the journal without storing either.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Fingerprint(pub [u8; 16]);
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0[..6] {
+            write!(f, "{b:02x}")?;
+        }
+        f.write_str("…")
+    }
+}
+
+/// The secret key of [`Fingerprint`]s. Each store generates one at creation.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct FingerprintKey([u8; 32]);
+
+impl FingerprintKey {
+    /// Wraps 32 key bytes.
+    pub fn from_bytes(b: [u8; 32]) -> FingerprintKey {
+        FingerprintKey(b)
+    }
+
+    /// The key bytes (for the store to persist).
+    pub fn expose_secret(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Fingerprints `credential`; `domain` separates credential kinds so equal strings of different
+    /// kinds never collide.
+    pub fn fingerprint(&self, domain: &str, credential: &str) -> Fingerprint {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("hmac accepts any key length");
+        mac.update(domain.as_bytes());
+        mac.update(&[0]);
+        mac.update(credential.as_bytes());
+        let full = mac.finalize().into_bytes();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&full[..16]);
+        Fingerprint(out)
+    }
+
+    /// Fingerprint of a refresh token.
+    pub fn refresh_token(&self, t: &RefreshToken) -> Fingerprint {
+        self.fingerprint("refresh_token", t.expose_secret())
+    }
+}
+
+impl fmt::Debug for FingerprintKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FingerprintKey(<redacted>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_valid_shops() {
+        for s in ["a.myshopify.com", "my-shop.myshopify.com", "0shop.myshopify.com", "a-b-c-1.myshopify.com"] {
+            let d = ShopDomain::parse(s).unwrap();
+            assert_eq!(d.as_str(), s);
+        }
+        assert_eq!(ShopDomain::parse("my-shop.myshopify.com").unwrap().handle(), "my-shop");
+        let long = format!("{}.myshopify.com", "a".repeat(63));
+        assert!(ShopDomain::parse(&long).is_ok());
+    }
+
+    #[test]
+    fn rejects_hostile_shops() {
+        for s in [
+            "",
+            "Shop.myshopify.com",
+            " shop.myshopify.com",
+            "shop.myshopify.com ",
+            "shop.myshopify.com.evil.com",
+            "evil.com/x.myshopify.com",
+            "user@shop.myshopify.com",
+            "shop.myshopify.com:443",
+            ".myshopify.com",
+            "-shop.myshopify.com",
+            "a.b.myshopify.com",
+            "127.0.0.1",
+            "[::1]",
+            "shop.MYSHOPIFY.com",
+            "shоp.myshopify.com", // Cyrillic о
+            "shop_x.myshopify.com",
+            "shop.myshopify.com\n",
+            "https://shop.myshopify.com",
+        ] {
+            assert!(ShopDomain::parse(s).is_err(), "accepted {s:?}");
+        }
+        let long = format!("{}.myshopify.com", "a".repeat(64));
+        assert_eq!(ShopDomain::parse(&long), Err(ShopDomainError::BadHandle));
+    }
+
+    #[test]
+    fn deserialize_validates() {
+        assert!(serde_json::from_str::<ShopDomain>("\"x.myshopify.com\"").is_ok());
+        assert!(serde_json::from_str::<ShopDomain>("\"x.evil.com\"").is_err());
+    }
+
+    #[test]
+    fn grant_keys() {
+        let shop = ShopDomain::parse("x.myshopify.com").unwrap();
+        let k = GrantKey::shopify(&shop);
+        assert_eq!(k.to_string(), "shopify/x.myshopify.com");
+        assert_eq!(GrantKey::from_bytes(&k.to_bytes()).unwrap(), k);
+        assert_eq!(k.shop(), Some(shop));
+        assert!(GrantKey::new("shopify", "evil.com").is_err());
+        assert!(GrantKey::new("Bad", "x").is_err());
+        assert!(GrantKey::new("oidc", "a/b").is_err());
+        assert!(GrantKey::new("oidc", "user-42").is_ok());
+    }
+
+    #[test]
+    fn fingerprints_are_keyed_and_separated() {
+        let k1 = FingerprintKey::from_bytes([1; 32]);
+        let k2 = FingerprintKey::from_bytes([2; 32]);
+        let t = RefreshToken::new("shprt_abc");
+        assert_eq!(k1.refresh_token(&t), k1.refresh_token(&t.clone()));
+        assert_ne!(k1.refresh_token(&t), k2.refresh_token(&t));
+        assert_ne!(k1.fingerprint("a", "x"), k1.fingerprint("b", "x"));
+        assert!(!format!("{:?}", k1).contains("01"));
+    }
+}

@@ -1,0 +1,835 @@
+//! The per-grant state machine.
+//!
+//! Every function here is pure: `(state, input, now) -> transition`. A [`Transition`] is the new
+//! durable state plus the journal records that explain it, and it is written by a [`DurableLog`]
+//! atomically, conditioned on the state's version (compare-and-swap).
+//!
+//! # Ordering by construction
+//!
+//! Two rules make a lost response recoverable, and the types enforce both:
+//!
+//! * **Journal before network.** [`Machine::plan_attempt`] returns a [`Pending<AttemptRequest>`]. The
+//!   request (and the credential in it) can only be read from a [`Durable<AttemptRequest>`], and the
+//!   only way to get one is [`Pending::make_durable`], which returns after the log has made the
+//!   intent durable.
+//! * **Commit before use.** [`Machine::on_outcome`] returns a [`Pending<Option<TokenSet>>`]: the new
+//!   tokens of a success are reachable only from the [`Durable`] that `make_durable` returns after the
+//!   commit is durable.
+//!
+//! A log that lies about durability breaks the guarantee; nothing else can.
+//!
+//! # One attempt in flight
+//!
+//! A grant in [`Phase::Refreshing`] cannot plan another attempt, and every transition carries the
+//! version it was computed from, so two racing planners cannot both write: the second one's
+//! compare-and-swap fails, it re-reads, and sees `Refreshing`.
+//!
+//! # Stale results
+//!
+//! An outcome applies only while the grant is still `Refreshing` that very attempt at that generation.
+//! After an install, an uninstall or anything else, the outcome is recorded as
+//! [`Record::StaleOutcome`] and changes nothing: a slow worker can never store an older pair over a
+//! newer one.
+
+use crate::classify::Outcome;
+use crate::codec::{self, CodecError};
+use crate::domain::{AttemptId, FingerprintKey, Generation, GrantKey, TokenSet};
+use crate::policy::RetryPolicy;
+use crate::record::{
+    Ambiguity, AmbiguityReason, AttemptKind, GrantState, InstallSource, Phase, ReauthReason, Record, RefusalReason,
+    Resolution, TokenSummary,
+};
+use crate::secret::RefreshToken;
+use crate::time::UnixMillis;
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+/// Something the application may want to know, emitted only after the transition is durable.
+#[derive(Clone, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub enum Event {
+    /// A refresh committed a new token set.
+    Refreshed {
+        /// The grant.
+        grant: GrantKey,
+        /// The new generation.
+        generation: Generation,
+    },
+    /// A token set acquired elsewhere was installed.
+    Installed {
+        /// The grant.
+        grant: GrantKey,
+        /// The new generation.
+        generation: Generation,
+    },
+    /// A rotation's outcome is unknown; tokenwal will retry the old credential.
+    Ambiguous {
+        /// The grant.
+        grant: GrantKey,
+        /// Why.
+        reason: AmbiguityReason,
+    },
+    /// An ambiguous rotation ended.
+    Resolved {
+        /// The grant.
+        grant: GrantKey,
+        /// How.
+        how: Resolution,
+    },
+    /// The grant is dead: the merchant must open the app so that token exchange can run.
+    NeedsReauth {
+        /// The grant.
+        grant: GrantKey,
+        /// Why.
+        reason: ReauthReason,
+    },
+    /// The app's client credentials were refused. Page someone: this is fleet-wide.
+    AppCredentialsRejected {
+        /// The grant whose attempt saw it.
+        grant: GrantKey,
+        /// The HTTP status.
+        status: u16,
+        /// The OAuth error code.
+        error: String,
+    },
+    /// The server throttled an attempt.
+    Throttled {
+        /// The grant.
+        grant: GrantKey,
+        /// When the next attempt may go.
+        until: UnixMillis,
+    },
+    /// A grant that needed re-auth (or was uninstalled) is healthy again.
+    Recovered {
+        /// The grant.
+        grant: GrantKey,
+        /// The new generation.
+        generation: Generation,
+    },
+    /// The app was uninstalled from the shop.
+    Uninstalled {
+        /// The grant.
+        grant: GrantKey,
+    },
+}
+
+/// One atomic write: the grant's new state and the records explaining it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Transition {
+    expected_version: Option<u64>,
+    state: GrantState,
+    records: Vec<Record>,
+    events: Vec<Event>,
+}
+
+impl fmt::Debug for Transition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // GrantState's Debug is redacted already; this keeps Transition's output short.
+        f.debug_struct("Transition")
+            .field("grant", &self.state.grant)
+            .field("expected_version", &self.expected_version)
+            .field("phase", &self.state.phase.name())
+            .field("records", &self.records.iter().map(Record::kind_name).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// The encoded form of a [`Transition`], for a store to write atomically.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WriteBatch {
+    /// The grant key ([`GrantKey::to_bytes`]).
+    pub grant: Vec<u8>,
+    /// The version the stored state must have (`None`: the grant must not exist yet).
+    pub expected_version: Option<u64>,
+    /// The version of the new state.
+    pub new_version: u64,
+    /// The new state, as a [`codec`] frame.
+    pub state: Vec<u8>,
+    /// Whether the new state is open (an intent without outcome, or an ambiguity): the store indexes
+    /// these so that recovery never scans all grants.
+    pub open: bool,
+    /// The journal records, as [`codec`] frames, each with its timestamp (for retention).
+    pub records: Vec<(UnixMillis, Vec<u8>)>,
+}
+
+impl fmt::Debug for WriteBatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WriteBatch")
+            .field("grant", &String::from_utf8_lossy(&self.grant))
+            .field("expected_version", &self.expected_version)
+            .field("new_version", &self.new_version)
+            .field("state_bytes", &self.state.len())
+            .field("open", &self.open)
+            .field("records", &self.records.len())
+            .finish()
+    }
+}
+
+impl Transition {
+    /// The grant.
+    pub fn grant(&self) -> &GrantKey {
+        &self.state.grant
+    }
+
+    /// The version the stored state must have for this transition to apply.
+    pub fn expected_version(&self) -> Option<u64> {
+        self.expected_version
+    }
+
+    /// The phase after the transition.
+    pub fn phase(&self) -> &Phase {
+        &self.state.phase
+    }
+
+    /// The generation after the transition.
+    pub fn generation(&self) -> Generation {
+        self.state.generation
+    }
+
+    /// The records (they hold no secrets).
+    pub fn records(&self) -> &[Record] {
+        &self.records
+    }
+
+    /// The events to emit once durable.
+    pub fn events(&self) -> &[Event] {
+        &self.events
+    }
+
+    /// Encodes the transition for a store.
+    pub fn write_batch(&self) -> Result<WriteBatch, CodecError> {
+        let records =
+            self.records.iter().map(|r| codec::encode_record(r).map(|b| (r.at(), b))).collect::<Result<Vec<_>, _>>()?;
+        Ok(WriteBatch {
+            grant: self.state.grant.to_bytes(),
+            expected_version: self.expected_version,
+            new_version: self.state.version,
+            state: codec::encode_state(&self.state)?,
+            open: self.state.phase.is_open(),
+            records,
+        })
+    }
+
+    /// The state after the transition. Only tests may look before it is durable.
+    #[cfg(test)]
+    #[allow(dead_code)]
+    pub(crate) fn state(&self) -> &GrantState {
+        &self.state
+    }
+}
+
+/// A log that makes transitions durable: the store's side of the ordering rules.
+///
+/// `apply` must return `Ok` only once the batch is durable (on disk, synced), and must write nothing
+/// if the stored version differs from `batch.expected_version`.
+pub trait DurableLog {
+    /// The store's error (it must be able to carry an encoding failure).
+    type Error: From<CodecError>;
+    /// Writes `batch` atomically and durably.
+    fn apply(&self, batch: WriteBatch) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// A value held back until a transition is durable.
+#[derive(Debug)]
+#[must_use = "nothing happens until the transition is made durable"]
+pub struct Pending<T> {
+    transition: Transition,
+    value: T,
+}
+
+impl<T> Pending<T> {
+    /// The transition to make durable.
+    pub fn transition(&self) -> &Transition {
+        &self.transition
+    }
+
+    /// Makes the transition durable through `log`, then releases the value.
+    pub async fn make_durable<L: DurableLog>(self, log: &L) -> Result<Durable<T>, L::Error> {
+        let batch = self.transition.write_batch()?;
+        log.apply(batch).await?;
+        Ok(Durable { state: self.transition.state, events: self.transition.events, value: self.value })
+    }
+}
+
+/// A value whose transition is durable. Only [`Pending::make_durable`] builds one.
+#[derive(Debug)]
+pub struct Durable<T> {
+    state: GrantState,
+    events: Vec<Event>,
+    value: T,
+}
+
+impl<T> Durable<T> {
+    /// The value.
+    pub fn value(&self) -> &T {
+        &self.value
+    }
+
+    /// Takes the value.
+    pub fn into_value(self) -> T {
+        self.value
+    }
+
+    /// The durable state the transition wrote.
+    pub fn state(&self) -> &GrantState {
+        &self.state
+    }
+
+    /// The events to emit now that the transition is durable.
+    pub fn events(&self) -> &[Event] {
+        &self.events
+    }
+}
+
+/// A request the engine may send, once durable: the credential to present and whom it is for.
+#[derive(Debug)]
+pub struct AttemptRequest {
+    grant: GrantKey,
+    attempt: AttemptId,
+    generation: Generation,
+    kind: AttemptKind,
+    credential: RefreshToken,
+}
+
+impl AttemptRequest {
+    /// The grant.
+    pub fn grant(&self) -> &GrantKey {
+        &self.grant
+    }
+    /// The attempt id.
+    pub fn attempt(&self) -> AttemptId {
+        self.attempt
+    }
+    /// The generation whose credential is presented.
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+    /// What is asked for.
+    pub fn kind(&self) -> AttemptKind {
+        self.kind
+    }
+    /// The refresh token to present.
+    pub fn credential(&self) -> &RefreshToken {
+        &self.credential
+    }
+}
+
+/// Why an attempt cannot be planned now.
+#[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The grant has no tokens (uninstalled).
+    #[error("grant has no tokens")]
+    NoTokens,
+    /// An attempt is already in flight.
+    #[error("an attempt is already in flight")]
+    InFlight,
+    /// The grant needs re-auth.
+    #[error("grant needs re-auth: {0}")]
+    NeedsReauth(ReauthReason),
+    /// The grant is uninstalled.
+    #[error("grant is uninstalled")]
+    Uninstalled,
+    /// Backing off until the given instant.
+    #[error("backing off until {0}")]
+    BackingOff(UnixMillis),
+    /// The retry window of an ambiguous rotation has elapsed: mark the grant (see [`Step::GiveUp`]).
+    #[error("retry window elapsed at {0}")]
+    WindowElapsed(UnixMillis),
+}
+
+/// What a grant needs now (for schedulers and recovery).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Step {
+    /// Nothing until `due` (`None`: never, e.g. no expiry known).
+    Idle {
+        /// When a refresh becomes due.
+        due: Option<UnixMillis>,
+    },
+    /// Plan an attempt now.
+    Attempt,
+    /// An attempt may not go before this instant.
+    Wait {
+        /// The instant.
+        until: UnixMillis,
+    },
+    /// An attempt is in flight.
+    InFlight,
+    /// An ambiguity outlived its retry window: write this transition (needs-reauth).
+    GiveUp(Transition),
+    /// Nothing will ever be due (needs re-auth or uninstalled).
+    Dormant,
+}
+
+/// Configuration of the machine.
+#[derive(Clone, Debug)]
+pub struct Machine {
+    /// The provider's retry policy.
+    pub policy: RetryPolicy,
+    /// Refresh this long before the access token expires.
+    pub refresh_margin: Duration,
+    /// Refresh an idle grant this long before its refresh token expires.
+    pub refresh_token_margin: Duration,
+    /// Key of credential fingerprints.
+    pub fingerprints: FingerprintKey,
+}
+
+impl Machine {
+    /// A machine with Shopify's policy and margins (5 min before access expiry, 7 days before refresh
+    /// expiry).
+    pub fn shopify(fingerprints: FingerprintKey) -> Machine {
+        Machine {
+            policy: RetryPolicy::shopify(),
+            refresh_margin: Duration::from_secs(300),
+            refresh_token_margin: Duration::from_secs(7 * 86_400),
+            fingerprints,
+        }
+    }
+
+    fn next_state(&self, s: &GrantState, now: UnixMillis) -> GrantState {
+        GrantState { version: s.version + 1, updated_at: now, ..s.clone() }
+    }
+
+    /// When a healthy grant's refresh becomes due.
+    pub fn due_at(&self, tokens: &TokenSet) -> UnixMillis {
+        let access = tokens.access_expires_at.saturating_sub(self.refresh_margin);
+        match tokens.refresh_expires_at {
+            Some(r) => access.min(r.saturating_sub(self.refresh_token_margin)),
+            None => access,
+        }
+    }
+
+    fn deadline(&self, s: &GrantState, since: UnixMillis) -> Option<UnixMillis> {
+        let first = s.credential_first_presented_at.unwrap_or(since);
+        self.policy.retry_deadline(first, s.tokens.as_ref().and_then(|t| t.refresh_expires_at))
+    }
+
+    /// What grant `s` needs at `now`.
+    pub fn step(&self, s: &GrantState, now: UnixMillis) -> Step {
+        match &s.phase {
+            Phase::Refreshing { .. } => Step::InFlight,
+            Phase::NeedsReauth { .. } | Phase::Uninstalled { .. } => Step::Dormant,
+            Phase::Ambiguous(amb) => match self.deadline(s, amb.since) {
+                Some(d) if now >= d => Step::GiveUp(self.give_up(s, amb, d, now)),
+                _ => match s.not_before {
+                    Some(nb) if now < nb => Step::Wait { until: nb },
+                    _ => Step::Attempt,
+                },
+            },
+            Phase::Healthy => {
+                let Some(tokens) = &s.tokens else { return Step::Dormant };
+                let due = self.due_at(tokens);
+                if now < due {
+                    return Step::Idle { due: Some(due) };
+                }
+                match s.not_before {
+                    Some(nb) if now < nb => Step::Wait { until: nb },
+                    _ => Step::Attempt,
+                }
+            }
+        }
+    }
+
+    fn give_up(&self, s: &GrantState, amb: &Ambiguity, deadline: UnixMillis, now: UnixMillis) -> Transition {
+        let reason = ReauthReason::RetryWindowElapsed {
+            first_presented_at: s.credential_first_presented_at.unwrap_or(amb.since),
+            deadline,
+        };
+        let mut state = self.next_state(s, now);
+        state.phase = Phase::NeedsReauth { reason: reason.clone(), since: now };
+        state.not_before = None;
+        let grant = s.grant.clone();
+        Transition {
+            expected_version: Some(s.version),
+            state,
+            records: vec![
+                Record::Resolved {
+                    grant: grant.clone(),
+                    at: now,
+                    attempt: amb.first_attempt,
+                    how: Resolution::WindowElapsed,
+                },
+                Record::NeedsReauth { grant: grant.clone(), at: now, reason: reason.clone() },
+            ],
+            events: vec![
+                Event::Resolved { grant: grant.clone(), how: Resolution::WindowElapsed },
+                Event::NeedsReauth { grant, reason },
+            ],
+        }
+    }
+
+    /// Plans a refresh of `s` with its current (newest durable) refresh token.
+    ///
+    /// From `Healthy` this starts a rotation; from `Ambiguous` it retries the same old credential to
+    /// resolve the ambiguity. `Healthy` grants are refreshed whenever asked (callers decide when; see
+    /// [`Machine::step`]); backoff applies in both phases.
+    pub fn plan_attempt(&self, s: &GrantState, now: UnixMillis) -> Result<Pending<AttemptRequest>, Refusal> {
+        let resolving = match &s.phase {
+            Phase::Healthy => None,
+            Phase::Ambiguous(amb) => {
+                if let Some(d) = self.deadline(s, amb.since) {
+                    if now >= d {
+                        return Err(Refusal::WindowElapsed(d));
+                    }
+                }
+                Some(amb.clone())
+            }
+            Phase::Refreshing { .. } => return Err(Refusal::InFlight),
+            Phase::NeedsReauth { reason, .. } => return Err(Refusal::NeedsReauth(reason.clone())),
+            Phase::Uninstalled { .. } => return Err(Refusal::Uninstalled),
+        };
+        let tokens = s.tokens.as_ref().ok_or(Refusal::NoTokens)?;
+        if let Some(nb) = s.not_before {
+            if now < nb {
+                return Err(Refusal::BackingOff(nb));
+            }
+        }
+        let attempt = AttemptId(s.next_attempt);
+        let presented = self.fingerprints.refresh_token(&tokens.refresh_token);
+        let mut state = self.next_state(s, now);
+        state.next_attempt += 1;
+        state.credential_first_presented_at = Some(s.credential_first_presented_at.unwrap_or(now));
+        state.phase = Phase::Refreshing { attempt, kind: AttemptKind::Refresh, presented, started_at: now, resolving };
+        let record = Record::Intent {
+            grant: s.grant.clone(),
+            at: now,
+            attempt,
+            generation: s.generation,
+            kind: AttemptKind::Refresh,
+            presented,
+        };
+        Ok(Pending {
+            transition: Transition { expected_version: Some(s.version), state, records: vec![record], events: vec![] },
+            value: AttemptRequest {
+                grant: s.grant.clone(),
+                attempt,
+                generation: s.generation,
+                kind: AttemptKind::Refresh,
+                credential: tokens.refresh_token.clone(),
+            },
+        })
+    }
+
+    /// Applies the outcome of a sent attempt to the grant's *current* durable state (re-read it if a
+    /// write conflicted). `entropy` is any random u64 (for backoff jitter).
+    pub fn on_outcome(
+        &self,
+        current: &GrantState,
+        sent: &Durable<AttemptRequest>,
+        outcome: Outcome,
+        now: UnixMillis,
+        entropy: u64,
+    ) -> Pending<Option<TokenSet>> {
+        let req = sent.value();
+        let live = matches!(&current.phase, Phase::Refreshing { attempt, .. } if *attempt == req.attempt)
+            && current.generation == req.generation;
+        if !live {
+            let mut state = self.next_state(current, now);
+            state.updated_at = current.updated_at.max(now);
+            let record = Record::StaleOutcome {
+                grant: current.grant.clone(),
+                at: now,
+                attempt: req.attempt,
+                outcome: outcome.label().to_owned(),
+            };
+            return Pending {
+                transition: Transition {
+                    expected_version: Some(current.version),
+                    state,
+                    records: vec![record],
+                    events: vec![],
+                },
+                value: None,
+            };
+        }
+        self.settle(current, req.attempt, outcome, now, entropy)
+    }
+
+    /// Recovery: a grant found `Refreshing` after a restart had an intent durable and no outcome;
+    /// its request may have been processed. Returns the transition to `Ambiguous` (or to
+    /// needs-reauth if the retry window has already passed); `None` if the grant is not `Refreshing`.
+    pub fn recover_interrupted(&self, s: &GrantState, now: UnixMillis, entropy: u64) -> Option<Transition> {
+        let Phase::Refreshing { attempt, .. } = &s.phase else { return None };
+        let outcome = Outcome::Ambiguous { reason: AmbiguityReason::Interrupted, request_id: None };
+        let mut t = self.settle(s, *attempt, outcome, now, entropy).transition;
+        // A restart is not evidence of a server problem: the retry may go at once.
+        if let Phase::Ambiguous(_) = t.state.phase {
+            t.state.not_before = None;
+        }
+        Some(t)
+    }
+
+    fn settle(
+        &self,
+        s: &GrantState,
+        attempt: AttemptId,
+        outcome: Outcome,
+        now: UnixMillis,
+        entropy: u64,
+    ) -> Pending<Option<TokenSet>> {
+        let Phase::Refreshing { resolving, started_at, .. } = &s.phase else {
+            unreachable!("settle is only called on a Refreshing grant")
+        };
+        let grant = s.grant.clone();
+        let mut state = self.next_state(s, now);
+        let mut records = Vec::new();
+        let mut events = Vec::new();
+        let prior_phase = match resolving {
+            Some(amb) => Phase::Ambiguous(amb.clone()),
+            None => Phase::Healthy,
+        };
+        // For answers that prove the credential was not processed: undo "first presented" if this
+        // attempt was the credential's first presentation.
+        let unpresent = |state: &mut GrantState| {
+            if resolving.is_none() && s.credential_first_presented_at == Some(*started_at) {
+                state.credential_first_presented_at = None;
+            }
+        };
+        let backoff = |failures: u32, retry_after: Option<Duration>| {
+            now.saturating_add(self.policy.backoff.delay(failures, retry_after, entropy))
+        };
+        let mut value = None;
+        match outcome {
+            Outcome::Success { tokens, request_id } => {
+                state.generation = s.generation.next();
+                records.push(Record::Committed {
+                    grant: grant.clone(),
+                    at: now,
+                    attempt,
+                    generation: state.generation,
+                    tokens: TokenSummary::of(&tokens, &self.fingerprints),
+                    request_id,
+                });
+                if let Some(amb) = resolving {
+                    let how = Resolution::Succeeded { generation: state.generation };
+                    records.push(Record::Resolved {
+                        grant: grant.clone(),
+                        at: now,
+                        attempt: amb.first_attempt,
+                        how: how.clone(),
+                    });
+                    events.push(Event::Resolved { grant: grant.clone(), how });
+                }
+                events.push(Event::Refreshed { grant: grant.clone(), generation: state.generation });
+                state.tokens = Some(tokens.clone());
+                state.phase = Phase::Healthy;
+                state.credential_first_presented_at = None;
+                state.consecutive_failures = 0;
+                state.not_before = None;
+                value = Some(tokens);
+            }
+            Outcome::NotSent(why) => {
+                records.push(Record::NotSent { grant: grant.clone(), at: now, attempt, why });
+                state.phase = prior_phase;
+                state.consecutive_failures = s.consecutive_failures.saturating_add(1);
+                state.not_before = Some(backoff(state.consecutive_failures, None));
+                unpresent(&mut state);
+            }
+            Outcome::Throttled { retry_after, request_id } => {
+                let retry_after_ms = retry_after.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                records.push(Record::Refused {
+                    grant: grant.clone(),
+                    at: now,
+                    attempt,
+                    why: RefusalReason::Throttled { retry_after_ms },
+                    request_id,
+                });
+                state.phase = prior_phase;
+                state.consecutive_failures = s.consecutive_failures.saturating_add(1);
+                let until = backoff(state.consecutive_failures, retry_after);
+                state.not_before = Some(until);
+                events.push(Event::Throttled { grant: grant.clone(), until });
+                unpresent(&mut state);
+            }
+            Outcome::BadCredentials { status, error, request_id } => {
+                records.push(Record::Refused {
+                    grant: grant.clone(),
+                    at: now,
+                    attempt,
+                    why: RefusalReason::AppCredentials { status, error: error.clone() },
+                    request_id,
+                });
+                state.phase = prior_phase;
+                state.consecutive_failures = s.consecutive_failures.saturating_add(1);
+                state.not_before = Some(backoff(state.consecutive_failures, None));
+                events.push(Event::AppCredentialsRejected { grant: grant.clone(), status, error });
+                unpresent(&mut state);
+            }
+            Outcome::Rejected { status, error, description, request_id } => {
+                records.push(Record::Rejected {
+                    grant: grant.clone(),
+                    at: now,
+                    attempt,
+                    status,
+                    error: error.clone(),
+                    description,
+                    request_id,
+                });
+                if let Some(amb) = resolving {
+                    records.push(Record::Resolved {
+                        grant: grant.clone(),
+                        at: now,
+                        attempt: amb.first_attempt,
+                        how: Resolution::Rejected,
+                    });
+                    events.push(Event::Resolved { grant: grant.clone(), how: Resolution::Rejected });
+                }
+                let reason = ReauthReason::CredentialRejected { status, error, after_ambiguity: resolving.is_some() };
+                records.push(Record::NeedsReauth { grant: grant.clone(), at: now, reason: reason.clone() });
+                events.push(Event::NeedsReauth { grant: grant.clone(), reason: reason.clone() });
+                state.phase = Phase::NeedsReauth { reason, since: now };
+                state.not_before = None;
+            }
+            Outcome::Ambiguous { reason, request_id } => {
+                records.push(Record::Ambiguous {
+                    grant: grant.clone(),
+                    at: now,
+                    attempt,
+                    why: reason.clone(),
+                    request_id,
+                });
+                let amb = match resolving {
+                    Some(a) => Ambiguity { last_reason: reason.clone(), tries: a.tries.saturating_add(1), ..a.clone() },
+                    None => {
+                        Ambiguity { first_attempt: attempt, since: *started_at, last_reason: reason.clone(), tries: 1 }
+                    }
+                };
+                state.consecutive_failures = s.consecutive_failures.saturating_add(1);
+                state.not_before = Some(backoff(state.consecutive_failures, None));
+                state.phase = Phase::Ambiguous(amb.clone());
+                events.push(Event::Ambiguous { grant: grant.clone(), reason });
+                if let Some(d) = self.deadline(&state, amb.since) {
+                    if now >= d {
+                        let t = self.give_up(&state, &amb, d, now);
+                        records.extend(t.records);
+                        events.extend(t.events);
+                        state.phase = t.state.phase;
+                        state.not_before = None;
+                    }
+                }
+            }
+        }
+        Pending { transition: Transition { expected_version: Some(s.version), state, records, events }, value }
+    }
+
+    /// Installs a token set acquired elsewhere (OAuth install, the app's own token exchange, an
+    /// import). It becomes a new generation; any attempt in flight becomes stale and any ambiguity is
+    /// superseded (a new acquisition retires older refresh tokens server-side).
+    pub fn install(
+        &self,
+        current: Option<&GrantState>,
+        grant: GrantKey,
+        tokens: TokenSet,
+        source: InstallSource,
+        now: UnixMillis,
+    ) -> Pending<TokenSet> {
+        let mut records = Vec::new();
+        let mut events = Vec::new();
+        let state = match current {
+            None => GrantState {
+                grant: grant.clone(),
+                version: 1,
+                generation: Generation(1),
+                tokens: Some(tokens.clone()),
+                phase: Phase::Healthy,
+                next_attempt: 1,
+                credential_first_presented_at: None,
+                consecutive_failures: 0,
+                not_before: None,
+                updated_at: now,
+            },
+            Some(s) => {
+                let generation = s.generation.next();
+                let open = match &s.phase {
+                    Phase::Ambiguous(a) => Some(a.first_attempt),
+                    Phase::Refreshing { resolving: Some(a), .. } => Some(a.first_attempt),
+                    Phase::Refreshing { attempt, .. } => Some(*attempt),
+                    _ => None,
+                };
+                if let Some(first) = open {
+                    let how = Resolution::Superseded { generation };
+                    records.push(Record::Resolved { grant: grant.clone(), at: now, attempt: first, how: how.clone() });
+                    events.push(Event::Resolved { grant: grant.clone(), how });
+                }
+                if matches!(s.phase, Phase::NeedsReauth { .. } | Phase::Uninstalled { .. }) {
+                    events.push(Event::Recovered { grant: grant.clone(), generation });
+                }
+                GrantState {
+                    generation,
+                    tokens: Some(tokens.clone()),
+                    phase: Phase::Healthy,
+                    credential_first_presented_at: None,
+                    consecutive_failures: 0,
+                    not_before: None,
+                    ..self.next_state(s, now)
+                }
+            }
+        };
+        records.insert(
+            0,
+            Record::Installed {
+                grant: grant.clone(),
+                at: now,
+                generation: state.generation,
+                tokens: TokenSummary::of(&tokens, &self.fingerprints),
+                source,
+            },
+        );
+        events.push(Event::Installed { grant, generation: state.generation });
+        Pending {
+            transition: Transition { expected_version: current.map(|s| s.version), state, records, events },
+            value: tokens,
+        }
+    }
+
+    /// Marks a grant as needing re-auth by operator or application decision.
+    pub fn mark_needs_reauth(&self, s: &GrantState, note: &str, now: UnixMillis) -> Transition {
+        let reason = ReauthReason::Manual { note: note.chars().filter(|c| !c.is_control()).take(200).collect() };
+        let mut state = self.next_state(s, now);
+        state.phase = Phase::NeedsReauth { reason: reason.clone(), since: now };
+        state.not_before = None;
+        let grant = s.grant.clone();
+        Transition {
+            expected_version: Some(s.version),
+            state,
+            records: vec![Record::NeedsReauth { grant: grant.clone(), at: now, reason: reason.clone() }],
+            events: vec![Event::NeedsReauth { grant, reason }],
+        }
+    }
+
+    /// The app was uninstalled: stop refreshing and drop the secrets, keeping the audit trail.
+    /// Idempotent: `None` if already uninstalled.
+    pub fn uninstall(&self, s: &GrantState, now: UnixMillis) -> Option<Transition> {
+        if matches!(s.phase, Phase::Uninstalled { .. }) {
+            return None;
+        }
+        let grant = s.grant.clone();
+        let mut records = Vec::new();
+        let open = match &s.phase {
+            Phase::Ambiguous(a) | Phase::Refreshing { resolving: Some(a), .. } => Some(a.first_attempt),
+            Phase::Refreshing { attempt, .. } => Some(*attempt),
+            _ => None,
+        };
+        if let Some(first) = open {
+            records.push(Record::Resolved {
+                grant: grant.clone(),
+                at: now,
+                attempt: first,
+                how: Resolution::Uninstalled,
+            });
+        }
+        records.push(Record::Uninstalled { grant: grant.clone(), at: now });
+        let mut state = self.next_state(s, now);
+        state.tokens = None;
+        state.phase = Phase::Uninstalled { since: now };
+        state.credential_first_presented_at = None;
+        state.not_before = None;
+        Some(Transition {
+            expected_version: Some(s.version),
+            state,
+            records,
+            events: vec![Event::Uninstalled { grant }],
+        })
+    }
+}
