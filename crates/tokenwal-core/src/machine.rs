@@ -357,7 +357,7 @@ pub enum Step {
     /// An attempt is in flight.
     InFlight,
     /// An ambiguity outlived its retry window: write this transition (needs-reauth).
-    GiveUp(Transition),
+    GiveUp(Box<Transition>),
     /// Nothing will ever be due (needs re-auth or uninstalled).
     Dormant,
 }
@@ -411,7 +411,7 @@ impl Machine {
             Phase::Refreshing { .. } => Step::InFlight,
             Phase::NeedsReauth { .. } | Phase::Uninstalled { .. } => Step::Dormant,
             Phase::Ambiguous(amb) => match self.deadline(s, amb.since) {
-                Some(d) if now >= d => Step::GiveUp(self.give_up(s, amb, d, now)),
+                Some(d) if now >= d => Step::GiveUp(Box::new(self.give_up(s, amb, d, now))),
                 _ => match s.not_before {
                     Some(nb) if now < nb => Step::Wait { until: nb },
                     _ => Step::Attempt,

@@ -70,7 +70,7 @@ fn intention_after(machine: &Machine, s: &GrantState, now: UnixMillis) -> (Optio
                 Phase::NeedsReauth { reason, .. } => reason.clone(),
                 _ => unreachable!("give-up transitions end in needs-reauth"),
             };
-            (Some(t), Intention::NeedsReauth(reason))
+            (Some(*t), Intention::NeedsReauth(reason))
         }
         Step::Attempt => (None, Intention::Resolve { not_before: None }),
         Step::Wait { until } => (None, Intention::Resolve { not_before: Some(until) }),
