@@ -252,6 +252,13 @@ impl<T> Pending<T> {
     }
 }
 
+impl Pending<()> {
+    /// Wraps a transition that releases nothing when durable (recovery, give-up, uninstall, marks).
+    pub fn from_transition(transition: Transition) -> Pending<()> {
+        Pending { transition, value: () }
+    }
+}
+
 /// A value whose transition is durable. Only [`Pending::make_durable`] builds one.
 #[derive(Debug)]
 pub struct Durable<T> {
