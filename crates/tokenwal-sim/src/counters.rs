@@ -1,0 +1,100 @@
+//! What the simulator saw and did, per shop and in total.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Event counts for one shop, or for all shops together.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Counters {
+    /// Requests to the token endpoint (every one, whatever its outcome or fault).
+    pub token_requests: u64,
+    /// First uses of a refresh token that minted a new pair.
+    pub rotations: u64,
+    /// Retries of an already-used refresh token answered from retention (same or new pair).
+    pub replays: u64,
+    /// New acquisitions: token exchange (expiring or not), migrations, and control-API seeds.
+    pub acquisitions: u64,
+    /// Migrations of a non-expiring token (first exchanges only).
+    pub migrations: u64,
+    /// Migration retries answered with the same pair.
+    pub migration_replays: u64,
+    /// Error answers of the token endpoint, by OAuth `error` code (includes `invalid_client`).
+    pub rejections: BTreeMap<String, u64>,
+    /// `invalid_client` answers (bad credentials or the injected fault).
+    pub invalid_client: u64,
+    /// Faults applied, by kind name.
+    pub faults: BTreeMap<String, u64>,
+    /// Grants wholly revoked because a retired refresh token was presented.
+    pub family_revocations: u64,
+    /// Admin API answers 200.
+    pub admin_ok: u64,
+    /// Admin API answers 401.
+    pub admin_unauthorized: u64,
+}
+
+impl Counters {
+    /// Total number of rejections, over all error codes.
+    pub fn total_rejections(&self) -> u64 {
+        self.rejections.values().sum()
+    }
+
+    /// Rejections with OAuth error `code`.
+    pub fn rejections_of(&self, code: &str) -> u64 {
+        self.rejections.get(code).copied().unwrap_or(0)
+    }
+
+    /// Faults of kind name `kind` (e.g. `"rotate_then_drop"`).
+    pub fn faults_of(&self, kind: &str) -> u64 {
+        self.faults.get(kind).copied().unwrap_or(0)
+    }
+
+    /// Total number of faults applied.
+    pub fn total_faults(&self) -> u64 {
+        self.faults.values().sum()
+    }
+}
+
+/// Counters in total and for each shop that saw a request.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CounterSet {
+    /// Sum over all shops.
+    pub total: Counters,
+    /// Per shop domain.
+    pub shops: BTreeMap<String, Counters>,
+}
+
+impl CounterSet {
+    /// The counters of `shop` (all zero if it saw nothing).
+    pub fn shop(&self, shop: &str) -> Counters {
+        self.shops.get(shop).cloned().unwrap_or_default()
+    }
+
+    /// Applies `f` to the shop's counters and to the total.
+    pub(crate) fn bump(&mut self, shop: &str, f: impl Fn(&mut Counters)) {
+        f(&mut self.total);
+        f(self.shops.entry(shop.to_owned()).or_default());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bump_counts_shop_and_total() {
+        let mut c = CounterSet::default();
+        c.bump("a", |c| c.rotations += 1);
+        c.bump("b", |c| {
+            *c.rejections.entry("invalid_request".into()).or_default() += 1;
+        });
+        c.bump("b", |c| c.rotations += 1);
+        assert_eq!(c.total.rotations, 2);
+        assert_eq!(c.shop("a").rotations, 1);
+        assert_eq!(c.shop("b").rejections_of("invalid_request"), 1);
+        assert_eq!(c.total.total_rejections(), 1);
+        assert_eq!(c.shop("zzz"), Counters::default());
+    }
+}
