@@ -78,6 +78,7 @@ pub mod time;
 
 pub use classify::{classify, Exchange, HttpAnswer, Outcome, ResponseRules, TransportFailure, MAX_BODY};
 pub use codec::CodecError;
+pub use domain::SHOPIFY as SHOPIFY_PROVIDER;
 pub use domain::{
     AttemptId, Fingerprint, FingerprintKey, Generation, GrantKey, GrantKeyError, ShopDomain, ShopDomainError, TokenSet,
 };

@@ -1,0 +1,200 @@
+//! Engine configuration.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokenwal_core::{ClientSecret, GrantKey, ResponseRules, RetryPolicy, SHOPIFY_PROVIDER};
+use url::Url;
+
+/// Where the token endpoint is.
+#[derive(Clone, Debug)]
+pub enum Endpoint {
+    /// `https://{shop}/admin/oauth/access_token`, the host taken only from the validated shop domain.
+    Shopify,
+    /// **Test only.** Shopify's protocol against a local server (such as `tokenwal-sim`) at a
+    /// loopback address, over plain HTTP: `{base}/shops/{shop}/admin/oauth/access_token`. The client
+    /// secret is sent there, so any non-loopback host is refused at build time.
+    ShopifyTestServer {
+        /// The server's base URL, e.g. `http://127.0.0.1:8080`.
+        base: Url,
+    },
+    /// A generic OAuth 2.0 server (RFC 6749 §6): form-encoded refresh at a fixed token URL.
+    OAuth2 {
+        /// The provider id of this server's grants (`[a-z0-9_-]{1,32}`, not `shopify`).
+        provider: String,
+        /// The token endpoint. Must be `https`, or `http` on a loopback address.
+        token_url: Url,
+        /// How the client authenticates.
+        client_auth: ClientAuth,
+    },
+}
+
+/// How an OAuth 2.0 client authenticates at the token endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// `client_id` and `client_secret` in the form body.
+    Body,
+    /// HTTP Basic (`client_secret_basic`).
+    Basic,
+}
+
+/// Whether `url` points at a loopback address (for test endpoints and plain-HTTP OAuth servers).
+pub(crate) fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => false,
+    }
+}
+
+impl Endpoint {
+    /// The provider id of grants served through this endpoint.
+    pub fn provider(&self) -> &str {
+        match self {
+            Endpoint::Shopify | Endpoint::ShopifyTestServer { .. } => SHOPIFY_PROVIDER,
+            Endpoint::OAuth2 { provider, .. } => provider,
+        }
+    }
+
+    pub(crate) fn response_rules(&self) -> ResponseRules {
+        match self {
+            Endpoint::Shopify | Endpoint::ShopifyTestServer { .. } => ResponseRules::SHOPIFY,
+            Endpoint::OAuth2 { .. } => ResponseRules {
+                require_refresh_token: false,
+                require_expires_in: false,
+                default_access_lifetime: Duration::from_secs(3600),
+            },
+        }
+    }
+
+    /// Checks the endpoint before any secret could be sent to it.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        match self {
+            Endpoint::Shopify => Ok(()),
+            Endpoint::ShopifyTestServer { base } => {
+                if base.scheme() != "http" && base.scheme() != "https" {
+                    return Err("test endpoint must be http(s)".into());
+                }
+                if !is_loopback(base) {
+                    return Err("test endpoint must be a loopback address (127.0.0.0/8, ::1 or localhost)".into());
+                }
+                if !base.username().is_empty() || base.password().is_some() {
+                    return Err("test endpoint must not carry credentials".into());
+                }
+                Ok(())
+            }
+            Endpoint::OAuth2 { provider, token_url, .. } => {
+                if provider == SHOPIFY_PROVIDER {
+                    return Err("use Endpoint::Shopify for Shopify".into());
+                }
+                GrantKey::new(provider, "x").map_err(|e| e.to_string())?;
+                match token_url.scheme() {
+                    "https" => Ok(()),
+                    "http" if is_loopback(token_url) => Ok(()),
+                    _ => Err("token URL must be https (or http on loopback)".into()),
+                }
+            }
+        }
+    }
+
+    /// The token URL for `grant`.
+    pub(crate) fn token_url(&self, grant: &GrantKey) -> Result<Url, String> {
+        match self {
+            Endpoint::Shopify => {
+                let shop = grant.shop().ok_or("not a shopify grant")?;
+                // The shop is a validated `{handle}.myshopify.com`: nothing else can become the host.
+                Url::parse(&format!("https://{}/admin/oauth/access_token", shop.as_str())).map_err(|e| e.to_string())
+            }
+            Endpoint::ShopifyTestServer { base } => {
+                let shop = grant.shop().ok_or("not a shopify grant")?;
+                let mut url = base.clone();
+                url.path_segments_mut()
+                    .map_err(|_| "test endpoint cannot be a base URL".to_string())?
+                    .pop_if_empty()
+                    .extend(["shops", shop.as_str(), "admin", "oauth", "access_token"]);
+                Ok(url)
+            }
+            Endpoint::OAuth2 { token_url, .. } => Ok(token_url.clone()),
+        }
+    }
+}
+
+/// HTTP timeouts. Both are always set.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// Establishing the connection (TCP + TLS). A connect timeout means "not sent".
+    pub connect: Duration,
+    /// The whole request, from send to the last body byte. A timeout after connecting is ambiguous.
+    pub total: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts { connect: Duration::from_secs(5), total: Duration::from_secs(30) }
+    }
+}
+
+/// Where the engine keeps its journal.
+#[derive(Clone, Debug)]
+pub enum StoreLocation {
+    /// A sled store in this directory (created 0700 if missing).
+    Path(PathBuf),
+    /// In memory (tests and demos: nothing survives the process).
+    InMemory,
+}
+
+/// Everything the engine needs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The store.
+    pub store: StoreLocation,
+    /// The token endpoint.
+    pub endpoint: Endpoint,
+    /// The app's client id (API key).
+    pub client_id: String,
+    /// The app's client secret.
+    pub client_secret: ClientSecret,
+    /// The provider's retry policy.
+    pub policy: RetryPolicy,
+    /// Refresh this long before the access token expires (default 5 minutes).
+    pub refresh_margin: Duration,
+    /// Refresh idle grants this long before their refresh token expires (default 7 days).
+    pub refresh_token_margin: Duration,
+    /// HTTP timeouts.
+    pub timeouts: Timeouts,
+    /// Whether a background scheduler keeps every grant fresh without callers (default true).
+    pub proactive: bool,
+    /// The most refreshes in flight at once across all grants (default 64).
+    pub max_concurrent_refreshes: usize,
+    /// How long refreshing pauses fleet-wide after an `invalid_client` (default 60 s).
+    pub credentials_pause: Duration,
+    /// How long `access_token` waits for a backoff to end before returning an error (default 10 s).
+    pub max_wait: Duration,
+}
+
+impl Config {
+    /// A Shopify configuration with defaults.
+    pub fn shopify(store: StoreLocation, client_id: impl Into<String>, client_secret: ClientSecret) -> Config {
+        Config {
+            store,
+            endpoint: Endpoint::Shopify,
+            client_id: client_id.into(),
+            client_secret,
+            policy: RetryPolicy::shopify(),
+            refresh_margin: Duration::from_secs(300),
+            refresh_token_margin: Duration::from_secs(7 * 86_400),
+            timeouts: Timeouts::default(),
+            proactive: true,
+            max_concurrent_refreshes: 64,
+            credentials_pause: Duration::from_secs(60),
+            max_wait: Duration::from_secs(10),
+        }
+    }
+
+    /// **Test only**: point the Shopify profile at a local server (see [`Endpoint::ShopifyTestServer`]).
+    pub fn with_insecure_test_endpoint(mut self, base: Url) -> Config {
+        self.endpoint = Endpoint::ShopifyTestServer { base };
+        self
+    }
+}

@@ -1,0 +1,591 @@
+//! The engine: a cheap cloneable handle over the store, the state machine and the transport.
+
+use crate::cache::{Slot, Slots};
+use crate::config::{Config, StoreLocation};
+use crate::error::Error;
+use crate::scheduler::{self, SchedulerHandle};
+use crate::transport::{Grant, Transport};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokenwal_core::{
+    recovery, AccessToken, Durable, Event, Generation, GrantKey, GrantState, InstallSource, Intention, Machine,
+    Outcome, Pending, Phase, Refusal, ShopDomain, Step, TokenSet, Transition, UnixMillis,
+};
+use tokenwal_store::{Store, StoreConfig, StoreError};
+use tokio::sync::{broadcast, watch, Semaphore};
+use tracing::{debug, info, warn};
+
+/// The current time by the system clock.
+pub(crate) fn now() -> UnixMillis {
+    UnixMillis::from_system_time(std::time::SystemTime::now())
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Store,
+    pub(crate) machine: Machine,
+    transport: Transport,
+    pub(crate) provider: String,
+    pub(crate) slots: Slots,
+    events: broadcast::Sender<Event>,
+    /// Refreshing is paused fleet-wide until this instant (ms) after an `invalid_client`.
+    paused_until: AtomicU64,
+    credentials_pause: Duration,
+    max_wait: Duration,
+    pub(crate) permits: Semaphore,
+    pub(crate) shutdown: watch::Sender<bool>,
+    scheduler: SchedulerHandle,
+}
+
+/// Sends the shutdown signal when the last [`Engine`] handle is dropped.
+struct DropGuard(Arc<Inner>);
+
+impl Drop for DropGuard {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown.send(true);
+    }
+}
+
+/// The tokenwal engine. Clone it freely: every clone is a handle to the same engine. When the last
+/// handle is dropped, background work stops (an attempt cut short stays journaled as an intent and is
+/// resolved by recovery at the next start).
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+    _guard: Arc<DropGuard>,
+}
+
+/// What recovery found and did at [`Engine::open`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Grants in the store.
+    pub grants: usize,
+    /// Grants found with an open attempt (an intent without outcome, or an ambiguity).
+    pub open: usize,
+    /// Of those, intents without outcome (the process had stopped mid-attempt).
+    pub interrupted: usize,
+    /// Ambiguities resolved by retrying the old credential during open.
+    pub resolved: usize,
+    /// Ambiguities still unresolved after open (the scheduler keeps retrying).
+    pub still_ambiguous: usize,
+    /// Grants marked needs-reauth (rejected on retry, or retry window elapsed).
+    pub needs_reauth: usize,
+    /// Grants whose state is corrupt (quarantined: never served, never guessed).
+    pub corrupt: Vec<String>,
+    /// How long open took.
+    pub elapsed: Duration,
+}
+
+/// The result of one attempt.
+pub(crate) type Settled = Durable<Option<TokenSet>>;
+
+impl Engine {
+    /// Opens the store, **runs recovery before serving** (retries every ambiguous rotation with its
+    /// old credential; marks truly dead grants needs-reauth), starts the proactive scheduler, and
+    /// returns the engine with a report of what recovery found and did.
+    pub async fn open(config: Config) -> Result<(Engine, RecoveryReport), Error> {
+        let started = Instant::now();
+        config.endpoint.validate().map_err(Error::Config)?;
+        if config.max_concurrent_refreshes == 0 {
+            return Err(Error::Config("max_concurrent_refreshes must be at least 1".into()));
+        }
+        let (store, corrupt) = match &config.store {
+            StoreLocation::InMemory => (Store::in_memory(), Vec::new()),
+            StoreLocation::Path(p) => {
+                let p = p.clone();
+                let (store, report) =
+                    tokio::task::spawn_blocking(move || Store::open(p, StoreConfig::default()))
+                        .await
+                        .map_err(|e| Error::Config(format!("store open task failed: {e}")))??;
+                (store, report.corrupt)
+            }
+        };
+        let transport = Transport::new(
+            config.endpoint.clone(),
+            config.client_id.clone(),
+            config.client_secret.clone(),
+            config.timeouts,
+        )
+        .map_err(|e| Error::Config(e.to_string()))?;
+        let machine = Machine {
+            policy: config.policy,
+            refresh_margin: config.refresh_margin,
+            refresh_token_margin: config.refresh_token_margin,
+            fingerprints: store.fingerprint_key(),
+        };
+        let (events, _) = broadcast::channel(4096);
+        let (shutdown, _) = watch::channel(false);
+        let (scheduler, scheduler_rx) = scheduler::channel();
+        let inner = Arc::new(Inner {
+            store,
+            machine,
+            transport,
+            provider: config.endpoint.provider().to_owned(),
+            slots: Slots::new(),
+            events,
+            paused_until: AtomicU64::new(0),
+            credentials_pause: config.credentials_pause,
+            max_wait: config.max_wait,
+            permits: Semaphore::new(config.max_concurrent_refreshes),
+            shutdown,
+            scheduler,
+        });
+        let engine = Engine { _guard: Arc::new(DropGuard(Arc::clone(&inner))), inner };
+        let mut report = engine.recover().await?;
+        report.corrupt = corrupt;
+        report.grants = engine.inner.store.grant_count();
+        if config.proactive {
+            scheduler::spawn(Arc::clone(&engine.inner), scheduler_rx);
+        }
+        report.elapsed = started.elapsed();
+        info!(
+            grants = report.grants,
+            open = report.open,
+            interrupted = report.interrupted,
+            resolved = report.resolved,
+            still_ambiguous = report.still_ambiguous,
+            needs_reauth = report.needs_reauth,
+            corrupt = report.corrupt.len(),
+            elapsed_ms = report.elapsed.as_millis() as u64,
+            "recovery finished"
+        );
+        Ok((engine, report))
+    }
+
+    /// Recovery: turn interrupted intents into ambiguities, give up on those past their window, and
+    /// retry the rest with their old credential.
+    async fn recover(&self) -> Result<RecoveryReport, Error> {
+        let store = self.inner.store.clone();
+        let open = tokio::task::spawn_blocking(move || store.open_grants())
+            .await
+            .map_err(|e| Error::Config(format!("recovery task failed: {e}")))??;
+        let plan = recovery::plan(&self.inner.machine, &open, now(), rand::random());
+        let (interrupted, _, _) = plan.summary();
+        let mut report = RecoveryReport { open: open.len(), interrupted, ..RecoveryReport::default() };
+        let mut to_resolve = Vec::new();
+        for item in plan.items {
+            if let Some(t) = item.transition {
+                self.inner.commit_transition(t).await?;
+            }
+            match item.intention {
+                Intention::Resolve { .. } => to_resolve.push(item.grant),
+                Intention::NeedsReauth(_) => report.needs_reauth += 1,
+                Intention::Nothing => {}
+            }
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for grant in to_resolve {
+            let inner = Arc::clone(&self.inner);
+            tasks.spawn(async move {
+                let _permit = inner.permits.acquire().await;
+                inner.drive(&grant, true).await;
+                inner.store.get(&grant).ok().flatten().map(|s| s.phase)
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            match r.ok().flatten() {
+                Some(Phase::Healthy) => report.resolved += 1,
+                Some(Phase::NeedsReauth { .. }) => report.needs_reauth += 1,
+                Some(_) => report.still_ambiguous += 1,
+                None => {}
+            }
+        }
+        Ok(report)
+    }
+
+    fn grant_of(&self, shop: &ShopDomain) -> GrantKey {
+        GrantKey::shopify(shop)
+    }
+
+    /// A currently valid access token for `shop`, refreshing first if it is within the refresh margin.
+    ///
+    /// A valid cached token is returned without I/O. Concurrent callers for one shop share one
+    /// refresh; callers for other shops are never blocked by it. If a refresh fails transiently while
+    /// the current token is still valid, the current token is returned.
+    pub async fn access_token(&self, shop: &ShopDomain) -> Result<AccessToken, Error> {
+        if let Some(t) = self.inner.slots.fresh(shop.as_str(), now()) {
+            return Ok(t);
+        }
+        self.inner.slow_token(&self.grant_of(shop), None).await
+    }
+
+    /// [`Engine::access_token`] for any provider's grant.
+    pub async fn access_token_for(&self, grant: &GrantKey) -> Result<AccessToken, Error> {
+        self.check_provider(grant)?;
+        if let Some(t) = self.inner.slots.fresh(grant.account(), now()) {
+            return Ok(t);
+        }
+        self.inner.slow_token(grant, None).await
+    }
+
+    /// An Admin API call answered 401 with `rejected`: refresh once if it is still the current
+    /// token, otherwise return the newer one.
+    pub async fn on_unauthorized(&self, shop: &ShopDomain, rejected: &AccessToken) -> Result<AccessToken, Error> {
+        self.inner.slow_token(&self.grant_of(shop), Some(rejected)).await
+    }
+
+    /// Registers tokens acquired elsewhere (OAuth install, the app front end's token exchange). The
+    /// tokens become a new generation: an older in-flight result can never overwrite them.
+    pub async fn install(&self, shop: &ShopDomain, tokens: TokenSet) -> Result<Generation, Error> {
+        self.install_grant(self.grant_of(shop), tokens, InstallSource::Application).await
+    }
+
+    /// [`Engine::install`] for any grant, with its source recorded in the journal.
+    pub async fn install_grant(&self, grant: GrantKey, tokens: TokenSet, source: InstallSource) -> Result<Generation, Error> {
+        self.check_provider(&grant)?;
+        let inner = &self.inner;
+        loop {
+            let current = inner.store.get(&grant)?;
+            let pending = inner.machine.install(current.as_ref(), grant.clone(), tokens.clone(), source, now());
+            match pending.make_durable(&inner.store).await {
+                Ok(done) => {
+                    let generation = done.state().generation;
+                    inner.after_durable(&done);
+                    return Ok(generation);
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The app was uninstalled from `shop` (the `app/uninstalled` webhook; it may arrive more than once
+    /// and late): stop refreshing and drop the secrets, keeping the audit trail. Idempotent.
+    pub async fn uninstalled(&self, shop: &ShopDomain) -> Result<(), Error> {
+        let grant = self.grant_of(shop);
+        let inner = &self.inner;
+        loop {
+            let Some(current) = inner.store.get(&grant)? else { return Ok(()) };
+            let Some(t) = inner.machine.uninstall(&current, now()) else { return Ok(()) };
+            match Pending::from_transition(t).make_durable(&inner.store).await {
+                Ok(done) => {
+                    inner.after_durable(&done);
+                    return Ok(());
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The durable state of a grant (secrets redacted in its `Debug`).
+    pub fn state(&self, grant: &GrantKey) -> Result<Option<GrantState>, Error> {
+        Ok(self.inner.store.get(grant)?)
+    }
+
+    /// Subscribes to engine events (refreshed, ambiguous, resolved, needs-reauth,
+    /// app-credentials-rejected, recovered, …). A slow subscriber misses events (it sees `Lagged`).
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    /// The underlying store (for inspection tools).
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Refreshes every due grant now and waits for those attempts (used by `tokenwal run --once` and
+    /// tests). Returns how many grants were attempted.
+    pub async fn refresh_due(&self) -> Result<usize, Error> {
+        let store = self.inner.store.clone();
+        let now = now();
+        let machine = self.inner.machine.clone();
+        let due = tokio::task::spawn_blocking(move || {
+            let mut due = Vec::new();
+            let r = store.for_each_grant(|s| {
+                if matches!(machine.step(&s, now), Step::Attempt | Step::GiveUp(_)) {
+                    due.push(s.grant);
+                }
+            });
+            r.map(|_| due)
+        })
+        .await
+        .map_err(|e| Error::Config(format!("scan task failed: {e}")))??;
+        let n = due.len();
+        let mut tasks = tokio::task::JoinSet::new();
+        for grant in due {
+            let inner = Arc::clone(&self.inner);
+            tasks.spawn(async move {
+                let _permit = inner.permits.acquire().await;
+                inner.drive(&grant, false).await
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        Ok(n)
+    }
+
+    /// Stops background work and waits for the scheduler's in-flight attempts to finish.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.shutdown.send(true);
+        self.inner.scheduler.wait_stopped().await;
+    }
+
+    fn check_provider(&self, grant: &GrantKey) -> Result<(), Error> {
+        if grant.provider() != self.inner.provider {
+            return Err(Error::Config(format!(
+                "grant {grant} belongs to provider {:?}, this engine serves {:?}",
+                grant.provider(),
+                self.inner.provider
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    pub(crate) fn scheduler_handle(&self) -> &SchedulerHandle {
+        &self.scheduler
+    }
+
+    fn emit(&self, events: &[Event]) {
+        for e in events {
+            match e {
+                Event::NeedsReauth { grant, reason } => warn!(%grant, %reason, "grant needs re-auth"),
+                Event::AppCredentialsRejected { grant, status, error } => {
+                    let until = now().saturating_add(self.credentials_pause);
+                    self.paused_until.fetch_max(until.0, Ordering::SeqCst);
+                    warn!(%grant, status, error, %until, "app credentials rejected: refreshing paused fleet-wide");
+                }
+                Event::Ambiguous { grant, reason } => warn!(%grant, %reason, "rotation outcome unknown"),
+                Event::Resolved { grant, how } => info!(%grant, ?how, "ambiguous rotation resolved"),
+                Event::Refreshed { grant, generation } => debug!(%grant, generation = generation.0, "refreshed"),
+                other => debug!(?other, "event"),
+            }
+            let _ = self.events.send(e.clone());
+        }
+    }
+
+    /// Everything that follows a durable transition: events, cache, scheduler.
+    pub(crate) fn after_durable<T>(&self, done: &Durable<T>) {
+        let s = done.state();
+        let slot = self.slots.get_or_create(s.grant.account());
+        self.refresh_cache(&slot, s);
+        self.emit(done.events());
+        self.scheduler.notify(s, &self.machine, now());
+    }
+
+    fn refresh_cache(&self, slot: &Slot, s: &GrantState) {
+        match (&s.phase, &s.tokens) {
+            (Phase::Healthy | Phase::Ambiguous(_) | Phase::Refreshing { .. }, Some(t)) => {
+                slot.offer(t, s.generation, self.machine.due_at(t).min(t.access_expires_at))
+            }
+            (Phase::NeedsReauth { .. }, Some(t)) => {
+                // The last access token stays valid until its own expiry (Shopify); serve it, never refresh.
+                slot.offer(t, s.generation, t.access_expires_at)
+            }
+            _ => slot.clear(),
+        }
+    }
+
+    pub(crate) async fn commit_transition(&self, t: Transition) -> Result<(), Error> {
+        let done = Pending::from_transition(t).make_durable(&self.store).await?;
+        self.after_durable(&done);
+        Ok(())
+    }
+
+    fn paused(&self, now: UnixMillis) -> Option<UnixMillis> {
+        let until = self.paused_until.load(Ordering::SeqCst);
+        (now.0 < until).then_some(UnixMillis(until))
+    }
+
+    /// Runs one attempt from `state`: intent durable → send → outcome durable.
+    async fn attempt(&self, state: &GrantState) -> Result<Settled, Error> {
+        let grant = &state.grant;
+        let pending = self.machine.plan_attempt(state, now()).map_err(|r| refusal(grant, r))?;
+        // Journal before network: the request exists only once the intent is durable.
+        let permit = pending.make_durable(&self.store).await?;
+        self.after_durable(&permit);
+        let attempt = permit.value().attempt().0;
+        let (outcome, status) = self.transport.send(Grant::Refresh(permit.value()), now).await;
+        log_outcome(grant, attempt, status, &outcome);
+        let mut current = permit.state().clone();
+        loop {
+            let pending = self.machine.on_outcome(&current, &permit, outcome.clone(), now(), rand::random());
+            // Commit before use: tokens are released only by a durable commit.
+            match pending.make_durable(&self.store).await {
+                Ok(done) => {
+                    self.after_durable(&done);
+                    return Ok(done);
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    // Someone else wrote (an install, an uninstall): re-read before acting.
+                    current = self
+                        .store
+                        .get(grant)?
+                        .ok_or_else(|| Error::NotInstalled { grant: grant.clone() })?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Drives a grant until it needs nothing now (used by the scheduler and recovery). Errors are
+    /// logged, not returned: the next schedule retries.
+    pub(crate) async fn drive(&self, grant: &GrantKey, resolve_only: bool) {
+        let slot = self.slots.get_or_create(grant.account());
+        let _flight = slot.flight.lock().await;
+        for _ in 0..4 {
+            let state = match self.store.get(grant) {
+                Ok(Some(s)) => s,
+                Ok(None) => return,
+                Err(e) => {
+                    warn!(%grant, error = %e, "cannot read grant");
+                    return;
+                }
+            };
+            if resolve_only && !state.phase.is_open() {
+                return;
+            }
+            let now = now();
+            match self.machine.step(&state, now) {
+                Step::Attempt => {
+                    if self.paused(now).is_some() {
+                        return;
+                    }
+                    match self.attempt(&state).await {
+                        Ok(done) if done.value().is_some() => return,
+                        Ok(done) => {
+                            // Not resolved yet: go again only if no backoff applies.
+                            if !matches!(self.machine.step(done.state(), crate::engine::now()), Step::Attempt) {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            warn!(%grant, error = %e, "attempt failed");
+                            return;
+                        }
+                    }
+                }
+                Step::GiveUp(t) => {
+                    if let Err(e) = self.commit_transition(*t).await {
+                        warn!(%grant, error = %e, "cannot record needs-reauth");
+                    }
+                    return;
+                }
+                Step::Idle { .. } | Step::Wait { .. } | Step::InFlight | Step::Dormant => {
+                    self.refresh_cache(&slot, &state);
+                    self.scheduler.notify(&state, &self.machine, now);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The slow path of `access_token` / `on_unauthorized`.
+    async fn slow_token(&self, grant: &GrantKey, rejected: Option<&AccessToken>) -> Result<AccessToken, Error> {
+        let slot = self.slots.get_or_create(grant.account());
+        let _flight = slot.flight.lock().await;
+        let deadline = now().saturating_add(self.max_wait);
+        let mut force = rejected.is_some();
+        for _ in 0..64 {
+            if *self.shutdown.borrow() {
+                return Err(Error::ShuttingDown);
+            }
+            let now = now();
+            // Double-checked: another caller may have refreshed while we waited for the lock.
+            if !force {
+                if let Some(t) = self.slots.fresh(grant.account(), now) {
+                    return Ok(t);
+                }
+            }
+            let state = self.store.get(grant)?.ok_or_else(|| Error::NotInstalled { grant: grant.clone() })?;
+            let tokens = state.tokens.as_ref();
+            let still_valid = tokens.filter(|t| now < t.access_expires_at).map(|t| t.access_token.clone());
+            if let (true, Some(rej), Some(t)) = (force, rejected, tokens) {
+                if t.access_token != *rej {
+                    // Someone already replaced the rejected token.
+                    self.refresh_cache(&slot, &state);
+                    return Ok(t.access_token.clone());
+                }
+            }
+            let step = match self.machine.step(&state, now) {
+                Step::Idle { .. } if force => Step::Attempt,
+                s => s,
+            };
+            match step {
+                Step::Idle { .. } => {
+                    self.refresh_cache(&slot, &state);
+                    return still_valid.ok_or_else(|| Error::Unavailable { grant: grant.clone(), retry_at: now });
+                }
+                Step::Attempt => {
+                    if let Some(until) = self.paused(now) {
+                        return still_valid.ok_or(Error::AppCredentialsRejected { until });
+                    }
+                    force = false;
+                    let done = match self.attempt(&state).await {
+                        Ok(done) => done,
+                        Err(e) if e.is_transient() => continue,
+                        Err(e) => return Err(e),
+                    };
+                    if let Some(t) = done.value() {
+                        return Ok(t.access_token.clone());
+                    }
+                    // No tokens: ambiguous, refused or dead. Loop to decide (wait, serve, or fail).
+                    if let Phase::NeedsReauth { .. } = done.state().phase {
+                        continue;
+                    }
+                    if let Some(t) = &still_valid {
+                        if !matches!(self.machine.step(done.state(), crate::engine::now()), Step::Attempt) {
+                            return Ok(t.clone());
+                        }
+                    }
+                }
+                Step::Wait { until } => {
+                    if let Some(t) = still_valid {
+                        return Ok(t);
+                    }
+                    if until > deadline {
+                        return Err(match &state.phase {
+                            Phase::Ambiguous(a) => {
+                                Error::Ambiguous { grant: grant.clone(), reason: a.last_reason.clone(), retry_at: until }
+                            }
+                            _ => Error::Unavailable { grant: grant.clone(), retry_at: until },
+                        });
+                    }
+                    tokio::time::sleep(until.since(now)).await;
+                }
+                Step::GiveUp(t) => {
+                    self.commit_transition(*t).await?;
+                }
+                Step::InFlight => return Err(Error::InFlight { grant: grant.clone() }),
+                Step::Dormant => {
+                    return match state.phase {
+                        Phase::NeedsReauth { reason, .. } => match still_valid {
+                            // The last access token is valid until its own expiry; only then is the
+                            // grant unusable.
+                            Some(t) if rejected.is_none() => Ok(t),
+                            _ => Err(Error::NeedsReauth { grant: grant.clone(), reason }),
+                        },
+                        Phase::Uninstalled { .. } => Err(Error::Uninstalled { grant: grant.clone() }),
+                        _ => Err(Error::NotInstalled { grant: grant.clone() }),
+                    };
+                }
+            }
+        }
+        Err(Error::Unavailable { grant: grant.clone(), retry_at: now() })
+    }
+}
+
+fn refusal(grant: &GrantKey, r: Refusal) -> Error {
+    match r {
+        Refusal::NeedsReauth(reason) => Error::NeedsReauth { grant: grant.clone(), reason },
+        Refusal::Uninstalled | Refusal::NoTokens => Error::Uninstalled { grant: grant.clone() },
+        Refusal::InFlight => Error::InFlight { grant: grant.clone() },
+        Refusal::BackingOff(until) | Refusal::WindowElapsed(until) => {
+            Error::Unavailable { grant: grant.clone(), retry_at: until }
+        }
+        other => Error::Config(other.to_string()),
+    }
+}
+
+fn log_outcome(grant: &GrantKey, attempt: u64, status: Option<u16>, outcome: &Outcome) {
+    let request_id = match outcome {
+        Outcome::Success { request_id, .. }
+        | Outcome::Throttled { request_id, .. }
+        | Outcome::Rejected { request_id, .. }
+        | Outcome::BadCredentials { request_id, .. }
+        | Outcome::Ambiguous { request_id, .. } => request_id.as_deref(),
+        Outcome::NotSent(_) => None,
+    };
+    info!(%grant, attempt, status, request_id, outcome = outcome.label(), "token endpoint answered");
+}

@@ -1,0 +1,84 @@
+//! The engine's error, typed by what the caller can do about it.
+
+use tokenwal_core::{AmbiguityReason, GrantKey, ReauthReason, ShopDomainError, UnixMillis};
+use tokenwal_store::StoreError;
+
+/// Why the engine could not give a token or carry out an operation.
+///
+/// Messages are short, lowercase, name the grant, and never contain a secret.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No tokens were ever installed for this grant.
+    #[error("{grant}: not installed")]
+    NotInstalled {
+        /// The grant.
+        grant: GrantKey,
+    },
+    /// The grant is dead; token exchange is needed (the merchant must open the app).
+    #[error("{grant}: needs re-auth ({reason})")]
+    NeedsReauth {
+        /// The grant.
+        grant: GrantKey,
+        /// Why.
+        reason: ReauthReason,
+    },
+    /// The app is uninstalled from this shop.
+    #[error("{grant}: uninstalled")]
+    Uninstalled {
+        /// The grant.
+        grant: GrantKey,
+    },
+    /// A rotation's outcome is unknown and the access token has expired; tokenwal keeps retrying the
+    /// old credential in the background. Transient: try again after `retry_at`.
+    #[error("{grant}: refresh outcome unknown ({reason}); retrying with the old token at {retry_at}")]
+    Ambiguous {
+        /// The grant.
+        grant: GrantKey,
+        /// Why.
+        reason: AmbiguityReason,
+        /// When the next retry goes.
+        retry_at: UnixMillis,
+    },
+    /// The token endpoint is unreachable or throttling, and the access token has expired. Transient.
+    #[error("{grant}: token endpoint unavailable; next attempt at {retry_at}")]
+    Unavailable {
+        /// The grant.
+        grant: GrantKey,
+        /// When the next attempt goes.
+        retry_at: UnixMillis,
+    },
+    /// The token endpoint refused the app's client credentials (`invalid_client`); refreshing is
+    /// paused fleet-wide. Fix the app's configuration. No shop is marked for re-auth because of this.
+    #[error("app credentials rejected by the token endpoint; refreshing paused until {until}")]
+    AppCredentialsRejected {
+        /// When refreshing resumes.
+        until: UnixMillis,
+    },
+    /// An attempt for this grant is in flight in an unexpected way (an earlier task died mid-attempt);
+    /// recovery at the next start resolves it.
+    #[error("{grant}: an attempt is already in flight")]
+    InFlight {
+        /// The grant.
+        grant: GrantKey,
+    },
+    /// The store failed. After an I/O error it is fail-stop: restart the engine.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A shop domain was invalid.
+    #[error("invalid shop domain: {0}")]
+    InvalidShop(#[from] ShopDomainError),
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The engine is shutting down.
+    #[error("engine is shutting down")]
+    ShuttingDown,
+}
+
+impl Error {
+    /// Whether trying again later can succeed without anyone doing anything.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Ambiguous { .. } | Error::Unavailable { .. } | Error::InFlight { .. })
+    }
+}

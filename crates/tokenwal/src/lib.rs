@@ -1,0 +1,55 @@
+//! # tokenwal
+//!
+//! Crash-safe rotating OAuth refresh tokens for long-running async workers, for Shopify's expiring
+//! offline tokens first. Every token request first writes an intent to a journal and syncs it, then
+//! sends, then durably commits the result before anyone may use it; recovery at startup resolves
+//! every ambiguous rotation by retrying the old token, and only truly dead grants are sent to
+//! re-acquisition.
+//!
+//! ## Layout
+//!
+//! * [`Engine`] — the handle an app embeds: [`Engine::open`] (runs recovery), [`Engine::access_token`],
+//!   [`Engine::install`], [`Engine::on_unauthorized`], [`Engine::uninstalled`], events.
+//! * [`config`] — [`Config`], endpoints (Shopify, a loopback test server, generic OAuth 2.0), timeouts.
+//! * `transport` — the reqwest client and the "sent or not" mapping of its errors.
+//! * `scheduler` — the proactive refresher.
+//! * `cache` — the sharded, lock-free-read token cache.
+//!
+//! The rules live in `tokenwal-core` (pure) and the disk in `tokenwal-store`; the durability contract is
+//! `docs/journal.md`.
+//!
+//! ## Example
+//!
+//! ```no_run
+//! use tokenwal::{Config, Engine, StoreLocation};
+//! use tokenwal_core::{ClientSecret, ShopDomain};
+//!
+//! # async fn run() -> Result<(), tokenwal::Error> {
+//! let config = Config::shopify(
+//!     StoreLocation::Path("/var/lib/my-app/tokenwal".into()),
+//!     std::env::var("SHOPIFY_API_KEY").unwrap(),
+//!     ClientSecret::new(std::env::var("SHOPIFY_API_SECRET").unwrap()),
+//! );
+//! let (engine, report) = Engine::open(config).await?;
+//! println!("recovered {} ambiguous rotations", report.resolved);
+//! let shop = ShopDomain::parse("my-shop.myshopify.com")?;
+//! let token = engine.access_token(&shop).await?;
+//! // use token.expose_secret() in the X-Shopify-Access-Token header
+//! # let _ = token; Ok(()) }
+//! ```
+
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod cache;
+pub mod config;
+mod engine;
+mod error;
+mod scheduler;
+mod transport;
+
+pub use config::{ClientAuth, Config, Endpoint, StoreLocation, Timeouts};
+pub use engine::{Engine, RecoveryReport};
+pub use error::Error;
+pub use tokenwal_core as core;
+pub use tokenwal_store as store;

@@ -1,0 +1,126 @@
+//! The proactive scheduler: keeps every grant fresh without callers.
+//!
+//! It holds a min-heap of (due instant, grant). At start it loads every grant's due time with one
+//! full scan (in the background: startup does not wait for it); afterwards every durable transition
+//! tells it the grant's next due time. When an entry comes due, a task (bounded by the engine's
+//! refresh permits) drives the grant: refresh access tokens before they expire, refresh idle grants
+//! well before their refresh token expires, retry ambiguous rotations after their backoff, and give up
+//! on those past their retry window. Stale heap entries are skipped (the map holds each grant's one
+//! live due time).
+
+use crate::engine::{now, Inner};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokenwal_core::{GrantKey, GrantState, Machine, Step, UnixMillis};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, warn};
+
+pub(crate) struct SchedulerHandle {
+    tx: mpsc::UnboundedSender<(GrantKey, UnixMillis)>,
+    stopped: watch::Sender<bool>,
+}
+
+pub(crate) struct SchedulerRx {
+    rx: mpsc::UnboundedReceiver<(GrantKey, UnixMillis)>,
+}
+
+pub(crate) fn channel() -> (SchedulerHandle, SchedulerRx) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (stopped, _) = watch::channel(true);
+    (SchedulerHandle { tx, stopped }, SchedulerRx { rx })
+}
+
+/// When the scheduler should next look at `s`, if ever.
+pub(crate) fn next_look(s: &GrantState, machine: &Machine, now: UnixMillis) -> Option<UnixMillis> {
+    match machine.step(s, now) {
+        Step::Idle { due } => due,
+        Step::Wait { until } => Some(until),
+        Step::Attempt | Step::GiveUp(_) => Some(now),
+        Step::InFlight | Step::Dormant => None,
+    }
+}
+
+impl SchedulerHandle {
+    pub(crate) fn notify(&self, s: &GrantState, machine: &Machine, now: UnixMillis) {
+        if let Some(at) = next_look(s, machine, now) {
+            let _ = self.tx.send((s.grant.clone(), at));
+        }
+    }
+
+    pub(crate) async fn wait_stopped(&self) {
+        let mut rx = self.stopped.subscribe();
+        let _ = rx.wait_for(|stopped| *stopped).await;
+    }
+}
+
+pub(crate) fn spawn(inner: Arc<Inner>, rx: SchedulerRx) {
+    inner.scheduler_started();
+    tokio::spawn(run(inner, rx));
+}
+
+impl Inner {
+    fn scheduler_started(&self) {
+        let _ = self.scheduler_handle().stopped.send(false);
+    }
+}
+
+async fn run(inner: Arc<Inner>, mut rx: SchedulerRx) {
+    let mut shutdown = inner.shutdown.subscribe();
+    // Initial load, off the async threads.
+    {
+        let inner2 = Arc::clone(&inner);
+        tokio::task::spawn_blocking(move || {
+            let t = now();
+            let r = inner2.store.for_each_grant(|s| inner2.scheduler_handle().notify(&s, &inner2.machine, t));
+            if let Err(e) = r {
+                warn!(error = %e, "scheduler could not scan the store");
+            }
+        });
+    }
+    let mut heap: BinaryHeap<Reverse<(UnixMillis, GrantKey)>> = BinaryHeap::new();
+    let mut live: HashMap<GrantKey, UnixMillis> = HashMap::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let next = heap.peek().map(|Reverse((at, _))| *at);
+        let sleep = match next {
+            Some(at) => at.since(now()),
+            None => Duration::from_secs(3600),
+        };
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => break,
+            msg = rx.rx.recv() => {
+                let Some((grant, at)) = msg else { break };
+                let keep = live.get(&grant).is_none_or(|cur| at < *cur || *cur <= now());
+                if keep {
+                    live.insert(grant.clone(), at);
+                    heap.push(Reverse((at, grant)));
+                }
+            }
+            _ = tokio::time::sleep(sleep), if next.is_some() => {
+                let t = now();
+                while let Some(Reverse((at, _))) = heap.peek() {
+                    if *at > t {
+                        break;
+                    }
+                    let Reverse((at, grant)) = heap.pop().expect("peeked");
+                    if live.get(&grant) != Some(&at) {
+                        continue; // superseded by a later notification
+                    }
+                    live.remove(&grant);
+                    let inner = Arc::clone(&inner);
+                    tasks.spawn(async move {
+                        let Ok(_permit) = inner.permits.acquire().await else { return };
+                        debug!(%grant, "scheduled drive");
+                        inner.drive(&grant, false).await;
+                    });
+                }
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    // Graceful stop: attempts in flight finish (or stay journaled as intents if the process dies).
+    while tasks.join_next().await.is_some() {}
+    let _ = inner.scheduler_handle().stopped.send(true);
+}

@@ -1,0 +1,159 @@
+//! The HTTP transport: one reqwest client (rustls, explicit timeouts, no redirects), built once.
+//!
+//! # Sent or not?
+//!
+//! Every failure is split by whether the request may have reached the server's token logic, because
+//! that decides whether a rotation may have happened:
+//!
+//! | reqwest error | meaning | classified as |
+//! |---|---|---|
+//! | `is_builder()` | the request could not be built | not sent |
+//! | `is_connect()` (refused, DNS, TLS handshake, connect timeout) | no connection was established | not sent |
+//! | `is_timeout()` (not connect) | the connection was up; no complete answer in time | **ambiguous** |
+//! | `is_request()`, `is_body()`, `is_decode()`, anything else | the connection broke after it was up | **ambiguous** |
+//!
+//! An HTTP answer is read up to [`tokenwal_core::MAX_BODY`] bytes and handed to
+//! [`tokenwal_core::classify`]. Redirects are never followed (a 3xx is ambiguous).
+
+use crate::config::{ClientAuth, Endpoint, Timeouts};
+use std::time::Duration;
+use tokenwal_core::{
+    classify, AttemptRequest, ClientSecret, Exchange, GrantKey, HttpAnswer, Outcome, ResponseRules, TransportFailure,
+    UnixMillis, MAX_BODY,
+};
+
+/// What a token request presents.
+pub(crate) enum Grant<'a> {
+    /// `grant_type=refresh_token`.
+    Refresh(&'a AttemptRequest),
+}
+
+/// Sends token requests.
+pub(crate) struct Transport {
+    client: reqwest::Client,
+    endpoint: Endpoint,
+    client_id: String,
+    client_secret: ClientSecret,
+    rules: ResponseRules,
+}
+
+/// Why a transport could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the HTTP client: {0}")]
+pub struct TransportBuildError(String);
+
+impl Transport {
+    pub(crate) fn new(
+        endpoint: Endpoint,
+        client_id: String,
+        client_secret: ClientSecret,
+        timeouts: Timeouts,
+    ) -> Result<Transport, TransportBuildError> {
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .connect_timeout(timeouts.connect)
+            .timeout(timeouts.total)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("tokenwal/", env!("CARGO_PKG_VERSION")))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| TransportBuildError(e.without_url().to_string()))?;
+        let rules = endpoint.response_rules();
+        Ok(Transport { client, endpoint, client_id, client_secret, rules })
+    }
+
+    fn url(&self, grant: &GrantKey) -> Result<reqwest::Url, TransportFailure> {
+        self.endpoint.token_url(grant).map_err(|detail| TransportFailure::Build { detail })
+    }
+
+    /// Sends one token request and classifies what happened. Never returns an error: every failure is
+    /// an [`Outcome`].
+    pub(crate) async fn send(&self, grant: Grant<'_>, now: impl Fn() -> UnixMillis) -> (Outcome, Option<u16>) {
+        let Grant::Refresh(req) = grant;
+        let reuse = Some(req.credential());
+        let result = self.exchange(req).await;
+        let received_at = now();
+        match result {
+            Ok(answer) => {
+                let status = answer.status;
+                let a = HttpAnswer {
+                    status,
+                    request_id: answer.request_id.as_deref(),
+                    retry_after: answer.retry_after.as_deref(),
+                    body: &answer.body,
+                    body_truncated: answer.truncated,
+                };
+                (classify(Exchange::Answer(a), &self.rules, reuse, received_at), Some(status))
+            }
+            Err(f) => (classify(Exchange::Failed(&f), &self.rules, reuse, received_at), None),
+        }
+    }
+
+    async fn exchange(&self, req: &AttemptRequest) -> Result<RawAnswer, TransportFailure> {
+        let url = self.url(req.grant())?;
+        let mut builder = self.client.post(url).header(reqwest::header::ACCEPT, "application/json");
+        match &self.endpoint {
+            Endpoint::Shopify | Endpoint::ShopifyTestServer { .. } => {
+                // The official libraries send JSON (shared/docs/shopify-token-protocol.md §1.1).
+                let body = serde_json::json!({
+                    "client_id": self.client_id,
+                    "client_secret": self.client_secret.expose_secret(),
+                    "grant_type": "refresh_token",
+                    "refresh_token": req.credential().expose_secret(),
+                });
+                builder = builder.json(&body);
+            }
+            Endpoint::OAuth2 { client_auth, .. } => {
+                let mut form = vec![("grant_type", "refresh_token"), ("refresh_token", req.credential().expose_secret())];
+                match client_auth {
+                    ClientAuth::Body => {
+                        form.push(("client_id", &self.client_id));
+                        form.push(("client_secret", self.client_secret.expose_secret()));
+                    }
+                    ClientAuth::Basic => {
+                        builder = builder.basic_auth(&self.client_id, Some(self.client_secret.expose_secret()));
+                    }
+                }
+                builder = builder.form(&form);
+            }
+        }
+        let mut resp = builder.send().await.map_err(failure)?;
+        let status = resp.status().as_u16();
+        let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let request_id = header("x-request-id");
+        let retry_after = header("retry-after");
+        let mut body = Vec::new();
+        let mut truncated = false;
+        while let Some(chunk) = resp.chunk().await.map_err(failure)? {
+            if body.len() + chunk.len() > MAX_BODY {
+                truncated = true;
+                break;
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(RawAnswer { status, request_id, retry_after, body, truncated })
+    }
+}
+
+struct RawAnswer {
+    status: u16,
+    request_id: Option<String>,
+    retry_after: Option<String>,
+    body: Vec<u8>,
+    truncated: bool,
+}
+
+/// Maps a reqwest error (see the module table). The error's URL is stripped: it names the shop only,
+/// but nothing from a request goes into an error text.
+fn failure(e: reqwest::Error) -> TransportFailure {
+    let e = e.without_url();
+    if e.is_builder() {
+        TransportFailure::Build { detail: e.to_string() }
+    } else if e.is_connect() {
+        TransportFailure::NotSent { detail: "connection failed".into() }
+    } else if e.is_timeout() {
+        TransportFailure::Timeout
+    } else {
+        TransportFailure::ConnectionLost
+    }
+}

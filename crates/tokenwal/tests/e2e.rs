@@ -1,0 +1,334 @@
+//! End-to-end tests of the engine over real loopback sockets, against the simulator (and, for the
+//! ordering check, a hand-written server that inspects the store from inside its handler).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use tokenwal::core::{
+    AccessToken, ClientSecret, Event, GrantKey, Phase, Record, RefreshToken, Resolution, ShopDomain, TokenSet,
+    UnixMillis,
+};
+use tokenwal::store::Store;
+use tokenwal::{Config, Engine, Error, StoreLocation};
+use tokenwal_sim::{serve, Fault, SimConfig, SimHandle};
+
+const CLIENT_ID: &str = "sim-client-id";
+const SECRET: &str = "sim-client-secret";
+
+fn shop(name: &str) -> ShopDomain {
+    ShopDomain::parse(&format!("{name}.myshopify.com")).unwrap()
+}
+
+fn now() -> UnixMillis {
+    UnixMillis::from_system_time(std::time::SystemTime::now())
+}
+
+async fn sim() -> SimHandle {
+    serve(SimConfig::default(), "127.0.0.1:0".parse().unwrap()).await.unwrap()
+}
+
+fn config(base: &str, store: StoreLocation, secret: &str) -> Config {
+    let mut c = Config::shopify(store, CLIENT_ID, ClientSecret::new(secret))
+        .with_insecure_test_endpoint(url::Url::parse(base).unwrap());
+    c.proactive = false;
+    c.max_wait = Duration::from_secs(10);
+    c.timeouts.connect = Duration::from_secs(2);
+    c.timeouts.total = Duration::from_secs(3);
+    c.policy.backoff.base = Duration::from_millis(40);
+    c.policy.backoff.cap = Duration::from_millis(400);
+    c
+}
+
+/// Seeds `name` in the simulator and returns its tokens as tokenwal sees them, with the access
+/// token already expired (so the next `access_token` must refresh).
+fn seed(sim: &SimHandle, name: &str) -> TokenSet {
+    let t = sim.seed_shop(&shop(name).to_string());
+    TokenSet {
+        access_token: AccessToken::new(t.access_token.as_str()),
+        access_expires_at: now(),
+        refresh_token: RefreshToken::new(t.refresh_token.as_str()),
+        refresh_expires_at: Some(now().saturating_add(Duration::from_secs(t.refresh_token_expires_in))),
+        scope: Some(t.scope.clone()),
+    }
+}
+
+fn accepted(sim: &SimHandle, name: &str, token: &AccessToken) -> bool {
+    let now = sim.now_ms();
+    sim.with_model(|m| m.access_token_valid(&shop(name).to_string(), token.expose_secret(), now))
+}
+
+fn history(engine: &Engine, name: &str) -> Vec<Record> {
+    engine.store().history(&GrantKey::shopify(&shop(name))).unwrap().into_iter().map(|(_, r)| r).collect()
+}
+
+#[tokio::test]
+async fn intent_is_durable_before_the_request_leaves() {
+    // A token endpoint that, while handling the request, reads the engine's store: the intent must
+    // already be there (the store serves only durable state to readers).
+    let store_slot: Arc<OnceLock<Store>> = Arc::new(OnceLock::new());
+    let seen: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let app = {
+        let store_slot = Arc::clone(&store_slot);
+        let seen = Arc::clone(&seen);
+        axum::Router::new().route(
+            "/shops/{shop}/admin/oauth/access_token",
+            axum::routing::post(move |axum::extract::Path(s): axum::extract::Path<String>| {
+                let store_slot = Arc::clone(&store_slot);
+                let seen = Arc::clone(&seen);
+                async move {
+                    let store = store_slot.get().expect("store published before any request");
+                    let grant = GrantKey::shopify(&ShopDomain::parse(&s).unwrap());
+                    let state = store.get(&grant).unwrap().unwrap();
+                    let intent_logged = store.history(&grant).unwrap().iter().any(|(_, r)| matches!(r, Record::Intent { .. }));
+                    seen.lock().unwrap().push(format!("{}:{}", state.phase.name(), intent_logged));
+                    axum::Json(serde_json::json!({
+                        "access_token": "shpat_new", "expires_in": 3600,
+                        "refresh_token": "shprt_new", "refresh_token_expires_in": 7776000, "scope": "read_orders"
+                    }))
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, _) = Engine::open(config(&base, StoreLocation::Path(dir.path().join("db")), SECRET)).await.unwrap();
+    store_slot.set(engine.store().clone()).ok().unwrap();
+    let s = shop("ordered");
+    let tokens = TokenSet {
+        access_token: AccessToken::new("shpat_old"),
+        access_expires_at: now(),
+        refresh_token: RefreshToken::new("shprt_old"),
+        refresh_expires_at: None,
+        scope: None,
+    };
+    engine.install(&s, tokens).await.unwrap();
+    let t = engine.access_token(&s).await.unwrap();
+    assert_eq!(t.expose_secret(), "shpat_new");
+    assert_eq!(*seen.lock().unwrap(), vec!["refreshing:true".to_string()]);
+    let kinds: Vec<_> = history(&engine, "ordered").iter().map(Record::kind_name).collect();
+    assert_eq!(kinds, ["installed", "intent", "committed"]);
+}
+
+#[tokio::test]
+async fn a_lost_response_is_recovered_by_retrying_the_old_token() {
+    let sim = sim().await;
+    let tokens = seed(&sim, "lost");
+    sim.push_faults(&shop("lost").to_string(), [Fault::RotateThenDrop]).unwrap();
+    let (engine, _) = Engine::open(config(&sim.base_url(), StoreLocation::InMemory, SECRET)).await.unwrap();
+    let mut events = engine.subscribe();
+    engine.install(&shop("lost"), tokens).await.unwrap();
+
+    let token = engine.access_token(&shop("lost")).await.unwrap();
+    assert!(accepted(&sim, "lost", &token), "the recovered token works at the Admin API");
+    let c = sim.counters().shop(&shop("lost").to_string());
+    assert_eq!((c.rotations, c.replays), (1, 1), "{c:?}");
+    let h = history(&engine, "lost");
+    assert!(h.iter().any(|r| matches!(r, Record::Ambiguous { .. })));
+    assert!(h.iter().any(|r| matches!(r, Record::Resolved { how: Resolution::Succeeded { .. }, .. })));
+    let mut names = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        names.push(match e {
+            Event::Ambiguous { .. } => "ambiguous",
+            Event::Resolved { .. } => "resolved",
+            Event::Refreshed { .. } => "refreshed",
+            _ => "other",
+        });
+    }
+    assert!(names.contains(&"ambiguous") && names.contains(&"resolved"), "{names:?}");
+}
+
+#[tokio::test]
+async fn recovery_on_restart_resolves_an_ambiguous_rotation() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let tokens = seed(&sim, "restart");
+    sim.push_faults(&shop("restart").to_string(), [Fault::RotateThenDrop]).unwrap();
+    {
+        let mut c = config(&sim.base_url(), StoreLocation::Path(path.clone()), SECRET);
+        c.max_wait = Duration::ZERO; // give up at once: the caller sees the ambiguity
+        let (engine, _) = Engine::open(c).await.unwrap();
+        engine.install(&shop("restart"), tokens).await.unwrap();
+        let err = engine.access_token(&shop("restart")).await.unwrap_err();
+        assert!(matches!(err, Error::Ambiguous { .. }), "{err}");
+        assert!(err.is_transient());
+        engine.shutdown().await;
+    }
+    let (engine, report) = Engine::open(config(&sim.base_url(), StoreLocation::Path(path), SECRET)).await.unwrap();
+    assert_eq!((report.open, report.resolved, report.needs_reauth), (1, 1, 0), "{report:?}");
+    let token = engine.access_token(&shop("restart")).await.unwrap();
+    assert!(accepted(&sim, "restart", &token));
+    assert_eq!(sim.counters().shop(&shop("restart").to_string()).replays, 1);
+}
+
+#[tokio::test]
+async fn concurrent_callers_share_one_refresh() {
+    let sim = sim().await;
+    let tokens = seed(&sim, "busy");
+    let other = seed(&sim, "calm");
+    let (engine, _) = Engine::open(config(&sim.base_url(), StoreLocation::InMemory, SECRET)).await.unwrap();
+    engine.install(&shop("busy"), tokens).await.unwrap();
+    engine.install(&shop("calm"), other).await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let e = engine.clone();
+        tasks.spawn(async move { e.access_token(&shop("busy")).await.unwrap() });
+    }
+    // Another shop is never blocked by that refresh.
+    let calm = engine.access_token(&shop("calm")).await.unwrap();
+    assert!(accepted(&sim, "calm", &calm));
+    let mut distinct = std::collections::HashSet::new();
+    while let Some(t) = tasks.join_next().await {
+        distinct.insert(t.unwrap().expose_secret().to_owned());
+    }
+    assert_eq!(distinct.len(), 1);
+    assert_eq!(sim.counters().shop(&shop("busy").to_string()).token_requests, 1);
+}
+
+#[tokio::test]
+async fn invalid_client_marks_no_shop_and_pauses_the_fleet() {
+    let sim = sim().await;
+    let a = seed(&sim, "first");
+    let b = seed(&sim, "second");
+    let (engine, _) = Engine::open(config(&sim.base_url(), StoreLocation::InMemory, "wrong-secret")).await.unwrap();
+    let mut events = engine.subscribe();
+    engine.install(&shop("first"), a).await.unwrap();
+    engine.install(&shop("second"), b).await.unwrap();
+    let err = engine.access_token(&shop("first")).await.unwrap_err();
+    assert!(matches!(err, Error::AppCredentialsRejected { .. }), "{err}");
+    // The fleet is paused: the second shop is not even tried.
+    let err = engine.access_token(&shop("second")).await.unwrap_err();
+    assert!(matches!(err, Error::AppCredentialsRejected { .. }), "{err}");
+    assert_eq!(sim.counters().total.invalid_client, 1);
+    for name in ["first", "second"] {
+        let s = engine.state(&GrantKey::shopify(&shop(name))).unwrap().unwrap();
+        assert_eq!(s.phase, Phase::Healthy, "{name} must not be marked");
+    }
+    let mut alarm = false;
+    while let Ok(e) = events.try_recv() {
+        alarm |= matches!(e, Event::AppCredentialsRejected { .. });
+        assert!(!matches!(e, Event::NeedsReauth { .. }));
+    }
+    assert!(alarm);
+}
+
+#[tokio::test]
+async fn an_install_beats_a_slow_refresh() {
+    let sim = sim().await;
+    let name = "raced";
+    let tokens = seed(&sim, name);
+    sim.push_faults(&shop(name).to_string(), [Fault::Slow { delay_ms: 1500 }]).unwrap();
+    let (engine, _) = Engine::open(config(&sim.base_url(), StoreLocation::InMemory, SECRET)).await.unwrap();
+    engine.install(&shop(name), tokens).await.unwrap();
+    let slow = {
+        let e = engine.clone();
+        tokio::spawn(async move { e.access_token(&shop(name)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The merchant opened the app; its front end did token exchange and installs the result.
+    let fresh = sim.seed_shop(&shop(name).to_string());
+    let installed = TokenSet {
+        access_token: AccessToken::new(fresh.access_token.as_str()),
+        access_expires_at: now().saturating_add(Duration::from_secs(fresh.expires_in)),
+        refresh_token: RefreshToken::new(fresh.refresh_token.as_str()),
+        refresh_expires_at: None,
+        scope: None,
+    };
+    let generation = engine.install(&shop(name), installed).await.unwrap();
+    let got = slow.await.unwrap().unwrap();
+    assert_eq!(got.expose_secret(), fresh.access_token.as_str(), "the newer install wins");
+    let s = engine.state(&GrantKey::shopify(&shop(name))).unwrap().unwrap();
+    assert_eq!(s.generation, generation);
+    assert_eq!(s.tokens.unwrap().refresh_token.expose_secret(), fresh.refresh_token.as_str());
+    assert!(history(&engine, name).iter().any(|r| matches!(r, Record::StaleOutcome { .. })));
+}
+
+#[tokio::test]
+async fn garbled_and_plain_text_answers_are_retried_not_trusted() {
+    let sim = sim().await;
+    let name = "garbled";
+    let tokens = seed(&sim, name);
+    sim.push_faults(
+        &shop(name).to_string(),
+        [Fault::FailBeforeProcessing { status: 503 }, Fault::Truncated, Fault::MissingExpiresIn, Fault::Malformed],
+    )
+    .unwrap();
+    let (engine, _) = Engine::open(config(&sim.base_url(), StoreLocation::InMemory, SECRET)).await.unwrap();
+    engine.install(&shop(name), tokens).await.unwrap();
+    let token = engine.access_token(&shop(name)).await.unwrap();
+    assert!(accepted(&sim, name, &token));
+    let s = engine.state(&GrantKey::shopify(&shop(name))).unwrap().unwrap();
+    assert_eq!(s.phase, Phase::Healthy);
+    let c = sim.counters().shop(&shop(name).to_string());
+    assert_eq!(c.rotations, 1, "one real rotation, recovered through replays: {c:?}");
+}
+
+#[tokio::test]
+async fn a_dead_grant_needs_reauth_and_says_why() {
+    let sim = sim().await;
+    let name = "gone";
+    let tokens = seed(&sim, name);
+    sim.with_model(|m| m.uninstall(&shop(name).to_string()));
+    let (engine, _) = Engine::open(config(&sim.base_url(), StoreLocation::InMemory, SECRET)).await.unwrap();
+    engine.install(&shop(name), tokens).await.unwrap();
+    let err = engine.access_token(&shop(name)).await.unwrap_err();
+    assert!(matches!(err, Error::NeedsReauth { .. }), "{err}");
+    assert!(!err.is_transient());
+    assert!(err.to_string().contains("gone.myshopify.com"), "{err}");
+}
+
+#[tokio::test]
+async fn on_unauthorized_refreshes_once_then_returns_the_newer_token() {
+    let sim = sim().await;
+    let name = "unauth";
+    let mut tokens = seed(&sim, name);
+    tokens.access_expires_at = now().saturating_add(Duration::from_secs(3000));
+    let (engine, _) = Engine::open(config(&sim.base_url(), StoreLocation::InMemory, SECRET)).await.unwrap();
+    engine.install(&shop(name), tokens.clone()).await.unwrap();
+    let cached = engine.access_token(&shop(name)).await.unwrap();
+    assert_eq!(cached, tokens.access_token, "a valid cached token is served without a refresh");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let (e, c, rejected) = (engine.clone(), Arc::clone(&calls), cached.clone());
+        tasks.spawn(async move {
+            c.fetch_add(1, Ordering::SeqCst);
+            e.on_unauthorized(&shop(name), &rejected).await.unwrap()
+        });
+    }
+    let mut got = std::collections::HashSet::new();
+    while let Some(t) = tasks.join_next().await {
+        got.insert(t.unwrap().expose_secret().to_owned());
+    }
+    assert_eq!(got.len(), 1);
+    assert!(!got.contains(cached.expose_secret()));
+    assert_eq!(sim.counters().shop(&shop(name).to_string()).token_requests, 1);
+}
+
+#[tokio::test]
+async fn uninstall_drops_secrets_and_is_idempotent() {
+    let sim = sim().await;
+    let name = "bye";
+    let tokens = seed(&sim, name);
+    let (engine, _) = Engine::open(config(&sim.base_url(), StoreLocation::InMemory, SECRET)).await.unwrap();
+    engine.install(&shop(name), tokens.clone()).await.unwrap();
+    engine.uninstalled(&shop(name)).await.unwrap();
+    engine.uninstalled(&shop(name)).await.unwrap();
+    let s = engine.state(&GrantKey::shopify(&shop(name))).unwrap().unwrap();
+    assert!(s.tokens.is_none());
+    assert!(matches!(engine.access_token(&shop(name)).await.unwrap_err(), Error::Uninstalled { .. }));
+    // A later install revives it.
+    engine.install(&shop(name), tokens).await.unwrap();
+    assert!(engine.access_token(&shop(name)).await.is_ok());
+}
+
+#[tokio::test]
+async fn the_test_endpoint_must_be_loopback() {
+    let c = config("http://10.1.2.3:8080", StoreLocation::InMemory, SECRET);
+    assert!(matches!(Engine::open(c).await.err().unwrap(), Error::Config(_)));
+    let c = config("http://user:pw@127.0.0.1:8080", StoreLocation::InMemory, SECRET);
+    assert!(matches!(Engine::open(c).await.err().unwrap(), Error::Config(_)));
+}
