@@ -1,1 +1,83 @@
-//! placeholder
+//! # tokenwal-store
+//!
+//! The durable journal and token store of tokenwal: it applies the core's [`WriteBatch`]es
+//! atomically (compare-and-swap on the grant's version), and answers only once they are on disk.
+//!
+//! ## Layout
+//!
+//! * [`store`] — [`Store`], the cheap cloneable handle: `open` (sled) / `in_memory`, `apply`
+//!   (group commit), reads that see only durable state, compaction, stats, crash images.
+//! * `commit` — the one committer thread: drain the queue, one transaction per batch, one
+//!   `flush` + one `fsync` per group, answer everyone; fail-stop on the first I/O error.
+//! * `backend` — the sled backend (`flush()` then `sync_all()` of `<dir>/db`: sled 0.34.7's
+//!   `flush` does not fsync on Linux; `flush_async` is never called) and the in-memory backend (a
+//!   live and a durable image), sharing one implementation of a write over a transaction's view.
+//! * [`layout`] — trees and key encodings of the on-disk format (`tokenwal-store/1`).
+//! * [`config`] — [`StoreConfig`], [`RecoveryMode`] and the reports.
+//! * [`error`] — [`StoreError`], typed by what the caller can do.
+//!
+//! ## Guarantees
+//!
+//! * `apply` returns `Ok` only after the batch is durable; a [`StoreError::Conflict`] wrote nothing;
+//!   a [`StoreError::Io`] **may already be durable** and poisons the store (every later call fails
+//!   with [`StoreError::Poisoned`] until it is reopened).
+//! * Readers ([`Store::get`], [`Store::open_grants`], [`Store::history`], …) never see a write
+//!   before it is durable.
+//! * Every frame is checked (magic, length, CRC) by the core codec; a corrupt entry is reported and
+//!   quarantined, never guessed at.
+//! * Opening reads only the open-attempt index, so it is fast with a million grants.
+//!
+//! ## Example
+//!
+//! ```
+//! use tokenwal_core::*;
+//! use tokenwal_store::Store;
+//!
+//! let store = Store::in_memory();
+//! let machine = Machine::shopify(store.fingerprint_key());
+//! let grant = GrantKey::shopify(&ShopDomain::parse("my-shop.myshopify.com").unwrap());
+//! let now = UnixMillis(1_800_000_000_000);
+//! let tokens = TokenSet {
+//!     access_token: AccessToken::new("shpat_a"),
+//!     access_expires_at: now,
+//!     refresh_token: RefreshToken::new("shprt_r"),
+//!     refresh_expires_at: None,
+//!     scope: None,
+//! };
+//! let install = machine.install(None, grant.clone(), tokens, InstallSource::Import, now);
+//! store.apply_blocking(install.transition().write_batch().unwrap()).unwrap();
+//!
+//! let state = store.get(&grant).unwrap().unwrap();
+//! assert_eq!(state.version, 1);
+//! let plan = machine.plan_attempt(&state, now).unwrap();
+//! store.apply_blocking(plan.transition().write_batch().unwrap()).unwrap();
+//! assert_eq!(store.open_grants().unwrap().len(), 1); // an intent without outcome
+//! assert_eq!(store.history(&grant).unwrap().len(), 2);
+//!
+//! // A stale writer loses the compare-and-swap and writes nothing.
+//! let stale = machine.plan_attempt(&state, now).unwrap();
+//! let err = store.apply_blocking(stale.transition().write_batch().unwrap()).unwrap_err();
+//! assert!(matches!(err, tokenwal_store::StoreError::Conflict { found: Some(2), .. }));
+//! ```
+
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod backend;
+mod commit;
+pub mod config;
+pub mod error;
+pub mod layout;
+mod shared;
+pub mod store;
+
+pub use config::{CompactReport, History, OpenReport, RecoveryMode, ScanReport, StoreConfig, StoreStats};
+pub use error::StoreError;
+#[doc(hidden)]
+pub use shared::FaultPoint;
+#[doc(hidden)]
+pub use store::AckHold;
+pub use store::Store;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,210 @@
+//! The sled backend. Durability is `Db::flush` (which, in sled 0.34.7, writes but does not fsync
+//! on Linux) followed by `sync_all` of `<dir>/db`. `flush_async` is never called: it deadlocks
+//! under concurrency in this sled version.
+
+use super::{delete_expired, write_batch, ApplyError, Expired, Kv, TxnFail};
+use crate::config::StoreConfig;
+use crate::error::StoreError;
+use crate::layout::{self, Tree};
+use fs2::FileExt;
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
+};
+use sled::Transactional;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use tokenwal_core::WriteBatch;
+
+pub(crate) struct SledBackend {
+    db: sled::Db,
+    trees: [sled::Tree; 6],
+    /// `<dir>/db`, opened once: the file `sync` makes durable.
+    data_file: File,
+    dir: PathBuf,
+    /// Whether this open created the directory.
+    created_dir: bool,
+    /// Holds the advisory lock for as long as the backend lives.
+    _lock: File,
+}
+
+fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> StoreError {
+    move |source| StoreError::Io { op, source }
+}
+
+/// Creates `dir` (mode 0700 on unix) if it does not exist. Returns whether it created it.
+fn create_dir(dir: &Path) -> Result<bool, StoreError> {
+    match fs::metadata(dir) {
+        Ok(m) if m.is_dir() => return Ok(false),
+        Ok(_) => {
+            return Err(StoreError::Io {
+                op: "open",
+                source: io::Error::new(io::ErrorKind::AlreadyExists, "store path exists and is not a directory"),
+            })
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(StoreError::Io { op: "open", source: e }),
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).map_err(io_err("create directory"))?;
+    }
+    let mut builder = fs::DirBuilder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        builder.mode(0o700);
+        match builder.create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(e) => return Err(StoreError::Io { op: "create directory", source: e }),
+        }
+        // The umask can only remove bits; make the mode exact anyway.
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err("create directory"))?;
+    }
+    #[cfg(not(unix))]
+    match builder.create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(StoreError::Io { op: "create directory", source: e }),
+    }
+    Ok(true)
+}
+
+/// `fsync` of a directory (its entries). A no-op where directories cannot be opened.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("sync directory"))?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+struct SledKv<'a>([&'a TransactionalTree; 6]);
+
+impl Kv for SledKv<'_> {
+    type Err = UnabortableTransactionError;
+
+    fn get(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, Self::Err> {
+        Ok(self.0[t as usize].get(k)?.map(|v| v.to_vec()))
+    }
+
+    fn put(&self, t: Tree, k: &[u8], v: &[u8]) -> Result<(), Self::Err> {
+        self.0[t as usize].insert(k, v)?;
+        Ok(())
+    }
+
+    fn del(&self, t: Tree, k: &[u8]) -> Result<(), Self::Err> {
+        self.0[t as usize].remove(k)?;
+        Ok(())
+    }
+}
+
+impl SledBackend {
+    pub(crate) fn open(dir: &Path, cfg: &StoreConfig) -> Result<SledBackend, StoreError> {
+        let created_dir = create_dir(dir)?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(dir.join(layout::LOCK_FILE))
+            .map_err(io_err("open lock file"))?;
+        if lock.try_lock_exclusive().is_err() {
+            return Err(StoreError::Locked { path: dir.to_path_buf() });
+        }
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cfg.cache_capacity)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|e| StoreError::from_sled("open", e))?;
+        let mut trees = Vec::with_capacity(6);
+        for t in Tree::ALL {
+            trees.push(db.open_tree(t.name()).map_err(|e| StoreError::from_sled("open", e))?);
+        }
+        let trees: [sled::Tree; 6] = trees.try_into().unwrap_or_else(|_| unreachable!("six trees"));
+        let data_file = File::open(dir.join("db")).map_err(io_err("open"))?;
+        Ok(SledBackend { db, trees, data_file, dir: dir.to_path_buf(), created_dir, _lock: lock })
+    }
+
+    /// Makes a freshly initialised store durable, including the directory entries of sled's files
+    /// (and of the directory itself, if this open created it).
+    pub(crate) fn sync_creation(&self) -> Result<(), StoreError> {
+        self.sync()?;
+        File::open(self.dir.join("conf")).and_then(|f| f.sync_all()).map_err(io_err("sync"))?;
+        sync_dir(&self.dir)?;
+        if self.created_dir {
+            if let Some(parent) = self.dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn put_raw(&self, t: Tree, k: &[u8], v: &[u8]) -> Result<(), StoreError> {
+        self.trees[t as usize].insert(k, v).map_err(|e| StoreError::from_sled("write", e))?;
+        Ok(())
+    }
+
+    pub(crate) fn get(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let v = self.trees[t as usize].get(k).map_err(|e| StoreError::from_sled("read", e))?;
+        Ok(v.map(|v| v.to_vec()))
+    }
+
+    pub(crate) fn last_key(&self, t: Tree) -> Result<Option<Vec<u8>>, StoreError> {
+        let last = self.trees[t as usize].last().map_err(|e| StoreError::from_sled("read", e))?;
+        Ok(last.map(|(k, _)| k.to_vec()))
+    }
+
+    pub(crate) fn scan(
+        &self,
+        t: Tree,
+        prefix: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        for item in self.trees[t as usize].scan_prefix(prefix) {
+            let (k, v) = item.map_err(|e| StoreError::from_sled("read", e))?;
+            if !f(&k, &v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn trees(&self) -> (&sled::Tree, &sled::Tree, &sled::Tree, &sled::Tree, &sled::Tree, &sled::Tree) {
+        let t = &self.trees;
+        (&t[0], &t[1], &t[2], &t[3], &t[4], &t[5])
+    }
+
+    pub(crate) fn apply(&self, b: &WriteBatch, first_lsn: u64) -> Result<bool, ApplyError> {
+        let r = self.trees().transaction(|(g, o, j, h, e, m)| {
+            write_batch(&SledKv([g, o, j, h, e, m]), b, first_lsn).map_err(|f| match f {
+                TxnFail::Abort(a) => ConflictableTransactionError::Abort(a),
+                TxnFail::Kv(e) => e.into(),
+            })
+        });
+        match r {
+            Ok(new) => Ok(new),
+            Err(TransactionError::Abort(a)) => Err(a),
+            Err(TransactionError::Storage(e)) => Err(ApplyError::Fail(StoreError::from_sled("transaction", e))),
+        }
+    }
+
+    pub(crate) fn delete_expired(&self, entries: &[Expired]) -> Result<(), StoreError> {
+        let r: Result<(), TransactionError<()>> = self.trees().transaction(|(g, o, j, h, e, m)| {
+            delete_expired(&SledKv([g, o, j, h, e, m]), entries)?;
+            Ok(())
+        });
+        r.map_err(|e| match e {
+            TransactionError::Abort(()) => StoreError::Backend("compaction aborted".into()),
+            TransactionError::Storage(e) => StoreError::from_sled("compaction", e),
+        })
+    }
+
+    pub(crate) fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(|e| StoreError::from_sled("flush", e))?;
+        self.data_file.sync_all().map_err(io_err("sync"))
+    }
+}

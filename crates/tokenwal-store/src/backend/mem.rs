@@ -1,0 +1,167 @@
+//! The in-memory backend: a live image that writes go to, and a durable image that only a sync
+//! updates. A crash image is a copy of the durable one.
+
+use super::{delete_expired, write_batch, ApplyError, Expired, Kv, TxnFail};
+use crate::layout::Tree;
+use crate::shared::lock;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::ops::Bound;
+use std::sync::Mutex;
+use tokenwal_core::WriteBatch;
+
+/// Entries handed out per lock acquisition while scanning.
+const SCAN_CHUNK: usize = 512;
+
+/// The six trees.
+#[derive(Clone, Default)]
+pub(crate) struct Image {
+    trees: [BTreeMap<Vec<u8>, Vec<u8>>; 6],
+}
+
+impl Image {
+    fn tree(&self, t: Tree) -> &BTreeMap<Vec<u8>, Vec<u8>> {
+        &self.trees[t as usize]
+    }
+
+    fn write(&mut self, (t, k, v): Write) {
+        match v {
+            Some(v) => self.trees[t as usize].insert(k, v),
+            None => self.trees[t as usize].remove(&k),
+        };
+    }
+
+    /// Sets a key outside any transaction (store creation, test corruption).
+    pub(crate) fn put(&mut self, t: Tree, k: &[u8], v: &[u8]) {
+        self.trees[t as usize].insert(k.to_vec(), v.to_vec());
+    }
+}
+
+type Write = (Tree, Vec<u8>, Option<Vec<u8>>);
+
+struct Inner {
+    live: Image,
+    durable: Image,
+    /// Writes applied to `live` since the last sync, in order.
+    unsynced: Vec<Write>,
+}
+
+pub(crate) struct MemBackend {
+    inner: Mutex<Inner>,
+}
+
+/// A transaction over the live image: writes are staged, then applied together.
+struct MemTxn<'a> {
+    img: &'a Image,
+    writes: RefCell<Vec<Write>>,
+}
+
+impl Kv for MemTxn<'_> {
+    type Err = Infallible;
+
+    fn get(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, Infallible> {
+        let staged = self.writes.borrow().iter().rev().find(|(wt, wk, _)| *wt == t && wk == k).map(|w| w.2.clone());
+        Ok(staged.unwrap_or_else(|| self.img.tree(t).get(k).cloned()))
+    }
+
+    fn put(&self, t: Tree, k: &[u8], v: &[u8]) -> Result<(), Infallible> {
+        self.writes.borrow_mut().push((t, k.to_vec(), Some(v.to_vec())));
+        Ok(())
+    }
+
+    fn del(&self, t: Tree, k: &[u8]) -> Result<(), Infallible> {
+        self.writes.borrow_mut().push((t, k.to_vec(), None));
+        Ok(())
+    }
+}
+
+impl MemBackend {
+    /// A backend whose live and durable images are both `img`.
+    pub(crate) fn from_image(img: Image) -> MemBackend {
+        MemBackend { inner: Mutex::new(Inner { live: img.clone(), durable: img, unsynced: Vec::new() }) }
+    }
+
+    /// A copy of what is durable.
+    pub(crate) fn durable_image(&self) -> Image {
+        lock(&self.inner).durable.clone()
+    }
+
+    pub(crate) fn get(&self, t: Tree, k: &[u8]) -> Option<Vec<u8>> {
+        lock(&self.inner).live.tree(t).get(k).cloned()
+    }
+
+    pub(crate) fn last_key(&self, t: Tree) -> Option<Vec<u8>> {
+        lock(&self.inner).live.tree(t).keys().next_back().cloned()
+    }
+
+    pub(crate) fn scan(&self, t: Tree, prefix: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) {
+        let mut from = Bound::Included(prefix.to_vec());
+        loop {
+            let chunk: Vec<(Vec<u8>, Vec<u8>)> = {
+                let g = lock(&self.inner);
+                g.live
+                    .tree(t)
+                    .range((from.clone(), Bound::Unbounded))
+                    .take_while(|(k, _)| k.starts_with(prefix))
+                    .take(SCAN_CHUNK)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            };
+            let full = chunk.len() == SCAN_CHUNK;
+            let Some(last) = chunk.last().map(|(k, _)| k.clone()) else { return };
+            for (k, v) in &chunk {
+                if !f(k, v) {
+                    return;
+                }
+            }
+            if !full {
+                return;
+            }
+            from = Bound::Excluded(last);
+        }
+    }
+
+    fn commit(g: &mut Inner, writes: Vec<Write>) {
+        for w in writes {
+            g.live.write(w.clone());
+            g.unsynced.push(w);
+        }
+    }
+
+    pub(crate) fn apply(&self, b: &WriteBatch, first_lsn: u64) -> Result<bool, ApplyError> {
+        let mut g = lock(&self.inner);
+        let txn = MemTxn { img: &g.live, writes: RefCell::new(Vec::new()) };
+        let new = match write_batch(&txn, b, first_lsn) {
+            Ok(new) => new,
+            Err(TxnFail::Abort(a)) => return Err(a),
+            Err(TxnFail::Kv(never)) => match never {},
+        };
+        let writes = txn.writes.into_inner();
+        Self::commit(&mut g, writes);
+        Ok(new)
+    }
+
+    pub(crate) fn delete_expired(&self, entries: &[Expired]) {
+        let mut g = lock(&self.inner);
+        let txn = MemTxn { img: &g.live, writes: RefCell::new(Vec::new()) };
+        let Ok(()) = delete_expired(&txn, entries);
+        let writes = txn.writes.into_inner();
+        Self::commit(&mut g, writes);
+    }
+
+    pub(crate) fn sync(&self) {
+        let mut g = lock(&self.inner);
+        let writes = std::mem::take(&mut g.unsynced);
+        for w in writes {
+            g.durable.write(w);
+        }
+    }
+
+    /// Sets a key in both images (store creation, test corruption).
+    pub(crate) fn put_durable(&self, t: Tree, k: &[u8], v: &[u8]) {
+        let mut g = lock(&self.inner);
+        g.live.put(t, k, v);
+        g.durable.put(t, k, v);
+    }
+}

@@ -1,0 +1,166 @@
+//! The two backends behind one interface, and the write logic they share.
+//!
+//! A write batch and a compaction chunk are expressed once, over [`Kv`] (a transaction's view of the
+//! six trees); each backend runs them atomically in its own way: sled in one cross-tree transaction,
+//! the memory backend under its lock.
+
+pub(crate) mod disk;
+pub(crate) mod mem;
+
+use crate::error::StoreError;
+use crate::layout::{self, Tree};
+use tokenwal_core::{codec, CodecError, WriteBatch};
+
+/// Why one batch was not written. `Conflict` and `Corrupt` answer only that writer; `Fail` poisons.
+pub(crate) enum ApplyError {
+    Conflict { found: Option<u64> },
+    Corrupt(CodecError),
+    Fail(StoreError),
+}
+
+/// A transaction's view of the trees.
+pub(crate) trait Kv {
+    type Err;
+    fn get(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, Self::Err>;
+    fn put(&self, t: Tree, k: &[u8], v: &[u8]) -> Result<(), Self::Err>;
+    fn del(&self, t: Tree, k: &[u8]) -> Result<(), Self::Err>;
+}
+
+/// Why a transaction body stopped.
+pub(crate) enum TxnFail<E> {
+    Abort(ApplyError),
+    Kv(E),
+}
+
+/// The version of the stored state frame, checked against the batch's expectation.
+pub(crate) fn check_version(stored: Option<&[u8]>, expected: Option<u64>) -> Result<(), ApplyError> {
+    let found = match stored {
+        None => None,
+        Some(frame) => Some(codec::decode_state(frame).map_err(ApplyError::Corrupt)?.version),
+    };
+    if found == expected {
+        Ok(())
+    } else {
+        Err(ApplyError::Conflict { found })
+    }
+}
+
+/// Writes one batch: compare-and-swap of the state, open index, journal, history and expiry
+/// entries, and the grant count for a new grant. Returns whether the grant is new.
+pub(crate) fn write_batch<K: Kv>(kv: &K, b: &WriteBatch, first_lsn: u64) -> Result<bool, TxnFail<K::Err>> {
+    let stored = kv.get(Tree::Grants, &b.grant).map_err(TxnFail::Kv)?;
+    check_version(stored.as_deref(), b.expected_version).map_err(TxnFail::Abort)?;
+    kv.put(Tree::Grants, &b.grant, &b.state).map_err(TxnFail::Kv)?;
+    if b.open {
+        kv.put(Tree::Open, &b.grant, &[]).map_err(TxnFail::Kv)?;
+    } else {
+        kv.del(Tree::Open, &b.grant).map_err(TxnFail::Kv)?;
+    }
+    for (i, (at, frame)) in b.records.iter().enumerate() {
+        let lsn = first_lsn + i as u64;
+        kv.put(Tree::Journal, &layout::journal_key(lsn), frame).map_err(TxnFail::Kv)?;
+        kv.put(Tree::History, &layout::history_key(&b.grant, lsn), &[]).map_err(TxnFail::Kv)?;
+        kv.put(Tree::Expiry, &layout::expiry_key(at.0, lsn), &b.grant).map_err(TxnFail::Kv)?;
+    }
+    let new = stored.is_none();
+    if new {
+        let n = kv.get(Tree::Meta, layout::META_GRANT_COUNT).map_err(TxnFail::Kv)?;
+        let n = n.as_deref().and_then(layout::be_u64).unwrap_or(0);
+        kv.put(Tree::Meta, layout::META_GRANT_COUNT, &(n + 1).to_be_bytes()).map_err(TxnFail::Kv)?;
+    }
+    Ok(new)
+}
+
+/// One journal record past retention, found through the expiry index.
+pub(crate) struct Expired {
+    pub key: [u8; 16],
+    pub lsn: u64,
+    pub grant: Vec<u8>,
+}
+
+/// Deletes expired records with their index entries and raises the LSN floor above them.
+pub(crate) fn delete_expired<K: Kv>(kv: &K, entries: &[Expired]) -> Result<(), K::Err> {
+    let mut max = None;
+    for e in entries {
+        kv.del(Tree::Journal, &layout::journal_key(e.lsn))?;
+        kv.del(Tree::History, &layout::history_key(&e.grant, e.lsn))?;
+        kv.del(Tree::Expiry, &e.key)?;
+        max = max.max(Some(e.lsn));
+    }
+    if let Some(max) = max {
+        let floor = kv.get(Tree::Meta, layout::META_LSN_FLOOR)?;
+        let floor = floor.as_deref().and_then(layout::be_u64).unwrap_or(0);
+        if max + 1 > floor {
+            kv.put(Tree::Meta, layout::META_LSN_FLOOR, &(max + 1).to_be_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+/// The storage engine under a store.
+pub(crate) enum Backend {
+    Sled(disk::SledBackend),
+    Memory(mem::MemBackend),
+}
+
+impl Backend {
+    pub(crate) fn get(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self {
+            Backend::Sled(s) => s.get(t, k),
+            Backend::Memory(m) => Ok(m.get(t, k)),
+        }
+    }
+
+    /// Calls `f` with every entry of `t` whose key starts with `prefix`, in key order, until it
+    /// returns `false`. No lock is held while `f` runs.
+    pub(crate) fn scan(
+        &self,
+        t: Tree,
+        prefix: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        match self {
+            Backend::Sled(s) => s.scan(t, prefix, f),
+            Backend::Memory(m) => {
+                m.scan(t, prefix, f);
+                Ok(())
+            }
+        }
+    }
+
+    pub(crate) fn last_key(&self, t: Tree) -> Result<Option<Vec<u8>>, StoreError> {
+        match self {
+            Backend::Sled(s) => s.last_key(t),
+            Backend::Memory(m) => Ok(m.last_key(t)),
+        }
+    }
+
+    /// Writes one batch atomically (visible at once, durable only after [`Backend::sync`]).
+    pub(crate) fn apply(&self, b: &WriteBatch, first_lsn: u64) -> Result<bool, ApplyError> {
+        match self {
+            Backend::Sled(s) => s.apply(b, first_lsn),
+            Backend::Memory(m) => m.apply(b, first_lsn),
+        }
+    }
+
+    pub(crate) fn delete_expired(&self, entries: &[Expired]) -> Result<(), StoreError> {
+        match self {
+            Backend::Sled(s) => s.delete_expired(entries),
+            Backend::Memory(m) => {
+                m.delete_expired(entries);
+                Ok(())
+            }
+        }
+    }
+
+    /// Makes every write so far durable.
+    pub(crate) fn sync(&self) -> Result<(), StoreError> {
+        match self {
+            Backend::Sled(s) => s.sync(),
+            Backend::Memory(m) => {
+                m.sync();
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! The committer: the one thread that writes.
+//!
+//! It blocks for the first request, drains whatever else is queued (up to `max_batch`), applies
+//! each batch in its own transaction (a conflict answers only that writer), then makes the whole
+//! group durable with one flush and one sync, and only then answers every writer. Concurrent writers
+//! therefore share syncs: that is the design, not an optimisation (concurrent `flush()` calls do
+//! not batch in sled).
+//!
+//! Readers never see a write before it is durable: before a group's first write to a grant becomes
+//! visible, the grant's durable state is recorded in [`Shared::pending`], which readers prefer to the
+//! live trees; the entries are dropped only after the sync.
+//!
+//! Fail-stop: the first failed transaction or sync poisons the store. Every writer of that group
+//! whose batch was (or may have been) written gets [`StoreError::Io`] (it may already be durable);
+//! every later request gets [`StoreError::Poisoned`].
+
+use crate::backend::ApplyError;
+use crate::error::StoreError;
+use crate::layout::{self, Tree};
+use crate::shared::{lock, Counters, FaultPoint, PreImage, Shared};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use tokenwal_core::WriteBatch;
+use tokio::sync::oneshot;
+
+/// A write and where to send its answer.
+pub(crate) struct Request {
+    pub batch: WriteBatch,
+    pub reply: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// What became of one batch of a group.
+enum Answer {
+    /// Written (or, if it failed in the attempt, possibly written): `Ok` once the group is synced.
+    Written,
+    /// Refused without writing anything.
+    Refused(StoreError),
+}
+
+/// The committer thread's body. `next_lsn` is the first unused LSN.
+pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Request>, mut next_lsn: u64) {
+    let max = shared.config.max_batch.max(1);
+    let mut group = Vec::new();
+    while let Ok(first) = rx.recv() {
+        group.push(first);
+        while group.len() < max {
+            match rx.try_recv() {
+                Ok(r) => group.push(r),
+                Err(_) => break,
+            }
+        }
+        commit_group(&shared, &mut next_lsn, &mut group);
+    }
+}
+
+fn capture_preimage(shared: &Shared, grant: &[u8], first_lsn: u64) -> Result<(), StoreError> {
+    let mut pending = lock(&shared.pending);
+    if pending.contains_key(grant) {
+        // An earlier batch of this group touched it: the captured image is still the durable one.
+        return Ok(());
+    }
+    let state = shared.backend.get(Tree::Grants, grant)?;
+    let open = shared.backend.get(Tree::Open, grant)?.is_some();
+    pending.insert(grant.to_vec(), PreImage { state, open, first_lsn });
+    Ok(())
+}
+
+fn commit_group(shared: &Shared, next_lsn: &mut u64, group: &mut Vec<Request>) {
+    if shared.is_poisoned() {
+        for r in group.drain(..) {
+            let _ = r.reply.send(Err(StoreError::Poisoned));
+        }
+        return;
+    }
+    let c = &shared.counters;
+    let mut answers = Vec::with_capacity(group.len());
+    let mut failure: Option<StoreError> = None;
+    let (mut written, mut records, mut new_grants) = (0u64, 0u64, 0u64);
+    for req in group.iter() {
+        let b = &req.batch;
+        if let Err(source) = shared.fault(FaultPoint::BeforeWrite) {
+            failure = Some(StoreError::Io { op: "transaction", source });
+            answers.push(Answer::Written);
+            break;
+        }
+        if let Err(e) = capture_preimage(shared, &b.grant, *next_lsn) {
+            failure = Some(e);
+            answers.push(Answer::Written);
+            break;
+        }
+        match shared.backend.apply(b, *next_lsn) {
+            Ok(new) => {
+                let n = b.records.len() as u64;
+                *next_lsn += n;
+                written += 1;
+                records += n;
+                new_grants += u64::from(new);
+                answers.push(Answer::Written);
+                if let Err(source) = shared.fault(FaultPoint::AfterWrite) {
+                    failure = Some(StoreError::Io { op: "transaction", source });
+                    break;
+                }
+            }
+            Err(ApplyError::Conflict { found }) => {
+                Counters::add(&c.conflicts, 1);
+                answers.push(Answer::Refused(StoreError::Conflict {
+                    grant: String::from_utf8_lossy(&b.grant).into_owned(),
+                    expected: b.expected_version,
+                    found,
+                }));
+            }
+            Err(ApplyError::Corrupt(source)) => {
+                Counters::add(&c.corrupt_refusals, 1);
+                let what = layout::key_name(layout::GRANTS, &b.grant);
+                tracing::error!(what = %what, error = %source, "write refused: stored state is corrupt");
+                answers.push(Answer::Refused(StoreError::Corrupt { what, source }));
+            }
+            Err(ApplyError::Fail(e)) => {
+                failure = Some(e);
+                answers.push(Answer::Written);
+                break;
+            }
+        }
+    }
+    if failure.is_none() && written > 0 {
+        shared.hold.park_if_held();
+        let synced = shared
+            .fault(FaultPoint::Sync)
+            .map_err(|source| StoreError::Io { op: "sync", source })
+            .and_then(|()| shared.backend.sync());
+        match synced {
+            Ok(()) => {
+                Counters::add(&c.syncs, 1);
+                Counters::add(&c.commit_groups, 1);
+                Counters::add(&c.batches_applied, written);
+                Counters::add(&c.records_appended, records);
+                shared.durable_grants.fetch_add(new_grants, Ordering::Relaxed);
+            }
+            Err(e) => failure = Some(e),
+        }
+    }
+    if let Some(f) = &failure {
+        shared.poison();
+        tracing::error!(error = %f, "store poisoned: a write or sync failed; reopen it to recover");
+    }
+    lock(&shared.pending).clear();
+    let mut answers = answers.into_iter();
+    for req in group.drain(..) {
+        let answer = match (answers.next(), &failure) {
+            (Some(Answer::Written), None) => Ok(()),
+            (Some(Answer::Written), Some(f)) => Err(f.duplicate()),
+            (Some(Answer::Refused(e)), _) => Err(e),
+            // Never attempted: the group failed before it.
+            (None, _) => Err(StoreError::Poisoned),
+        };
+        let _ = req.reply.send(answer);
+    }
+}
