@@ -318,15 +318,13 @@ mod tests {
 
     #[test]
     fn bad_probabilities_are_refused() {
-        let mut c = SimConfig::default();
-        c.p_slow = 2.0;
+        let c = SimConfig { p_slow: 2.0, ..SimConfig::default() };
         assert!(c.build_model().is_err());
     }
 
     #[test]
     fn debug_redacts_secret() {
-        let mut c = SimConfig::default();
-        c.client_secret = "very-secret-value".into();
+        let c = SimConfig { client_secret: "very-secret-value".into(), ..SimConfig::default() };
         assert!(!format!("{c:?}").contains("very-secret-value"));
     }
 }

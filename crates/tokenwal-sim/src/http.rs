@@ -2,7 +2,7 @@
 //!
 //! The accept loop is hand-written (rather than `axum::serve`) so that a handler can abort its
 //! own connection: [`Delivery::Reset`] must close the socket with no HTTP response at all, and
-//! [`Delivery::Hang`] must hold it and then reset. Each connection gets a [`ConnControl`] in its
+//! [`Delivery::Hang`] must hold it and then reset. Each connection gets a `ConnControl` in its
 //! request extensions; asking it to reset makes the connection task set `SO_LINGER` to zero
 //! (so the close is an RST) and drop the connection.
 
@@ -285,8 +285,8 @@ async fn serve_connection(stream: TcpStream, router: Router, mut shutdown: watch
             async move { router.call(req).await }
         })
     };
-    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
-    tokio::pin!(conn);
+    // Boxed so that it can be dropped explicitly, before the duplicate socket.
+    let mut conn = Box::pin(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc));
     let reset = tokio::select! {
         _ = conn.as_mut() => false,
         _ = ctl.reset_requested() => true,
@@ -303,7 +303,7 @@ async fn serve_connection(stream: TcpStream, router: Router, mut shutdown: watch
             tracing::warn!(error = %e, "could not arm connection reset");
         }
     }
-    // Dropping the connection and the duplicate closes the socket: an RST when armed.
+    // Dropping the connection and then the duplicate closes the socket: an RST when armed.
     drop(conn);
     drop(linger_handle);
 }

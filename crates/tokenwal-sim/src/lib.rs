@@ -20,20 +20,40 @@
 //!
 //! # Example
 //!
-//! ```no_run
-//! # async fn demo() -> std::io::Result<()> {
-//! use tokenwal_sim::{serve, Fault, SimConfig};
+//! A refresh whose answer is lost after the server committed the rotation, and the retry that
+//! recovers it:
 //!
-//! let sim = serve(SimConfig::default(), "127.0.0.1:0".parse().unwrap()).await?;
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use tokenwal_sim::{serve, Fault, SimConfig, TokenSet};
+//!
+//! let sim = serve(SimConfig::default(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
 //! let shop = "demo.myshopify.com";
-//! let tokens = sim.seed_shop(shop);
+//! let first = sim.seed_shop(shop); // as if by token exchange
 //! sim.push_faults(shop, [Fault::RotateThenDrop]).unwrap();
-//! // POST sim.token_url(shop) with grant_type=refresh_token and tokens.refresh_token:
-//! // the rotation commits, the client sees 520 "error code: 520".
-//! sim.advance_clock(31 * 24 * 3_600_000);
-//! assert!(!sim.grant_alive(shop) || tokens.refresh_token_expires_in > 31 * 86_400);
+//!
+//! let http = reqwest::Client::builder().no_proxy().build().unwrap();
+//! let body = serde_json::json!({
+//!     "client_id": "sim-client-id",
+//!     "client_secret": "sim-client-secret",
+//!     "grant_type": "refresh_token",
+//!     "refresh_token": first.refresh_token.as_str(),
+//! });
+//! let lost = http.post(sim.token_url(shop)).json(&body).send().await.unwrap();
+//! assert_eq!(lost.status().as_u16(), 520); // "error code: 520", text/plain
+//!
+//! // The same refresh token still works: the committed pair comes back.
+//! let retry: TokenSet = http.post(sim.token_url(shop)).json(&body).send().await.unwrap()
+//!     .json().await.unwrap();
+//! let committed = sim.shop_state(shop).refresh_token(first.refresh_token.as_str()).unwrap()
+//!     .replacement.clone().unwrap();
+//! assert_eq!(retry.refresh_token, committed);
+//!
+//! // 31 days later the old token is out of retention, but the new one is unused: recoverable.
+//! sim.advance_clock(31 * 86_400_000);
+//! assert!(sim.grant_alive(shop));
 //! sim.shutdown().await;
-//! # Ok(()) }
+//! # });
 //! ```
 #![deny(missing_docs)]
 
