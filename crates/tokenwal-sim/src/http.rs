@@ -20,11 +20,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
 use hyper::body::Incoming;
+use hyper::service::Service as _;
 use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 use tokio::task::{JoinHandle, JoinSet};
-use tower_service::Service as _;
 
 use crate::config::SimConfig;
 use crate::counters::CounterSet;
@@ -281,8 +282,7 @@ async fn serve_connection(stream: TcpStream, router: Router, mut shutdown: watch
         let ctl = ctl.clone();
         hyper::service::service_fn(move |mut req: Request<Incoming>| {
             req.extensions_mut().insert(ctl.clone());
-            let mut router = router.clone();
-            async move { router.call(req).await }
+            TowerToHyperService::new(router.clone()).call(req)
         })
     };
     // Boxed so that it can be dropped explicitly, before the duplicate socket.
