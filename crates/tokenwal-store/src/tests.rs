@@ -1,1 +1,670 @@
+//! Unit tests of the store, on both backends where the behaviour is shared.
 
+use crate::{layout, FaultPoint, RecoveryMode, Store, StoreConfig, StoreError};
+use std::path::Path;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+use tokenwal_core::*;
+
+const T0: u64 = 1_800_000_000_000;
+const WAIT: Duration = Duration::from_secs(10);
+
+fn machine(store: &Store) -> Machine {
+    Machine::shopify(store.fingerprint_key())
+}
+
+fn key(i: usize) -> GrantKey {
+    GrantKey::shopify(&ShopDomain::parse(&format!("shop-{i}.myshopify.com")).unwrap())
+}
+
+fn tokens(now: u64) -> TokenSet {
+    TokenSet {
+        access_token: AccessToken::new(format!("shpat_secret_{now}")),
+        access_expires_at: UnixMillis(now + 3_600_000),
+        refresh_token: RefreshToken::new(format!("shprt_secret_{now}")),
+        refresh_expires_at: None,
+        scope: Some("read_orders".into()),
+    }
+}
+
+fn state_of(b: &WriteBatch) -> GrantState {
+    codec::decode_state(&b.state).unwrap()
+}
+
+fn install(m: &Machine, cur: Option<&GrantState>, g: &GrantKey, now: u64) -> WriteBatch {
+    m.install(cur, g.clone(), tokens(now), InstallSource::Import, UnixMillis(now)).transition().write_batch().unwrap()
+}
+
+fn attempt(m: &Machine, s: &GrantState, now: u64) -> WriteBatch {
+    m.plan_attempt(s, UnixMillis(now)).unwrap().transition().write_batch().unwrap()
+}
+
+/// Applies `b` and returns the state it wrote.
+fn put(store: &Store, b: WriteBatch) -> GrantState {
+    let s = state_of(&b);
+    store.apply_blocking(b).unwrap();
+    s
+}
+
+fn open(path: &Path) -> Store {
+    Store::open(path, StoreConfig::default()).unwrap().0
+}
+
+/// A sled store in a fresh temporary directory, and an in-memory store.
+fn both() -> Vec<(Store, Option<tempfile::TempDir>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let sled = open(&dir.path().join("store"));
+    vec![(sled, Some(dir)), (Store::in_memory(), None)]
+}
+
+fn versions(states: &[GrantState]) -> Vec<(GrantKey, u64)> {
+    states.iter().map(|s| (s.grant.clone(), s.version)).collect()
+}
+
+#[test]
+fn compare_and_swap_refuses_stale_writes_and_writes_nothing() {
+    for (store, _dir) in both() {
+        let m = machine(&store);
+        let g = key(1);
+        let s1 = put(&store, install(&m, None, &g, T0));
+        assert_eq!(s1.version, 1);
+
+        // "Must not exist" against an existing grant.
+        let err = store.apply_blocking(install(&m, None, &g, T0 + 1)).unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { expected: None, found: Some(1), .. }), "{err:?}");
+
+        let s2 = put(&store, attempt(&m, &s1, T0 + 2));
+        // A second planner computed from the same version loses.
+        let err = store.apply_blocking(attempt(&m, &s1, T0 + 3)).unwrap_err();
+        match &err {
+            StoreError::Conflict { grant, expected, found } => {
+                assert_eq!(grant, "shopify/shop-1.myshopify.com");
+                assert_eq!((*expected, *found), (Some(1), Some(2)));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!err.may_be_durable());
+        // Expecting a version of a grant that does not exist.
+        let err = store.apply_blocking(attempt(&m, &s1.clone_with_grant(key(2)), T0)).unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { expected: Some(1), found: None, .. }), "{err:?}");
+
+        assert_eq!(store.get(&g).unwrap().unwrap(), s2);
+        assert_eq!(store.history(&g).unwrap().len(), 2);
+        assert_eq!(store.get(&key(2)).unwrap(), None);
+        assert!(store.history(&key(2)).unwrap().is_empty());
+        let stats = store.stats();
+        assert_eq!((stats.conflicts, stats.batches_applied), (3, 2));
+        assert!(!store.is_poisoned());
+    }
+}
+
+trait CloneWithGrant {
+    fn clone_with_grant(&self, g: GrantKey) -> GrantState;
+}
+
+impl CloneWithGrant for GrantState {
+    fn clone_with_grant(&self, g: GrantKey) -> GrantState {
+        GrantState { grant: g, ..self.clone() }
+    }
+}
+
+#[test]
+fn open_index_follows_the_phase() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    {
+        let store = open(&path);
+        let m = machine(&store);
+        let (a, b) = (key(1), key(2));
+        let a1 = put(&store, install(&m, None, &a, T0));
+        let b1 = put(&store, install(&m, None, &b, T0));
+        assert!(store.open_grants().unwrap().is_empty());
+
+        let a2 = put(&store, attempt(&m, &a1, T0 + 1));
+        assert_eq!(versions(&store.open_grants().unwrap()), vec![(a.clone(), 2)]);
+        let b2 = put(&store, attempt(&m, &b1, T0 + 1));
+        assert_eq!(versions(&store.open_grants().unwrap()), vec![(a.clone(), 2), (b.clone(), 2)]);
+
+        // A new install supersedes the attempt: the grant leaves the index.
+        put(&store, install(&m, Some(&a2), &a, T0 + 2));
+        assert_eq!(versions(&store.open_grants().unwrap()), vec![(b.clone(), 2)]);
+        // Needs-reauth is not open either.
+        let t = m.mark_needs_reauth(&b2, "test", UnixMillis(T0 + 3));
+        put(&store, t.write_batch().unwrap());
+        assert!(store.open_grants().unwrap().is_empty());
+        let b4 = put(&store, install(&m, Some(&store.get(&b).unwrap().unwrap()), &b, T0 + 4));
+        put(&store, attempt(&m, &b4, T0 + 5));
+        assert_eq!(store.grant_count(), 2);
+    }
+    let (store, report) = Store::open(&path, StoreConfig::default()).unwrap();
+    assert_eq!((report.grants, report.open_attempts, report.created), (2, 1, false));
+    assert!(report.corrupt.is_empty());
+    assert_eq!(versions(&store.open_grants().unwrap()), vec![(key(2), 5)]);
+    assert_eq!(store.grant_count(), 2);
+}
+
+#[test]
+fn history_is_per_grant_and_in_lsn_order() {
+    for (store, _dir) in both() {
+        let m = machine(&store);
+        // "oidc/a" is a byte prefix of "oidc/ab": the index must still keep them apart.
+        let a = GrantKey::new("oidc", "a").unwrap();
+        let ab = GrantKey::new("oidc", "ab").unwrap();
+        let a1 = put(&store, install(&m, None, &a, T0));
+        let ab1 = put(&store, install(&m, None, &ab, T0));
+        let a2 = put(&store, attempt(&m, &a1, T0 + 1));
+        put(&store, attempt(&m, &ab1, T0 + 1));
+        put(&store, install(&m, Some(&a2), &a, T0 + 2));
+
+        let h = store.history(&a).unwrap();
+        let kinds: Vec<_> = h.iter().map(|(_, r)| r.kind_name()).collect();
+        assert_eq!(kinds, ["installed", "intent", "installed", "resolved"]);
+        assert!(h.windows(2).all(|w| w[0].0 < w[1].0), "lsns not increasing: {h:?}");
+        assert!(h.iter().all(|(_, r)| r.grant() == &a));
+        let hab = store.history(&ab).unwrap();
+        assert_eq!(hab.len(), 2);
+        assert!(hab.iter().all(|(_, r)| r.grant() == &ab));
+        assert_eq!(store.stats().records_appended, 6);
+    }
+}
+
+#[test]
+fn compaction_drops_old_records_in_chunks_and_keeps_states() {
+    for (store, _dir) in [(Store::in_memory_with(cfg_compact()), None), {
+        let dir = tempfile::tempdir().unwrap();
+        (Store::open(dir.path().join("s"), cfg_compact()).unwrap().0, Some(dir))
+    }] {
+        let m = machine(&store);
+        for i in 0..5 {
+            put(&store, install(&m, None, &key(i), T0 + 1000 * i as u64));
+        }
+        // Cutoff T0+2000: the records at T0 and T0+1000 go; the one at exactly the cutoff stays.
+        let r = store.compact(UnixMillis(T0 + 2000 + 10_000)).unwrap();
+        assert_eq!((r.removed, r.more, r.cutoff), (2, true, UnixMillis(T0 + 2000)));
+        let r = store.compact(UnixMillis(T0 + 2000 + 10_000)).unwrap();
+        assert_eq!((r.removed, r.more), (0, false));
+        assert!(store.history(&key(0)).unwrap().is_empty());
+        assert!(store.history(&key(1)).unwrap().is_empty());
+        assert_eq!(store.history(&key(2)).unwrap().len(), 1);
+
+        let r = store.compact(UnixMillis(T0 + 5000 + 10_000)).unwrap();
+        assert_eq!((r.removed, r.more), (2, true));
+        let r = store.compact(UnixMillis(T0 + 5000 + 10_000)).unwrap();
+        assert_eq!((r.removed, r.more), (1, false));
+        assert_eq!(store.stats().compacted, 5);
+        for i in 0..5 {
+            assert_eq!(store.get(&key(i)).unwrap().unwrap().version, 1, "compaction never deletes states");
+            assert!(store.history(&key(i)).unwrap().is_empty());
+        }
+        assert_eq!(store.grant_count(), 5);
+    }
+}
+
+fn cfg_compact() -> StoreConfig {
+    StoreConfig::default().with_retention(Duration::from_secs(10)).with_compact_chunk(2)
+}
+
+#[test]
+fn lsns_stay_monotonic_after_compacting_everything_and_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let last_lsn;
+    {
+        let store = Store::open(&path, cfg_compact()).unwrap().0;
+        let m = machine(&store);
+        let s = put(&store, install(&m, None, &key(1), T0));
+        put(&store, attempt(&m, &s, T0 + 1));
+        last_lsn = store.history(&key(1)).unwrap().last().unwrap().0;
+        while store.compact(UnixMillis(T0 + 60_000)).unwrap().more {}
+        assert!(store.history(&key(1)).unwrap().is_empty());
+        // Make the compaction durable (compaction is not synced by itself).
+        put(&store, install(&m, None, &key(2), T0 + 60_000));
+    }
+    let (store, report) = Store::open(&path, cfg_compact()).unwrap();
+    assert!(report.next_lsn > last_lsn + 1);
+    let m = machine(&store);
+    let s = store.get(&key(1)).unwrap().unwrap();
+    put(
+        &store,
+        m.install(Some(&s), key(1), tokens(T0), InstallSource::Import, UnixMillis(T0 + 70_000))
+            .transition()
+            .write_batch()
+            .unwrap(),
+    );
+    let h = store.history(&key(1)).unwrap();
+    assert!(h.iter().all(|(lsn, _)| *lsn > last_lsn), "{h:?}");
+}
+
+#[test]
+fn compaction_keeps_the_journal_bounded_under_continuous_refreshes() {
+    let store = Store::in_memory_with(StoreConfig::default().with_retention(Duration::from_secs(60)));
+    let m = machine(&store);
+    let g = key(1);
+    let mut s = put(&store, install(&m, None, &g, T0));
+    let mut max_len = 0;
+    for step in 1..2_000u64 {
+        let now = T0 + step * 1000;
+        s = if s.phase.is_open() {
+            put(&store, install(&m, Some(&s), &g, now))
+        } else {
+            put(&store, attempt(&m, &s, now))
+        };
+        store.compact(UnixMillis(now)).unwrap();
+        max_len = max_len.max(store.history(&g).unwrap().len());
+    }
+    // One minute of one step per second, at most two records a step.
+    assert!(max_len <= 2 * 62, "journal grew to {max_len} records");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_share_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("store"));
+    let m = Arc::new(machine(&store));
+    let n = 64;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (store, m) = (store.clone(), Arc::clone(&m));
+        tasks.push(tokio::spawn(async move {
+            let g = key(i);
+            let s = install(&m, None, &g, T0);
+            store.apply(s).await.unwrap();
+            let s1 = store.get(&g).unwrap().unwrap();
+            store.apply(attempt(&m, &s1, T0 + 1)).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let stats = store.stats();
+    assert_eq!(stats.batches_applied, 2 * n as u64);
+    assert_eq!(stats.syncs, stats.commit_groups);
+    assert!(stats.syncs < n as u64, "{} syncs for {} batches", stats.syncs, 2 * n);
+    assert_eq!(store.open_grants().unwrap().len(), n);
+}
+
+#[test]
+fn queued_writers_are_committed_with_one_sync() {
+    for (store, _dir) in both() {
+        let m = machine(&store);
+        let hold = store.hold_acks();
+        let n = 64;
+        let writers: Vec<_> = (0..n)
+            .map(|i| {
+                let b = install(&m, None, &key(i), T0);
+                let store = store.clone();
+                thread::spawn(move || store.apply_blocking(b))
+            })
+            .collect();
+        assert!(hold.wait_parked(WAIT));
+        while store.stats().submitted < n as u64 {
+            thread::sleep(Duration::from_millis(1));
+        }
+        hold.release();
+        for w in writers {
+            w.join().unwrap().unwrap();
+        }
+        let stats = store.stats();
+        // The parked group, then one group with everything queued behind it.
+        assert_eq!(stats.batches_applied, n as u64);
+        assert!(stats.syncs <= 2, "{stats:?}");
+        assert_eq!(store.grant_count(), n);
+    }
+}
+
+#[test]
+fn readers_see_only_durable_state() {
+    for (store, _dir) in both() {
+        let m = machine(&store);
+        let g = key(1);
+        let s1 = put(&store, install(&m, None, &g, T0));
+
+        // Applied but not synced: every reader still sees version 1.
+        let hold = store.hold_acks();
+        let b = attempt(&m, &s1, T0 + 1);
+        let w = {
+            let store = store.clone();
+            thread::spawn(move || store.apply_blocking(b))
+        };
+        assert!(hold.wait_parked(WAIT));
+        assert_eq!(store.get(&g).unwrap().unwrap().version, 1);
+        assert!(store.open_grants().unwrap().is_empty());
+        assert_eq!(store.history(&g).unwrap().len(), 1);
+        let mut seen = Vec::new();
+        store.for_each_grant(|s| seen.push(s.version)).unwrap();
+        assert_eq!(seen, [1]);
+        hold.release();
+        w.join().unwrap().unwrap();
+        assert_eq!(store.get(&g).unwrap().unwrap().version, 2);
+        assert_eq!(store.open_grants().unwrap().len(), 1);
+        assert_eq!(store.history(&g).unwrap().len(), 2);
+
+        // A new grant is invisible until durable.
+        let s2 = store.get(&g).unwrap().unwrap();
+        let hold = store.hold_acks();
+        let w = {
+            let (store, b) = (store.clone(), install(&m, None, &key(2), T0));
+            thread::spawn(move || store.apply_blocking(b))
+        };
+        assert!(hold.wait_parked(WAIT));
+        assert_eq!(store.get(&key(2)).unwrap(), None);
+        assert_eq!(store.grant_count(), 1);
+        let mut seen = Vec::new();
+        store.for_each_grant(|s| seen.push(s.grant)).unwrap();
+        assert_eq!(seen, [g.clone()]);
+        hold.release();
+        w.join().unwrap().unwrap();
+
+        // Leaving the open index is invisible until durable too.
+        let hold = store.hold_acks();
+        let w = {
+            let (store, b) = (store.clone(), install(&m, Some(&s2), &g, T0 + 2));
+            thread::spawn(move || store.apply_blocking(b))
+        };
+        assert!(hold.wait_parked(WAIT));
+        assert_eq!(versions(&store.open_grants().unwrap()), vec![(g.clone(), 2)]);
+        assert_eq!(store.history(&g).unwrap().len(), 2);
+        hold.release();
+        w.join().unwrap().unwrap();
+        assert!(store.open_grants().unwrap().is_empty());
+        assert_eq!(store.grant_count(), 2);
+    }
+}
+
+#[test]
+fn crash_image_holds_only_acknowledged_writes() {
+    let store = Store::in_memory();
+    let m = machine(&store);
+    let a1 = put(&store, install(&m, None, &key(1), T0));
+    let hold = store.hold_acks();
+    let w = {
+        let store = store.clone();
+        let (b1, b2) = (attempt(&m, &a1, T0 + 1), install(&m, None, &key(2), T0 + 1));
+        thread::spawn(move || (store.apply_blocking(b1), store.apply_blocking(b2)))
+    };
+    assert!(hold.wait_parked(WAIT));
+    let crashed = store.crash_image();
+    hold.release();
+    let (r1, r2) = w.join().unwrap();
+    r1.unwrap();
+    r2.unwrap();
+
+    assert_eq!(crashed.get(&key(1)).unwrap().unwrap().version, 1);
+    assert_eq!(crashed.get(&key(2)).unwrap(), None);
+    assert!(crashed.open_grants().unwrap().is_empty());
+    assert_eq!(crashed.history(&key(1)).unwrap().len(), 1);
+    assert_eq!(crashed.grant_count(), 1);
+    assert_eq!(crashed.fingerprint_key().expose_secret(), store.fingerprint_key().expose_secret());
+    // The crash image is a working store; its LSNs continue after what it holds.
+    let c2 = put(&crashed, attempt(&m, &a1, T0 + 5));
+    assert_eq!(c2.version, 2);
+    assert_eq!(crashed.history(&key(1)).unwrap().len(), 2);
+
+    // After the acks, a crash image has everything.
+    let later = store.crash_image();
+    assert_eq!(later.get(&key(1)).unwrap().unwrap().version, 2);
+    assert_eq!(later.grant_count(), 2);
+    assert_eq!(later.open_grants().unwrap().len(), 1);
+}
+
+fn assert_poisoned(store: &Store, m: &Machine) {
+    assert!(store.is_poisoned());
+    assert!(matches!(store.apply_blocking(install(m, None, &key(99), T0)), Err(StoreError::Poisoned)));
+    assert!(matches!(store.get(&key(1)), Err(StoreError::Poisoned)));
+    assert!(matches!(store.open_grants(), Err(StoreError::Poisoned)));
+    assert!(matches!(store.history(&key(1)), Err(StoreError::Poisoned)));
+    assert!(matches!(store.compact(UnixMillis(T0)), Err(StoreError::Poisoned)));
+}
+
+#[test]
+fn a_failed_sync_poisons_the_store_and_reopening_recovers() {
+    for point in [FaultPoint::Sync, FaultPoint::AfterWrite, FaultPoint::BeforeWrite] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        {
+            let store = open(&path);
+            let m = machine(&store);
+            let a1 = put(&store, install(&m, None, &key(1), T0));
+            store.inject_fault(point, 2);
+            let a2 = put(&store, attempt(&m, &a1, T0 + 1));
+            let err = store.apply_blocking(install(&m, Some(&a2), &key(1), T0 + 2)).unwrap_err();
+            assert!(matches!(err, StoreError::Io { .. }) && err.may_be_durable(), "{point:?}: {err:?}");
+            assert_poisoned(&store, &m);
+        }
+        // Reopen: the failed write may or may not be there, and everything is consistent.
+        let store = open(&path);
+        let s = store.get(&key(1)).unwrap().unwrap();
+        assert!(s.version == 2 || s.version == 3, "{point:?}: {}", s.version);
+        if point == FaultPoint::BeforeWrite {
+            assert_eq!(s.version, 2);
+        }
+        let open_now = store.open_grants().unwrap();
+        assert_eq!(open_now.len(), usize::from(s.phase.is_open()));
+        assert_eq!(store.history(&key(1)).unwrap().len() as u64, if s.version == 2 { 2 } else { 4 });
+        let m = machine(&store);
+        put(&store, install(&m, Some(&s), &key(1), T0 + 3));
+        assert!(!store.is_poisoned());
+    }
+}
+
+#[test]
+fn memory_fail_stop_keeps_the_unsynced_write_out_of_the_crash_image() {
+    for point in [FaultPoint::Sync, FaultPoint::AfterWrite] {
+        let store = Store::in_memory();
+        let m = machine(&store);
+        let a1 = put(&store, install(&m, None, &key(1), T0));
+        store.inject_fault(point, 1);
+        let err = store.apply_blocking(attempt(&m, &a1, T0 + 1)).unwrap_err();
+        assert!(matches!(err, StoreError::Io { .. }), "{err:?}");
+        assert_poisoned(&store, &m);
+        let crashed = store.crash_image();
+        assert_eq!(crashed.get(&key(1)).unwrap().unwrap().version, 1);
+        assert!(crashed.open_grants().unwrap().is_empty());
+        put(&crashed, attempt(&m, &a1, T0 + 2));
+    }
+}
+
+fn flip(tree: &sled::Tree, key: &[u8], at: usize) {
+    let mut v = tree.get(key).unwrap().unwrap().to_vec();
+    let i = at.min(v.len() - 1);
+    v[i] ^= 0x5a;
+    tree.insert(key, v).unwrap();
+}
+
+#[test]
+fn corrupt_frames_are_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let (a, b) = (key(1), key(2));
+    {
+        let store = open(&path);
+        let m = machine(&store);
+        let a1 = put(&store, install(&m, None, &a, T0));
+        put(&store, attempt(&m, &a1, T0 + 1));
+        let b1 = put(&store, install(&m, None, &b, T0));
+        let b2 = put(&store, attempt(&m, &b1, T0 + 1));
+        put(&store, install(&m, Some(&b2), &b, T0 + 2));
+    }
+    let b_first_lsn;
+    {
+        let db = sled::open(&path).unwrap();
+        flip(&db.open_tree(layout::GRANTS).unwrap(), &a.to_bytes(), 20);
+        let history = db.open_tree(layout::HISTORY).unwrap();
+        let (k, _) = history.scan_prefix(layout::history_prefix(&b.to_bytes())).next().unwrap().unwrap();
+        b_first_lsn = layout::trailing_lsn(&k).unwrap();
+        flip(&db.open_tree(layout::JOURNAL).unwrap(), &layout::journal_key(b_first_lsn), 9);
+        db.flush().unwrap();
+    }
+    {
+        let (store, report) = Store::open(&path, StoreConfig::default()).unwrap();
+        assert_eq!(report.corrupt, vec![format!("grants/{a}")]);
+        assert_eq!(report.open_attempts, 0);
+        let err = store.get(&a).unwrap_err();
+        assert!(matches!(&err, StoreError::Corrupt { what, .. } if what == &format!("grants/{a}")), "{err:?}");
+        assert_eq!(store.get(&b).unwrap().unwrap().version, 3);
+        assert!(store.open_grants().unwrap().is_empty());
+        let mut seen = Vec::new();
+        let scan = store.for_each_grant(|s| seen.push(s.grant)).unwrap();
+        assert_eq!((seen, scan.corrupt), (vec![b.clone()], vec![format!("grants/{a}")]));
+        assert_eq!(store.history(&a).unwrap().len(), 2, "a's journal is intact");
+        let err = store.history(&b).unwrap_err();
+        assert!(matches!(&err, StoreError::Corrupt { what, .. } if what == &format!("journal/{b_first_lsn}")));
+
+        // A write over a corrupt state is refused (never guessed), and does not poison.
+        let m = machine(&store);
+        let fake = GrantState { version: 2, ..store.get(&b).unwrap().unwrap() }.clone_with_grant(a.clone());
+        let err = store.apply_blocking(install(&m, Some(&fake), &a, T0 + 3)).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+        assert_eq!(store.stats().corrupt_refusals, 1);
+        let b3 = store.get(&b).unwrap().unwrap();
+        put(&store, attempt(&m, &b3, T0 + 4));
+        assert!(!store.is_poisoned());
+    }
+    let cfg = StoreConfig::default().with_recovery(RecoveryMode::SkipCorruptRecords);
+    let (store, _) = Store::open(&path, cfg).unwrap();
+    let h = store.history_report(&b).unwrap();
+    assert_eq!(h.skipped, vec![b_first_lsn]);
+    let kinds: Vec<_> = h.records.iter().map(|(_, r)| r.kind_name()).collect();
+    assert_eq!(kinds, ["intent", "installed", "resolved", "intent"]);
+}
+
+#[test]
+fn memory_corruption_is_quarantined_too() {
+    let store = Store::in_memory();
+    let m = machine(&store);
+    let a1 = put(&store, install(&m, None, &key(1), T0));
+    put(&store, attempt(&m, &a1, T0 + 1));
+    put(&store, install(&m, None, &key(2), T0));
+    assert!(store.put_raw_for_test(layout::GRANTS, &key(1).to_bytes(), b"TS\x01garbage"));
+    assert!(matches!(store.get(&key(1)), Err(StoreError::Corrupt { .. })));
+    assert!(store.open_grants().unwrap().is_empty());
+    let crashed = store.crash_image();
+    assert_eq!(crashed.open_grants().unwrap().len(), 0);
+    assert_eq!(crashed.get(&key(2)).unwrap().unwrap().version, 1);
+}
+
+#[test]
+fn unknown_formats_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    {
+        let store = open(&path);
+        let m = machine(&store);
+        put(&store, install(&m, None, &key(1), T0));
+    }
+    {
+        let db = sled::open(&path).unwrap();
+        db.open_tree(layout::META).unwrap().insert(layout::META_FORMAT, "tokenwal-store/99\n").unwrap();
+        db.flush().unwrap();
+    }
+    let err = Store::open(&path, StoreConfig::default()).unwrap_err();
+    assert!(matches!(&err, StoreError::UnsupportedFormat { found, .. } if found == "tokenwal-store/99"), "{err:?}");
+    assert!(err.to_string().contains("tokenwal-store/1"), "{err}");
+    {
+        let db = sled::open(&path).unwrap();
+        db.open_tree(layout::META).unwrap().remove(layout::META_FORMAT).unwrap();
+        db.flush().unwrap();
+    }
+    let err = Store::open(&path, StoreConfig::default()).unwrap_err();
+    assert!(matches!(&err, StoreError::UnsupportedFormat { found, .. } if found == "(missing)"), "{err:?}");
+}
+
+#[cfg(unix)]
+#[test]
+fn a_created_directory_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested").join("store");
+    let (_store, report) = Store::open(&path, StoreConfig::default()).unwrap();
+    assert!(report.created);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+}
+
+#[test]
+fn one_open_at_a_time_and_the_key_persists() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let key_bytes;
+    {
+        let (store, report) = Store::open(&path, StoreConfig::default()).unwrap();
+        assert!(report.created);
+        key_bytes = *store.fingerprint_key().expose_secret();
+        let err = Store::open(&path, StoreConfig::default()).unwrap_err();
+        assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
+        let m = machine(&store);
+        put(&store, install(&m, None, &key(1), T0));
+    }
+    let (store, report) = Store::open(&path, StoreConfig::default()).unwrap();
+    assert!(!report.created);
+    assert_eq!(store.fingerprint_key().expose_secret(), &key_bytes);
+    assert_ne!(Store::in_memory().fingerprint_key().expose_secret(), &key_bytes);
+    assert_eq!((store.grant_count(), report.grants), (1, 1));
+}
+
+#[test]
+fn inconsistent_batches_are_refused_before_the_queue() {
+    let store = Store::in_memory();
+    let m = machine(&store);
+    let mut b = install(&m, None, &key(1), T0);
+    b.grant = key(2).to_bytes();
+    assert!(matches!(store.apply_blocking(b), Err(StoreError::InvalidBatch { .. })));
+    let mut b = install(&m, None, &key(1), T0);
+    b.open = true;
+    assert!(matches!(store.apply_blocking(b), Err(StoreError::InvalidBatch { .. })));
+    let mut b = install(&m, None, &key(1), T0);
+    b.state[10] ^= 1;
+    assert!(matches!(store.apply_blocking(b), Err(StoreError::Codec(_))));
+    let mut b = install(&m, None, &key(1), T0);
+    b.records[0].0 = UnixMillis(1);
+    assert!(matches!(store.apply_blocking(b), Err(StoreError::InvalidBatch { .. })));
+    assert_eq!(store.stats().submitted, 0);
+    assert!(!store.is_poisoned());
+}
+
+#[test]
+fn nothing_secret_in_errors_or_debug() {
+    let store = Store::in_memory();
+    let m = machine(&store);
+    let s = put(&store, install(&m, None, &key(1), T0));
+    let err = store.apply_blocking(install(&m, None, &key(1), T0)).unwrap_err();
+    put(&store, attempt(&m, &s, T0 + 1));
+    store.put_raw_for_test(layout::GRANTS, &key(1).to_bytes(), &install(&m, None, &key(1), T0).state[..40]);
+    let corrupt = store.get(&key(1)).unwrap_err();
+    for text in [format!("{err} {err:?}"), format!("{corrupt} {corrupt:?}"), format!("{store:?}")] {
+        assert!(!text.contains("shprt_") && !text.contains("shpat_"), "{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn works_as_the_cores_durable_log() {
+    let store = Store::in_memory();
+    let m = machine(&store);
+    let now = UnixMillis(T0);
+    let installed = m.install(None, key(1), tokens(T0), InstallSource::Import, now).make_durable(&store).await.unwrap();
+    let permit = m.plan_attempt(installed.state(), now).unwrap().make_durable(&store).await.unwrap();
+    assert_eq!(store.get(&key(1)).unwrap().as_ref(), Some(permit.state()));
+    let outcome = Outcome::Success { tokens: tokens(T0 + 1), request_id: Some("r1".into()) };
+    let done = m.on_outcome(permit.state(), &permit, outcome, now, 0).make_durable(&store).await.unwrap();
+    assert_eq!(done.state().generation, Generation(2));
+    assert!(store.open_grants().unwrap().is_empty());
+    assert_eq!(store.history(&key(1)).unwrap().len(), 3);
+}
+
+#[test]
+fn dropping_the_store_while_acks_are_held_does_not_hang() {
+    let store = Store::in_memory();
+    let m = machine(&store);
+    let hold = store.hold_acks();
+    let w = {
+        let store = store.clone();
+        let b = install(&m, None, &key(1), T0);
+        thread::spawn(move || store.apply_blocking(b))
+    };
+    assert!(hold.wait_parked(WAIT));
+    drop(store);
+    // The writer's clone keeps the store alive; releasing lets it finish and the last drop joins.
+    drop(hold);
+    w.join().unwrap().unwrap();
+}
