@@ -352,7 +352,7 @@ fn readers_see_only_durable_state() {
         assert_eq!(store.grant_count(), 1);
         let mut seen = Vec::new();
         store.for_each_grant(|s| seen.push(s.grant)).unwrap();
-        assert_eq!(seen, [g.clone()]);
+        assert_eq!(seen, std::slice::from_ref(&g));
         hold.release();
         w.join().unwrap().unwrap();
 
