@@ -77,6 +77,12 @@ pub struct SimConfig {
     /// A new acquisition revokes older access tokens immediately.
     #[arg(long)]
     pub revoke_old_access_on_acquisition: bool,
+    /// Add a `session` field to expiring-token answers.
+    #[arg(long)]
+    pub include_session_field: bool,
+    /// The Admin API refuses non-expiring tokens with 403 (post-enforcement behaviour).
+    #[arg(long)]
+    pub reject_non_expiring_admin: bool,
     /// Access token lifetime.
     #[arg(long, default_value = "3600s", value_name = "DURATION")]
     pub access_ttl: SimDuration,
@@ -143,6 +149,9 @@ pub struct SimConfig {
     /// Probability of a success without expires_in.
     #[arg(long, default_value_t = 0.0, value_name = "P")]
     pub p_missing_expires_in: f64,
+    /// Probability of a success without refresh_token_expires_in.
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    pub p_missing_refresh_token_expires_in: f64,
     /// Probability of a short-lived refresh token.
     #[arg(long, default_value_t = 0.0, value_name = "P")]
     pub p_short_refresh_ttl: f64,
@@ -205,6 +214,8 @@ impl SimConfig {
             revoke_family_on_reuse: self.revoke_family_on_reuse,
             admin_use_retires_previous: self.admin_use_retires_previous,
             revoke_old_access_on_acquisition: self.revoke_old_access_on_acquisition,
+            include_session_field: self.include_session_field,
+            reject_non_expiring_admin: self.reject_non_expiring_admin,
             rejection_style: match self.rejection_style {
                 RejectionStyleArg::InvalidRequest => RejectionStyle::InvalidRequest,
                 RejectionStyleArg::InvalidGrant => RejectionStyle::InvalidGrant,
@@ -234,6 +245,7 @@ impl SimConfig {
             truncated: self.p_truncated,
             malformed: self.p_malformed,
             missing_expires_in: self.p_missing_expires_in,
+            missing_refresh_token_expires_in: self.p_missing_refresh_token_expires_in,
             short_refresh_ttl: self.p_short_refresh_ttl,
             invalid_client: self.p_invalid_client,
         };

@@ -32,6 +32,9 @@ pub struct Counters {
     pub admin_ok: u64,
     /// Admin API answers 401.
     pub admin_unauthorized: u64,
+    /// Admin API answers 403 (non-expiring token refused, see
+    /// [`ModelConfig::reject_non_expiring_admin`](crate::ModelConfig::reject_non_expiring_admin)).
+    pub admin_forbidden: u64,
 }
 
 impl Counters {

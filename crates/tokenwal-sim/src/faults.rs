@@ -54,7 +54,10 @@ pub enum Fault {
     Malformed,
     /// Commit, then answer a success without `expires_in` (shopify-app-js #3400).
     MissingExpiresIn,
+    /// Commit, then answer a success without `refresh_token_expires_in`.
+    MissingRefreshTokenExpiresIn,
     /// The refresh token minted by this request lives only `secs` seconds (api-ruby #1453).
+    /// A same-pair retry mints nothing, so the fault has no effect on it.
     ShortRefreshTtl {
         /// Lifetime of the minted refresh token, seconds.
         secs: u64,
@@ -76,6 +79,7 @@ impl Fault {
             Fault::Truncated => FaultKind::Truncated,
             Fault::Malformed => FaultKind::Malformed,
             Fault::MissingExpiresIn => FaultKind::MissingExpiresIn,
+            Fault::MissingRefreshTokenExpiresIn => FaultKind::MissingRefreshTokenExpiresIn,
             Fault::ShortRefreshTtl { .. } => FaultKind::ShortRefreshTtl,
             Fault::InvalidClient => FaultKind::InvalidClient,
         }
@@ -110,6 +114,8 @@ pub enum FaultKind {
     Malformed,
     /// [`Fault::MissingExpiresIn`].
     MissingExpiresIn,
+    /// [`Fault::MissingRefreshTokenExpiresIn`].
+    MissingRefreshTokenExpiresIn,
     /// [`Fault::ShortRefreshTtl`].
     ShortRefreshTtl,
     /// [`Fault::InvalidClient`].
@@ -129,6 +135,7 @@ impl FaultKind {
             FaultKind::Truncated => "truncated",
             FaultKind::Malformed => "malformed",
             FaultKind::MissingExpiresIn => "missing_expires_in",
+            FaultKind::MissingRefreshTokenExpiresIn => "missing_refresh_token_expires_in",
             FaultKind::ShortRefreshTtl => "short_refresh_ttl",
             FaultKind::InvalidClient => "invalid_client",
         }
@@ -159,6 +166,8 @@ pub struct FaultProbabilities {
     pub malformed: f64,
     /// Probability of [`Fault::MissingExpiresIn`].
     pub missing_expires_in: f64,
+    /// Probability of [`Fault::MissingRefreshTokenExpiresIn`].
+    pub missing_refresh_token_expires_in: f64,
     /// Probability of [`Fault::ShortRefreshTtl`].
     pub short_refresh_ttl: f64,
     /// Probability of [`Fault::InvalidClient`].
@@ -166,7 +175,7 @@ pub struct FaultProbabilities {
 }
 
 impl FaultProbabilities {
-    fn entries(&self) -> [(FaultKind, f64); 11] {
+    fn entries(&self) -> [(FaultKind, f64); 12] {
         [
             (FaultKind::RotateThenDrop, self.rotate_then_drop),
             (FaultKind::RotateThenHang, self.rotate_then_hang),
@@ -177,6 +186,7 @@ impl FaultProbabilities {
             (FaultKind::Truncated, self.truncated),
             (FaultKind::Malformed, self.malformed),
             (FaultKind::MissingExpiresIn, self.missing_expires_in),
+            (FaultKind::MissingRefreshTokenExpiresIn, self.missing_refresh_token_expires_in),
             (FaultKind::ShortRefreshTtl, self.short_refresh_ttl),
             (FaultKind::InvalidClient, self.invalid_client),
         ]
@@ -333,6 +343,7 @@ impl FaultInjector {
             FaultKind::Truncated => Fault::Truncated,
             FaultKind::Malformed => Fault::Malformed,
             FaultKind::MissingExpiresIn => Fault::MissingExpiresIn,
+            FaultKind::MissingRefreshTokenExpiresIn => Fault::MissingRefreshTokenExpiresIn,
             FaultKind::ShortRefreshTtl => Fault::ShortRefreshTtl { secs: cfg.short_refresh_ttl_secs },
             FaultKind::InvalidClient => Fault::InvalidClient,
         })

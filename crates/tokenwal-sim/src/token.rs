@@ -91,6 +91,10 @@ pub struct TokenSet {
     pub refresh_token_expires_in: u64,
     /// Comma-separated granted scopes.
     pub scope: String,
+    /// Shopify session id, present only with
+    /// [`ModelConfig::include_session_field`](crate::ModelConfig::include_session_field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 /// A non-expiring offline token response: `{"access_token","scope"}`.
@@ -118,6 +122,7 @@ mod tests {
             refresh_token: SimToken::new("shprt_secretrefreshvalue"),
             refresh_token_expires_in: 2,
             scope: "read_orders".into(),
+            session: None,
         };
         let dbg = format!("{set:?}");
         assert!(!dbg.contains("secretaccess") && !dbg.contains("secretrefresh"), "{dbg}");
@@ -131,6 +136,7 @@ mod tests {
             refresh_token: SimToken::new("shprt_r"),
             refresh_token_expires_in: 7_776_000,
             scope: "write_products".into(),
+            session: None,
         };
         assert_eq!(
             serde_json::to_value(&set).unwrap(),

@@ -109,11 +109,18 @@ pub struct ModelConfig {
     pub revoke_family_on_reuse: bool,
     /// A successful Admin API call with A′ retires the refresh token R whose first use minted
     /// it (UNCONFIRMED; default off). Only meaningful under
-    /// [`RotationPolicy::RetainUntilReplacementUsed`].
+    /// [`RotationPolicy::RetainUntilReplacementUsed`] (under the others a used token is
+    /// already bounded by its window or single use, though the switch applies there too).
     pub admin_use_retires_previous: bool,
     /// A new acquisition revokes the grant's older access tokens at once instead of letting
     /// them live to expiry (older doc wording; default off).
     pub revoke_old_access_on_acquisition: bool,
+    /// Expiring-token answers carry a `session` field, as the Ruby and Rust libraries model
+    /// (UNCONFIRMED; default off).
+    pub include_session_field: bool,
+    /// The Admin API answers non-expiring tokens with 403 "Non-expiring access tokens are no
+    /// longer accepted…" (after the enforcement date; default off: they work until migrated).
+    pub reject_non_expiring_admin: bool,
     /// Body and status of an inactive-refresh-token rejection.
     pub rejection_style: RejectionStyle,
     /// Status of `invalid_client` answers (UNCONFIRMED; default 401).
@@ -139,6 +146,8 @@ impl Default for ModelConfig {
             revoke_family_on_reuse: false,
             admin_use_retires_previous: false,
             revoke_old_access_on_acquisition: false,
+            include_session_field: false,
+            reject_non_expiring_admin: false,
             rejection_style: RejectionStyle::InvalidRequest,
             invalid_client_status: 401,
             migration_error: MigrationErrorStyle::InvalidSubjectToken,

@@ -50,6 +50,8 @@ pub const ADMIN_UNAUTHORIZED: &str = "[API] Invalid API key or access token (unr
 pub const ACTIVE_REFRESH_TOKEN_REQUIRED: &str = "This request requires an active refresh_token";
 /// `error_description` of the `invalid_grant` rejection style.
 pub const REFRESH_TOKEN_INVALID_OR_EXPIRED: &str = "The refresh token is invalid or expired";
+/// Body of the Admin API's 403 for non-expiring tokens after enforcement.
+pub const NON_EXPIRING_REFUSED: &str = "[API] Non-expiring access tokens are no longer accepted for the Admin API. Start using expiring offline tokens: https://shopify.dev/docs/apps/build/authentication-authorization/access-tokens/offline-access-tokens#expiring-vs-non-expiring-offline-tokens";
 /// Body of the 520 edge error.
 pub const EDGE_520_BODY: &str = "error code: 520";
 
@@ -75,6 +77,14 @@ pub enum AdminApi {
     RestShop,
     /// `POST /admin/api/{version}/graphql.json`.
     GraphQl,
+}
+
+/// How the Admin API treats a presented access token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AdminVerdict {
+    Ok,
+    Unauthorized,
+    NonExpiringRefused,
 }
 
 /// What presenting a refresh token would do now.
@@ -319,7 +329,7 @@ impl Model {
 
     /// Whether the Admin API would accept `access_token` for `shop` at `now`.
     pub fn access_token_valid(&self, shop: &str, access_token: &str, now: u64) -> bool {
-        self.admin_check(shop, access_token, now)
+        self.admin_check(shop, access_token, now) == AdminVerdict::Ok
     }
 
     /// Everything known about `shop` at `now`.
@@ -759,33 +769,51 @@ impl Model {
     /// Handles an Admin API request carrying `X-Shopify-Access-Token: token`.
     pub fn handle_admin(&mut self, now: u64, shop: &str, token: Option<&str>, api: AdminApi) -> AdminReply {
         let request_id = self.next_request_id();
-        let authorized = token.is_some_and(|t| self.admin_check(shop, t, now));
-        let reply = if authorized {
-            self.counters.bump(shop, |c| c.admin_ok += 1);
-            if self.config.admin_use_retires_previous {
-                self.retire_on_admin_use(token.expect("authorized"));
-            }
-            match api {
-                AdminApi::RestShop => {
-                    HttpReply::json(200, &serde_json::json!({"shop": {"myshopify_domain": shop, "name": shop}}))
+        let verdict = token.map_or(AdminVerdict::Unauthorized, |t| self.admin_check(shop, t, now));
+        let reply = match verdict {
+            AdminVerdict::Ok => {
+                self.counters.bump(shop, |c| c.admin_ok += 1);
+                if self.config.admin_use_retires_previous {
+                    self.retire_on_admin_use(token.expect("authorized"));
                 }
-                AdminApi::GraphQl => HttpReply::json(
-                    200,
-                    &serde_json::json!({"data": {"shop": {"myshopifyDomain": shop, "name": shop}}}),
-                ),
+                match api {
+                    AdminApi::RestShop => {
+                        HttpReply::json(200, &serde_json::json!({"shop": {"myshopify_domain": shop, "name": shop}}))
+                    }
+                    AdminApi::GraphQl => HttpReply::json(
+                        200,
+                        &serde_json::json!({"data": {"shop": {"myshopifyDomain": shop, "name": shop}}}),
+                    ),
+                }
             }
-        } else {
-            self.counters.bump(shop, |c| c.admin_unauthorized += 1);
-            HttpReply::json(401, &serde_json::json!({"errors": ADMIN_UNAUTHORIZED}))
+            AdminVerdict::Unauthorized => {
+                self.counters.bump(shop, |c| c.admin_unauthorized += 1);
+                HttpReply::json(401, &serde_json::json!({"errors": ADMIN_UNAUTHORIZED}))
+            }
+            AdminVerdict::NonExpiringRefused => {
+                self.counters.bump(shop, |c| c.admin_forbidden += 1);
+                HttpReply::json(403, &serde_json::json!({"errors": NON_EXPIRING_REFUSED}))
+            }
         };
-        AdminReply { request_id, authorized, reply }
+        AdminReply { request_id, authorized: verdict == AdminVerdict::Ok, reply }
     }
 
-    fn admin_check(&self, shop: &str, token: &str, now: u64) -> bool {
-        if let Some(a) = self.access.get(token) {
-            return a.key.shop == shop && !a.revoked && now < a.expires_at;
+    fn admin_check(&self, shop: &str, token: &str, now: u64) -> AdminVerdict {
+        let live = if let Some(a) = self.access.get(token) {
+            a.key.shop == shop && !a.revoked && now < a.expires_at
+        } else if self.legacy.get(token).is_some_and(|l| l.key.shop == shop && !l.revoked) {
+            if self.config.reject_non_expiring_admin {
+                return AdminVerdict::NonExpiringRefused;
+            }
+            true
+        } else {
+            false
+        };
+        if live {
+            AdminVerdict::Ok
+        } else {
+            AdminVerdict::Unauthorized
         }
-        self.legacy.get(token).is_some_and(|l| l.key.shop == shop && !l.revoked)
     }
 
     /// UNCONFIRMED switch: API use of A′ retires the R whose first use minted A′.
@@ -919,6 +947,10 @@ impl Model {
             refresh_token: SimToken::new(refresh),
             refresh_token_expires_in: r.expires_at.saturating_sub(now) / 1000,
             scope: self.config.scope.clone(),
+            session: self
+                .config
+                .include_session_field
+                .then(|| format!("sim-session-{}-{}-{}", r.key.client_id, r.key.shop, r.generation)),
         }
     }
 }
@@ -959,11 +991,12 @@ fn realise_fault(fault: Option<Fault>, mut reply: HttpReply, outcome: &TokenOutc
             reply.body = b"<!DOCTYPE html><html><body><h1>Something went wrong</h1></body></html>".to_vec();
             respond(reply)
         }
-        Some(Fault::MissingExpiresIn) => {
+        Some(f @ (Fault::MissingExpiresIn | Fault::MissingRefreshTokenExpiresIn)) => {
             if let TokenOutcome::Issued { tokens, .. } = outcome {
+                let field = if f == Fault::MissingExpiresIn { "expires_in" } else { "refresh_token_expires_in" };
                 let mut v = serde_json::to_value(tokens).expect("serialises");
                 if let Some(obj) = v.as_object_mut() {
-                    obj.remove("expires_in");
+                    obj.remove(field);
                 }
                 reply = HttpReply::json(200, &v);
             }

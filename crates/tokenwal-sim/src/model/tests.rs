@@ -865,3 +865,44 @@ fn model_debug_output_has_no_secrets_or_tokens() {
     assert!(!dbg.contains(t0.refresh_token.as_str()), "{dbg}");
     assert!(!dbg.contains(t0.access_token.as_str()), "{dbg}");
 }
+
+#[test]
+fn missing_refresh_token_expires_in_fault() {
+    let mut m = default_model();
+    let t0 = m.seed_grant(T0, SHOP, None).unwrap();
+    m.push_faults(SHOP, [Fault::MissingRefreshTokenExpiresIn]).unwrap();
+    let r = refresh(&mut m, T0, &t0.refresh_token);
+    let b = body(&r);
+    assert!(b.get("refresh_token_expires_in").is_none() && b.get("expires_in").is_some(), "{b}");
+    assert_eq!(m.counters().shop(SHOP).faults_of("missing_refresh_token_expires_in"), 1);
+}
+
+#[test]
+fn session_field_is_a_switch() {
+    let mut m = default_model();
+    let t0 = m.seed_grant(T0, SHOP, None).unwrap();
+    assert!(body(&refresh(&mut m, T0, &t0.refresh_token)).get("session").is_none());
+    let mut m = model(ModelConfig { include_session_field: true, ..ModelConfig::default() });
+    let t0 = m.seed_grant(T0, SHOP, None).unwrap();
+    assert!(t0.session.is_some());
+    let b = body(&refresh(&mut m, T0, &t0.refresh_token));
+    assert!(b["session"].is_string(), "{b}");
+}
+
+#[test]
+fn non_expiring_tokens_can_be_refused_by_the_admin_api() {
+    let mut m = model(ModelConfig { reject_non_expiring_admin: true, ..ModelConfig::default() });
+    let legacy = m.seed_legacy_token(SHOP, None, None).unwrap();
+    let r = m.handle_admin(T0, SHOP, Some(legacy.as_str()), AdminApi::RestShop);
+    assert!(!r.authorized);
+    assert_eq!(r.reply.status, 403);
+    assert!(r.reply.json_body().unwrap()["errors"]
+        .as_str()
+        .unwrap()
+        .starts_with("[API] Non-expiring access tokens are no longer accepted"));
+    assert_eq!(m.counters().shop(SHOP).admin_forbidden, 1);
+    // Migration still works, and the migrated token is then simply unknown (401).
+    let pair = ok(migrate(&mut m, T0, &legacy));
+    assert!(m.handle_admin(T0, SHOP, Some(pair.access_token.as_str()), AdminApi::RestShop).authorized);
+    assert_eq!(m.handle_admin(T0, SHOP, Some(legacy.as_str()), AdminApi::RestShop).reply.status, 401);
+}
