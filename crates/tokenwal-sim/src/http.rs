@@ -97,6 +97,12 @@ impl ConnControl {
 
 /// A running simulator. Dropping it stops the server (without waiting); prefer
 /// [`SimHandle::shutdown`] in async code.
+///
+/// The HTTP routes lowercase shop domains, and so do this handle's helpers; calls made
+/// directly on the [`Model`] through [`SimHandle::with_model`] compare shops exactly.
+/// Helpers that need an app ([`seed_shop`](Self::seed_shop),
+/// [`session_token`](Self::session_token)) use the default app and panic if the model has
+/// none (only possible with [`serve_model`]).
 pub struct SimHandle {
     addr: SocketAddr,
     shared: Arc<Shared>,
@@ -179,19 +185,22 @@ impl SimHandle {
     /// Seeds a grant of the default app on `shop` (as by token exchange) and returns its tokens.
     pub fn seed_shop(&self, shop: &str) -> TokenSet {
         let now = self.now_ms();
-        self.with_model(|m| m.seed_grant(now, shop, None)).expect("the server always has a default app")
+        let shop = shop.to_ascii_lowercase();
+        self.with_model(|m| m.seed_grant(now, &shop, None)).expect("the server always has a default app")
     }
 
     /// A session token for `shop` signed by the default app, valid for a minute from the
     /// simulator's now.
     pub fn session_token(&self, shop: &str) -> String {
         let now = self.now_ms();
-        self.with_model(|m| m.session_token(now, shop, None, 60_000)).expect("the server always has a default app")
+        let shop = shop.to_ascii_lowercase();
+        self.with_model(|m| m.session_token(now, &shop, None, 60_000)).expect("the server always has a default app")
     }
 
     /// Queues scripted faults for `shop`.
     pub fn push_faults(&self, shop: &str, faults: impl IntoIterator<Item = Fault>) -> Result<(), FaultConfigError> {
-        self.with_model(|m| m.push_faults(shop, faults))
+        let shop = shop.to_ascii_lowercase();
+        self.with_model(|m| m.push_faults(&shop, faults))
     }
 
     /// A snapshot of the counters.
@@ -202,13 +211,15 @@ impl SimHandle {
     /// Everything known about `shop` now.
     pub fn shop_state(&self, shop: &str) -> ShopState {
         let now = self.now_ms();
-        self.with_model(|m| m.shop_state(shop, now))
+        let shop = shop.to_ascii_lowercase();
+        self.with_model(|m| m.shop_state(&shop, now))
     }
 
     /// [`Model::grant_alive`] at the simulator's now.
     pub fn grant_alive(&self, shop: &str) -> bool {
         let now = self.now_ms();
-        self.with_model(|m| m.grant_alive(shop, now))
+        let shop = shop.to_ascii_lowercase();
+        self.with_model(|m| m.grant_alive(&shop, now))
     }
 
     /// Stops accepting, lets open connections finish (hung ones are reset), and waits for
