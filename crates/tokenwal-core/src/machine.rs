@@ -472,6 +472,17 @@ impl Machine {
     /// resolve the ambiguity. `Healthy` grants are refreshed whenever asked (callers decide when; see
     /// [`Machine::step`]); backoff applies in both phases.
     pub fn plan_attempt(&self, s: &GrantState, now: UnixMillis) -> Result<Pending<AttemptRequest>, Refusal> {
+        self.plan(s, now, true)
+    }
+
+    /// Recovery's retry of an ambiguous grant: like [`Machine::plan_attempt`], but an ambiguous grant's
+    /// backoff (set by the process that stopped) does not delay it. A restart is when an ambiguity
+    /// should be probed at once; every other rule still applies.
+    pub fn plan_recovery_attempt(&self, s: &GrantState, now: UnixMillis) -> Result<Pending<AttemptRequest>, Refusal> {
+        self.plan(s, now, !matches!(s.phase, Phase::Ambiguous(_)))
+    }
+
+    fn plan(&self, s: &GrantState, now: UnixMillis, respect_backoff: bool) -> Result<Pending<AttemptRequest>, Refusal> {
         let resolving = match &s.phase {
             Phase::Healthy => None,
             Phase::Ambiguous(amb) => {
@@ -487,7 +498,7 @@ impl Machine {
             Phase::Uninstalled { .. } => return Err(Refusal::Uninstalled),
         };
         let tokens = s.tokens.as_ref().ok_or(Refusal::NoTokens)?;
-        if let Some(nb) = s.not_before {
+        if let (true, Some(nb)) = (respect_backoff, s.not_before) {
             if now < nb {
                 return Err(Refusal::BackingOff(nb));
             }

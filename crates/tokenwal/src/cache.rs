@@ -18,8 +18,6 @@ pub(crate) struct Cached {
     pub(crate) token: AccessToken,
     /// Serve without a refresh until then (expiry minus the refresh margin).
     pub(crate) refresh_at: UnixMillis,
-    /// The token is usable until then.
-    pub(crate) expires_at: UnixMillis,
     /// The generation it came from: an older generation never replaces a newer one.
     pub(crate) generation: Generation,
 }
@@ -35,12 +33,7 @@ pub(crate) struct Slot {
 impl Slot {
     /// Caches `tokens` of `generation` unless a newer generation is cached already.
     pub(crate) fn offer(&self, tokens: &TokenSet, generation: Generation, refresh_at: UnixMillis) {
-        let new = Arc::new(Cached {
-            token: tokens.access_token.clone(),
-            refresh_at,
-            expires_at: tokens.access_expires_at,
-            generation,
-        });
+        let new = Arc::new(Cached { token: tokens.access_token.clone(), refresh_at, generation });
         self.cached.rcu(|cur| match cur {
             Some(c) if c.generation > generation => Some(Arc::clone(c)),
             _ => Some(Arc::clone(&new)),

@@ -93,10 +93,9 @@ impl Engine {
             StoreLocation::InMemory => (Store::in_memory(), Vec::new()),
             StoreLocation::Path(p) => {
                 let p = p.clone();
-                let (store, report) =
-                    tokio::task::spawn_blocking(move || Store::open(p, StoreConfig::default()))
-                        .await
-                        .map_err(|e| Error::Config(format!("store open task failed: {e}")))??;
+                let (store, report) = tokio::task::spawn_blocking(move || Store::open(p, StoreConfig::default()))
+                    .await
+                    .map_err(|e| Error::Config(format!("store open task failed: {e}")))??;
                 (store, report.corrupt)
             }
         };
@@ -231,7 +230,12 @@ impl Engine {
     }
 
     /// [`Engine::install`] for any grant, with its source recorded in the journal.
-    pub async fn install_grant(&self, grant: GrantKey, tokens: TokenSet, source: InstallSource) -> Result<Generation, Error> {
+    pub async fn install_grant(
+        &self,
+        grant: GrantKey,
+        tokens: TokenSet,
+        source: InstallSource,
+    ) -> Result<Generation, Error> {
         self.check_provider(&grant)?;
         let inner = &self.inner;
         loop {
@@ -388,10 +392,16 @@ impl Inner {
         (now.0 < until).then_some(UnixMillis(until))
     }
 
-    /// Runs one attempt from `state`: intent durable → send → outcome durable.
-    async fn attempt(&self, state: &GrantState) -> Result<Settled, Error> {
+    /// Runs one attempt from `state`: intent durable → send → outcome durable. `recovery` lets an
+    /// ambiguous grant's retry go despite its backoff (see `Machine::plan_recovery_attempt`).
+    async fn attempt(&self, state: &GrantState, recovery: bool) -> Result<Settled, Error> {
         let grant = &state.grant;
-        let pending = self.machine.plan_attempt(state, now()).map_err(|r| refusal(grant, r))?;
+        let planned = if recovery {
+            self.machine.plan_recovery_attempt(state, now())
+        } else {
+            self.machine.plan_attempt(state, now())
+        };
+        let pending = planned.map_err(|r| refusal(grant, r))?;
         // Journal before network: the request exists only once the intent is durable.
         let permit = pending.make_durable(&self.store).await?;
         self.after_durable(&permit);
@@ -409,10 +419,7 @@ impl Inner {
                 }
                 Err(StoreError::Conflict { .. }) => {
                     // Someone else wrote (an install, an uninstall): re-read before acting.
-                    current = self
-                        .store
-                        .get(grant)?
-                        .ok_or_else(|| Error::NotInstalled { grant: grant.clone() })?;
+                    current = self.store.get(grant)?.ok_or_else(|| Error::NotInstalled { grant: grant.clone() })?;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -424,6 +431,7 @@ impl Inner {
     pub(crate) async fn drive(&self, grant: &GrantKey, resolve_only: bool) {
         let slot = self.slots.get_or_create(grant.account());
         let _flight = slot.flight.lock().await;
+        let mut first = true;
         for _ in 0..4 {
             let state = match self.store.get(grant) {
                 Ok(Some(s)) => s,
@@ -437,12 +445,21 @@ impl Inner {
                 return;
             }
             let now = now();
-            match self.machine.step(&state, now) {
+            let step = match self.machine.step(&state, now) {
+                // Recovery probes an ambiguity at once, whatever backoff the stopped process set.
+                Step::Wait { .. } if resolve_only && first && matches!(state.phase, Phase::Ambiguous(_)) => {
+                    Step::Attempt
+                }
+                s => s,
+            };
+            let recovery = resolve_only && first;
+            first = false;
+            match step {
                 Step::Attempt => {
                     if self.paused(now).is_some() {
                         return;
                     }
-                    match self.attempt(&state).await {
+                    match self.attempt(&state, recovery).await {
                         Ok(done) if done.value().is_some() => return,
                         Ok(done) => {
                             // Not resolved yet: go again only if no backoff applies.
@@ -512,7 +529,7 @@ impl Inner {
                         return still_valid.ok_or(Error::AppCredentialsRejected { until });
                     }
                     force = false;
-                    let done = match self.attempt(&state).await {
+                    let done = match self.attempt(&state, false).await {
                         Ok(done) => done,
                         Err(e) if e.is_transient() => continue,
                         Err(e) => return Err(e),
@@ -536,9 +553,11 @@ impl Inner {
                     }
                     if until > deadline {
                         return Err(match &state.phase {
-                            Phase::Ambiguous(a) => {
-                                Error::Ambiguous { grant: grant.clone(), reason: a.last_reason.clone(), retry_at: until }
-                            }
+                            Phase::Ambiguous(a) => Error::Ambiguous {
+                                grant: grant.clone(),
+                                reason: a.last_reason.clone(),
+                                retry_at: until,
+                            },
                             _ => Error::Unavailable { grant: grant.clone(), retry_at: until },
                         });
                     }

@@ -104,7 +104,8 @@ impl Transport {
                 builder = builder.json(&body);
             }
             Endpoint::OAuth2 { client_auth, .. } => {
-                let mut form = vec![("grant_type", "refresh_token"), ("refresh_token", req.credential().expose_secret())];
+                let mut form =
+                    vec![("grant_type", "refresh_token"), ("refresh_token", req.credential().expose_secret())];
                 match client_auth {
                     ClientAuth::Body => {
                         form.push(("client_id", &self.client_id));

@@ -79,7 +79,8 @@ async fn intent_is_durable_before_the_request_leaves() {
                     let store = store_slot.get().expect("store published before any request");
                     let grant = GrantKey::shopify(&ShopDomain::parse(&s).unwrap());
                     let state = store.get(&grant).unwrap().unwrap();
-                    let intent_logged = store.history(&grant).unwrap().iter().any(|(_, r)| matches!(r, Record::Intent { .. }));
+                    let intent_logged =
+                        store.history(&grant).unwrap().iter().any(|(_, r)| matches!(r, Record::Intent { .. }));
                     seen.lock().unwrap().push(format!("{}:{}", state.phase.name(), intent_logged));
                     axum::Json(serde_json::json!({
                         "access_token": "shpat_new", "expires_in": 3600,
@@ -253,7 +254,12 @@ async fn garbled_and_plain_text_answers_are_retried_not_trusted() {
     let tokens = seed(&sim, name);
     sim.push_faults(
         &shop(name).to_string(),
-        [Fault::FailBeforeProcessing { status: 503 }, Fault::Truncated, Fault::MissingExpiresIn, Fault::Malformed],
+        [
+            Fault::FailBeforeProcessing { status: 503, json: false },
+            Fault::Truncated,
+            Fault::MissingExpiresIn,
+            Fault::Malformed,
+        ],
     )
     .unwrap();
     let (engine, _) = Engine::open(config(&sim.base_url(), StoreLocation::InMemory, SECRET)).await.unwrap();
