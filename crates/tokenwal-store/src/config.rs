@@ -146,6 +146,10 @@ pub struct StoreStats {
     pub corrupt_refusals: u64,
     /// Journal records deleted by compaction.
     pub compacted: u64,
+    /// Time the committer spent in commit groups' transactions.
+    pub write_time: Duration,
+    /// Time the committer spent in flushes and syncs.
+    pub sync_time: Duration,
 }
 
 impl StoreStats {

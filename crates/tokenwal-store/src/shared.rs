@@ -30,7 +30,7 @@ pub(crate) struct PreImage {
 #[doc(hidden)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum FaultPoint {
-    /// Before a batch's transaction: nothing of that batch is written.
+    /// Before a batch's transaction: nothing of it is written.
     BeforeWrite,
     /// After a batch's transaction: it is written (visible, not yet synced) but reported failed.
     AfterWrite,
@@ -48,11 +48,17 @@ pub(crate) struct Counters {
     pub conflicts: AtomicU64,
     pub corrupt_refusals: AtomicU64,
     pub compacted: AtomicU64,
+    pub write_nanos: AtomicU64,
+    pub sync_nanos: AtomicU64,
 }
 
 impl Counters {
     pub(crate) fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_time(c: &AtomicU64, since: Instant) {
+        Counters::add(c, u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX));
     }
 
     pub(crate) fn snapshot(&self) -> StoreStats {
@@ -66,6 +72,8 @@ impl Counters {
             conflicts: r(&self.conflicts),
             corrupt_refusals: r(&self.corrupt_refusals),
             compacted: r(&self.compacted),
+            write_time: Duration::from_nanos(r(&self.write_nanos)),
+            sync_time: Duration::from_nanos(r(&self.sync_nanos)),
         }
     }
 }

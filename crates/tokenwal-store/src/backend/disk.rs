@@ -2,7 +2,7 @@
 //! on Linux) followed by `sync_all` of `<dir>/db`. `flush_async` is never called: it deadlocks
 //! under concurrency in this sled version.
 
-use super::{delete_expired, write_batch, ApplyError, Expired, Kv, TxnFail};
+use super::{delete_expired, write_group, BatchResult, Expired, Kv};
 use crate::config::StoreConfig;
 use crate::error::StoreError;
 use crate::layout::{self, Tree};
@@ -178,18 +178,14 @@ impl SledBackend {
         (&t[0], &t[1], &t[2], &t[3], &t[4], &t[5])
     }
 
-    pub(crate) fn apply(&self, b: &WriteBatch, first_lsn: u64) -> Result<bool, ApplyError> {
-        let r = self.trees().transaction(|(g, o, j, h, e, m)| {
-            write_batch(&SledKv([g, o, j, h, e, m]), b, first_lsn).map_err(|f| match f {
-                TxnFail::Abort(a) => ConflictableTransactionError::Abort(a),
-                TxnFail::Kv(e) => e.into(),
-            })
+    pub(crate) fn apply_group(&self, batches: &[&WriteBatch], first_lsn: u64) -> Result<Vec<BatchResult>, StoreError> {
+        let r: Result<_, TransactionError<()>> = self.trees().transaction(|(g, o, j, h, e, m)| {
+            write_group(&SledKv([g, o, j, h, e, m]), batches, first_lsn).map_err(ConflictableTransactionError::from)
         });
-        match r {
-            Ok(new) => Ok(new),
-            Err(TransactionError::Abort(a)) => Err(a),
-            Err(TransactionError::Storage(e)) => Err(ApplyError::Fail(StoreError::from_sled("transaction", e))),
-        }
+        r.map_err(|e| match e {
+            TransactionError::Abort(()) => StoreError::Backend("transaction aborted".into()),
+            TransactionError::Storage(e) => StoreError::from_sled("transaction", e),
+        })
     }
 
     pub(crate) fn delete_expired(&self, entries: &[Expired]) -> Result<(), StoreError> {

@@ -1,7 +1,7 @@
 //! The in-memory backend: a live image that writes go to, and a durable image that only a sync
 //! updates. A crash image is a copy of the durable one.
 
-use super::{delete_expired, write_batch, ApplyError, Expired, Kv, TxnFail};
+use super::{delete_expired, write_group, BatchResult, Expired, Kv};
 use crate::layout::Tree;
 use crate::shared::lock;
 use std::cell::RefCell;
@@ -129,17 +129,13 @@ impl MemBackend {
         }
     }
 
-    pub(crate) fn apply(&self, b: &WriteBatch, first_lsn: u64) -> Result<bool, ApplyError> {
+    pub(crate) fn apply_group(&self, batches: &[&WriteBatch], first_lsn: u64) -> Vec<BatchResult> {
         let mut g = lock(&self.inner);
         let txn = MemTxn { img: &g.live, writes: RefCell::new(Vec::new()) };
-        let new = match write_batch(&txn, b, first_lsn) {
-            Ok(new) => new,
-            Err(TxnFail::Abort(a)) => return Err(a),
-            Err(TxnFail::Kv(never)) => match never {},
-        };
+        let Ok(results) = write_group(&txn, batches, first_lsn);
         let writes = txn.writes.into_inner();
         Self::commit(&mut g, writes);
-        Ok(new)
+        results
     }
 
     pub(crate) fn delete_expired(&self, entries: &[Expired]) {

@@ -11,11 +11,10 @@ use crate::error::StoreError;
 use crate::layout::{self, Tree};
 use tokenwal_core::{codec, CodecError, WriteBatch};
 
-/// Why one batch was not written. `Conflict` and `Corrupt` answer only that writer; `Fail` poisons.
+/// Why one batch was not written; it answers only that writer.
 pub(crate) enum ApplyError {
     Conflict { found: Option<u64> },
     Corrupt(CodecError),
-    Fail(StoreError),
 }
 
 /// A transaction's view of the trees.
@@ -69,6 +68,28 @@ pub(crate) fn write_batch<K: Kv>(kv: &K, b: &WriteBatch, first_lsn: u64) -> Resu
         kv.put(Tree::Meta, layout::META_GRANT_COUNT, &(n + 1).to_be_bytes()).map_err(TxnFail::Kv)?;
     }
     Ok(new)
+}
+
+/// What became of one batch of a group written in one transaction.
+pub(crate) type BatchResult = Result<bool, ApplyError>;
+
+/// Writes a group of batches in one transaction: each batch is checked and written in order (a
+/// later batch sees the earlier ones), and a batch refused by its check writes nothing and does not
+/// affect the others. Successful batches take consecutive LSNs from `first_lsn`.
+pub(crate) fn write_group<K: Kv>(kv: &K, batches: &[&WriteBatch], first_lsn: u64) -> Result<Vec<BatchResult>, K::Err> {
+    let mut lsn = first_lsn;
+    let mut out = Vec::with_capacity(batches.len());
+    for b in batches {
+        match write_batch(kv, b, lsn) {
+            Ok(new) => {
+                lsn += b.records.len() as u64;
+                out.push(Ok(new));
+            }
+            Err(TxnFail::Abort(a)) => out.push(Err(a)),
+            Err(TxnFail::Kv(e)) => return Err(e),
+        }
+    }
+    Ok(out)
 }
 
 /// One journal record past retention, found through the expiry index.
@@ -135,12 +156,14 @@ impl Backend {
         }
     }
 
-    /// Writes one batch atomically (visible at once, durable only after [`Backend::sync`]).
-    pub(crate) fn apply(&self, b: &WriteBatch, first_lsn: u64) -> Result<bool, ApplyError> {
-        match self {
-            Backend::Sled(s) => s.apply(b, first_lsn),
-            Backend::Memory(m) => m.apply(b, first_lsn),
-        }
+    /// Writes one batch in one transaction: visible at once, durable only after [`Backend::sync`].
+    /// The outer `Err` means the transaction failed (it may or may not have been written).
+    pub(crate) fn apply(&self, b: &WriteBatch, first_lsn: u64) -> Result<BatchResult, StoreError> {
+        let mut results = match self {
+            Backend::Sled(s) => s.apply_group(&[b], first_lsn)?,
+            Backend::Memory(m) => m.apply_group(&[b], first_lsn),
+        };
+        Ok(results.pop().expect("one result per batch"))
     }
 
     pub(crate) fn delete_expired(&self, entries: &[Expired]) -> Result<(), StoreError> {
