@@ -42,7 +42,7 @@ struct DropGuard(Arc<Inner>);
 
 impl Drop for DropGuard {
     fn drop(&mut self) {
-        let _ = self.0.shutdown.send(true);
+        let _ = self.0.shutdown.send_replace(true);
     }
 }
 
@@ -320,7 +320,7 @@ impl Engine {
 
     /// Stops background work and waits for the scheduler's in-flight attempts to finish.
     pub async fn shutdown(&self) {
-        let _ = self.inner.shutdown.send(true);
+        let _ = self.inner.shutdown.send_replace(true);
         self.inner.scheduler.wait_stopped().await;
     }
 

@@ -56,29 +56,33 @@ impl SchedulerHandle {
 }
 
 pub(crate) fn spawn(inner: Arc<Inner>, rx: SchedulerRx) {
-    inner.scheduler_started();
-    tokio::spawn(run(inner, rx));
-}
-
-impl Inner {
-    fn scheduler_started(&self) {
-        let _ = self.scheduler_handle().stopped.send(false);
-    }
+    let stopped = inner.scheduler_handle().stopped.clone();
+    let _ = stopped.send_replace(false);
+    tokio::spawn(async move {
+        run(inner, rx).await;
+        // Every handle on the engine's internals (and so on the store) is gone by now: whoever waits
+        // for this may reopen the store at once.
+        let _ = stopped.send_replace(true);
+    });
 }
 
 async fn run(inner: Arc<Inner>, mut rx: SchedulerRx) {
     let mut shutdown = inner.shutdown.subscribe();
-    // Initial load, off the async threads.
-    {
+    // Initial load, off the async threads; awaited before the scheduler reports itself stopped.
+    let scan = {
         let inner2 = Arc::clone(&inner);
         tokio::task::spawn_blocking(move || {
             let t = now();
-            let r = inner2.store.for_each_grant(|s| inner2.scheduler_handle().notify(&s, &inner2.machine, t));
+            let r = inner2.store.for_each_grant(|s| {
+                if !*inner2.shutdown.borrow() {
+                    inner2.scheduler_handle().notify(&s, &inner2.machine, t)
+                }
+            });
             if let Err(e) = r {
                 warn!(error = %e, "scheduler could not scan the store");
             }
-        });
-    }
+        })
+    };
     let mut heap: BinaryHeap<Reverse<(UnixMillis, GrantKey)>> = BinaryHeap::new();
     let mut live: HashMap<GrantKey, UnixMillis> = HashMap::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -122,5 +126,5 @@ async fn run(inner: Arc<Inner>, mut rx: SchedulerRx) {
     }
     // Graceful stop: attempts in flight finish (or stay journaled as intents if the process dies).
     while tasks.join_next().await.is_some() {}
-    let _ = inner.scheduler_handle().stopped.send(true);
+    let _ = scan.await;
 }

@@ -1,0 +1,129 @@
+//! Secrets never leak: the engine runs real flows against the simulator (refreshes, every fault the
+//! transport can see, rejections, restarts, uninstall) with `tracing` at TRACE for *every* crate
+//! (hyper, reqwest and rustls included) writing into a buffer. Every error's `Display` and `Debug`,
+//! every state's and event's `Debug` go into the same buffer. Then no token the simulator ever issued,
+//! and not the client secret, may appear in it.
+//!
+//! One test per binary: the subscriber is process-global.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokenwal::core::{AccessToken, ClientSecret, GrantKey, RefreshToken, ShopDomain, TokenSet, UnixMillis};
+use tokenwal::{Config, Engine, StoreLocation};
+use tokenwal_sim::{serve, Fault, SimConfig};
+
+#[derive(Clone, Default)]
+struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Buffer {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+const SECRET: &str = "sim-client-secret";
+
+fn now() -> UnixMillis {
+    UnixMillis::from_system_time(std::time::SystemTime::now())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_logs_errors_or_debug_output() {
+    let buf = Buffer::default();
+    let writer = buf.clone();
+    tracing_subscriber::fmt().with_env_filter("trace").with_writer(move || writer.clone()).with_ansi(false).init();
+    let mut out = buf.clone();
+
+    let sim = serve(SimConfig::default(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let make_config = |secret: &str, max_wait: Duration| {
+        let mut c = Config::shopify(StoreLocation::Path(path.clone()), "sim-client-id", ClientSecret::new(secret))
+            .with_insecure_test_endpoint(url::Url::parse(&sim.base_url()).unwrap());
+        c.proactive = true;
+        c.max_wait = max_wait;
+        c.timeouts.total = Duration::from_millis(800);
+        c.policy.backoff.base = Duration::from_millis(20);
+        c.policy.backoff.cap = Duration::from_millis(100);
+        c.refresh_margin = Duration::from_millis(200);
+        c
+    };
+    let names = ["leak-a", "leak-b", "leak-c", "leak-d", "leak-e"];
+    let shop = |n: &str| ShopDomain::parse(&format!("{n}.myshopify.com")).unwrap();
+    let faults: [&[Fault]; 5] = [
+        &[Fault::RotateThenDrop, Fault::Truncated, Fault::Malformed],
+        &[Fault::RotateThenReset, Fault::MissingExpiresIn],
+        &[Fault::RotateThenHang, Fault::FailBeforeProcessing { status: 520, json: false }],
+        &[Fault::Throttle { retry_after_secs: 0 }, Fault::FailBeforeProcessing { status: 500, json: true }],
+        &[],
+    ];
+    {
+        let (engine, report) = Engine::open(make_config(SECRET, Duration::from_secs(5))).await.unwrap();
+        writeln!(out, "{report:?}").unwrap();
+        for (n, f) in names.iter().zip(faults) {
+            let t = sim.seed_shop(&shop(n).to_string());
+            sim.push_faults(&shop(n).to_string(), f.iter().copied()).unwrap();
+            let tokens = TokenSet {
+                access_token: AccessToken::new(t.access_token.as_str()),
+                access_expires_at: now(),
+                refresh_token: RefreshToken::new(t.refresh_token.as_str()),
+                refresh_expires_at: None,
+                scope: Some(t.scope.clone()),
+            };
+            writeln!(out, "{tokens:?}").unwrap();
+            engine.install(&shop(n), tokens).await.unwrap();
+        }
+        let mut events = engine.subscribe();
+        for n in names {
+            match engine.access_token(&shop(n)).await {
+                Ok(t) => writeln!(out, "{t:?}").unwrap(),
+                Err(e) => writeln!(out, "{e} {e:?}").unwrap(),
+            }
+        }
+        // A shop whose grant the server killed.
+        sim.with_model(|m| m.uninstall(&shop("leak-e").to_string()));
+        let rejected = engine.access_token(&shop("leak-e")).await.unwrap();
+        let e = engine.on_unauthorized(&shop("leak-e"), &rejected).await;
+        writeln!(out, "{e:?}").unwrap();
+        for n in names {
+            let s = engine.state(&GrantKey::shopify(&shop(n))).unwrap();
+            writeln!(out, "{s:?}").unwrap();
+            for r in engine.store().history(&GrantKey::shopify(&shop(n))).unwrap() {
+                writeln!(out, "{r:?}").unwrap();
+            }
+        }
+        while let Ok(e) = events.try_recv() {
+            writeln!(out, "{e:?}").unwrap();
+        }
+        engine.uninstalled(&shop("leak-a")).await.unwrap();
+        engine.shutdown().await;
+    }
+    {
+        // Wrong app credentials: the error paths of invalid_client.
+        let (engine, report) = Engine::open(make_config("wrong-secret-value", Duration::ZERO)).await.unwrap();
+        writeln!(out, "{report:?}").unwrap();
+        let e = engine.access_token(&shop("leak-b")).await;
+        writeln!(out, "{e:?}").unwrap();
+        engine.shutdown().await;
+    }
+
+    let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    assert!(text.len() > 10_000, "the trace should be substantial, got {} bytes", text.len());
+    let mut secrets = vec![SECRET.to_owned(), "wrong-secret-value".to_owned()];
+    for n in names {
+        let state = sim.shop_state(&shop(n).to_string());
+        for g in &state.grants {
+            secrets.extend(g.refresh_tokens.iter().map(|t| t.token.as_str().to_owned()));
+            secrets.extend(g.access_tokens.iter().map(|t| t.token.as_str().to_owned()));
+        }
+    }
+    assert!(secrets.len() > 12, "the simulator issued tokens: {}", secrets.len());
+    for s in &secrets {
+        assert!(!text.contains(s.as_str()), "a secret leaked into the output (length {})", s.len());
+    }
+}
