@@ -14,9 +14,9 @@ pub enum RecoveryMode {
     SkipCorruptRecords,
 }
 
-/// Store configuration.
+/// Store configuration. Build it with struct-update syntax (`StoreConfig { retention, ..Default::default() }`)
+/// or the `with_*` methods.
 #[derive(Clone, Debug)]
-#[non_exhaustive]
 pub struct StoreConfig {
     /// How long journal records are kept ([`crate::Store::compact`] drops older ones). Default 30 days.
     pub retention: Duration,
