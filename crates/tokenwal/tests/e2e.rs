@@ -338,3 +338,30 @@ async fn the_test_endpoint_must_be_loopback() {
     let c = config("http://user:pw@127.0.0.1:8080", StoreLocation::InMemory, SECRET);
     assert!(matches!(Engine::open(c).await.err().unwrap(), Error::Config(_)));
 }
+
+#[tokio::test]
+async fn the_scheduler_keeps_shops_fresh_without_callers() {
+    let mut sc = SimConfig::default();
+    sc.access_ttl = "2s".parse().unwrap();
+    let sim = serve(sc, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let names = ["sched-a", "sched-b", "sched-c"];
+    let mut c = config(&sim.base_url(), StoreLocation::InMemory, SECRET);
+    c.proactive = true;
+    c.refresh_margin = Duration::from_millis(800);
+    let (engine, _) = Engine::open(c).await.unwrap();
+    for n in names {
+        let mut t = seed(&sim, n);
+        t.access_expires_at = now().saturating_add(Duration::from_secs(2));
+        engine.install(&shop(n), t).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    for n in names {
+        let c = sim.counters().shop(&shop(n).to_string());
+        assert!(c.rotations >= 2, "{n}: {c:?}");
+        // What the engine holds right now works, without a caller having asked for anything.
+        let s = engine.state(&GrantKey::shopify(&shop(n))).unwrap().unwrap();
+        assert_eq!(s.phase, Phase::Healthy);
+        assert!(accepted(&sim, n, &s.tokens.unwrap().access_token), "{n}");
+    }
+    engine.shutdown().await;
+}
