@@ -341,8 +341,7 @@ async fn the_test_endpoint_must_be_loopback() {
 
 #[tokio::test]
 async fn the_scheduler_keeps_shops_fresh_without_callers() {
-    let mut sc = SimConfig::default();
-    sc.access_ttl = "2s".parse().unwrap();
+    let sc = SimConfig { access_ttl: "2s".parse().unwrap(), ..SimConfig::default() };
     let sim = serve(sc, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let names = ["sched-a", "sched-b", "sched-c"];
     let mut c = config(&sim.base_url(), StoreLocation::InMemory, SECRET);
