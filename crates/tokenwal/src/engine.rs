@@ -3,6 +3,7 @@
 use crate::cache::{Slot, Slots};
 use crate::config::{Config, StoreLocation};
 use crate::error::Error;
+use crate::failpoint;
 use crate::scheduler::{self, SchedulerHandle};
 use crate::transport::{Grant, Transport};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -165,6 +166,7 @@ impl Engine {
         for item in plan.items {
             if let Some(t) = item.transition {
                 self.inner.commit_transition(t).await?;
+                failpoint::hit("during-recovery");
             }
             match item.intention {
                 Intention::Resolve { .. } => to_resolve.push(item.grant),
@@ -402,18 +404,23 @@ impl Inner {
             self.machine.plan_attempt(state, now())
         };
         let pending = planned.map_err(|r| refusal(grant, r))?;
+        failpoint::hit("before-intent");
         // Journal before network: the request exists only once the intent is durable.
         let permit = pending.make_durable(&self.store).await?;
+        failpoint::hit("after-intent");
         self.after_durable(&permit);
         let attempt = permit.value().attempt().0;
         let (outcome, status) = self.transport.send(Grant::Refresh(permit.value()), now).await;
+        failpoint::hit("after-response");
         log_outcome(grant, attempt, status, &outcome);
         let mut current = permit.state().clone();
         loop {
             let pending = self.machine.on_outcome(&current, &permit, outcome.clone(), now(), rand::random());
+            failpoint::hit("before-commit");
             // Commit before use: tokens are released only by a durable commit.
             match pending.make_durable(&self.store).await {
                 Ok(done) => {
+                    failpoint::hit("after-commit");
                     self.after_durable(&done);
                     return Ok(done);
                 }

@@ -45,6 +45,7 @@ mod cache;
 pub mod config;
 mod engine;
 mod error;
+pub mod failpoint;
 mod scheduler;
 mod transport;
 
