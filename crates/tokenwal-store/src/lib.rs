@@ -1,6 +1,6 @@
 //! # tokenwal-store
 //!
-//! The durable journal and token store of tokenwal: it applies the core's [`WriteBatch`]es
+//! The durable journal and token store of tokenwal: it applies the core's [`WriteBatch`](tokenwal_core::WriteBatch)es
 //! atomically (compare-and-swap on the grant's version), and answers only once they are on disk.
 //!
 //! ## Layout

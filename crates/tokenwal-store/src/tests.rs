@@ -465,6 +465,19 @@ fn memory_fail_stop_keeps_the_unsynced_write_out_of_the_crash_image() {
     }
 }
 
+/// Opens the store's sled database directly, waiting for the dropped store's sled to let go of it
+/// (sled 0.34.7 releases its lock from background threads).
+fn raw_sled(path: &Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        match sled::open(path) {
+            Ok(db) => return db,
+            Err(_) if std::time::Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 fn flip(tree: &sled::Tree, key: &[u8], at: usize) {
     let mut v = tree.get(key).unwrap().unwrap().to_vec();
     let i = at.min(v.len() - 1);
@@ -488,7 +501,7 @@ fn corrupt_frames_are_quarantined() {
     }
     let b_first_lsn;
     {
-        let db = sled::open(&path).unwrap();
+        let db = raw_sled(&path);
         flip(&db.open_tree(layout::GRANTS).unwrap(), &a.to_bytes(), 20);
         let history = db.open_tree(layout::HISTORY).unwrap();
         let (k, _) = history.scan_prefix(layout::history_prefix(&b.to_bytes())).next().unwrap().unwrap();
@@ -554,7 +567,7 @@ fn unknown_formats_are_refused() {
         put(&store, install(&m, None, &key(1), T0));
     }
     {
-        let db = sled::open(&path).unwrap();
+        let db = raw_sled(&path);
         db.open_tree(layout::META).unwrap().insert(layout::META_FORMAT, "tokenwal-store/99\n").unwrap();
         db.flush().unwrap();
     }
@@ -562,7 +575,7 @@ fn unknown_formats_are_refused() {
     assert!(matches!(&err, StoreError::UnsupportedFormat { found, .. } if found == "tokenwal-store/99"), "{err:?}");
     assert!(err.to_string().contains("tokenwal-store/1"), "{err}");
     {
-        let db = sled::open(&path).unwrap();
+        let db = raw_sled(&path);
         db.open_tree(layout::META).unwrap().remove(layout::META_FORMAT).unwrap();
         db.flush().unwrap();
     }
@@ -667,4 +680,69 @@ fn dropping_the_store_while_acks_are_held_does_not_hang() {
     // The writer's clone keeps the store alive; releasing lets it finish and the last drop joins.
     drop(hold);
     w.join().unwrap().unwrap();
+}
+
+/// Parks a first write at the hold, queues `rest` behind it, then releases: `rest` forms one group.
+fn park_then_queue(store: &Store, first: WriteBatch, rest: Vec<WriteBatch>) -> Vec<Result<(), StoreError>> {
+    let hold = store.hold_acks();
+    let spawn = |b: WriteBatch| {
+        let store = store.clone();
+        thread::spawn(move || store.apply_blocking(b))
+    };
+    // A writer's submission is counted right after it is queued: waiting for each count in turn
+    // makes the queue order the order given.
+    let wait_submitted = |n: u64| {
+        while store.stats().submitted < n {
+            thread::sleep(Duration::from_millis(1));
+        }
+    };
+    let mut count = store.stats().submitted;
+    let mut writers = vec![spawn(first)];
+    assert!(hold.wait_parked(WAIT));
+    count += 1;
+    wait_submitted(count);
+    for b in rest {
+        writers.push(spawn(b));
+        count += 1;
+        wait_submitted(count);
+    }
+    hold.release();
+    writers.into_iter().map(|w| w.join().unwrap()).collect()
+}
+
+#[test]
+fn a_conflict_in_a_group_answers_only_its_writer() {
+    for (store, _dir) in both() {
+        let m = machine(&store);
+        let a1 = put(&store, install(&m, None, &key(1), T0));
+        let syncs = store.stats().syncs;
+        let results = park_then_queue(
+            &store,
+            attempt(&m, &a1, T0 + 1),
+            vec![install(&m, None, &key(2), T0), attempt(&m, &a1, T0 + 2), install(&m, None, &key(3), T0)],
+        );
+        assert!(results[0].is_ok() && results[1].is_ok() && results[3].is_ok(), "{results:?}");
+        assert!(matches!(results[2], Err(StoreError::Conflict { found: Some(2), .. })), "{results:?}");
+        assert_eq!(store.stats().syncs - syncs, 2);
+        assert_eq!(store.grant_count(), 3);
+        assert_eq!(store.history(&key(1)).unwrap().len(), 2);
+        assert!(!store.is_poisoned());
+    }
+}
+
+#[test]
+fn writes_queued_behind_a_failed_sync_are_refused() {
+    for (store, _dir) in both() {
+        let m = machine(&store);
+        store.inject_fault(FaultPoint::Sync, 1);
+        let results = park_then_queue(
+            &store,
+            install(&m, None, &key(1), T0),
+            vec![install(&m, None, &key(2), T0), install(&m, None, &key(3), T0)],
+        );
+        assert!(matches!(results[0], Err(StoreError::Io { op: "sync", .. })), "{results:?}");
+        assert!(matches!(results[1], Err(StoreError::Poisoned)), "{results:?}");
+        assert!(matches!(results[2], Err(StoreError::Poisoned)), "{results:?}");
+        assert_eq!(store.stats().syncs, 0);
+    }
 }

@@ -38,7 +38,15 @@ fn open_is_fast_with_a_million_grants() {
     // Fill the trees directly (the layout is public): far faster than a million group commits.
     let fill = Instant::now();
     {
-        let db = sled::open(&path).unwrap();
+        // The dropped store's sled lets go of its lock from background threads: retry briefly.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let db = loop {
+            match sled::open(&path) {
+                Ok(db) => break db,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                Err(e) => panic!("{e}"),
+            }
+        };
         let grants = db.open_tree(layout::GRANTS).unwrap();
         let open = db.open_tree(layout::OPEN).unwrap();
         for chunk in (0..n).collect::<Vec<_>>().chunks(10_000) {

@@ -14,6 +14,7 @@ use sled::Transactional;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 use tokenwal_core::WriteBatch;
 
 pub(crate) struct SledBackend {
@@ -81,6 +82,27 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// How long `open` waits for sled's own lock on `<dir>/db`.
+const SLED_LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// Opens sled, waiting a little for its lock on `<dir>/db`. Holding `tokenwal.lock` already excludes
+/// every other store, so a held sled lock belongs to a sled instance of this process that was just
+/// dropped: sled 0.34.7 releases the file from background threads, after `Db` is dropped.
+fn open_sled(config: &sled::Config) -> Result<sled::Db, StoreError> {
+    let deadline = Instant::now() + SLED_LOCK_WAIT;
+    loop {
+        match config.open() {
+            // sled reports its lock failure only as this message (`Config::try_lock`).
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock") && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => return r.map_err(|e| StoreError::from_sled("open", e)),
+        }
+    }
+}
+
 struct SledKv<'a>([&'a TransactionalTree; 6]);
 
 impl Kv for SledKv<'_> {
@@ -114,12 +136,8 @@ impl SledBackend {
         if lock.try_lock_exclusive().is_err() {
             return Err(StoreError::Locked { path: dir.to_path_buf() });
         }
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cfg.cache_capacity)
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|e| StoreError::from_sled("open", e))?;
+        let config = sled::Config::new().path(dir).cache_capacity(cfg.cache_capacity).flush_every_ms(Some(500));
+        let db = open_sled(&config)?;
         let mut trees = Vec::with_capacity(6);
         for t in Tree::ALL {
             trees.push(db.open_tree(t.name()).map_err(|e| StoreError::from_sled("open", e))?);
