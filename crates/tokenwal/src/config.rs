@@ -142,6 +142,9 @@ pub enum StoreLocation {
     Path(PathBuf),
     /// In memory (tests and demos: nothing survives the process).
     InMemory,
+    /// A store the caller already opened (tests restart engines on a crash image of an in-memory
+    /// store this way). One engine at a time may use a store.
+    Open(tokenwal_store::Store),
 }
 
 /// Everything the engine needs.

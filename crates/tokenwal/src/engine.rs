@@ -92,6 +92,7 @@ impl Engine {
         }
         let (store, corrupt) = match &config.store {
             StoreLocation::InMemory => (Store::in_memory(), Vec::new()),
+            StoreLocation::Open(store) => (store.clone(), Vec::new()),
             StoreLocation::Path(p) => {
                 let p = p.clone();
                 let (store, report) = tokio::task::spawn_blocking(move || Store::open(p, StoreConfig::default()))
