@@ -2,9 +2,9 @@
 //!
 //! It blocks for the first request, drains whatever else is queued (up to `max_batch`), applies
 //! each batch in its own transaction (a conflict writes nothing and answers only that writer), then
-//! makes the whole group durable with one flush and one sync, and only then answers every writer. Concurrent writers
-//! therefore share syncs: that is the design, not an optimisation (concurrent `flush()` calls do
-//! not batch in sled).
+//! makes the whole group durable with one flush and one sync, and only then answers every writer.
+//! Concurrent writers therefore share syncs: that is the design, not an optimisation (concurrent
+//! `flush()` calls do not batch in sled).
 //!
 //! Readers never see a write before it is durable: before a group's first write to a grant becomes
 //! visible, the grant's durable state is recorded in [`Shared::pending`], which readers prefer to the
