@@ -1,0 +1,736 @@
+//! Every command but `demo`.
+
+use serde::Serialize;
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::time::Duration;
+use tokenwal::core::{
+    recovery, Event, GrantKey, GrantState, InstallSource, Intention, Phase, ShopDomain, UnixMillis,
+};
+use tokenwal::store::{OpenReport, Store, StoreConfig, StoreError};
+use tokenwal::{Engine, RecoveryReport};
+use tracing::{info, warn};
+
+use crate::error::CliError;
+use crate::import;
+use crate::settings::Settings;
+use crate::timefmt::{self, now};
+use crate::views::{self, GrantView, Instant, RecordView};
+
+/// Opens the store at `path`. `create`: make it if missing (import); otherwise a missing
+/// directory is an error rather than a new empty store.
+pub fn open_store(path: &Path, create: bool) -> Result<(Store, OpenReport), CliError> {
+    if !create && !path.exists() {
+        return Err(CliError::NoStore { path: path.to_owned() });
+    }
+    let (store, report) = Store::open(path, StoreConfig::default())?;
+    for what in &report.corrupt {
+        warn!(%what, "corrupt entry in the store: quarantined (never served, never guessed at)");
+    }
+    Ok((store, report))
+}
+
+/// Engine::open, with the lock error made clear.
+async fn open_engine(settings: &Settings, proactive: bool) -> Result<(Engine, RecoveryReport), CliError> {
+    let config = settings.engine_config(proactive)?;
+    Ok(Engine::open(config).await?)
+}
+
+fn print_json(v: &impl Serialize) -> Result<(), CliError> {
+    let s = serde_json::to_string_pretty(v).map_err(|e| CliError::Usage(format!("cannot render JSON: {e}")))?;
+    println!("{s}");
+    Ok(())
+}
+
+fn parse_shop(s: &str) -> Result<ShopDomain, CliError> {
+    ShopDomain::parse(s).map_err(|e| CliError::Usage(format!("invalid shop domain: {e}")))
+}
+
+/// All grants, sorted by shop; corrupt ones are logged and skipped.
+fn all_grants(store: &Store) -> Result<Vec<GrantState>, CliError> {
+    let mut grants = Vec::new();
+    let scan = store.for_each_grant(|s| grants.push(s))?;
+    for what in &scan.corrupt {
+        warn!(%what, "corrupt grant state skipped");
+    }
+    grants.sort_by(|a, b| a.grant.cmp(&b.grant));
+    Ok(grants)
+}
+
+// ------------------------------------------------------------------------------------------ import
+
+/// `tokenwal import [FILE|-]`.
+pub async fn import(settings: &Settings, file: &str) -> Result<(), CliError> {
+    let reader: Box<dyn BufRead> = if file == "-" {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        let f = std::fs::File::open(file).map_err(|e| CliError::io(format!("cannot open {file}"), e))?;
+        Box::new(std::io::BufReader::new(f))
+    };
+    // Validate everything first: a line is installed whole or not at all, and a bad file does
+    // not even create the store.
+    let mut valid = Vec::new();
+    let (mut total, mut failed) = (0usize, 0usize);
+    let now = now();
+    for (i, line) in reader.split(b'\n').enumerate() {
+        let n = i + 1;
+        let line = line.map_err(|e| CliError::io(format!("cannot read line {n}"), e))?;
+        let Ok(line) = String::from_utf8(line) else {
+            total += 1;
+            failed += 1;
+            eprintln!("line {n}: not UTF-8");
+            continue;
+        };
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        total += 1;
+        match import::parse_line(line, now) {
+            Ok(parsed) => valid.push((n, parsed)),
+            Err(why) => {
+                failed += 1;
+                eprintln!("line {n}: {why}");
+            }
+        }
+    }
+    let mut imported = 0;
+    if !valid.is_empty() {
+        let (store, _) = open_store(&settings.db, true)?;
+        let machine = settings.machine(store.fingerprint_key());
+        for (n, (shop, tokens)) in valid {
+            let grant = GrantKey::shopify(&shop);
+            loop {
+                let current = store.get(&grant)?;
+                let pending = machine.install(current.as_ref(), grant.clone(), tokens.clone(), InstallSource::Import, now);
+                match pending.make_durable(&store).await {
+                    Ok(done) => {
+                        info!(line = n, %shop, generation = done.state().generation.0, "imported");
+                        imported += 1;
+                        break;
+                    }
+                    Err(StoreError::Conflict { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+    eprintln!("imported {imported} token set(s) into {}; {failed} invalid line(s)", settings.db.display());
+    if failed > 0 {
+        return Err(CliError::ImportFailed { failed, total });
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------ status
+
+#[derive(Serialize, Default)]
+struct StateCounts {
+    healthy: usize,
+    refreshing: usize,
+    ambiguous: usize,
+    #[serde(rename = "needs-reauth")]
+    needs_reauth: usize,
+    uninstalled: usize,
+}
+
+#[derive(Serialize)]
+struct OldestAmbiguous {
+    shop: String,
+    since: Instant,
+    tries: u32,
+    last_reason: String,
+}
+
+#[derive(Serialize)]
+struct NextDue {
+    shop: String,
+    due: Instant,
+    overdue: bool,
+}
+
+#[derive(Serialize)]
+struct StoreInfo {
+    path: String,
+    size_bytes: u64,
+    open_attempts: usize,
+    corrupt: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct StatusView {
+    app_handle: Option<String>,
+    grants: usize,
+    states: StateCounts,
+    oldest_ambiguous: Option<OldestAmbiguous>,
+    next_refresh_due: Option<NextDue>,
+    overdue: usize,
+    store: StoreInfo,
+}
+
+fn dir_size(p: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(p) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// `tokenwal status`.
+pub fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
+    let (store, report) = open_store(&settings.db, false)?;
+    let machine = settings.machine(store.fingerprint_key());
+    let now = now();
+    let grants = all_grants(&store)?;
+    let mut states = StateCounts::default();
+    let mut oldest: Option<OldestAmbiguous> = None;
+    let mut next: Option<NextDue> = None;
+    let mut overdue = 0;
+    for s in &grants {
+        let amb = match &s.phase {
+            Phase::Healthy => {
+                states.healthy += 1;
+                None
+            }
+            Phase::Refreshing { resolving, .. } => {
+                states.refreshing += 1;
+                resolving.as_ref()
+            }
+            Phase::Ambiguous(a) => {
+                states.ambiguous += 1;
+                Some(a)
+            }
+            Phase::NeedsReauth { .. } => {
+                states.needs_reauth += 1;
+                None
+            }
+            Phase::Uninstalled { .. } => {
+                states.uninstalled += 1;
+                None
+            }
+        };
+        if let Some(a) = amb {
+            if oldest.as_ref().is_none_or(|o| a.since.0 < o.since.at_ms) {
+                oldest = Some(OldestAmbiguous {
+                    shop: s.grant.account().to_owned(),
+                    since: Instant::of(a.since),
+                    tries: a.tries,
+                    last_reason: a.last_reason.to_string(),
+                });
+            }
+        }
+        if let (Phase::Healthy, Some(t)) = (&s.phase, &s.tokens) {
+            let due = machine.due_at(t);
+            if due <= now {
+                overdue += 1;
+            }
+            if next.as_ref().is_none_or(|n| due.0 < n.due.at_ms) {
+                next = Some(NextDue { shop: s.grant.account().to_owned(), due: Instant::of(due), overdue: due <= now });
+            }
+        }
+    }
+    let view = StatusView {
+        app_handle: settings.app_handle().map(str::to_owned),
+        grants: grants.len(),
+        states,
+        oldest_ambiguous: oldest,
+        next_refresh_due: next,
+        overdue,
+        store: StoreInfo {
+            path: settings.db.display().to_string(),
+            size_bytes: dir_size(&settings.db),
+            open_attempts: report.open_attempts,
+            corrupt: report.corrupt.clone(),
+        },
+    };
+    if json {
+        return print_json(&view);
+    }
+    let mut out = String::new();
+    if let Some(h) = &view.app_handle {
+        out.push_str(&format!("app                {h}\n"));
+    }
+    out.push_str(&format!(
+        "store              {} ({:.1} MiB on disk)\n",
+        view.store.path,
+        view.store.size_bytes as f64 / 1_048_576.0
+    ));
+    out.push_str(&format!("shops              {}\n", view.grants));
+    let s = &view.states;
+    for (name, n) in [
+        ("healthy", s.healthy),
+        ("refreshing", s.refreshing),
+        ("ambiguous", s.ambiguous),
+        ("needs-reauth", s.needs_reauth),
+        ("uninstalled", s.uninstalled),
+    ] {
+        out.push_str(&format!("  {name:<16} {n}\n"));
+    }
+    match &view.oldest_ambiguous {
+        Some(o) => out.push_str(&format!(
+            "oldest ambiguous   {} since {} — {} tr{}, last: {}\n",
+            o.shop,
+            timefmt::stamp(UnixMillis(o.since.at_ms), now),
+            o.tries,
+            if o.tries == 1 { "y" } else { "ies" },
+            o.last_reason
+        )),
+        None => out.push_str("oldest ambiguous   none\n"),
+    }
+    match &view.next_refresh_due {
+        Some(n) if n.overdue => out.push_str(&format!(
+            "next refresh due   {} shop(s) overdue, oldest {} since {} (is `tokenwal run` running?)\n",
+            view.overdue,
+            n.shop,
+            timefmt::stamp(UnixMillis(n.due.at_ms), now)
+        )),
+        Some(n) => out.push_str(&format!(
+            "next refresh due   {} at {}\n",
+            n.shop,
+            timefmt::stamp(UnixMillis(n.due.at_ms), now)
+        )),
+        None => out.push_str("next refresh due   none\n"),
+    }
+    out.push_str(&format!("open attempts      {} (recovery's work list)\n", view.store.open_attempts));
+    out.push_str(&format!("corrupt entries    {}\n", view.store.corrupt.len()));
+    print!("{out}");
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------ shops
+
+/// `tokenwal shops`.
+pub fn shops(settings: &Settings, state: Option<&str>, json: bool) -> Result<(), CliError> {
+    let (store, _) = open_store(&settings.db, false)?;
+    let key = store.fingerprint_key();
+    let now = now();
+    let views: Vec<GrantView> = all_grants(&store)?
+        .iter()
+        .filter(|s| state.is_none_or(|st| s.phase.name() == st))
+        .map(|s| GrantView::of(s, &key))
+        .collect();
+    if json {
+        return print_json(&views);
+    }
+    let rows: Vec<Vec<String>> = views
+        .iter()
+        .map(|v| {
+            let note = match (v.state, &v.why, &v.since) {
+                ("healthy", _, _) => String::new(),
+                (_, Some(why), Some(since)) => {
+                    format!("{why} (since {})", timefmt::relative(UnixMillis(since.at_ms), now))
+                }
+                (_, None, Some(since)) => format!("since {}", timefmt::relative(UnixMillis(since.at_ms), now)),
+                _ => String::new(),
+            };
+            vec![
+                v.shop.clone(),
+                v.state.to_owned(),
+                v.generation.to_string(),
+                views::expiry_cell(&v.access_expires, now),
+                views::expiry_cell(&v.refresh_expires, now),
+                note,
+            ]
+        })
+        .collect();
+    print!("{}", views::table(&["SHOP", "STATE", "GEN", "ACCESS EXPIRES", "REFRESH EXPIRES", "WHY / SINCE"], &rows));
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------ inspect
+
+#[derive(Serialize)]
+struct InspectView {
+    #[serde(flatten)]
+    grant: GrantView,
+    history: Vec<RecordView>,
+    skipped_corrupt_records: Vec<u64>,
+}
+
+/// `tokenwal inspect SHOP`.
+pub fn inspect(settings: &Settings, shop: &str, json: bool) -> Result<(), CliError> {
+    let shop = parse_shop(shop)?;
+    let (store, _) = open_store(&settings.db, false)?;
+    let grant = GrantKey::shopify(&shop);
+    let state = store.get(&grant)?.ok_or_else(|| CliError::NotInstalled { shop: shop.to_string() })?;
+    let key = store.fingerprint_key();
+    let history = store.history_report(&grant)?;
+    let view = InspectView {
+        grant: GrantView::of(&state, &key),
+        history: history.records.iter().map(|(lsn, r)| RecordView::of(*lsn, r)).collect(),
+        skipped_corrupt_records: history.skipped.clone(),
+    };
+    if json {
+        return print_json(&view);
+    }
+    let now = now();
+    let g = &view.grant;
+    let mut out = String::new();
+    let mut field = |k: &str, v: String| out.push_str(&format!("{k:<18} {v}\n"));
+    field("shop", g.shop.clone());
+    field("state", format!("{} (generation {}, version {})", g.state, g.generation, g.version));
+    if let Some(why) = &g.why {
+        field("why", why.clone());
+    }
+    if let Some(since) = &g.since {
+        field("since", timefmt::stamp(UnixMillis(since.at_ms), now));
+    }
+    if let Some(t) = g.tries {
+        field("tries", t.to_string());
+    }
+    field("access expires", views::expiry_cell(&g.access_expires, now));
+    field("refresh expires", views::expiry_cell(&g.refresh_expires, now));
+    field("refresh token", views::or_dash(g.refresh_fingerprint.as_ref().map(|f| format!("fingerprint {f}"))));
+    field("scope", views::or_dash(g.scope.clone()));
+    field(
+        "first presented",
+        views::or_dash(g.credential_first_presented.map(|i| timefmt::stamp(UnixMillis(i.at_ms), now))),
+    );
+    field("failures", g.consecutive_failures.to_string());
+    field("not before", views::or_dash(g.not_before.map(|i| timefmt::stamp(UnixMillis(i.at_ms), now))));
+    field("updated", timefmt::stamp(UnixMillis(g.updated.at_ms), now));
+    out.push_str(&format!("\nhistory ({} records)\n", view.history.len()));
+    let rows: Vec<Vec<String>> = view
+        .history
+        .iter()
+        .map(|r| {
+            vec![
+                r.lsn.to_string(),
+                r.time.at.0.to_string(),
+                r.kind.to_owned(),
+                views::or_dash(r.attempt.map(|a| a.to_string())),
+                views::or_dash(r.generation.map(|a| a.to_string())),
+                views::or_dash(r.request_id.clone()),
+                r.detail.clone(),
+            ]
+        })
+        .collect();
+    out.push_str(&views::table(&["LSN", "TIME", "KIND", "ATTEMPT", "GEN", "REQUEST ID", "DETAIL"], &rows));
+    if !view.skipped_corrupt_records.is_empty() {
+        out.push_str(&format!("corrupt records skipped: {:?}\n", view.skipped_corrupt_records));
+    }
+    print!("{out}");
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------ recover
+
+#[derive(Serialize)]
+struct PlanItemView {
+    shop: String,
+    found: &'static str,
+    writes: Option<&'static str>,
+    intention: &'static str,
+    not_before: Option<Instant>,
+    reason: Option<String>,
+}
+
+#[derive(Serialize)]
+struct PlanView {
+    dry_run: bool,
+    open: usize,
+    interrupted: usize,
+    to_resolve: usize,
+    needs_reauth: usize,
+    items: Vec<PlanItemView>,
+}
+
+#[derive(Serialize)]
+struct ReportView {
+    dry_run: bool,
+    grants: usize,
+    open: usize,
+    interrupted: usize,
+    resolved: usize,
+    still_ambiguous: usize,
+    needs_reauth: usize,
+    corrupt: Vec<String>,
+    elapsed_ms: u64,
+}
+
+fn report_view(r: &RecoveryReport) -> ReportView {
+    ReportView {
+        dry_run: false,
+        grants: r.grants,
+        open: r.open,
+        interrupted: r.interrupted,
+        resolved: r.resolved,
+        still_ambiguous: r.still_ambiguous,
+        needs_reauth: r.needs_reauth,
+        corrupt: r.corrupt.clone(),
+        elapsed_ms: r.elapsed.as_millis() as u64,
+    }
+}
+
+/// One line describing a recovery report (for logs and `recover`).
+pub fn report_line(r: &RecoveryReport) -> String {
+    format!(
+        "recovery: {} shops, {} open ({} interrupted by a stop), {} resolved by retrying the old token, \
+         {} still ambiguous (retried in the background), {} need re-auth, {} corrupt, in {} ms",
+        r.grants,
+        r.open,
+        r.interrupted,
+        r.resolved,
+        r.still_ambiguous,
+        r.needs_reauth,
+        r.corrupt.len(),
+        r.elapsed.as_millis()
+    )
+}
+
+/// `tokenwal recover --dry-run`: the plan over the open grants, nothing written or sent.
+pub fn recover_dry_run(settings: &Settings, json: bool) -> Result<(), CliError> {
+    let (store, _) = open_store(&settings.db, false)?;
+    let machine = settings.machine(store.fingerprint_key());
+    let open = store.open_grants()?;
+    let now = now();
+    let plan = recovery::plan(&machine, &open, now, 0);
+    let (interrupted, to_resolve, needs_reauth) = plan.summary();
+    let items = plan
+        .items
+        .iter()
+        .map(|i| {
+            let (intention, not_before, reason) = match &i.intention {
+                Intention::Resolve { not_before } => ("retry the old refresh token", not_before.map(Instant::of), None),
+                Intention::NeedsReauth(r) => ("mark needs re-auth", None, Some(r.to_string())),
+                Intention::Nothing => ("nothing", None, None),
+            };
+            PlanItemView {
+                shop: i.grant.account().to_owned(),
+                found: i.found,
+                writes: i.transition.as_ref().map(|t| t.phase().name()),
+                intention,
+                not_before,
+                reason,
+            }
+        })
+        .collect();
+    let view = PlanView { dry_run: true, open: open.len(), interrupted, to_resolve, needs_reauth, items };
+    if json {
+        return print_json(&view);
+    }
+    println!(
+        "recovery plan (dry run: nothing written, nothing sent): {} open grant(s): {} interrupted by a stop, \
+         {} to resolve by retrying the old refresh token, {} to mark needs re-auth",
+        view.open, view.interrupted, view.to_resolve, view.needs_reauth
+    );
+    if !view.items.is_empty() {
+        let rows: Vec<Vec<String>> = view
+            .items
+            .iter()
+            .map(|i| {
+                let mut then = i.intention.to_owned();
+                if let Some(nb) = &i.not_before {
+                    then.push_str(&format!(" (not before {})", timefmt::stamp(UnixMillis(nb.at_ms), now)));
+                }
+                if let Some(r) = &i.reason {
+                    then.push_str(&format!(": {r}"));
+                }
+                vec![i.shop.clone(), i.found.to_owned(), views::or_dash(i.writes.map(str::to_owned)), then]
+            })
+            .collect();
+        print!("{}", views::table(&["SHOP", "FOUND", "WRITES", "THEN"], &rows));
+    }
+    Ok(())
+}
+
+/// `tokenwal recover`: open the engine (which runs recovery) and print its report.
+pub async fn recover(settings: &Settings, json: bool) -> Result<(), CliError> {
+    let (engine, report) = open_engine(settings, false).await?;
+    engine.shutdown().await;
+    drop(engine);
+    if json {
+        print_json(&report_view(&report))
+    } else {
+        println!("{}", report_line(&report));
+        Ok(())
+    }
+}
+
+// ------------------------------------------------------------------------------------------ token
+
+/// `tokenwal token SHOP`: a valid access token on stdout.
+pub async fn token(settings: &Settings, shop: &str) -> Result<(), CliError> {
+    let shop = parse_shop(shop)?;
+    let (engine, _) = open_engine(settings, false).await?;
+    let result = engine.access_token(&shop).await;
+    engine.shutdown().await;
+    drop(engine);
+    let token = result?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", token.expose_secret()).map_err(|e| CliError::io("cannot write to stdout", e))?;
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------ export
+
+/// Why `export` needs `--reveal-secrets`.
+pub const EXPORT_REFUSAL: &str = "export writes every shop's access and refresh tokens in clear text. \
+Anyone holding a refresh token can mint access tokens for that shop. If that is what you want (a migration, \
+a backup you will keep safe), run `tokenwal export --reveal-secrets > file` and protect the file.";
+
+/// `tokenwal export --reveal-secrets`.
+pub fn export(settings: &Settings) -> Result<(), CliError> {
+    let (store, _) = open_store(&settings.db, false)?;
+    let grants = all_grants(&store)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let (mut n, mut dead) = (0, 0);
+    for s in &grants {
+        let Some(t) = &s.tokens else { continue };
+        writeln!(out, "{}", import::export_line(s.grant.account(), t))
+            .map_err(|e| CliError::io("cannot write to stdout", e))?;
+        n += 1;
+        if matches!(s.phase, Phase::NeedsReauth { .. }) {
+            dead += 1;
+        }
+    }
+    out.flush().map_err(|e| CliError::io("cannot write to stdout", e))?;
+    eprintln!("exported {n} token set(s) ({dead} of them need re-auth: their tokens are dead)");
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------ run
+
+/// `tokenwal run`.
+pub async fn run(settings: &Settings, once: bool, sweep: Duration) -> Result<(), CliError> {
+    let (engine, report) = open_engine(settings, !once).await?;
+    info!(store = %settings.db.display(), "{}", report_line(&report));
+    if once {
+        let result = engine.refresh_due().await;
+        engine.shutdown().await;
+        let n = result?;
+        let counts = phase_counts(&engine)?;
+        drop(engine);
+        info!(attempted = n, "refreshed every due shop; {counts}");
+        return Ok(());
+    }
+    let mut events = engine.subscribe();
+    let mut tally = EventTally::default();
+    let mut summary = tokio::time::interval(Duration::from_secs(60));
+    summary.tick().await;
+    let mut sweeper = tokio::time::interval(sweep.max(Duration::from_secs(1)));
+    sweeper.tick().await;
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    info!("running: keeping every shop fresh until SIGINT or SIGTERM");
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            e = events.recv() => match e {
+                Ok(e) => tally.add(&e),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => tally.lagged += n,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            },
+            _ = summary.tick() => {
+                info!("last minute: {tally}");
+                tally = EventTally::default();
+            }
+            _ = sweeper.tick() => {
+                // A safety net under the scheduler: anything due that it has not picked up.
+                match engine.refresh_due().await {
+                    Ok(0) => {}
+                    Ok(n) => info!(attempted = n, "sweep refreshed due shops the scheduler had not"),
+                    Err(e) => warn!(error = %e, "sweep failed"),
+                }
+            }
+        }
+    }
+    info!("stopping: waiting for refreshes in flight");
+    engine.shutdown().await;
+    drop(engine);
+    info!("stopped");
+    Ok(())
+}
+
+fn phase_counts(engine: &Engine) -> Result<String, CliError> {
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    engine.store().for_each_grant(|s| *counts.entry(s.phase.name()).or_default() += 1)?;
+    Ok(counts.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "))
+}
+
+/// Events seen since the last summary.
+#[derive(Default)]
+struct EventTally {
+    refreshed: u64,
+    ambiguous: u64,
+    resolved: u64,
+    needs_reauth: u64,
+    credentials: u64,
+    throttled: u64,
+    other: u64,
+    lagged: u64,
+}
+
+impl EventTally {
+    fn add(&mut self, e: &Event) {
+        match e {
+            Event::Refreshed { .. } => self.refreshed += 1,
+            Event::Ambiguous { .. } => self.ambiguous += 1,
+            Event::Resolved { .. } => self.resolved += 1,
+            Event::NeedsReauth { .. } => self.needs_reauth += 1,
+            Event::AppCredentialsRejected { .. } => self.credentials += 1,
+            Event::Throttled { .. } => self.throttled += 1,
+            _ => self.other += 1,
+        }
+    }
+}
+
+impl std::fmt::Display for EventTally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} refreshed, {} ambiguous, {} resolved, {} needs-reauth, {} app-credentials-rejected, {} throttled, \
+             {} other",
+            self.refreshed, self.ambiguous, self.resolved, self.needs_reauth, self.credentials, self.throttled, self.other
+        )?;
+        if self.lagged > 0 {
+            write!(f, " ({} events missed)", self.lagged)?;
+        }
+        Ok(())
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM (Ctrl-C elsewhere).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+// ------------------------------------------------------------------------------------------ sim
+
+/// `tokenwal sim`.
+pub async fn sim(config: tokenwal_sim::SimConfig, port: u16) -> Result<(), CliError> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let handle =
+        tokenwal_sim::serve(config, addr).await.map_err(|e| CliError::io(format!("cannot serve on {addr}"), e))?;
+    println!("{}", handle.base_url());
+    std::io::stdout().flush().map_err(|e| CliError::io("cannot write to stdout", e))?;
+    eprintln!(
+        "simulator listening; point tokenwal at it with --insecure-test-endpoint {} (Ctrl-C stops it)",
+        handle.base_url()
+    );
+    shutdown_signal().await;
+    handle.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,281 @@
+//! `tokenwal`: the command-line face of the tokenwal engine.
+//!
+//! ## Layout
+//!
+//! * `main` — the command line (clap derive), logging, dispatch, exit codes.
+//! * `settings` — store path, credentials (environment or a JSON config file, never arguments).
+//! * `commands` — import, run, status, shops, inspect, recover, token, export, sim.
+//! * `import` — the JSON-lines token-set format shared by `import` and `export`.
+//! * `views` — secret-free views of states and journal records (tables and JSON).
+//! * `demo` — the simulator, the engine under faults and crashes, and a naive baseline.
+//! * `error` — the error type and its exit codes.
+
+#![forbid(unsafe_code)]
+
+mod commands;
+mod demo;
+mod error;
+mod import;
+mod settings;
+mod timefmt;
+mod views;
+
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokenwal_sim::{SimConfig, SimDuration};
+use url::Url;
+
+use crate::error::CliError;
+use crate::settings::Settings;
+
+const AFTER_LONG_HELP: &str = "\
+CREDENTIALS
+  The app's client id and secret come from TOKENWAL_CLIENT_ID and TOKENWAL_CLIENT_SECRET, or from
+  client_id / client_secret in a JSON --config file (environment wins). Never from arguments: they
+  would show up in `ps` and shell history. Only run, recover and token need them.
+
+CONFIG FILE (--config FILE or TOKENWAL_CONFIG), JSON, every key optional, unknown keys refused:
+  {\"client_id\": \"...\", \"client_secret\": \"...\", \"db\": \"/var/lib/app/tokenwal\",
+   \"app_handle\": \"my-app\", \"insecure_test_endpoint\": \"http://127.0.0.1:8080\",
+   \"refresh_margin\": \"5m\", \"refresh_token_margin\": \"7d\", \"connect_timeout\": \"5s\",
+   \"request_timeout\": \"30s\", \"max_wait\": \"10s\", \"max_concurrent_refreshes\": 64}
+  Durations: a string with a unit (ms, s, m, h, d) or a number of seconds.
+
+ONE PROCESS PER STORE
+  The store is locked by whichever command has it open: while `tokenwal run` runs, the other
+  commands answer \"store is in use by another process\" (exit 75).
+
+EXIT CODES
+   0  success
+   1  failure (store I/O error, corrupt state, internal error)
+   2  usage error (bad arguments, invalid shop domain, export without --reveal-secrets)
+  65  import: some lines were invalid (the valid ones were imported)
+  66  no such shop in the store, no store at --db, or the app is uninstalled from the shop
+  70  demo: tokenwal locked a shop out (a broken guarantee)
+  75  transient, try again later: refresh outcome unknown and being retried, token endpoint
+      unavailable or throttling, store in use by another process
+  77  the shop needs re-auth: the merchant must open the app (token exchange)
+  78  configuration: credentials missing or rejected (invalid_client), bad config file
+
+EXAMPLES
+  tokenwal demo                                  # no Shopify account needed, about a minute
+  tokenwal import tokens.jsonl                   # then: tokenwal status
+  TOKENWAL_CLIENT_ID=... TOKENWAL_CLIENT_SECRET=... tokenwal run
+  tokenwal token my-shop.myshopify.com           # for scripts: token on stdout";
+
+/// Crash-safe rotating OAuth refresh tokens (Shopify expiring offline tokens).
+///
+/// Every refresh writes an intent to a journal and syncs it before the request leaves, and commits
+/// the new pair durably before anyone uses it; after a crash or a lost answer, recovery retries the
+/// old refresh token instead of locking the shop out.
+#[derive(Parser)]
+#[command(name = "tokenwal", version, after_long_help = AFTER_LONG_HELP, max_term_width = 110)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Global {
+    /// The store directory [default: the platform data dir, e.g. ~/.local/share/tokenwal]
+    #[arg(long, global = true, env = "TOKENWAL_DB", value_name = "PATH")]
+    db: Option<PathBuf>,
+    /// A JSON config file: credentials, endpoint, margins, timeouts (see --help)
+    #[arg(long, global = true, env = "TOKENWAL_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Log to stderr: -v info, -vv debug, -vvv trace (RUST_LOG overrides). Secrets are never logged
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    verbose: u8,
+    /// TEST ONLY: send token requests to this loopback simulator instead of Shopify
+    #[arg(long, global = true, env = "TOKENWAL_INSECURE_TEST_ENDPOINT", value_name = "URL")]
+    insecure_test_endpoint: Option<Url>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Import existing token sets (JSON lines) into the store
+    #[command(long_about = IMPORT_ABOUT)]
+    Import {
+        /// The file to read, or - for stdin
+        #[arg(default_value = "-", value_name = "FILE|-")]
+        file: String,
+    },
+    /// Run the refresh worker: recovery, then keep every shop fresh until SIGINT/SIGTERM
+    Run {
+        /// Recover, refresh every shop that is due, and exit (for cron and tests)
+        #[arg(long)]
+        once: bool,
+        /// How often a full sweep double-checks for due shops the scheduler has not picked up
+        #[arg(long, default_value = "5m", value_name = "DURATION")]
+        sweep: SimDuration,
+    },
+    /// Summarise the store: shops per state, oldest ambiguous rotation, next refresh due
+    Status {
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// List shops: state, generation, access and refresh expiry; why for needs-reauth
+    Shops {
+        /// Only shops in this state
+        #[arg(long, value_enum)]
+        state: Option<StateArg>,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// Show one shop's state and journal history (never its secrets)
+    Inspect {
+        /// The shop, e.g. my-shop.myshopify.com
+        shop: String,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// Run recovery now and print its report, or print the plan with --dry-run
+    Recover {
+        /// Print what recovery would do; write and send nothing (needs no credentials)
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// Print a valid access token for SHOP to stdout, refreshing first if needed (for scripts)
+    #[command(long_about = TOKEN_ABOUT)]
+    Token {
+        /// The shop, e.g. my-shop.myshopify.com
+        shop: String,
+    },
+    /// Export every stored token set as JSON lines, the shape `import` reads
+    Export {
+        /// Required: the output holds every access and refresh token in clear text
+        #[arg(long)]
+        reveal_secrets: bool,
+        /// Accepted for uniformity: export always writes JSON lines
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the Shopify token-endpoint simulator standalone (prints its URL; Ctrl-C stops it)
+    Sim {
+        /// Port on 127.0.0.1 (0 picks a free one)
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        #[command(flatten)]
+        sim: Box<SimConfig>,
+    },
+    /// The main demo: a simulated Shopify with faults and crashes, tokenwal vs a naive refresher
+    #[command(long_about = demo::ABOUT)]
+    Demo(demo::DemoArgs),
+}
+
+const IMPORT_ABOUT: &str = "Import existing token sets (JSON lines) into the store.
+
+One JSON object per line: shop, access_token, refresh_token, expires_at (unix seconds or RFC 3339) or
+expires_in (seconds), optionally refresh_token_expires_at or refresh_token_expires_in, and scope.
+Every line is validated first; each invalid line is reported with its number and the reason (never
+its values) and nothing of it is stored; the valid lines are installed. Exits 65 if any line was
+invalid.";
+
+const TOKEN_ABOUT: &str = "Print a valid access token for SHOP to stdout, refreshing first if needed.
+
+Errors go to stderr; the exit code tells a script what to do: 75 transient (try again later), 77 the
+shop needs re-auth (the merchant must open the app), 66 not in the store or uninstalled, 78
+credentials missing or rejected.";
+
+#[derive(Args)]
+struct JsonFlag {
+    /// Machine-readable JSON on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StateArg {
+    Healthy,
+    Refreshing,
+    Ambiguous,
+    NeedsReauth,
+    Uninstalled,
+}
+
+impl StateArg {
+    fn name(self) -> &'static str {
+        match self {
+            StateArg::Healthy => "healthy",
+            StateArg::Refreshing => "refreshing",
+            StateArg::Ambiguous => "ambiguous",
+            StateArg::NeedsReauth => "needs-reauth",
+            StateArg::Uninstalled => "uninstalled",
+        }
+    }
+}
+
+fn init_logging(verbose: u8, default: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(s) if !s.is_empty() => EnvFilter::new(s),
+        _ => EnvFilter::new(match verbose {
+            0 => default,
+            1 => "info",
+            2 => "debug",
+            _ => "trace",
+        }),
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::io("cannot start the async runtime", e))
+}
+
+fn dispatch(cli: Cli) -> Result<(), CliError> {
+    let g = cli.global;
+    let settings = || Settings::load(g.db.clone(), g.config.as_deref(), g.insecure_test_endpoint.clone());
+    match cli.command {
+        Command::Import { file } => runtime()?.block_on(commands::import(&settings()?, &file)),
+        Command::Run { once, sweep } => runtime()?.block_on(commands::run(&settings()?, once, sweep.to_std())),
+        Command::Status { out } => commands::status(&settings()?, out.json),
+        Command::Shops { state, out } => commands::shops(&settings()?, state.map(StateArg::name), out.json),
+        Command::Inspect { shop, out } => commands::inspect(&settings()?, &shop, out.json),
+        Command::Recover { dry_run: true, out } => commands::recover_dry_run(&settings()?, out.json),
+        Command::Recover { dry_run: false, out } => runtime()?.block_on(commands::recover(&settings()?, out.json)),
+        Command::Token { shop } => runtime()?.block_on(commands::token(&settings()?, &shop)),
+        Command::Export { reveal_secrets: false, .. } => Err(CliError::Usage(commands::EXPORT_REFUSAL.into())),
+        Command::Export { reveal_secrets: true, .. } => commands::export(&settings()?),
+        Command::Sim { port, sim } => runtime()?.block_on(commands::sim(*sim, port)),
+        Command::Demo(args) => demo::run(args),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Run { .. } | Command::Sim { .. } => "info",
+        // The demo provokes hundreds of faults on purpose: their warnings would drown the table.
+        Command::Demo(_) => "error",
+        _ => "warn",
+    };
+    init_logging(cli.global.verbose, default_level);
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokenwal: {e}");
+            e.exit()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

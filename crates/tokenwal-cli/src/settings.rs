@@ -1,0 +1,237 @@
+//! Where the store is, the app's credentials, and engine settings: from the environment and an
+//! optional JSON config file, never from command-line arguments (they show up in `ps` and shell
+//! history).
+//!
+//! # The config file (`--config FILE` or `TOKENWAL_CONFIG`)
+//!
+//! A JSON object; every key is optional and unknown keys are refused (a typo must not silently
+//! fall back to a default):
+//!
+//! ```json
+//! {
+//!   "client_id": "your-api-key",
+//!   "client_secret": "your-api-secret",
+//!   "db": "/var/lib/my-app/tokenwal",
+//!   "app_handle": "my-app",
+//!   "insecure_test_endpoint": "http://127.0.0.1:8080",
+//!   "refresh_margin": "5m",
+//!   "refresh_token_margin": "7d",
+//!   "connect_timeout": "5s",
+//!   "request_timeout": "30s",
+//!   "max_wait": "10s",
+//!   "max_concurrent_refreshes": 64
+//! }
+//! ```
+//!
+//! Durations are strings with a unit (`ms`, `s`, `m`, `h`, `d`) or a number of seconds.
+//! `TOKENWAL_CLIENT_ID` and `TOKENWAL_CLIENT_SECRET` override the file's credentials; `--db`
+//! (or `TOKENWAL_DB`) overrides `db`; `--insecure-test-endpoint` overrides the file's endpoint.
+//! A file that holds a client secret should be readable by its owner only: tokenwal warns otherwise.
+
+use crate::error::CliError;
+use serde::{Deserialize, Deserializer};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokenwal::core::{ClientSecret, FingerprintKey, Machine};
+use tokenwal::{Config, StoreLocation};
+use tokenwal_sim::SimDuration;
+use url::Url;
+
+/// Environment variable of the app's client id.
+pub const ENV_CLIENT_ID: &str = "TOKENWAL_CLIENT_ID";
+/// Environment variable of the app's client secret.
+pub const ENV_CLIENT_SECRET: &str = "TOKENWAL_CLIENT_SECRET";
+
+/// The config file's contents.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    db: Option<PathBuf>,
+    app_handle: Option<String>,
+    insecure_test_endpoint: Option<String>,
+    #[serde(default, deserialize_with = "duration")]
+    refresh_margin: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    refresh_token_margin: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    connect_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    request_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    max_wait: Option<Duration>,
+    max_concurrent_refreshes: Option<usize>,
+}
+
+/// A duration: `"90s"`-style string or a number of seconds.
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(f64),
+        Text(String),
+    }
+    match Option::<Raw>::deserialize(d)? {
+        None => Ok(None),
+        Some(Raw::Secs(s)) if s.is_finite() && s >= 0.0 && s < 1e12 => Ok(Some(Duration::from_secs_f64(s))),
+        Some(Raw::Secs(_)) => Err(serde::de::Error::custom("a duration in seconds must be a non-negative number")),
+        Some(Raw::Text(t)) => t.parse::<SimDuration>().map(|d| Some(d.to_std())).map_err(serde::de::Error::custom),
+    }
+}
+
+/// Everything resolved from flags, environment and config file.
+pub struct Settings {
+    /// The store directory.
+    pub db: PathBuf,
+    file: ConfigFile,
+    test_endpoint: Option<Url>,
+}
+
+/// The platform's data directory for tokenwal: `$XDG_DATA_HOME/tokenwal` or
+/// `~/.local/share/tokenwal` (Linux and other unixes), `~/Library/Application Support/tokenwal`
+/// (macOS), `%APPDATA%\tokenwal` (Windows).
+pub fn default_db() -> Option<PathBuf> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if cfg!(windows) {
+        return env("APPDATA").map(|p| p.join("tokenwal"));
+    }
+    if cfg!(target_os = "macos") {
+        return env("HOME").map(|h| h.join("Library/Application Support/tokenwal"));
+    }
+    env("XDG_DATA_HOME")
+        .filter(|p| p.is_absolute())
+        .map(|p| p.join("tokenwal"))
+        .or_else(|| env("HOME").map(|h| h.join(".local/share/tokenwal")))
+}
+
+impl Settings {
+    /// Resolves settings: `db` and `endpoint` from the command line (or their environment
+    /// variables), the rest from the config file.
+    pub fn load(db: Option<PathBuf>, config: Option<&Path>, endpoint: Option<Url>) -> Result<Settings, CliError> {
+        let file = match config {
+            Some(p) => read_config(p)?,
+            None => ConfigFile::default(),
+        };
+        let db = db
+            .or_else(|| file.db.clone())
+            .or_else(default_db)
+            .ok_or_else(|| CliError::Config("cannot find a data directory: pass --db PATH".into()))?;
+        let test_endpoint = match (endpoint, &file.insecure_test_endpoint) {
+            (Some(u), _) => Some(u),
+            (None, Some(s)) => Some(
+                Url::parse(s).map_err(|e| CliError::Config(format!("insecure_test_endpoint is not a URL: {e}")))?,
+            ),
+            (None, None) => None,
+        };
+        Ok(Settings { db, file, test_endpoint })
+    }
+
+    /// The app handle named in the config file, if any (a label for output).
+    pub fn app_handle(&self) -> Option<&str> {
+        self.file.app_handle.as_deref()
+    }
+
+    /// The app's credentials: environment first, then the config file.
+    pub fn credentials(&self) -> Result<(String, ClientSecret), CliError> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let id = env(ENV_CLIENT_ID).or_else(|| self.file.client_id.clone());
+        let secret = env(ENV_CLIENT_SECRET).or_else(|| self.file.client_secret.clone());
+        match (id, secret) {
+            (Some(id), Some(secret)) => Ok((id, ClientSecret::new(secret))),
+            _ => Err(CliError::Config(format!(
+                "app credentials missing: set {ENV_CLIENT_ID} and {ENV_CLIENT_SECRET}, or client_id and \
+                 client_secret in a --config file (never on the command line)"
+            ))),
+        }
+    }
+
+    /// The engine configuration: credentials, endpoint, margins and timeouts.
+    pub fn engine_config(&self, proactive: bool) -> Result<Config, CliError> {
+        let (id, secret) = self.credentials()?;
+        let mut c = Config::shopify(StoreLocation::Path(self.db.clone()), id, secret);
+        if let Some(u) = &self.test_endpoint {
+            c = c.with_insecure_test_endpoint(u.clone());
+        }
+        c.proactive = proactive;
+        let f = &self.file;
+        if let Some(d) = f.refresh_margin {
+            c.refresh_margin = d;
+        }
+        if let Some(d) = f.refresh_token_margin {
+            c.refresh_token_margin = d;
+        }
+        if let Some(d) = f.connect_timeout {
+            c.timeouts.connect = d;
+        }
+        if let Some(d) = f.request_timeout {
+            c.timeouts.total = d;
+        }
+        if let Some(d) = f.max_wait {
+            c.max_wait = d;
+        }
+        if let Some(n) = f.max_concurrent_refreshes {
+            c.max_concurrent_refreshes = n;
+        }
+        Ok(c)
+    }
+
+    /// The state machine as the engine would configure it (for dry runs and due times; needs no
+    /// credentials).
+    pub fn machine(&self, key: FingerprintKey) -> Machine {
+        let mut m = Machine::shopify(key);
+        if let Some(d) = self.file.refresh_margin {
+            m.refresh_margin = d;
+        }
+        if let Some(d) = self.file.refresh_token_margin {
+            m.refresh_token_margin = d;
+        }
+        m
+    }
+}
+
+fn read_config(path: &Path) -> Result<ConfigFile, CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::Config(format!("cannot read config file {}: {e}", path.display())))?;
+    let file: ConfigFile = serde_json::from_str(&text)
+        .map_err(|e| CliError::Config(format!("config file {} is not valid: {e}", path.display())))?;
+    if file.client_secret.is_some() {
+        warn_if_shared(path);
+    }
+    Ok(file)
+}
+
+#[cfg(unix)]
+fn warn_if_shared(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(
+                file = %path.display(),
+                "config file holds a client secret but is readable by others: chmod 600 it"
+            );
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn warn_if_shared(_path: &Path) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_parses_durations_and_refuses_unknown_keys() {
+        let f: ConfigFile = serde_json::from_str(
+            r#"{"client_id":"a","refresh_margin":"90s","request_timeout":2.5,"max_concurrent_refreshes":3}"#,
+        )
+        .unwrap();
+        assert_eq!(f.refresh_margin, Some(Duration::from_secs(90)));
+        assert_eq!(f.request_timeout, Some(Duration::from_millis(2500)));
+        assert_eq!(f.max_concurrent_refreshes, Some(3));
+        assert!(serde_json::from_str::<ConfigFile>(r#"{"client_secrt":"x"}"#).is_err());
+        assert!(serde_json::from_str::<ConfigFile>(r#"{"refresh_margin":"90"}"#).is_err());
+        assert!(serde_json::from_str::<ConfigFile>(r#"{"refresh_margin":-1}"#).is_err());
+    }
+}
