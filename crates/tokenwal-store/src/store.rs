@@ -287,6 +287,9 @@ impl Store {
             Some(pre) => pre.state.clone(),
             None => live,
         };
+        // A group that failed after this read started may have cleared its pre-images: the store
+        // was poisoned before that, so checking again keeps a non-durable state from escaping.
+        self.check()?;
         frame.map(|f| decode_grant(&key, &f)).transpose()
     }
 
@@ -329,6 +332,7 @@ impl Store {
                 Err(e) => tracing::error!(error = %e, "skipping a corrupt open grant"),
             }
         }
+        self.check()?; // see `get`
         Ok(out)
     }
 
@@ -359,6 +363,7 @@ impl Store {
             }
             true
         })?;
+        self.check()?; // see `get`: a scan that raced a failed group reports the failure
         Ok(report)
     }
 
