@@ -4,9 +4,7 @@ use serde::Serialize;
 use std::io::{BufRead, Write};
 use std::path::Path;
 use std::time::Duration;
-use tokenwal::core::{
-    recovery, Event, GrantKey, GrantState, InstallSource, Intention, Phase, ShopDomain, UnixMillis,
-};
+use tokenwal::core::{recovery, Event, GrantKey, GrantState, InstallSource, Intention, Phase, ShopDomain, UnixMillis};
 use tokenwal::store::{OpenReport, Store, StoreConfig, StoreError};
 use tokenwal::{Engine, RecoveryReport};
 use tracing::{info, warn};
@@ -102,7 +100,8 @@ pub async fn import(settings: &Settings, file: &str) -> Result<(), CliError> {
             let grant = GrantKey::shopify(&shop);
             loop {
                 let current = store.get(&grant)?;
-                let pending = machine.install(current.as_ref(), grant.clone(), tokens.clone(), InstallSource::Import, now);
+                let pending =
+                    machine.install(current.as_ref(), grant.clone(), tokens.clone(), InstallSource::Import, now);
                 match pending.make_durable(&store).await {
                     Ok(done) => {
                         info!(line = n, %shop, generation = done.state().generation.0, "imported");
@@ -685,7 +684,13 @@ impl std::fmt::Display for EventTally {
             f,
             "{} refreshed, {} ambiguous, {} resolved, {} needs-reauth, {} app-credentials-rejected, {} throttled, \
              {} other",
-            self.refreshed, self.ambiguous, self.resolved, self.needs_reauth, self.credentials, self.throttled, self.other
+            self.refreshed,
+            self.ambiguous,
+            self.resolved,
+            self.needs_reauth,
+            self.credentials,
+            self.throttled,
+            self.other
         )?;
         if self.lagged > 0 {
             write!(f, " ({} events missed)", self.lagged)?;

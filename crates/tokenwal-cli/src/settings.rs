@@ -119,9 +119,9 @@ impl Settings {
             .ok_or_else(|| CliError::Config("cannot find a data directory: pass --db PATH".into()))?;
         let test_endpoint = match (endpoint, &file.insecure_test_endpoint) {
             (Some(u), _) => Some(u),
-            (None, Some(s)) => Some(
-                Url::parse(s).map_err(|e| CliError::Config(format!("insecure_test_endpoint is not a URL: {e}")))?,
-            ),
+            (None, Some(s)) => {
+                Some(Url::parse(s).map_err(|e| CliError::Config(format!("insecure_test_endpoint is not a URL: {e}")))?)
+            }
             (None, None) => None,
         };
         Ok(Settings { db, file, test_endpoint })

@@ -8,8 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokenwal::core::{
-    AccessToken, AmbiguityReason, ClientSecret, GrantKey, Phase, Record, RefreshToken, Resolution, ShopDomain,
-    TokenSet,
+    AccessToken, AmbiguityReason, ClientSecret, GrantKey, Phase, Record, RefreshToken, Resolution, ShopDomain, TokenSet,
 };
 use tokenwal::{Config, Engine, Error, RecoveryReport, StoreLocation};
 use tokenwal_sim::SimHandle;

@@ -167,7 +167,8 @@ impl World {
         let shops: Vec<ShopDomain> = (0..n)
             .map(|i| ShopDomain::parse(&format!("demo-shop-{i:05}.myshopify.com")).expect("valid by construction"))
             .collect();
-        let period = args.access_ttl.to_std().saturating_sub(args.refresh_margin.to_std()).max(Duration::from_millis(200));
+        let period =
+            args.access_ttl.to_std().saturating_sub(args.refresh_margin.to_std()).max(Duration::from_millis(200));
         // Generous: a few requests per refresh period, plus retries and recovery probes.
         let script_len = (4.0 * duration.as_secs_f64() / period.as_secs_f64()) as usize + 40;
         let scripts = (0..n)
@@ -180,9 +181,8 @@ impl World {
         let initial_life = (0..n).map(|_| rng.gen_range(0.25..1.0)).collect();
         let crashes = args.crashes.unwrap_or_else(|| ((duration.as_secs_f64() / 5.0) as u32).max(1)) as usize;
         let spacing = duration.as_secs_f64() / (crashes as f64 + 1.0);
-        let crash_at = (1..=crashes)
-            .map(|k| Duration::from_secs_f64(spacing * (k as f64 + rng.gen_range(-0.2..0.2))))
-            .collect();
+        let crash_at =
+            (1..=crashes).map(|k| Duration::from_secs_f64(spacing * (k as f64 + rng.gen_range(-0.2..0.2)))).collect();
         let mut idx: Vec<usize> = (0..n).collect();
         let revoked = {
             let k = (args.revoke as usize).min(n / 2);

@@ -270,6 +270,8 @@ impl App for NaiveApp<'_> {
         let http = {
             let _guard = rt.enter();
             reqwest::Client::builder()
+                // Loopback only: never through a proxy from the environment.
+                .no_proxy()
                 .connect_timeout(a.timeout.to_std().min(Duration::from_secs(1)))
                 .timeout(a.timeout.to_std())
                 .redirect(reqwest::redirect::Policy::none())
@@ -312,7 +314,11 @@ impl App for NaiveApp<'_> {
                     let due: Vec<(usize, Session)> = {
                         let now = now_ms();
                         let memory = lock(&process.memory);
-                        (0..n).filter_map(|i| memory.get(&i).filter(|s| s.due(now, process.margin)).map(|s| (i, s.clone()))).collect()
+                        (0..n)
+                            .filter_map(|i| {
+                                memory.get(&i).filter(|s| s.due(now, process.margin)).map(|s| (i, s.clone()))
+                            })
+                            .collect()
                     };
                     let sem = Arc::new(tokio::sync::Semaphore::new(16));
                     let mut jobs = tokio::task::JoinSet::new();
@@ -453,7 +459,8 @@ mod tests {
 
     #[test]
     fn parse_session_like_create_session() {
-        let full = br#"{"access_token":"a","expires_in":4,"refresh_token":"r","refresh_token_expires_in":9,"scope":"x"}"#;
+        let full =
+            br#"{"access_token":"a","expires_in":4,"refresh_token":"r","refresh_token_expires_in":9,"scope":"x"}"#;
         let s = parse_session(full, 1000).unwrap();
         assert_eq!((s.expires, s.refresh.as_deref()), (Some(5000), Some("r")));
         let no_expiry = br#"{"access_token":"a","refresh_token":"r","refresh_token_expires_in":9}"#;

@@ -190,7 +190,9 @@ fn table(ours: &RunReport, theirs: Option<&RunReport>) -> String {
     row("old token retried, answered from retention (sim)", &|r| r.replays.to_string());
     row("ambiguous rotations (outcome unknown to the app)", &|r| r.ambiguous.to_string());
     row("  resolved by retrying the old token", &|r| r.resolved_by_retry.to_string());
-    row("  of them cut by a crash, found by recovery", &|r| r.interrupted_by_crash.map_or_else(dash, |n| n.to_string()));
+    row("  of them cut by a crash, found by recovery", &|r| {
+        r.interrupted_by_crash.map_or_else(dash, |n| n.to_string())
+    });
     row("token pairs lost in crashes (unsaved)", &|r| r.pairs_lost_in_crashes.map_or_else(dash, |n| n.to_string()));
     row("app calls", &|r| r.app_calls.to_string());
     row("  with a token the Admin API accepted", &|r| r.pct_working());
