@@ -74,7 +74,7 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Erro
     }
     match Option::<Raw>::deserialize(d)? {
         None => Ok(None),
-        Some(Raw::Secs(s)) if s.is_finite() && s >= 0.0 && s < 1e12 => Ok(Some(Duration::from_secs_f64(s))),
+        Some(Raw::Secs(s)) if (0.0..1e12).contains(&s) => Ok(Some(Duration::from_secs_f64(s))),
         Some(Raw::Secs(_)) => Err(serde::de::Error::custom("a duration in seconds must be a non-negative number")),
         Some(Raw::Text(t)) => t.parse::<SimDuration>().map(|d| Some(d.to_std())).map_err(serde::de::Error::custom),
     }
