@@ -1,0 +1,790 @@
+//! Crash tests with real processes: the engine runs in a child process (this test binary,
+//! re-executed with `TOKENWAL_CRASH_CHILD=1`) against the simulator served by the parent over
+//! loopback, on a sled store in a directory the parent owns.
+//!
+//! The child opens the engine (running recovery), installs the shops the parent listed if they are
+//! not installed yet, then asks `access_token` for every shop for a few rounds, printing one line per
+//! answer. Every round refreshes (the child's refresh margin is longer than the access lifetime).
+//!
+//! The parent kills the child at every crash point of `docs/journal.md` (the engine's named
+//! failpoints abort the process there; hung requests are cut by SIGKILL at random moments), inspects
+//! the store the dead child left (what is open, and whether the simulator processed the credential
+//! it holds), restarts the child without the failpoint on the same store and checks, through the
+//! simulator:
+//!
+//! * every shop is served in every round after the restart, and its last token works at the
+//!   fake Admin API (`access_token_valid`); its grant is alive (`grant_alive`);
+//! * no refresh request was ever rejected (under the default retain-until-replacement-used policy a
+//!   rejection would mean tokenwal presented a dead or superseded token);
+//! * a replay (a retry of an already-used refresh token) happened exactly where the crash point
+//!   left an ambiguity the server had already acted on;
+//! * after every crash, every stored refresh token is still accepted by the server: the durable
+//!   state is always recoverable;
+//! * under a strict single-use server, a crash after the response loses the grant, and the restart
+//!   says so (needs-reauth) once, without looping.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::Rng;
+use tokenwal::core::{
+    AccessToken, ClientSecret, GrantKey, GrantState, Phase, RefreshToken, RetryPolicy, ShopDomain, TokenSet, UnixMillis,
+};
+use tokenwal::store::{Store, StoreConfig};
+use tokenwal::{Config, Engine, Error, StoreLocation};
+use tokenwal_sim::config::PolicyKind;
+use tokenwal_sim::{serve, Fault, SimConfig, SimHandle};
+
+const CHILD: &str = "TOKENWAL_CRASH_CHILD";
+const ENV_DIR: &str = "TOKENWAL_CRASH_DIR";
+const ENV_SIM: &str = "TOKENWAL_CRASH_SIM";
+const ENV_SHOPS: &str = "TOKENWAL_CRASH_SHOPS";
+const ENV_ROUNDS: &str = "TOKENWAL_CRASH_ROUNDS";
+const ENV_CONCURRENT: &str = "TOKENWAL_CRASH_CONCURRENT";
+const ENV_STRICT: &str = "TOKENWAL_CRASH_STRICT";
+const ENV_TIMEOUT_MS: &str = "TOKENWAL_CRASH_TIMEOUT_MS";
+const FAILPOINT: &str = "TOKENWAL_FAILPOINT";
+
+const CLIENT_ID: &str = "sim-client-id";
+const SECRET: &str = "sim-client-secret";
+/// Every line the child reports starts with this marker (the test harness may print on the same
+/// line before it).
+const MARK: &str = "TWCRASH|";
+const SIGABRT: i32 = 6;
+const SIGKILL: i32 = 9;
+
+fn shop(name: &str) -> ShopDomain {
+    ShopDomain::parse(name).unwrap()
+}
+
+fn grant(name: &str) -> GrantKey {
+    GrantKey::shopify(&shop(name))
+}
+
+fn wall_now() -> UnixMillis {
+    UnixMillis::from_system_time(SystemTime::now())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The child.
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} not set"))
+}
+
+fn report(line: impl std::fmt::Display) {
+    // One `println!` is one locked write: lines never interleave.
+    println!("{MARK}{line}");
+}
+
+fn error_kind(e: &Error) -> &'static str {
+    match e {
+        Error::NeedsReauth { .. } => "needs-reauth",
+        Error::Ambiguous { .. } => "ambiguous",
+        Error::Unavailable { .. } => "unavailable",
+        Error::AppCredentialsRejected { .. } => "app-credentials",
+        Error::InFlight { .. } => "in-flight",
+        Error::NotInstalled { .. } => "not-installed",
+        Error::Uninstalled { .. } => "uninstalled",
+        Error::Store(_) => "store",
+        _ => "other",
+    }
+}
+
+/// The shops the parent listed: `[{shop, access_token, refresh_token, refresh_token_expires_in}]`.
+fn read_shops(path: &Path) -> Vec<(String, TokenSet)> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let now = wall_now();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let tokens = TokenSet {
+                access_token: AccessToken::new(s["access_token"].as_str().unwrap()),
+                // Expired: the first round refreshes.
+                access_expires_at: now,
+                refresh_token: RefreshToken::new(s["refresh_token"].as_str().unwrap()),
+                refresh_expires_at: Some(
+                    now.saturating_add(Duration::from_secs(s["refresh_token_expires_in"].as_u64().unwrap())),
+                ),
+                scope: None,
+            };
+            (s["shop"].as_str().unwrap().to_owned(), tokens)
+        })
+        .collect()
+}
+
+async fn child_main() {
+    let strict = std::env::var_os(ENV_STRICT).is_some();
+    let concurrent = std::env::var_os(ENV_CONCURRENT).is_some();
+    let rounds: usize = env(ENV_ROUNDS).parse().unwrap();
+    let timeout_ms: u64 = env(ENV_TIMEOUT_MS).parse().unwrap();
+    let base = url::Url::parse(&env(ENV_SIM)).unwrap();
+    let store = StoreLocation::Path(PathBuf::from(env(ENV_DIR)));
+    let mut c = Config::shopify(store, CLIENT_ID, ClientSecret::new(SECRET)).with_insecure_test_endpoint(base);
+    if strict {
+        c.policy = RetryPolicy::single_use();
+    }
+    c.proactive = false;
+    // Longer than the simulator's access lifetime: every round refreshes.
+    c.refresh_margin = Duration::from_secs(2 * 3600);
+    c.max_wait = Duration::from_secs(5);
+    c.timeouts.connect = Duration::from_secs(2);
+    c.timeouts.total = Duration::from_millis(timeout_ms);
+    c.policy.backoff.base = Duration::from_millis(20);
+    c.policy.backoff.cap = Duration::from_millis(200);
+    let (engine, r) = Engine::open(c).await.expect("engine opens");
+    report(format_args!(
+        "report open={} interrupted={} resolved={} still_ambiguous={} needs_reauth={}",
+        r.open, r.interrupted, r.resolved, r.still_ambiguous, r.needs_reauth
+    ));
+    let shops = read_shops(Path::new(&env(ENV_SHOPS)));
+    for (name, tokens) in &shops {
+        if engine.state(&grant(name)).unwrap().is_none() {
+            engine.install(&shop(name), tokens.clone()).await.unwrap();
+            report(format_args!("installed {name}"));
+        }
+    }
+    let ask = |engine: Engine, round: usize, name: String| async move {
+        match engine.access_token(&shop(&name)).await {
+            Ok(t) => report(format_args!("ok {round} {name} {}", t.expose_secret())),
+            Err(e) => report(format_args!("err {round} {name} {}", error_kind(&e))),
+        }
+    };
+    for round in 0..rounds {
+        if concurrent {
+            let mut tasks = tokio::task::JoinSet::new();
+            for (name, _) in &shops {
+                tasks.spawn(ask(engine.clone(), round, name.clone()));
+            }
+            while tasks.join_next().await.is_some() {}
+        } else {
+            for (name, _) in &shops {
+                ask(engine.clone(), round, name.clone()).await;
+            }
+        }
+    }
+    for (name, _) in &shops {
+        let s = engine.state(&grant(name)).unwrap().unwrap();
+        report(format_args!("state {name} {}", s.phase.name()));
+    }
+    engine.shutdown().await;
+    report("done");
+}
+
+/// The child's body; a no-op in a normal test run.
+#[test]
+fn crash_child() {
+    if std::env::var_os(CHILD).is_none() {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(child_main());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The parent.
+
+/// What one child run printed.
+#[derive(Debug)]
+struct Run {
+    status: ExitStatus,
+    lines: Vec<String>,
+    stderr: String,
+}
+
+impl Run {
+    fn words(&self, kind: &str) -> Vec<Vec<&str>> {
+        self.lines.iter().map(|l| l.split(' ').collect::<Vec<_>>()).filter(|w| w[0] == kind).collect()
+    }
+
+    fn finished(&self) -> bool {
+        self.status.success() && self.lines.iter().any(|l| l == "done")
+    }
+
+    fn aborted(&self) -> bool {
+        self.status.signal() == Some(SIGABRT)
+    }
+
+    /// The recovery report's counters (`open`, `interrupted`, …).
+    fn report(&self) -> BTreeMap<String, usize> {
+        let w = self.words("report");
+        let w = w.first().unwrap_or_else(|| panic!("no report: {self:?}"));
+        w[1..]
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap();
+                (k.to_owned(), v.parse().unwrap())
+            })
+            .collect()
+    }
+
+    /// `(round, shop) -> access token` of every success.
+    fn served(&self) -> BTreeMap<(usize, String), String> {
+        self.words("ok").iter().map(|w| ((w[1].parse().unwrap(), w[2].to_owned()), w[3].to_owned())).collect()
+    }
+
+    /// `(round, shop) -> error kind` of every failure.
+    fn errors(&self) -> BTreeMap<(usize, String), String> {
+        self.words("err").iter().map(|w| ((w[1].parse().unwrap(), w[2].to_owned()), w[3].to_owned())).collect()
+    }
+
+    /// Final phase of every shop.
+    fn phases(&self) -> BTreeMap<String, String> {
+        self.words("state").iter().map(|w| (w[1].to_owned(), w[2].to_owned())).collect()
+    }
+}
+
+/// Held while this process spawns a child and while it has a store open: a child forked by another
+/// test while a store's lock file is open would hold that lock (flock) until its exec closes the
+/// descriptor, and the next open of that store would find it `Locked`.
+fn spawn_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn parse_line(line: &str) -> Option<String> {
+    line.find(MARK).map(|i| line[i + MARK.len()..].to_owned())
+}
+
+struct Harness {
+    // Dropped in this order: the simulator's server task before its runtime.
+    sim: SimHandle,
+    _rt: tokio::runtime::Runtime,
+    dir: tempfile::TempDir,
+    shops: Vec<String>,
+    rounds: usize,
+    strict: bool,
+    concurrent: bool,
+    timeout_ms: u64,
+}
+
+impl Harness {
+    fn new(tag: &str, shops: usize, policy: PolicyKind) -> Harness {
+        Harness::with_config(tag, shops, SimConfig { policy, ..SimConfig::default() })
+    }
+
+    fn with_config(tag: &str, shops: usize, config: SimConfig) -> Harness {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let policy = config.policy;
+        let config = SimConfig { hang_cap: "5s".parse().unwrap(), ..config };
+        let sim = rt.block_on(serve(config, "127.0.0.1:0".parse().unwrap())).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let shops: Vec<String> = (0..shops).map(|i| format!("{tag}-{i}.myshopify.com")).collect();
+        let list: Vec<serde_json::Value> = shops
+            .iter()
+            .map(|s| {
+                let t = sim.seed_shop(s);
+                serde_json::json!({
+                    "shop": s,
+                    "access_token": t.access_token.as_str(),
+                    "refresh_token": t.refresh_token.as_str(),
+                    "refresh_token_expires_in": t.refresh_token_expires_in,
+                })
+            })
+            .collect();
+        std::fs::write(dir.path().join("shops.json"), serde_json::to_vec(&list).unwrap()).unwrap();
+        Harness {
+            sim,
+            _rt: rt,
+            dir,
+            shops,
+            rounds: 3,
+            strict: policy == PolicyKind::Strict,
+            concurrent: false,
+            timeout_ms: 5_000,
+        }
+    }
+
+    fn store_path(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    fn command(&self, failpoint: Option<&str>) -> Command {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            .env(ENV_DIR, self.store_path())
+            .env(ENV_SIM, self.sim.base_url())
+            .env(ENV_SHOPS, self.dir.path().join("shops.json"))
+            .env(ENV_ROUNDS, self.rounds.to_string())
+            .env(ENV_TIMEOUT_MS, self.timeout_ms.to_string())
+            .env_remove(FAILPOINT)
+            .env_remove(ENV_STRICT)
+            .env_remove(ENV_CONCURRENT)
+            .env("RUST_BACKTRACE", "0");
+        if let Some(fp) = failpoint {
+            cmd.env(FAILPOINT, fp);
+        }
+        if self.strict {
+            cmd.env(ENV_STRICT, "1");
+        }
+        if self.concurrent {
+            cmd.env(ENV_CONCURRENT, "1");
+        }
+        cmd
+    }
+
+    /// Runs the child to its end (normal exit or abort at `failpoint`).
+    fn run(&self, failpoint: Option<&str>) -> Run {
+        let child = {
+            let _g = spawn_lock();
+            self.command(failpoint).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+        };
+        let out = child.wait_with_output().unwrap();
+        let lines = String::from_utf8_lossy(&out.stdout).lines().filter_map(parse_line).collect();
+        Run { status: out.status, lines, stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
+    }
+
+    /// Runs the child without failpoint and checks it finished.
+    fn run_clean(&self) -> Run {
+        let r = self.run(None);
+        assert!(r.finished(), "the clean run did not finish: {r:#?}");
+        r
+    }
+
+    /// Runs the child until `kill_when` says so (polled every 5 ms), then SIGKILLs it. Returns
+    /// whether it was killed (it may have finished first) and what it printed.
+    fn run_until_killed(&self, mut kill_when: impl FnMut(&Harness, Duration) -> bool) -> (bool, Run) {
+        let mut child = {
+            let _g = spawn_lock();
+            self.command(None).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap()
+        };
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(l) = parse_line(&line) {
+                    let _ = tx.send(l);
+                }
+            }
+        });
+        let started = Instant::now();
+        let mut killed = false;
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if kill_when(self, started.elapsed()) {
+                child.kill().unwrap();
+                killed = true;
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "the child never ended");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let status = child.wait().unwrap();
+        reader.join().unwrap();
+        let lines: Vec<String> = rx.try_iter().collect();
+        if killed {
+            assert_eq!(status.signal(), Some(SIGKILL), "{lines:?}");
+        }
+        (killed, Run { status, lines, stderr: String::new() })
+    }
+
+    /// The durable state of every shop, as the stopped child left it.
+    fn inspect(&self) -> BTreeMap<String, GrantState> {
+        let _g = spawn_lock();
+        let (store, report) = Store::open(self.store_path(), StoreConfig::default()).unwrap();
+        assert!(report.corrupt.is_empty(), "{:?}", report.corrupt);
+        let states =
+            self.shops.iter().filter_map(|s| store.get(&grant(s)).unwrap().map(|st| (s.clone(), st))).collect();
+        drop(store);
+        states
+    }
+
+    fn stored_refresh_token(state: &GrantState) -> String {
+        state.tokens.as_ref().unwrap().refresh_token.expose_secret().to_owned()
+    }
+
+    /// Whether the simulator has already processed (used) `refresh_token` of `shop`.
+    fn processed(&self, shop: &str, refresh_token: &str) -> bool {
+        let view = self.sim.shop_state(shop);
+        let r = view.refresh_token(refresh_token).unwrap_or_else(|| panic!("{shop}: the sim never issued it"));
+        r.first_used_at_ms.is_some()
+    }
+
+    fn accepted(&self, shop: &str, refresh_token: &str) -> bool {
+        let now = self.sim.now_ms();
+        self.sim.with_model(|m| m.refresh_token_accepted(CLIENT_ID, shop, refresh_token, now))
+    }
+
+    /// After any stop: every stored refresh token is still accepted by the server (under retention),
+    /// and an open grant is exactly a grant whose outcome the stopped process never recorded.
+    /// Returns the open grants and, for each, whether the server had processed its credential.
+    fn check_recoverable(&self) -> BTreeMap<String, bool> {
+        let mut open = BTreeMap::new();
+        for (s, st) in self.inspect() {
+            let rt = Harness::stored_refresh_token(&st);
+            if !self.strict {
+                assert!(self.accepted(&s, &rt), "{s}: the durable refresh token is dead at the server ({st:?})");
+            }
+            if st.phase.is_open() {
+                let processed = self.processed(&s, &rt);
+                open.insert(s, processed);
+            }
+        }
+        open
+    }
+
+    /// The invariants after a clean run: every shop was served in every round, its last token
+    /// works, its grant is alive, the server rejected nothing, and every grant ends healthy.
+    fn check_served(&self, run: &Run) {
+        let served = run.served();
+        let now = self.sim.now_ms();
+        for s in &self.shops {
+            for round in 0..self.rounds {
+                assert!(served.contains_key(&(round, s.clone())), "{s} not served in round {round}: {run:#?}");
+            }
+            let last = &served[&(self.rounds - 1, s.clone())];
+            assert!(
+                self.sim.with_model(|m| m.access_token_valid(s, last, now)),
+                "{s}: the last served token is refused by the Admin API"
+            );
+            assert!(self.sim.grant_alive(s), "{s}: grant dead at the server");
+            assert_eq!(run.phases().get(s).map(String::as_str), Some("healthy"), "{run:#?}");
+        }
+        let c = self.sim.counters();
+        assert_eq!(c.total.total_rejections(), 0, "the server rejected a refresh: {:?}", c.total);
+    }
+
+    fn replays(&self) -> u64 {
+        self.sim.counters().total.replays
+    }
+
+    fn requests(&self, shop: &str) -> u64 {
+        self.sim.counters().shop(shop).token_requests
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Named failpoints: abort at the N-th hit, restart, check.
+
+/// Aborts the child at the `nth` hit of `name` (one hit per attempt; shops are served in order, so
+/// the `nth` attempt is shop `(nth-1) % shops` in round `(nth-1) / shops`), checks what the dead
+/// process left, restarts it and checks recovery. Returns the harness for further checks.
+fn crash_at(name: &str, nth: usize) -> Harness {
+    let h = Harness::new(&format!("{name}-{nth}"), 3, PolicyKind::RetainUntilReplacementUsed);
+    let n = h.shops.len();
+    let (round, victim) = ((nth - 1) / n, h.shops[(nth - 1) % n].clone());
+    let crashed = h.run(Some(&format!("{name}:{nth}")));
+    assert!(crashed.aborted(), "{name}:{nth} did not abort: {crashed:#?}");
+    assert!(crashed.stderr.contains(&format!("tokenwal failpoint {name}: aborting")), "{}", crashed.stderr);
+    // Everything before the victim's attempt was served.
+    assert_eq!(crashed.served().len(), nth - 1, "{crashed:#?}");
+
+    let states = h.inspect();
+    let victim_state = &states[&victim];
+    let rt = Harness::stored_refresh_token(victim_state);
+    let open = h.check_recoverable();
+    // The victim's attempt number `round` (0-based) is the one cut short.
+    let sent_before = round as u64;
+    match name {
+        "before-intent" => {
+            assert_eq!(victim_state.phase, Phase::Healthy);
+            assert_eq!(victim_state.generation.0, 1 + round as u64, "no new generation");
+            assert!(open.is_empty(), "{open:?}");
+            assert_eq!(h.requests(&victim), sent_before, "nothing was sent");
+        }
+        "after-intent" => {
+            assert!(matches!(victim_state.phase, Phase::Refreshing { .. }), "{victim_state:?}");
+            assert_eq!(open.len(), 1);
+            assert_eq!(open.get(&victim), Some(&false), "the server never saw it");
+            assert_eq!(h.requests(&victim), sent_before, "nothing was sent");
+        }
+        "after-response" | "before-commit" => {
+            assert!(matches!(victim_state.phase, Phase::Refreshing { .. }), "{victim_state:?}");
+            assert_eq!(open.len(), 1);
+            assert_eq!(open.get(&victim), Some(&true), "the server rotated");
+            assert_eq!(h.requests(&victim), sent_before + 1);
+        }
+        "after-commit" => {
+            assert_eq!(victim_state.phase, Phase::Healthy);
+            assert_eq!(victim_state.generation.0, 2 + round as u64, "the commit is durable");
+            assert!(open.is_empty(), "{open:?}");
+            assert!(!h.processed(&victim, &rt), "the durable token is the new, unused one");
+        }
+        other => panic!("no expectations for {other}"),
+    }
+
+    let replays_before = h.replays();
+    let restarted = h.run_clean();
+    let report = restarted.report();
+    let ambiguous = open.len();
+    assert_eq!(report["open"], ambiguous, "{report:?}");
+    assert_eq!(report["interrupted"], ambiguous, "{report:?}");
+    assert_eq!(report["resolved"], ambiguous, "{report:?}");
+    assert_eq!(report["needs_reauth"], 0, "{report:?}");
+    h.check_served(&restarted);
+    // A replay exactly where the server had acted on a request whose answer was lost.
+    let expected = open.values().filter(|p| **p).count() as u64;
+    assert_eq!(h.replays() - replays_before, expected, "replays after restart");
+    assert!(h.check_recoverable().is_empty());
+    h
+}
+
+/// The failpoint names covered by a named test below; `every_failpoint_has_a_crash_test` keeps
+/// this list in step with the engine's.
+const COVERED: [&str; 6] =
+    ["before-intent", "after-intent", "after-response", "before-commit", "after-commit", "during-recovery"];
+
+#[test]
+fn every_failpoint_has_a_crash_test() {
+    if std::env::var_os(CHILD).is_some() {
+        return;
+    }
+    for name in tokenwal::failpoint::NAMES {
+        assert!(COVERED.contains(&name), "failpoint {name} has no crash test");
+    }
+}
+
+/// The first, a middle and the last attempt of a 3-shop, 3-round run.
+const VARIANTS: [usize; 3] = [1, 5, 9];
+
+fn crash_case(name: &str) {
+    if std::env::var_os(CHILD).is_some() {
+        return;
+    }
+    for nth in VARIANTS {
+        crash_at(name, nth);
+    }
+}
+
+#[test]
+fn crash_before_intent() {
+    crash_case("before-intent");
+}
+
+#[test]
+fn crash_after_intent() {
+    crash_case("after-intent");
+}
+
+#[test]
+fn crash_after_response() {
+    crash_case("after-response");
+}
+
+#[test]
+fn crash_before_commit() {
+    crash_case("before-commit");
+}
+
+#[test]
+fn crash_after_commit() {
+    crash_case("after-commit");
+}
+
+/// A crash after the response, then another in recovery's probe (its response lost too), then a
+/// clean restart: the same old token is retried a second time and still returns the pair.
+#[test]
+fn crash_after_response_then_again_in_the_recovery_probe() {
+    if std::env::var_os(CHILD).is_some() {
+        return;
+    }
+    let h = Harness::new("probe-crash", 3, PolicyKind::RetainUntilReplacementUsed);
+    let victim = h.shops[1].clone();
+    assert!(h.run(Some("after-response:2")).aborted());
+    let open = h.check_recoverable();
+    assert_eq!(open.get(&victim), Some(&true));
+    let replays = h.replays();
+    // The recovery probe is the first attempt of the next process.
+    let again = h.run(Some("after-response:1"));
+    assert!(again.aborted(), "{again:#?}");
+    assert_eq!(h.replays(), replays + 1, "the probe replayed the old token");
+    let states = h.inspect();
+    let st = &states[&victim];
+    assert!(matches!(st.phase, Phase::Refreshing { .. }), "{st:?}");
+    assert_eq!(h.check_recoverable().get(&victim), Some(&true));
+    let restarted = h.run_clean();
+    assert_eq!(restarted.report()["resolved"], 1);
+    h.check_served(&restarted);
+    assert_eq!(h.replays(), replays + 2, "two replays of the same old token");
+}
+
+/// Every shop stopped after send, before the response (SIGKILL while the server holds every
+/// answer), then two crashes in the middle of recovery: each grant's recovery transition is atomic,
+/// and planning again completes the rest.
+#[test]
+fn crash_during_recovery() {
+    if std::env::var_os(CHILD).is_some() {
+        return;
+    }
+    let mut h = Harness::new("recovery", 4, PolicyKind::RetainUntilReplacementUsed);
+    let n = h.shops.len();
+    h.concurrent = true;
+    h.rounds = 1;
+    h.timeout_ms = 30_000;
+    for s in &h.shops {
+        h.sim.push_faults(s, [Fault::RotateThenHang]).unwrap();
+    }
+    let (killed, _) = h.run_until_killed(|h, _| h.sim.counters().total.token_requests >= n as u64);
+    assert!(killed);
+    let open = h.check_recoverable();
+    assert_eq!(open.len(), n, "every shop was in flight: {open:?}");
+    assert!(open.values().all(|p| *p), "the server rotated every one");
+
+    let phases = |h: &Harness| {
+        let states = h.inspect();
+        let refreshing = states.values().filter(|s| matches!(s.phase, Phase::Refreshing { .. })).count();
+        let ambiguous = states.values().filter(|s| matches!(s.phase, Phase::Ambiguous(_))).count();
+        (refreshing, ambiguous)
+    };
+    let requests = h.sim.counters().total.token_requests;
+    let r = h.run(Some("during-recovery:2"));
+    assert!(r.aborted(), "{r:#?}");
+    assert_eq!(phases(&h), (n - 2, 2), "two grants' recovery transitions were written");
+    let r = h.run(Some("during-recovery:1"));
+    assert!(r.aborted(), "{r:#?}");
+    assert_eq!(phases(&h), (n - 3, 3));
+    assert_eq!(h.sim.counters().total.token_requests, requests, "recovery crashed before probing anything");
+    h.check_recoverable();
+
+    let replays = h.replays();
+    h.rounds = 2;
+    let restarted = h.run_clean();
+    let report = restarted.report();
+    assert_eq!((report["open"], report["interrupted"], report["resolved"]), (n, n - 3, n), "{report:?}");
+    h.check_served(&restarted);
+    assert_eq!(h.replays() - replays, n as u64, "every hung rotation was recovered by a replay");
+}
+
+/// "After send, before response", at random moments: requests hang at the server after it rotated,
+/// the engine's total timeout is short, and the child is SIGKILLed at random while it retries.
+#[test]
+fn crash_after_send_before_response_random_kills() {
+    if std::env::var_os(CHILD).is_some() {
+        return;
+    }
+    let mut h = Harness::new("kill", 3, PolicyKind::RetainUntilReplacementUsed);
+    h.concurrent = true;
+    h.rounds = 6;
+    h.timeout_ms = 150;
+    let seed: u64 = rand::random();
+    eprintln!("random kills: seed {seed}");
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    let mut kills = 0;
+    for iteration in 0..8 {
+        for s in &h.shops {
+            h.sim.with_model(|m| m.clear_faults(s));
+            // Mostly rotations whose answer never comes (hang until the engine's timeout), some
+            // reset or 520, and slow but normal answers in between.
+            let faults: Vec<Fault> = (0..rng.gen_range(6..12))
+                .map(|_| match rng.gen_range(0..8) {
+                    0 => Fault::RotateThenReset,
+                    1 => Fault::RotateThenDrop,
+                    2..=4 => Fault::RotateThenHang,
+                    _ => Fault::Slow { delay_ms: rng.gen_range(5..60) },
+                })
+                .collect();
+            h.sim.push_faults(s, faults).unwrap();
+        }
+        let after = Duration::from_millis(rng.gen_range(20..900));
+        let (killed, run) = h.run_until_killed(|_, elapsed| elapsed >= after);
+        kills += usize::from(killed);
+        if !killed {
+            assert!(run.finished(), "iteration {iteration} (seed {seed}): {run:#?}");
+        }
+        // Every stored refresh token, open or not, is still accepted by the server.
+        h.check_recoverable();
+    }
+    eprintln!("random kills: {kills} kills, {} replays so far", h.replays());
+    assert!(kills >= 4, "too few kills to mean anything ({kills}, seed {seed})");
+    for s in &h.shops {
+        h.sim.with_model(|m| m.clear_faults(s));
+    }
+    h.timeout_ms = 5_000;
+    let restarted = h.run_clean();
+    h.check_served(&restarted);
+    assert!(h.replays() > 0, "the lost answers were recovered by replays (seed {seed})");
+}
+
+/// A strict single-use server and a crash after its response: the rotation the server committed is
+/// lost with the process, so the grant is really dead for tokenwal (the only refresh token the
+/// server would still take is the one lost with the answer). The restart probes it once, is
+/// rejected, and marks it needs-reauth: not healthy, and not looped on.
+fn strict_crash_after_response(tag: &str, revoke_family_on_reuse: bool) -> Harness {
+    let config = SimConfig { policy: PolicyKind::Strict, revoke_family_on_reuse, ..SimConfig::default() };
+    let h = Harness::with_config(tag, 2, config);
+    let (victim, other) = (h.shops[0].clone(), h.shops[1].clone());
+    assert!(h.run(Some("after-response:1")).aborted());
+    assert_eq!(h.check_recoverable().get(&victim), Some(&true));
+    let states = h.inspect();
+    let stored = Harness::stored_refresh_token(&states[&victim]);
+    assert!(!h.accepted(&victim, &stored), "the server's single use is spent");
+    // What the server would still take is only the replacement lost with the answer.
+    let view = h.sim.shop_state(&victim);
+    let lost = view.refresh_token(&stored).unwrap().replacement.clone().unwrap();
+    let live: Vec<_> = view
+        .grants
+        .iter()
+        .flat_map(|g| &g.refresh_tokens)
+        .filter(|r| r.accepted_now)
+        .map(|r| r.token.clone())
+        .collect();
+    assert_eq!(live, vec![lost], "nothing tokenwal holds is alive");
+
+    let restarted = h.run_clean();
+    let report = restarted.report();
+    assert_eq!((report["open"], report["resolved"], report["needs_reauth"]), (1, 0, 1), "{report:?}");
+    let errors = restarted.errors();
+    for round in 0..h.rounds {
+        assert_eq!(errors.get(&(round, victim.clone())).map(String::as_str), Some("needs-reauth"), "{restarted:#?}");
+        assert!(restarted.served().contains_key(&(round, other.clone())), "the other shop is served");
+    }
+    assert_eq!(restarted.phases()[&victim], "needs-reauth");
+    assert_eq!(restarted.phases()[&other], "healthy");
+    assert_eq!(h.requests(&victim), 2, "the lost request and one probe: no loop");
+    assert_eq!(h.sim.counters().shop(&victim).total_rejections(), 1);
+
+    // Another start does not touch it again.
+    let again = h.run_clean();
+    assert_eq!(again.report()["open"], 0);
+    assert_eq!(again.phases()[&victim], "needs-reauth");
+    assert_eq!(h.requests(&victim), 2);
+    assert_eq!(h.sim.counters().shop(&other).total_rejections(), 0);
+    h
+}
+
+#[test]
+fn strict_crash_after_response_needs_reauth() {
+    if std::env::var_os(CHILD).is_some() {
+        return;
+    }
+    strict_crash_after_response("strict", false);
+}
+
+/// The same under a server that revokes the whole grant when a used token is presented again: the
+/// probe makes the server kill the grant outright, and it confirms the grant is dead.
+#[test]
+fn strict_family_revocation_crash_after_response_needs_reauth() {
+    if std::env::var_os(CHILD).is_some() {
+        return;
+    }
+    let h = strict_crash_after_response("strict-family", true);
+    assert!(!h.sim.grant_alive(&h.shops[0]), "the server revoked the grant");
+    assert_eq!(h.sim.counters().shop(&h.shops[0]).family_revocations, 1);
+    assert!(h.sim.grant_alive(&h.shops[1]));
+}
+
+/// Under the same strict server, a crash after the intent (nothing sent) is not a loss: the probe is
+/// the credential's first use and succeeds. No false re-auth.
+#[test]
+fn strict_crash_after_intent_recovers() {
+    if std::env::var_os(CHILD).is_some() {
+        return;
+    }
+    let h = Harness::new("strict-intent", 2, PolicyKind::Strict);
+    assert!(h.run(Some("after-intent:1")).aborted());
+    assert_eq!(h.check_recoverable().get(&h.shops[0]), Some(&false));
+    let restarted = h.run_clean();
+    assert_eq!(restarted.report()["resolved"], 1);
+    h.check_served(&restarted);
+    assert_eq!(h.replays(), 0);
+}
