@@ -35,7 +35,7 @@ use rand::Rng;
 use tokenwal::core::{
     AccessToken, ClientSecret, GrantKey, GrantState, Phase, RefreshToken, RetryPolicy, ShopDomain, TokenSet, UnixMillis,
 };
-use tokenwal::store::{Store, StoreConfig};
+use tokenwal::store::{FaultPoint, Store, StoreConfig};
 use tokenwal::{Config, Engine, Error, StoreLocation};
 use tokenwal_sim::config::PolicyKind;
 use tokenwal_sim::{serve, Fault, SimConfig, SimHandle};
@@ -48,6 +48,8 @@ const ENV_ROUNDS: &str = "TOKENWAL_CRASH_ROUNDS";
 const ENV_CONCURRENT: &str = "TOKENWAL_CRASH_CONCURRENT";
 const ENV_STRICT: &str = "TOKENWAL_CRASH_STRICT";
 const ENV_TIMEOUT_MS: &str = "TOKENWAL_CRASH_TIMEOUT_MS";
+/// `before-write:N`, `after-write:N` or `sync:N`: the store fails there (N-th visit after installs).
+const ENV_STORE_FAULT: &str = "TOKENWAL_CRASH_STORE_FAULT";
 const FAILPOINT: &str = "TOKENWAL_FAILPOINT";
 
 const CLIENT_ID: &str = "sim-client-id";
@@ -125,7 +127,23 @@ async fn child_main() {
     let rounds: usize = env(ENV_ROUNDS).parse().unwrap();
     let timeout_ms: u64 = env(ENV_TIMEOUT_MS).parse().unwrap();
     let base = url::Url::parse(&env(ENV_SIM)).unwrap();
-    let store = StoreLocation::Path(PathBuf::from(env(ENV_DIR)));
+    let store_fault = std::env::var(ENV_STORE_FAULT).ok().map(|v| {
+        let (point, nth) = v.split_once(':').unwrap();
+        let point = match point {
+            "before-write" => FaultPoint::BeforeWrite,
+            "after-write" => FaultPoint::AfterWrite,
+            "sync" => FaultPoint::Sync,
+            other => panic!("unknown store fault {other}"),
+        };
+        (point, nth.parse::<u64>().unwrap())
+    });
+    let dir = PathBuf::from(env(ENV_DIR));
+    // With a store fault to inject, the child opens the store itself to keep a handle on it.
+    let opened = store_fault.map(|_| Store::open(&dir, StoreConfig::default()).unwrap().0);
+    let store = match &opened {
+        Some(s) => StoreLocation::Open(s.clone()),
+        None => StoreLocation::Path(dir),
+    };
     let mut c = Config::shopify(store, CLIENT_ID, ClientSecret::new(SECRET)).with_insecure_test_endpoint(base);
     if strict {
         c.policy = RetryPolicy::single_use();
@@ -150,6 +168,9 @@ async fn child_main() {
             report(format_args!("installed {name}"));
         }
     }
+    if let (Some(store), Some((point, nth))) = (&opened, store_fault) {
+        store.inject_fault(point, nth);
+    }
     let ask = |engine: Engine, round: usize, name: String| async move {
         match engine.access_token(&shop(&name)).await {
             Ok(t) => report(format_args!("ok {round} {name} {}", t.expose_secret())),
@@ -170,8 +191,10 @@ async fn child_main() {
         }
     }
     for (name, _) in &shops {
-        let s = engine.state(&grant(name)).unwrap().unwrap();
-        report(format_args!("state {name} {}", s.phase.name()));
+        match engine.state(&grant(name)) {
+            Ok(s) => report(format_args!("state {name} {}", s.unwrap().phase.name())),
+            Err(_) => report(format_args!("state {name} unreadable")),
+        }
     }
     engine.shutdown().await;
     report("done");
@@ -262,6 +285,7 @@ struct Harness {
     strict: bool,
     concurrent: bool,
     timeout_ms: u64,
+    store_fault: Option<String>,
 }
 
 impl Harness {
@@ -298,6 +322,7 @@ impl Harness {
             strict: policy == PolicyKind::Strict,
             concurrent: false,
             timeout_ms: 5_000,
+            store_fault: None,
         }
     }
 
@@ -317,6 +342,7 @@ impl Harness {
             .env_remove(FAILPOINT)
             .env_remove(ENV_STRICT)
             .env_remove(ENV_CONCURRENT)
+            .env_remove(ENV_STORE_FAULT)
             .env("RUST_BACKTRACE", "0");
         if let Some(fp) = failpoint {
             cmd.env(FAILPOINT, fp);
@@ -326,6 +352,9 @@ impl Harness {
         }
         if self.concurrent {
             cmd.env(ENV_CONCURRENT, "1");
+        }
+        if let Some(f) = &self.store_fault {
+            cmd.env(ENV_STORE_FAULT, f);
         }
         cmd
     }
@@ -454,6 +483,27 @@ impl Harness {
         assert_eq!(c.total.total_rejections(), 0, "the server rejected a refresh: {:?}", c.total);
     }
 
+    /// Commit before use, across a stop: every access token the stopped child handed out is the
+    /// durable one or older (by the server's issue time; a replay returns the same token).
+    fn check_served_was_durable(&self, run: &Run) {
+        let states = self.inspect();
+        let mut last: BTreeMap<String, (usize, String)> = BTreeMap::new();
+        for ((round, s), t) in run.served() {
+            if last.get(&s).is_none_or(|(r, _)| round >= *r) {
+                last.insert(s, (round, t));
+            }
+        }
+        for (s, (_, served)) in last {
+            let stored = states[&s].tokens.as_ref().unwrap().access_token.expose_secret().to_owned();
+            let view = self.sim.shop_state(&s);
+            let issued = |t: &str| view.access_token(t).unwrap_or_else(|| panic!("{s}: unknown token")).issued_at_ms;
+            assert!(
+                issued(&served) <= issued(&stored),
+                "{s}: the child handed out a token newer than the durable one (used before its commit was durable)"
+            );
+        }
+    }
+
     fn replays(&self) -> u64 {
         self.sim.counters().total.replays
     }
@@ -479,6 +529,7 @@ fn crash_at(name: &str, nth: usize) -> Harness {
     // Everything before the victim's attempt was served.
     assert_eq!(crashed.served().len(), nth - 1, "{crashed:#?}");
 
+    h.check_served_was_durable(&crashed);
     let states = h.inspect();
     let victim_state = &states[&victim];
     let rt = Harness::stored_refresh_token(victim_state);
@@ -693,6 +744,7 @@ fn crash_after_send_before_response_random_kills() {
         }
         // Every stored refresh token, open or not, is still accepted by the server.
         h.check_recoverable();
+        h.check_served_was_durable(&run);
     }
     eprintln!("random kills: {kills} kills, {} replays so far", h.replays());
     assert!(kills >= 4, "too few kills to mean anything ({kills}, seed {seed})");
@@ -703,6 +755,58 @@ fn crash_after_send_before_response_random_kills() {
     let restarted = h.run_clean();
     h.check_served(&restarted);
     assert!(h.replays() > 0, "the lost answers were recovered by replays (seed {seed})");
+}
+
+/// The last row of the crash-point table: a write or sync fails (full disk, I/O error). The store is
+/// fail-stop: the child gets `Io`, then `Poisoned` for everything, and exits; the failed batch may or
+/// may not be durable. The restart's recovery handles either: every shop is served, nothing the
+/// server holds is lost, and a replay happens exactly if the lost batch left a processed attempt open.
+fn crash_on_store_failure(fault: &str) {
+    if std::env::var_os(CHILD).is_some() {
+        return;
+    }
+    let mut h = Harness::new(&format!("io-{}", fault.replace(':', "-")), 3, PolicyKind::RetainUntilReplacementUsed);
+    h.store_fault = Some(fault.to_owned());
+    let failed = h.run(None);
+    assert!(failed.finished(), "{failed:#?}");
+    let errors = failed.errors();
+    assert_eq!(errors.get(&(0, h.shops[0].clone())).map(String::as_str), Some("store"), "{failed:#?}");
+    assert!(errors.values().all(|e| e == "store"), "fail-stop: {errors:?}");
+    assert!(failed.served().is_empty(), "nothing served after the failure: {failed:#?}");
+    let open = h.check_recoverable();
+    let states = h.inspect();
+    let first = &states[&h.shops[0]];
+    eprintln!("{fault}: the failed batch left {} generation {} ({open:?})", first.phase.name(), first.generation.0);
+    h.store_fault = None;
+    let replays = h.replays();
+    let restarted = h.run_clean();
+    assert_eq!(restarted.report()["open"], open.len());
+    h.check_served(&restarted);
+    assert_eq!(h.replays() - replays, open.values().filter(|p| **p).count() as u64);
+}
+
+/// The first attempt's intent is written but its sync fails: nothing was sent.
+#[test]
+fn crash_on_failed_sync_of_an_intent() {
+    crash_on_store_failure("sync:1");
+}
+
+/// The first attempt's commit is written but its sync fails: the server had rotated.
+#[test]
+fn crash_on_failed_sync_of_a_commit() {
+    crash_on_store_failure("sync:2");
+}
+
+/// The first attempt's commit fails right after its transaction (written, reported failed).
+#[test]
+fn crash_on_failed_write_of_a_commit() {
+    crash_on_store_failure("after-write:2");
+}
+
+/// The first attempt's intent fails before its transaction: nothing written, nothing sent.
+#[test]
+fn crash_on_failed_write_of_an_intent() {
+    crash_on_store_failure("before-write:1");
 }
 
 /// A strict single-use server and a crash after its response: the rotation the server committed is
