@@ -76,9 +76,12 @@ impl Slots {
     }
 
     /// A cached token usable without a refresh at `now`.
+    ///
+    /// Checked under the shard's read lock, without cloning the slot's `Arc` (no shared refcount
+    /// traffic on the hot path).
     pub(crate) fn fresh(&self, account: &str, now: UnixMillis) -> Option<AccessToken> {
-        let slot = self.get(account)?;
-        let guard = slot.cached.load();
+        let shard = self.shard(account).read().unwrap_or_else(|p| p.into_inner());
+        let guard = shard.get(account)?.cached.load();
         match guard.as_ref() {
             Some(c) if now < c.refresh_at => Some(c.token.clone()),
             _ => None,
