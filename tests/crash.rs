@@ -632,6 +632,30 @@ fn crash_after_commit() {
     crash_case("after-commit");
 }
 
+/// Every attempt-level failpoint with all shops refreshing at once: the process dies with other
+/// shops' attempts at any stage. Whatever it left, the restart serves everyone, loses nothing, and
+/// replays exactly the open attempts the server had acted on.
+#[test]
+fn crash_at_every_failpoint_while_all_shops_refresh_concurrently() {
+    if std::env::var_os(CHILD).is_some() {
+        return;
+    }
+    for name in ["before-intent", "after-intent", "after-response", "before-commit", "after-commit"] {
+        let mut h = Harness::new(&format!("conc-{name}"), 4, PolicyKind::RetainUntilReplacementUsed);
+        h.concurrent = true;
+        let crashed = h.run(Some(&format!("{name}:6")));
+        assert!(crashed.aborted(), "{name}: {crashed:#?}");
+        h.check_served_was_durable(&crashed);
+        let open = h.check_recoverable();
+        let replays = h.replays();
+        let restarted = h.run_clean();
+        assert_eq!(restarted.report()["open"], open.len(), "{name}");
+        assert_eq!(restarted.report()["resolved"], open.len(), "{name}");
+        h.check_served(&restarted);
+        assert_eq!(h.replays() - replays, open.values().filter(|p| **p).count() as u64, "{name}: {open:?}");
+    }
+}
+
 /// A crash after the response, then another in recovery's probe (its response lost too), then a
 /// clean restart: the same old token is retried a second time and still returns the pair.
 #[test]

@@ -194,6 +194,11 @@ struct Coverage {
     rejections: AtomicU64,
     family_revocations: AtomicU64,
     crashes: AtomicU64,
+    /// Crashes that cut a shop's attempt short: planned (intent not durable), permitted (intent
+    /// durable, not sent), answered (the server acted, nothing recorded).
+    crashed_planned: AtomicU64,
+    crashed_permitted: AtomicU64,
+    crashed_answered: AtomicU64,
     crashes_mid_write: AtomicU64,
     crashes_in_recovery: AtomicU64,
     recovery_probes: AtomicU64,
@@ -224,7 +229,7 @@ impl std::fmt::Display for Coverage {
         write!(
             f,
             "shops={} sends={} rotations={} replays={} rejections={} family_revocations={} ambiguous={} \
-             needs_reauth={} ended_dead={} crashes={} mid_write={} in_recovery={} probes={} stale_outcomes={} \
+             needs_reauth={} ended_dead={} crashes={} (cut: planned {} permitted {} answered {}) mid_write={} in_recovery={} probes={} stale_outcomes={} \
              stale_planner_conflicts={} known_bug_zero_lifetime={} gave_up_on_live_token={} (unused: {}) lapsed_without_notice={}",
             r(&self.shops),
             r(&self.sends),
@@ -236,6 +241,9 @@ impl std::fmt::Display for Coverage {
             r(&self.needs_reauth),
             r(&self.ended_dead),
             r(&self.crashes),
+            r(&self.crashed_planned),
+            r(&self.crashed_permitted),
+            r(&self.crashed_answered),
             r(&self.crashes_mid_write),
             r(&self.crashes_in_recovery),
             r(&self.recovery_probes),
@@ -595,7 +603,12 @@ impl<'c> World<'c> {
     fn crash(&mut self, stop_after: Option<u8>) {
         bump(&self.cov.crashes);
         for w in &mut self.workers {
-            *w = None;
+            match w.take() {
+                Some(Stage::Planned(_)) => bump(&self.cov.crashed_planned),
+                Some(Stage::Permitted(_)) => bump(&self.cov.crashed_permitted),
+                Some(Stage::Answered(..)) => bump(&self.cov.crashed_answered),
+                None => {}
+            }
         }
         self.store = self.store.crash_image();
         self.recover(stop_after);
@@ -1024,6 +1037,7 @@ fn run_policy(policy: Policy) {
         assert!(r(&cov.crashes_mid_write) > 0 && r(&cov.stale_outcomes) > 0, "{cov}");
         assert!(r(&cov.replays) > 0 || !policy.retains(), "{cov}");
         assert!(r(&cov.crashes_in_recovery) > 0 && r(&cov.recovery_probes) > 0, "{cov}");
+        assert!(r(&cov.crashed_permitted) > 0 && r(&cov.crashed_answered) > 0, "{cov}");
         if !policy.retains() {
             assert!(r(&cov.ended_dead) > 0, "strict runs never lost a grant: {cov}");
         }
