@@ -1,0 +1,168 @@
+//! Measurements that need a fresh process (memory after open, startup time without warm in-process
+//! state): the bench binary re-runs itself as `tokenwal-bench child <what> ...` and reads
+//! `key=value` lines from its stdout.
+
+use crate::util::{cpu_time, parse_kv, proc_status_kb, scale_shop};
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tokenwal::core::ClientSecret;
+use tokenwal::store::{Store, StoreConfig};
+use tokenwal::{Config, Engine, StoreLocation};
+
+/// sled 0.34.7 releases its file lock from background threads after a `Db` is dropped: give it time
+/// before another process opens the same store, so that no lock wait is measured as open time.
+pub fn settle() {
+    std::thread::sleep(Duration::from_secs(2));
+}
+
+/// Runs `tokenwal-bench child <args>` and returns its answer.
+pub fn run(args: &[String]) -> HashMap<String, String> {
+    let exe = std::env::current_exe().expect("own executable");
+    let out = Command::new(exe).arg("child").args(args).output().expect("spawn child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        panic!("child {args:?} failed ({}): {}\n{}", out.status, stdout, String::from_utf8_lossy(&out.stderr));
+    }
+    parse_kv(&stdout)
+}
+
+fn emit(k: &str, v: impl std::fmt::Display) {
+    println!("{k}={v}");
+}
+
+fn emit_mem(stage: &str) {
+    emit(&format!("{stage}_rss_kb"), proc_status_kb("VmRSS"));
+    emit(&format!("{stage}_hwm_kb"), proc_status_kb("VmHWM"));
+}
+
+/// The child's entry point.
+pub fn main(args: &[String]) {
+    let what = args.first().map(String::as_str).unwrap_or("");
+    emit_mem("start");
+    match what {
+        "store-open" => store_open(Path::new(&args[1])),
+        "engine-open" => engine_open(Path::new(&args[1]), &args[2], &args[3..]),
+        other => panic!("unknown child command {other:?}"),
+    }
+}
+
+/// `Store::open`, then a full scan.
+fn store_open(path: &Path) {
+    let t = Instant::now();
+    let (store, report) = Store::open(path, StoreConfig::default()).expect("open");
+    emit("open_ns", t.elapsed().as_nanos());
+    emit("report_open_ns", report.elapsed.as_nanos());
+    emit("grants", report.grants);
+    emit("open_attempts", report.open_attempts);
+    emit("corrupt", report.corrupt.len());
+    emit_mem("opened");
+    let t = Instant::now();
+    let open = store.open_grants().expect("open grants");
+    emit("open_grants", open.len());
+    emit("open_grants_ns", t.elapsed().as_nanos());
+    drop(open);
+    let t = Instant::now();
+    let mut seen = 0usize;
+    store.for_each_grant(|_| seen += 1).expect("scan");
+    emit("scan_ns", t.elapsed().as_nanos());
+    emit("scanned", seen);
+    emit_mem("scanned");
+}
+
+/// `Engine::open` (recovery included) against `base` (a simulator, or an unused loopback address
+/// when nothing will be sent). Flags: `proactive` starts the scheduler and measures its initial load
+/// and its idle CPU; `idle=SECS` sets the idle window; `touch=N` calls `access_token` for grants
+/// `g0..gN` (served from the store, then cached).
+fn engine_open(path: &Path, base: &str, flags: &[String]) {
+    let flag = |name: &str| flags.iter().find_map(|f| f.strip_prefix(name)?.strip_prefix('=')).map(str::to_owned);
+    let proactive = flags.iter().any(|f| f == "proactive");
+    let idle: u64 = flag("idle").and_then(|v| v.parse().ok()).unwrap_or(10);
+    let touch: usize = flag("touch").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let mut config = Config::shopify(
+            StoreLocation::Path(path.to_path_buf()),
+            "sim-client-id",
+            ClientSecret::new("sim-client-secret"),
+        )
+        .with_insecure_test_endpoint(url::Url::parse(base).expect("base url"));
+        config.proactive = proactive;
+        config.max_concurrent_refreshes = 256;
+        let cpu0 = cpu_time();
+        let t = Instant::now();
+        let (engine, report) = Engine::open(config).await.expect("engine open");
+        emit("open_ns", t.elapsed().as_nanos());
+        emit("open_cpu_ms", (cpu_time() - cpu0).as_millis());
+        emit("report_ns", report.elapsed.as_nanos());
+        emit("grants", report.grants);
+        emit("open", report.open);
+        emit("interrupted", report.interrupted);
+        emit("resolved", report.resolved);
+        emit("still_ambiguous", report.still_ambiguous);
+        emit("needs_reauth", report.needs_reauth);
+        let stats = engine.store().stats();
+        emit("syncs", stats.syncs);
+        emit("batches", stats.batches_applied);
+        emit_mem("opened");
+        if proactive {
+            // The scheduler loads every grant's due time in the background. It has finished when
+            // the process has been quiet (< 20 ms of CPU) for a whole second.
+            let started = Instant::now();
+            let cpu_start = cpu_time();
+            let mut samples: Vec<(Instant, Duration)> = vec![(Instant::now(), cpu_time())];
+            let loaded_at = loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                samples.push((Instant::now(), cpu_time()));
+                if let Some(i) = samples.len().checked_sub(11) {
+                    let (t0, c0) = samples[i];
+                    let (_, c1) = *samples.last().expect("sample");
+                    if c1 - c0 < Duration::from_millis(20) {
+                        break Some((t0, c0));
+                    }
+                }
+                if started.elapsed() > Duration::from_secs(300) {
+                    break None;
+                }
+            };
+            let (t_loaded, c_loaded) = loaded_at.expect("the scheduler's load ends within 5 minutes");
+            emit("sched_load_ns", (t_loaded - started).as_nanos());
+            emit("sched_load_cpu_ms", (c_loaded - cpu_start).as_millis());
+            emit_mem("loaded");
+            let c0 = cpu_time();
+            let t0 = Instant::now();
+            tokio::time::sleep(Duration::from_secs(idle)).await;
+            emit("idle_ns", t0.elapsed().as_nanos());
+            emit("idle_cpu_ms", (cpu_time() - c0).as_millis());
+            emit("idle_syncs", engine.store().stats().syncs - stats.syncs);
+            emit_mem("idle");
+        }
+        if touch > 0 {
+            let t = Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            let workers = 64;
+            for w in 0..workers {
+                let engine = engine.clone();
+                tasks.spawn(async move {
+                    let mut errors = 0usize;
+                    for i in (w..touch).step_by(workers) {
+                        if engine.access_token(&scale_shop(i)).await.is_err() {
+                            errors += 1;
+                        }
+                    }
+                    errors
+                });
+            }
+            let mut errors = 0;
+            while let Some(r) = tasks.join_next().await {
+                errors += r.expect("touch task");
+            }
+            emit("touch_ns", t.elapsed().as_nanos());
+            emit("touch_errors", errors);
+            emit("touch_syncs", engine.store().stats().syncs - stats.syncs);
+            emit_mem("touched");
+        }
+        engine.shutdown().await;
+    });
+}

@@ -1,0 +1,369 @@
+//! Scenario 2 (the cost of the journal) and 3 (the sync floor).
+//!
+//! **Engine**: the real engine against the in-process simulator over loopback. Each round installs
+//! `n` fresh shops whose access tokens are already expired, then calls `access_token` for all of them
+//! at once: each call makes exactly one refresh (intent durable → HTTP → commit durable). The same
+//! rounds run on a sled store and on the in-memory store, interleaved, in one process.
+//!
+//! **Store only**: the same two durable writes per refresh (intent, then the success's commit),
+//! driven by the core `Machine` straight into the store with no HTTP, so the journal's own cost is
+//! visible apart from the simulator's.
+//!
+//! **Sync floor**: 128-byte appends + `sync_data` (and `sync_all`) on a file in the same directory
+//! as the stores.
+
+use crate::util::{fake_tokens, fmt_dur, now, percentile, shop, Table};
+use crate::Opts;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokenwal::core::{ClientSecret, GrantKey, InstallSource, Machine, Outcome, TokenSet, UnixMillis};
+use tokenwal::store::{Store, StoreConfig, StoreStats};
+use tokenwal::{Config, Engine, StoreLocation};
+use tokenwal_sim::{serve, SimConfig, SimHandle};
+
+/// One side's totals over its rounds at one concurrency.
+#[derive(Default)]
+struct Side {
+    refreshes: u64,
+    wall: Duration,
+    latencies: Vec<Duration>,
+    errors: u64,
+    syncs: u64,
+    batches: u64,
+    write_time: Duration,
+    sync_time: Duration,
+}
+
+impl Side {
+    fn add(
+        &mut self,
+        n: usize,
+        wall: Duration,
+        lat: Vec<Duration>,
+        errors: u64,
+        before: StoreStats,
+        after: StoreStats,
+    ) {
+        self.refreshes += n as u64;
+        self.wall += wall;
+        self.latencies.extend(lat);
+        self.errors += errors;
+        self.syncs += after.syncs - before.syncs;
+        self.batches += after.batches_applied - before.batches_applied;
+        self.write_time += after.write_time - before.write_time;
+        self.sync_time += after.sync_time - before.sync_time;
+    }
+
+    fn throughput(&self) -> f64 {
+        self.refreshes as f64 / self.wall.as_secs_f64()
+    }
+
+    fn row(&mut self, t: &Table, n: usize, backend: &str) {
+        self.latencies.sort();
+        let per = |d: Duration| fmt_dur(d / self.refreshes.max(1) as u32);
+        t.row(&[
+            format!("{n}"),
+            backend.to_owned(),
+            format!("{}", self.refreshes),
+            format!("{:.0}", self.throughput()),
+            fmt_dur(percentile(&self.latencies, 50.0)),
+            fmt_dur(percentile(&self.latencies, 99.0)),
+            format!("{:.3}", self.syncs as f64 / self.refreshes.max(1) as f64),
+            format!("{:.2}", self.batches as f64 / self.refreshes.max(1) as f64),
+            per(self.write_time),
+            per(self.sync_time),
+            format!("{}", self.errors),
+        ]);
+    }
+}
+
+const COLUMNS: [&str; 11] = [
+    "concurrent shops",
+    "store",
+    "refreshes",
+    "refreshes/s",
+    "p50 latency",
+    "p99 latency",
+    "syncs/refresh",
+    "durable writes/refresh",
+    "committer write time/refresh",
+    "committer sync time/refresh",
+    "errors",
+];
+
+fn concurrencies(opts: &Opts) -> Vec<usize> {
+    if opts.quick {
+        vec![1, 16, 64]
+    } else {
+        vec![1, 16, 256, 4096]
+    }
+}
+
+/// Rounds at concurrency `n`: enough for `target` refreshes, at least 3.
+fn rounds(opts: &Opts, n: usize) -> usize {
+    let target: usize = if opts.quick { 32 } else { 4096 };
+    target.div_ceil(n).max(3)
+}
+
+fn engine_config(base: &str, store: StoreLocation) -> Config {
+    let mut c = Config::shopify(store, "sim-client-id", ClientSecret::new("sim-client-secret"))
+        .with_insecure_test_endpoint(url::Url::parse(base).expect("sim url"));
+    c.proactive = false;
+    c.max_concurrent_refreshes = 4096;
+    c
+}
+
+/// Seeds and installs `n` shops (access tokens expired), then refreshes them all at once.
+async fn engine_round(engine: &Engine, sim: &SimHandle, tag: &str, n: usize, side: &mut Side) {
+    let shops: Vec<_> = (0..n).map(|i| shop(&format!("{tag}i{i}"))).collect();
+    let mut installs = tokio::task::JoinSet::new();
+    for s in &shops {
+        let t = sim.seed_shop(s.as_str());
+        let tokens = TokenSet {
+            access_token: tokenwal::core::AccessToken::new(t.access_token.as_str()),
+            access_expires_at: now(),
+            refresh_token: tokenwal::core::RefreshToken::new(t.refresh_token.as_str()),
+            refresh_expires_at: Some(now().saturating_add(Duration::from_secs(t.refresh_token_expires_in))),
+            scope: Some(t.scope.clone()),
+        };
+        let (engine, s) = (engine.clone(), s.clone());
+        installs.spawn(async move { engine.install(&s, tokens).await.expect("install") });
+    }
+    while installs.join_next().await.is_some() {}
+    let before = engine.store().stats();
+    let started = Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for s in shops {
+        let engine = engine.clone();
+        calls.spawn(async move {
+            let t = Instant::now();
+            let ok = engine.access_token(&s).await.is_ok();
+            (t.elapsed(), ok)
+        });
+    }
+    let mut lat = Vec::with_capacity(n);
+    let mut errors = 0;
+    while let Some(r) = calls.join_next().await {
+        let (d, ok) = r.expect("call task");
+        lat.push(d);
+        errors += u64::from(!ok);
+    }
+    let wall = started.elapsed();
+    side.add(n, wall, lat, errors, before, engine.store().stats());
+}
+
+/// Installs `n` grants, then runs one refresh each (intent durable, then commit durable), all at once.
+async fn store_round(store: &Store, tag: &str, n: usize, side: &mut Side) {
+    let machine = Arc::new(Machine::shopify(store.fingerprint_key()));
+    let t0 = now();
+    let mut installs = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (store, machine) = (store.clone(), Arc::clone(&machine));
+        let key = GrantKey::shopify(&shop(&format!("{tag}i{i}")));
+        let tokens = fake_tokens(i as u64, t0, UnixMillis(t0.0 + 90 * 86_400_000));
+        installs.spawn(async move {
+            let d = machine.install(None, key, tokens, InstallSource::Import, t0).make_durable(&store).await;
+            d.expect("install").state().clone()
+        });
+    }
+    let mut states = Vec::with_capacity(n);
+    while let Some(r) = installs.join_next().await {
+        states.push(r.expect("install task"));
+    }
+    let before = store.stats();
+    let started = Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for (i, s) in states.into_iter().enumerate() {
+        let (store, machine) = (store.clone(), Arc::clone(&machine));
+        calls.spawn(async move {
+            let t = Instant::now();
+            let permit = machine.plan_attempt(&s, now()).expect("plan").make_durable(&store).await.expect("intent");
+            let at = now();
+            let tokens =
+                fake_tokens(i as u64 + 1_000_000, UnixMillis(at.0 + 3_600_000), UnixMillis(at.0 + 90 * 86_400_000));
+            let outcome = Outcome::Success { tokens, request_id: None };
+            let done = machine.on_outcome(permit.state(), &permit, outcome, at, 0).make_durable(&store).await;
+            let ok = done.map(|d| d.value().is_some()).unwrap_or(false);
+            (t.elapsed(), ok)
+        });
+    }
+    let mut lat = Vec::with_capacity(n);
+    let mut errors = 0;
+    while let Some(r) = calls.join_next().await {
+        let (d, ok) = r.expect("refresh task");
+        lat.push(d);
+        errors += u64::from(!ok);
+    }
+    let wall = started.elapsed();
+    side.add(n, wall, lat, errors, before, store.stats());
+}
+
+fn ratio_row(t: &Table, n: usize, what: &str, sled: &Side, mem: &Side, target: &str) {
+    let r = sled.throughput() / mem.throughput();
+    let verdict = match (n, what) {
+        (256, "engine") => {
+            if r >= 0.8 {
+                "met"
+            } else {
+                "missed"
+            }
+        }
+        _ => "—",
+    };
+    t.row(&[
+        format!("{n}"),
+        what.to_owned(),
+        format!("{:.0}", sled.throughput()),
+        format!("{:.0}", mem.throughput()),
+        format!("{:.1}%", 100.0 * r),
+        target.to_owned(),
+        verdict.to_owned(),
+    ]);
+}
+
+/// Scenario 2: engine and store-only, sled vs memory, at each concurrency.
+pub async fn run(opts: &Opts) {
+    let dir = opts.dir.join("journal");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("work dir");
+    let sim_config = SimConfig { access_ttl: "86400s".parse().expect("duration"), ..SimConfig::default() };
+    let sim = serve(sim_config, "127.0.0.1:0".parse().expect("addr")).await.expect("simulator");
+    let base = sim.base_url();
+    let (sled_engine, _) =
+        Engine::open(engine_config(&base, StoreLocation::Path(dir.join("engine")))).await.expect("engine (sled)");
+    let (mem_engine, _) = Engine::open(engine_config(&base, StoreLocation::InMemory)).await.expect("engine (memory)");
+    // Warm-up: connections, allocator, page cache.
+    let mut warm = Side::default();
+    engine_round(&sled_engine, &sim, "warms", 64, &mut warm).await;
+    engine_round(&mem_engine, &sim, "warmm", 64, &mut warm).await;
+
+    let table = Table::new("Engine refreshes against the simulator (loopback HTTP), sled vs in-memory store", &COLUMNS);
+    let mut summary = Vec::new();
+    for n in concurrencies(opts) {
+        let (mut sled, mut mem) = (Side::default(), Side::default());
+        for r in 0..rounds(opts, n) {
+            // Alternate which side goes first, so drift in the machine's load hits both alike.
+            if r % 2 == 0 {
+                engine_round(&sled_engine, &sim, &format!("es{n}r{r}"), n, &mut sled).await;
+                engine_round(&mem_engine, &sim, &format!("em{n}r{r}"), n, &mut mem).await;
+            } else {
+                engine_round(&mem_engine, &sim, &format!("em{n}r{r}"), n, &mut mem).await;
+                engine_round(&sled_engine, &sim, &format!("es{n}r{r}"), n, &mut sled).await;
+            }
+        }
+        sled.row(&table, n, "sled");
+        mem.row(&table, n, "memory");
+        summary.push((n, "engine", sled, mem));
+    }
+    drop((sled_engine, mem_engine));
+    sim.shutdown().await;
+
+    let (store, _) = Store::open(dir.join("store"), StoreConfig::default()).expect("store");
+    let mem_store = Store::in_memory();
+    let table = Table::new("Store only: intent + commit per refresh, no HTTP, sled vs in-memory store", &COLUMNS);
+    for n in concurrencies(opts) {
+        let (mut sled, mut mem) = (Side::default(), Side::default());
+        for r in 0..rounds(opts, n) {
+            if r % 2 == 0 {
+                store_round(&store, &format!("ss{n}r{r}"), n, &mut sled).await;
+                store_round(&mem_store, &format!("sm{n}r{r}"), n, &mut mem).await;
+            } else {
+                store_round(&mem_store, &format!("sm{n}r{r}"), n, &mut mem).await;
+                store_round(&store, &format!("ss{n}r{r}"), n, &mut sled).await;
+            }
+        }
+        sled.row(&table, n, "sled");
+        mem.row(&table, n, "memory");
+        summary.push((n, "store only", sled, mem));
+    }
+
+    let table = Table::new(
+        "Journaled (sled) vs in-memory throughput",
+        &["concurrent shops", "path", "sled refreshes/s", "memory refreshes/s", "sled / memory", "target", "verdict"],
+    );
+    for (n, what, sled, mem) in &summary {
+        let target = if *n == 256 && *what == "engine" { "≥ 80%" } else { "" };
+        ratio_row(&table, *n, what, sled, mem, target);
+    }
+    let table =
+        Table::new("Syncs per refresh (sled)", &["concurrent shops", "path", "syncs/refresh", "target", "verdict"]);
+    for (n, what, sled, _) in &summary {
+        let spr = sled.syncs as f64 / sled.refreshes.max(1) as f64;
+        let (target, verdict) =
+            if *n == 256 { ("< 0.25", if spr < 0.25 { "met" } else { "missed" }) } else { ("", "—") };
+        table.row(&[format!("{n}"), (*what).to_owned(), format!("{spr:.3}"), target.into(), verdict.into()]);
+    }
+    drop(store);
+}
+
+/// Scenario 3: the sync floor of this disk, and a single writer's durable write for comparison.
+pub async fn sync_floor(opts: &Opts) {
+    let dir = opts.dir.join("sync");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("work dir");
+    let samples = if opts.quick { 50 } else { 2000 };
+    let table = Table::new(
+        "Sync floor: one small append + sync on the stores' disk, and one durable store write",
+        &["operation", "samples", "p50", "p99", "mean", "p50 / fdatasync p50"],
+    );
+    let sync_dir = dir.clone();
+    let measure = move |name: &str, all: bool| -> Vec<Duration> {
+        let path = sync_dir.join(name);
+        let mut f = OpenOptions::new().create(true).append(true).open(&path).expect("sync file");
+        let buf = [0x5au8; 128];
+        let mut v = Vec::with_capacity(samples);
+        for _ in 0..samples {
+            let t = Instant::now();
+            f.write_all(&buf).expect("append");
+            if all {
+                f.sync_all().expect("sync_all");
+            } else {
+                f.sync_data().expect("sync_data");
+            }
+            v.push(t.elapsed());
+        }
+        v.sort();
+        v
+    };
+    let floor = tokio::task::spawn_blocking(move || (measure("fdatasync.bin", false), measure("fsync.bin", true)))
+        .await
+        .expect("sync task");
+    let base = percentile(&floor.0, 50.0);
+    let row = |name: &str, v: &[Duration]| {
+        let mean = v.iter().sum::<Duration>() / v.len().max(1) as u32;
+        table.row(&[
+            name.to_owned(),
+            format!("{}", v.len()),
+            fmt_dur(percentile(v, 50.0)),
+            fmt_dur(percentile(v, 99.0)),
+            fmt_dur(mean),
+            format!("{:.2}×", percentile(v, 50.0).as_secs_f64() / base.as_secs_f64()),
+        ]);
+    };
+    row("append 128 B + fdatasync (`sync_data`)", &floor.0);
+    row("append 128 B + fsync (`sync_all`)", &floor.1);
+
+    // One writer, one grant: every durable write is a group of one (sled flush + fsync of its file).
+    let (store, _) = Store::open(dir.join("store"), StoreConfig::default()).expect("store");
+    let mut side = Side::default();
+    let writes = if opts.quick { 20 } else { 500 };
+    for r in 0..writes {
+        store_round(&store, &format!("f{r}"), 1, &mut side).await;
+    }
+    side.latencies.sort();
+    let per_write: Vec<Duration> = side.latencies.iter().map(|d| *d / 2).collect();
+    row("store: one refresh alone (intent + commit, 2 durable writes)", &side.latencies);
+    row("store: one durable write alone (half of the above)", &per_write);
+    let stats = store.stats();
+    let t2 = Table::new(
+        "Committer time per sync at concurrency 1 (all of it: setup installs included)",
+        &["syncs", "write time / sync", "flush + fsync time / sync"],
+    );
+    t2.row(&[
+        format!("{}", stats.syncs),
+        fmt_dur(stats.write_time / stats.syncs.max(1) as u32),
+        fmt_dur(stats.sync_time / stats.syncs.max(1) as u32),
+    ]);
+}

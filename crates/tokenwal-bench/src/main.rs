@@ -1,0 +1,162 @@
+//! The tokenwal bench binary: the scenarios that need setup, real disks, child processes or large
+//! scale. Each prints markdown tables (one row per measurement) to stdout; progress goes to stderr.
+//!
+//! ```text
+//! cargo run --release -p tokenwal-bench -- <scenario> [--quick] [--dir DIR] [options]
+//!
+//! scenarios:
+//!   env        the machine (cores, memory, disk, kernel, load)
+//!   journal    2. refresh throughput and latency, sled journal vs in-memory store, 1/16/256/4096 shops
+//!   sync       3. the sync floor of the disk, and one durable write alone
+//!   recovery   4. open + recover 100k and 1M grants, with 0 and 1% open intents; memory after open
+//!   footprint  5. bytes on disk and resident memory per grant; disk under 10M refreshes (churn)
+//!   churn      5b. only the continuous-refresh part of footprint
+//!   scheduler  6. the proactive scheduler over 1M grants when nothing is due
+//!   all        everything above (footprint before recovery: recovery also opens the churned store)
+//!
+//! options:
+//!   --quick                tiny sizes: finishes in seconds (a CI smoke run)
+//!   --dir DIR              work directory on the disk to measure (default: $TMPDIR/tokenwal-bench);
+//!                          the 100k/1M stores are kept there and reused for 4 hours
+//!   --refreshes N          churn: total refreshes (default 10 000 000)
+//!   --churn-grants N       churn: fleet size (default 10 000)
+//!   --retention-hours H    churn: journal retention (default 720 = 30 days, the store's default)
+//!   --max-minutes M        churn: stop after M minutes of wall time (the rows so far show the trend)
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod child;
+mod journal;
+mod populate;
+mod scale;
+mod util;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+/// Command-line options.
+pub struct Opts {
+    /// Tiny sizes.
+    pub quick: bool,
+    /// Work directory.
+    pub dir: PathBuf,
+    /// Churn: total refreshes.
+    pub refreshes: Option<u64>,
+    /// Churn: grants.
+    pub churn_grants: Option<usize>,
+    /// Churn: retention in hours.
+    pub retention_hours: Option<u64>,
+    /// Churn: wall-time budget.
+    pub max_wall: Option<Duration>,
+}
+
+const SCENARIOS: [&str; 8] = ["env", "journal", "sync", "recovery", "footprint", "churn", "scheduler", "all"];
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: tokenwal-bench <{}> [--quick] [--dir DIR] [--refreshes N] [--churn-grants N] \
+         [--retention-hours H] [--max-minutes M]",
+        SCENARIOS.join("|")
+    );
+    std::process::exit(2);
+}
+
+fn parse(args: &[String]) -> (String, Opts) {
+    let mut scenario = None;
+    let mut opts = Opts {
+        quick: false,
+        dir: std::env::temp_dir().join("tokenwal-bench"),
+        refreshes: None,
+        churn_grants: None,
+        retention_hours: None,
+        max_wall: None,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| -> String {
+            it.next().cloned().unwrap_or_else(|| {
+                eprintln!("{name} needs a value");
+                usage()
+            })
+        };
+        let number = |v: String| -> u64 { v.replace('_', "").parse().unwrap_or_else(|_| usage()) };
+        match a.as_str() {
+            "--quick" => opts.quick = true,
+            "--dir" => opts.dir = PathBuf::from(value("--dir")),
+            "--refreshes" => opts.refreshes = Some(number(value("--refreshes"))),
+            "--churn-grants" => opts.churn_grants = Some(number(value("--churn-grants")) as usize),
+            "--retention-hours" => opts.retention_hours = Some(number(value("--retention-hours"))),
+            "--max-minutes" => opts.max_wall = Some(Duration::from_secs(60 * number(value("--max-minutes")))),
+            s if SCENARIOS.contains(&s) && scenario.is_none() => scenario = Some(s.to_owned()),
+            _ => usage(),
+        }
+    }
+    (scenario.unwrap_or_else(|| usage()), opts)
+}
+
+fn sh(cmd: &str) -> String {
+    Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn env(opts: &Opts) {
+    let t = util::Table::new("Machine", &["what", "value"]);
+    let dir = opts.dir.display().to_string();
+    std::fs::create_dir_all(&opts.dir).expect("work dir");
+    for (what, value) in [
+        ("date (UTC)", sh("date -u '+%Y-%m-%d %H:%M'")),
+        ("nproc", sh("nproc")),
+        ("CPU", sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2")),
+        ("memory (free -h)", sh("free -h | awk '/Mem:/ {print $2\" total, \"$7\" available\"}'")),
+        (
+            "disk of the work dir (df -h)",
+            sh(&format!("df -h {dir} | awk 'NR==2 {{print $1\", \"$2\" total, \"$4\" free\"}}'")),
+        ),
+        ("file system", sh(&format!("df -T {dir} | awk 'NR==2 {{print $2}}'"))),
+        ("kernel", sh("uname -r")),
+        ("rustc", sh("rustc --version")),
+        ("load average", util::load_average()),
+    ] {
+        t.row(&[what.to_owned(), value]);
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("child") {
+        return child::main(&args[1..]);
+    }
+    let (scenario, opts) = parse(&args);
+    std::fs::create_dir_all(&opts.dir).expect("work dir");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let all = scenario == "all";
+    if all || scenario == "env" {
+        env(&opts);
+    }
+    rt.block_on(async {
+        if all || scenario == "journal" {
+            journal::run(&opts).await;
+        }
+        if all || scenario == "sync" {
+            journal::sync_floor(&opts).await;
+        }
+        // The footprint scenario builds the churned store that recovery opens as its long-history row.
+        if all || scenario == "footprint" {
+            scale::footprint(&opts).await;
+        }
+        if scenario == "churn" {
+            scale::churn(&opts).await;
+        }
+        if all || scenario == "recovery" {
+            scale::recovery(&opts).await;
+        }
+        if all || scenario == "scheduler" {
+            scale::scheduler(&opts).await;
+        }
+    });
+}

@@ -1,0 +1,228 @@
+//! Helpers shared by the scenarios: percentiles, formatting, `/proc` readings, disk usage, fixtures.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+use tokenwal::core::{AccessToken, GrantKey, RefreshToken, ShopDomain, TokenSet, UnixMillis};
+
+/// The current time by the system clock.
+pub fn now() -> UnixMillis {
+    UnixMillis::from_system_time(SystemTime::now())
+}
+
+/// `{handle}.myshopify.com`. The handle must be `[a-z0-9-]`, at most 63 bytes.
+pub fn shop(handle: &str) -> ShopDomain {
+    ShopDomain::parse(&format!("{handle}.myshopify.com")).expect("bench shop handles are valid")
+}
+
+/// The grant of shop `g{i}`: the naming used by every large store the benches build.
+pub fn scale_shop(i: usize) -> ShopDomain {
+    shop(&format!("g{i}"))
+}
+
+/// [`scale_shop`]'s grant key.
+pub fn scale_key(i: usize) -> GrantKey {
+    GrantKey::shopify(&scale_shop(i))
+}
+
+/// splitmix64: deterministic, well-mixed fixture bytes (token strings must not compress or repeat).
+pub fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// A token set shaped like Shopify's (`shpat_`/`shprt_` + 32 hex characters, a scope).
+pub fn fake_tokens(seed: u64, access_expires_at: UnixMillis, refresh_expires_at: UnixMillis) -> TokenSet {
+    let h = |k: u64| format!("{:016x}{:016x}", mix(seed.wrapping_mul(4).wrapping_add(k)), mix(seed ^ (k << 56)));
+    TokenSet {
+        access_token: AccessToken::new(format!("shpat_{}", h(1))),
+        access_expires_at,
+        refresh_token: RefreshToken::new(format!("shprt_{}", h(2))),
+        refresh_expires_at: Some(refresh_expires_at),
+        scope: Some("write_products,read_orders".into()),
+    }
+}
+
+/// Nearest-rank percentile of sorted samples (`p` in 0..=100).
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// A duration with three significant digits and a unit that fits.
+pub fn fmt_dur(d: Duration) -> String {
+    let ns = d.as_nanos() as f64;
+    let (v, unit) = if ns < 1e3 {
+        (ns, "ns")
+    } else if ns < 1e6 {
+        (ns / 1e3, "µs")
+    } else if ns < 1e9 {
+        (ns / 1e6, "ms")
+    } else {
+        (ns / 1e9, "s")
+    };
+    format!("{} {unit}", sig3(v))
+}
+
+/// Three significant digits, no exponent.
+pub fn sig3(v: f64) -> String {
+    let a = v.abs();
+    if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// Bytes as KiB/MiB/GiB with three significant digits.
+pub fn fmt_bytes(b: f64) -> String {
+    if b < 1024.0 {
+        format!("{} B", sig3(b))
+    } else if b < 1024.0 * 1024.0 {
+        format!("{} KiB", sig3(b / 1024.0))
+    } else if b < 1024.0 * 1024.0 * 1024.0 {
+        format!("{} MiB", sig3(b / (1024.0 * 1024.0)))
+    } else {
+        format!("{} GiB", sig3(b / (1024.0 * 1024.0 * 1024.0)))
+    }
+}
+
+/// A field of `/proc/self/status` in kB (`VmRSS`, `VmHWM`).
+pub fn proc_status_kb(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// CPU time (user + system, every thread) of this process, from `/proc/self/stat` (10 ms ticks:
+/// `USER_HZ` is 100 on Linux).
+pub fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start at "state" (field 3).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime is field 14, stime 15; `f[0]` is field 3.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// The 1-, 5- and 15-minute load averages.
+pub fn load_average() -> String {
+    let l = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+/// (apparent bytes, allocated bytes) of every file under `dir`.
+pub fn disk_usage(dir: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let mut apparent = 0;
+    let mut allocated = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                apparent += m.len();
+                allocated += m.blocks() * 512;
+            }
+        }
+    }
+    (apparent, allocated)
+}
+
+/// Copies a directory tree (regular files and directories).
+pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &target)?;
+        } else {
+            std::fs::copy(e.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+/// A markdown table printed row by row as measurements arrive.
+pub struct Table;
+
+impl Table {
+    /// Prints a title, the load average now, and the header.
+    pub fn new(title: &str, columns: &[&str]) -> Table {
+        println!();
+        println!("### {title}");
+        println!();
+        println!("load average at start: {}", load_average());
+        println!();
+        println!("| {} |", columns.join(" | "));
+        println!("|{}", "---|".repeat(columns.len()));
+        Table
+    }
+
+    /// Prints one row.
+    pub fn row(&self, cells: &[String]) {
+        println!("| {} |", cells.join(" | "));
+    }
+}
+
+/// Parses `key=value` lines (a child process's answer).
+pub fn parse_kv(text: &str) -> HashMap<String, String> {
+    text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&v, 50.0), Duration::from_millis(50));
+        assert_eq!(percentile(&v, 99.0), Duration::from_millis(99));
+        assert_eq!(percentile(&v, 100.0), Duration::from_millis(100));
+        assert_eq!(percentile(&[], 50.0), Duration::ZERO);
+        assert_eq!(percentile(&v[..1], 99.0), Duration::from_millis(1));
+    }
+
+    #[test]
+    fn formatting() {
+        assert_eq!(fmt_dur(Duration::from_nanos(1234)), "1.23 µs");
+        assert_eq!(fmt_dur(Duration::from_millis(250)), "250 ms");
+        assert_eq!(fmt_bytes(2048.0), "2.00 KiB");
+        assert_eq!(sig3(0.1234), "0.123");
+    }
+
+    #[test]
+    fn fixtures_are_valid_and_distinct() {
+        let a = fake_tokens(1, UnixMillis(0), UnixMillis(1));
+        let b = fake_tokens(2, UnixMillis(0), UnixMillis(1));
+        assert_eq!(a.access_token.expose_secret().len(), 38);
+        assert_ne!(a.refresh_token.expose_secret(), b.refresh_token.expose_secret());
+        assert_eq!(scale_key(7).account(), "g7.myshopify.com");
+    }
+
+    #[test]
+    fn proc_readings() {
+        assert!(proc_status_kb("VmRSS") > 0);
+        let kv = parse_kv("a=1\nb = x y\nnoise");
+        assert_eq!(kv["a"], "1");
+        assert_eq!(kv["b"], "x y");
+    }
+}
