@@ -28,9 +28,17 @@ pub fn open_store(path: &Path, create: bool) -> Result<(Store, OpenReport), CliE
     Ok((store, report))
 }
 
-/// Engine::open, with the lock error made clear.
-async fn open_engine(settings: &Settings, proactive: bool) -> Result<(Engine, RecoveryReport), CliError> {
+/// `Engine::open` (recovery runs first), with the lock error made clear. Only `run` may start
+/// from an empty directory; `token` and `recover` need an existing store.
+async fn open_engine(
+    settings: &Settings,
+    proactive: bool,
+    must_exist: bool,
+) -> Result<(Engine, RecoveryReport), CliError> {
     let config = settings.engine_config(proactive)?;
+    if must_exist && !settings.db.exists() {
+        return Err(CliError::NoStore { path: settings.db.clone() });
+    }
     Ok(Engine::open(config).await?)
 }
 
@@ -539,7 +547,7 @@ pub fn recover_dry_run(settings: &Settings, json: bool) -> Result<(), CliError> 
 
 /// `tokenwal recover`: open the engine (which runs recovery) and print its report.
 pub async fn recover(settings: &Settings, json: bool) -> Result<(), CliError> {
-    let (engine, report) = open_engine(settings, false).await?;
+    let (engine, report) = open_engine(settings, false, true).await?;
     engine.shutdown().await;
     drop(engine);
     if json {
@@ -555,7 +563,7 @@ pub async fn recover(settings: &Settings, json: bool) -> Result<(), CliError> {
 /// `tokenwal token SHOP`: a valid access token on stdout.
 pub async fn token(settings: &Settings, shop: &str) -> Result<(), CliError> {
     let shop = parse_shop(shop)?;
-    let (engine, _) = open_engine(settings, false).await?;
+    let (engine, _) = open_engine(settings, false, true).await?;
     let result = engine.access_token(&shop).await;
     engine.shutdown().await;
     drop(engine);
@@ -595,11 +603,26 @@ pub fn export(settings: &Settings) -> Result<(), CliError> {
 // ------------------------------------------------------------------------------------------ run
 
 /// `tokenwal run`.
-pub async fn run(settings: &Settings, once: bool, sweep: Duration) -> Result<(), CliError> {
-    let (engine, report) = open_engine(settings, !once).await?;
+pub async fn run(settings: &Settings, once: bool, sweep: Duration, grace: Duration) -> Result<(), CliError> {
+    // Signals are handled from the start: recovery at open may wait on a hung token endpoint.
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    let (engine, report) = tokio::select! {
+        opened = open_engine(settings, !once, false) => opened?,
+        _ = &mut stop => {
+            warn!("stopped during recovery: what it had not finished stays journaled for the next start");
+            return Ok(());
+        }
+    };
     info!(store = %settings.db.display(), "{}", report_line(&report));
     if once {
-        let result = engine.refresh_due().await;
+        let result = tokio::select! {
+            r = engine.refresh_due() => r,
+            _ = &mut stop => {
+                warn!("stopped: refreshes in flight stay journaled for the next start");
+                return Ok(());
+            }
+        };
         engine.shutdown().await;
         let n = result?;
         let counts = phase_counts(&engine)?;
@@ -613,8 +636,6 @@ pub async fn run(settings: &Settings, once: bool, sweep: Duration) -> Result<(),
     summary.tick().await;
     let mut sweeper = tokio::time::interval(sweep.max(Duration::from_secs(1)));
     sweeper.tick().await;
-    let stop = shutdown_signal();
-    tokio::pin!(stop);
     info!("running: keeping every shop fresh until SIGINT or SIGTERM");
     loop {
         tokio::select! {
@@ -638,10 +659,18 @@ pub async fn run(settings: &Settings, once: bool, sweep: Duration) -> Result<(),
             }
         }
     }
-    info!("stopping: waiting for refreshes in flight");
-    engine.shutdown().await;
+    info!(grace_secs = grace.as_secs_f64(), "stopping: waiting for refreshes in flight");
+    tokio::select! {
+        _ = engine.shutdown() => info!("stopped"),
+        // Safe by the durability contract: an attempt cut short stays journaled as an intent and
+        // the next start's recovery retries its old refresh token.
+        _ = tokio::time::sleep(grace) => warn!(
+            "refreshes still in flight after the grace period: abandoned; they stay journaled and recovery \
+             resolves them at the next start"
+        ),
+        _ = shutdown_signal() => warn!("second signal: refreshes in flight abandoned; recovery resolves them at the next start"),
+    }
     drop(engine);
-    info!("stopped");
     Ok(())
 }
 

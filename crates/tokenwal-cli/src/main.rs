@@ -111,6 +111,10 @@ enum Command {
         /// How often a full sweep double-checks for due shops the scheduler has not picked up
         #[arg(long, default_value = "5m", value_name = "DURATION")]
         sweep: SimDuration,
+        /// On SIGINT/SIGTERM, how long to let refreshes in flight finish (the rest stay journaled
+        /// and are resolved by recovery at the next start); a second signal stops at once
+        #[arg(long, default_value = "5s", value_name = "DURATION")]
+        grace: SimDuration,
     },
     /// Summarise the store: shops per state, oldest ambiguous rotation, next refresh due
     Status {
@@ -221,7 +225,13 @@ fn init_logging(verbose: u8, default: &str) {
             _ => "trace",
         }),
     };
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
@@ -237,7 +247,9 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
     let settings = || Settings::load(g.db.clone(), g.config.as_deref(), g.insecure_test_endpoint.clone());
     match cli.command {
         Command::Import { file } => runtime()?.block_on(commands::import(&settings()?, &file)),
-        Command::Run { once, sweep } => runtime()?.block_on(commands::run(&settings()?, once, sweep.to_std())),
+        Command::Run { once, sweep, grace } => {
+            runtime()?.block_on(commands::run(&settings()?, once, sweep.to_std(), grace.to_std()))
+        }
         Command::Status { out } => commands::status(&settings()?, out.json),
         Command::Shops { state, out } => commands::shops(&settings()?, state.map(StateArg::name), out.json),
         Command::Inspect { shop, out } => commands::inspect(&settings()?, &shop, out.json),

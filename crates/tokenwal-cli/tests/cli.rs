@@ -365,8 +365,11 @@ fn token_recover_and_run_against_the_simulator() {
     assert_eq!(out.code, 77, "{out:?}");
     assert!(out.stderr.contains("needs re-auth") && out.stdout.is_empty(), "{out:?}");
 
-    // Not in the store: 66. Invalid: 2. No credentials: 78.
+    // Not in the store (or no store at all): 66. Invalid: 2. No credentials: 78.
     assert_eq!(tokenwal(&db, &["token", "nobody.myshopify.com"], &env, None).code, 66);
+    let nowhere = dir.path().join("nowhere");
+    assert_eq!(tokenwal(&nowhere, &["token", "fresh.myshopify.com"], &env, None).code, 66);
+    assert!(!nowhere.exists(), "token must not create a store");
     assert_eq!(tokenwal(&db, &["token", "nobody.example.com"], &env, None).code, 2);
     let out = tokenwal(&db, &["token", "fresh.myshopify.com"], &[], None);
     assert_eq!(out.code, 78, "{out:?}");
@@ -433,4 +436,19 @@ fn a_short_demo_locks_no_shop_out() {
     let locked_row = out.stdout.lines().find(|l| l.starts_with("shops LOCKED OUT")).unwrap();
     // The last two columns are tokenwal and naive.
     assert_eq!(locked_row.split_whitespace().rev().nth(1), Some("0"), "{locked_row}");
+}
+
+#[test]
+fn the_demo_reports_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["demo", "--shops", "8", "--duration", "2s", "--no-baseline", "--json", "--seed", "7"];
+    let out = tokenwal(dir.path(), &args, &[], None);
+    assert_eq!(out.code, 0, "{out:?}");
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["seed"], 7);
+    assert_eq!(v["tokenwal"]["shops"], 8);
+    assert_eq!(v["tokenwal"]["locked_out"], 0);
+    assert_eq!(v["tokenwal"]["restarts"], 1);
+    assert!(v["tokenwal"]["rotations"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["naive"].is_null());
 }

@@ -4,7 +4,6 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokenwal::core::{
@@ -16,7 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::report::{RecoverySum, RunReport, Verdict};
-use super::{App, Calls, World};
+use super::{App, CallResult, Calls, World};
 use crate::error::CliError;
 use crate::timefmt::now;
 
@@ -104,19 +103,17 @@ async fn worker(
 ) {
     while !*stop.borrow() {
         let shop = &shops[rng.gen_range(0..shops.len())];
-        calls.total.fetch_add(1, Ordering::Relaxed);
-        match engine.access_token(shop).await {
-            Ok(t) if accepted(&sim, shop, &t) => {
-                calls.ok.fetch_add(1, Ordering::Relaxed);
-            }
+        let asked = Instant::now();
+        let result = engine.access_token(shop).await;
+        let took = asked.elapsed();
+        match result {
+            Ok(t) if accepted(&sim, shop, &t) => calls.record(took, CallResult::Working),
             Ok(t) => {
-                calls.rejected.fetch_add(1, Ordering::Relaxed);
+                calls.record(took, CallResult::Rejected);
                 // What an app does on a 401 from the Admin API.
                 let _ = engine.on_unauthorized(shop, &t).await;
             }
-            Err(_) => {
-                calls.failed.fetch_add(1, Ordering::Relaxed);
-            }
+            Err(_) => calls.record(took, CallResult::NoToken),
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(10)) => {}
@@ -253,10 +250,7 @@ impl App for TokenwalApp<'_> {
             corrupt: self.reports.iter().map(|r| r.corrupt.len()).sum(),
             max_elapsed_ms: self.reports.iter().map(|r| r.elapsed.as_millis() as u64).max().unwrap_or(0),
         });
-        r.app_calls = self.calls.total.load(Ordering::Relaxed);
-        r.app_calls_working_token = self.calls.ok.load(Ordering::Relaxed);
-        r.app_calls_rejected_token = self.calls.rejected.load(Ordering::Relaxed);
-        r.app_calls_no_token = self.calls.failed.load(Ordering::Relaxed);
+        self.calls.fill(&mut r);
         r.elapsed_ms = self.started.elapsed().as_millis() as u64;
         Ok(r)
     }

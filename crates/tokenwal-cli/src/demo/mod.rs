@@ -243,16 +243,59 @@ fn draw_fault(rng: &mut StdRng) -> Fault {
     }
 }
 
-/// Counts of app calls (a worker asking for a token and using it at the Admin API).
+/// What an app call got.
+pub(crate) enum CallResult {
+    /// A token the Admin API accepted.
+    Working,
+    /// A token the Admin API rejected.
+    Rejected,
+    /// No token.
+    NoToken,
+}
+
+/// Counts and latencies of app calls (a worker asking for a token and using it at the Admin API).
 #[derive(Default)]
 pub(crate) struct Calls {
-    pub total: AtomicU64,
-    pub ok: AtomicU64,
-    pub rejected: AtomicU64,
-    pub failed: AtomicU64,
+    total: AtomicU64,
+    ok: AtomicU64,
+    rejected: AtomicU64,
+    failed: AtomicU64,
+    /// How long each token request took, in microseconds.
+    latencies_us: std::sync::Mutex<Vec<u32>>,
 }
 
 impl Calls {
+    /// Records one call whose token request took `took`.
+    pub fn record(&self, took: Duration, result: CallResult) {
+        self.total.fetch_add(1, Ordering::Relaxed);
+        let counter = match result {
+            CallResult::Working => &self.ok,
+            CallResult::Rejected => &self.rejected,
+            CallResult::NoToken => &self.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let us = u32::try_from(took.as_micros()).unwrap_or(u32::MAX);
+        self.latencies_us.lock().unwrap_or_else(|e| e.into_inner()).push(us);
+    }
+
+    /// Copies the counts and latency percentiles into `r`.
+    pub fn fill(&self, r: &mut RunReport) {
+        r.app_calls = self.total.load(Ordering::Relaxed);
+        r.app_calls_working_token = self.ok.load(Ordering::Relaxed);
+        r.app_calls_rejected_token = self.rejected.load(Ordering::Relaxed);
+        r.app_calls_no_token = self.failed.load(Ordering::Relaxed);
+        let mut l = self.latencies_us.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        l.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            if l.is_empty() {
+                return 0.0;
+            }
+            let i = ((l.len() - 1) as f64 * p).round() as usize;
+            f64::from(l[i]) / 1000.0
+        };
+        r.token_latency_ms = [pct(0.5), pct(0.99), pct(1.0)];
+    }
+
     fn line(&self) -> String {
         let total = self.total.load(Ordering::Relaxed);
         let ok = self.ok.load(Ordering::Relaxed);

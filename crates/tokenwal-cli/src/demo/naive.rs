@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::report::{RunReport, Verdict};
-use super::{App, Calls, World};
+use super::{App, CallResult, Calls, World};
 use crate::error::CliError;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -351,12 +351,14 @@ impl App for NaiveApp<'_> {
             tasks.push(rt.spawn(async move {
                 while !*stop.borrow() {
                     let i = rng.gen_range(0..n);
-                    calls.total.fetch_add(1, Ordering::Relaxed);
-                    match process.access_token(i, &names[i], &meter).await {
-                        Some(t) if accepted(&sim, &names[i], &t) => calls.ok.fetch_add(1, Ordering::Relaxed),
-                        Some(_) => calls.rejected.fetch_add(1, Ordering::Relaxed),
-                        None => calls.failed.fetch_add(1, Ordering::Relaxed),
-                    };
+                    let asked = Instant::now();
+                    let token = process.access_token(i, &names[i], &meter).await;
+                    let took = asked.elapsed();
+                    match token {
+                        Some(t) if accepted(&sim, &names[i], &t) => calls.record(took, CallResult::Working),
+                        Some(_) => calls.record(took, CallResult::Rejected),
+                        None => calls.record(took, CallResult::NoToken),
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(10)) => {}
                         _ = stop.changed() => {}
@@ -440,10 +442,7 @@ impl App for NaiveApp<'_> {
         r.ambiguous = self.meter.ambiguous.load(Ordering::Relaxed);
         r.resolved_by_retry = self.meter.resolved.load(Ordering::Relaxed);
         r.pairs_lost_in_crashes = Some(self.meter.lost_in_crashes.load(Ordering::Relaxed));
-        r.app_calls = self.calls.total.load(Ordering::Relaxed);
-        r.app_calls_working_token = self.calls.ok.load(Ordering::Relaxed);
-        r.app_calls_rejected_token = self.calls.rejected.load(Ordering::Relaxed);
-        r.app_calls_no_token = self.calls.failed.load(Ordering::Relaxed);
+        self.calls.fill(&mut r);
         r.elapsed_ms = self.started.elapsed().as_millis() as u64;
         Ok(r)
     }

@@ -66,6 +66,8 @@ pub(crate) struct RunReport {
     pub app_calls_working_token: u64,
     pub app_calls_rejected_token: u64,
     pub app_calls_no_token: u64,
+    /// How long asking for a token took: p50, p99, max (ms).
+    pub token_latency_ms: [f64; 3],
     pub ok: usize,
     pub needs_reauth: usize,
     pub locked_out: usize,
@@ -196,16 +198,22 @@ fn table(ours: &RunReport, theirs: Option<&RunReport>) -> String {
     row("token pairs lost in crashes (unsaved)", &|r| r.pairs_lost_in_crashes.map_or_else(dash, |n| n.to_string()));
     row("app calls", &|r| r.app_calls.to_string());
     row("  with a token the Admin API accepted", &|r| r.pct_working());
+    row("  asking for the token: p50 / p99 / max ms", &|r| {
+        let [a, b, c] = r.token_latency_ms;
+        format!("{a:.1} / {b:.0} / {c:.0}")
+    });
     row("shops OK at the end", &|r| r.ok.to_string());
     row("shops needing re-auth (grant really dead)", &|r| r.needs_reauth.to_string());
     row("shops LOCKED OUT (grant alive, no working token)", &|r| r.locked_out.to_string());
 
     let w0 = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);
-    let w1 = rows.iter().map(|r| r.1.len()).max().unwrap_or(0).max(8);
+    let w1 = rows.iter().map(|r| r.1.chars().count()).max().unwrap_or(0).max(8);
+    let w2 = rows.iter().map(|r| r.2.chars().count()).max().unwrap_or(0).max(8);
     let mut out = String::new();
-    out.push_str(&format!("\n{:<w0$}  {:>w1$}  {:>8}\n", "", "tokenwal", if theirs.is_some() { "naive" } else { "" }));
+    let naive = if theirs.is_some() { "naive" } else { "" };
+    out.push_str(&format!("\n{:<w0$}  {:>w1$}  {:>w2$}\n", "", "tokenwal", naive));
     for (label, a, b) in &rows {
-        out.push_str(&format!("{label:<w0$}  {a:>w1$}  {b:>8}\n"));
+        out.push_str(&format!("{label:<w0$}  {a:>w1$}  {b:>w2$}\n"));
     }
     let whys = |title: &str, name: &str, m: &BTreeMap<String, usize>, out: &mut String| {
         if m.is_empty() {
