@@ -68,6 +68,9 @@ fn all_grants(store: &Store) -> Result<Vec<GrantState>, CliError> {
 /// `tokenwal import [FILE|-]`.
 pub async fn import(settings: &Settings, file: &str) -> Result<(), CliError> {
     let reader: Box<dyn BufRead> = if file == "-" {
+        if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            eprintln!("reading token sets as JSON lines from stdin (end with Ctrl-D)");
+        }
         Box::new(std::io::BufReader::new(std::io::stdin()))
     } else {
         let f = std::fs::File::open(file).map_err(|e| CliError::io(format!("cannot open {file}"), e))?;

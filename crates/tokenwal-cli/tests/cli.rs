@@ -453,3 +453,25 @@ fn the_demo_reports_json() {
     assert!(v["tokenwal"]["rotations"].as_u64().unwrap() > 0, "{v}");
     assert!(v["naive"].is_null());
 }
+
+#[test]
+fn sim_prints_its_address_and_serves() {
+    use std::io::{BufRead, BufReader, Read};
+    let mut child = Command::new(BIN)
+        .args(["sim", "--port", "0", "--access-ttl", "5s"])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut url = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut url).unwrap();
+    let addr = url.trim().strip_prefix("http://").unwrap_or_else(|| panic!("{url:?}")).to_owned();
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.write_all(b"GET /_sim/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains(r#"{"ok":true}"#), "{answer}");
+}
