@@ -210,7 +210,6 @@ struct Coverage {
     shops: AtomicU64,
     /// Ambiguities kept alive by replays answering a zero lifetime (see
     /// `regression_replay_of_an_expiring_pair_is_retried_for_30_days`): fast-forwarded in settling.
-    known_bug_zero_lifetime: AtomicU64,
     /// Grants given up (retry window elapsed) while the server would still accept their token.
     gave_up_on_live_token: AtomicU64,
     /// … of which the server had never even processed the token.
@@ -230,7 +229,7 @@ impl std::fmt::Display for Coverage {
             f,
             "shops={} sends={} rotations={} replays={} rejections={} family_revocations={} ambiguous={} \
              needs_reauth={} ended_dead={} crashes={} (cut: planned {} permitted {} answered {}) mid_write={} in_recovery={} probes={} stale_outcomes={} \
-             stale_planner_conflicts={} known_bug_zero_lifetime={} gave_up_on_live_token={} (unused: {}) lapsed_without_notice={}",
+             stale_planner_conflicts={} gave_up_on_live_token={} (unused: {}) lapsed_without_notice={}",
             r(&self.shops),
             r(&self.sends),
             r(&self.rotations),
@@ -249,7 +248,6 @@ impl std::fmt::Display for Coverage {
             r(&self.recovery_probes),
             r(&self.stale_outcomes),
             r(&self.stale_planner_conflicts),
-            r(&self.known_bug_zero_lifetime),
             r(&self.gave_up_on_live_token),
             r(&self.gave_up_on_unused_token),
             r(&self.lapsed_without_notice),
@@ -293,7 +291,6 @@ struct World<'c> {
     snapshots: Vec<Option<GrantState>>,
     /// Shops whose last answer was a replay with a zero lifetime (a known engine bug: the engine
     /// calls it ambiguous and retries it until the retry window ends).
-    zero_lifetime: Vec<bool>,
     cov: &'c Coverage,
 }
 
@@ -359,7 +356,6 @@ impl<'c> World<'c> {
             retired_by_install: vec![HashSet::new(); shops],
             last_phase: vec!["healthy"; shops],
             snapshots: vec![None; shops],
-            zero_lifetime: vec![false; shops],
             cov,
         };
         for i in 0..shops {
@@ -443,7 +439,6 @@ impl<'c> World<'c> {
         match self.machine.step(&s, self.at()) {
             Step::Attempt => self.start(i, &s, false),
             Step::Idle { .. } if forced => self.start(i, &s, false),
-            Step::GiveUp(t) => self.commit(*t),
             _ => {}
         }
     }
@@ -534,12 +529,7 @@ impl<'c> World<'c> {
                 }
             }
         }
-        let outcome = to_outcome(&reply, req.credential(), self.now);
-        self.zero_lifetime[i] = matches!(
-            &outcome,
-            Outcome::Ambiguous { reason: AmbiguityReason::UnparseableSuccess { detail, .. }, .. } if detail.ends_with("is zero")
-        );
-        outcome
+        to_outcome(&reply, req.credential(), self.now)
     }
 
     /// Why the server may reject `rt` now (under retention): retired by a newer acquisition,
@@ -883,22 +873,8 @@ impl<'c> World<'c> {
                         self.start(i, &s, false);
                         busy = true;
                     }
-                    Step::GiveUp(t) => {
-                        self.commit(*t);
-                        busy = true;
-                    }
                     Step::Wait { until } => {
-                        let until = match &s.phase {
-                            // Known bug: every retry gets the same zero-lifetime replay until the
-                            // retry window ends; skip there instead of looping for 30 days.
-                            Phase::Ambiguous(a) if self.zero_lifetime[i] => {
-                                bump(&self.cov.known_bug_zero_lifetime);
-                                let first = s.credential_first_presented_at.unwrap_or(a.since);
-                                let expires = s.tokens.as_ref().and_then(|t| t.refresh_expires_at);
-                                self.machine.policy.retry_deadline(first, expires).map_or(until.0, |d| d.0)
-                            }
-                            _ => until.0,
-                        };
+                        let until = until.0;
                         wait = Some(wait.map_or(until, |w| w.min(until)));
                     }
                     Step::Idle { .. } | Step::Dormant => {}
@@ -1181,14 +1157,13 @@ fn crash_with_commit_applied_but_not_durable() {
 /// (retaining R) replays the same pair, now with `refresh_token_expires_in: 0` (under a minute
 /// left rounds down to zero, and stays zero once R′ has expired). `classify` reads a zero lifetime as
 /// an unusable answer, so the rotation stays *ambiguous*, and every later retry gets the very same
-/// replay: tokenwal retries a grant that is already dead every few minutes until the 30-day
-/// retention window passes, and only then marks it needs-reauth. (Under the 60-minute window the
+/// replay: tokenwal retried every few minutes until the 30-day retention window passed. Fixed in
+/// `classify`: a zero lifetime is a real answer ("expires now"). (Under the 60-minute window the
 /// same happens with an access token whose `expires_in` has run out in a replay: there the grant is
 /// alive, and tokenwal loses it.) A replay whose lifetimes have run out is a definitive answer: the
 /// pair is the newest the server issued; committing it makes the next refresh fail definitively.
 #[test]
-#[ignore = "bug: a replayed pair with a zero lifetime is classified ambiguous forever (tokenwal-core classify)"]
-fn regression_replay_of_an_expiring_pair_is_retried_for_30_days() {
+fn regression_replay_with_zero_lifetime_is_committed_then_rejected() {
     let mut w = scenario(
         Policy::Retain,
         4,
@@ -1221,7 +1196,14 @@ fn regression_replay_of_an_expiring_pair_is_retried_for_30_days() {
         "still ambiguous after {attempts} identical replays ({} token requests); the grant is dead at the server",
         w.sim.counters().shop(&w.names[3]).token_requests
     );
-    assert!(matches!(s.phase, Phase::NeedsReauth { .. }), "{:?}", s.phase);
+    // The replayed pair is committed (it is the newest the server issued, "expires in 0" meaning under
+    // a second left): the shop is no longer stuck, and what it holds agrees with the server.
+    let rt = s.tokens.as_ref().unwrap().refresh_token.expose_secret().to_owned();
+    match &s.phase {
+        Phase::Healthy => assert!(w.sim_accepts(3, &rt), "healthy with a token the server rejects"),
+        Phase::NeedsReauth { .. } => assert!(!w.sim_accepts(3, &rt), "needs-reauth with a live token"),
+        other => panic!("unexpected phase {other:?}"),
+    }
 }
 
 /// The same under a server that revokes the whole grant on reuse: the retry makes the server kill
@@ -1273,7 +1255,6 @@ fn window_rotate_then_drop_retried_inside_the_window_recovers() {
 /// definitive answer either way (rotated-and-lost: rejected; never processed: a fresh pair), at the
 /// cost of one request.
 #[test]
-#[ignore = "gap: the retry-window give-up marks needs-reauth without a final probe of the old token (tokenwal-core machine/recovery)"]
 fn regression_window_give_up_without_probe_loses_a_never_sent_token() {
     let w = scenario(Policy::Window, 3, &[Op::Ask(2), Op::Step(2), Op::Tick(61 * MIN), Op::Crash(None)]);
     let s = w.state(2);
@@ -1285,7 +1266,6 @@ fn regression_window_give_up_without_probe_loses_a_never_sent_token() {
 
 /// The same gap after a long outage of 5xx answers given before processing.
 #[test]
-#[ignore = "gap: the retry-window give-up marks needs-reauth without a final probe of the old token (tokenwal-core machine)"]
 fn regression_window_give_up_after_an_outage_of_unprocessed_5xx() {
     let mut ops = vec![Op::Fault(0, SimFault::FailBeforeProcessing { status: 503, json: false })];
     ops.extend([Op::Ask(0), Op::Step(0), Op::Step(0), Op::Step(0)]);

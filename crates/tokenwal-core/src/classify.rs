@@ -9,8 +9,8 @@
 //! |---|---|
 //! | connect / DNS / TLS failure, connect timeout | `NotSent` (the server never saw it) |
 //! | timeout or connection loss after the request may have been written | `Ambiguous` |
-//! | 2xx with `access_token`, `refresh_token`*, positive `expires_in`* | `Success` |
-//! | 2xx otherwise (truncated, not JSON, missing field, zero/negative/huge lifetime, duplicate key) | `Ambiguous` |
+//! | 2xx with `access_token`, `refresh_token`*, non-negative `expires_in`* | `Success` (0 = expires now) |
+//! | 2xx otherwise (truncated, not JSON, missing field, negative/fractional/huge lifetime, duplicate key) | `Ambiguous` |
 //! | 429 | `Throttled` (with `Retry-After` seconds if given) |
 //! | any 4xx with `error` = `invalid_client` or `unauthorized_client` | `BadCredentials` |
 //! | any 4xx with `error` = `invalid_grant` or `invalid_subject_token` | `Rejected` |
@@ -182,10 +182,10 @@ fn sanitize(s: &str, max: usize) -> String {
 }
 
 fn lifetime(v: &serde_json::Value, field: &str, max: Duration) -> Result<Duration, String> {
+    // Zero is a real answer ("expires now"): a same-pair replay does not extend the refresh token's
+    // life, so a replay near its end carries 0. Treating it as garbage would leave the rotation
+    // ambiguous forever; storing it lets the next attempt get the server's definitive word.
     let secs = v.as_u64().ok_or_else(|| format!("{field} is not a non-negative integer"))?;
-    if secs == 0 {
-        return Err(format!("{field} is zero"));
-    }
     let d = Duration::from_secs(secs);
     if d > max {
         return Err(format!("{field} of {secs} s is implausibly large"));
@@ -348,7 +348,6 @@ mod tests {
             r#"{"access_token":"a","expires_in":3600}"#,
             r#"{"expires_in":3600,"refresh_token":"r"}"#,
             r#"{"access_token":"","expires_in":3600,"refresh_token":"r"}"#,
-            r#"{"access_token":"a","expires_in":0,"refresh_token":"r"}"#,
             r#"{"access_token":"a","expires_in":-5,"refresh_token":"r"}"#,
             r#"{"access_token":"a","expires_in":1e300,"refresh_token":"r"}"#,
             r#"{"access_token":"a","expires_in":99999999999999,"refresh_token":"r"}"#,
@@ -359,6 +358,16 @@ mod tests {
             let o = answer(200, body);
             assert!(is_ambiguous(&o), "{body:?} -> {o:?}");
         }
+    }
+
+    /// Found by the interleaving property tests: a same-pair replay near the end of the refresh
+    /// token's life carries `refresh_token_expires_in: 0`. It is a real pair, not garbage.
+    #[test]
+    fn zero_lifetimes_are_real_answers() {
+        let o = answer(200, r#"{"access_token":"a","expires_in":0,"refresh_token":"r","refresh_token_expires_in":0}"#);
+        let Outcome::Success { tokens, .. } = o else { panic!("{o:?}") };
+        assert_eq!(tokens.access_expires_at, NOW);
+        assert_eq!(tokens.refresh_expires_at, Some(NOW));
     }
 
     #[test]

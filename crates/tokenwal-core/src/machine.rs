@@ -341,9 +341,6 @@ pub enum Refusal {
     /// Backing off until the given instant.
     #[error("backing off until {0}")]
     BackingOff(UnixMillis),
-    /// The retry window of an ambiguous rotation has elapsed: mark the grant (see [`Step::GiveUp`]).
-    #[error("retry window elapsed at {0}")]
-    WindowElapsed(UnixMillis),
 }
 
 /// What a grant needs now (for schedulers and recovery).
@@ -363,8 +360,6 @@ pub enum Step {
     },
     /// An attempt is in flight.
     InFlight,
-    /// An ambiguity outlived its retry window: write this transition (needs-reauth).
-    GiveUp(Box<Transition>),
     /// Nothing will ever be due (needs re-auth or uninstalled).
     Dormant,
 }
@@ -407,8 +402,11 @@ impl Machine {
         }
     }
 
-    fn deadline(&self, s: &GrantState, since: UnixMillis) -> Option<UnixMillis> {
-        let first = s.credential_first_presented_at.unwrap_or(since);
+    /// The provider's retry deadline of the ambiguity in `s`, if any: after it, a probe is likely to
+    /// be rejected (for information and alerting; nothing is decided by it).
+    pub fn retry_deadline(&self, s: &GrantState) -> Option<UnixMillis> {
+        let Phase::Ambiguous(amb) = &s.phase else { return None };
+        let first = s.credential_first_presented_at.unwrap_or(amb.since);
         self.policy.retry_deadline(first, s.tokens.as_ref().and_then(|t| t.refresh_expires_at))
     }
 
@@ -417,12 +415,11 @@ impl Machine {
         match &s.phase {
             Phase::Refreshing { .. } => Step::InFlight,
             Phase::NeedsReauth { .. } | Phase::Uninstalled { .. } => Step::Dormant,
-            Phase::Ambiguous(amb) => match self.deadline(s, amb.since) {
-                Some(d) if now >= d => Step::GiveUp(Box::new(self.give_up(s, amb, d, now))),
-                _ => match s.not_before {
-                    Some(nb) if now < nb => Step::Wait { until: nb },
-                    _ => Step::Attempt,
-                },
+            // An ambiguity is always probed, even past its retry window: only an answer can tell a
+            // dead credential from one the server never processed.
+            Phase::Ambiguous(_) => match s.not_before {
+                Some(nb) if now < nb => Step::Wait { until: nb },
+                _ => Step::Attempt,
             },
             Phase::Healthy => {
                 let Some(tokens) = &s.tokens else { return Step::Dormant };
@@ -435,34 +432,6 @@ impl Machine {
                     _ => Step::Attempt,
                 }
             }
-        }
-    }
-
-    fn give_up(&self, s: &GrantState, amb: &Ambiguity, deadline: UnixMillis, now: UnixMillis) -> Transition {
-        let reason = ReauthReason::RetryWindowElapsed {
-            first_presented_at: s.credential_first_presented_at.unwrap_or(amb.since),
-            deadline,
-        };
-        let mut state = self.next_state(s, now);
-        state.phase = Phase::NeedsReauth { reason: reason.clone(), since: now };
-        state.not_before = None;
-        let grant = s.grant.clone();
-        Transition {
-            expected_version: Some(s.version),
-            state,
-            records: vec![
-                Record::Resolved {
-                    grant: grant.clone(),
-                    at: now,
-                    attempt: amb.first_attempt,
-                    how: Resolution::WindowElapsed,
-                },
-                Record::NeedsReauth { grant: grant.clone(), at: now, reason: reason.clone() },
-            ],
-            events: vec![
-                Event::Resolved { grant: grant.clone(), how: Resolution::WindowElapsed },
-                Event::NeedsReauth { grant, reason },
-            ],
         }
     }
 
@@ -485,14 +454,7 @@ impl Machine {
     fn plan(&self, s: &GrantState, now: UnixMillis, respect_backoff: bool) -> Result<Pending<AttemptRequest>, Refusal> {
         let resolving = match &s.phase {
             Phase::Healthy => None,
-            Phase::Ambiguous(amb) => {
-                if let Some(d) = self.deadline(s, amb.since) {
-                    if now >= d {
-                        return Err(Refusal::WindowElapsed(d));
-                    }
-                }
-                Some(amb.clone())
-            }
+            Phase::Ambiguous(amb) => Some(amb.clone()),
             Phase::Refreshing { .. } => return Err(Refusal::InFlight),
             Phase::NeedsReauth { reason, .. } => return Err(Refusal::NeedsReauth(reason.clone())),
             Phase::Uninstalled { .. } => return Err(Refusal::Uninstalled),
@@ -565,8 +527,9 @@ impl Machine {
     }
 
     /// Recovery: a grant found `Refreshing` after a restart had an intent durable and no outcome;
-    /// its request may have been processed. Returns the transition to `Ambiguous` (or to
-    /// needs-reauth if the retry window has already passed); `None` if the grant is not `Refreshing`.
+    /// its request may have been processed. Returns the transition to `Ambiguous` (never straight to
+    /// needs-reauth, even past the retry window: the request may never have left the process, and the
+    /// probe that follows tells); `None` if the grant is not `Refreshing`.
     pub fn recover_interrupted(&self, s: &GrantState, now: UnixMillis, entropy: u64) -> Option<Transition> {
         let Phase::Refreshing { attempt, .. } = &s.phase else { return None };
         let outcome = Outcome::Ambiguous { reason: AmbiguityReason::Interrupted, request_id: None };
@@ -716,16 +679,11 @@ impl Machine {
                 state.consecutive_failures = s.consecutive_failures.saturating_add(1);
                 state.not_before = Some(backoff(state.consecutive_failures, None));
                 state.phase = Phase::Ambiguous(amb.clone());
+                // Time alone never ends an ambiguity, not even past the provider's retry window: a
+                // probe past the window gets a definitive answer whenever it matters (a processed,
+                // lost rotation is rejected; a never-processed token is accepted), and a server that
+                // answers nothing definitive for that long is down, not a dead grant.
                 events.push(Event::Ambiguous { grant: grant.clone(), reason });
-                if let Some(d) = self.deadline(&state, amb.since) {
-                    if now >= d {
-                        let t = self.give_up(&state, &amb, d, now);
-                        records.extend(t.records);
-                        events.extend(t.events);
-                        state.phase = t.state.phase;
-                        state.not_before = None;
-                    }
-                }
             }
         }
         Pending { transition: Transition { expected_version: Some(s.version), state, records, events }, value }

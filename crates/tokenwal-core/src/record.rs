@@ -128,7 +128,8 @@ pub enum ReauthReason {
         /// Whether the rejection came while resolving an ambiguous rotation.
         after_ambiguity: bool,
     },
-    /// An ambiguous rotation stayed unresolved past the provider's retry window.
+    /// An ambiguous rotation stayed unresolved past the provider's retry window. Part of format 1 but
+    /// not produced by this version: tokenwal probes until a definitive answer (docs/journal.md §3).
     RetryWindowElapsed {
         /// When the credential was first presented.
         first_presented_at: UnixMillis,
@@ -175,7 +176,8 @@ pub enum Resolution {
         /// The installed generation.
         generation: Generation,
     },
-    /// The retry window elapsed without a definitive answer.
+    /// The retry window elapsed without a definitive answer. Part of format 1 but not produced by
+    /// this version (see [`ReauthReason::RetryWindowElapsed`]).
     WindowElapsed,
     /// The grant was uninstalled.
     Uninstalled,

@@ -6,9 +6,8 @@
 //!
 //! * `Refreshing` — an intent was durable and no outcome was: the request may have been processed.
 //!   Write `Ambiguous { Interrupted }`, then resolve by retrying the same old credential.
-//! * `Ambiguous` within its retry window — resolve by retrying the same old credential (respecting
-//!   backoff).
-//! * `Ambiguous` past its retry window — write needs-reauth.
+//! * `Ambiguous` — resolve by retrying the same old credential (respecting backoff), even past the
+//!   retry window: only a definitive answer (or a newer install) settles it.
 //!
 //! Recovery is idempotent: after writing a plan's transitions, planning again yields the same
 //! intentions and no further transitions; a crash in the middle leaves each grant either before or
@@ -65,13 +64,6 @@ impl RecoveryPlan {
 
 fn intention_after(machine: &Machine, s: &GrantState, now: UnixMillis) -> (Option<Transition>, Intention) {
     match machine.step(s, now) {
-        Step::GiveUp(t) => {
-            let reason = match t.phase() {
-                Phase::NeedsReauth { reason, .. } => reason.clone(),
-                _ => unreachable!("give-up transitions end in needs-reauth"),
-            };
-            (Some(*t), Intention::NeedsReauth(reason))
-        }
         Step::Attempt => (None, Intention::Resolve { not_before: None }),
         Step::Wait { until } => (None, Intention::Resolve { not_before: Some(until) }),
         _ => (None, Intention::Nothing),

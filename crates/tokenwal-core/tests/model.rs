@@ -461,13 +461,6 @@ impl World {
     fn refresh(&mut self, fault: Fault, crash: Option<Crash>) {
         let state = self.log.state();
         let planned = match self.machine.step(&state, self.now()) {
-            Step::GiveUp(t) => {
-                let n = self.log.records_len();
-                block_on(Pending::<()>::from_transition(*t).make_durable(&self.log)).unwrap();
-                let after = self.log.state();
-                self.check_transition(&state, &after, &self.log.records_since(n));
-                return;
-            }
             Step::Dormant | Step::InFlight => return,
             // Callers may refresh at any time (e.g. a 401 from the Admin API); backoff still applies.
             Step::Idle { .. } | Step::Attempt | Step::Wait { .. } => self.machine.plan_attempt(&state, self.now()),
@@ -566,7 +559,7 @@ impl World {
             match self.machine.step(&state, self.now()) {
                 Step::Idle { .. } | Step::Dormant => return,
                 Step::Wait { until } => self.now = until.0,
-                Step::Attempt | Step::GiveUp(_) => self.refresh(Fault::None, None),
+                Step::Attempt => self.refresh(Fault::None, None),
                 Step::InFlight => unreachable!("nothing is left in flight between ops"),
             }
         }
@@ -739,17 +732,55 @@ fn invalid_client_never_marks_the_shop() {
     }
 }
 
-/// Under the 60-minute window, an ambiguity that outlives the window ends in needs-reauth with the
-/// window as its reason.
+/// Under the 60-minute window, a rotation lost and not resolved within the window: tokenwal keeps
+/// probing (a 5xx past the window settles nothing), and the server's definitive rejection of the old
+/// token marks the grant — never the clock alone.
 #[test]
-fn window_elapses_into_needs_reauth() {
+fn past_the_window_a_lost_rotation_ends_on_the_servers_rejection() {
     let mut w = World::new(Policy::Window, 5);
     w.now += 56 * MIN;
     w.run(&Op::Refresh(Fault::RotateThenDrop));
     w.now += 61 * MIN;
-    let s = w.log.state();
-    let Step::GiveUp(t) = w.machine.step(&s, w.now()) else { panic!("expected give-up") };
-    assert!(matches!(t.phase(), Phase::NeedsReauth { reason: ReauthReason::RetryWindowElapsed { .. }, .. }));
+    assert!(w.machine.retry_deadline(&w.log.state()).is_some_and(|d| w.now() >= d));
+    assert_eq!(w.machine.step(&w.log.state(), w.now()), Step::Attempt, "past the window, probe");
+    w.run(&Op::Refresh(Fault::FailBefore));
+    assert!(matches!(w.log.state().phase, Phase::Ambiguous(_)), "{:?}", w.log.state().phase);
+    w.settle_fault_free();
+    assert!(
+        matches!(
+            w.log.state().phase,
+            Phase::NeedsReauth { reason: ReauthReason::CredentialRejected { after_ambiguity: true, .. }, .. }
+        ),
+        "{:?}",
+        w.log.state().phase
+    );
+}
+
+/// Found by the interleaving property tests: under the window policy, a token the server never
+/// processed (5xx before processing) must not be given up when the window passes — the probe after
+/// the window succeeds.
+#[test]
+fn regression_window_probe_saves_an_unprocessed_token() {
+    let mut w = World::new(Policy::Window, 6);
+    w.now += 56 * MIN;
+    w.run(&Op::Refresh(Fault::FailBefore));
+    w.now += 61 * MIN;
+    w.settle_fault_free();
+    assert_eq!(w.log.state().phase, Phase::Healthy);
+    w.check_end(false);
+}
+
+/// An intent left by a process that was down past the window: recovery probes instead of giving up.
+#[test]
+fn regression_interrupted_past_the_window_is_probed() {
+    let mut w = World::new(Policy::Window, 7);
+    w.now += 56 * MIN;
+    w.run(&Op::RefreshCrash(Fault::None, Crash::AfterIntent));
+    // (The crash restarted at once; make the process "down" for 61 minutes by re-entering Refreshing.)
+    w.now += 61 * MIN;
+    w.restart();
+    w.settle_fault_free();
+    assert_eq!(w.log.state().phase, Phase::Healthy);
 }
 
 /// Shrunk from `retain_with_revocations` (the harness once forgot that backoff applies to the

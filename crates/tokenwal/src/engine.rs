@@ -300,7 +300,7 @@ impl Engine {
         let due = tokio::task::spawn_blocking(move || {
             let mut due = Vec::new();
             let r = store.for_each_grant(|s| {
-                if matches!(machine.step(&s, now), Step::Attempt | Step::GiveUp(_)) {
+                if matches!(machine.step(&s, now), Step::Attempt) {
                     due.push(s.grant);
                 }
             });
@@ -481,12 +481,6 @@ impl Inner {
                         }
                     }
                 }
-                Step::GiveUp(t) => {
-                    if let Err(e) = self.commit_transition(*t).await {
-                        warn!(%grant, error = %e, "cannot record needs-reauth");
-                    }
-                    return;
-                }
                 Step::Idle { .. } | Step::Wait { .. } | Step::InFlight | Step::Dormant => {
                     self.refresh_cache(&slot, &state);
                     self.scheduler.notify(&state, &self.machine, now);
@@ -571,9 +565,6 @@ impl Inner {
                     }
                     tokio::time::sleep(until.since(now)).await;
                 }
-                Step::GiveUp(t) => {
-                    self.commit_transition(*t).await?;
-                }
                 Step::InFlight => return Err(Error::InFlight { grant: grant.clone() }),
                 Step::Dormant => {
                     return match state.phase {
@@ -598,9 +589,7 @@ fn refusal(grant: &GrantKey, r: Refusal) -> Error {
         Refusal::NeedsReauth(reason) => Error::NeedsReauth { grant: grant.clone(), reason },
         Refusal::Uninstalled | Refusal::NoTokens => Error::Uninstalled { grant: grant.clone() },
         Refusal::InFlight => Error::InFlight { grant: grant.clone() },
-        Refusal::BackingOff(until) | Refusal::WindowElapsed(until) => {
-            Error::Unavailable { grant: grant.clone(), retry_at: until }
-        }
+        Refusal::BackingOff(until) => Error::Unavailable { grant: grant.clone(), retry_at: until },
         other => Error::Config(other.to_string()),
     }
 }

@@ -4,8 +4,7 @@
 //! full scan (in the background: startup does not wait for it); afterwards every durable transition
 //! tells it the grant's next due time. When an entry comes due, a task (bounded by the engine's
 //! refresh permits) drives the grant: refresh access tokens before they expire, refresh idle grants
-//! well before their refresh token expires, retry ambiguous rotations after their backoff, and give up
-//! on those past their retry window. Stale heap entries are skipped (the map holds each grant's one
+//! well before their refresh token expires, and retry ambiguous rotations after their backoff. Stale heap entries are skipped (the map holds each grant's one
 //! live due time).
 
 use crate::engine::{now, Inner};
@@ -37,7 +36,7 @@ pub(crate) fn next_look(s: &GrantState, machine: &Machine, now: UnixMillis) -> O
     match machine.step(s, now) {
         Step::Idle { due } => due,
         Step::Wait { until } => Some(until),
-        Step::Attempt | Step::GiveUp(_) => Some(now),
+        Step::Attempt => Some(now),
         Step::InFlight | Step::Dormant => None,
     }
 }
