@@ -370,8 +370,8 @@ fn drive(
 ) -> Result<RunReport, CliError> {
     let sim = start_sim(world, sim_rt)?;
     let mut rt = app_runtime()?;
+    bar.reset();
     bar.set_prefix(app.name());
-    bar.set_position(0);
     bar.set_message("installing shops");
     app.setup(&rt, &sim)?;
     app.start(&rt, &sim)?;
