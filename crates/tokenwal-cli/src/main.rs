@@ -81,16 +81,22 @@ struct Cli {
 #[derive(Args)]
 struct Global {
     /// The store directory [default: the platform data dir, e.g. ~/.local/share/tokenwal]
-    #[arg(long, global = true, env = "TOKENWAL_DB", value_name = "PATH")]
+    #[arg(long, global = true, env = "TOKENWAL_DB", value_name = "PATH", help_heading = "Global options")]
     db: Option<PathBuf>,
     /// A JSON config file: credentials, endpoint, margins, timeouts (see --help)
-    #[arg(long, global = true, env = "TOKENWAL_CONFIG", value_name = "FILE")]
+    #[arg(long, global = true, env = "TOKENWAL_CONFIG", value_name = "FILE", help_heading = "Global options")]
     config: Option<PathBuf>,
     /// Log to stderr: -v info, -vv debug, -vvv trace (RUST_LOG overrides). Secrets are never logged
-    #[arg(short, long, global = true, action = ArgAction::Count)]
+    #[arg(short, long, global = true, action = ArgAction::Count, help_heading = "Global options")]
     verbose: u8,
     /// TEST ONLY: send token requests to this loopback simulator instead of Shopify
-    #[arg(long, global = true, env = "TOKENWAL_INSECURE_TEST_ENDPOINT", value_name = "URL")]
+    #[arg(
+        long,
+        global = true,
+        env = "TOKENWAL_INSECURE_TEST_ENDPOINT",
+        value_name = "URL",
+        help_heading = "Global options"
+    )]
     insecure_test_endpoint: Option<Url>,
 }
 
