@@ -475,3 +475,62 @@ fn sim_prints_its_address_and_serves() {
     let _ = child.wait();
     assert!(answer.starts_with("HTTP/1.1 200") && answer.contains(r#"{"ok":true}"#), "{answer}");
 }
+
+#[cfg(unix)]
+#[test]
+fn run_keeps_shops_fresh_and_stops_cleanly_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    use std::time::{Duration, Instant};
+    let sim = Sim::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("store");
+    let (l, _, _) = sim.seed("daemon");
+    assert_eq!(tokenwal(&db, &["import"], &[], Some(&l)).code, 0);
+    let base = sim.h().base_url();
+    let mut cmd = Command::new(BIN);
+    for k in ENV_VARS {
+        cmd.env_remove(k);
+    }
+    let mut child = cmd
+        .arg("--db")
+        .arg(&db)
+        .args(["run", "--grace", "2s"])
+        .envs(CREDENTIALS)
+        .env("TOKENWAL_INSECURE_TEST_ENDPOINT", &base)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut log = Vec::new();
+    // The expired token is refreshed by the scheduler without anyone asking.
+    while sim.h().counters().shop("daemon.myshopify.com").rotations == 0 {
+        assert!(Instant::now() < deadline, "no refresh: {log:?}");
+        while let Ok(l) = rx.try_recv() {
+            log.push(l);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let stopped = Instant::now();
+    let code = child.wait().unwrap();
+    assert!(stopped.elapsed() < Duration::from_secs(5), "took {:?}", stopped.elapsed());
+    log.extend(rx.iter());
+    assert_eq!(code.code(), Some(0), "{log:#?}");
+    let text = log.join("\n");
+    assert!(text.contains("recovery: 1 shops") && text.contains("stopping"), "{text}");
+    assert!(!text.contains("shpat_") && !text.contains("shprt_") && !text.contains("sim-client-secret"), "{text}");
+    let shops = tokenwal(&db, &["shops", "--json"], &[], None);
+    let v: serde_json::Value = serde_json::from_str(&shops.stdout).unwrap();
+    assert_eq!(v[0]["state"], "healthy");
+    assert!(v[0]["generation"].as_u64().unwrap() >= 2, "{v}");
+}
