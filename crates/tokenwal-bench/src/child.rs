@@ -2,19 +2,22 @@
 //! state): the bench binary re-runs itself as `tokenwal-bench child <what> ...` and reads
 //! `key=value` lines from its stdout.
 
-use crate::util::{cpu_time, parse_kv, proc_status_kb, scale_shop};
+use crate::util::{cpu_time, now, parse_kv, proc_status_kb, scale_key, scale_shop};
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokenwal::core::ClientSecret;
+use tokenwal::core::{AccessToken, InstallSource, Machine, RefreshToken, TokenSet};
 use tokenwal::store::{Store, StoreConfig};
 use tokenwal::{Config, Engine, StoreLocation};
 
 /// sled 0.34.7 releases its file lock from background threads after a `Db` is dropped: give it time
 /// before another process opens the same store, so that no lock wait is measured as open time.
-pub fn settle() {
-    std::thread::sleep(Duration::from_secs(2));
+/// (`quick`: numbers do not matter, a lock wait is harmless: `Store::open` waits for it.)
+pub fn settle(quick: bool) {
+    std::thread::sleep(if quick { Duration::from_millis(100) } else { Duration::from_secs(2) });
 }
 
 /// Runs `tokenwal-bench child <args>` and returns its answer.
@@ -26,6 +29,13 @@ pub fn run(args: &[String]) -> HashMap<String, String> {
         panic!("child {args:?} failed ({}): {}\n{}", out.status, stdout, String::from_utf8_lossy(&out.stderr));
     }
     parse_kv(&stdout)
+}
+
+/// Runs a child that is meant to end by aborting (a crash): its answer, whatever its exit status.
+pub fn run_crashing(args: &[String]) -> HashMap<String, String> {
+    let exe = std::env::current_exe().expect("own executable");
+    let out = Command::new(exe).arg("child").args(args).output().expect("spawn child");
+    parse_kv(&String::from_utf8_lossy(&out.stdout))
 }
 
 fn emit(k: &str, v: impl std::fmt::Display) {
@@ -44,8 +54,62 @@ pub fn main(args: &[String]) {
     match what {
         "store-open" => store_open(Path::new(&args[1])),
         "engine-open" => engine_open(Path::new(&args[1]), &args[2], &args[3..]),
+        "crash-intents" => crash_intents(Path::new(&args[1]), Path::new(&args[2])),
         other => panic!("unknown child command {other:?}"),
     }
+}
+
+/// Re-installs the grants listed in `tokens` (`i, access, refresh, refresh expires in (s), scope`,
+/// tab-separated) with those tokens, makes an intent durable for each without sending anything, and
+/// aborts the process: a crash right after the intents.
+fn crash_intents(path: &Path, tokens: &Path) {
+    let text = std::fs::read_to_string(tokens).expect("tokens file");
+    let grants: Vec<(usize, TokenSet)> = text
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            let t = now();
+            let tokens = TokenSet {
+                access_token: AccessToken::new(f[1]),
+                access_expires_at: t,
+                refresh_token: RefreshToken::new(f[2]),
+                refresh_expires_at: Some(t.saturating_add(Duration::from_secs(f[3].parse().expect("seconds")))),
+                scope: Some(f[4].to_owned()),
+            };
+            (f[0].parse().expect("index"), tokens)
+        })
+        .collect();
+    let grants = Arc::new(grants);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let (store, _) = Store::open(path, StoreConfig::default()).expect("open");
+        let machine = Arc::new(Machine::shopify(store.fingerprint_key()));
+        let writers = 256.min(grants.len().max(1));
+        let mut tasks = tokio::task::JoinSet::new();
+        for w in 0..writers {
+            let (store, machine, grants) = (store.clone(), Arc::clone(&machine), Arc::clone(&grants));
+            tasks.spawn(async move {
+                for (i, tokens) in grants.iter().skip(w).step_by(writers) {
+                    let key = scale_key(*i);
+                    let cur = store.get(&key).expect("read").expect("grant exists");
+                    let installed = machine
+                        .install(Some(&cur), key, tokens.clone(), InstallSource::Application, now())
+                        .make_durable(&store)
+                        .await
+                        .expect("install");
+                    let plan = machine.plan_attempt(installed.state(), now()).expect("plan");
+                    // The intent is durable; the request is never sent: the process dies here.
+                    let _permit = plan.make_durable(&store).await.expect("intent");
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        emit("written", grants.len());
+        emit("open_attempts", store.open_grants().expect("open grants").len());
+    });
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    std::process::abort();
 }
 
 /// `Store::open`, then a full scan.

@@ -12,7 +12,9 @@
 //! **Sync floor**: 128-byte appends + `sync_data` (and `sync_all`) on a file in the same directory
 //! as the stores.
 
-use crate::util::{fake_tokens, fmt_dur, now, percentile, shop, Table};
+use crate::util::{
+    cpu_time, fake_tokens, fmt_dur, new_committer, now, percentile, shop, thread_cpu, threads_named, Table,
+};
 use crate::Opts;
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -34,18 +36,28 @@ struct Side {
     batches: u64,
     write_time: Duration,
     sync_time: Duration,
+    cpu: Duration,
+    committer_cpu: Duration,
+}
+
+/// What a round measures besides its own timings: process CPU and the committer thread's CPU.
+struct Probe {
+    cpu: Duration,
+    committer: Duration,
+    stats: StoreStats,
+}
+
+impl Probe {
+    fn take(store: &Store, tid: Option<u32>) -> Probe {
+        Probe { cpu: cpu_time(), committer: tid.map(thread_cpu).unwrap_or_default(), stats: store.stats() }
+    }
 }
 
 impl Side {
-    fn add(
-        &mut self,
-        n: usize,
-        wall: Duration,
-        lat: Vec<Duration>,
-        errors: u64,
-        before: StoreStats,
-        after: StoreStats,
-    ) {
+    fn add(&mut self, n: usize, wall: Duration, lat: Vec<Duration>, errors: u64, before: Probe, after: Probe) {
+        self.cpu += after.cpu - before.cpu;
+        self.committer_cpu += after.committer - before.committer;
+        let (before, after) = (before.stats, after.stats);
         self.refreshes += n as u64;
         self.wall += wall;
         self.latencies.extend(lat);
@@ -74,12 +86,14 @@ impl Side {
             format!("{:.2}", self.batches as f64 / self.refreshes.max(1) as f64),
             per(self.write_time),
             per(self.sync_time),
+            per(self.committer_cpu),
+            per(self.cpu),
             format!("{}", self.errors),
         ]);
     }
 }
 
-const COLUMNS: [&str; 11] = [
+const COLUMNS: [&str; 13] = [
     "concurrent shops",
     "store",
     "refreshes",
@@ -90,11 +104,15 @@ const COLUMNS: [&str; 11] = [
     "durable writes/refresh",
     "committer write time/refresh",
     "committer sync time/refresh",
+    "committer CPU/refresh",
+    "process CPU/refresh",
     "errors",
 ];
 
 fn concurrencies(opts: &Opts) -> Vec<usize> {
-    if opts.quick {
+    if let Some(c) = &opts.concurrency {
+        c.clone()
+    } else if opts.quick {
         vec![1, 16, 64]
     } else {
         vec![1, 16, 256, 4096]
@@ -116,7 +134,7 @@ fn engine_config(base: &str, store: StoreLocation) -> Config {
 }
 
 /// Seeds and installs `n` shops (access tokens expired), then refreshes them all at once.
-async fn engine_round(engine: &Engine, sim: &SimHandle, tag: &str, n: usize, side: &mut Side) {
+async fn engine_round(engine: &Engine, tid: Option<u32>, sim: &SimHandle, tag: &str, n: usize, side: &mut Side) {
     let shops: Vec<_> = (0..n).map(|i| shop(&format!("{tag}i{i}"))).collect();
     let mut installs = tokio::task::JoinSet::new();
     for s in &shops {
@@ -132,7 +150,7 @@ async fn engine_round(engine: &Engine, sim: &SimHandle, tag: &str, n: usize, sid
         installs.spawn(async move { engine.install(&s, tokens).await.expect("install") });
     }
     while installs.join_next().await.is_some() {}
-    let before = engine.store().stats();
+    let before = Probe::take(engine.store(), tid);
     let started = Instant::now();
     let mut calls = tokio::task::JoinSet::new();
     for s in shops {
@@ -151,11 +169,11 @@ async fn engine_round(engine: &Engine, sim: &SimHandle, tag: &str, n: usize, sid
         errors += u64::from(!ok);
     }
     let wall = started.elapsed();
-    side.add(n, wall, lat, errors, before, engine.store().stats());
+    side.add(n, wall, lat, errors, before, Probe::take(engine.store(), tid));
 }
 
 /// Installs `n` grants, then runs one refresh each (intent durable, then commit durable), all at once.
-async fn store_round(store: &Store, tag: &str, n: usize, side: &mut Side) {
+async fn store_round(store: &Store, tid: Option<u32>, tag: &str, n: usize, side: &mut Side) {
     let machine = Arc::new(Machine::shopify(store.fingerprint_key()));
     let t0 = now();
     let mut installs = tokio::task::JoinSet::new();
@@ -172,7 +190,7 @@ async fn store_round(store: &Store, tag: &str, n: usize, side: &mut Side) {
     while let Some(r) = installs.join_next().await {
         states.push(r.expect("install task"));
     }
-    let before = store.stats();
+    let before = Probe::take(store, tid);
     let started = Instant::now();
     let mut calls = tokio::task::JoinSet::new();
     for (i, s) in states.into_iter().enumerate() {
@@ -197,7 +215,7 @@ async fn store_round(store: &Store, tag: &str, n: usize, side: &mut Side) {
         errors += u64::from(!ok);
     }
     let wall = started.elapsed();
-    side.add(n, wall, lat, errors, before, store.stats());
+    side.add(n, wall, lat, errors, before, Probe::take(store, tid));
 }
 
 fn ratio_row(t: &Table, n: usize, what: &str, sled: &Side, mem: &Side, target: &str) {
@@ -228,57 +246,13 @@ pub async fn run(opts: &Opts) {
     let dir = opts.dir.join("journal");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("work dir");
-    let sim_config = SimConfig { access_ttl: "86400s".parse().expect("duration"), ..SimConfig::default() };
-    let sim = serve(sim_config, "127.0.0.1:0".parse().expect("addr")).await.expect("simulator");
-    let base = sim.base_url();
-    let (sled_engine, _) =
-        Engine::open(engine_config(&base, StoreLocation::Path(dir.join("engine")))).await.expect("engine (sled)");
-    let (mem_engine, _) = Engine::open(engine_config(&base, StoreLocation::InMemory)).await.expect("engine (memory)");
-    // Warm-up: connections, allocator, page cache.
-    let mut warm = Side::default();
-    engine_round(&sled_engine, &sim, "warms", 64, &mut warm).await;
-    engine_round(&mem_engine, &sim, "warmm", 64, &mut warm).await;
-
-    let table = Table::new("Engine refreshes against the simulator (loopback HTTP), sled vs in-memory store", &COLUMNS);
     let mut summary = Vec::new();
-    for n in concurrencies(opts) {
-        let (mut sled, mut mem) = (Side::default(), Side::default());
-        for r in 0..rounds(opts, n) {
-            // Alternate which side goes first, so drift in the machine's load hits both alike.
-            if r % 2 == 0 {
-                engine_round(&sled_engine, &sim, &format!("es{n}r{r}"), n, &mut sled).await;
-                engine_round(&mem_engine, &sim, &format!("em{n}r{r}"), n, &mut mem).await;
-            } else {
-                engine_round(&mem_engine, &sim, &format!("em{n}r{r}"), n, &mut mem).await;
-                engine_round(&sled_engine, &sim, &format!("es{n}r{r}"), n, &mut sled).await;
-            }
-        }
-        sled.row(&table, n, "sled");
-        mem.row(&table, n, "memory");
-        summary.push((n, "engine", sled, mem));
+    if opts.path.as_deref().is_none_or(|p| p == "engine") {
+        engine_path(opts, &dir, &mut summary).await;
     }
-    drop((sled_engine, mem_engine));
-    sim.shutdown().await;
-
-    let (store, _) = Store::open(dir.join("store"), StoreConfig::default()).expect("store");
-    let mem_store = Store::in_memory();
-    let table = Table::new("Store only: intent + commit per refresh, no HTTP, sled vs in-memory store", &COLUMNS);
-    for n in concurrencies(opts) {
-        let (mut sled, mut mem) = (Side::default(), Side::default());
-        for r in 0..rounds(opts, n) {
-            if r % 2 == 0 {
-                store_round(&store, &format!("ss{n}r{r}"), n, &mut sled).await;
-                store_round(&mem_store, &format!("sm{n}r{r}"), n, &mut mem).await;
-            } else {
-                store_round(&mem_store, &format!("sm{n}r{r}"), n, &mut mem).await;
-                store_round(&store, &format!("ss{n}r{r}"), n, &mut sled).await;
-            }
-        }
-        sled.row(&table, n, "sled");
-        mem.row(&table, n, "memory");
-        summary.push((n, "store only", sled, mem));
+    if opts.path.as_deref().is_none_or(|p| p == "store") {
+        store_path(opts, &dir, &mut summary).await;
     }
-
     let table = Table::new(
         "Journaled (sled) vs in-memory throughput",
         &["concurrent shops", "path", "sled refreshes/s", "memory refreshes/s", "sled / memory", "target", "verdict"],
@@ -295,7 +269,68 @@ pub async fn run(opts: &Opts) {
             if *n == 256 { ("< 0.25", if spr < 0.25 { "met" } else { "missed" }) } else { ("", "—") };
         table.row(&[format!("{n}"), (*what).to_owned(), format!("{spr:.3}"), target.into(), verdict.into()]);
     }
-    drop(store);
+}
+
+type Summary = Vec<(usize, &'static str, Side, Side)>;
+
+async fn engine_path(opts: &Opts, dir: &std::path::Path, summary: &mut Summary) {
+    let sim_config = SimConfig { access_ttl: "86400s".parse().expect("duration"), ..SimConfig::default() };
+    let sim = serve(sim_config, "127.0.0.1:0".parse().expect("addr")).await.expect("simulator");
+    let base = sim.base_url();
+    let before = threads_named("tokenwal-commit");
+    let (sled_engine, _) =
+        Engine::open(engine_config(&base, StoreLocation::Path(dir.join("engine")))).await.expect("engine (sled)");
+    let sled_tid = threads_named("tokenwal-commit").into_iter().find(|t| !before.contains(t));
+    let before = threads_named("tokenwal-commit");
+    let (mem_engine, _) = Engine::open(engine_config(&base, StoreLocation::InMemory)).await.expect("engine (memory)");
+    let mem_tid = threads_named("tokenwal-commit").into_iter().find(|t| !before.contains(t));
+    // Warm-up: connections, allocator, page cache.
+    let mut warm = Side::default();
+    engine_round(&sled_engine, sled_tid, &sim, "warms", 64, &mut warm).await;
+    engine_round(&mem_engine, mem_tid, &sim, "warmm", 64, &mut warm).await;
+
+    let table = Table::new("Engine refreshes against the simulator (loopback HTTP), sled vs in-memory store", &COLUMNS);
+    for n in concurrencies(opts) {
+        let (mut sled, mut mem) = (Side::default(), Side::default());
+        for r in 0..rounds(opts, n) {
+            // Alternate which side goes first, so drift in the machine's load hits both alike.
+            let (s, m) = (format!("es{n}r{r}"), format!("em{n}r{r}"));
+            if r % 2 == 0 {
+                engine_round(&sled_engine, sled_tid, &sim, &s, n, &mut sled).await;
+                engine_round(&mem_engine, mem_tid, &sim, &m, n, &mut mem).await;
+            } else {
+                engine_round(&mem_engine, mem_tid, &sim, &m, n, &mut mem).await;
+                engine_round(&sled_engine, sled_tid, &sim, &s, n, &mut sled).await;
+            }
+        }
+        sled.row(&table, n, "sled");
+        mem.row(&table, n, "memory");
+        summary.push((n, "engine", sled, mem));
+    }
+    drop((sled_engine, mem_engine));
+    sim.shutdown().await;
+}
+
+async fn store_path(opts: &Opts, dir: &std::path::Path, summary: &mut Summary) {
+    let (store, sled_tid) = new_committer(|| Store::open(dir.join("store"), StoreConfig::default()).expect("store").0);
+    let (mem_store, mem_tid) = new_committer(Store::in_memory);
+    let table = Table::new("Store only: intent + commit per refresh, no HTTP, sled vs in-memory store", &COLUMNS);
+    for n in concurrencies(opts) {
+        let (mut sled, mut mem) = (Side::default(), Side::default());
+        for r in 0..rounds(opts, n) {
+            let (s, m) = (format!("ss{n}r{r}"), format!("sm{n}r{r}"));
+            if r % 2 == 0 {
+                store_round(&store, sled_tid, &s, n, &mut sled).await;
+                store_round(&mem_store, mem_tid, &m, n, &mut mem).await;
+            } else {
+                store_round(&mem_store, mem_tid, &m, n, &mut mem).await;
+                store_round(&store, sled_tid, &s, n, &mut sled).await;
+            }
+        }
+        sled.row(&table, n, "sled");
+        mem.row(&table, n, "memory");
+        summary.push((n, "store only", sled, mem));
+    }
 }
 
 /// Scenario 3: the sync floor of this disk, and a single writer's durable write for comparison.
@@ -346,11 +381,11 @@ pub async fn sync_floor(opts: &Opts) {
     row("append 128 B + fsync (`sync_all`)", &floor.1);
 
     // One writer, one grant: every durable write is a group of one (sled flush + fsync of its file).
-    let (store, _) = Store::open(dir.join("store"), StoreConfig::default()).expect("store");
+    let (store, tid) = new_committer(|| Store::open(dir.join("store"), StoreConfig::default()).expect("store").0);
     let mut side = Side::default();
     let writes = if opts.quick { 20 } else { 500 };
     for r in 0..writes {
-        store_round(&store, &format!("f{r}"), 1, &mut side).await;
+        store_round(&store, tid, &format!("f{r}"), 1, &mut side).await;
     }
     side.latencies.sort();
     let per_write: Vec<Duration> = side.latencies.iter().map(|d| *d / 2).collect();

@@ -22,6 +22,8 @@
 //!   --churn-grants N       churn: fleet size (default 10 000)
 //!   --retention-hours H    churn: journal retention (default 720 = 30 days, the store's default)
 //!   --max-minutes M        churn: stop after M minutes of wall time (the rows so far show the trend)
+//!   --concurrency A,B,..   journal: concurrencies to run (default 1,16,256,4096)
+//!   --path engine|store    journal: run only the engine or only the store-only comparison
 //! ```
 
 #![forbid(unsafe_code)]
@@ -50,6 +52,10 @@ pub struct Opts {
     pub retention_hours: Option<u64>,
     /// Churn: wall-time budget.
     pub max_wall: Option<Duration>,
+    /// Journal: the concurrencies to run (default 1, 16, 256, 4096).
+    pub concurrency: Option<Vec<usize>>,
+    /// Journal: only `engine` or only `store`.
+    pub path: Option<String>,
 }
 
 const SCENARIOS: [&str; 8] = ["env", "journal", "sync", "recovery", "footprint", "churn", "scheduler", "all"];
@@ -57,7 +63,7 @@ const SCENARIOS: [&str; 8] = ["env", "journal", "sync", "recovery", "footprint",
 fn usage() -> ! {
     eprintln!(
         "usage: tokenwal-bench <{}> [--quick] [--dir DIR] [--refreshes N] [--churn-grants N] \
-         [--retention-hours H] [--max-minutes M]",
+         [--retention-hours H] [--max-minutes M] [--concurrency A,B,..] [--path engine|store]",
         SCENARIOS.join("|")
     );
     std::process::exit(2);
@@ -72,6 +78,8 @@ fn parse(args: &[String]) -> (String, Opts) {
         churn_grants: None,
         retention_hours: None,
         max_wall: None,
+        concurrency: None,
+        path: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -88,6 +96,11 @@ fn parse(args: &[String]) -> (String, Opts) {
             "--refreshes" => opts.refreshes = Some(number(value("--refreshes"))),
             "--churn-grants" => opts.churn_grants = Some(number(value("--churn-grants")) as usize),
             "--retention-hours" => opts.retention_hours = Some(number(value("--retention-hours"))),
+            "--concurrency" => {
+                opts.concurrency =
+                    Some(value("--concurrency").split(',').map(|v| number(v.to_owned()) as usize).collect())
+            }
+            "--path" => opts.path = Some(value("--path")).filter(|p| p == "engine" || p == "store").or_else(|| usage()),
             "--max-minutes" => opts.max_wall = Some(Duration::from_secs(60 * number(value("--max-minutes")))),
             s if SCENARIOS.contains(&s) && scenario.is_none() => scenario = Some(s.to_owned()),
             _ => usage(),

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokenwal::core::{AccessToken, GrantKey, InstallSource, Machine, Outcome, RefreshToken, TokenSet, UnixMillis};
+use tokenwal::core::{FingerprintKey, GrantKey, InstallSource, Machine, Outcome, UnixMillis, WriteBatch};
 use tokenwal::store::{Store, StoreConfig};
 use tokenwal_sim::{serve, SimConfig};
 
@@ -42,7 +42,7 @@ pub async fn recovery(opts: &Opts) {
     let [small, large] = sizes(opts);
     let small_store = scale_store(&opts.dir, small).await;
     let large_store = scale_store(&opts.dir, large).await;
-    settle();
+    settle(opts.quick);
 
     let t = Table::new(
         "Open and recover (fresh process each; page cache warm)",
@@ -94,106 +94,133 @@ pub async fn recovery(opts: &Opts) {
         row(format!("{n} grants"), &open, &engine, target);
     }
 
-    // 1% in flight: a copy of the large store where every 100th grant was re-installed with tokens
-    // the simulator knows and then had its intent made durable without a send (a crash after the
-    // intent). Recovery turns each into an ambiguity and retries it against the simulator.
+    // 1% in flight, after a crash: a child process re-installs every 100th grant with tokens the
+    // simulator knows, makes each one's intent durable without sending it, and aborts (no clean
+    // shutdown: sled's log is left as a kill leaves it). The crash image is copied twice, so that
+    // `Store::open` and `Engine::open` are each measured on a first open after the crash. Recovery
+    // turns every intent into an ambiguity and retries it against the simulator.
     let inflight = opts.dir.join(format!("grants-{large}-inflight"));
-    let _ = std::fs::remove_dir_all(&inflight);
+    let inflight_b = opts.dir.join(format!("grants-{large}-inflight-b"));
+    for d in [&inflight, &inflight_b] {
+        let _ = std::fs::remove_dir_all(d);
+    }
     copy_dir(&large_store.path, &inflight).expect("copy the store");
     let sim = serve(SimConfig::default(), "127.0.0.1:0".parse().expect("addr")).await.expect("simulator");
     let k = large / 100;
-    {
-        let (store, _) = Store::open(&inflight, StoreConfig::default()).expect("open copy");
-        let machine = Arc::new(Machine::shopify(store.fingerprint_key()));
-        let started = Instant::now();
-        let mut tasks = tokio::task::JoinSet::new();
-        let writers = 256.min(k.max(1));
-        let seeded: Vec<(usize, TokenSet)> = (0..k)
-            .map(|j| {
-                let i = j * 100;
-                let t = sim.seed_shop(scale_shop(i).as_str());
-                let tokens = TokenSet {
-                    access_token: AccessToken::new(t.access_token.as_str()),
-                    access_expires_at: now(),
-                    refresh_token: RefreshToken::new(t.refresh_token.as_str()),
-                    refresh_expires_at: Some(now().saturating_add(Duration::from_secs(t.refresh_token_expires_in))),
-                    scope: Some(t.scope.clone()),
-                };
-                (i, tokens)
-            })
-            .collect();
-        let seeded = Arc::new(seeded);
-        for w in 0..writers {
-            let (store, machine, seeded) = (store.clone(), Arc::clone(&machine), Arc::clone(&seeded));
-            tasks.spawn(async move {
-                for j in (w..seeded.len()).step_by(writers) {
-                    let (i, tokens) = &seeded[j];
-                    let key = scale_key(*i);
-                    let cur = store.get(&key).expect("read").expect("grant exists");
-                    let installed = machine
-                        .install(Some(&cur), key, tokens.clone(), InstallSource::Application, now())
-                        .make_durable(&store)
-                        .await
-                        .expect("install");
-                    let plan = machine.plan_attempt(installed.state(), now()).expect("plan");
-                    // The intent is durable; the request is never sent (the process "died" here).
-                    let _permit = plan.make_durable(&store).await.expect("intent");
-                }
-            });
-        }
-        while tasks.join_next().await.is_some() {}
-        eprintln!("  {k} intents left open in {:.1?}", started.elapsed());
-    }
-    settle();
-    let path = inflight.display().to_string();
+    let tokens_file = opts.dir.join("inflight-tokens.tsv");
+    let lines: Vec<String> = (0..k)
+        .map(|j| {
+            let i = j * 100;
+            let t = sim.seed_shop(scale_shop(i).as_str());
+            format!(
+                "{i}\t{}\t{}\t{}\t{}",
+                t.access_token.as_str(),
+                t.refresh_token.as_str(),
+                t.refresh_token_expires_in,
+                t.scope
+            )
+        })
+        .collect();
+    std::fs::write(&tokens_file, lines.join("\n")).expect("tokens file");
+    let crash = child::run_crashing(&["crash-intents".into(), path_str(&inflight), path_str(&tokens_file)]);
+    eprintln!("  {} intents left open, then the writer aborted", num(&crash, "written"));
+    copy_dir(&inflight, &inflight_b).expect("copy the crash image");
+    let (path, path_b) = (path_str(&inflight), path_str(&inflight_b));
     let base = sim.base_url();
-    let open = tokio::task::spawn_blocking({
-        let path = path.clone();
-        move || child::run(&["store-open".into(), path])
-    })
-    .await
-    .expect("child");
+    let open = tokio::task::spawn_blocking(move || child::run(&["store-open".into(), path])).await.expect("child");
     let before = sim.counters();
     let engine = tokio::task::spawn_blocking({
-        let (path, base) = (path.clone(), base.clone());
+        let (path, base) = (path_b.clone(), base.clone());
         move || child::run(&["engine-open".into(), path, base])
     })
     .await
     .expect("child");
     let after = sim.counters();
-    row(format!("{large} grants, 1% in flight"), &open, &engine, "");
+    row(format!("{large} grants, 1% in flight, first open after a crash"), &open, &engine, "");
     eprintln!(
         "  simulator: {} token requests during recovery",
         after.total.token_requests.saturating_sub(before.total.token_requests)
     );
-    settle();
+    settle(opts.quick);
     let open2 = tokio::task::spawn_blocking({
-        let path = path.clone();
+        let path = path_b.clone();
         move || child::run(&["store-open".into(), path])
     })
     .await
     .expect("child");
     let engine2 =
-        tokio::task::spawn_blocking(move || child::run(&["engine-open".into(), path, base])).await.expect("child");
+        tokio::task::spawn_blocking(move || child::run(&["engine-open".into(), path_b, base])).await.expect("child");
     row(format!("{large} grants, same store after that recovery"), &open2, &engine2, "");
     sim.shutdown().await;
-    let _ = std::fs::remove_dir_all(&inflight);
+    for d in [&inflight, &inflight_b] {
+        let _ = std::fs::remove_dir_all(d);
+    }
 
-    // History does not matter: the churned store (scenario 5) holds millions of journal records.
+    // History does not matter: the churned store (scenario 5) holds hundreds of thousands of journal
+    // records for 10k grants.
     let churn = opts.dir.join("churn");
     if churn.is_dir() {
-        let p = churn.display().to_string();
+        let p = path_str(&churn);
         let open = child::run(&["store-open".into(), p.clone()]);
         let engine = child::run(&["engine-open".into(), p, NOWHERE.into()]);
-        row("churned store (see footprint: long history, few grants)".into(), &open, &engine, "");
+        let live = std::fs::read_to_string(opts.dir.join("churn.live")).unwrap_or_default();
+        row(
+            format!("churned store: {} grants, {} live journal records", num(&open, "grants"), live.trim()),
+            &open,
+            &engine,
+            "",
+        );
     }
+}
+
+fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// The bytes the store asks sled to keep for one batch, keys and values of every tree it writes:
+/// (the state and its open-index entry, the records with their history and expiry entries).
+fn batch_bytes(b: &WriteBatch) -> (u64, u64) {
+    let g = b.grant.len() as u64;
+    let state = g + b.state.len() as u64 + if b.open { g } else { 0 };
+    // journal: lsn → frame; history: grant ‖ 0 ‖ lsn → ∅; expiry: at ‖ lsn → grant.
+    let records = b.records.iter().map(|(_, f)| 8 + f.len() as u64 + (g + 9) + (16 + g)).sum();
+    (state, records)
+}
+
+/// Logical bytes of a scale-store grant right after its install (state + one `Installed` record).
+fn install_bytes() -> u64 {
+    let machine = Machine::shopify(FingerprintKey::from_bytes([7; 32]));
+    let t = now();
+    let tokens = fake_tokens(123_456, t, UnixMillis(t.0 + 90 * 86_400_000));
+    let b = machine.install(None, scale_key(123_456), tokens, InstallSource::Import, t).transition().write_batch();
+    let (state, records) = batch_bytes(&b.expect("encode"));
+    state + records
+}
+
+/// Logical bytes of one churned grant's state, and of its intent and commit records (with index
+/// entries), measured on one refresh through an in-memory store.
+async fn refresh_bytes() -> (u64, u64, u64) {
+    let store = Store::in_memory();
+    let machine = Machine::shopify(store.fingerprint_key());
+    let t = now();
+    let key = GrantKey::shopify(&crate::util::shop("c1234"));
+    let tokens = fake_tokens(1, UnixMillis(t.0 + 3_600_000), UnixMillis(t.0 + 90 * 86_400_000));
+    let s = machine.install(None, key, tokens, InstallSource::Import, t).make_durable(&store).await.expect("install");
+    let plan = machine.plan_attempt(s.state(), t).expect("plan");
+    let (_, intent) = batch_bytes(&plan.transition().write_batch().expect("encode"));
+    let permit = plan.make_durable(&store).await.expect("intent");
+    let tokens = fake_tokens(2, UnixMillis(t.0 + 3_600_000), UnixMillis(t.0 + 90 * 86_400_000));
+    let pending = machine.on_outcome(permit.state(), &permit, Outcome::Success { tokens, request_id: None }, t, 0);
+    let (state, commit) = batch_bytes(&pending.transition().write_batch().expect("encode"));
+    (state, intent, commit)
 }
 
 /// Scenario 5: bytes and memory per grant; disk under continuous refreshes with retention.
 pub async fn footprint(opts: &Opts) {
     let [small, large] = sizes(opts);
     let stores = [scale_store(&opts.dir, small).await, scale_store(&opts.dir, large).await];
-    settle();
+    settle(opts.quick);
+    let logical = install_bytes();
     let t = Table::new(
         "Footprint per grant (each grant installed once: its state and one journal record)",
         &[
@@ -203,10 +230,11 @@ pub async fn footprint(opts: &Opts) {
             "allocated / grant",
             "target",
             "verdict",
+            "logical bytes / grant (keys + values handed to sled)",
             "RSS: Store::open",
             "RSS: + full scan",
             "RSS: Engine, every token cached",
-            "cached engine RSS / grant",
+            "cache's own RSS / grant (engine with every token cached − store after full scan)",
         ],
     );
     for (n, s) in [small, large].into_iter().zip(&stores) {
@@ -217,7 +245,7 @@ pub async fn footprint(opts: &Opts) {
         let engine = child::run(&["engine-open".into(), path, NOWHERE.into(), format!("touch={n}")]);
         assert_eq!(num(&engine, "touch_errors"), 0, "every token is served");
         let rss = num(&engine, "touched_rss_kb");
-        let base = num(&engine, "start_rss_kb");
+        let base = num(&open, "scanned_rss_kb");
         t.row(&[
             format!("{n}"),
             fmt_bytes(apparent as f64),
@@ -225,6 +253,7 @@ pub async fn footprint(opts: &Opts) {
             fmt_bytes(per),
             "< 1 KiB".into(),
             if per < 1024.0 { "met" } else { "missed" }.into(),
+            format!("{logical} B (disk is {:.1}×)", per / logical as f64),
             mib(num(&open, "opened_rss_kb")),
             mib(num(&open, "scanned_rss_kb")),
             format!("{} (touching all took {})", mib(rss), fmt_dur(ns(&engine, "touch_ns"))),
@@ -256,6 +285,7 @@ pub async fn churn(opts: &Opts) {
             "refreshes",
             "simulated time",
             "live journal records",
+            "logical bytes (keys + values)",
             "disk (apparent)",
             "disk (allocated)",
             "allocated / grant",
@@ -272,6 +302,7 @@ pub async fn churn(opts: &Opts) {
             fake_tokens(i as u64, UnixMillis(t0.0 + hour), UnixMillis(t0.0 + 90 * day)),
         )
     });
+    let (state_bytes, intent_bytes, commit_bytes) = refresh_bytes().await;
     let mut states = install_many(&store, grants, true, make).await;
     let machine = Arc::new(Machine::shopify(store.fingerprint_key()));
     let started = Instant::now();
@@ -316,11 +347,15 @@ pub async fn churn(opts: &Opts) {
         if round % (rounds / samples).max(1) == 0 || round == rounds {
             let (apparent, allocated) = disk_usage(&dir);
             let st = store.stats();
+            let live = st.records_appended - st.compacted;
+            // The install records are `grants` of the live ones at first; the rest alternate intent/commit.
+            let logical = grants as u64 * state_bytes + live * (intent_bytes + commit_bytes) / 2;
             let (t_last, n_last) = last;
             t.row(&[
                 format!("{done}"),
                 format!("{:.1} d", (round * hour) as f64 / day as f64),
-                format!("{}", st.records_appended - st.compacted),
+                format!("{live}"),
+                format!("{} (disk is {:.1}×)", fmt_bytes(logical as f64), allocated as f64 / logical as f64),
                 fmt_bytes(apparent as f64),
                 fmt_bytes(allocated as f64),
                 fmt_bytes(allocated as f64 / grants as f64),
@@ -338,21 +373,32 @@ pub async fn churn(opts: &Opts) {
             break;
         }
     }
+    let live = store.stats().records_appended - store.stats().compacted;
     drop(store);
-    settle();
+    settle(opts.quick);
     // The store stays for the recovery scenario's "long history" row.
-    let _ = Path::new(&dir);
+    std::fs::write(opts.dir.join("churn.live"), format!("{live}")).expect("live count");
+    let t = Table::new(
+        "Opening the churned store (fresh process): the first open replays sled's log written since its last snapshot",
+        &["open", "Store::open", "RSS after open"],
+    );
+    for which in ["first open after the write session", "next open"] {
+        let open = child::run(&["store-open".into(), path_str(&dir)]);
+        t.row(&[which.into(), fmt_dur(ns(&open, "open_ns")), mib(num(&open, "opened_rss_kb"))]);
+    }
 }
 
 /// Scenario 6: the proactive scheduler over the large store when nothing is due.
 pub async fn scheduler(opts: &Opts) {
     let [_, large] = sizes(opts);
     let s = scale_store(&opts.dir, large).await;
-    settle();
+    settle(opts.quick);
     let idle = if opts.quick { 1 } else { 10 };
     let path = s.path.display().to_string();
+    let scan = child::run(&["store-open".into(), path.clone()]);
+    settle(opts.quick);
     let off = child::run(&["engine-open".into(), path.clone(), NOWHERE.into()]);
-    settle();
+    settle(opts.quick);
     let on = child::run(&["engine-open".into(), path, NOWHERE.into(), "proactive".into(), format!("idle={idle}")]);
     let t = Table::new(
         &format!("Proactive scheduler over {large} grants, nothing due (due times staggered over a day, ≥ 6 h away)"),
@@ -364,9 +410,19 @@ pub async fn scheduler(opts: &Opts) {
             "RSS after load",
             "CPU while idle",
             "syncs while idle",
-            "RSS / grant (vs. engine without scheduler)",
+            "scheduler's own RSS / grant (vs. a store after a full scan)",
         ],
     );
+    t.row(&[
+        "(reference) Store::open + one full scan, no engine".into(),
+        fmt_dur(ns(&scan, "open_ns")),
+        format!("scan: {}", fmt_dur(ns(&scan, "scan_ns"))),
+        "—".into(),
+        format!("{} after the scan", mib(num(&scan, "scanned_rss_kb"))),
+        "—".into(),
+        "—".into(),
+        "—".into(),
+    ]);
     t.row(&[
         "proactive = false".into(),
         fmt_dur(ns(&off, "open_ns")),
@@ -393,6 +449,6 @@ pub async fn scheduler(opts: &Opts) {
             idle_wall
         ),
         format!("{}", num(&on, "idle_syncs")),
-        fmt_bytes(loaded.saturating_sub(num(&off, "opened_rss_kb")) as f64 * 1024.0 / large as f64),
+        fmt_bytes(loaded.saturating_sub(num(&scan, "scanned_rss_kb")) as f64 * 1024.0 / large as f64),
     ]);
 }

@@ -109,13 +109,46 @@ pub fn proc_status_kb(field: &str) -> u64 {
 /// CPU time (user + system, every thread) of this process, from `/proc/self/stat` (10 ms ticks:
 /// `USER_HZ` is 100 on Linux).
 pub fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    stat_cpu(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default())
+}
+
+/// utime + stime from a `/proc/.../stat` line (10 ms ticks).
+fn stat_cpu(stat: &str) -> Duration {
     // Fields after the command name (which may contain spaces) start at "state" (field 3).
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     // utime is field 14, stime 15; `f[0]` is field 3.
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// The ids of this process's threads named `name`.
+pub fn threads_named(name: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc/self/task") else { return Vec::new() };
+    let mut out: Vec<u32> = entries
+        .flatten()
+        .filter_map(|e| {
+            let tid = e.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            (comm.trim() == name).then_some(tid)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// CPU time of one thread of this process.
+pub fn thread_cpu(tid: u32) -> Duration {
+    stat_cpu(&std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap_or_default())
+}
+
+/// The committer thread a store opened by `open` started (threads named `tokenwal-commit` that did
+/// not exist before).
+pub fn new_committer<T>(open: impl FnOnce() -> T) -> (T, Option<u32>) {
+    let before = threads_named("tokenwal-commit");
+    let v = open();
+    let tid = threads_named("tokenwal-commit").into_iter().find(|t| !before.contains(t));
+    (v, tid)
 }
 
 /// The 1-, 5- and 15-minute load averages.
