@@ -57,6 +57,7 @@ struct Fixture {
     order: Vec<usize>,
     map: Mutex<HashMap<String, String>>,
     map_exp: Mutex<HashMap<String, (String, u64)>>,
+    unlocked: HashMap<String, String>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -99,19 +100,22 @@ fn fixture(n: usize) -> Arc<Fixture> {
     let map = Mutex::new(shops.iter().enumerate().map(|(i, s)| (s.as_str().to_owned(), token(i))).collect());
     let exp = now.saturating_add(day).0;
     let map_exp = Mutex::new(shops.iter().enumerate().map(|(i, s)| (s.as_str().to_owned(), (token(i), exp))).collect());
-    Arc::new(Fixture { engine, order: order(n), shops, map, map_exp, _rt: rt })
+    let unlocked = shops.iter().enumerate().map(|(i, s)| (s.as_str().to_owned(), token(i))).collect();
+    Arc::new(Fixture { engine, order: order(n), shops, map, map_exp, unlocked, _rt: rt })
 }
 
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The three lookups compared.
+/// The lookups compared. `UnlockedMap` (a read-only map, no lock at all) is not a cache anyone could
+/// use; it shows how far this machine's memory system lets a lookup scale across 2 threads.
 #[derive(Clone, Copy)]
 enum Kind {
     Engine,
     MutexMap,
     MutexMapWithExpiry,
+    UnlockedMap,
 }
 
 impl Kind {
@@ -120,6 +124,7 @@ impl Kind {
             Kind::Engine => "engine_access_token",
             Kind::MutexMap => "mutex_hashmap",
             Kind::MutexMapWithExpiry => "mutex_hashmap_with_expiry_check",
+            Kind::UnlockedMap => "unlocked_readonly_hashmap",
         }
     }
 }
@@ -130,6 +135,7 @@ fn call(f: &Fixture, kind: Kind, i: usize) -> usize {
     match kind {
         Kind::Engine => ready(f.engine.access_token(black_box(s))).unwrap().expose_secret().len(),
         Kind::MutexMap => f.map.lock().unwrap().get(black_box(s.as_str())).cloned().unwrap().len(),
+        Kind::UnlockedMap => f.unlocked.get(black_box(s.as_str())).cloned().unwrap().len(),
         Kind::MutexMapWithExpiry => {
             let now = unix_ms();
             let g = f.map_exp.lock().unwrap();
@@ -145,7 +151,7 @@ fn hot_path(c: &mut Criterion) {
     let f = fixture(n);
     let mut group = c.benchmark_group(format!("hot_path_{n}_shops"));
     group.warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
-    let kinds = [Kind::Engine, Kind::MutexMap, Kind::MutexMapWithExpiry];
+    let kinds = [Kind::Engine, Kind::MutexMap, Kind::MutexMapWithExpiry, Kind::UnlockedMap];
     group.throughput(Throughput::Elements(1));
     for kind in kinds {
         let mut i = 0usize;

@@ -54,15 +54,16 @@ pub fn main(args: &[String]) {
     match what {
         "store-open" => store_open(Path::new(&args[1])),
         "engine-open" => engine_open(Path::new(&args[1]), &args[2], &args[3..]),
-        "crash-intents" => crash_intents(Path::new(&args[1]), Path::new(&args[2])),
+        "crash-intents" => crash_intents(Path::new(&args[1]), Path::new(&args[2]), args.get(3).is_some()),
         other => panic!("unknown child command {other:?}"),
     }
 }
 
 /// Re-installs the grants listed in `tokens` (`i, access, refresh, refresh expires in (s), scope`,
 /// tab-separated) with those tokens, makes an intent durable for each without sending anything, and
-/// aborts the process: a crash right after the intents.
-fn crash_intents(path: &Path, tokens: &Path) {
+/// aborts the process: a crash right after the intents. With `install_only`, no intents: a crash of
+/// a process that had been writing, with nothing in flight.
+fn crash_intents(path: &Path, tokens: &Path, install_only: bool) {
     let text = std::fs::read_to_string(tokens).expect("tokens file");
     let grants: Vec<(usize, TokenSet)> = text
         .lines()
@@ -97,6 +98,9 @@ fn crash_intents(path: &Path, tokens: &Path) {
                         .make_durable(&store)
                         .await
                         .expect("install");
+                    if install_only {
+                        continue;
+                    }
                     let plan = machine.plan_attempt(installed.state(), now()).expect("plan");
                     // The intent is durable; the request is never sent: the process dies here.
                     let _permit = plan.make_durable(&store).await.expect("intent");

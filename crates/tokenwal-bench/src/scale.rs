@@ -70,9 +70,9 @@ pub async fn recovery(opts: &Opts) {
         t.row(&[
             label,
             format!("{}", num(open, "open_attempts")),
-            fmt_dur(ns(open, "open_ns")),
+            if open.contains_key("open_ns") { fmt_dur(ns(open, "open_ns")) } else { "—".into() },
             fmt_dur(e),
-            mib(num(open, "opened_rss_kb")),
+            if open.contains_key("opened_rss_kb") { mib(num(open, "opened_rss_kb")) } else { "—".into() },
             mib(num(engine, "opened_rss_kb")),
             format!(
                 "{} interrupted, {} resolved, {} still ambiguous, {} needs-reauth; {} syncs",
@@ -122,6 +122,23 @@ pub async fn recovery(opts: &Opts) {
         })
         .collect();
     std::fs::write(&tokens_file, lines.join("\n")).expect("tokens file");
+    // First, the same writes without intents: a crash with nothing in flight.
+    let crashed = opts.dir.join(format!("grants-{large}-crashed"));
+    let _ = std::fs::remove_dir_all(&crashed);
+    copy_dir(&large_store.path, &crashed).expect("copy the store");
+    let args = ["crash-intents".into(), path_str(&crashed), path_str(&tokens_file), "install-only".into()];
+    let crash = child::run_crashing(&args);
+    eprintln!("  {} grants re-installed, then the writer aborted", num(&crash, "written"));
+    let engine = child::run(&["engine-open".into(), path_str(&crashed), NOWHERE.into()]);
+    let open = HashMap::from([("open_attempts".to_owned(), "0".to_owned())]);
+    row(
+        format!("{large} grants, first open after a crash ({k} installs written by the crashed process)"),
+        &open,
+        &engine,
+        "< 2 s (0 open intents)",
+    );
+    let _ = std::fs::remove_dir_all(&crashed);
+
     let crash = child::run_crashing(&["crash-intents".into(), path_str(&inflight), path_str(&tokens_file)]);
     eprintln!("  {} intents left open, then the writer aborted", num(&crash, "written"));
     copy_dir(&inflight, &inflight_b).expect("copy the crash image");
