@@ -149,8 +149,6 @@ async fn child_main() {
         c.policy = RetryPolicy::single_use();
     }
     c.proactive = false;
-    // Longer than the simulator's access lifetime: every round refreshes.
-    c.refresh_margin = Duration::from_secs(2 * 3600);
     c.max_wait = Duration::from_secs(5);
     c.timeouts.connect = Duration::from_secs(2);
     c.timeouts.total = Duration::from_millis(timeout_ms);
@@ -172,7 +170,14 @@ async fn child_main() {
         store.inject_fault(point, nth);
     }
     let ask = |engine: Engine, round: usize, name: String| async move {
-        match engine.access_token(&shop(&name)).await {
+        // Every round forces a refresh through the app's 401 path: the current token is reported as
+        // rejected, so tokenwal refreshes once (or returns a newer token someone else got).
+        let current = engine.state(&grant(&name)).ok().flatten().and_then(|s| s.tokens).map(|t| t.access_token);
+        let answer = match current {
+            Some(c) => engine.on_unauthorized(&shop(&name), &c).await,
+            None => engine.access_token(&shop(&name)).await,
+        };
+        match answer {
             Ok(t) => report(format_args!("ok {round} {name} {}", t.expose_secret())),
             Err(e) => report(format_args!("err {round} {name} {}", error_kind(&e))),
         }

@@ -234,7 +234,7 @@ pub fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
             }
         }
         if let (Phase::Healthy, Some(t)) = (&s.phase, &s.tokens) {
-            let due = machine.due_at(t);
+            let due = machine.due_at(t, s.updated_at);
             if due <= now {
                 overdue += 1;
             }

@@ -393,11 +393,19 @@ impl Machine {
         GrantState { version: s.version + 1, updated_at: now, ..s.clone() }
     }
 
-    /// When a healthy grant's refresh becomes due.
-    pub fn due_at(&self, tokens: &TokenSet) -> UnixMillis {
-        let access = tokens.access_expires_at.saturating_sub(self.refresh_margin);
+    /// When a healthy grant's refresh becomes due: `refresh_margin` before the access token expires
+    /// and `refresh_token_margin` before the refresh token does, but never before half of either
+    /// token's remaining life since `obtained_at` (when the set was stored: the state's `updated_at`).
+    /// Without that floor, a margin as long as the server's lifetimes (a 5-minute margin on
+    /// 5-minute tokens, a 7-day margin on a 120-second refresh token) would refresh in a tight loop.
+    pub fn due_at(&self, tokens: &TokenSet, obtained_at: UnixMillis) -> UnixMillis {
+        let due = |expires: UnixMillis, margin: Duration| {
+            let half_life = obtained_at.saturating_add(expires.since(obtained_at) / 2);
+            expires.saturating_sub(margin).max(half_life)
+        };
+        let access = due(tokens.access_expires_at, self.refresh_margin);
         match tokens.refresh_expires_at {
-            Some(r) => access.min(r.saturating_sub(self.refresh_token_margin)),
+            Some(r) => access.min(due(r, self.refresh_token_margin)),
             None => access,
         }
     }
@@ -423,7 +431,7 @@ impl Machine {
             },
             Phase::Healthy => {
                 let Some(tokens) = &s.tokens else { return Step::Dormant };
-                let due = self.due_at(tokens);
+                let due = self.due_at(tokens, s.updated_at);
                 if now < due {
                     return Step::Idle { due: Some(due) };
                 }
@@ -807,5 +815,42 @@ impl Machine {
             records,
             events: vec![Event::Uninstalled { grant }],
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::{AccessToken, RefreshToken};
+
+    fn set(access_s: u64, refresh_s: Option<u64>, at: UnixMillis) -> TokenSet {
+        TokenSet {
+            access_token: AccessToken::new("a"),
+            access_expires_at: at.saturating_add(Duration::from_secs(access_s)),
+            refresh_token: RefreshToken::new("r"),
+            refresh_expires_at: refresh_s.map(|r| at.saturating_add(Duration::from_secs(r))),
+            scope: None,
+        }
+    }
+
+    #[test]
+    fn due_time_is_the_margin_before_expiry() {
+        let m = Machine::shopify(FingerprintKey::from_bytes([1; 32]));
+        let t0 = UnixMillis(1_000_000);
+        // Shopify: 60 min access, 90 d refresh: due 5 minutes before the access token expires.
+        assert_eq!(m.due_at(&set(3600, Some(7_776_000), t0), t0), t0.saturating_add(Duration::from_secs(3300)));
+    }
+
+    #[test]
+    fn margins_longer_than_lifetimes_never_make_a_tight_loop() {
+        let m = Machine::shopify(FingerprintKey::from_bytes([1; 32]));
+        let t0 = UnixMillis(1_000_000);
+        // 5-minute tokens with the 5-minute margin: due at half-life, not at once.
+        assert_eq!(m.due_at(&set(300, None, t0), t0), t0.saturating_add(Duration::from_secs(150)));
+        // A 120-second refresh token against the 7-day margin: due at 60 s.
+        assert_eq!(m.due_at(&set(3600, Some(120), t0), t0), t0.saturating_add(Duration::from_secs(60)));
+        // Already expired when stored: due at once.
+        let expired = TokenSet { access_expires_at: UnixMillis(500), ..set(3600, None, t0) };
+        assert_eq!(m.due_at(&expired, t0), t0);
     }
 }

@@ -18,6 +18,8 @@ pub(crate) struct Cached {
     pub(crate) token: AccessToken,
     /// Serve without a refresh until then (expiry minus the refresh margin).
     pub(crate) refresh_at: UnixMillis,
+    /// The token is usable until then.
+    pub(crate) expires_at: UnixMillis,
     /// The generation it came from: an older generation never replaces a newer one.
     pub(crate) generation: Generation,
 }
@@ -33,11 +35,22 @@ pub(crate) struct Slot {
 impl Slot {
     /// Caches `tokens` of `generation` unless a newer generation is cached already.
     pub(crate) fn offer(&self, tokens: &TokenSet, generation: Generation, refresh_at: UnixMillis) {
-        let new = Arc::new(Cached { token: tokens.access_token.clone(), refresh_at, generation });
+        let new = Arc::new(Cached {
+            token: tokens.access_token.clone(),
+            refresh_at,
+            expires_at: tokens.access_expires_at,
+            generation,
+        });
         self.cached.rcu(|cur| match cur {
             Some(c) if c.generation > generation => Some(Arc::clone(c)),
             _ => Some(Arc::clone(&new)),
         });
+    }
+
+    /// The cached token if it has not expired (it may be inside the refresh margin).
+    pub(crate) fn still_valid(&self, now: UnixMillis) -> Option<AccessToken> {
+        let guard = self.cached.load();
+        guard.as_ref().filter(|c| now < c.expires_at).map(|c| c.token.clone())
     }
 
     pub(crate) fn clear(&self) {

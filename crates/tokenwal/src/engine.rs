@@ -374,7 +374,7 @@ impl Inner {
     fn refresh_cache(&self, slot: &Slot, s: &GrantState) {
         match (&s.phase, &s.tokens) {
             (Phase::Healthy | Phase::Ambiguous(_) | Phase::Refreshing { .. }, Some(t)) => {
-                slot.offer(t, s.generation, self.machine.due_at(t).min(t.access_expires_at))
+                slot.offer(t, s.generation, self.machine.due_at(t, s.updated_at).min(t.access_expires_at))
             }
             (Phase::NeedsReauth { .. }, Some(t)) => {
                 // The last access token stays valid until its own expiry (Shopify); serve it, never refresh.
@@ -464,7 +464,9 @@ impl Inner {
             first = false;
             match step {
                 Step::Attempt => {
-                    if self.paused(now).is_some() {
+                    if let Some(until) = self.paused(now) {
+                        // Fleet-wide pause after invalid_client: look again when it ends.
+                        self.scheduler.notify_at(&state.grant, until);
                         return;
                     }
                     match self.attempt(&state, recovery).await {
@@ -493,7 +495,19 @@ impl Inner {
     /// The slow path of `access_token` / `on_unauthorized`.
     async fn slow_token(&self, grant: &GrantKey, rejected: Option<&AccessToken>) -> Result<AccessToken, Error> {
         let slot = self.slots.get_or_create(grant.account());
-        let _flight = slot.flight.lock().await;
+        let _flight = match slot.flight.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => {
+                // Someone is refreshing this grant. A token that is still valid (merely inside the
+                // refresh margin) is served at once rather than queueing behind that refresh.
+                if rejected.is_none() {
+                    if let Some(t) = slot.still_valid(now()) {
+                        return Ok(t);
+                    }
+                }
+                slot.flight.lock().await
+            }
+        };
         let deadline = now().saturating_add(self.max_wait);
         let mut force = rejected.is_some();
         for _ in 0..64 {
@@ -509,7 +523,10 @@ impl Inner {
             }
             let state = self.store.get(grant)?.ok_or_else(|| Error::NotInstalled { grant: grant.clone() })?;
             let tokens = state.tokens.as_ref();
-            let still_valid = tokens.filter(|t| now < t.access_expires_at).map(|t| t.access_token.clone());
+            // A token the caller just saw rejected is never "still valid", whatever its expiry says.
+            let still_valid = tokens
+                .filter(|t| now < t.access_expires_at && Some(&t.access_token) != rejected)
+                .map(|t| t.access_token.clone());
             if let (true, Some(rej), Some(t)) = (force, rejected, tokens) {
                 if t.access_token != *rej {
                     // Someone already replaced the rejected token.

@@ -48,6 +48,11 @@ impl SchedulerHandle {
         }
     }
 
+    /// Look at `grant` again at `at` (e.g. when a fleet-wide pause ends).
+    pub(crate) fn notify_at(&self, grant: &GrantKey, at: UnixMillis) {
+        let _ = self.tx.send((grant.clone(), at));
+    }
+
     pub(crate) async fn wait_stopped(&self) {
         let mut rx = self.stopped.subscribe();
         let _ = rx.wait_for(|stopped| *stopped).await;

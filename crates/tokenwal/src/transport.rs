@@ -55,9 +55,15 @@ impl Transport {
             .timeout(timeouts.total)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("tokenwal/", env!("CARGO_PKG_VERSION")))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| TransportBuildError(e.without_url().to_string()))?;
+            .pool_idle_timeout(Duration::from_secs(60));
+        // A loopback endpoint (a test server) is never reached through an HTTP(S)_PROXY from the
+        // environment; production endpoints honour the usual proxy variables.
+        let client = match &endpoint {
+            Endpoint::ShopifyTestServer { .. } => client.no_proxy(),
+            Endpoint::OAuth2 { token_url, .. } if crate::config::is_loopback(token_url) => client.no_proxy(),
+            _ => client,
+        };
+        let client = client.build().map_err(|e| TransportBuildError(e.without_url().to_string()))?;
         let rules = endpoint.response_rules();
         Ok(Transport { client, endpoint, client_id, client_secret, rules })
     }

@@ -364,3 +364,35 @@ async fn the_scheduler_keeps_shops_fresh_without_callers() {
     }
     engine.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_valid_token_is_served_while_a_slow_refresh_is_in_flight() {
+    let sim = sim().await;
+    let name = "patient";
+    let mut tokens = seed(&sim, name);
+    // Valid for 4 s: due at half its remaining life (the refresh margin is longer than that).
+    tokens.access_expires_at = now().saturating_add(Duration::from_secs(4));
+    sim.push_faults(&shop(name).to_string(), [Fault::Slow { delay_ms: 1500 }]).unwrap();
+    let (engine, _) = Engine::open(config(&sim.base_url(), StoreLocation::InMemory, SECRET)).await.unwrap();
+    engine.install(&shop(name), tokens.clone()).await.unwrap();
+    assert_eq!(engine.access_token(&shop(name)).await.unwrap(), tokens.access_token, "not due yet: no refresh");
+    assert_eq!(sim.counters().shop(&shop(name).to_string()).token_requests, 0);
+    tokio::time::sleep(Duration::from_millis(2100)).await; // now due, still valid for ~1.9 s
+    let refreshing = {
+        let e = engine.clone();
+        tokio::spawn(async move { e.access_token(&shop(name)).await.unwrap() })
+    };
+    // Wait until the refresh is on the wire (its intent is durable).
+    for _ in 0..100 {
+        if engine.state(&GrantKey::shopify(&shop(name))).unwrap().unwrap().phase != Phase::Healthy {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(matches!(engine.state(&GrantKey::shopify(&shop(name))).unwrap().unwrap().phase, Phase::Refreshing { .. }));
+    let meanwhile = engine.access_token(&shop(name)).await.unwrap();
+    assert_eq!(meanwhile, tokens.access_token, "the still-valid token is served, not queued behind the refresh");
+    let refreshed = refreshing.await.unwrap();
+    assert_ne!(refreshed, tokens.access_token);
+    assert!(accepted(&sim, name, &refreshed));
+}
