@@ -169,6 +169,8 @@ pub async fn recovery(opts: &Opts) {
         tokio::task::spawn_blocking(move || child::run(&["engine-open".into(), path_b, base])).await.expect("child");
     row(format!("{large} grants, same store after that recovery"), &open2, &engine2, "");
     sim.shutdown().await;
+    settle(opts.quick);
+    transitions_one_by_one_vs_together(&inflight).await;
     for d in [&inflight, &inflight_b] {
         let _ = std::fs::remove_dir_all(d);
     }
@@ -188,6 +190,56 @@ pub async fn recovery(opts: &Opts) {
             "",
         );
     }
+}
+
+/// Recovery's first step writes one transition per interrupted intent (`Refreshing` → `Ambiguous`).
+/// On the untouched crash image: half of them one after another (each waits for its own sync, as
+/// `Engine::open` does today), the other half all at once (group commit), to show what that step
+/// costs and what sharing syncs would save. Store-level only: no engine, no network.
+async fn transitions_one_by_one_vs_together(path: &Path) {
+    let (store, _) = Store::open(path, StoreConfig::default()).expect("open the crash image");
+    let machine = Arc::new(Machine::shopify(store.fingerprint_key()));
+    let open = store.open_grants().expect("open grants");
+    let half = open.len() / 2;
+    let (seq, conc) = open.split_at(half);
+    let t = Table::new(
+        "Recovery's Refreshing → Ambiguous transitions on the 1% crash image: one by one vs together (store only)",
+        &["mode", "transitions", "wall", "per transition", "syncs"],
+    );
+    let s0 = store.stats();
+    let started = Instant::now();
+    for s in seq {
+        let tr = machine.recover_interrupted(s, now(), 0).expect("an interrupted intent");
+        tokenwal::core::Pending::from_transition(tr).make_durable(&store).await.expect("transition");
+    }
+    let wall = started.elapsed();
+    let s1 = store.stats();
+    t.row(&[
+        "one by one (as `Engine::open` does)".into(),
+        format!("{}", seq.len()),
+        fmt_dur(wall),
+        fmt_dur(wall / seq.len().max(1) as u32),
+        format!("{}", s1.syncs - s0.syncs),
+    ]);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for s in conc.iter().cloned() {
+        let (store, machine) = (store.clone(), Arc::clone(&machine));
+        tasks.spawn(async move {
+            let tr = machine.recover_interrupted(&s, now(), 0).expect("an interrupted intent");
+            tokenwal::core::Pending::from_transition(tr).make_durable(&store).await.expect("transition");
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let wall = started.elapsed();
+    let s2 = store.stats();
+    t.row(&[
+        "all at once (group commit)".into(),
+        format!("{}", conc.len()),
+        fmt_dur(wall),
+        fmt_dur(wall / conc.len().max(1) as u32),
+        format!("{}", s2.syncs - s1.syncs),
+    ]);
 }
 
 fn path_str(p: &Path) -> String {
