@@ -199,16 +199,15 @@ pub async fn recovery(opts: &Opts) {
 async fn transitions_one_by_one_vs_together(path: &Path) {
     let (store, _) = Store::open(path, StoreConfig::default()).expect("open the crash image");
     let machine = Arc::new(Machine::shopify(store.fingerprint_key()));
-    let open = store.open_grants().expect("open grants");
-    let half = open.len() / 2;
-    let (seq, conc) = open.split_at(half);
+    let mut seq = store.open_grants().expect("open grants");
+    let conc = seq.split_off(seq.len() / 2);
     let t = Table::new(
         "Recovery's Refreshing → Ambiguous transitions on the 1% crash image: one by one vs together (store only)",
         &["mode", "transitions", "wall", "per transition", "syncs"],
     );
     let s0 = store.stats();
     let started = Instant::now();
-    for s in seq {
+    for s in &seq {
         let tr = machine.recover_interrupted(s, now(), 0).expect("an interrupted intent");
         tokenwal::core::Pending::from_transition(tr).make_durable(&store).await.expect("transition");
     }
@@ -223,7 +222,8 @@ async fn transitions_one_by_one_vs_together(path: &Path) {
     ]);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for s in conc.iter().cloned() {
+    let n_conc = conc.len();
+    for s in conc {
         let (store, machine) = (store.clone(), Arc::clone(&machine));
         tasks.spawn(async move {
             let tr = machine.recover_interrupted(&s, now(), 0).expect("an interrupted intent");
@@ -235,9 +235,9 @@ async fn transitions_one_by_one_vs_together(path: &Path) {
     let s2 = store.stats();
     t.row(&[
         "all at once (group commit)".into(),
-        format!("{}", conc.len()),
+        format!("{n_conc}"),
         fmt_dur(wall),
-        fmt_dur(wall / conc.len().max(1) as u32),
+        fmt_dur(wall / n_conc.max(1) as u32),
         format!("{}", s2.syncs - s1.syncs),
     ]);
 }
