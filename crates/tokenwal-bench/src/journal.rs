@@ -13,7 +13,8 @@
 //! as the stores.
 
 use crate::util::{
-    cpu_time, fake_tokens, fmt_dur, new_committer, now, percentile, shop, thread_cpu, threads_named, Table,
+    fake_tokens, fmt_dur, new_committer, now, open_fds, percentile, shop, thread_cpu, threads_named, try_cpu_time,
+    Table,
 };
 use crate::Opts;
 use std::fs::OpenOptions;
@@ -26,7 +27,6 @@ use tokenwal::{Config, Engine, StoreLocation};
 use tokenwal_sim::{serve, SimConfig, SimHandle};
 
 /// One side's totals over its rounds at one concurrency.
-#[derive(Default)]
 struct Side {
     refreshes: u64,
     wall: Duration,
@@ -36,27 +36,57 @@ struct Side {
     batches: u64,
     write_time: Duration,
     sync_time: Duration,
-    cpu: Duration,
-    committer_cpu: Duration,
+    /// `None` once any reading of `/proc` failed.
+    cpu: Option<Duration>,
+    committer_cpu: Option<Duration>,
+    max_fds: usize,
 }
 
-/// What a round measures besides its own timings: process CPU and the committer thread's CPU.
+impl Default for Side {
+    fn default() -> Side {
+        Side {
+            refreshes: 0,
+            wall: Duration::ZERO,
+            latencies: Vec::new(),
+            errors: 0,
+            syncs: 0,
+            batches: 0,
+            write_time: Duration::ZERO,
+            sync_time: Duration::ZERO,
+            cpu: Some(Duration::ZERO),
+            committer_cpu: Some(Duration::ZERO),
+            max_fds: 0,
+        }
+    }
+}
+
+/// What a round measures besides its own timings: process CPU, the committer thread's CPU, open
+/// file descriptors.
 struct Probe {
-    cpu: Duration,
-    committer: Duration,
+    cpu: Option<Duration>,
+    committer: Option<Duration>,
     stats: StoreStats,
+    fds: usize,
 }
 
 impl Probe {
     fn take(store: &Store, tid: Option<u32>) -> Probe {
-        Probe { cpu: cpu_time(), committer: tid.map(thread_cpu).unwrap_or_default(), stats: store.stats() }
+        Probe { cpu: try_cpu_time(), committer: tid.and_then(thread_cpu), stats: store.stats(), fds: open_fds() }
     }
+}
+
+fn add_delta(total: &mut Option<Duration>, before: Option<Duration>, after: Option<Duration>) {
+    *total = match (*total, before, after) {
+        (Some(t), Some(b), Some(a)) => Some(t + a.saturating_sub(b)),
+        _ => None,
+    };
 }
 
 impl Side {
     fn add(&mut self, n: usize, wall: Duration, lat: Vec<Duration>, errors: u64, before: Probe, after: Probe) {
-        self.cpu += after.cpu - before.cpu;
-        self.committer_cpu += after.committer - before.committer;
+        add_delta(&mut self.cpu, before.cpu, after.cpu);
+        add_delta(&mut self.committer_cpu, before.committer, after.committer);
+        self.max_fds = self.max_fds.max(before.fds).max(after.fds);
         let (before, after) = (before.stats, after.stats);
         self.refreshes += n as u64;
         self.wall += wall;
@@ -86,14 +116,15 @@ impl Side {
             format!("{:.2}", self.batches as f64 / self.refreshes.max(1) as f64),
             per(self.write_time),
             per(self.sync_time),
-            per(self.committer_cpu),
-            per(self.cpu),
+            self.committer_cpu.map_or("n/a".into(), per),
+            self.cpu.map_or("n/a".into(), per),
+            format!("{}", self.max_fds),
             format!("{}", self.errors),
         ]);
     }
 }
 
-const COLUMNS: [&str; 13] = [
+const COLUMNS: [&str; 14] = [
     "concurrent shops",
     "store",
     "refreshes",
@@ -106,6 +137,7 @@ const COLUMNS: [&str; 13] = [
     "committer sync time/refresh",
     "committer CPU/refresh",
     "process CPU/refresh",
+    "open fds (max)",
     "errors",
 ];
 
@@ -277,20 +309,23 @@ async fn engine_path(opts: &Opts, dir: &std::path::Path, summary: &mut Summary) 
     let sim_config = SimConfig { access_ttl: "86400s".parse().expect("duration"), ..SimConfig::default() };
     let sim = serve(sim_config, "127.0.0.1:0".parse().expect("addr")).await.expect("simulator");
     let base = sim.base_url();
-    let before = threads_named("tokenwal-commit");
-    let (sled_engine, _) =
-        Engine::open(engine_config(&base, StoreLocation::Path(dir.join("engine")))).await.expect("engine (sled)");
-    let sled_tid = threads_named("tokenwal-commit").into_iter().find(|t| !before.contains(t));
-    let before = threads_named("tokenwal-commit");
-    let (mem_engine, _) = Engine::open(engine_config(&base, StoreLocation::InMemory)).await.expect("engine (memory)");
-    let mem_tid = threads_named("tokenwal-commit").into_iter().find(|t| !before.contains(t));
-    // Warm-up: connections, allocator, page cache.
-    let mut warm = Side::default();
-    engine_round(&sled_engine, sled_tid, &sim, "warms", 64, &mut warm).await;
-    engine_round(&mem_engine, mem_tid, &sim, "warmm", 64, &mut warm).await;
-
     let table = Table::new("Engine refreshes against the simulator (loopback HTTP), sled vs in-memory store", &COLUMNS);
     for n in concurrencies(opts) {
+        // Fresh engines for each concurrency: the HTTP connections pooled at one level (thousands at
+        // 4096) do not pile up into the next.
+        let before = threads_named("tokenwal-commit");
+        let path = StoreLocation::Path(dir.join(format!("engine-{n}")));
+        let (sled_engine, _) = Engine::open(engine_config(&base, path)).await.expect("engine (sled)");
+        let sled_tid = threads_named("tokenwal-commit").into_iter().find(|t| !before.contains(t));
+        let before = threads_named("tokenwal-commit");
+        let (mem_engine, _) =
+            Engine::open(engine_config(&base, StoreLocation::InMemory)).await.expect("engine (memory)");
+        let mem_tid = threads_named("tokenwal-commit").into_iter().find(|t| !before.contains(t));
+        // Warm-up: connections, allocator, page cache.
+        let mut warm = Side::default();
+        let w = n.min(64);
+        engine_round(&sled_engine, sled_tid, &sim, &format!("ws{n}"), w, &mut warm).await;
+        engine_round(&mem_engine, mem_tid, &sim, &format!("wm{n}"), w, &mut warm).await;
         let (mut sled, mut mem) = (Side::default(), Side::default());
         for r in 0..rounds(opts, n) {
             // Alternate which side goes first, so drift in the machine's load hits both alike.
@@ -306,8 +341,12 @@ async fn engine_path(opts: &Opts, dir: &std::path::Path, summary: &mut Summary) 
         sled.row(&table, n, "sled");
         mem.row(&table, n, "memory");
         summary.push((n, "engine", sled, mem));
+        sled_engine.shutdown().await;
+        mem_engine.shutdown().await;
+        drop((sled_engine, mem_engine));
+        // Let the dropped engines' connections close before the next level.
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    drop((sled_engine, mem_engine));
     sim.shutdown().await;
 }
 

@@ -109,7 +109,17 @@ pub fn proc_status_kb(field: &str) -> u64 {
 /// CPU time (user + system, every thread) of this process, from `/proc/self/stat` (10 ms ticks:
 /// `USER_HZ` is 100 on Linux).
 pub fn cpu_time() -> Duration {
-    stat_cpu(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default())
+    try_cpu_time().unwrap_or_default()
+}
+
+/// [`cpu_time`], or `None` (with the reason on stderr) if `/proc` cannot be read, e.g. when the
+/// process is out of file descriptors.
+pub fn try_cpu_time() -> Option<Duration> {
+    read_proc("/proc/self/stat").map(|s| stat_cpu(&s))
+}
+
+fn read_proc(path: &str) -> Option<String> {
+    std::fs::read_to_string(path).map_err(|e| eprintln!("cannot read {path}: {e}")).ok()
 }
 
 /// utime + stime from a `/proc/.../stat` line (10 ms ticks).
@@ -138,8 +148,13 @@ pub fn threads_named(name: &str) -> Vec<u32> {
 }
 
 /// CPU time of one thread of this process.
-pub fn thread_cpu(tid: u32) -> Duration {
-    stat_cpu(&std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap_or_default())
+pub fn thread_cpu(tid: u32) -> Option<Duration> {
+    read_proc(&format!("/proc/self/task/{tid}/stat")).map(|s| stat_cpu(&s))
+}
+
+/// Open file descriptors of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
 }
 
 /// The committer thread a store opened by `open` started (threads named `tokenwal-commit` that did
