@@ -169,11 +169,6 @@ pub async fn recovery(opts: &Opts) {
         tokio::task::spawn_blocking(move || child::run(&["engine-open".into(), path_b, base])).await.expect("child");
     row(format!("{large} grants, same store after that recovery"), &open2, &engine2, "");
     sim.shutdown().await;
-    settle(opts.quick);
-    transitions_one_by_one_vs_together(&inflight).await;
-    for d in [&inflight, &inflight_b] {
-        let _ = std::fs::remove_dir_all(d);
-    }
 
     // History does not matter: the churned store (scenario 5) holds hundreds of thousands of journal
     // records for 10k grants.
@@ -189,6 +184,12 @@ pub async fn recovery(opts: &Opts) {
             &engine,
             "",
         );
+    }
+
+    settle(opts.quick);
+    transitions_one_by_one_vs_together(&inflight).await;
+    for d in [&inflight, &inflight_b] {
+        let _ = std::fs::remove_dir_all(d);
     }
 }
 
