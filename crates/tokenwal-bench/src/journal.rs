@@ -13,8 +13,8 @@
 //! as the stores.
 
 use crate::util::{
-    fake_tokens, fmt_dur, new_committer, now, open_fds, percentile, shop, thread_cpu, threads_named, try_cpu_time,
-    Table,
+    committer_since, fake_tokens, fmt_dur, new_committer, now, open_fds, percentile, shop, thread_cpu, threads_named,
+    try_cpu_time, Table,
 };
 use crate::Opts;
 use std::fs::OpenOptions;
@@ -316,11 +316,11 @@ async fn engine_path(opts: &Opts, dir: &std::path::Path, summary: &mut Summary) 
         let before = threads_named("tokenwal-commit");
         let path = StoreLocation::Path(dir.join(format!("engine-{n}")));
         let (sled_engine, _) = Engine::open(engine_config(&base, path)).await.expect("engine (sled)");
-        let sled_tid = threads_named("tokenwal-commit").into_iter().find(|t| !before.contains(t));
+        let sled_tid = committer_since(&before);
         let before = threads_named("tokenwal-commit");
         let (mem_engine, _) =
             Engine::open(engine_config(&base, StoreLocation::InMemory)).await.expect("engine (memory)");
-        let mem_tid = threads_named("tokenwal-commit").into_iter().find(|t| !before.contains(t));
+        let mem_tid = committer_since(&before);
         // Warm-up: connections, allocator, page cache.
         let mut warm = Side::default();
         let w = n.min(64);

@@ -162,8 +162,19 @@ pub fn open_fds() -> usize {
 pub fn new_committer<T>(open: impl FnOnce() -> T) -> (T, Option<u32>) {
     let before = threads_named("tokenwal-commit");
     let v = open();
-    let tid = threads_named("tokenwal-commit").into_iter().find(|t| !before.contains(t));
-    (v, tid)
+    (v, committer_since(&before))
+}
+
+/// A thread named `tokenwal-commit` that is not in `before`. A new thread names itself after it
+/// starts, so this looks again for up to a second.
+pub fn committer_since(before: &[u32]) -> Option<u32> {
+    for _ in 0..100 {
+        if let Some(t) = threads_named("tokenwal-commit").into_iter().find(|t| !before.contains(t)) {
+            return Some(t);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
 }
 
 /// The 1-, 5- and 15-minute load averages.
