@@ -2,14 +2,14 @@
 //! state): the bench binary re-runs itself as `tokenwal-bench child <what> ...` and reads
 //! `key=value` lines from its stdout.
 
-use crate::util::{cpu_time, now, parse_kv, proc_status_kb, scale_key, scale_shop};
+use crate::util::{cpu_time, fake_tokens, now, parse_kv, proc_status_kb, scale_key, scale_shop};
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokenwal::core::ClientSecret;
-use tokenwal::core::{AccessToken, InstallSource, Machine, RefreshToken, TokenSet};
+use tokenwal::core::{AccessToken, InstallSource, Machine, Outcome, RefreshToken, TokenSet, UnixMillis};
 use tokenwal::store::{Store, StoreConfig};
 use tokenwal::{Config, Engine, StoreLocation};
 
@@ -55,6 +55,7 @@ pub fn main(args: &[String]) {
         "store-open" => store_open(Path::new(&args[1])),
         "engine-open" => engine_open(Path::new(&args[1]), &args[2], &args[3..]),
         "crash-intents" => crash_intents(Path::new(&args[1]), Path::new(&args[2]), args.get(3).is_some()),
+        "crash-refresh" => crash_refresh(Path::new(&args[1]), args[2].parse().expect("count")),
         other => panic!("unknown child command {other:?}"),
     }
 }
@@ -110,6 +111,45 @@ fn crash_intents(path: &Path, tokens: &Path, install_only: bool) {
         while tasks.join_next().await.is_some() {}
         emit("written", grants.len());
         emit("open_attempts", store.open_grants().expect("open grants").len());
+    });
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    std::process::abort();
+}
+
+/// Refreshes grants `g0..g{count}` of a scale store once each (intent durable, then a success's commit
+/// durable, 256 writers), then aborts with nothing in flight: a crash after a long write session.
+fn crash_refresh(path: &Path, count: usize) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let (store, _) = Store::open(path, StoreConfig::default()).expect("open");
+        let machine = Arc::new(Machine::shopify(store.fingerprint_key()));
+        let started = Instant::now();
+        let writers = 256.min(count.max(1));
+        let mut tasks = tokio::task::JoinSet::new();
+        for w in 0..writers {
+            let (store, machine) = (store.clone(), Arc::clone(&machine));
+            tasks.spawn(async move {
+                for i in (w..count).step_by(writers) {
+                    let s = store.get(&scale_key(i)).expect("read").expect("grant exists");
+                    let t = now();
+                    let permit = machine.plan_attempt(&s, t).expect("plan").make_durable(&store).await.expect("intent");
+                    let old = s.tokens.as_ref().expect("tokens");
+                    let tokens =
+                        fake_tokens(i as u64 + (1 << 40), old.access_expires_at, UnixMillis(t.0 + 90 * 86_400_000));
+                    let outcome = Outcome::Success { tokens, request_id: None };
+                    machine
+                        .on_outcome(permit.state(), &permit, outcome, t, 0)
+                        .make_durable(&store)
+                        .await
+                        .expect("commit");
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        emit("refreshed", count);
+        emit("refresh_ns", started.elapsed().as_nanos());
+        emit("syncs", store.stats().syncs);
     });
     use std::io::Write;
     let _ = std::io::stdout().flush();
