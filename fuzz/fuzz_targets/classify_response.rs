@@ -1,5 +1,6 @@
 //! Token-endpoint answers: classification is total and never optimistic (no success outside 2xx;
-//! every success has non-empty tokens and expiries not before the receive time).
+//! every success has non-empty printable tokens and expiries not before the receive time), and no
+//! outcome's `Debug` or ambiguity detail quotes a string value from the body (it may be a token).
 #![no_main]
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
@@ -23,13 +24,29 @@ fuzz_target!(|i: Input<'_>| {
         body_truncated: i.truncated,
     };
     let now = UnixMillis(1_800_000_000_000);
-    match classify(Exchange::Answer(a), &ResponseRules::SHOPIFY, None, now) {
-        Outcome::Success { tokens, .. } => {
-            assert!((200..300).contains(&i.status));
-            assert!(!i.truncated);
-            assert!(!tokens.access_token.is_empty() && !tokens.refresh_token.is_empty());
-            assert!(tokens.access_expires_at >= now);
+    let outcome = classify(Exchange::Answer(a), &ResponseRules::SHOPIFY, None, now);
+    if let Outcome::Success { tokens, .. } = &outcome {
+        assert!((200..300).contains(&i.status));
+        assert!(!i.truncated);
+        assert!(!tokens.access_token.is_empty() && !tokens.refresh_token.is_empty());
+        for t in [tokens.access_token.expose_secret(), tokens.refresh_token.expose_secret()] {
+            assert!(t.bytes().all(|b| (0x20..=0x7e).contains(&b)));
         }
-        _ => {}
+        assert!(tokens.access_expires_at >= now);
+    }
+    // A token-looking `access_token` / `refresh_token` value in the body is never echoed.
+    let shown = match &outcome {
+        Outcome::Ambiguous { reason, .. } => format!("{outcome:?} {reason}"),
+        _ => format!("{outcome:?}"),
+    };
+    let text = String::from_utf8_lossy(i.body);
+    for key in ["\"access_token\":\"", "\"refresh_token\":\""] {
+        for (at, _) in text.match_indices(key) {
+            let value: String = text[at + key.len()..].chars().take_while(|c| c.is_ascii_alphanumeric()).collect();
+            // (The request id header is echoed by design; a fuzzer may make it equal a value.)
+            if value.len() >= 16 && !i.request_id.is_some_and(|r| r.contains(&value)) {
+                assert!(!shown.contains(&value), "{shown}");
+            }
+        }
     }
 });

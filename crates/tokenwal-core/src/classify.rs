@@ -10,7 +10,7 @@
 //! | connect / DNS / TLS failure, connect timeout | `NotSent` (the server never saw it) |
 //! | timeout or connection loss after the request may have been written | `Ambiguous` |
 //! | 2xx with `access_token`, `refresh_token`*, non-negative `expires_in`* | `Success` (0 = expires now) |
-//! | 2xx otherwise (truncated, not JSON, missing field, negative/fractional/huge lifetime, duplicate key) | `Ambiguous` |
+//! | 2xx otherwise (truncated, not JSON, BOM, invalid UTF-8, missing or empty field, a token with control/non-ASCII characters, negative/fractional/exponent/huge/string lifetime, duplicate key) | `Ambiguous` |
 //! | 429 | `Throttled` (with `Retry-After` seconds if given) |
 //! | any 4xx with `error` = `invalid_client` or `unauthorized_client` | `BadCredentials` |
 //! | any 4xx with `error` = `invalid_grant` or `invalid_subject_token` | `Rejected` |
@@ -193,6 +193,39 @@ fn lifetime(v: &serde_json::Value, field: &str, max: Duration) -> Result<Duratio
     Ok(d)
 }
 
+/// A token must be RFC 6749 `VSCHAR`s (printable ASCII and space) without surrounding spaces: a token
+/// with a control character, a newline or non-ASCII would be a header-injection hazard where the app
+/// uses it, so such a "success" is unusable (and, being a 2xx, ambiguous). The message names the
+/// field, never the value.
+fn token_chars(t: &str, field: &str) -> Result<(), String> {
+    let printable = t.bytes().all(|b| (0x20..=0x7e).contains(&b));
+    if !printable || t.starts_with(' ') || t.ends_with(' ') {
+        return Err(format!("{field} contains characters a token cannot have"));
+    }
+    Ok(())
+}
+
+/// Describes a JSON error without quoting the input: serde_json's own messages quote string values
+/// (`invalid type: string "shpat_…", expected …`), and the body may hold tokens, so only the
+/// category, the position and (for duplicates) one of our own field names are kept.
+fn json_error(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let at = format!("line {} column {}", e.line(), e.column());
+    match e.classify() {
+        Category::Eof => format!("body is not a token response (JSON ends early at {at})"),
+        Category::Syntax | Category::Io => format!("body is not a token response (not JSON: syntax error at {at})"),
+        Category::Data => {
+            let m = e.to_string();
+            for f in ["access_token", "expires_in", "refresh_token", "refresh_token_expires_in", "scope"] {
+                if m.starts_with(&format!("duplicate field `{f}`")) {
+                    return format!("body is not a token response (duplicate field `{f}`)");
+                }
+            }
+            format!("body is not a token response (a field has the wrong type or shape at {at})")
+        }
+    }
+}
+
 /// Parses a 2xx token response body.
 fn parse_tokens(
     body: &[u8],
@@ -200,13 +233,14 @@ fn parse_tokens(
     reuse_refresh: Option<&RefreshToken>,
     received_at: UnixMillis,
 ) -> Result<TokenSet, String> {
-    let wire: WireTokens = serde_json::from_slice(body).map_err(|e| {
-        // serde_json's messages quote no input beyond a type name or field name.
-        format!("body is not a token response ({})", sanitize(&e.to_string(), 120))
-    })?;
+    let wire: WireTokens = serde_json::from_slice(body).map_err(|e| json_error(&e))?;
     let access = wire.access_token.filter(|s| !s.is_empty()).ok_or("access_token missing")?;
+    token_chars(&access, "access_token")?;
     let refresh = match wire.refresh_token.filter(|s| !s.is_empty()) {
-        Some(r) => RefreshToken::new(r),
+        Some(r) => {
+            token_chars(&r, "refresh_token")?;
+            RefreshToken::new(r)
+        }
         None if !rules.require_refresh_token => reuse_refresh.cloned().ok_or("refresh_token missing")?,
         None => return Err("refresh_token missing".into()),
     };

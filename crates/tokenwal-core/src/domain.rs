@@ -18,13 +18,22 @@ pub enum ShopDomainError {
     /// The input is longer than a DNS name may be.
     #[error("shop domain is longer than 253 bytes")]
     TooLong,
+    /// The input has leading or trailing whitespace (it is never trimmed).
+    #[error("shop domain has leading or trailing whitespace (it is never trimmed: remove it)")]
+    Whitespace,
+    /// The input contains a byte outside printable ASCII (control characters, non-ASCII look-alikes).
+    #[error("shop domain contains a control or non-ASCII character (look-alikes and IDNs are refused)")]
+    NotAscii,
+    /// The input contains an uppercase ASCII letter (it is never lowercased).
+    #[error("shop domain contains uppercase letters (it is never lowercased: write it in lowercase)")]
+    Uppercase,
     /// The input does not end in `.myshopify.com`.
     #[error("shop domain must end in .myshopify.com")]
     WrongSuffix,
     /// The part before `.myshopify.com` is not one lowercase DNS label.
     #[error(
         "shop handle must be one label of lowercase ascii letters, digits and '-', \
-         starting with a letter or digit, at most 63 bytes"
+         starting and ending with a letter or digit, at most 63 bytes, not xn-- or another ??-- form"
     )]
     BadHandle,
 }
@@ -35,6 +44,13 @@ pub enum ShopDomainError {
 /// validation is strict and never normalises: `Shop.myshopify.com`, ` shop.myshopify.com`,
 /// `shop.myshopify.com.evil.com`, `evil.com/x.myshopify.com`, `user@shop.myshopify.com`,
 /// IP literals and non-ASCII look-alikes are all errors, not silently rewritten into another host.
+///
+/// The rule (docs/hostile-input.md): the whole input, byte for byte, must match
+/// `^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.myshopify\.com$`, and the handle must not be a reserved
+/// `??--` label (RFC 5890 R-LDH: `xn--` punycode and friends). Uppercase and surrounding whitespace
+/// are rejected with their own error, never lowercased or trimmed: every input (import files, the
+/// engine API, CLI arguments, serde) goes through this one constructor, so no boundary normalises
+/// differently from another.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct ShopDomain(String);
 
@@ -42,7 +58,7 @@ pub struct ShopDomain(String);
 pub const MYSHOPIFY_SUFFIX: &str = ".myshopify.com";
 
 impl ShopDomain {
-    /// Validates `s` as `^[a-z0-9][a-z0-9-]*\.myshopify\.com$` with a handle of at most 63 bytes.
+    /// Validates `s` (see the type's rule). Never trims, lowercases or decodes anything.
     pub fn parse(s: &str) -> Result<ShopDomain, ShopDomainError> {
         if s.is_empty() {
             return Err(ShopDomainError::Empty);
@@ -50,12 +66,24 @@ impl ShopDomain {
         if s.len() > 253 {
             return Err(ShopDomainError::TooLong);
         }
+        if s.starts_with(|c: char| c.is_whitespace()) || s.ends_with(|c: char| c.is_whitespace()) {
+            return Err(ShopDomainError::Whitespace);
+        }
+        if !s.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ShopDomainError::NotAscii);
+        }
+        if s.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(ShopDomainError::Uppercase);
+        }
         let handle = s.strip_suffix(MYSHOPIFY_SUFFIX).ok_or(ShopDomainError::WrongSuffix)?;
         let bytes = handle.as_bytes();
+        let alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
         let ok = !bytes.is_empty()
             && bytes.len() <= 63
-            && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
-            && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
+            && bytes.first().is_some_and(alnum)
+            && bytes.last().is_some_and(alnum)
+            && bytes.iter().all(|b| alnum(b) || *b == b'-')
+            && !(bytes.len() >= 4 && &bytes[2..4] == b"--");
         if !ok {
             return Err(ShopDomainError::BadHandle);
         }

@@ -7,7 +7,8 @@ use tokenwal_core::*;
 
 fn grant() -> impl Strategy<Value = GrantKey> {
     prop_oneof![
-        "[a-z0-9][a-z0-9-]{0,20}"
+        "[a-z0-9]([a-z0-9-]{0,19}[a-z0-9])?"
+            .prop_filter("reserved ??-- label", |h| h.get(2..4) != Some("--"))
             .prop_map(|h| GrantKey::shopify(&ShopDomain::parse(&format!("{h}.myshopify.com")).unwrap())),
         ("[a-z]{1,8}", "[a-zA-Z0-9@.:_-]{1,40}").prop_map(|(p, a)| GrantKey::new(&p, &a).unwrap()),
     ]
