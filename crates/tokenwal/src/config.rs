@@ -201,3 +201,84 @@ impl Config {
         self
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenwal_core::ShopDomain;
+
+    fn grant(s: &str) -> GrantKey {
+        GrantKey::shopify(&ShopDomain::parse(s).unwrap())
+    }
+
+    /// The secret's destination is built from the validated shop only: `https`, that host, the
+    /// default port, no userinfo, a fixed path.
+    #[test]
+    fn the_shopify_url_is_the_validated_domain_and_nothing_else() {
+        for s in ["a.myshopify.com", "my-shop-1.myshopify.com", "0.myshopify.com"] {
+            let url = Endpoint::Shopify.token_url(&grant(s)).unwrap();
+            assert_eq!(url.scheme(), "https");
+            assert_eq!(url.host_str(), Some(s));
+            assert_eq!(url.port_or_known_default(), Some(443));
+            assert_eq!(url.port(), None);
+            assert!(url.username().is_empty() && url.password().is_none());
+            assert_eq!(url.path(), "/admin/oauth/access_token");
+            assert_eq!(url.query(), None);
+            assert_eq!(url.fragment(), None);
+            assert_eq!(url.as_str(), format!("https://{s}/admin/oauth/access_token"));
+        }
+        let other = GrantKey::new("oidc", "evil.com/x.myshopify.com@evil.com").err();
+        assert!(other.is_some(), "accounts cannot hold '/'");
+        let other = GrantKey::new("oidc", "user@evil.com").unwrap();
+        assert!(Endpoint::Shopify.token_url(&other).is_err(), "a non-Shopify grant never becomes a host");
+    }
+
+    #[test]
+    fn the_test_endpoint_must_be_loopback_and_keeps_the_shop_in_the_path() {
+        for ok in
+            ["http://127.0.0.1:8080", "http://127.9.9.9", "http://[::1]:9", "http://localhost:1", "http://2130706433"]
+        {
+            let e = Endpoint::ShopifyTestServer { base: Url::parse(ok).unwrap() };
+            assert!(e.validate().is_ok(), "{ok}");
+            let url = e.token_url(&grant("a.myshopify.com")).unwrap();
+            assert!(is_loopback(&url), "{url}");
+            assert!(url.path().ends_with("/shops/a.myshopify.com/admin/oauth/access_token"), "{url}");
+        }
+        for bad in [
+            "http://evil.com",
+            "http://127.0.0.1.evil.com",
+            "http://localhost.evil.com",
+            "http://0.0.0.0:80",
+            "http://10.0.0.1",
+            "http://169.254.169.254",
+            "http://[::ffff:7f00:1]",
+            "http://user:pw@127.0.0.1",
+            "http://user@127.0.0.1",
+            "ftp://127.0.0.1",
+            "file:///etc/passwd",
+        ] {
+            let e = Endpoint::ShopifyTestServer { base: Url::parse(bad).unwrap() };
+            assert!(e.validate().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn oauth2_token_urls_are_https_or_loopback_http() {
+        let e = |u: &str| Endpoint::OAuth2 {
+            provider: "oidc".into(),
+            token_url: Url::parse(u).unwrap(),
+            client_auth: ClientAuth::Body,
+        };
+        assert!(e("https://auth.example.com/token").validate().is_ok());
+        assert!(e("http://127.0.0.1:9/token").validate().is_ok());
+        for bad in ["http://auth.example.com/token", "http://10.0.0.1/token", "ftp://auth.example.com/"] {
+            assert!(e(bad).validate().is_err(), "{bad}");
+        }
+        let shopify = Endpoint::OAuth2 {
+            provider: "shopify".into(),
+            token_url: Url::parse("https://x.myshopify.com/admin/oauth/access_token").unwrap(),
+            client_auth: ClientAuth::Body,
+        };
+        assert!(shopify.validate().is_err());
+    }
+}
