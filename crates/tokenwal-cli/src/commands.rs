@@ -5,7 +5,7 @@ use std::io::{BufRead, Write};
 use std::path::Path;
 use std::time::Duration;
 use tokenwal::core::{recovery, Event, GrantKey, GrantState, InstallSource, Intention, Phase, ShopDomain, UnixMillis};
-use tokenwal::store::{OpenReport, Store, StoreConfig, StoreError};
+use tokenwal::store::{OpenReport, RecoveryMode, Store, StoreConfig, StoreError};
 use tokenwal::{Engine, RecoveryReport};
 use tracing::{info, warn};
 
@@ -15,13 +15,16 @@ use crate::settings::Settings;
 use crate::timefmt::{self, now};
 use crate::views::{self, GrantView, Instant, RecordView};
 
-/// Opens the store at `path`. `create`: make it if missing (import); otherwise a missing
-/// directory is an error rather than a new empty store.
-pub fn open_store(path: &Path, create: bool) -> Result<(Store, OpenReport), CliError> {
+/// Opens the store at `settings.db`. `create`: make it if missing (import); otherwise a missing
+/// directory is an error rather than a new empty store. Histories are read strictly (a corrupt
+/// journal record is an error naming it) unless `--skip-corrupt-records` was given.
+pub fn open_store(settings: &Settings, create: bool) -> Result<(Store, OpenReport), CliError> {
+    let path = settings.db.as_path();
     if !create && !path.exists() {
         return Err(CliError::NoStore { path: path.to_owned() });
     }
-    let (store, report) = Store::open(path, StoreConfig::default())?;
+    let mode = if settings.skip_corrupt_records { RecoveryMode::SkipCorruptRecords } else { RecoveryMode::Strict };
+    let (store, report) = Store::open(path, StoreConfig::default().with_recovery(mode))?;
     for what in &report.corrupt {
         warn!(%what, "corrupt entry in the store: quarantined (never served, never guessed at)");
     }
@@ -54,13 +57,18 @@ fn parse_shop(s: &str) -> Result<ShopDomain, CliError> {
 
 /// All grants, sorted by shop; corrupt ones are logged and skipped.
 fn all_grants(store: &Store) -> Result<Vec<GrantState>, CliError> {
+    Ok(all_grants_and_corrupt(store)?.0)
+}
+
+/// All grants, sorted by shop, and the names of the corrupt states the scan skipped.
+fn all_grants_and_corrupt(store: &Store) -> Result<(Vec<GrantState>, Vec<String>), CliError> {
     let mut grants = Vec::new();
     let scan = store.for_each_grant(|s| grants.push(s))?;
     for what in &scan.corrupt {
         warn!(%what, "corrupt grant state skipped");
     }
     grants.sort_by(|a, b| a.grant.cmp(&b.grant));
-    Ok(grants)
+    Ok((grants, scan.corrupt))
 }
 
 // ------------------------------------------------------------------------------------------ import
@@ -105,7 +113,7 @@ pub async fn import(settings: &Settings, file: &str) -> Result<(), CliError> {
     }
     let mut imported = 0;
     if !valid.is_empty() {
-        let (store, _) = open_store(&settings.db, true)?;
+        let (store, _) = open_store(settings, true)?;
         let machine = settings.machine(store.fingerprint_key());
         for (n, (shop, tokens)) in valid {
             let grant = GrantKey::shopify(&shop);
@@ -192,10 +200,13 @@ fn dir_size(p: &Path) -> u64 {
 
 /// `tokenwal status`.
 pub fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
-    let (store, report) = open_store(&settings.db, false)?;
+    let (store, report) = open_store(settings, false)?;
     let machine = settings.machine(store.fingerprint_key());
     let now = now();
-    let grants = all_grants(&store)?;
+    let (grants, scanned_corrupt) = all_grants_and_corrupt(&store)?;
+    // Corrupt entries: the open index's (found at open) and the grant states' (found by the scan).
+    let mut corrupt = report.corrupt.clone();
+    corrupt.extend(scanned_corrupt.into_iter().filter(|w| !report.corrupt.contains(w)));
     let mut states = StateCounts::default();
     let mut oldest: Option<OldestAmbiguous> = None;
     let mut next: Option<NextDue> = None;
@@ -254,7 +265,7 @@ pub fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
             path: settings.db.display().to_string(),
             size_bytes: dir_size(&settings.db),
             open_attempts: report.open_attempts,
-            corrupt: report.corrupt.clone(),
+            corrupt,
         },
     };
     if json {
@@ -315,7 +326,7 @@ pub fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
 
 /// `tokenwal shops`.
 pub fn shops(settings: &Settings, state: Option<&str>, json: bool) -> Result<(), CliError> {
-    let (store, _) = open_store(&settings.db, false)?;
+    let (store, _) = open_store(settings, false)?;
     let key = store.fingerprint_key();
     let now = now();
     let views: Vec<GrantView> = all_grants(&store)?
@@ -364,7 +375,7 @@ struct InspectView {
 /// `tokenwal inspect SHOP`.
 pub fn inspect(settings: &Settings, shop: &str, json: bool) -> Result<(), CliError> {
     let shop = parse_shop(shop)?;
-    let (store, _) = open_store(&settings.db, false)?;
+    let (store, _) = open_store(settings, false)?;
     let grant = GrantKey::shopify(&shop);
     let state = store.get(&grant)?.ok_or_else(|| CliError::NotInstalled { shop: shop.to_string() })?;
     let key = store.fingerprint_key();
@@ -494,7 +505,7 @@ pub fn report_line(r: &RecoveryReport) -> String {
 
 /// `tokenwal recover --dry-run`: the plan over the open grants, nothing written or sent.
 pub fn recover_dry_run(settings: &Settings, json: bool) -> Result<(), CliError> {
-    let (store, _) = open_store(&settings.db, false)?;
+    let (store, _) = open_store(settings, false)?;
     let machine = settings.machine(store.fingerprint_key());
     let open = store.open_grants()?;
     let now = now();
@@ -550,9 +561,18 @@ pub fn recover_dry_run(settings: &Settings, json: bool) -> Result<(), CliError> 
 
 /// `tokenwal recover`: open the engine (which runs recovery) and print its report.
 pub async fn recover(settings: &Settings, json: bool) -> Result<(), CliError> {
-    let (engine, report) = open_engine(settings, false, true).await?;
+    let (engine, mut report) = open_engine(settings, false, true).await?;
+    // Recovery checks the open grants; an operator's `recover` also checks every other grant's
+    // state, so a corrupt one is named now rather than at its next use.
+    let scan = engine.store().for_each_grant(|_| ());
     engine.shutdown().await;
     drop(engine);
+    for what in scan?.corrupt {
+        if !report.corrupt.contains(&what) {
+            warn!(%what, "corrupt grant state: quarantined (never served, never guessed at)");
+            report.corrupt.push(what);
+        }
+    }
     if json {
         print_json(&report_view(&report))
     } else {
@@ -585,7 +605,7 @@ a backup you will keep safe), run `tokenwal export --reveal-secrets > file` and 
 
 /// `tokenwal export --reveal-secrets`.
 pub fn export(settings: &Settings) -> Result<(), CliError> {
-    let (store, _) = open_store(&settings.db, false)?;
+    let (store, _) = open_store(settings, false)?;
     let grants = all_grants(&store)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let (mut n, mut dead) = (0, 0);

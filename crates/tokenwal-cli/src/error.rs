@@ -91,6 +91,17 @@ pub enum CliError {
     /// A store error other than the lock.
     #[error("store: {0}")]
     Store(StoreError),
+    /// A journal record failed its checks while reading a history (strict by default).
+    #[error(
+        "store: corrupt {what}: {detail}; refusing to read this history as is \
+         (rerun with --skip-corrupt-records to skip and list corrupt journal records)"
+    )]
+    CorruptRecord {
+        /// The record, e.g. `journal/42`.
+        what: String,
+        /// What the codec found.
+        detail: String,
+    },
     /// An engine error with no better category.
     #[error("{0}")]
     Engine(tokenwal::Error),
@@ -115,7 +126,9 @@ impl CliError {
             CliError::NeedsReauth { .. } => EXIT_NEEDS_REAUTH,
             CliError::ImportFailed { .. } => EXIT_DATAERR,
             CliError::DemoLockout(_) => EXIT_SOFTWARE,
-            CliError::Store(_) | CliError::Engine(_) | CliError::Io { .. } => EXIT_FAILURE,
+            CliError::Store(_) | CliError::CorruptRecord { .. } | CliError::Engine(_) | CliError::Io { .. } => {
+                EXIT_FAILURE
+            }
         }
     }
 
@@ -134,6 +147,9 @@ impl From<StoreError> for CliError {
     fn from(e: StoreError) -> CliError {
         match e {
             StoreError::Locked { path } => CliError::Locked { path },
+            StoreError::Corrupt { what, source } if what.starts_with("journal/") => {
+                CliError::CorruptRecord { what, detail: source.to_string() }
+            }
             other => CliError::Store(other),
         }
     }

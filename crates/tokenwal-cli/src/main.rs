@@ -98,6 +98,10 @@ struct Global {
         help_heading = "Global options"
     )]
     insecure_test_endpoint: Option<Url>,
+    /// Skip (and list) journal records that fail their checks instead of refusing to read a
+    /// history. Corrupt grant states are never served either way
+    #[arg(long, global = true, help_heading = "Global options")]
+    skip_corrupt_records: bool,
 }
 
 #[derive(Subcommand)]
@@ -250,7 +254,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
 
 fn dispatch(cli: Cli) -> Result<(), CliError> {
     let g = cli.global;
-    let settings = || Settings::load(g.db.clone(), g.config.as_deref(), g.insecure_test_endpoint.clone());
+    let settings = || {
+        Settings::load(g.db.clone(), g.config.as_deref(), g.insecure_test_endpoint.clone()).map(|mut s| {
+            s.skip_corrupt_records = g.skip_corrupt_records;
+            s
+        })
+    };
     match cli.command {
         Command::Import { file } => runtime()?.block_on(commands::import(&settings()?, &file)),
         Command::Run { once, sweep, grace } => {

@@ -84,6 +84,8 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Erro
 pub struct Settings {
     /// The store directory.
     pub db: PathBuf,
+    /// `--skip-corrupt-records`: read histories under [`tokenwal::store::RecoveryMode::SkipCorruptRecords`].
+    pub skip_corrupt_records: bool,
     file: ConfigFile,
     test_endpoint: Option<Url>,
 }
@@ -124,7 +126,7 @@ impl Settings {
             }
             (None, None) => None,
         };
-        Ok(Settings { db, file, test_endpoint })
+        Ok(Settings { db, skip_corrupt_records: false, file, test_endpoint })
     }
 
     /// The app handle named in the config file, if any (a label for output).
