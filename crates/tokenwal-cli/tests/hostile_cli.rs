@@ -122,7 +122,7 @@ fn no_command_prints_a_secret_on_any_path() {
     let mut bad: Vec<Vec<u8>> = vec![
         line("Calm.myshopify.com", a, r).into_bytes(),
         line(r, a, r).into_bytes(),
-        line("calm.myshopify.com", a, r)[..60].as_bytes().to_vec(),
+        line("calm.myshopify.com", a, r).as_bytes()[..60].to_vec(),
         format!(
             r#"{{"shop":"calm.myshopify.com","access_token":{{"v":"{a}"}},"refresh_token":"{r}","expires_in":60}}"#
         )
