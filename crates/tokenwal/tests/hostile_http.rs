@@ -299,3 +299,16 @@ async fn the_content_type_is_not_what_decides() {
     assert_eq!(token.expose_secret(), "shpat_NEW_FROM_HOSTILE");
     engine.shutdown().await;
 }
+
+/// The engine's configuration and its errors print no secret (panics with `{:?}` of them included).
+#[test]
+fn config_and_errors_print_no_secret() {
+    let c = Config::shopify(StoreLocation::InMemory, "id", ClientSecret::new("hostile-secret-value"));
+    let e = Error::Config("x".into());
+    let printed = format!("{c:?} {c:#?} {:?} {e} {e:?}", c.endpoint);
+    assert!(!printed.contains("hostile-secret-value"), "{printed}");
+    let shown = format!("{c:?}");
+    let payload = std::panic::catch_unwind(|| panic!("bad config {shown}")).unwrap_err();
+    let msg = payload.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(msg.contains("bad config") && !msg.contains("hostile-secret-value"), "{msg}");
+}
