@@ -470,3 +470,83 @@ async fn scopes_updates_are_journaled() {
         .any(|r| matches!(r, Record::ScopesUpdated { scope, .. } if scope == "read_orders,write_products")));
     assert!(matches!(engine.scopes_updated(&shop("unknown"), ["x"]).await, Err(Error::NotInstalled { .. })));
 }
+
+/// A bulk migration of many shops with lost answers, 429s, 5xx and slow answers, a crash in the middle
+/// (the crash image of an in-memory store), then re-runs on the recovered store: every shop ends migrated
+/// exactly once (one migrated pair per shop at the server), with a working token and its legacy token
+/// revoked; none is locked out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_migration_with_faults_and_a_crash_migrates_every_shop_exactly_once() {
+    let sim = sim().await;
+    let names: Vec<String> = (0..60).map(|i| format!("bulk-{i}")).collect();
+    let mut legacy = std::collections::HashMap::new();
+    for (i, n) in names.iter().enumerate() {
+        let s = shop(n).to_string();
+        let t = sim.with_model(|m| m.seed_legacy_token(&s, None, None)).unwrap();
+        legacy.insert(n.clone(), t.as_str().to_owned());
+        let faults: Vec<Fault> = match i % 6 {
+            0 => vec![],
+            1 => vec![Fault::RotateThenDrop],
+            2 => vec![Fault::Throttle { retry_after_secs: 0 }, Fault::RotateThenReset],
+            3 => vec![Fault::FailBeforeProcessing { status: 503, json: false }],
+            4 => vec![Fault::Slow { delay_ms: 400 }],
+            _ => vec![Fault::Truncated, Fault::RotateThenDrop],
+        };
+        sim.push_faults(&s, faults).unwrap();
+    }
+    let store = Store::in_memory();
+    let (engine, _) = Engine::open(config(&sim.base_url(), StoreLocation::Open(store.clone()))).await.unwrap();
+    let mut run = tokio::task::JoinSet::new();
+    for n in &names {
+        let (e, n, t) = (engine.clone(), n.clone(), legacy[n].clone());
+        run.spawn(async move { e.migrate(&shop(&n), LegacyToken::new(t)).await });
+    }
+    // Crash once about half of the migrations were processed by the server.
+    wait_for(|| sim.counters().total.migrations >= 30).await;
+    // Shops the server migrated before the crash: their intents were durable before they were sent.
+    let processed: Vec<String> =
+        names.iter().filter(|n| sim.counters().shop(&shop(n).to_string()).migrations == 1).cloned().collect();
+    let image = store.crash_image();
+    run.abort_all();
+    while run.join_next().await.is_some() {}
+    drop(engine);
+
+    let (engine, report) = Engine::open(config(&sim.base_url(), StoreLocation::Open(image))).await.unwrap();
+    assert_eq!(report.needs_reauth, 0, "{report:?}");
+    // A migration the server processed is never forgotten: it is migrated or resumable with its
+    // durable legacy token.
+    for n in &processed {
+        let m = engine.migration_state(&shop(n)).unwrap();
+        assert!(matches!(m, MigrationState::Migrated { .. } | MigrationState::Unresolved { .. }), "{n}: {m:?}");
+    }
+    let mut outcomes = std::collections::HashMap::new();
+    for _pass in 0..20 {
+        let pending: Vec<&String> = names.iter().filter(|n| !outcomes.contains_key(*n)).collect();
+        if pending.is_empty() {
+            break;
+        }
+        for n in pending {
+            match engine.migrate(&shop(n), LegacyToken::new(legacy[n].clone())).await {
+                Ok(o) => {
+                    outcomes.insert(n.clone(), o);
+                }
+                Err(e) if e.is_retryable() => {}
+                Err(e) => panic!("{n}: {e}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(outcomes.len(), names.len(), "every shop ends migrated: {outcomes:?}");
+    for n in &names {
+        let s = shop(n).to_string();
+        let c = sim.counters().shop(&s);
+        assert_eq!(c.migrations, 1, "{n}: exactly one migrated pair: {c:?}");
+        assert_eq!(sim.shop_state(&s).legacy_tokens[0].status, TokenStatus::Revoked, "{n}");
+        let token = engine.access_token(&shop(n)).await.unwrap();
+        assert!(accepted(&sim, n, &token), "{n}: not locked out");
+        assert!(state(&engine, n).unwrap().acquisition.is_none());
+    }
+    let resumed = outcomes.values().filter(|o| matches!(o, MigrateOutcome::Resumed { .. })).count();
+    let already = outcomes.values().filter(|o| matches!(o, MigrateOutcome::AlreadyMigrated { .. })).count();
+    eprintln!("bulk: {report:?}; resumed {resumed}, already migrated {already}, total {}", outcomes.len());
+}
