@@ -389,6 +389,11 @@ fn state(shop: &ShopDomain) -> GrantState {
         consecutive_failures: 0,
         not_before: None,
         updated_at: NOW,
+        acquisition: Some(Acquisition {
+            subject: Subject::LegacyToken { token: LegacyToken::new("shpat_LEAKCANARY_LEGACY_0123456789") },
+            prior: Phase::Healthy,
+        }),
+        acquired_at: Some(NOW),
     }
 }
 
