@@ -263,7 +263,12 @@ fn status_shops_and_inspect_show_state_and_history_but_no_secret() {
 fn a_locked_store_gets_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("store");
-    let (_held, _) = tokenwal_store::Store::open(&db, tokenwal_store::StoreConfig::default()).unwrap();
+    let (_held, _) = tokenwal_store::Store::open(
+        &db,
+        &tokenwal_store::KeyRing::insecure_test_ring(),
+        tokenwal_store::StoreConfig::default(),
+    )
+    .unwrap();
     for args in [&["status"][..], &["shops"], &["import"], &["token", "x.myshopify.com"]] {
         let input = line("x.myshopify.com", "a", "r", r#","expires_in":60"#);
         let out = tokenwal(&db, args, &CREDENTIALS, Some(&input));

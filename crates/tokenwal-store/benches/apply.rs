@@ -56,7 +56,15 @@ fn apply(c: &mut Criterion) {
         for writers in [1usize, 64] {
             let dir = tempfile::tempdir().unwrap();
             let store = match backend {
-                "sled" => Store::open(dir.path().join("store"), StoreConfig::default()).unwrap().0,
+                "sled" => {
+                    Store::open(
+                        dir.path().join("store"),
+                        &tokenwal_store::KeyRing::insecure_test_ring(),
+                        StoreConfig::default(),
+                    )
+                    .unwrap()
+                    .0
+                }
                 _ => Store::in_memory(),
             };
             let m = Machine::shopify(store.fingerprint_key());

@@ -1,6 +1,6 @@
 //! Unit tests of the store, on both backends where the behaviour is shared.
 
-use crate::{layout, FaultPoint, RecoveryMode, Store, StoreConfig, StoreError};
+use crate::{layout, FaultPoint, KeyRing, RecoveryMode, Store, StoreConfig, StoreError};
 use std::path::Path;
 use std::sync::Arc;
 use std::thread;
@@ -47,8 +47,13 @@ fn put(store: &Store, b: WriteBatch) -> GrantState {
     s
 }
 
+/// The fixed test ring (so a test can reopen a sled store).
+fn ring() -> KeyRing {
+    KeyRing::insecure_test_ring()
+}
+
 fn open(path: &Path) -> Store {
-    Store::open(path, StoreConfig::default()).unwrap().0
+    Store::open(path, &ring(), StoreConfig::default()).unwrap().0
 }
 
 /// A sled store in a fresh temporary directory, and an in-memory store.
@@ -137,7 +142,7 @@ fn open_index_follows_the_phase() {
         put(&store, attempt(&m, &b4, T0 + 5));
         assert_eq!(store.grant_count(), 2);
     }
-    let (store, report) = Store::open(&path, StoreConfig::default()).unwrap();
+    let (store, report) = Store::open(&path, &ring(), StoreConfig::default()).unwrap();
     assert_eq!((report.grants, report.open_attempts, report.created), (2, 1, false));
     assert!(report.corrupt.is_empty());
     assert_eq!(versions(&store.open_grants().unwrap()), vec![(key(2), 5)]);
@@ -173,7 +178,7 @@ fn history_is_per_grant_and_in_lsn_order() {
 fn compaction_drops_old_records_in_chunks_and_keeps_states() {
     for (store, _dir) in [(Store::in_memory_with(cfg_compact()), None), {
         let dir = tempfile::tempdir().unwrap();
-        (Store::open(dir.path().join("s"), cfg_compact()).unwrap().0, Some(dir))
+        (Store::open(dir.path().join("s"), &ring(), cfg_compact()).unwrap().0, Some(dir))
     }] {
         let m = machine(&store);
         for i in 0..5 {
@@ -211,7 +216,7 @@ fn lsns_stay_monotonic_after_compacting_everything_and_reopening() {
     let path = dir.path().join("store");
     let last_lsn;
     {
-        let store = Store::open(&path, cfg_compact()).unwrap().0;
+        let store = Store::open(&path, &ring(), cfg_compact()).unwrap().0;
         let m = machine(&store);
         let s = put(&store, install(&m, None, &key(1), T0));
         put(&store, attempt(&m, &s, T0 + 1));
@@ -221,7 +226,7 @@ fn lsns_stay_monotonic_after_compacting_everything_and_reopening() {
         // Make the compaction durable (compaction is not synced by itself).
         put(&store, install(&m, None, &key(2), T0 + 60_000));
     }
-    let (store, report) = Store::open(&path, cfg_compact()).unwrap();
+    let (store, report) = Store::open(&path, &ring(), cfg_compact()).unwrap();
     assert!(report.next_lsn > last_lsn + 1);
     let m = machine(&store);
     let s = store.get(&key(1)).unwrap().unwrap();
@@ -510,7 +515,7 @@ fn corrupt_frames_are_quarantined() {
         db.flush().unwrap();
     }
     {
-        let (store, report) = Store::open(&path, StoreConfig::default()).unwrap();
+        let (store, report) = Store::open(&path, &ring(), StoreConfig::default()).unwrap();
         assert_eq!(report.corrupt, vec![format!("grants/{a}")]);
         assert_eq!(report.open_attempts, 0);
         let err = store.get(&a).unwrap_err();
@@ -535,7 +540,7 @@ fn corrupt_frames_are_quarantined() {
         assert!(!store.is_poisoned());
     }
     let cfg = StoreConfig::default().with_recovery(RecoveryMode::SkipCorruptRecords);
-    let (store, _) = Store::open(&path, cfg).unwrap();
+    let (store, _) = Store::open(&path, &ring(), cfg).unwrap();
     let h = store.history_report(&b).unwrap();
     assert_eq!(h.skipped, vec![b_first_lsn]);
     let kinds: Vec<_> = h.records.iter().map(|(_, r)| r.kind_name()).collect();
@@ -571,15 +576,15 @@ fn unknown_formats_are_refused() {
         db.open_tree(layout::META).unwrap().insert(layout::META_FORMAT, "tokenwal-store/99\n").unwrap();
         db.flush().unwrap();
     }
-    let err = Store::open(&path, StoreConfig::default()).unwrap_err();
+    let err = Store::open(&path, &ring(), StoreConfig::default()).unwrap_err();
     assert!(matches!(&err, StoreError::UnsupportedFormat { found, .. } if found == "tokenwal-store/99"), "{err:?}");
-    assert!(err.to_string().contains("tokenwal-store/1"), "{err}");
+    assert!(err.to_string().contains("tokenwal-store/2"), "{err}");
     {
         let db = raw_sled(&path);
         db.open_tree(layout::META).unwrap().remove(layout::META_FORMAT).unwrap();
         db.flush().unwrap();
     }
-    let err = Store::open(&path, StoreConfig::default()).unwrap_err();
+    let err = Store::open(&path, &ring(), StoreConfig::default()).unwrap_err();
     assert!(matches!(&err, StoreError::UnsupportedFormat { found, .. } if found == "(missing)"), "{err:?}");
 }
 
@@ -589,7 +594,7 @@ fn a_created_directory_is_private() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nested").join("store");
-    let (_store, report) = Store::open(&path, StoreConfig::default()).unwrap();
+    let (_store, report) = Store::open(&path, &ring(), StoreConfig::default()).unwrap();
     assert!(report.created);
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700);
@@ -601,15 +606,15 @@ fn one_open_at_a_time_and_the_key_persists() {
     let path = dir.path().join("store");
     let key_bytes;
     {
-        let (store, report) = Store::open(&path, StoreConfig::default()).unwrap();
+        let (store, report) = Store::open(&path, &ring(), StoreConfig::default()).unwrap();
         assert!(report.created);
         key_bytes = *store.fingerprint_key().expose_secret();
-        let err = Store::open(&path, StoreConfig::default()).unwrap_err();
+        let err = Store::open(&path, &ring(), StoreConfig::default()).unwrap_err();
         assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
         let m = machine(&store);
         put(&store, install(&m, None, &key(1), T0));
     }
-    let (store, report) = Store::open(&path, StoreConfig::default()).unwrap();
+    let (store, report) = Store::open(&path, &ring(), StoreConfig::default()).unwrap();
     assert!(!report.created);
     assert_eq!(store.fingerprint_key().expose_secret(), &key_bytes);
     assert_ne!(Store::in_memory().fingerprint_key().expose_secret(), &key_bytes);
