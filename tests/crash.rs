@@ -145,7 +145,9 @@ async fn child_main() {
         Some(s) => StoreLocation::Open(s.clone()),
         None => StoreLocation::Path(dir),
     };
-    let mut c = Config::shopify(store, CLIENT_ID, ClientSecret::new(SECRET)).with_insecure_test_endpoint(base);
+    let mut c = Config::shopify(store, CLIENT_ID, ClientSecret::new(SECRET))
+        .with_insecure_test_endpoint(base)
+        .with_store_keys(tokenwal::KeySource::Ring(tokenwal_store::KeyRing::insecure_test_ring()));
     if strict {
         c.policy = RetryPolicy::single_use();
     }

@@ -85,7 +85,7 @@ fn crash_intents(path: &Path, tokens: &Path, install_only: bool) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
         let (store, _) =
-            Store::open(path, &tokenwal_store::KeyRing::insecure_test_ring(), StoreConfig::default()).expect("open");
+            Store::open(path, &tokenwal::KeyRing::insecure_test_ring(), StoreConfig::default()).expect("open");
         let machine = Arc::new(Machine::shopify(store.fingerprint_key()));
         let writers = 256.min(grants.len().max(1));
         let mut tasks = tokio::task::JoinSet::new();
@@ -124,7 +124,7 @@ fn crash_refresh(path: &Path, count: usize) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
         let (store, _) =
-            Store::open(path, &tokenwal_store::KeyRing::insecure_test_ring(), StoreConfig::default()).expect("open");
+            Store::open(path, &tokenwal::KeyRing::insecure_test_ring(), StoreConfig::default()).expect("open");
         let machine = Arc::new(Machine::shopify(store.fingerprint_key()));
         let started = Instant::now();
         let writers = 256.min(count.max(1));
@@ -162,7 +162,7 @@ fn crash_refresh(path: &Path, count: usize) {
 fn store_open(path: &Path) {
     let t = Instant::now();
     let (store, report) =
-        Store::open(path, &tokenwal_store::KeyRing::insecure_test_ring(), StoreConfig::default()).expect("open");
+        Store::open(path, &tokenwal::KeyRing::insecure_test_ring(), StoreConfig::default()).expect("open");
     emit("open_ns", t.elapsed().as_nanos());
     emit("report_open_ns", report.elapsed.as_nanos());
     emit("grants", report.grants);
@@ -198,7 +198,8 @@ fn engine_open(path: &Path, base: &str, flags: &[String]) {
             "sim-client-id",
             ClientSecret::new("sim-client-secret"),
         )
-        .with_insecure_test_endpoint(url::Url::parse(base).expect("base url"));
+        .with_insecure_test_endpoint(url::Url::parse(base).expect("base url"))
+        .with_store_keys(tokenwal::KeySource::Ring(tokenwal::KeyRing::insecure_test_ring()));
         config.proactive = proactive;
         config.max_concurrent_refreshes = 256;
         let cpu0 = cpu_time();

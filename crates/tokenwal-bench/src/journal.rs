@@ -159,7 +159,8 @@ fn rounds(opts: &Opts, n: usize) -> usize {
 
 fn engine_config(base: &str, store: StoreLocation) -> Config {
     let mut c = Config::shopify(store, "sim-client-id", ClientSecret::new("sim-client-secret"))
-        .with_insecure_test_endpoint(url::Url::parse(base).expect("sim url"));
+        .with_insecure_test_endpoint(url::Url::parse(base).expect("sim url"))
+        .with_store_keys(tokenwal::KeySource::Ring(tokenwal::KeyRing::insecure_test_ring()));
     c.proactive = false;
     c.max_concurrent_refreshes = 4096;
     c
@@ -352,7 +353,7 @@ async fn engine_path(opts: &Opts, dir: &std::path::Path, summary: &mut Summary) 
 
 async fn store_path(opts: &Opts, dir: &std::path::Path, summary: &mut Summary) {
     let (store, sled_tid) = new_committer(|| {
-        Store::open(dir.join("store"), &tokenwal_store::KeyRing::insecure_test_ring(), StoreConfig::default())
+        Store::open(dir.join("store"), &tokenwal::KeyRing::insecure_test_ring(), StoreConfig::default())
             .expect("store")
             .0
     });
@@ -425,7 +426,7 @@ pub async fn sync_floor(opts: &Opts) {
 
     // One writer, one grant: every durable write is a group of one (sled flush + fsync of its file).
     let (store, tid) = new_committer(|| {
-        Store::open(dir.join("store"), &tokenwal_store::KeyRing::insecure_test_ring(), StoreConfig::default())
+        Store::open(dir.join("store"), &tokenwal::KeyRing::insecure_test_ring(), StoreConfig::default())
             .expect("store")
             .0
     });

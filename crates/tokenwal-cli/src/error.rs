@@ -134,6 +134,10 @@ impl From<StoreError> for CliError {
     fn from(e: StoreError) -> CliError {
         match e {
             StoreError::Locked { path } => CliError::Locked { path },
+            // No key, a malformed or unsafe key file, the wrong key: the operator's configuration.
+            e @ (StoreError::Key(_) | StoreError::KeyUnavailable { .. } | StoreError::PlaintextFormat { .. }) => {
+                CliError::Config(e.to_string())
+            }
             other => CliError::Store(other),
         }
     }

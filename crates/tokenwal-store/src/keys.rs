@@ -54,6 +54,12 @@ impl StoreKey {
         k
     }
 
+    /// **Tests only — the key is public.** The key of [`KeyRing::insecure_test_ring`].
+    #[doc(hidden)]
+    pub fn insecure_test_key() -> StoreKey {
+        StoreKey(*b"tokenwal-insecure-test-key-32by!")
+    }
+
     /// Parses standard base64 of exactly 32 bytes (surrounding whitespace ignored).
     pub fn from_base64(text: &str) -> Result<StoreKey, KeyError> {
         let bytes = Zeroizing::new(B64.decode(text.trim()).map_err(|_| KeyError::Malformed { what: "not base64" })?);
@@ -153,12 +159,17 @@ impl KeyRing {
     /// the key to a child process through [`KEY_ENV`]) without plumbing a generated key around.
     #[doc(hidden)]
     pub fn insecure_test_ring() -> KeyRing {
-        KeyRing::new(StoreKey::from_bytes(*b"tokenwal-insecure-test-key-32by!"))
+        KeyRing::new(StoreKey::insecure_test_key())
     }
 
     /// The same ring with `key` prepended as the new active key (the old active key stays readable).
     pub fn rotated(&self, key: StoreKey) -> KeyRing {
         KeyRing::from_keys(std::iter::once(key).chain(self.keys.iter().map(|(_, k)| k.clone()))).expect("not empty")
+    }
+
+    /// The same ring with every key of `older` appended as read-only keys.
+    pub fn rotated_with_old(&self, older: &KeyRing) -> KeyRing {
+        KeyRing::from_keys(self.keys.iter().chain(&older.keys).map(|(_, k)| k.clone())).expect("not empty")
     }
 
     /// The id of the active key.
@@ -181,10 +192,10 @@ impl KeyRing {
         self.keys.iter().find(|(i, _)| *i == id).map(|(_, k)| k)
     }
 
-    /// Loads the ring from the environment: [`KEY_ENV`] (one key) if set, else the file named by
-    /// [`KEY_FILE_ENV`]. Neither set is [`KeyError::Missing`].
+    /// Loads the ring from the environment: [`KEY_ENV`] (one key) if set and not empty, else the
+    /// file named by [`KEY_FILE_ENV`]. Neither set is [`KeyError::Missing`].
     pub fn from_env() -> Result<KeyRing, KeyError> {
-        if let Some(v) = std::env::var_os(KEY_ENV) {
+        if let Some(v) = std::env::var_os(KEY_ENV).filter(|v| !v.is_empty()) {
             let v = Zeroizing::new(v.into_string().map_err(|_| KeyError::Malformed { what: "not UTF-8" })?);
             return StoreKey::from_base64(&v).map(KeyRing::new);
         }

@@ -708,6 +708,26 @@ impl Store {
         }
     }
 
+    /// Test hook: [`Store::crash_image`], reopened under the ring `keys` makes of this store's ring
+    /// (e.g. a rotated one).
+    ///
+    /// # Panics
+    ///
+    /// If this store is not in-memory, or the new ring cannot open it.
+    #[doc(hidden)]
+    pub fn crash_image_with_keys(&self, keys: impl FnOnce(&KeyRing) -> KeyRing) -> Store {
+        match &self.shared().backend {
+            Backend::Memory(m) => {
+                let backend = Backend::Memory(MemBackend::from_image(m.durable_image()));
+                let keys = keys(&self.shared().keys);
+                Store::start(backend, keys, self.shared().config.clone(), Instant::now(), None)
+                    .expect("the crash image opens under the new ring")
+                    .0
+            }
+            Backend::Sled(_) => panic!("crash_image_with_keys is only available on an in-memory store"),
+        }
+    }
+
     /// Test hook: holds every commit group between its writes and its sync until the returned guard
     /// is released or dropped. Writers are not answered meanwhile.
     #[doc(hidden)]
