@@ -167,6 +167,12 @@ impl KeyRing {
         KeyRing::from_keys(std::iter::once(key).chain(self.keys.iter().map(|(_, k)| k.clone()))).expect("not empty")
     }
 
+    /// The ring without its older keys: what the key file should hold once `tokenwal rekey` reports
+    /// nothing left under an old key.
+    pub fn active_only(&self) -> KeyRing {
+        KeyRing::new(self.keys[0].1.clone())
+    }
+
     /// The same ring with every key of `older` appended as read-only keys.
     pub fn rotated_with_old(&self, older: &KeyRing) -> KeyRing {
         KeyRing::from_keys(self.keys.iter().chain(&older.keys).map(|(_, k)| k.clone())).expect("not empty")
