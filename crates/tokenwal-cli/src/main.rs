@@ -64,7 +64,8 @@ EXIT CODES
   75  transient, try again later: refresh outcome unknown and being retried, token endpoint
       unavailable or throttling, store in use by another process
   77  the shop needs re-auth: the merchant must open the app (token exchange)
-  78  configuration: credentials missing or rejected (invalid_client), bad config file
+  78  configuration: credentials missing or rejected (invalid_client), bad config file, store key
+      missing, unsafe (world-readable) or wrong
 
 EXAMPLES
   tokenwal demo                                  # no Shopify account needed, about a minute

@@ -97,5 +97,23 @@ pub fn seal_state_frame(keys: &KeyRing, grant: &tokenwal_core::GrantKey, version
     seal::seal(keys, seal::Slot::State(&grant.to_bytes()), version, frame)
 }
 
+/// Opens what [`seal_state_frame`] sealed (for benchmarks and tools): the state frame.
+#[doc(hidden)]
+pub fn open_state_frame(
+    keys: &KeyRing,
+    grant: &tokenwal_core::GrantKey,
+    sealed: &[u8],
+) -> Result<zeroize::Zeroizing<Vec<u8>>, StoreError> {
+    let key = grant.to_bytes();
+    seal::open(keys, seal::Slot::State(&key), sealed).map(|(_, plain)| plain).map_err(|e| match e {
+        seal::OpenError::Corrupt(source) => {
+            StoreError::Corrupt { what: layout::key_name(layout::GRANTS, &key), source }
+        }
+        seal::OpenError::UnknownKey(key_id) => {
+            StoreError::KeyUnavailable { what: layout::key_name(layout::GRANTS, &key), key_id, ring: keys.ids() }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests;
