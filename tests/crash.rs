@@ -139,12 +139,15 @@ async fn child_main() {
     });
     let dir = PathBuf::from(env(ENV_DIR));
     // With a store fault to inject, the child opens the store itself to keep a handle on it.
-    let opened = store_fault.map(|_| Store::open(&dir, StoreConfig::default()).unwrap().0);
+    let opened = store_fault
+        .map(|_| Store::open(&dir, &tokenwal_store::KeyRing::insecure_test_ring(), StoreConfig::default()).unwrap().0);
     let store = match &opened {
         Some(s) => StoreLocation::Open(s.clone()),
         None => StoreLocation::Path(dir),
     };
-    let mut c = Config::shopify(store, CLIENT_ID, ClientSecret::new(SECRET)).with_insecure_test_endpoint(base);
+    let mut c = Config::shopify(store, CLIENT_ID, ClientSecret::new(SECRET))
+        .with_insecure_test_endpoint(base)
+        .with_store_keys(tokenwal::KeySource::Ring(tokenwal_store::KeyRing::insecure_test_ring()));
     if strict {
         c.policy = RetryPolicy::single_use();
     }
@@ -425,7 +428,9 @@ impl Harness {
     /// The durable state of every shop, as the stopped child left it.
     fn inspect(&self) -> BTreeMap<String, GrantState> {
         let _g = spawn_lock();
-        let (store, report) = Store::open(self.store_path(), StoreConfig::default()).unwrap();
+        let (store, report) =
+            Store::open(self.store_path(), &tokenwal_store::KeyRing::insecure_test_ring(), StoreConfig::default())
+                .unwrap();
         assert!(report.corrupt.is_empty(), "{:?}", report.corrupt);
         let states =
             self.shops.iter().filter_map(|s| store.get(&grant(s)).unwrap().map(|st| (s.clone(), st))).collect();

@@ -84,7 +84,8 @@ fn crash_intents(path: &Path, tokens: &Path, install_only: bool) {
     let grants = Arc::new(grants);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
-        let (store, _) = Store::open(path, StoreConfig::default()).expect("open");
+        let (store, _) =
+            Store::open(path, &tokenwal::KeyRing::insecure_test_ring(), StoreConfig::default()).expect("open");
         let machine = Arc::new(Machine::shopify(store.fingerprint_key()));
         let writers = 256.min(grants.len().max(1));
         let mut tasks = tokio::task::JoinSet::new();
@@ -122,7 +123,8 @@ fn crash_intents(path: &Path, tokens: &Path, install_only: bool) {
 fn crash_refresh(path: &Path, count: usize) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
-        let (store, _) = Store::open(path, StoreConfig::default()).expect("open");
+        let (store, _) =
+            Store::open(path, &tokenwal::KeyRing::insecure_test_ring(), StoreConfig::default()).expect("open");
         let machine = Arc::new(Machine::shopify(store.fingerprint_key()));
         let started = Instant::now();
         let writers = 256.min(count.max(1));
@@ -159,7 +161,8 @@ fn crash_refresh(path: &Path, count: usize) {
 /// `Store::open`, then a full scan.
 fn store_open(path: &Path) {
     let t = Instant::now();
-    let (store, report) = Store::open(path, StoreConfig::default()).expect("open");
+    let (store, report) =
+        Store::open(path, &tokenwal::KeyRing::insecure_test_ring(), StoreConfig::default()).expect("open");
     emit("open_ns", t.elapsed().as_nanos());
     emit("report_open_ns", report.elapsed.as_nanos());
     emit("grants", report.grants);
@@ -195,7 +198,8 @@ fn engine_open(path: &Path, base: &str, flags: &[String]) {
             "sim-client-id",
             ClientSecret::new("sim-client-secret"),
         )
-        .with_insecure_test_endpoint(url::Url::parse(base).expect("base url"));
+        .with_insecure_test_endpoint(url::Url::parse(base).expect("base url"))
+        .with_store_keys(tokenwal::KeySource::Ring(tokenwal::KeyRing::insecure_test_ring()));
         config.proactive = proactive;
         config.max_concurrent_refreshes = 256;
         let cpu0 = cpu_time();

@@ -159,7 +159,8 @@ fn rounds(opts: &Opts, n: usize) -> usize {
 
 fn engine_config(base: &str, store: StoreLocation) -> Config {
     let mut c = Config::shopify(store, "sim-client-id", ClientSecret::new("sim-client-secret"))
-        .with_insecure_test_endpoint(url::Url::parse(base).expect("sim url"));
+        .with_insecure_test_endpoint(url::Url::parse(base).expect("sim url"))
+        .with_store_keys(tokenwal::KeySource::Ring(tokenwal::KeyRing::insecure_test_ring()));
     c.proactive = false;
     c.max_concurrent_refreshes = 4096;
     c
@@ -351,7 +352,11 @@ async fn engine_path(opts: &Opts, dir: &std::path::Path, summary: &mut Summary) 
 }
 
 async fn store_path(opts: &Opts, dir: &std::path::Path, summary: &mut Summary) {
-    let (store, sled_tid) = new_committer(|| Store::open(dir.join("store"), StoreConfig::default()).expect("store").0);
+    let (store, sled_tid) = new_committer(|| {
+        Store::open(dir.join("store"), &tokenwal::KeyRing::insecure_test_ring(), StoreConfig::default())
+            .expect("store")
+            .0
+    });
     let (mem_store, mem_tid) = new_committer(Store::in_memory);
     let table = Table::new("Store only: intent + commit per refresh, no HTTP, sled vs in-memory store", &COLUMNS);
     for n in concurrencies(opts) {
@@ -420,7 +425,11 @@ pub async fn sync_floor(opts: &Opts) {
     row("append 128 B + fsync (`sync_all`)", &floor.1);
 
     // One writer, one grant: every durable write is a group of one (sled flush + fsync of its file).
-    let (store, tid) = new_committer(|| Store::open(dir.join("store"), StoreConfig::default()).expect("store").0);
+    let (store, tid) = new_committer(|| {
+        Store::open(dir.join("store"), &tokenwal::KeyRing::insecure_test_ring(), StoreConfig::default())
+            .expect("store")
+            .0
+    });
     let mut side = Side::default();
     let writes = if opts.quick { 20 } else { 500 };
     for r in 0..writes {

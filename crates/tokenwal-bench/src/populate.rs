@@ -83,7 +83,8 @@ pub async fn scale_store(dir: &Path, n: usize) -> ScaleStore {
     std::fs::create_dir_all(dir).expect("work directory");
     eprintln!("building {} ({n} grants)", path.display());
     let built_at = now();
-    let (store, _) = Store::open(&path, StoreConfig::default()).expect("open a new store");
+    let (store, _) =
+        Store::open(&path, &tokenwal::KeyRing::insecure_test_ring(), StoreConfig::default()).expect("open a new store");
     let day = 86_400_000u64;
     let make = Arc::new(move |i: usize| {
         let access = UnixMillis(built_at.0 + 6 * 3_600_000 + (i as u64 * day) / n.max(1) as u64);

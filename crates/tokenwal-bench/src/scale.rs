@@ -224,7 +224,8 @@ pub async fn recovery(opts: &Opts) {
 /// `Engine::open` does today), the other half all at once (group commit), to show what that step
 /// costs and what sharing syncs would save. Store-level only: no engine, no network.
 async fn transitions_one_by_one_vs_together(path: &Path) {
-    let (store, _) = Store::open(path, StoreConfig::default()).expect("open the crash image");
+    let (store, _) = Store::open(path, &tokenwal::KeyRing::insecure_test_ring(), StoreConfig::default())
+        .expect("open the crash image");
     let machine = Arc::new(Machine::shopify(store.fingerprint_key()));
     let mut seq = store.open_grants().expect("open grants");
     let conc = seq.split_off(seq.len() / 2);
@@ -371,7 +372,7 @@ pub async fn churn(opts: &Opts) {
     let dir = opts.dir.join("churn");
     let _ = std::fs::remove_dir_all(&dir);
     let config = StoreConfig::default().with_retention(Duration::from_secs(retention_h * 3600));
-    let (store, _) = Store::open(&dir, config).expect("store");
+    let (store, _) = Store::open(&dir, &tokenwal::KeyRing::insecure_test_ring(), config).expect("store");
     let t = Table::new(
         &format!(
             "Disk under continuous refreshes: {grants} grants, one refresh per grant per simulated hour, \

@@ -150,6 +150,10 @@ impl From<StoreError> for CliError {
             StoreError::Corrupt { what, source } if what.starts_with("journal/") => {
                 CliError::CorruptRecord { what, detail: source.to_string() }
             }
+            // No key, a malformed or unsafe key file, the wrong key: the operator's configuration.
+            e @ (StoreError::Key(_) | StoreError::KeyUnavailable { .. } | StoreError::PlaintextFormat { .. }) => {
+                CliError::Config(e.to_string())
+            }
             other => CliError::Store(other),
         }
     }

@@ -4,7 +4,7 @@
 //!
 //! * `main` — the command line (clap derive), logging, dispatch, exit codes.
 //! * `settings` — store path, credentials (environment or a JSON config file, never arguments).
-//! * `commands` — import, run, status, shops, inspect, recover, token, export, sim.
+//! * `commands` — import, run, status, shops, inspect, recover, token, export, sim, keygen, rekey.
 //! * `import` — the JSON-lines token-set format shared by `import` and `export`.
 //! * `views` — secret-free views of states and journal records (tables and JSON).
 //! * `demo` — the simulator, the engine under faults and crashes, and a naive baseline.
@@ -35,8 +35,16 @@ CREDENTIALS
   client_id / client_secret in a JSON --config file (environment wins). Never from arguments: they
   would show up in `ps` and shell history. Only run, recover and token need them.
 
+STORE KEY
+  Every token in the store is encrypted (XChaCha20-Poly1305) under a store key from TOKENWAL_STORE_KEY
+  (base64 of 32 bytes), else the key file named by TOKENWAL_STORE_KEY_FILE, else store_key_file in
+  the config file. Never an argument. No key is an error (exit 78), never an unencrypted store; a
+  world-readable key file is refused. Make one with `tokenwal keygen FILE`; rotate with
+  `tokenwal keygen --rotate FILE` then `tokenwal rekey`. The demo needs none (ephemeral key).
+
 CONFIG FILE (--config FILE or TOKENWAL_CONFIG), JSON, every key optional, unknown keys refused:
   {\"client_id\": \"...\", \"client_secret\": \"...\", \"db\": \"/var/lib/app/tokenwal\",
+   \"store_key_file\": \"/etc/app/tokenwal.key\",
    \"app_handle\": \"my-app\", \"insecure_test_endpoint\": \"http://127.0.0.1:8080\",
    \"refresh_margin\": \"5m\", \"refresh_token_margin\": \"7d\", \"connect_timeout\": \"5s\",
    \"request_timeout\": \"30s\", \"max_wait\": \"10s\", \"max_concurrent_refreshes\": 64}
@@ -56,7 +64,8 @@ EXIT CODES
   75  transient, try again later: refresh outcome unknown and being retried, token endpoint
       unavailable or throttling, store in use by another process
   77  the shop needs re-auth: the merchant must open the app (token exchange)
-  78  configuration: credentials missing or rejected (invalid_client), bad config file
+  78  configuration: credentials missing or rejected (invalid_client), bad config file, store key
+      missing, unsafe (world-readable) or wrong
 
 EXAMPLES
   tokenwal demo                                  # no Shopify account needed, about a minute
@@ -180,7 +189,47 @@ enum Command {
     /// The main demo: a simulated Shopify with faults and crashes, tokenwal vs a naive refresher
     #[command(long_about = demo::ABOUT)]
     Demo(demo::DemoArgs),
+    /// Create a store key file (mode 0600), or rotate one: prepend a new active key.
+    #[command(long_about = KEYGEN_ABOUT)]
+    Keygen {
+        /// The key file. Without --rotate it must not exist.
+        file: PathBuf,
+        /// Prepend a new active key to an existing key file, keeping the old keys for reading.
+        #[arg(long)]
+        rotate: bool,
+    },
+    /// Re-seal every grant state under the active store key (crash-safe, resumable).
+    #[command(long_about = REKEY_ABOUT)]
+    Rekey {
+        /// Only report which key ids seal what (re-seals nothing but the fingerprint key).
+        #[arg(long)]
+        check: bool,
+        /// Re-seal at most N grants in this run.
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// First upgrade a format-1 (unencrypted) store in place.
+        #[arg(long)]
+        upgrade: bool,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
 }
+
+const KEYGEN_ABOUT: &str = "Create a store key file, or rotate the key in one.
+
+`tokenwal keygen FILE` writes one new random key (base64, 32 bytes) to FILE, created with mode 0600;
+it never overwrites. `tokenwal keygen --rotate FILE` prepends a new active key and keeps the older keys
+for reading (the file is replaced atomically, mode 0600). After rotating, restart whatever uses the
+store and run `tokenwal rekey`; when it reports 0 remaining under old keys, the old lines may be
+deleted from the file. See docs/security.md.";
+
+const REKEY_ABOUT: &str = "Re-seal every grant state and the fingerprint key under the active store key.
+
+Each grant is re-sealed by one durable compare-and-swap, so a run that is interrupted (killed, power
+loss) leaves a mix of old and new seals that the key ring still reads; running it again finishes.
+It reports how many values remain under old key ids: only when that is 0 may the old key be dropped.
+--check reports without re-sealing grants. --upgrade first converts a format-1 (unencrypted) store.
+The store is locked while it runs (stop `tokenwal run` first).";
 
 const IMPORT_ABOUT: &str = "Import existing token sets (JSON lines) into the store.
 
@@ -275,6 +324,8 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Export { reveal_secrets: true, .. } => commands::export(&settings()?),
         Command::Sim { port, sim } => runtime()?.block_on(commands::sim(*sim, port)),
         Command::Demo(args) => demo::run(args),
+        Command::Keygen { file, rotate } => commands::keygen(&file, rotate),
+        Command::Rekey { check, limit, upgrade, out } => commands::rekey(&settings()?, check, limit, upgrade, out.json),
     }
 }
 

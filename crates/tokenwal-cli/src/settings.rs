@@ -12,6 +12,7 @@
 //!   "client_id": "your-api-key",
 //!   "client_secret": "your-api-secret",
 //!   "db": "/var/lib/my-app/tokenwal",
+//!   "store_key_file": "/etc/my-app/tokenwal.key",
 //!   "app_handle": "my-app",
 //!   "insecure_test_endpoint": "http://127.0.0.1:8080",
 //!   "refresh_margin": "5m",
@@ -27,13 +28,22 @@
 //! `TOKENWAL_CLIENT_ID` and `TOKENWAL_CLIENT_SECRET` override the file's credentials; `--db`
 //! (or `TOKENWAL_DB`) overrides `db`; `--insecure-test-endpoint` overrides the file's endpoint.
 //! A file that holds a client secret should be readable by its owner only: tokenwal warns otherwise.
+//!
+//! # The store key
+//!
+//! The store is sealed under a key from `TOKENWAL_STORE_KEY` (base64 of 32 bytes), else the key
+//! file named by `TOKENWAL_STORE_KEY_FILE`, else the config file's `store_key_file`. Never an
+//! argument. No key is a configuration error (exit 78), never an unencrypted store; a world-readable
+//! key file is refused. `tokenwal keygen FILE` makes one (see docs/security.md).
 
 use crate::error::CliError;
 use serde::{Deserialize, Deserializer};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokenwal::core::{ClientSecret, FingerprintKey, Machine};
-use tokenwal::{Config, StoreLocation};
+use tokenwal::store::keys::{KEY_ENV, KEY_FILE_ENV};
+use tokenwal::store::StoreError;
+use tokenwal::{Config, KeyRing, KeySource, StoreLocation};
 use tokenwal_sim::SimDuration;
 use url::Url;
 
@@ -49,6 +59,7 @@ pub struct ConfigFile {
     client_id: Option<String>,
     client_secret: Option<String>,
     db: Option<PathBuf>,
+    store_key_file: Option<PathBuf>,
     app_handle: Option<String>,
     insecure_test_endpoint: Option<String>,
     #[serde(default, deserialize_with = "duration")]
@@ -134,6 +145,22 @@ impl Settings {
         self.file.app_handle.as_deref()
     }
 
+    /// Where the store keys come from: the environment ([`KEY_ENV`], [`KEY_FILE_ENV`]) first, then
+    /// the config file's `store_key_file`.
+    pub fn key_source(&self) -> KeySource {
+        let set = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
+        match &self.file.store_key_file {
+            Some(p) if !set(KEY_ENV) && !set(KEY_FILE_ENV) => KeySource::File(p.clone()),
+            _ => KeySource::Env,
+        }
+    }
+
+    /// The store key ring (see [`Settings::key_source`]). A missing key is an error, never a
+    /// plaintext store.
+    pub fn keys(&self) -> Result<KeyRing, CliError> {
+        Ok(self.key_source().load().map_err(StoreError::Key)?)
+    }
+
     /// The app's credentials: environment first, then the config file.
     pub fn credentials(&self) -> Result<(String, ClientSecret), CliError> {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
@@ -151,7 +178,8 @@ impl Settings {
     /// The engine configuration: credentials, endpoint, margins and timeouts.
     pub fn engine_config(&self, proactive: bool) -> Result<Config, CliError> {
         let (id, secret) = self.credentials()?;
-        let mut c = Config::shopify(StoreLocation::Path(self.db.clone()), id, secret);
+        let mut c = Config::shopify(StoreLocation::Path(self.db.clone()), id, secret)
+            .with_store_keys(KeySource::Ring(self.keys()?));
         if let Some(u) = &self.test_endpoint {
             c = c.with_insecure_test_endpoint(u.clone());
         }

@@ -10,7 +10,9 @@ use std::process::{Command, Stdio};
 use tokenwal_sim::{serve, Fault, SimConfig, SimHandle};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenwal");
-const ENV_VARS: [&str; 6] = [
+const ENV_VARS: [&str; 8] = [
+    "TOKENWAL_STORE_KEY",
+    "TOKENWAL_STORE_KEY_FILE",
     "TOKENWAL_CLIENT_ID",
     "TOKENWAL_CLIENT_SECRET",
     "TOKENWAL_DB",
@@ -34,12 +36,26 @@ impl Out {
     }
 }
 
-/// Runs `tokenwal --db DB ARGS` with a clean environment plus `env`, feeding `stdin`.
+/// The store key every test command gets unless it says otherwise (the fixed, public test key).
+fn test_key() -> String {
+    tokenwal_store::StoreKey::insecure_test_key().to_base64().to_string()
+}
+
+/// Runs `tokenwal --db DB ARGS` with a clean environment plus the test store key and `env`, feeding
+/// `stdin`.
 fn tokenwal(db: &Path, args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Out {
+    tokenwal_keyed(db, args, env, stdin, true)
+}
+
+/// [`tokenwal`], with `TOKENWAL_STORE_KEY` set to the test key only if `with_key`.
+fn tokenwal_keyed(db: &Path, args: &[&str], env: &[(&str, &str)], stdin: Option<&str>, with_key: bool) -> Out {
     let mut cmd = Command::new(BIN);
     cmd.arg("--db").arg(db).args(args);
     for k in ENV_VARS {
         cmd.env_remove(k);
+    }
+    if with_key {
+        cmd.env("TOKENWAL_STORE_KEY", test_key());
     }
     cmd.envs(env.iter().copied());
     cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
@@ -263,7 +279,12 @@ fn status_shops_and_inspect_show_state_and_history_but_no_secret() {
 fn a_locked_store_gets_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("store");
-    let (_held, _) = tokenwal_store::Store::open(&db, tokenwal_store::StoreConfig::default()).unwrap();
+    let (_held, _) = tokenwal_store::Store::open(
+        &db,
+        &tokenwal::KeyRing::insecure_test_ring(),
+        tokenwal_store::StoreConfig::default(),
+    )
+    .unwrap();
     for args in [&["status"][..], &["shops"], &["import"], &["token", "x.myshopify.com"]] {
         let input = line("x.myshopify.com", "a", "r", r#","expires_in":60"#);
         let out = tokenwal(&db, args, &CREDENTIALS, Some(&input));
@@ -496,6 +517,7 @@ fn run_keeps_shops_fresh_and_stops_cleanly_on_sigterm() {
         .arg(&db)
         .args(["run", "--grace", "2s"])
         .envs(CREDENTIALS)
+        .env("TOKENWAL_STORE_KEY", test_key())
         .env("TOKENWAL_INSECURE_TEST_ENDPOINT", &base)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -4,7 +4,7 @@
 //! install, so every batch passes its compare-and-swap. The time reported is per batch; the syncs
 //! per batch (group commit at work) are printed to stderr after each benchmark.
 //!
-//! `cargo bench -p tokenwal-store --bench apply`
+//! `cargo bench -p tokenwal-store --bench apply` (`-- seal` for the sealing cost alone)
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::sync::Arc;
@@ -56,7 +56,15 @@ fn apply(c: &mut Criterion) {
         for writers in [1usize, 64] {
             let dir = tempfile::tempdir().unwrap();
             let store = match backend {
-                "sled" => Store::open(dir.path().join("store"), StoreConfig::default()).unwrap().0,
+                "sled" => {
+                    Store::open(
+                        dir.path().join("store"),
+                        &tokenwal_store::KeyRing::insecure_test_ring(),
+                        StoreConfig::default(),
+                    )
+                    .unwrap()
+                    .0
+                }
                 _ => Store::in_memory(),
             };
             let m = Machine::shopify(store.fingerprint_key());
@@ -113,5 +121,27 @@ fn apply(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, apply);
+/// The cost sealing adds per state write: one seal (on the writer's thread) and one open (the
+/// committer authenticates the stored state before its compare-and-swap), for a typical state frame.
+fn seal(c: &mut Criterion) {
+    let keys = tokenwal_store::KeyRing::ephemeral();
+    let m = Machine::shopify(FingerprintKey::from_bytes([1; 32]));
+    let b =
+        m.install(None, key(0), tokens(T0), InstallSource::Import, UnixMillis(T0)).transition().write_batch().unwrap();
+    let sealed = tokenwal_store::seal_state_frame(&keys, &key(0), 1, &b.state);
+    eprintln!("seal: state frame {} bytes, sealed {} bytes", b.state.len(), sealed.len());
+    let mut group = c.benchmark_group("seal");
+    group.sample_size(20).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    group.bench_function("seal", |bn| bn.iter(|| tokenwal_store::seal_state_frame(&keys, &key(0), 1, &b.state)));
+    group.bench_function("open", |bn| bn.iter(|| tokenwal_store::open_state_frame(&keys, &key(0), &sealed).unwrap()));
+    group.bench_function("seal+open", |bn| {
+        bn.iter(|| {
+            let s = tokenwal_store::seal_state_frame(&keys, &key(0), 1, &b.state);
+            tokenwal_store::open_state_frame(&keys, &key(0), &s).unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, apply, seal);
 criterion_main!(benches);

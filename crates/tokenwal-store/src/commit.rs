@@ -79,7 +79,7 @@ fn write_one(shared: &Shared, b: &WriteBatch, lsn: u64, group_lsn: u64) -> Resul
     shared.fault(FaultPoint::BeforeWrite).map_err(|source| StoreError::Io { op: "transaction", source })?;
     capture_preimage(shared, &b.grant, group_lsn)?;
     let started = Instant::now();
-    let result = shared.backend.apply(b, lsn);
+    let result = shared.backend.apply(&shared.keys, b, lsn);
     Counters::add_time(&shared.counters.write_nanos, started);
     let result = result?;
     shared.fault(FaultPoint::AfterWrite).map_err(|source| StoreError::Io { op: "transaction", source })?;
@@ -116,6 +116,12 @@ fn commit_group(shared: &Shared, next_lsn: &mut u64, group: &mut Vec<Request>) {
                     expected: b.expected_version,
                     found,
                 }));
+            }
+            Ok(Err(ApplyError::UnknownKey(key_id))) => {
+                Counters::add(&c.corrupt_refusals, 1);
+                let what = layout::key_name(layout::GRANTS, &b.grant);
+                tracing::error!(what = %what, key_id = %key_id, "write refused: stored state is sealed under a key not in the ring");
+                answers.push(Answer::Refused(StoreError::KeyUnavailable { what, key_id, ring: shared.keys.ids() }));
             }
             Ok(Err(ApplyError::Corrupt(source))) => {
                 Counters::add(&c.corrupt_refusals, 1);

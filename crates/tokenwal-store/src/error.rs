@@ -1,7 +1,12 @@
 //! The store's one error type, categorised by what the caller can do.
 
+use crate::keys::{KeyError, KeyId};
 use std::path::PathBuf;
 use tokenwal_core::CodecError;
+
+fn ids(ring: &[KeyId]) -> String {
+    ring.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+}
 
 /// Why a store operation failed.
 ///
@@ -67,6 +72,34 @@ pub enum StoreError {
         /// The format this build reads.
         expected: &'static str,
     },
+    /// A value is sealed under a store key the key ring does not hold (the wrong key was supplied,
+    /// or an old key was dropped before `tokenwal rekey` finished). Nothing is guessed or
+    /// overwritten: supply the key with this id.
+    #[error(
+        "{what} is sealed under store key id {key_id}, which the key ring (ids: {}) does not hold: supply that key",
+        ids(ring)
+    )]
+    KeyUnavailable {
+        /// What could not be opened (`meta/fingerprint_key` or `grants/<key>`).
+        what: String,
+        /// The id of the key that sealed it.
+        key_id: KeyId,
+        /// The ids the ring holds, active first.
+        ring: Vec<KeyId>,
+    },
+    /// The store keys could not be loaded (none configured, malformed, unsafe key file).
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The directory holds a format-1 store, which kept tokens unencrypted. This build reads only
+    /// sealed stores: upgrade it with `tokenwal rekey --upgrade` (or [`crate::Store::upgrade_format1`]).
+    #[error(
+        "store {path:?} is format tokenwal-store/1 (tokens unencrypted); this build reads tokenwal-store/2: \
+         upgrade it once with `tokenwal rekey --upgrade` (seals every state under the active key)"
+    )]
+    PlaintextFormat {
+        /// The store directory.
+        path: PathBuf,
+    },
     /// The batch is not self-consistent (its state frame names another grant or version, or its
     /// `open` flag disagrees with the state's phase): a caller bug. Nothing was written.
     #[error("invalid write batch: {reason}")]
@@ -106,6 +139,11 @@ impl StoreError {
                 StoreError::UnsupportedFormat { found: found.clone(), expected }
             }
             StoreError::InvalidBatch { reason } => StoreError::InvalidBatch { reason },
+            StoreError::KeyUnavailable { what, key_id, ring } => {
+                StoreError::KeyUnavailable { what: what.clone(), key_id: *key_id, ring: ring.clone() }
+            }
+            StoreError::Key(e) => StoreError::Backend(e.to_string()),
+            StoreError::PlaintextFormat { path } => StoreError::PlaintextFormat { path: path.clone() },
             StoreError::Poisoned => StoreError::Poisoned,
             StoreError::Closed => StoreError::Closed,
         }

@@ -1,14 +1,14 @@
-//! The on-disk layout: tree names and key encodings (format `tokenwal-store/1`).
+//! The on-disk layout: tree names and key encodings (format `tokenwal-store/2`).
 //!
 //! ```text
 //! tree      key                                  value
-//! grants    grant                                GrantState frame ("TS")
+//! grants    grant                                sealed envelope ("TE", see `seal`) of the GrantState frame ("TS")
 //! open      grant                                empty: the grant's state is open (Phase::is_open)
 //! journal   lsn (u64 BE)                         Record frame ("TR")
 //! history   grant ++ 0x00 ++ lsn (u64 BE)        empty: one grant's records, in LSN order
 //! expiry    at (u64 BE ms) ++ lsn (u64 BE)       grant: records in time order, for retention
 //! meta      "format"                             FORMAT (refused if unknown)
-//!           "fingerprint_key"                    32 random bytes
+//!           "fingerprint_key"                    sealed envelope of 32 random bytes
 //!           "grant_count"                        u64 BE: entries of `grants`
 //!           "lsn_floor"                          u64 BE: every LSN ever used is below it, or in `journal`
 //! ```
@@ -19,8 +19,11 @@
 //! Compaction deletes `journal`, `history` and `expiry` entries together and raises `lsn_floor`, so
 //! LSNs stay monotonic even after every record was compacted away.
 
-/// The format marker this build writes and reads.
-pub const FORMAT: &str = "tokenwal-store/1";
+/// The format marker this build writes and reads: format 2 seals every secret (see `seal`).
+pub const FORMAT: &str = "tokenwal-store/2";
+/// The marker of format 1 (grant states and the fingerprint key in the clear), which
+/// [`crate::Store::upgrade_format1`] converts.
+pub const FORMAT_1: &str = "tokenwal-store/1";
 
 /// Tree of grant states.
 pub const GRANTS: &str = "grants";

@@ -12,7 +12,12 @@
 //! * `backend` — the sled backend (`flush()` then `sync_all()` of `<dir>/db`: sled 0.34.7's
 //!   `flush` does not fsync on Linux; `flush_async` is never called) and the in-memory backend (a
 //!   live and a durable image), sharing one implementation of a write over a transaction's view.
-//! * [`layout`] — trees and key encodings of the on-disk format (`tokenwal-store/1`).
+//! * [`layout`] — trees and key encodings of the on-disk format (`tokenwal-store/2`).
+//! * `seal` — the envelope sealing every grant state and the fingerprint key (XChaCha20-Poly1305,
+//!   the grant key and slot as associated data, a clear authenticated header with the key id and
+//!   the state version for the compare-and-swap).
+//! * [`keys`] — [`StoreKey`], [`KeyRing`] (active key + older read-only keys), [`KeySource`] (env,
+//!   key file, or a ring in hand), key files (0600, refused if world-accessible).
 //! * [`config`] — [`StoreConfig`], [`RecoveryMode`] and the reports.
 //! * [`error`] — [`StoreError`], typed by what the caller can do.
 //!
@@ -25,6 +30,9 @@
 //!   before it is durable.
 //! * Every frame is checked (magic, length, CRC) by the core codec; a corrupt entry is reported and
 //!   quarantined, never guessed at.
+//! * No token is on disk in the clear: grant states are sealed with an AEAD under the store key
+//!   ([`KeyRing`]); journal records hold no secrets. A value sealed under a key the ring lacks is
+//!   [`StoreError::KeyUnavailable`] (naming the key id), never "corrupt" and never overwritten.
 //! * Opening reads only the open-attempt index, so it is fast with a million grants.
 //!
 //! ## Example
@@ -67,17 +75,45 @@ mod backend;
 mod commit;
 pub mod config;
 pub mod error;
+pub mod keys;
 pub mod layout;
+mod seal;
 mod shared;
 pub mod store;
 
 pub use config::{CompactReport, History, OpenReport, RecoveryMode, ScanReport, StoreConfig, StoreStats};
 pub use error::StoreError;
+pub use keys::{KeyError, KeyId, KeyRing, KeySource, StoreKey};
 #[doc(hidden)]
 pub use shared::FaultPoint;
 #[doc(hidden)]
 pub use store::AckHold;
-pub use store::Store;
+pub use store::{KeyUsage, Reseal, Store};
+
+/// Seals a grant state frame as the store does (for tests and tools that fill a store's trees
+/// directly, e.g. the million-grant open test).
+#[doc(hidden)]
+pub fn seal_state_frame(keys: &KeyRing, grant: &tokenwal_core::GrantKey, version: u64, frame: &[u8]) -> Vec<u8> {
+    seal::seal(keys, seal::Slot::State(&grant.to_bytes()), version, frame)
+}
+
+/// Opens what [`seal_state_frame`] sealed (for benchmarks and tools): the state frame.
+#[doc(hidden)]
+pub fn open_state_frame(
+    keys: &KeyRing,
+    grant: &tokenwal_core::GrantKey,
+    sealed: &[u8],
+) -> Result<zeroize::Zeroizing<Vec<u8>>, StoreError> {
+    let key = grant.to_bytes();
+    seal::open(keys, seal::Slot::State(&key), sealed).map(|(_, plain)| plain).map_err(|e| match e {
+        seal::OpenError::Corrupt(source) => {
+            StoreError::Corrupt { what: layout::key_name(layout::GRANTS, &key), source }
+        }
+        seal::OpenError::UnknownKey(key_id) => {
+            StoreError::KeyUnavailable { what: layout::key_name(layout::GRANTS, &key), key_id, ring: keys.ids() }
+        }
+    })
+}
 
 #[cfg(test)]
 mod tests;

@@ -2,6 +2,7 @@
 
 use crate::backend::Backend;
 use crate::config::{StoreConfig, StoreStats};
+use crate::keys::KeyRing;
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -133,6 +134,8 @@ pub(crate) struct Shared {
     pub backend: Backend,
     pub config: StoreConfig,
     pub fingerprint: FingerprintKey,
+    /// The keys that seal grant states: the active one seals, every one opens.
+    pub keys: KeyRing,
     pub pending: Mutex<HashMap<Vec<u8>, PreImage>>,
     pub poisoned: AtomicBool,
     pub counters: Counters,
@@ -143,11 +146,18 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(backend: Backend, config: StoreConfig, fingerprint: FingerprintKey, grants: u64) -> Shared {
+    pub(crate) fn new(
+        backend: Backend,
+        config: StoreConfig,
+        fingerprint: FingerprintKey,
+        keys: KeyRing,
+        grants: u64,
+    ) -> Shared {
         Shared {
             backend,
             config,
             fingerprint,
+            keys,
             pending: Mutex::new(HashMap::new()),
             poisoned: AtomicBool::new(false),
             counters: Counters::default(),

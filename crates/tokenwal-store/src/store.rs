@@ -6,7 +6,9 @@ use crate::backend::{Backend, Expired};
 use crate::commit::{self, Request};
 use crate::config::{CompactReport, History, OpenReport, RecoveryMode, ScanReport, StoreConfig, StoreStats};
 use crate::error::StoreError;
+use crate::keys::{KeyId, KeyRing};
 use crate::layout::{self, Tree};
+use crate::seal::{self, OpenError, Slot};
 use crate::shared::{lock, Counters, FaultPoint, Hold, Shared};
 use rand::RngCore;
 use std::collections::BTreeMap;
@@ -20,6 +22,7 @@ use tokenwal_core::{
     codec, CodecError, DurableLog, FingerprintKey, GrantKey, GrantState, Record, UnixMillis, WriteBatch,
 };
 use tokio::sync::oneshot;
+use zeroize::{Zeroize, Zeroizing};
 
 /// The durable journal and token store: a cheap, cloneable handle.
 ///
@@ -94,48 +97,104 @@ fn sanitize(bytes: &[u8]) -> String {
 }
 
 /// Reads (or, for an empty store, writes) the meta tree. Returns the fingerprint key and whether the
-/// store was created.
-fn prepare(backend: &Backend) -> Result<(FingerprintKey, bool), StoreError> {
+/// store was created. A fingerprint key sealed under an older key of the ring is re-sealed under the
+/// active key (one atomic, synced write: either envelope opens with the ring).
+fn prepare(backend: &Backend, keys: &KeyRing, dir: Option<&Path>) -> Result<(FingerprintKey, bool), StoreError> {
+    let put = |entries: &[(&[u8], &[u8])]| -> Result<(), StoreError> {
+        match backend {
+            Backend::Sled(s) => {
+                for (k, v) in entries {
+                    s.put_raw(Tree::Meta, k, v)?;
+                }
+                s.sync_creation()
+            }
+            Backend::Memory(m) => {
+                for (k, v) in entries {
+                    m.put_durable(Tree::Meta, k, v);
+                }
+                Ok(())
+            }
+        }
+    };
     let created = match backend.get(Tree::Meta, layout::META_FORMAT)? {
         Some(f) if f == layout::FORMAT.as_bytes() => false,
+        Some(f) if f == layout::FORMAT_1.as_bytes() => {
+            return Err(StoreError::PlaintextFormat { path: dir.map(Path::to_path_buf).unwrap_or_default() })
+        }
         Some(f) => return Err(StoreError::UnsupportedFormat { found: sanitize(&f), expected: layout::FORMAT }),
         None => {
             let has_data = backend.last_key(Tree::Grants)?.is_some() || backend.last_key(Tree::Journal)?.is_some();
             if has_data {
                 return Err(StoreError::UnsupportedFormat { found: "(missing)".into(), expected: layout::FORMAT });
             }
-            let mut key = [0u8; 32];
-            rand::rngs::OsRng.fill_bytes(&mut key);
+            let mut key = Zeroizing::new([0u8; 32]);
+            rand::rngs::OsRng.fill_bytes(key.as_mut());
+            let sealed = seal::seal(keys, Slot::FingerprintKey, 0, key.as_ref());
             // The format marker goes last: a store whose creation was interrupted has none, holds no
             // data, and is created afresh by the next open.
-            let entries: [(&[u8], &[u8]); 4] = [
-                (layout::META_FINGERPRINT_KEY, &key),
+            put(&[
+                (layout::META_FINGERPRINT_KEY, &sealed),
                 (layout::META_GRANT_COUNT, &0u64.to_be_bytes()),
                 (layout::META_LSN_FLOOR, &0u64.to_be_bytes()),
                 (layout::META_FORMAT, layout::FORMAT.as_bytes()),
-            ];
-            match backend {
-                Backend::Sled(s) => {
-                    for (k, v) in entries {
-                        s.put_raw(Tree::Meta, k, v)?;
-                    }
-                    s.sync_creation()?;
-                }
-                Backend::Memory(m) => {
-                    for (k, v) in entries {
-                        m.put_durable(Tree::Meta, k, v);
-                    }
-                }
-            }
+            ])?;
             true
         }
     };
-    let key = backend.get(Tree::Meta, layout::META_FINGERPRINT_KEY)?.unwrap_or_default();
+    let what = || String::from_utf8_lossy(layout::META_FINGERPRINT_KEY).into_owned();
+    let sealed = backend.get(Tree::Meta, layout::META_FINGERPRINT_KEY)?.unwrap_or_default();
+    let (header, key) = match seal::open(keys, Slot::FingerprintKey, &sealed) {
+        Ok(opened) => opened,
+        Err(OpenError::UnknownKey(key_id)) => {
+            return Err(StoreError::KeyUnavailable { what: format!("meta/{}", what()), key_id, ring: keys.ids() })
+        }
+        Err(OpenError::Corrupt(source)) => {
+            return Err(StoreError::Corrupt { what: format!("meta/{}", what()), source })
+        }
+    };
     let key: [u8; 32] = key.as_slice().try_into().map_err(|_| StoreError::Corrupt {
-        what: "meta/fingerprint_key".into(),
+        what: format!("meta/{}", what()),
         source: CodecError::Truncated { len: key.len() },
     })?;
+    if header.key_id != keys.active_id() {
+        let resealed = seal::seal(keys, Slot::FingerprintKey, 0, &key);
+        put(&[(layout::META_FINGERPRINT_KEY, &resealed)])?;
+        tracing::info!(from = %header.key_id, to = %keys.active_id(), "fingerprint key re-sealed under the active store key");
+    }
     Ok((FingerprintKey::from_bytes(key), created))
+}
+
+/// What [`Store::reseal`] did to one grant.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub enum Reseal {
+    /// The state was already sealed under the active key: nothing written.
+    AlreadyActive,
+    /// The state was re-sealed under the active key (durably).
+    Resealed,
+    /// The grant does not exist.
+    Missing,
+}
+
+/// Which store keys seal what: the answer of [`Store::key_usage`]. Read from the clear headers,
+/// without decrypting anything.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct KeyUsage {
+    /// Grant states per sealing key id.
+    pub grants: BTreeMap<KeyId, usize>,
+    /// The key id sealing the fingerprint key.
+    pub fingerprint_key: Option<KeyId>,
+    /// Grant states whose envelope fails its checksum (`grants/<key>`).
+    pub corrupt: Vec<String>,
+}
+
+impl KeyUsage {
+    /// Values (grant states and the fingerprint key) sealed under a key other than `active`.
+    pub fn remaining_under_other_keys(&self, active: KeyId) -> usize {
+        let grants: usize = self.grants.iter().filter(|(id, _)| **id != active).map(|(_, n)| n).sum();
+        grants + usize::from(self.fingerprint_key.is_some_and(|id| id != active))
+    }
 }
 
 impl Store {
@@ -146,26 +205,106 @@ impl Store {
     /// [`OpenReport::corrupt`], not fatal. A directory holding another store format is refused with
     /// [`StoreError::UnsupportedFormat`]; one open by another process or handle with
     /// [`StoreError::Locked`].
-    pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<(Store, OpenReport), StoreError> {
+    ///
+    /// Every grant state and the fingerprint key are sealed under `keys` (the active key seals, any
+    /// key of the ring opens). A store sealed under a key the ring lacks fails with
+    /// [`StoreError::KeyUnavailable`] naming the key id it needs; a format-1 (unencrypted) store with
+    /// [`StoreError::PlaintextFormat`].
+    pub fn open(
+        path: impl AsRef<Path>,
+        keys: &KeyRing,
+        config: StoreConfig,
+    ) -> Result<(Store, OpenReport), StoreError> {
         let started = Instant::now();
         let backend = Backend::Sled(SledBackend::open(path.as_ref(), &config)?);
-        Store::start(backend, config, started)
+        Store::start(backend, keys.clone(), config, started, Some(path.as_ref()))
     }
 
     /// An in-memory store with the default configuration: the same semantics as the sled store
-    /// (compare-and-swap, index, history, compaction, stats, group commit), plus crash images.
+    /// (compare-and-swap, index, history, compaction, stats, group commit, sealing under an
+    /// ephemeral key), plus crash images.
     pub fn in_memory() -> Store {
         Store::in_memory_with(StoreConfig::default())
     }
 
-    /// An in-memory store with `config`.
+    /// An in-memory store with `config`, sealed under an ephemeral key ([`KeyRing::ephemeral`]).
     pub fn in_memory_with(config: StoreConfig) -> Store {
         let backend = Backend::Memory(MemBackend::from_image(Image::default()));
-        Store::start(backend, config, Instant::now()).expect("an empty in-memory store always opens").0
+        Store::start(backend, KeyRing::ephemeral(), config, Instant::now(), None)
+            .expect("an empty in-memory store always opens")
+            .0
     }
 
-    fn start(backend: Backend, config: StoreConfig, started: Instant) -> Result<(Store, OpenReport), StoreError> {
-        let (fingerprint, created) = prepare(&backend)?;
+    /// Converts a format-1 store (grant states and the fingerprint key in the clear) in directory
+    /// `path` to format 2 in place: every state frame and the fingerprint key are sealed under the
+    /// active key of `keys`, synced, and only then is the format marker switched. Crash-safe and
+    /// resumable: a re-run skips what is already sealed. Returns the number of values sealed (0 for a
+    /// store already in format 2). The store must not be open elsewhere (it is locked).
+    ///
+    /// The plaintext tokens may survive in the free space of sled's log until sled reuses it: treat
+    /// the disk (and older backups) as holding them, see `docs/security.md`.
+    pub fn upgrade_format1(path: impl AsRef<Path>, keys: &KeyRing, config: StoreConfig) -> Result<usize, StoreError> {
+        let sled = SledBackend::open(path.as_ref(), &config)?;
+        match sled.get(Tree::Meta, layout::META_FORMAT)? {
+            Some(f) if f == layout::FORMAT.as_bytes() => return Ok(0),
+            Some(f) if f == layout::FORMAT_1.as_bytes() => {}
+            Some(f) => return Err(StoreError::UnsupportedFormat { found: sanitize(&f), expected: layout::FORMAT_1 }),
+            None => {
+                return Err(StoreError::UnsupportedFormat { found: "(missing)".into(), expected: layout::FORMAT_1 })
+            }
+        }
+        let mut plain = Vec::new();
+        let mut corrupt = None;
+        sled.scan(Tree::Grants, &[], &mut |k, v| {
+            if v.starts_with(&codec::STATE_MAGIC) {
+                match codec::decode_state(v) {
+                    Ok(_) => plain.push(k.to_vec()),
+                    Err(source) => {
+                        corrupt = Some(StoreError::Corrupt { what: layout::key_name(layout::GRANTS, k), source });
+                        return false;
+                    }
+                }
+            }
+            true
+        })?;
+        if let Some(e) = corrupt {
+            return Err(e);
+        }
+        let mut sealed = 0;
+        for k in &plain {
+            let Some(mut frame) = sled.get(Tree::Grants, k)? else { continue };
+            let state = codec::decode_state(&frame)
+                .map_err(|source| StoreError::Corrupt { what: layout::key_name(layout::GRANTS, k), source })?;
+            sled.put_raw(Tree::Grants, k, &seal::seal(keys, Slot::State(k), state.version, &frame))?;
+            frame.zeroize();
+            sealed += 1;
+        }
+        if let Some(mut fk) = sled.get(Tree::Meta, layout::META_FINGERPRINT_KEY)? {
+            if fk.len() == 32 {
+                sled.put_raw(
+                    Tree::Meta,
+                    layout::META_FINGERPRINT_KEY,
+                    &seal::seal(keys, Slot::FingerprintKey, 0, &fk),
+                )?;
+                sealed += 1;
+            }
+            fk.zeroize();
+        }
+        sled.sync_creation()?;
+        sled.put_raw(Tree::Meta, layout::META_FORMAT, layout::FORMAT.as_bytes())?;
+        sled.sync_creation()?;
+        tracing::info!(sealed, "store upgraded to format tokenwal-store/2");
+        Ok(sealed)
+    }
+
+    fn start(
+        backend: Backend,
+        keys: KeyRing,
+        config: StoreConfig,
+        started: Instant,
+        dir: Option<&Path>,
+    ) -> Result<(Store, OpenReport), StoreError> {
+        let (fingerprint, created) = prepare(&backend, &keys, dir)?;
         let meta_u64 = |k: &[u8]| -> Result<u64, StoreError> {
             Ok(backend.get(Tree::Meta, k)?.as_deref().and_then(layout::be_u64).unwrap_or(0))
         };
@@ -182,19 +321,19 @@ impl Store {
         let mut corrupt = Vec::new();
         let mut open_attempts = 0;
         for k in &open_keys {
-            match backend.get(Tree::Grants, k)?.map(|f| codec::decode_state(&f)) {
+            match backend.get(Tree::Grants, k)?.map(|f| decode_grant(&keys, k, &f)) {
                 Some(Ok(s)) if s.phase.is_open() => open_attempts += 1,
                 Some(Ok(_)) => corrupt.push(layout::key_name(layout::OPEN, k)),
                 Some(Err(e)) => {
                     let what = layout::key_name(layout::GRANTS, k);
-                    tracing::error!(what = %what, error = %e, "corrupt grant state in the open index: quarantined");
+                    tracing::error!(what = %what, error = %e, "unreadable grant state in the open index: quarantined");
                     corrupt.push(what);
                 }
                 None => corrupt.push(layout::key_name(layout::GRANTS, k)),
             }
         }
 
-        let shared = Arc::new(Shared::new(backend, config, fingerprint, grants));
+        let shared = Arc::new(Shared::new(backend, config, fingerprint, keys, grants));
         let (tx, rx) = mpsc::channel();
         let worker = Arc::clone(&shared);
         let committer = std::thread::Builder::new()
@@ -237,9 +376,23 @@ impl Store {
         self.shared().fingerprint.clone()
     }
 
-    fn submit(&self, batch: WriteBatch) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
+    /// The ids of the store keys this handle holds (active first).
+    pub fn key_ids(&self) -> Vec<KeyId> {
+        self.shared().keys.ids()
+    }
+
+    fn submit(&self, mut batch: WriteBatch) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
         self.check()?;
         validate(&batch)?;
+        // Seal on the caller's thread (the committer stays a single, short critical path) and wipe
+        // the plaintext frame, which holds the tokens.
+        let sealed = seal::seal(&self.shared().keys, Slot::State(&batch.grant), batch.new_version, &batch.state);
+        let mut plain = std::mem::replace(&mut batch.state, sealed);
+        plain.zeroize();
+        self.send(batch)
+    }
+
+    fn send(&self, batch: WriteBatch) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
         let (reply, rx) = oneshot::channel();
         let tx = self.inner.tx.as_ref().ok_or(StoreError::Closed)?;
         tx.send(Request { batch, reply }).map_err(|_| StoreError::Closed)?;
@@ -290,7 +443,86 @@ impl Store {
         // A group that failed after this read started may have cleared its pre-images: the store
         // was poisoned before that, so checking again keeps a non-durable state from escaping.
         self.check()?;
-        frame.map(|f| decode_grant(&key, &f)).transpose()
+        frame.map(|f| decode_grant(&self.shared().keys, &key, &f)).transpose()
+    }
+
+    /// The stored envelope of `grant` as readers see it (pre-image first), with its durable open flag.
+    fn stored_envelope(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let live = self.shared().backend.get(Tree::Grants, key)?;
+        let frame = match lock(&self.shared().pending).get(key) {
+            Some(pre) => pre.state.clone(),
+            None => live,
+        };
+        self.check()?;
+        Ok(frame)
+    }
+
+    /// Re-seals `grant`'s state under the active key if an older key sealed it: a compare-and-swap
+    /// on the state's version through the committer, durable when this returns. The state's
+    /// content and version are unchanged, so a concurrent writer is unaffected (if it wins, this
+    /// answers [`StoreError::Conflict`] and a retry finds its state, sealed under the active key).
+    ///
+    /// Crash-safe and idempotent: before the sync either envelope is in place, and both open with a
+    /// ring holding both keys. `tokenwal rekey` calls this for every grant.
+    pub fn reseal_blocking(&self, grant: &GrantKey) -> Result<Reseal, StoreError> {
+        self.check()?;
+        let key = grant.to_bytes();
+        let Some(sealed) = self.stored_envelope(&key)? else { return Ok(Reseal::Missing) };
+        let keys = &self.shared().keys;
+        let (header, plain) = seal::open(keys, Slot::State(&key), &sealed).map_err(|e| open_error(keys, &key, e))?;
+        if header.key_id == keys.active_id() {
+            return Ok(Reseal::AlreadyActive);
+        }
+        let state = codec::decode_state(&plain)
+            .map_err(|source| StoreError::Corrupt { what: layout::key_name(layout::GRANTS, &key), source })?;
+        let batch = WriteBatch {
+            grant: key.clone(),
+            expected_version: Some(header.version),
+            new_version: header.version,
+            state: seal::seal(keys, Slot::State(&key), header.version, &plain),
+            open: state.phase.is_open(),
+            records: Vec::new(),
+        };
+        let rx = self.send(batch)?;
+        rx.blocking_recv().map_err(|_| StoreError::Closed)??;
+        Ok(Reseal::Resealed)
+    }
+
+    /// Which key ids seal the grant states and the fingerprint key (from the clear headers: no
+    /// decryption, a full scan of the grants).
+    pub fn key_usage(&self) -> Result<KeyUsage, StoreError> {
+        self.check()?;
+        let shared = self.shared();
+        let mut usage = KeyUsage::default();
+        if let Some(fk) = shared.backend.get(Tree::Meta, layout::META_FINGERPRINT_KEY)? {
+            usage.fingerprint_key = seal::header(&fk).ok().map(|h| h.key_id);
+        }
+        shared.backend.scan(Tree::Grants, &[], &mut |k, v| {
+            match seal::header(v) {
+                Ok(h) => *usage.grants.entry(h.key_id).or_default() += 1,
+                Err(_) => usage.corrupt.push(layout::key_name(layout::GRANTS, k)),
+            }
+            true
+        })?;
+        self.check()?;
+        Ok(usage)
+    }
+
+    /// The keys of every grant whose state is sealed under a key other than the active one (from the
+    /// clear headers), in key order: `tokenwal rekey`'s work list.
+    pub fn grants_under_old_keys(&self) -> Result<Vec<GrantKey>, StoreError> {
+        self.check()?;
+        let active = self.shared().keys.active_id();
+        let mut out = Vec::new();
+        self.shared().backend.scan(Tree::Grants, &[], &mut |k, v| {
+            if seal::header(v).is_ok_and(|h| h.key_id != active) {
+                if let Ok(g) = GrantKey::from_bytes(k) {
+                    out.push(g);
+                }
+            }
+            true
+        })?;
+        Ok(out)
     }
 
     /// The durable states of every grant in an open phase (an intent without outcome, or an
@@ -324,7 +556,7 @@ impl Store {
                 tracing::error!(what = %layout::key_name(layout::OPEN, &k), "open index entry without a state");
                 continue;
             };
-            match decode_grant(&k, &f) {
+            match decode_grant(&self.shared().keys, &k, &f) {
                 Ok(s) if s.phase.is_open() => out.push(s),
                 Ok(_) => {
                     tracing::error!(what = %layout::key_name(layout::OPEN, &k), "open index entry of a closed state")
@@ -347,8 +579,8 @@ impl Store {
             let decoded = match &pre {
                 // A grant whose first write is not durable yet does not exist.
                 Some(None) => return true,
-                Some(Some(frame)) => codec::decode_state(frame),
-                None => codec::decode_state(v),
+                Some(Some(frame)) => decode_grant(&shared.keys, k, frame),
+                None => decode_grant(&shared.keys, k, v),
             };
             match decoded {
                 Ok(s) => {
@@ -357,7 +589,7 @@ impl Store {
                 }
                 Err(e) => {
                     let what = layout::key_name(layout::GRANTS, k);
-                    tracing::error!(what = %what, error = %e, "corrupt grant state skipped by a scan");
+                    tracing::error!(what = %what, error = %e, "unreadable grant state skipped by a scan");
                     report.corrupt.push(what);
                 }
             }
@@ -468,11 +700,31 @@ impl Store {
         match &self.shared().backend {
             Backend::Memory(m) => {
                 let backend = Backend::Memory(MemBackend::from_image(m.durable_image()));
-                Store::start(backend, self.shared().config.clone(), Instant::now())
+                Store::start(backend, self.shared().keys.clone(), self.shared().config.clone(), Instant::now(), None)
                     .expect("a crash image of an in-memory store always opens")
                     .0
             }
             Backend::Sled(_) => panic!("crash_image is only available on an in-memory store"),
+        }
+    }
+
+    /// Test hook: [`Store::crash_image`], reopened under the ring `keys` makes of this store's ring
+    /// (e.g. a rotated one).
+    ///
+    /// # Panics
+    ///
+    /// If this store is not in-memory, or the new ring cannot open it.
+    #[doc(hidden)]
+    pub fn crash_image_with_keys(&self, keys: impl FnOnce(&KeyRing) -> KeyRing) -> Store {
+        match &self.shared().backend {
+            Backend::Memory(m) => {
+                let backend = Backend::Memory(MemBackend::from_image(m.durable_image()));
+                let keys = keys(&self.shared().keys);
+                Store::start(backend, keys, self.shared().config.clone(), Instant::now(), None)
+                    .expect("the crash image opens under the new ring")
+                    .0
+            }
+            Backend::Sled(_) => panic!("crash_image_with_keys is only available on an in-memory store"),
         }
     }
 
@@ -507,8 +759,18 @@ impl Store {
     }
 }
 
-fn decode_grant(key: &[u8], frame: &[u8]) -> Result<GrantState, StoreError> {
-    codec::decode_state(frame)
+fn open_error(keys: &KeyRing, key: &[u8], e: OpenError) -> StoreError {
+    let what = layout::key_name(layout::GRANTS, key);
+    match e {
+        OpenError::Corrupt(source) => StoreError::Corrupt { what, source },
+        OpenError::UnknownKey(key_id) => StoreError::KeyUnavailable { what, key_id, ring: keys.ids() },
+    }
+}
+
+/// Opens a stored envelope and decodes the state frame inside. The plaintext is wiped after decoding.
+fn decode_grant(keys: &KeyRing, key: &[u8], sealed: &[u8]) -> Result<GrantState, StoreError> {
+    let (_, plain) = seal::open(keys, Slot::State(key), sealed).map_err(|e| open_error(keys, key, e))?;
+    codec::decode_state(&plain)
         .map_err(|source| StoreError::Corrupt { what: layout::key_name(layout::GRANTS, key), source })
 }
 

@@ -66,7 +66,7 @@ async fn writer(store: Store, m: Arc<Machine>, g: GrantKey) {
 #[test]
 fn crash_child() {
     let Some(dir) = std::env::var_os(CHILD_ENV) else { return };
-    let (store, _) = Store::open(dir, StoreConfig::default()).unwrap();
+    let (store, _) = Store::open(dir, &tokenwal_store::KeyRing::insecure_test_ring(), StoreConfig::default()).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         let m = Arc::new(Machine::shopify(store.fingerprint_key()));
@@ -120,7 +120,8 @@ fn acknowledged_writes_survive_kill_9() {
             *e = (*e).max(v);
         }
 
-        let (store, report) = Store::open(&path, StoreConfig::default()).unwrap();
+        let (store, report) =
+            Store::open(&path, &tokenwal_store::KeyRing::insecure_test_ring(), StoreConfig::default()).unwrap();
         assert!(report.corrupt.is_empty(), "round {round}: {:?}", report.corrupt);
         for (g, v) in &acked {
             let grant = GrantKey::new("shopify", g.strip_prefix("shopify/").unwrap()).unwrap();

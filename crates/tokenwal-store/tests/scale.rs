@@ -20,7 +20,10 @@ fn open_is_fast_with_a_million_grants() {
     let every_open = 1000;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store");
-    let fingerprint = Store::open(&path, StoreConfig::default()).unwrap().0.fingerprint_key();
+    let fingerprint = Store::open(&path, &tokenwal_store::KeyRing::insecure_test_ring(), StoreConfig::default())
+        .unwrap()
+        .0
+        .fingerprint_key();
     let m = Machine::shopify(fingerprint);
     let now = UnixMillis(T0);
     let tokens = TokenSet {
@@ -55,7 +58,11 @@ fn open_is_fast_with_a_million_grants() {
                 let k = key(i);
                 let template = if i % every_open == 0 { &refreshing } else { &healthy };
                 let s = GrantState { grant: k.clone(), ..template.clone() };
-                g.insert(k.to_bytes(), codec::encode_state(&s).unwrap());
+                let ring = tokenwal_store::KeyRing::insecure_test_ring();
+                g.insert(
+                    k.to_bytes(),
+                    tokenwal_store::seal_state_frame(&ring, &k, s.version, &codec::encode_state(&s).unwrap()),
+                );
                 if i % every_open == 0 {
                     o.insert(k.to_bytes(), &[]);
                 }
@@ -68,7 +75,8 @@ fn open_is_fast_with_a_million_grants() {
     }
     eprintln!("filled {n} grants in {:?}", fill.elapsed());
 
-    let (store, report) = Store::open(&path, StoreConfig::default()).unwrap();
+    let (store, report) =
+        Store::open(&path, &tokenwal_store::KeyRing::insecure_test_ring(), StoreConfig::default()).unwrap();
     eprintln!("open: {:?} ({} grants, {} open attempts)", report.elapsed, report.grants, report.open_attempts);
     assert_eq!(report.grants, n);
     assert_eq!(report.open_attempts, n.div_ceil(every_open));

@@ -4,6 +4,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokenwal_core::{ClientSecret, GrantKey, ResponseRules, RetryPolicy, SHOPIFY_PROVIDER};
+use tokenwal_store::KeySource;
 use url::Url;
 
 /// Where the token endpoint is.
@@ -138,7 +139,8 @@ impl Default for Timeouts {
 /// Where the engine keeps its journal.
 #[derive(Clone, Debug)]
 pub enum StoreLocation {
-    /// A sled store in this directory (created 0700 if missing).
+    /// A sled store in this directory (created 0700 if missing), sealed under the keys of
+    /// [`Config::store_keys`].
     Path(PathBuf),
     /// In memory (tests and demos: nothing survives the process).
     InMemory,
@@ -152,6 +154,11 @@ pub enum StoreLocation {
 pub struct Config {
     /// The store.
     pub store: StoreLocation,
+    /// Where the keys sealing a [`StoreLocation::Path`] store come from. Default
+    /// [`KeySource::Env`]: `TOKENWAL_STORE_KEY` (base64 of 32 bytes) or the key file named by
+    /// `TOKENWAL_STORE_KEY_FILE`. No key is an error at [`crate::Engine::open`], never a plaintext
+    /// fallback. In-memory stores use an ephemeral key and ignore this.
+    pub store_keys: KeySource,
     /// The token endpoint.
     pub endpoint: Endpoint,
     /// The app's client id (API key).
@@ -181,6 +188,7 @@ impl Config {
     pub fn shopify(store: StoreLocation, client_id: impl Into<String>, client_secret: ClientSecret) -> Config {
         Config {
             store,
+            store_keys: KeySource::Env,
             endpoint: Endpoint::Shopify,
             client_id: client_id.into(),
             client_secret,
@@ -193,6 +201,12 @@ impl Config {
             credentials_pause: Duration::from_secs(60),
             max_wait: Duration::from_secs(10),
         }
+    }
+
+    /// Sets [`Config::store_keys`].
+    pub fn with_store_keys(mut self, keys: KeySource) -> Config {
+        self.store_keys = keys;
+        self
     }
 
     /// **Test only**: point the Shopify profile at a local server (see [`Endpoint::ShopifyTestServer`]).

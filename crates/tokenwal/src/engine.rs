@@ -99,9 +99,11 @@ impl Engine {
             StoreLocation::Open(store) => (store.clone(), Vec::new()),
             StoreLocation::Path(p) => {
                 let p = p.clone();
-                let (store, report) = tokio::task::spawn_blocking(move || Store::open(p, StoreConfig::default()))
-                    .await
-                    .map_err(|e| Error::Config(format!("store open task failed: {e}")))??;
+                let keys = config.store_keys.load().map_err(StoreError::Key)?;
+                let (store, report) =
+                    tokio::task::spawn_blocking(move || Store::open(p, &keys, StoreConfig::default()))
+                        .await
+                        .map_err(|e| Error::Config(format!("store open task failed: {e}")))??;
                 (store, report.corrupt)
             }
         };

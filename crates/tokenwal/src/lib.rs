@@ -29,6 +29,8 @@
 //! use tokenwal_core::{ClientSecret, ShopDomain};
 //!
 //! # async fn run() -> Result<(), tokenwal::Error> {
+//! // The store is sealed under the key in TOKENWAL_STORE_KEY or the key file named by
+//! // TOKENWAL_STORE_KEY_FILE (`tokenwal keygen FILE`); see docs/security.md.
 //! let config = Config::shopify(
 //!     StoreLocation::Path("/var/lib/my-app/tokenwal".into()),
 //!     std::env::var("SHOPIFY_API_KEY").unwrap(),
@@ -63,3 +65,4 @@ pub use error::Error;
 pub use session::{SessionTokenProblem, SESSION_TOKEN_LEEWAY};
 pub use tokenwal_core as core;
 pub use tokenwal_store as store;
+pub use tokenwal_store::{KeyRing, KeySource};

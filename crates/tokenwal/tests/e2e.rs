@@ -29,7 +29,8 @@ async fn sim() -> SimHandle {
 
 fn config(base: &str, store: StoreLocation, secret: &str) -> Config {
     let mut c = Config::shopify(store, CLIENT_ID, ClientSecret::new(secret))
-        .with_insecure_test_endpoint(url::Url::parse(base).unwrap());
+        .with_insecure_test_endpoint(url::Url::parse(base).unwrap())
+        .with_store_keys(tokenwal::KeySource::Ring(tokenwal::KeyRing::insecure_test_ring()));
     c.proactive = false;
     c.max_wait = Duration::from_secs(10);
     c.timeouts.connect = Duration::from_secs(2);

@@ -46,7 +46,8 @@ async fn no_secret_reaches_logs_errors_or_debug_output() {
     let path = dir.path().join("db");
     let make_config = |secret: &str, max_wait: Duration| {
         let mut c = Config::shopify(StoreLocation::Path(path.clone()), "sim-client-id", ClientSecret::new(secret))
-            .with_insecure_test_endpoint(url::Url::parse(&sim.base_url()).unwrap());
+            .with_insecure_test_endpoint(url::Url::parse(&sim.base_url()).unwrap())
+            .with_store_keys(tokenwal::KeySource::Ring(tokenwal::KeyRing::insecure_test_ring()));
         c.proactive = true;
         c.max_wait = max_wait;
         c.timeouts.total = Duration::from_millis(800);

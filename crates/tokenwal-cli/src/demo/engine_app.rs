@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokenwal::core::{
     AccessToken, AmbiguityReason, ClientSecret, GrantKey, Phase, Record, RefreshToken, Resolution, ShopDomain, TokenSet,
 };
-use tokenwal::{Config, Engine, Error, RecoveryReport, StoreLocation};
+use tokenwal::{Config, Engine, Error, KeyRing, KeySource, RecoveryReport, StoreLocation};
 use tokenwal_sim::SimHandle;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -30,6 +30,9 @@ struct Live {
 pub(crate) struct TokenwalApp<'w> {
     world: &'w World,
     path: PathBuf,
+    /// The demo's store key: ephemeral (random, never written anywhere), kept across the simulated
+    /// crashes of this run.
+    keys: KeyRing,
     shops: Arc<[ShopDomain]>,
     calls: Arc<Calls>,
     reports: Vec<RecoveryReport>,
@@ -43,6 +46,7 @@ impl<'w> TokenwalApp<'w> {
         TokenwalApp {
             world,
             path,
+            keys: KeyRing::ephemeral(),
             shops: world.shops.clone().into(),
             calls: Arc::new(Calls::default()),
             reports: Vec::new(),
@@ -61,7 +65,8 @@ impl<'w> TokenwalApp<'w> {
             sc.client_id.clone(),
             ClientSecret::new(sc.client_secret.clone()),
         )
-        .with_insecure_test_endpoint(base);
+        .with_insecure_test_endpoint(base)
+        .with_store_keys(KeySource::Ring(self.keys.clone()));
         c.refresh_margin = a.refresh_margin.to_std();
         c.timeouts.total = a.timeout.to_std();
         c.timeouts.connect = a.timeout.to_std().min(Duration::from_secs(1));

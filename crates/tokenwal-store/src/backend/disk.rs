@@ -5,6 +5,7 @@
 use super::{delete_expired, write_group, BatchResult, Expired, Kv};
 use crate::config::StoreConfig;
 use crate::error::StoreError;
+use crate::keys::KeyRing;
 use crate::layout::{self, Tree};
 use fs2::FileExt;
 use sled::transaction::{
@@ -82,6 +83,26 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Makes every regular file directly in the store directory (sled's `db`, `conf`, snapshots, the
+/// lock file) accessible to the owner only (0600): sled creates its files with the process umask.
+fn restrict_files(dir: &Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for entry in fs::read_dir(dir).map_err(io_err("open"))? {
+            let entry = entry.map_err(io_err("open"))?;
+            let meta = entry.metadata().map_err(io_err("open"))?;
+            if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+                let mode = meta.permissions().mode() & 0o600;
+                fs::set_permissions(entry.path(), fs::Permissions::from_mode(mode)).map_err(io_err("open"))?;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
 /// How long `open` waits for sled's own lock on `<dir>/db`.
 const SLED_LOCK_WAIT: Duration = Duration::from_secs(5);
 
@@ -126,13 +147,14 @@ impl Kv for SledKv<'_> {
 impl SledBackend {
     pub(crate) fn open(dir: &Path, cfg: &StoreConfig) -> Result<SledBackend, StoreError> {
         let created_dir = create_dir(dir)?;
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(dir.join(layout::LOCK_FILE))
-            .map_err(io_err("open lock file"))?;
+        let mut options = OpenOptions::new();
+        options.create(true).truncate(false).read(true).write(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let lock = options.open(dir.join(layout::LOCK_FILE)).map_err(io_err("open lock file"))?;
         if lock.try_lock_exclusive().is_err() {
             return Err(StoreError::Locked { path: dir.to_path_buf() });
         }
@@ -144,6 +166,7 @@ impl SledBackend {
         }
         let trees: [sled::Tree; 6] = trees.try_into().unwrap_or_else(|_| unreachable!("six trees"));
         let data_file = File::open(dir.join("db")).map_err(io_err("open"))?;
+        restrict_files(dir)?;
         Ok(SledBackend { db, trees, data_file, dir: dir.to_path_buf(), created_dir, _lock: lock })
     }
 
@@ -196,9 +219,15 @@ impl SledBackend {
         (&t[0], &t[1], &t[2], &t[3], &t[4], &t[5])
     }
 
-    pub(crate) fn apply_group(&self, batches: &[&WriteBatch], first_lsn: u64) -> Result<Vec<BatchResult>, StoreError> {
+    pub(crate) fn apply_group(
+        &self,
+        keys: &KeyRing,
+        batches: &[&WriteBatch],
+        first_lsn: u64,
+    ) -> Result<Vec<BatchResult>, StoreError> {
         let r: Result<_, TransactionError<()>> = self.trees().transaction(|(g, o, j, h, e, m)| {
-            write_group(&SledKv([g, o, j, h, e, m]), batches, first_lsn).map_err(ConflictableTransactionError::from)
+            write_group(&SledKv([g, o, j, h, e, m]), keys, batches, first_lsn)
+                .map_err(ConflictableTransactionError::from)
         });
         r.map_err(|e| match e {
             TransactionError::Abort(()) => StoreError::Backend("transaction aborted".into()),

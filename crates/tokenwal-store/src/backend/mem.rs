@@ -2,6 +2,7 @@
 //! updates. A crash image is a copy of the durable one.
 
 use super::{delete_expired, write_group, BatchResult, Expired, Kv};
+use crate::keys::KeyRing;
 use crate::layout::Tree;
 use crate::shared::lock;
 use std::cell::RefCell;
@@ -129,10 +130,10 @@ impl MemBackend {
         }
     }
 
-    pub(crate) fn apply_group(&self, batches: &[&WriteBatch], first_lsn: u64) -> Vec<BatchResult> {
+    pub(crate) fn apply_group(&self, keys: &KeyRing, batches: &[&WriteBatch], first_lsn: u64) -> Vec<BatchResult> {
         let mut g = lock(&self.inner);
         let txn = MemTxn { img: &g.live, writes: RefCell::new(Vec::new()) };
-        let Ok(results) = write_group(&txn, batches, first_lsn);
+        let Ok(results) = write_group(&txn, keys, batches, first_lsn);
         let writes = txn.writes.into_inner();
         Self::commit(&mut g, writes);
         results

@@ -8,13 +8,20 @@ pub(crate) mod disk;
 pub(crate) mod mem;
 
 use crate::error::StoreError;
+use crate::keys::{KeyId, KeyRing};
 use crate::layout::{self, Tree};
-use tokenwal_core::{codec, CodecError, WriteBatch};
+use crate::seal::{self, OpenError, Slot};
+use tokenwal_core::{CodecError, WriteBatch};
 
 /// Why one batch was not written; it answers only that writer.
 pub(crate) enum ApplyError {
-    Conflict { found: Option<u64> },
+    Conflict {
+        found: Option<u64>,
+    },
     Corrupt(CodecError),
+    /// The stored state is sealed under a key the ring does not hold: it cannot be authenticated,
+    /// so it is not overwritten.
+    UnknownKey(KeyId),
 }
 
 /// A transaction's view of the trees.
@@ -31,11 +38,22 @@ pub(crate) enum TxnFail<E> {
     Kv(E),
 }
 
-/// The version of the stored state frame, checked against the batch's expectation.
-pub(crate) fn check_version(stored: Option<&[u8]>, expected: Option<u64>) -> Result<(), ApplyError> {
+/// The version of the stored state envelope, checked against the batch's expectation. The stored
+/// envelope is authenticated first (it names this grant and is intact), so a tampered or misplaced
+/// state is never overwritten by a compare-and-swap.
+pub(crate) fn check_version(
+    keys: &KeyRing,
+    grant: &[u8],
+    stored: Option<&[u8]>,
+    expected: Option<u64>,
+) -> Result<(), ApplyError> {
     let found = match stored {
         None => None,
-        Some(frame) => Some(codec::decode_state(frame).map_err(ApplyError::Corrupt)?.version),
+        Some(sealed) => match seal::open(keys, Slot::State(grant), sealed) {
+            Ok((h, _)) => Some(h.version),
+            Err(OpenError::Corrupt(e)) => return Err(ApplyError::Corrupt(e)),
+            Err(OpenError::UnknownKey(id)) => return Err(ApplyError::UnknownKey(id)),
+        },
     };
     if found == expected {
         Ok(())
@@ -44,11 +62,17 @@ pub(crate) fn check_version(stored: Option<&[u8]>, expected: Option<u64>) -> Res
     }
 }
 
-/// Writes one batch: compare-and-swap of the state, open index, journal, history and expiry
-/// entries, and the grant count for a new grant. Returns whether the grant is new.
-pub(crate) fn write_batch<K: Kv>(kv: &K, b: &WriteBatch, first_lsn: u64) -> Result<bool, TxnFail<K::Err>> {
+/// Writes one batch (its `state` already sealed): compare-and-swap of the state, open index,
+/// journal, history and expiry entries, and the grant count for a new grant. Returns whether the
+/// grant is new.
+pub(crate) fn write_batch<K: Kv>(
+    kv: &K,
+    keys: &KeyRing,
+    b: &WriteBatch,
+    first_lsn: u64,
+) -> Result<bool, TxnFail<K::Err>> {
     let stored = kv.get(Tree::Grants, &b.grant).map_err(TxnFail::Kv)?;
-    check_version(stored.as_deref(), b.expected_version).map_err(TxnFail::Abort)?;
+    check_version(keys, &b.grant, stored.as_deref(), b.expected_version).map_err(TxnFail::Abort)?;
     kv.put(Tree::Grants, &b.grant, &b.state).map_err(TxnFail::Kv)?;
     if b.open {
         kv.put(Tree::Open, &b.grant, &[]).map_err(TxnFail::Kv)?;
@@ -76,11 +100,16 @@ pub(crate) type BatchResult = Result<bool, ApplyError>;
 /// Writes a group of batches in one transaction: each batch is checked and written in order (a
 /// later batch sees the earlier ones), and a batch refused by its check writes nothing and does not
 /// affect the others. Successful batches take consecutive LSNs from `first_lsn`.
-pub(crate) fn write_group<K: Kv>(kv: &K, batches: &[&WriteBatch], first_lsn: u64) -> Result<Vec<BatchResult>, K::Err> {
+pub(crate) fn write_group<K: Kv>(
+    kv: &K,
+    keys: &KeyRing,
+    batches: &[&WriteBatch],
+    first_lsn: u64,
+) -> Result<Vec<BatchResult>, K::Err> {
     let mut lsn = first_lsn;
     let mut out = Vec::with_capacity(batches.len());
     for b in batches {
-        match write_batch(kv, b, lsn) {
+        match write_batch(kv, keys, b, lsn) {
             Ok(new) => {
                 lsn += b.records.len() as u64;
                 out.push(Ok(new));
@@ -158,10 +187,10 @@ impl Backend {
 
     /// Writes one batch in one transaction: visible at once, durable only after [`Backend::sync`].
     /// The outer `Err` means the transaction failed (it may or may not have been written).
-    pub(crate) fn apply(&self, b: &WriteBatch, first_lsn: u64) -> Result<BatchResult, StoreError> {
+    pub(crate) fn apply(&self, keys: &KeyRing, b: &WriteBatch, first_lsn: u64) -> Result<BatchResult, StoreError> {
         let mut results = match self {
-            Backend::Sled(s) => s.apply_group(&[b], first_lsn)?,
-            Backend::Memory(m) => m.apply_group(&[b], first_lsn),
+            Backend::Sled(s) => s.apply_group(keys, &[b], first_lsn)?,
+            Backend::Memory(m) => m.apply_group(keys, &[b], first_lsn),
         };
         Ok(results.pop().expect("one result per batch"))
     }
