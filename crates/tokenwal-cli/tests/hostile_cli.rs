@@ -23,6 +23,11 @@ struct Out {
     stderr: String,
 }
 
+/// The store key every command gets (a secret too: it must never be printed).
+fn store_key() -> String {
+    tokenwal_store::StoreKey::insecure_test_key().to_base64().to_string()
+}
+
 fn tokenwal(db: &Path, args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Out {
     let mut cmd = Command::new(BIN);
     cmd.arg("--db").arg(db).args(args);
@@ -30,6 +35,8 @@ fn tokenwal(db: &Path, args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>
         cmd.env_remove(k);
     }
     cmd.env_remove("TOKENWAL_INSECURE_TEST_ENDPOINT");
+    cmd.env_remove("TOKENWAL_STORE_KEY_FILE");
+    cmd.env("TOKENWAL_STORE_KEY", store_key());
     cmd.env("RUST_LOG", "trace");
     cmd.envs(env.iter().copied());
     cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
@@ -197,6 +204,7 @@ fn no_command_prints_a_secret_on_any_path() {
     assert!(secrets.len() >= 2 * shops.len() + 3, "the simulator issued tokens: {}", secrets.len());
     secrets.push(SECRET.into());
     secrets.push("wrong-client-secret-value".into());
+    secrets.push(store_key());
     let total: usize = outs.iter().map(|o| o.stdout.len() + o.stderr.len()).sum();
     assert!(total > 20_000, "TRACE output should be substantial: {total} bytes");
     for o in &outs {
