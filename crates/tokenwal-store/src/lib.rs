@@ -66,6 +66,7 @@
 mod backend;
 mod commit;
 pub mod config;
+pub mod cursor;
 pub mod error;
 pub mod layout;
 mod shared;

@@ -174,6 +174,8 @@ pub struct Config {
     pub credentials_pause: Duration,
     /// How long `access_token` waits for a backoff to end before returning an error (default 10 s).
     pub max_wait: Duration,
+    /// The optional webhook sink (default none; see [`crate::webhook`]).
+    pub webhook: Option<crate::webhook::WebhookConfig>,
 }
 
 impl Config {
@@ -192,6 +194,7 @@ impl Config {
             max_concurrent_refreshes: 64,
             credentials_pause: Duration::from_secs(60),
             max_wait: Duration::from_secs(10),
+            webhook: None,
         }
     }
 
