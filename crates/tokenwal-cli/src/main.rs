@@ -129,9 +129,12 @@ enum Command {
     },
     /// List shops: state, generation, access and refresh expiry; why for needs-reauth
     Shops {
-        /// Only shops in this state
+        /// Only shops in this state (needs-reauth: why, since when, and the re-auth link)
         #[arg(long, value_enum)]
         state: Option<StateArg>,
+        /// The app's handle in the Shopify admin, for re-auth links [default: app_handle in --config]
+        #[arg(long, value_name = "HANDLE")]
+        app_handle: Option<String>,
         #[command(flatten)]
         out: JsonFlag,
     },
@@ -257,7 +260,9 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
             runtime()?.block_on(commands::run(&settings()?, once, sweep.to_std(), grace.to_std()))
         }
         Command::Status { out } => commands::status(&settings()?, out.json),
-        Command::Shops { state, out } => commands::shops(&settings()?, state.map(StateArg::name), out.json),
+        Command::Shops { state, app_handle, out } => {
+            commands::shops(&settings()?, state.map(StateArg::name), app_handle.as_deref(), out.json)
+        }
         Command::Inspect { shop, out } => commands::inspect(&settings()?, &shop, out.json),
         Command::Recover { dry_run: true, out } => commands::recover_dry_run(&settings()?, out.json),
         Command::Recover { dry_run: false, out } => runtime()?.block_on(commands::recover(&settings()?, out.json)),

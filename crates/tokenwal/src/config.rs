@@ -174,8 +174,8 @@ pub struct Config {
     pub credentials_pause: Duration,
     /// How long `access_token` waits for a backoff to end before returning an error (default 10 s).
     pub max_wait: Duration,
-    /// The optional webhook sink (default none; see [`crate::webhook`]).
-    pub webhook: Option<crate::webhook::WebhookConfig>,
+    /// The optional webhook sink (default none; see [`crate::webhook_sink`]).
+    pub webhook: Option<crate::webhook_sink::WebhookConfig>,
 }
 
 impl Config {

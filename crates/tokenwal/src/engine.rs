@@ -105,7 +105,7 @@ impl Engine {
             w.validate().map_err(Error::Config)?;
             // Before recovery: the events recovery journals are delivered too.
             let (s, n) = (store.clone(), w.cursor.clone());
-            tokio::task::spawn_blocking(move || crate::webhook::init_cursor(&s, &n))
+            tokio::task::spawn_blocking(move || crate::webhook_sink::init_cursor(&s, &n))
                 .await
                 .map_err(|e| Error::Config(format!("webhook cursor task failed: {e}")))??;
         }
@@ -143,7 +143,7 @@ impl Engine {
         if let Some(w) = config.webhook.clone() {
             let (store, events, stop) =
                 (engine.inner.store.clone(), engine.inner.events.subscribe(), engine.inner.shutdown.subscribe());
-            tokio::spawn(crate::webhook::run(w, store, events, stop));
+            tokio::spawn(crate::webhook_sink::run(w, store, events, stop));
         }
         let mut report = engine.recover().await?;
         report.corrupt = corrupt;

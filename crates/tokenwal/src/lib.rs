@@ -14,7 +14,7 @@
 //! * `transport` — the reqwest client and the "sent or not" mapping of its errors.
 //! * `scheduler` — the proactive refresher.
 //! * `cache` — the sharded, lock-free-read token cache.
-//! * [`webhook`] — the optional webhook sink (needs-reauth, recovered, app-credentials-rejected),
+//! * [`webhook_sink`] — the optional webhook sink (needs-reauth, recovered, app-credentials-rejected),
 //!   at least once across restarts, driven by a durable journal cursor.
 //!
 //! The rules live in `tokenwal-core` (pure) and the disk in `tokenwal-store`; the durability contract is
@@ -50,11 +50,11 @@ mod error;
 pub mod failpoint;
 mod scheduler;
 mod transport;
-pub mod webhook;
+pub mod webhook_sink;
 
 pub use config::{ClientAuth, Config, Endpoint, StoreLocation, Timeouts};
 pub use engine::{Engine, RecoveryReport};
 pub use error::Error;
-pub use webhook::WebhookConfig;
+pub use webhook_sink::WebhookConfig;
 pub use tokenwal_core as core;
 pub use tokenwal_store as store;

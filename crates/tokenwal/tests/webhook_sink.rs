@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokenwal::core::{AccessToken, ClientSecret, GrantKey, Record, RefreshToken, RefusalReason, ShopDomain, TokenSet};
 use tokenwal::core::UnixMillis;
-use tokenwal::webhook::{self, WebhookConfig};
+use tokenwal::webhook_sink::{self as webhook, WebhookConfig};
 use tokenwal::{Config, Engine, Error, StoreLocation};
 use tokenwal_sim::{serve, SimConfig, SimHandle};
 
@@ -113,7 +113,7 @@ async fn open(c: Config) -> Engine {
     loop {
         match Engine::open(c.clone()).await {
             Ok((e, _)) => return e,
-            Err(e) if Instant::now() < deadline && e.to_string().contains("in use") => {
+            Err(e) if Instant::now() < deadline && e.to_string().contains("locked") => {
                 tokio::time::sleep(Duration::from_millis(20)).await
             }
             Err(e) => panic!("open: {e}"),
