@@ -508,7 +508,7 @@ impl<'c> World<'c> {
         if self.refuse[i] > 0 {
             self.refuse[i] -= 1;
             let f = TransportFailure::NotSent { detail: "connection refused".into() };
-            return classify(Exchange::Failed(&f), &ResponseRules::SHOPIFY, Some(req.credential()), self.at());
+            return classify(Exchange::Failed(&f), &ResponseRules::SHOPIFY, req.refresh_token(), self.at());
         }
         let before = self.sim.counters().shop(&self.names[i]);
         let expected_dead = self.rejection_expected(i, &cred);
@@ -529,7 +529,7 @@ impl<'c> World<'c> {
                 }
             }
         }
-        to_outcome(&reply, req.credential(), self.now)
+        to_outcome(&reply, req.refresh_token().expect("the interleavings test only refreshes"), self.now)
     }
 
     /// Why the server may reject `rt` now (under retention): retired by a newer acquisition,

@@ -222,6 +222,8 @@ pub fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
                 states.uninstalled += 1;
                 None
             }
+            // A first acquisition that was certainly not processed: no tokens, nothing to count.
+            Phase::NotInstalled { .. } => None,
         };
         if let Some(a) = amb {
             if oldest.as_ref().is_none_or(|o| a.since.0 < o.since.at_ms) {

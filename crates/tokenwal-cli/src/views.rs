@@ -6,7 +6,8 @@
 
 use serde::Serialize;
 use tokenwal::core::{
-    FingerprintKey, GrantState, NotSentReason, Phase, Record, RefusalReason, Resolution, TokenSummary, UnixMillis,
+    AttemptKind, FingerprintKey, GrantState, NotSentReason, Phase, Record, RefusalReason, Resolution, TokenSummary,
+    UnixMillis,
 };
 
 use crate::timefmt;
@@ -93,7 +94,7 @@ impl GrantView {
             ),
             Phase::Ambiguous(a) => (Some(Instant::of(a.since)), Some(a.last_reason.to_string()), Some(a.tries)),
             Phase::NeedsReauth { reason, since } => (Some(Instant::of(*since)), Some(reason.to_string()), None),
-            Phase::Uninstalled { since } => (Some(Instant::of(*since)), None, None),
+            Phase::Uninstalled { since } | Phase::NotInstalled { since } => (Some(Instant::of(*since)), None, None),
         };
         GrantView {
             shop: s.grant.account().to_owned(),
@@ -173,7 +174,12 @@ impl RecordView {
             Record::Intent { attempt, generation, kind, presented, .. } => {
                 v.attempt = Some(attempt.0);
                 v.generation = Some(generation.0);
-                v.detail = format!("{kind} presenting refresh token {presented:?}");
+                let credential = match kind {
+                    AttemptKind::Refresh => "refresh token",
+                    AttemptKind::TokenExchange => "session token",
+                    AttemptKind::Migration => "legacy token",
+                };
+                v.detail = format!("{kind} presenting {credential} {presented:?}");
             }
             Record::Committed { attempt, generation, tokens, request_id, .. } => {
                 v.attempt = Some(attempt.0);
@@ -236,6 +242,7 @@ impl RecordView {
                 v.attempt = Some(attempt.0);
                 v.detail = format!("late outcome `{outcome}` ignored: the grant had moved on");
             }
+            Record::ScopesUpdated { scope, .. } => v.detail = format!("scopes updated: {scope}"),
         }
         v
     }

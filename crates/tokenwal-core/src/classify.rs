@@ -19,9 +19,14 @@
 //! | a body over the size cap | `Ambiguous` |
 //!
 //! (*) as required by the provider's [`ResponseRules`].
+//!
+//! For acquisitions ([`classify_attempt`] with `TokenExchange` or `Migration`), a 400 `invalid_request`
+//! whose description names the subject token (shopify-app-js's migration mock: "Invalid subject
+//! token") is `Rejected` too: the subject credential was refused. Any other 400 `invalid_request`
+//! stays ambiguous.
 
 use crate::domain::TokenSet;
-use crate::record::{AmbiguityReason, NotSentReason};
+use crate::record::{AmbiguityReason, AttemptKind, NotSentReason};
 use crate::secret::{AccessToken, RefreshToken};
 use crate::time::UnixMillis;
 use serde::Deserialize;
@@ -230,6 +235,36 @@ fn parse_tokens(
 
 fn retry_after_secs(raw: Option<&str>) -> Option<Duration> {
     raw.and_then(|v| v.trim().parse::<u64>().ok()).map(Duration::from_secs)
+}
+
+/// [`classify`] for an attempt of `kind` (see the module table for what differs for acquisitions).
+pub fn classify_attempt(
+    kind: AttemptKind,
+    exchange: Exchange<'_>,
+    rules: &ResponseRules,
+    reuse_refresh: Option<&RefreshToken>,
+    received_at: UnixMillis,
+) -> Outcome {
+    let outcome = classify(exchange, rules, reuse_refresh, received_at);
+    if kind == AttemptKind::Refresh {
+        return outcome;
+    }
+    let Exchange::Answer(answer) = exchange else { return outcome };
+    if answer.status != 400 || !matches!(outcome, Outcome::Ambiguous { .. }) {
+        return outcome;
+    }
+    let Ok(err) = serde_json::from_slice::<WireError>(answer.body) else { return outcome };
+    let subject_refused = err.error.as_deref() == Some("invalid_request")
+        && err.error_description.as_deref().is_some_and(|d| d.to_ascii_lowercase().contains("subject token"));
+    if !subject_refused {
+        return outcome;
+    }
+    Outcome::Rejected {
+        status: answer.status,
+        error: "invalid_request".into(),
+        description: err.error_description.as_deref().map(|d| sanitize(d, 256)),
+        request_id: answer.request_id.map(|s| sanitize(s, 128)),
+    }
 }
 
 /// Classifies one exchange. Pure and total: never panics, whatever the bytes.
@@ -470,6 +505,28 @@ mod tests {
         let Outcome::Success { tokens, .. } = classify(Exchange::Answer(a), &rules, Some(&old), NOW) else { panic!() };
         assert_eq!(tokens.refresh_token, old);
         assert_eq!(tokens.access_expires_at, UnixMillis(1_060_000));
+    }
+
+    #[test]
+    fn acquisitions_treat_a_refused_subject_token_as_definitive() {
+        let a = |body: &'static str| HttpAnswer {
+            status: 400,
+            request_id: None,
+            retry_after: None,
+            body: body.as_bytes(),
+            body_truncated: false,
+        };
+        let subject = a(r#"{"error":"invalid_request","error_description":"Invalid subject token"}"#);
+        for kind in [AttemptKind::Migration, AttemptKind::TokenExchange] {
+            let o = classify_attempt(kind, Exchange::Answer(subject), &ResponseRules::SHOPIFY, None, NOW);
+            assert!(matches!(o, Outcome::Rejected { status: 400, .. }), "{o:?}");
+            let other = a(r#"{"error":"invalid_request","error_description":"Missing field"}"#);
+            let o = classify_attempt(kind, Exchange::Answer(other), &ResponseRules::SHOPIFY, None, NOW);
+            assert!(is_ambiguous(&o), "{o:?}");
+        }
+        // A refresh never reads a description.
+        let o = classify_attempt(AttemptKind::Refresh, Exchange::Answer(subject), &ResponseRules::SHOPIFY, None, NOW);
+        assert!(is_ambiguous(&o), "{o:?}");
     }
 
     #[test]

@@ -10,9 +10,16 @@
 //! ```
 //!
 //! A torn or corrupt frame reads as a bad magic, a bad length or a bad checksum: never as a different
-//! value. Golden-byte tests in this module pin the exact bytes of version 1.
+//! value. Golden-byte tests in this module pin the exact bytes of versions 1 and 2.
+//!
+//! # Versions
+//!
+//! * 1 — initial format.
+//! * 2 — [`Record::ScopesUpdated`], [`crate::record::Phase::NotInstalled`] (appended variants: every
+//!   version-1 record payload decodes unchanged), and the grant state's `acquisition` and
+//!   `acquired_at` fields (a version-1 state decodes through its own shape, with both `None`).
 
-use crate::record::{GrantState, Record};
+use crate::record::{GrantState, GrantStateV1, Record};
 use bincode::config::{Configuration, Limit, LittleEndian, Varint};
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -21,9 +28,9 @@ pub const RECORD_MAGIC: [u8; 2] = *b"TR";
 /// Magic of a grant state frame.
 pub const STATE_MAGIC: [u8; 2] = *b"TS";
 /// Current payload version of [`Record`].
-pub const RECORD_VERSION: u8 = 1;
+pub const RECORD_VERSION: u8 = 2;
 /// Current payload version of [`GrantState`].
-pub const STATE_VERSION: u8 = 1;
+pub const STATE_VERSION: u8 = 2;
 /// The largest payload accepted, in bytes. Token sets are a few hundred bytes.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 const HEADER: usize = 7;
@@ -138,7 +145,8 @@ pub fn encode_record(r: &Record) -> Result<Vec<u8>, CodecError> {
 /// Decodes a journal record frame. Never panics, whatever the bytes.
 pub fn decode_record(bytes: &[u8]) -> Result<Record, CodecError> {
     match open_frame(RECORD_MAGIC, bytes)? {
-        (1, payload) => decode_payload(payload),
+        // Version 2 only appended variants: a version-1 payload is a valid version-2 payload.
+        (1 | 2, payload) => decode_payload(payload),
         (v, _) => Err(CodecError::UnsupportedVersion(v)),
     }
 }
@@ -151,7 +159,8 @@ pub fn encode_state(s: &GrantState) -> Result<Vec<u8>, CodecError> {
 /// Decodes a grant state frame. Never panics, whatever the bytes.
 pub fn decode_state(bytes: &[u8]) -> Result<GrantState, CodecError> {
     match open_frame(STATE_MAGIC, bytes)? {
-        (1, payload) => decode_payload(payload),
+        (1, payload) => decode_payload::<GrantStateV1>(payload).map(GrantState::from),
+        (2, payload) => decode_payload(payload),
         (v, _) => Err(CodecError::UnsupportedVersion(v)),
     }
 }
@@ -160,8 +169,8 @@ pub fn decode_state(bytes: &[u8]) -> Result<GrantState, CodecError> {
 mod tests {
     use super::*;
     use crate::domain::{AttemptId, Fingerprint, Generation, GrantKey, ShopDomain, TokenSet};
-    use crate::record::{AmbiguityReason, AttemptKind, Phase};
-    use crate::secret::{AccessToken, RefreshToken};
+    use crate::record::{Acquisition, AmbiguityReason, AttemptKind, Phase, Subject};
+    use crate::secret::{AccessToken, LegacyToken, RefreshToken};
     use crate::time::UnixMillis;
 
     fn grant() -> GrantKey {
@@ -172,45 +181,74 @@ mod tests {
         b.iter().map(|x| format!("{x:02x}")).collect()
     }
 
-    /// Pins version 1 of the record frame. If this fails, the on-disk format changed: bump the
-    /// version, keep the old decoder, and record the change in docs/journal.md.
-    #[test]
-    fn golden_intent_record() {
-        let r = Record::Intent {
+    fn intent() -> Record {
+        Record::Intent {
             grant: grant(),
             at: UnixMillis(1_800_000_000_000),
             attempt: AttemptId(7),
             generation: Generation(3),
             kind: AttemptKind::Refresh,
             presented: Fingerprint([0xab; 16]),
-        };
+        }
+    }
+
+    /// Pins version 2 of the record frame. If this fails, the on-disk format changed: bump the
+    /// version, keep the old decoder, and record the change in docs/journal.md.
+    #[test]
+    fn golden_intent_record() {
+        let r = intent();
         let bytes = encode_record(&r).unwrap();
-        assert_eq!(
-            hex(&bytes),
-            "54520135000000010773686f706966790f612e6d7973686f706966792e636f6dfd00505c18a3010000070300ababababababababababababababababa9bec583"
-        );
+        assert_eq!(hex(&bytes), GOLDEN_INTENT_V2);
         assert_eq!(decode_record(&bytes).unwrap(), r);
     }
 
+    const GOLDEN_INTENT_V2: &str =
+        "54520235000000010773686f706966790f612e6d7973686f706966792e636f6dfd00505c18a3010000070300abababababababababababababababab1cae8c5c";
+
+    /// Version-1 frames written by earlier releases stay readable.
     #[test]
-    fn golden_ambiguous_record() {
-        let r = Record::Ambiguous {
+    fn version_1_records_still_decode() {
+        let v1 = unhex(
+            "54520135000000010773686f706966790f612e6d7973686f706966792e636f6dfd00505c18a3010000070300ababababababababababababababababa9bec583",
+        );
+        assert_eq!(decode_record(&v1).unwrap(), intent());
+        let v1 =
+            unhex("54520126000000050773686f706966790f612e6d7973686f706966792e636f6d010100fb080201057265712d31fe160f8f");
+        assert_eq!(decode_record(&v1).unwrap(), ambiguous());
+    }
+
+    fn ambiguous() -> Record {
+        Record::Ambiguous {
             grant: grant(),
             at: UnixMillis(1),
             attempt: AttemptId(1),
             why: AmbiguityReason::ServerError { status: 520 },
             request_id: Some("req-1".into()),
-        };
-        let bytes = encode_record(&r).unwrap();
-        assert_eq!(
-            hex(&bytes),
-            "54520126000000050773686f706966790f612e6d7973686f706966792e636f6d010100fb080201057265712d31fe160f8f"
-        );
+        }
     }
 
     #[test]
-    fn golden_state() {
-        let s = GrantState {
+    fn golden_ambiguous_record() {
+        let bytes = encode_record(&ambiguous()).unwrap();
+        assert_eq!(hex(&bytes), GOLDEN_AMBIGUOUS_V2);
+    }
+
+    const GOLDEN_AMBIGUOUS_V2: &str =
+        "54520226000000050773686f706966790f612e6d7973686f706966792e636f6d010100fb080201057265712d31f30d3b46";
+
+    #[test]
+    fn golden_scopes_updated_record() {
+        let r = Record::ScopesUpdated { grant: grant(), at: UnixMillis(5), scope: "read_orders".into() };
+        let bytes = encode_record(&r).unwrap();
+        assert_eq!(hex(&bytes), GOLDEN_SCOPES_V2);
+        assert_eq!(decode_record(&bytes).unwrap(), r);
+    }
+
+    const GOLDEN_SCOPES_V2: &str =
+        "545202260000000b0773686f706966790f612e6d7973686f706966792e636f6d050b726561645f6f7264657273cf0b8b03";
+
+    fn state() -> GrantState {
+        GrantState {
             grant: grant(),
             version: 2,
             generation: Generation(1),
@@ -227,15 +265,72 @@ mod tests {
             consecutive_failures: 0,
             not_before: None,
             updated_at: UnixMillis(0),
+            acquisition: None,
+            acquired_at: None,
+        }
+    }
+
+    #[test]
+    fn golden_state() {
+        let s = state();
+        let bytes = encode_state(&s).unwrap();
+        assert_eq!(&bytes[..3], b"TS\x02");
+        assert_eq!(decode_state(&bytes).unwrap(), s);
+        assert_eq!(hex(&bytes), GOLDEN_STATE_V2);
+    }
+
+    const GOLDEN_STATE_V2: &str =
+        "5453024f0000000773686f706966790f612e6d7973686f706966792e636f6d0201010773687061745f61fc80ee36000773687072745f7201fd00587ccf01000000010b726561645f6f72646572730001000000000000d4f6e742";
+
+    /// A migration in flight: the legacy token is durable in the state (and only there).
+    #[test]
+    fn golden_state_with_acquisition() {
+        let s = GrantState {
+            tokens: None,
+            generation: Generation(0),
+            phase: Phase::Refreshing {
+                attempt: AttemptId(1),
+                kind: AttemptKind::Migration,
+                presented: Fingerprint([0xcd; 16]),
+                started_at: UnixMillis(9),
+                resolving: None,
+            },
+            acquisition: Some(Acquisition {
+                subject: Subject::LegacyToken { token: LegacyToken::new("shpat_legacy") },
+                prior: Phase::NotInstalled { since: UnixMillis(9) },
+            }),
+            acquired_at: Some(UnixMillis(8)),
+            ..state()
         };
         let bytes = encode_state(&s).unwrap();
-        assert_eq!(&bytes[..3], b"TS\x01");
         assert_eq!(decode_state(&bytes).unwrap(), s);
-        assert_eq!(
-            hex(&bytes),
+        assert_eq!(hex(&bytes), GOLDEN_STATE_ACQ_V2);
+    }
+
+    const GOLDEN_STATE_ACQ_V2: &str =
+        "545302480000000773686f706966790f612e6d7973686f706966792e636f6d020000010102cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd0900010000000001010c73687061745f6c65676163790509010836479d30";
+
+    /// Version-1 states written by earlier releases decode, with no acquisition and an unknown
+    /// acquisition time.
+    #[test]
+    fn version_1_states_still_decode() {
+        let v1 = unhex(
             "5453014d0000000773686f706966790f612e6d7973686f706966792e636f6d0201010773687061745f61fc80ee3600\
-             0773687072745f7201fd00587ccf01000000010b726561645f6f7264657273000100000000b0c72d55"
+             0773687072745f7201fd00587ccf01000000010b726561645f6f7264657273000100000000b0c72d55",
         );
+        assert_eq!(decode_state(&v1).unwrap(), state());
+        // A version-2 payload under a version-1 header is not silently misread.
+        let mut v2 = encode_state(&state()).unwrap();
+        v2[2] = 1;
+        let n = v2.len() - 4;
+        let crc = crc32fast::hash(&v2[..n]).to_le_bytes();
+        v2[n..].copy_from_slice(&crc);
+        assert!(decode_state(&v2).is_err());
+    }
+
+    fn unhex(s: &str) -> Vec<u8> {
+        let s: String = s.split_whitespace().collect();
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
     }
 
     #[test]
@@ -269,10 +364,10 @@ mod tests {
     fn future_versions_are_refused() {
         let r = Record::Uninstalled { grant: grant(), at: UnixMillis(99) };
         let mut bytes = encode_record(&r).unwrap();
-        bytes[2] = 2;
+        bytes[2] = 3;
         let n = bytes.len() - 4;
         let crc = crc32fast::hash(&bytes[..n]).to_le_bytes();
         bytes[n..].copy_from_slice(&crc);
-        assert_eq!(decode_record(&bytes), Err(CodecError::UnsupportedVersion(2)));
+        assert_eq!(decode_record(&bytes), Err(CodecError::UnsupportedVersion(3)));
     }
 }

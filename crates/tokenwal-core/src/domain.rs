@@ -1,6 +1,6 @@
 //! Domain types: shops, grants, generations, attempts, token sets and credential fingerprints.
 
-use crate::secret::{AccessToken, RefreshToken};
+use crate::secret::{AccessToken, LegacyToken, RefreshToken, SessionToken};
 use crate::time::UnixMillis;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -271,6 +271,16 @@ impl FingerprintKey {
     /// Fingerprint of a refresh token.
     pub fn refresh_token(&self, t: &RefreshToken) -> Fingerprint {
         self.fingerprint("refresh_token", t.expose_secret())
+    }
+
+    /// Fingerprint of a session token (the subject of a token exchange).
+    pub fn session_token(&self, t: &SessionToken) -> Fingerprint {
+        self.fingerprint("session_token", t.expose_secret())
+    }
+
+    /// Fingerprint of a legacy non-expiring token (the subject of a migration).
+    pub fn legacy_token(&self, t: &LegacyToken) -> Fingerprint {
+        self.fingerprint("legacy_token", t.expose_secret())
     }
 }
 

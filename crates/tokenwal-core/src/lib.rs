@@ -76,19 +76,22 @@ pub mod recovery;
 pub mod secret;
 pub mod time;
 
-pub use classify::{classify, Exchange, HttpAnswer, Outcome, ResponseRules, TransportFailure, MAX_BODY};
+pub use classify::{
+    classify, classify_attempt, Exchange, HttpAnswer, Outcome, ResponseRules, TransportFailure, MAX_BODY,
+};
 pub use codec::CodecError;
 pub use domain::SHOPIFY as SHOPIFY_PROVIDER;
 pub use domain::{
     AttemptId, Fingerprint, FingerprintKey, Generation, GrantKey, GrantKeyError, ShopDomain, ShopDomainError, TokenSet,
 };
 pub use machine::{
-    AttemptRequest, Durable, DurableLog, Event, Machine, Pending, Refusal, Step, Transition, WriteBatch,
+    AttemptRequest, Credential, Durable, DurableLog, Event, Machine, Pending, Refusal, Step, Transition, WriteBatch,
+    MIGRATION_RETRY,
 };
 pub use policy::{Backoff, Retention, RetryPolicy};
 pub use record::{
-    Ambiguity, AmbiguityReason, AttemptKind, GrantState, InstallSource, NotSentReason, Phase, ReauthReason, Record,
-    RefusalReason, Resolution, TokenSummary,
+    Acquisition, Ambiguity, AmbiguityReason, AttemptKind, GrantState, InstallSource, NotSentReason, Phase,
+    ReauthReason, Record, RefusalReason, Resolution, Subject, TokenSummary,
 };
 pub use recovery::{Intention, RecoveryItem, RecoveryPlan};
 pub use secret::{AccessToken, ClientSecret, LegacyToken, RefreshToken, SessionToken};

@@ -24,6 +24,14 @@
 //! version it was computed from, so two racing planners cannot both write: the second one's
 //! compare-and-swap fails, it re-reads, and sees `Refreshing`.
 //!
+//! # Acquisitions
+//!
+//! A token exchange ([`Machine::plan_token_exchange`]) or a migration of a legacy token
+//! ([`Machine::plan_migration`]) goes through the same protocol. Its subject credential (the session
+//! token or the legacy token) is kept in the durable [`GrantState::acquisition`] until the attempt
+//! resolves, so that a lost answer or a crash is retried with the *same* credential. What a lost
+//! answer leaves behind and how it is resolved is in `docs/journal.md` §3.
+//!
 //! # Stale results
 //!
 //! An outcome applies only while the grant is still `Refreshing` that very attempt at that generation.
@@ -36,10 +44,10 @@ use crate::codec::{self, CodecError};
 use crate::domain::{AttemptId, FingerprintKey, Generation, GrantKey, TokenSet};
 use crate::policy::RetryPolicy;
 use crate::record::{
-    Ambiguity, AmbiguityReason, AttemptKind, GrantState, InstallSource, Phase, ReauthReason, Record, RefusalReason,
-    Resolution, TokenSummary,
+    Acquisition, Ambiguity, AmbiguityReason, AttemptKind, GrantState, InstallSource, Phase, ReauthReason, Record,
+    RefusalReason, Resolution, Subject, TokenSummary,
 };
-use crate::secret::RefreshToken;
+use crate::secret::{LegacyToken, RefreshToken, SessionToken};
 use crate::time::UnixMillis;
 use std::fmt;
 use std::future::Future;
@@ -109,6 +117,20 @@ pub enum Event {
     },
     /// The app was uninstalled from the shop.
     Uninstalled {
+        /// The grant.
+        grant: GrantKey,
+    },
+    /// tokenwal's own acquisition (token exchange or migration) committed a new token set.
+    Acquired {
+        /// The grant.
+        grant: GrantKey,
+        /// The new generation.
+        generation: Generation,
+        /// `TokenExchange` or `Migration`.
+        kind: AttemptKind,
+    },
+    /// The granted scopes changed (`app/scopes_update`).
+    ScopesUpdated {
         /// The grant.
         grant: GrantKey,
     },
@@ -289,6 +311,36 @@ impl<T> Durable<T> {
     }
 }
 
+/// The credential an attempt presents. Readable only through a [`Durable<AttemptRequest>`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// A refresh (`grant_type=refresh_token`).
+    RefreshToken(RefreshToken),
+    /// A token exchange of an App Bridge session token (`subject_token_type=…id_token`).
+    SessionToken(SessionToken),
+    /// A migration of a legacy non-expiring offline token (`subject_token_type=…offline-access-token`).
+    LegacyToken(LegacyToken),
+}
+
+impl Credential {
+    /// The secret itself, for the request body only.
+    pub fn expose_secret(&self) -> &str {
+        match self {
+            Credential::RefreshToken(t) => t.expose_secret(),
+            Credential::SessionToken(t) => t.expose_secret(),
+            Credential::LegacyToken(t) => t.expose_secret(),
+        }
+    }
+
+    /// The refresh token, if this is a refresh.
+    pub fn refresh_token(&self) -> Option<&RefreshToken> {
+        match self {
+            Credential::RefreshToken(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
 /// A request the engine may send, once durable: the credential to present and whom it is for.
 #[derive(Debug)]
 pub struct AttemptRequest {
@@ -296,7 +348,7 @@ pub struct AttemptRequest {
     attempt: AttemptId,
     generation: Generation,
     kind: AttemptKind,
-    credential: RefreshToken,
+    credential: Credential,
 }
 
 impl AttemptRequest {
@@ -316,9 +368,14 @@ impl AttemptRequest {
     pub fn kind(&self) -> AttemptKind {
         self.kind
     }
-    /// The refresh token to present.
-    pub fn credential(&self) -> &RefreshToken {
+    /// The credential to present (its kind matches [`AttemptRequest::kind`]).
+    pub fn credential(&self) -> &Credential {
         &self.credential
+    }
+
+    /// The refresh token to present, if this is a refresh.
+    pub fn refresh_token(&self) -> Option<&RefreshToken> {
+        self.credential.refresh_token()
     }
 }
 
@@ -341,6 +398,17 @@ pub enum Refusal {
     /// Backing off until the given instant.
     #[error("backing off until {0}")]
     BackingOff(UnixMillis),
+    /// A migration was asked for a grant that already holds a live expiring pair.
+    #[error("already migrated (generation {})", .0 .0)]
+    AlreadyMigrated(Generation),
+    /// The unresolved token exchange's session token has expired: nothing can be retried with it;
+    /// [`Machine::expire_acquisition`] falls back.
+    #[error("the session token of the unresolved token exchange has expired")]
+    SubjectExpired,
+    /// Another acquisition of this kind is unresolved (a migration while an exchange is open, or an
+    /// exchange while a migration is open): resolve it first.
+    #[error("a {0} is unresolved")]
+    AcquisitionOpen(AttemptKind),
 }
 
 /// What a grant needs now (for schedulers and recovery).
@@ -360,8 +428,20 @@ pub enum Step {
     },
     /// An attempt is in flight.
     InFlight,
-    /// Nothing will ever be due (needs re-auth or uninstalled).
+    /// Nothing will ever be due (needs re-auth, uninstalled, not installed).
     Dormant,
+}
+
+/// How long Shopify answers a migration retry with the same legacy token with the same pair
+/// (informational: a migration ambiguity is probed until a definitive answer).
+pub const MIGRATION_RETRY: Duration = Duration::from_secs(7 * 86_400);
+
+/// Whether `s` is an unresolved token exchange whose session token has expired at `now`.
+fn exchange_expired(s: &GrantState, now: UnixMillis) -> bool {
+    matches!(
+        (&s.phase, s.acquisition.as_ref().map(|a| &a.subject)),
+        (Phase::Ambiguous(_), Some(Subject::SessionToken { expires_at, .. })) if now >= *expires_at
+    )
 }
 
 /// Configuration of the machine.
@@ -414,6 +494,13 @@ impl Machine {
     /// be rejected (for information and alerting; nothing is decided by it).
     pub fn retry_deadline(&self, s: &GrantState) -> Option<UnixMillis> {
         let Phase::Ambiguous(amb) = &s.phase else { return None };
+        match s.acquisition.as_ref().map(|a| &a.subject) {
+            // The session token's own expiry: then the exchange falls back.
+            Some(Subject::SessionToken { expires_at, .. }) => return Some(*expires_at),
+            // Shopify answers a migration retry with the same pair for up to 7 days.
+            Some(Subject::LegacyToken { .. }) => return Some(amb.since.saturating_add(MIGRATION_RETRY)),
+            None => {}
+        }
         let first = s.credential_first_presented_at.unwrap_or(amb.since);
         self.policy.retry_deadline(first, s.tokens.as_ref().and_then(|t| t.refresh_expires_at))
     }
@@ -422,7 +509,9 @@ impl Machine {
     pub fn step(&self, s: &GrantState, now: UnixMillis) -> Step {
         match &s.phase {
             Phase::Refreshing { .. } => Step::InFlight,
-            Phase::NeedsReauth { .. } | Phase::Uninstalled { .. } => Step::Dormant,
+            Phase::NeedsReauth { .. } | Phase::Uninstalled { .. } | Phase::NotInstalled { .. } => Step::Dormant,
+            // An exchange whose session token expired falls back at once (no request is sent).
+            Phase::Ambiguous(_) if exchange_expired(s, now) => Step::Attempt,
             // An ambiguity is always probed, even past its retry window: only an answer can tell a
             // dead credential from one the server never processed.
             Phase::Ambiguous(_) => match s.not_before {
@@ -466,37 +555,275 @@ impl Machine {
             Phase::Refreshing { .. } => return Err(Refusal::InFlight),
             Phase::NeedsReauth { reason, .. } => return Err(Refusal::NeedsReauth(reason.clone())),
             Phase::Uninstalled { .. } => return Err(Refusal::Uninstalled),
+            Phase::NotInstalled { .. } => return Err(Refusal::NoTokens),
         };
+        if let (Some(acq), Some(_)) = (&s.acquisition, &resolving) {
+            // Retry an unresolved acquisition with its durable subject credential.
+            if exchange_expired(s, now) {
+                return Err(Refusal::SubjectExpired);
+            }
+            if let (true, Some(nb)) = (respect_backoff, s.not_before) {
+                if now < nb {
+                    return Err(Refusal::BackingOff(nb));
+                }
+            }
+            let (credential, presented) = self.subject_credential(&acq.subject);
+            return Ok(self.intent(s.clone(), s, acq.kind(), credential, presented, resolving, now));
+        }
         let tokens = s.tokens.as_ref().ok_or(Refusal::NoTokens)?;
         if let (true, Some(nb)) = (respect_backoff, s.not_before) {
             if now < nb {
                 return Err(Refusal::BackingOff(nb));
             }
         }
-        let attempt = AttemptId(s.next_attempt);
         let presented = self.fingerprints.refresh_token(&tokens.refresh_token);
-        let mut state = self.next_state(s, now);
-        state.next_attempt += 1;
-        state.credential_first_presented_at = Some(s.credential_first_presented_at.unwrap_or(now));
-        state.phase = Phase::Refreshing { attempt, kind: AttemptKind::Refresh, presented, started_at: now, resolving };
+        let mut base = s.clone();
+        base.credential_first_presented_at = Some(s.credential_first_presented_at.unwrap_or(now));
+        Ok(self.intent(
+            base,
+            s,
+            AttemptKind::Refresh,
+            Credential::RefreshToken(tokens.refresh_token.clone()),
+            presented,
+            resolving,
+            now,
+        ))
+    }
+
+    fn subject_credential(&self, subject: &Subject) -> (Credential, crate::domain::Fingerprint) {
+        match subject {
+            Subject::SessionToken { token, .. } => {
+                (Credential::SessionToken(token.clone()), self.fingerprints.session_token(token))
+            }
+            Subject::LegacyToken { token } => {
+                (Credential::LegacyToken(token.clone()), self.fingerprints.legacy_token(token))
+            }
+        }
+    }
+
+    /// The intent transition from `current` (its version; `None`: the grant is new) to `base` moved to
+    /// `Refreshing`, releasing `credential` once durable.
+    #[allow(clippy::too_many_arguments)]
+    fn intent_from(
+        &self,
+        base: GrantState,
+        current: Option<&GrantState>,
+        kind: AttemptKind,
+        credential: Credential,
+        presented: crate::domain::Fingerprint,
+        resolving: Option<Ambiguity>,
+        now: UnixMillis,
+    ) -> Pending<AttemptRequest> {
+        let attempt = AttemptId(base.next_attempt);
+        let mut state = GrantState {
+            version: current.map_or(1, |c| c.version + 1),
+            updated_at: now,
+            next_attempt: base.next_attempt + 1,
+            ..base
+        };
+        state.phase = Phase::Refreshing { attempt, kind, presented, started_at: now, resolving };
         let record = Record::Intent {
-            grant: s.grant.clone(),
+            grant: state.grant.clone(),
             at: now,
             attempt,
-            generation: s.generation,
-            kind: AttemptKind::Refresh,
+            generation: state.generation,
+            kind,
             presented,
         };
-        Ok(Pending {
-            transition: Transition { expected_version: Some(s.version), state, records: vec![record], events: vec![] },
-            value: AttemptRequest {
-                grant: s.grant.clone(),
-                attempt,
-                generation: s.generation,
-                kind: AttemptKind::Refresh,
-                credential: tokens.refresh_token.clone(),
+        let request =
+            AttemptRequest { grant: state.grant.clone(), attempt, generation: state.generation, kind, credential };
+        Pending {
+            transition: Transition {
+                expected_version: current.map(|c| c.version),
+                state,
+                records: vec![record],
+                events: vec![],
             },
+            value: request,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn intent(
+        &self,
+        base: GrantState,
+        current: &GrantState,
+        kind: AttemptKind,
+        credential: Credential,
+        presented: crate::domain::Fingerprint,
+        resolving: Option<Ambiguity>,
+        now: UnixMillis,
+    ) -> Pending<AttemptRequest> {
+        self.intent_from(base, Some(current), kind, credential, presented, resolving, now)
+    }
+
+    fn fresh_state(grant: GrantKey, now: UnixMillis) -> GrantState {
+        GrantState {
+            grant,
+            version: 0,
+            generation: Generation(0),
+            tokens: None,
+            phase: Phase::NotInstalled { since: now },
+            next_attempt: 1,
+            credential_first_presented_at: None,
+            consecutive_failures: 0,
+            not_before: None,
+            updated_at: now,
+            acquisition: None,
+            acquired_at: None,
+        }
+    }
+
+    /// Plans a token exchange of `session` (an App Bridge session token whose `exp` is
+    /// `session_expires_at`, validated by the caller) for `grant`, whose current durable state is
+    /// `current` (`None`: tokenwal has never seen the grant).
+    ///
+    /// Allowed from every phase except an attempt in flight or an unresolved migration. From an
+    /// unresolved exchange, the new session token replaces the old one as the retry's credential
+    /// (any processed exchange is a new acquisition; a later one retires the earlier's pair). On
+    /// success the grant gets a new generation; any other answer leaves the grant where it was
+    /// (see `docs/journal.md` §3 for a lost answer).
+    pub fn plan_token_exchange(
+        &self,
+        current: Option<&GrantState>,
+        grant: GrantKey,
+        session: SessionToken,
+        session_expires_at: UnixMillis,
+        now: UnixMillis,
+    ) -> Result<Pending<AttemptRequest>, Refusal> {
+        if now >= session_expires_at {
+            return Err(Refusal::SubjectExpired);
+        }
+        let subject = Subject::SessionToken { token: session, expires_at: session_expires_at };
+        let (credential, presented) = self.subject_credential(&subject);
+        let (base, resolving) = match current {
+            None => {
+                let base = Self::fresh_state(grant, now);
+                let prior = base.phase.clone();
+                (GrantState { acquisition: Some(Acquisition { subject, prior }), ..base }, None)
+            }
+            Some(s) => match (&s.phase, &s.acquisition) {
+                (Phase::Refreshing { .. }, _) => return Err(Refusal::InFlight),
+                (Phase::Ambiguous(_), Some(a)) if a.kind() == AttemptKind::Migration => {
+                    return Err(Refusal::AcquisitionOpen(AttemptKind::Migration))
+                }
+                (Phase::Ambiguous(amb), Some(a)) => {
+                    let acquisition = Some(Acquisition { subject, prior: a.prior.clone() });
+                    (GrantState { acquisition, ..s.clone() }, Some(amb.clone()))
+                }
+                (phase, _) => {
+                    let acquisition = Some(Acquisition { subject, prior: phase.clone() });
+                    (GrantState { acquisition, ..s.clone() }, None)
+                }
+            },
+        };
+        Ok(self.intent_from(base, current, AttemptKind::TokenExchange, credential, presented, resolving, now))
+    }
+
+    /// Plans a migration of `legacy` (a non-expiring offline token) for `grant`, whose current durable
+    /// state is `current` (`None`: tokenwal has never seen the grant).
+    ///
+    /// * A grant with a live expiring pair is refused with [`Refusal::AlreadyMigrated`] (nothing to
+    ///   send).
+    /// * An unresolved migration is retried with its *durable* legacy token (whatever `legacy` is:
+    ///   the durable one is the one the server may have processed), respecting its backoff.
+    /// * A grant that needs re-auth or was never installed is migrated; an uninstalled one is refused
+    ///   (uninstalling revokes the legacy token too).
+    pub fn plan_migration(
+        &self,
+        current: Option<&GrantState>,
+        grant: GrantKey,
+        legacy: LegacyToken,
+        now: UnixMillis,
+    ) -> Result<Pending<AttemptRequest>, Refusal> {
+        let subject = Subject::LegacyToken { token: legacy };
+        let (credential, presented) = self.subject_credential(&subject);
+        let base = match current {
+            None => {
+                let base = Self::fresh_state(grant, now);
+                let prior = base.phase.clone();
+                GrantState { acquisition: Some(Acquisition { subject, prior }), ..base }
+            }
+            Some(s) if s.has_live_pair() => return Err(Refusal::AlreadyMigrated(s.generation)),
+            Some(s) => match (&s.phase, &s.acquisition) {
+                (Phase::Refreshing { .. }, _) => return Err(Refusal::InFlight),
+                (Phase::Ambiguous(_), Some(a)) if a.kind() == AttemptKind::Migration => return self.plan(s, now, true),
+                (Phase::Ambiguous(_), Some(a)) => return Err(Refusal::AcquisitionOpen(a.kind())),
+                (Phase::Uninstalled { .. }, _) => return Err(Refusal::Uninstalled),
+                (phase, _) => {
+                    let acquisition = Some(Acquisition { subject, prior: phase.clone() });
+                    GrantState { acquisition, ..s.clone() }
+                }
+            },
+        };
+        Ok(self.intent_from(base, current, AttemptKind::Migration, credential, presented, None, now))
+    }
+
+    /// An unresolved token exchange whose session token has expired (or was refused on a retry) can
+    /// no longer be retried: the grant falls back (`docs/journal.md` §3). Returns the transition, or
+    /// `None` if `s` is not such an exchange at `now`.
+    pub fn expire_acquisition(&self, s: &GrantState, now: UnixMillis) -> Option<Pending<Option<TokenSet>>> {
+        if !exchange_expired(s, now) {
+            return None;
+        }
+        let Phase::Ambiguous(amb) = &s.phase else { return None };
+        let mut state = self.next_state(s, now);
+        let mut records = Vec::new();
+        let mut events = Vec::new();
+        self.fall_back(&mut state, &mut records, &mut events, s, amb, Resolution::WindowElapsed, now);
+        Some(Pending {
+            transition: Transition { expected_version: Some(s.version), state, records, events },
+            value: None,
         })
+    }
+
+    /// Where an unresolved token exchange that can no longer be retried leaves the grant. The
+    /// exchange may or may not have been processed, so:
+    /// * a prior live pair (`Healthy`) is probed: it becomes an ambiguity on the stored refresh token
+    ///   (if the exchange was processed the server now rejects it — definitive — else it rotates);
+    /// * a prior refresh ambiguity, needs-reauth or uninstall is restored as it was;
+    /// * a grant that had nothing needs re-auth (the merchant's next session token).
+    #[allow(clippy::too_many_arguments)]
+    fn fall_back(
+        &self,
+        state: &mut GrantState,
+        records: &mut Vec<Record>,
+        events: &mut Vec<Event>,
+        s: &GrantState,
+        amb: &Ambiguity,
+        how: Resolution,
+        now: UnixMillis,
+    ) {
+        let grant = s.grant.clone();
+        let Some(acq) = s.acquisition.clone() else { return };
+        let deadline = match &acq.subject {
+            Subject::SessionToken { expires_at, .. } => *expires_at,
+            Subject::LegacyToken { .. } => now,
+        };
+        records.push(Record::Resolved { grant: grant.clone(), at: now, attempt: amb.first_attempt, how: how.clone() });
+        events.push(Event::Resolved { grant: grant.clone(), how });
+        state.acquisition = None;
+        state.not_before = None;
+        state.phase = match acq.prior {
+            Phase::Healthy if state.tokens.is_some() => {
+                let probe = Ambiguity {
+                    first_attempt: amb.first_attempt,
+                    since: now,
+                    last_reason: amb.last_reason.clone(),
+                    tries: 0,
+                };
+                events.push(Event::Ambiguous { grant: grant.clone(), reason: amb.last_reason.clone() });
+                Phase::Ambiguous(probe)
+            }
+            Phase::Ambiguous(prior) if state.tokens.is_some() => Phase::Ambiguous(prior),
+            p @ (Phase::NeedsReauth { .. } | Phase::Uninstalled { .. }) => p,
+            _ => {
+                let reason = ReauthReason::RetryWindowElapsed { first_presented_at: amb.since, deadline };
+                records.push(Record::NeedsReauth { grant: grant.clone(), at: now, reason: reason.clone() });
+                events.push(Event::NeedsReauth { grant, reason: reason.clone() });
+                Phase::NeedsReauth { reason, since: now }
+            }
+        };
     }
 
     /// Applies the outcome of a sent attempt to the grant's *current* durable state (re-read it if a
@@ -537,7 +864,8 @@ impl Machine {
     /// Recovery: a grant found `Refreshing` after a restart had an intent durable and no outcome;
     /// its request may have been processed. Returns the transition to `Ambiguous` (never straight to
     /// needs-reauth, even past the retry window: the request may never have left the process, and the
-    /// probe that follows tells); `None` if the grant is not `Refreshing`.
+    /// probe that follows tells); `None` if the grant is not `Refreshing`. An interrupted token
+    /// exchange whose session token has expired meanwhile falls back in the same transition.
     pub fn recover_interrupted(&self, s: &GrantState, now: UnixMillis, entropy: u64) -> Option<Transition> {
         let Phase::Refreshing { attempt, .. } = &s.phase else { return None };
         let outcome = Outcome::Ambiguous { reason: AmbiguityReason::Interrupted, request_id: None };
@@ -545,6 +873,20 @@ impl Machine {
         // A restart is not evidence of a server problem: the retry may go at once.
         if let Phase::Ambiguous(_) = t.state.phase {
             t.state.not_before = None;
+        }
+        if let Phase::Ambiguous(amb) = t.state.phase.clone() {
+            if exchange_expired(&t.state, now) {
+                let before = t.state.clone();
+                self.fall_back(
+                    &mut t.state,
+                    &mut t.records,
+                    &mut t.events,
+                    &before,
+                    &amb,
+                    Resolution::WindowElapsed,
+                    now,
+                );
+            }
         }
         Some(t)
     }
@@ -557,26 +899,53 @@ impl Machine {
         now: UnixMillis,
         entropy: u64,
     ) -> Pending<Option<TokenSet>> {
-        let Phase::Refreshing { resolving, started_at, .. } = &s.phase else {
+        let Phase::Refreshing { resolving, started_at, kind, .. } = &s.phase else {
             unreachable!("settle is only called on a Refreshing grant")
         };
+        let kind = *kind;
+        // The acquisition this attempt belongs to (`None` for a refresh).
+        let acq = s.acquisition.clone().filter(|_| kind != AttemptKind::Refresh);
         let grant = s.grant.clone();
         let mut state = self.next_state(s, now);
         let mut records = Vec::new();
         let mut events = Vec::new();
-        let prior_phase = match resolving {
-            Some(amb) => Phase::Ambiguous(amb.clone()),
-            None => Phase::Healthy,
+        // Where an answer proving the credential was not processed leaves the grant: a retry stays
+        // ambiguous (an acquisition keeps its durable subject); a first attempt returns to where it
+        // started (a first acquisition's subject is dropped: nothing may have been processed).
+        let (prior_phase, prior_acquisition) = match (resolving, &acq) {
+            (Some(amb), _) => (Phase::Ambiguous(amb.clone()), acq.clone()),
+            (None, Some(a)) => (a.prior.clone(), None),
+            (None, None) => (Phase::Healthy, None),
         };
+        // A first acquisition's not-processed answer concerns only the acquisition: the grant's own
+        // refresh schedule (failures, backoff) is left as it was.
+        let first_acquisition = resolving.is_none() && acq.is_some();
         // For answers that prove the credential was not processed: undo "first presented" if this
         // attempt was the credential's first presentation.
         let unpresent = |state: &mut GrantState| {
-            if resolving.is_none() && s.credential_first_presented_at == Some(*started_at) {
+            if kind == AttemptKind::Refresh
+                && resolving.is_none()
+                && s.credential_first_presented_at == Some(*started_at)
+            {
                 state.credential_first_presented_at = None;
             }
         };
         let backoff = |failures: u32, retry_after: Option<Duration>| {
             now.saturating_add(self.policy.backoff.delay(failures, retry_after, entropy))
+        };
+        let not_processed = |state: &mut GrantState, retry_after: Option<Duration>| -> UnixMillis {
+            state.phase = prior_phase.clone();
+            state.acquisition = prior_acquisition.clone();
+            if first_acquisition {
+                state.consecutive_failures = s.consecutive_failures;
+                state.not_before = s.not_before;
+                backoff(1, retry_after)
+            } else {
+                state.consecutive_failures = s.consecutive_failures.saturating_add(1);
+                let until = backoff(state.consecutive_failures, retry_after);
+                state.not_before = Some(until);
+                until
+            }
         };
         let mut value = None;
         match outcome {
@@ -600,9 +969,30 @@ impl Machine {
                     });
                     events.push(Event::Resolved { grant: grant.clone(), how });
                 }
-                events.push(Event::Refreshed { grant: grant.clone(), generation: state.generation });
+                match &acq {
+                    None => events.push(Event::Refreshed { grant: grant.clone(), generation: state.generation }),
+                    Some(a) => {
+                        // A new acquisition supersedes a refresh ambiguity it started from.
+                        if let Phase::Ambiguous(prior) = &a.prior {
+                            let how = Resolution::Superseded { generation: state.generation };
+                            records.push(Record::Resolved {
+                                grant: grant.clone(),
+                                at: now,
+                                attempt: prior.first_attempt,
+                                how: how.clone(),
+                            });
+                            events.push(Event::Resolved { grant: grant.clone(), how });
+                        }
+                        if matches!(a.prior, Phase::NeedsReauth { .. } | Phase::Uninstalled { .. }) {
+                            events.push(Event::Recovered { grant: grant.clone(), generation: state.generation });
+                        }
+                        events.push(Event::Acquired { grant: grant.clone(), generation: state.generation, kind });
+                        state.acquired_at = Some(now);
+                    }
+                }
                 state.tokens = Some(tokens.clone());
                 state.phase = Phase::Healthy;
+                state.acquisition = None;
                 state.credential_first_presented_at = None;
                 state.consecutive_failures = 0;
                 state.not_before = None;
@@ -610,9 +1000,7 @@ impl Machine {
             }
             Outcome::NotSent(why) => {
                 records.push(Record::NotSent { grant: grant.clone(), at: now, attempt, why });
-                state.phase = prior_phase;
-                state.consecutive_failures = s.consecutive_failures.saturating_add(1);
-                state.not_before = Some(backoff(state.consecutive_failures, None));
+                not_processed(&mut state, None);
                 unpresent(&mut state);
             }
             Outcome::Throttled { retry_after, request_id } => {
@@ -624,10 +1012,7 @@ impl Machine {
                     why: RefusalReason::Throttled { retry_after_ms },
                     request_id,
                 });
-                state.phase = prior_phase;
-                state.consecutive_failures = s.consecutive_failures.saturating_add(1);
-                let until = backoff(state.consecutive_failures, retry_after);
-                state.not_before = Some(until);
+                let until = not_processed(&mut state, retry_after);
                 events.push(Event::Throttled { grant: grant.clone(), until });
                 unpresent(&mut state);
             }
@@ -639,9 +1024,7 @@ impl Machine {
                     why: RefusalReason::AppCredentials { status, error: error.clone() },
                     request_id,
                 });
-                state.phase = prior_phase;
-                state.consecutive_failures = s.consecutive_failures.saturating_add(1);
-                state.not_before = Some(backoff(state.consecutive_failures, None));
+                not_processed(&mut state, None);
                 events.push(Event::AppCredentialsRejected { grant: grant.clone(), status, error });
                 unpresent(&mut state);
             }
@@ -655,20 +1038,37 @@ impl Machine {
                     description,
                     request_id,
                 });
-                if let Some(amb) = resolving {
-                    records.push(Record::Resolved {
-                        grant: grant.clone(),
-                        at: now,
-                        attempt: amb.first_attempt,
-                        how: Resolution::Rejected,
-                    });
-                    events.push(Event::Resolved { grant: grant.clone(), how: Resolution::Rejected });
+                match (kind, resolving) {
+                    // A refused session token is the caller's problem, not a dead grant: a first
+                    // exchange leaves the grant as it was.
+                    (AttemptKind::TokenExchange, None) => {
+                        state.phase = prior_phase;
+                        state.acquisition = None;
+                    }
+                    // A refused retry: the first attempt may have been processed; fall back.
+                    (AttemptKind::TokenExchange, Some(amb)) => {
+                        self.fall_back(&mut state, &mut records, &mut events, s, amb, Resolution::Rejected, now);
+                    }
+                    // Refresh or migration: the newest durable credential is dead.
+                    (_, resolving) => {
+                        if let Some(amb) = resolving {
+                            records.push(Record::Resolved {
+                                grant: grant.clone(),
+                                at: now,
+                                attempt: amb.first_attempt,
+                                how: Resolution::Rejected,
+                            });
+                            events.push(Event::Resolved { grant: grant.clone(), how: Resolution::Rejected });
+                        }
+                        let reason =
+                            ReauthReason::CredentialRejected { status, error, after_ambiguity: resolving.is_some() };
+                        records.push(Record::NeedsReauth { grant: grant.clone(), at: now, reason: reason.clone() });
+                        events.push(Event::NeedsReauth { grant: grant.clone(), reason: reason.clone() });
+                        state.phase = Phase::NeedsReauth { reason, since: now };
+                        state.acquisition = None;
+                        state.not_before = None;
+                    }
                 }
-                let reason = ReauthReason::CredentialRejected { status, error, after_ambiguity: resolving.is_some() };
-                records.push(Record::NeedsReauth { grant: grant.clone(), at: now, reason: reason.clone() });
-                events.push(Event::NeedsReauth { grant: grant.clone(), reason: reason.clone() });
-                state.phase = Phase::NeedsReauth { reason, since: now };
-                state.not_before = None;
             }
             Outcome::Ambiguous { reason, request_id } => {
                 records.push(Record::Ambiguous {
@@ -687,10 +1087,12 @@ impl Machine {
                 state.consecutive_failures = s.consecutive_failures.saturating_add(1);
                 state.not_before = Some(backoff(state.consecutive_failures, None));
                 state.phase = Phase::Ambiguous(amb.clone());
+                // An acquisition keeps its subject durable (`state.acquisition` is unchanged).
                 // Time alone never ends an ambiguity, not even past the provider's retry window: a
                 // probe past the window gets a definitive answer whenever it matters (a processed,
                 // lost rotation is rejected; a never-processed token is accepted), and a server that
-                // answers nothing definitive for that long is down, not a dead grant.
+                // answers nothing definitive for that long is down, not a dead grant. (A token
+                // exchange is the exception: its session token expires, see `fall_back`.)
                 events.push(Event::Ambiguous { grant: grant.clone(), reason });
             }
         }
@@ -722,21 +1124,18 @@ impl Machine {
                 consecutive_failures: 0,
                 not_before: None,
                 updated_at: now,
+                acquisition: None,
+                acquired_at: Some(now),
             },
             Some(s) => {
                 let generation = s.generation.next();
-                let open = match &s.phase {
-                    Phase::Ambiguous(a) => Some(a.first_attempt),
-                    Phase::Refreshing { resolving: Some(a), .. } => Some(a.first_attempt),
-                    Phase::Refreshing { attempt, .. } => Some(*attempt),
-                    _ => None,
-                };
-                if let Some(first) = open {
+                for first in open_attempts(s) {
                     let how = Resolution::Superseded { generation };
                     records.push(Record::Resolved { grant: grant.clone(), at: now, attempt: first, how: how.clone() });
                     events.push(Event::Resolved { grant: grant.clone(), how });
                 }
-                if matches!(s.phase, Phase::NeedsReauth { .. } | Phase::Uninstalled { .. }) {
+                let dead = |p: &Phase| matches!(p, Phase::NeedsReauth { .. } | Phase::Uninstalled { .. });
+                if dead(&s.phase) || s.acquisition.as_ref().is_some_and(|a| dead(&a.prior)) {
                     events.push(Event::Recovered { grant: grant.clone(), generation });
                 }
                 GrantState {
@@ -746,6 +1145,8 @@ impl Machine {
                     credential_first_presented_at: None,
                     consecutive_failures: 0,
                     not_before: None,
+                    acquisition: None,
+                    acquired_at: Some(now),
                     ..self.next_state(s, now)
                 }
             }
@@ -767,12 +1168,14 @@ impl Machine {
         }
     }
 
-    /// Marks a grant as needing re-auth by operator or application decision.
+    /// Marks a grant as needing re-auth by operator or application decision. An open acquisition's
+    /// subject credential is dropped.
     pub fn mark_needs_reauth(&self, s: &GrantState, note: &str, now: UnixMillis) -> Transition {
         let reason = ReauthReason::Manual { note: note.chars().filter(|c| !c.is_control()).take(200).collect() };
         let mut state = self.next_state(s, now);
         state.phase = Phase::NeedsReauth { reason: reason.clone(), since: now };
         state.not_before = None;
+        state.acquisition = None;
         let grant = s.grant.clone();
         Transition {
             expected_version: Some(s.version),
@@ -782,20 +1185,15 @@ impl Machine {
         }
     }
 
-    /// The app was uninstalled: stop refreshing and drop the secrets, keeping the audit trail.
-    /// Idempotent: `None` if already uninstalled.
+    /// The app was uninstalled: stop refreshing and drop the secrets (tokens and any acquisition's
+    /// subject credential), keeping the audit trail. Idempotent: `None` if already uninstalled.
     pub fn uninstall(&self, s: &GrantState, now: UnixMillis) -> Option<Transition> {
         if matches!(s.phase, Phase::Uninstalled { .. }) {
             return None;
         }
         let grant = s.grant.clone();
         let mut records = Vec::new();
-        let open = match &s.phase {
-            Phase::Ambiguous(a) | Phase::Refreshing { resolving: Some(a), .. } => Some(a.first_attempt),
-            Phase::Refreshing { attempt, .. } => Some(*attempt),
-            _ => None,
-        };
-        if let Some(first) = open {
+        for first in open_attempts(s) {
             records.push(Record::Resolved {
                 grant: grant.clone(),
                 at: now,
@@ -807,6 +1205,7 @@ impl Machine {
         let mut state = self.next_state(s, now);
         state.tokens = None;
         state.phase = Phase::Uninstalled { since: now };
+        state.acquisition = None;
         state.credential_first_presented_at = None;
         state.not_before = None;
         Some(Transition {
@@ -816,6 +1215,39 @@ impl Machine {
             events: vec![Event::Uninstalled { grant }],
         })
     }
+
+    /// The granted scopes changed (`app/scopes_update`): the stored token set's scope is replaced
+    /// (a later token response's scope replaces it again). Journaled; changes nothing else (an
+    /// attempt in flight stays live).
+    pub fn scopes_updated(&self, s: &GrantState, scope: &str, now: UnixMillis) -> Transition {
+        let scope: String = scope.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(4096).collect();
+        let mut state = self.next_state(s, now);
+        if let Some(t) = state.tokens.as_mut() {
+            t.scope = Some(scope.clone());
+        }
+        let grant = s.grant.clone();
+        Transition {
+            expected_version: Some(s.version),
+            state,
+            records: vec![Record::ScopesUpdated { grant: grant.clone(), at: now, scope }],
+            events: vec![Event::ScopesUpdated { grant }],
+        }
+    }
+}
+
+/// The first attempts of everything open on `s`: its attempt in flight or ambiguity, and the refresh
+/// ambiguity an open acquisition started from.
+fn open_attempts(s: &GrantState) -> Vec<AttemptId> {
+    let mut out = Vec::new();
+    match &s.phase {
+        Phase::Ambiguous(a) | Phase::Refreshing { resolving: Some(a), .. } => out.push(a.first_attempt),
+        Phase::Refreshing { attempt, .. } => out.push(*attempt),
+        _ => {}
+    }
+    if let Some(Acquisition { prior: Phase::Ambiguous(a), .. }) = &s.acquisition {
+        out.push(a.first_attempt);
+    }
+    out
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //! [`crate::codec::STATE_VERSION`], keep the old shapes decodable, and update `docs/journal.md`.
 
 use crate::domain::{AttemptId, Fingerprint, FingerprintKey, Generation, GrantKey, TokenSet};
+use crate::secret::{LegacyToken, SessionToken};
 use crate::time::UnixMillis;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -143,18 +144,26 @@ pub enum ReauthReason {
     },
 }
 
+impl ReauthReason {
+    /// Whether this reason says the grant's credential was refused by the server (as opposed to an
+    /// operator's mark or an unresolved acquisition).
+    pub fn is_rejection(&self) -> bool {
+        matches!(self, ReauthReason::CredentialRejected { .. })
+    }
+}
+
 impl fmt::Display for ReauthReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ReauthReason::CredentialRejected { status, error, after_ambiguity } => {
-                write!(f, "refresh token rejected ({status} {error})")?;
+                write!(f, "credential rejected ({status} {error})")?;
                 if *after_ambiguity {
-                    f.write_str(" while resolving an ambiguous rotation")?;
+                    f.write_str(" while resolving an ambiguous attempt")?;
                 }
                 Ok(())
             }
             ReauthReason::RetryWindowElapsed { deadline, .. } => {
-                write!(f, "ambiguous rotation unresolved at its retry deadline {deadline}")
+                write!(f, "ambiguous acquisition unresolved when its subject credential expired at {deadline}")
             }
             ReauthReason::Manual { note } => write!(f, "marked by operator: {note}"),
         }
@@ -169,15 +178,18 @@ pub enum Resolution {
         /// The committed generation.
         generation: Generation,
     },
-    /// A retry with the same credential was definitively rejected.
+    /// A retry with the same credential was definitively rejected. For a token exchange this ends
+    /// the exchange's ambiguity (the session token is refused) and the grant falls back to its prior
+    /// phase (docs/journal.md §3, "Token exchange").
     Rejected,
     /// A newer token set was installed before the ambiguity resolved.
     Superseded {
         /// The installed generation.
         generation: Generation,
     },
-    /// The retry window elapsed without a definitive answer. Part of format 1 but not produced by
-    /// this version (see [`ReauthReason::RetryWindowElapsed`]).
+    /// The retry window elapsed without a definitive answer. Produced only for token exchanges (the
+    /// session token expired before a retry got a definitive answer; the grant then falls back to its
+    /// prior phase). Refresh and migration ambiguities are probed until a definitive answer.
     WindowElapsed,
     /// The grant was uninstalled.
     Uninstalled,
@@ -334,6 +346,15 @@ pub enum Record {
         /// What the outcome was (e.g. "success", "rejected"); no secret material.
         outcome: String,
     },
+    /// The granted scopes changed (Shopify's `app/scopes_update` webhook). Format 2.
+    ScopesUpdated {
+        /// The grant.
+        grant: GrantKey,
+        /// When.
+        at: UnixMillis,
+        /// The new scopes, comma-separated.
+        scope: String,
+    },
 }
 
 impl Record {
@@ -350,7 +371,8 @@ impl Record {
             | Record::Resolved { grant, .. }
             | Record::NeedsReauth { grant, .. }
             | Record::Uninstalled { grant, .. }
-            | Record::StaleOutcome { grant, .. } => grant,
+            | Record::StaleOutcome { grant, .. }
+            | Record::ScopesUpdated { grant, .. } => grant,
         }
     }
 
@@ -367,7 +389,8 @@ impl Record {
             | Record::Resolved { at, .. }
             | Record::NeedsReauth { at, .. }
             | Record::Uninstalled { at, .. }
-            | Record::StaleOutcome { at, .. } => *at,
+            | Record::StaleOutcome { at, .. }
+            | Record::ScopesUpdated { at, .. } => *at,
         }
     }
 
@@ -385,6 +408,7 @@ impl Record {
             Record::NeedsReauth { .. } => "needs-reauth",
             Record::Uninstalled { .. } => "uninstalled",
             Record::StaleOutcome { .. } => "stale-outcome",
+            Record::ScopesUpdated { .. } => "scopes-updated",
         }
     }
 }
@@ -460,10 +484,18 @@ pub enum Phase {
         /// Since when.
         since: UnixMillis,
     },
+    /// No tokens were ever acquired: a first acquisition (migration or token exchange) was planned and
+    /// certainly not processed (not sent, throttled, the app's credentials refused, the session token
+    /// refused). Format 2.
+    NotInstalled {
+        /// Since when.
+        since: UnixMillis,
+    },
 }
 
 impl Phase {
-    /// A short name (`healthy`, `refreshing`, `ambiguous`, `needs-reauth`, `uninstalled`).
+    /// A short name (`healthy`, `refreshing`, `ambiguous`, `needs-reauth`, `uninstalled`,
+    /// `not-installed`).
     pub fn name(&self) -> &'static str {
         match self {
             Phase::Healthy => "healthy",
@@ -471,6 +503,7 @@ impl Phase {
             Phase::Ambiguous(_) => "ambiguous",
             Phase::NeedsReauth { .. } => "needs-reauth",
             Phase::Uninstalled { .. } => "uninstalled",
+            Phase::NotInstalled { .. } => "not-installed",
         }
     }
 
@@ -504,4 +537,106 @@ pub struct GrantState {
     pub not_before: Option<UnixMillis>,
     /// When this state was written.
     pub updated_at: UnixMillis,
+    /// An acquisition (token exchange or migration) whose attempt is in flight or whose outcome is
+    /// unknown: the subject credential it presents, durable so that a lost answer or a crash is
+    /// retried with the *same* credential. `Some` exactly while `phase` is `Refreshing` with an
+    /// acquisition kind, or `Ambiguous` about one. Format 2 (`None` in states decoded from format 1).
+    pub acquisition: Option<Acquisition>,
+    /// When the current generation was acquired (install, token exchange, migration); refreshes do
+    /// not change it. Lets a late `app/uninstalled` webhook be told from one that predates a
+    /// reinstall. Format 2 (`None` in states decoded from format 1: unknown).
+    pub acquired_at: Option<UnixMillis>,
+}
+
+impl GrantState {
+    /// The kind of the open attempt or ambiguity, if any: an acquisition's kind while one is open,
+    /// `Refresh` for a refresh attempt or ambiguity.
+    pub fn open_kind(&self) -> Option<AttemptKind> {
+        match &self.phase {
+            Phase::Refreshing { kind, .. } => Some(*kind),
+            Phase::Ambiguous(_) => Some(self.acquisition.as_ref().map_or(AttemptKind::Refresh, Acquisition::kind)),
+            _ => None,
+        }
+    }
+
+    /// Whether the grant holds an expiring pair that is in use (not dead, not uninstalled): what a
+    /// migration of a legacy token would only replace.
+    pub fn has_live_pair(&self) -> bool {
+        let refresh_open = matches!(self.open_kind(), None | Some(AttemptKind::Refresh));
+        self.tokens.is_some()
+            && refresh_open
+            && matches!(self.phase, Phase::Healthy | Phase::Refreshing { .. } | Phase::Ambiguous(_))
+    }
+}
+
+/// The credential an acquisition presents (the token endpoint's `subject_token`).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Subject {
+    /// An App Bridge session token (token exchange).
+    SessionToken {
+        /// The token (a secret: redacted `Debug`, zeroized on drop).
+        token: SessionToken,
+        /// Its `exp` claim: a retry after this instant is pointless (the exchange then falls back).
+        expires_at: UnixMillis,
+    },
+    /// A legacy non-expiring offline token (migration). Shopify answers a retry with the same
+    /// legacy token with the same pair for up to 7 days.
+    LegacyToken {
+        /// The token (a secret).
+        token: LegacyToken,
+    },
+}
+
+/// An acquisition in flight or unresolved.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Acquisition {
+    /// What is presented.
+    pub subject: Subject,
+    /// The phase the grant was in before the acquisition began (never `Refreshing`, never about
+    /// another acquisition): restored when the acquisition ends without a new pair.
+    pub prior: Phase,
+}
+
+impl Acquisition {
+    /// `TokenExchange` or `Migration`.
+    pub fn kind(&self) -> AttemptKind {
+        match self.subject {
+            Subject::SessionToken { .. } => AttemptKind::TokenExchange,
+            Subject::LegacyToken { .. } => AttemptKind::Migration,
+        }
+    }
+}
+
+/// Format 1 of [`GrantState`] (before acquisitions), kept decodable.
+#[derive(Deserialize)]
+pub(crate) struct GrantStateV1 {
+    grant: GrantKey,
+    version: u64,
+    generation: Generation,
+    tokens: Option<TokenSet>,
+    phase: Phase,
+    next_attempt: u64,
+    credential_first_presented_at: Option<UnixMillis>,
+    consecutive_failures: u32,
+    not_before: Option<UnixMillis>,
+    updated_at: UnixMillis,
+}
+
+impl From<GrantStateV1> for GrantState {
+    fn from(v: GrantStateV1) -> GrantState {
+        GrantState {
+            grant: v.grant,
+            version: v.version,
+            generation: v.generation,
+            tokens: v.tokens,
+            phase: v.phase,
+            next_attempt: v.next_attempt,
+            credential_first_presented_at: v.credential_first_presented_at,
+            consecutive_failures: v.consecutive_failures,
+            not_before: v.not_before,
+            updated_at: v.updated_at,
+            acquisition: None,
+            acquired_at: None,
+        }
+    }
 }

@@ -68,7 +68,38 @@ fn record() -> impl Strategy<Value = Record> {
             request_id
         }),
         (grant(), at()).prop_map(|(grant, at)| Record::Uninstalled { grant, at }),
+        (grant(), at(), "[ -~]{0,60}").prop_map(|(grant, at, scope)| Record::ScopesUpdated { grant, at, scope }),
+        (
+            grant(),
+            at(),
+            any::<u64>(),
+            prop_oneof![Just(AttemptKind::TokenExchange), Just(AttemptKind::Migration)],
+            fp()
+        )
+            .prop_map(|(grant, at, a, kind, presented)| Record::Intent {
+                grant,
+                at,
+                attempt: AttemptId(a),
+                generation: Generation(0),
+                kind,
+                presented
+            }),
     ]
+}
+
+fn acquisition() -> impl Strategy<Value = Option<Acquisition>> {
+    let subject = prop_oneof![
+        ("[ -~]{1,60}", at())
+            .prop_map(|(t, expires_at)| Subject::SessionToken { token: SessionToken::new(t), expires_at }),
+        "[ -~]{1,60}".prop_map(|t| Subject::LegacyToken { token: LegacyToken::new(t) }),
+    ];
+    let prior = prop_oneof![
+        Just(Phase::Healthy),
+        at().prop_map(|since| Phase::NotInstalled { since }),
+        at().prop_map(|since| Phase::Uninstalled { since }),
+        (at(), ".{0,20}").prop_map(|(since, note)| Phase::NeedsReauth { reason: ReauthReason::Manual { note }, since }),
+    ];
+    proptest::option::of((subject, prior).prop_map(|(subject, prior)| Acquisition { subject, prior }))
 }
 
 proptest! {
@@ -95,10 +126,10 @@ proptest! {
     }
 
     #[test]
-    fn decoding_valid_frames_of_garbage_never_panics(payload in prop::collection::vec(any::<u8>(), 0..200), magic in prop_oneof![Just(*b"TR"), Just(*b"TS")]) {
+    fn decoding_valid_frames_of_garbage_never_panics(payload in prop::collection::vec(any::<u8>(), 0..200), magic in prop_oneof![Just(*b"TR"), Just(*b"TS")], version in 1u8..=2) {
         // A frame whose checksum is right but whose payload is garbage (a bug, or a format mix-up).
         let mut f = magic.to_vec();
-        f.push(1);
+        f.push(version);
         f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         f.extend_from_slice(&payload);
         let crc = crc32(&f);
@@ -122,7 +153,15 @@ proptest! {
     }
 
     #[test]
-    fn states_round_trip(g in grant(), v in any::<u64>(), gen in any::<u64>(), tok in "[ -~]{1,40}", exp in at()) {
+    fn states_round_trip(
+        g in grant(),
+        v in any::<u64>(),
+        gen in any::<u64>(),
+        tok in "[ -~]{1,40}",
+        exp in at(),
+        acquisition in acquisition(),
+        acquired_at in proptest::option::of(at()),
+    ) {
         let s = GrantState {
             grant: g,
             version: v,
@@ -140,6 +179,8 @@ proptest! {
             consecutive_failures: 0,
             not_before: Some(exp),
             updated_at: exp,
+            acquisition,
+            acquired_at,
         };
         prop_assert_eq!(decode_state(&encode_state(&s).unwrap()).unwrap(), s);
     }

@@ -92,6 +92,9 @@ impl Log {
     fn state(&self) -> GrantState {
         self.inner.lock().unwrap().state.clone().expect("installed")
     }
+    fn state_opt(&self) -> Option<GrantState> {
+        self.inner.lock().unwrap().state.clone()
+    }
     fn records_len(&self) -> usize {
         self.inner.lock().unwrap().records.len()
     }
@@ -151,11 +154,28 @@ struct Server {
     refresh_ttl: u64,
     /// Access tokens ever issued and their expiry (old ones stay valid to expiry).
     access: HashMap<String, u64>,
+    /// Session tokens the server accepts, and their expiry.
+    sessions: HashMap<String, u64>,
+    /// The legacy non-expiring token, if the shop has one.
+    legacy: Option<Legacy>,
+    /// First (pair-minting) migrations processed.
+    migrations: u64,
+    /// Acquisitions processed (exchanges, migrations, installs).
+    acquisitions: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Legacy {
+    token: String,
+    revoked: bool,
+    /// (when, the pair's access, refresh, the acquisition count then).
+    migrated: Option<(u64, String, String, u64)>,
 }
 
 enum Answer {
     Tokens { access: String, refresh: String, access_exp: u64, refresh_exp: u64 },
     Dead,
+    SubjectRefused,
 }
 
 impl Server {
@@ -168,7 +188,65 @@ impl Server {
             access_ttl: HOUR,
             refresh_ttl: 90 * DAY,
             access: HashMap::new(),
+            sessions: HashMap::new(),
+            legacy: None,
+            migrations: 0,
+            acquisitions: 0,
         }
+    }
+
+    /// Token exchange: a valid, unexpired session token is a new acquisition (reuse allowed, as in the
+    /// simulator); anything else is `invalid_subject_token`.
+    fn exchange(&mut self, session: &str, now: u64) -> Answer {
+        match self.sessions.get(session) {
+            Some(exp) if now < *exp => {
+                let (a, r, ae, re) = self.acquire(now);
+                Answer::Tokens { access: a, refresh: r, access_exp: ae, refresh_exp: re }
+            }
+            _ => Answer::SubjectRefused,
+        }
+    }
+
+    /// Whether a migration retry with `token` would get the pair (7 days, pair unused, no later
+    /// acquisition).
+    fn migration_replay_open(&self, now: u64) -> bool {
+        let Some(Legacy { migrated: Some((at, _, r, acq)), .. }) = &self.legacy else { return false };
+        now < at + 7 * DAY
+            && *acq == self.acquisitions
+            && self.rts.get(r).is_some_and(|i| i.first_used_at.is_none() && !i.retired && now < i.expires_at)
+            && !self.revoked
+    }
+
+    fn legacy_would_accept(&self, token: &str, now: u64) -> bool {
+        match &self.legacy {
+            Some(l) if l.token == token => match &l.migrated {
+                None => !l.revoked,
+                Some(_) => self.migration_replay_open(now),
+            },
+            _ => false,
+        }
+    }
+
+    fn migrate(&mut self, token: &str, now: u64) -> Answer {
+        if !self.legacy_would_accept(token, now) {
+            return Answer::SubjectRefused;
+        }
+        let l = self.legacy.clone().unwrap();
+        if let Some((_, a, r, _)) = l.migrated {
+            let (access_exp, refresh_exp) = {
+                let ae = self.access.get_mut(&a).unwrap();
+                *ae = (*ae).max(now + self.access_ttl);
+                (*ae, self.rts[&r].expires_at)
+            };
+            return Answer::Tokens { access: a, refresh: r, access_exp, refresh_exp };
+        }
+        let (a, r, ae, re) = self.acquire(now);
+        self.migrations += 1;
+        let acq = self.acquisitions;
+        let l = self.legacy.as_mut().unwrap();
+        l.revoked = true;
+        l.migrated = Some((now, a.clone(), r.clone(), acq));
+        Answer::Tokens { access: a, refresh: r, access_exp: ae, refresh_exp: re }
     }
 
     /// A new acquisition (install / token exchange): retires every older refresh token.
@@ -177,6 +255,7 @@ impl Server {
             rt.retired = true;
         }
         self.revoked = false;
+        self.acquisitions += 1;
         self.mint(now)
     }
 
@@ -281,9 +360,30 @@ enum Crash {
     CommitFails,
 }
 
+/// What the server thinks of a session token presented to it.
+#[derive(Clone, Copy, Debug)]
+enum Session {
+    /// Valid for a minute from now.
+    Valid,
+    /// Passes local checks but the server refuses it (`invalid_subject_token`).
+    Refused,
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     Tick(u64),
+    /// A few seconds (inside a session token's minute).
+    TickShort(u64),
+    /// Token exchange of a new session token (the merchant opened the app).
+    Exchange(Fault, Option<Crash>, Session),
+    /// The app's front end installs a pair while tokenwal's exchange is in flight.
+    ExchangeRacedByInstall,
+    /// The `app/uninstalled` webhook (the server revokes everything).
+    Uninstall,
+    /// The `app/uninstalled` webhook arrives while a refresh is in flight.
+    UninstallDuringRefresh,
+    /// Migration of the legacy token (legacy world only): a bulk run or its re-run.
+    Migrate(Fault, Option<Crash>),
     Refresh(Fault),
     RefreshCrash(Fault, Crash),
     /// A restart (with recovery) with nothing in flight.
@@ -308,15 +408,45 @@ fn fault() -> impl Strategy<Value = Fault> {
     ]
 }
 
+fn crash() -> impl Strategy<Value = Crash> {
+    prop_oneof![Just(Crash::AfterIntent), Just(Crash::AfterSend), Just(Crash::CommitFails)]
+}
+
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0u64..=40 * MIN).prop_map(Op::Tick),
         6 => fault().prop_map(Op::Refresh),
-        3 => (fault(), prop_oneof![Just(Crash::AfterIntent), Just(Crash::AfterSend), Just(Crash::CommitFails)])
-            .prop_map(|(f, c)| Op::RefreshCrash(f, c)),
+        3 => (fault(), crash()).prop_map(|(f, c)| Op::RefreshCrash(f, c)),
         1 => Just(Op::Restart),
         1 => Just(Op::Install),
         1 => Just(Op::StalePlanner),
+    ]
+}
+
+/// Refresh operations plus re-acquisition: token exchanges (lost answers, crashes, refused session
+/// tokens, short ticks inside a session token's life), installs racing an exchange, uninstalls.
+fn reacq_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        10 => op(),
+        3 => (0u64..=30_000).prop_map(Op::TickShort),
+        3 => (fault(), proptest::option::of(crash()), prop_oneof![4 => Just(Session::Valid), 1 => Just(Session::Refused)])
+            .prop_map(|(f, c, s)| Op::Exchange(f, c, s)),
+        1 => Just(Op::ExchangeRacedByInstall),
+        1 => Just(Op::Uninstall),
+        1 => Just(Op::UninstallDuringRefresh),
+    ]
+}
+
+/// A shop that starts with only a legacy token: migrations (with every fault and crash), their
+/// re-runs, refreshes of the migrated pair, restarts.
+fn legacy_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0u64..=40 * MIN).prop_map(Op::Tick),
+        2 => (0u64..=30_000).prop_map(Op::TickShort),
+        6 => (fault(), proptest::option::of(crash())).prop_map(|(f, c)| Op::Migrate(f, c)),
+        3 => fault().prop_map(Op::Refresh),
+        1 => (fault(), crash()).prop_map(|(f, c)| Op::RefreshCrash(f, c)),
+        1 => Just(Op::Restart),
     ]
 }
 
@@ -334,6 +464,11 @@ struct World {
     superseded: HashSet<String>,
     /// Whether the server revoked the grant (it is then truly dead until an install).
     revoked: bool,
+    /// A token exchange was processed by the server and its answer lost for good (its pair was never
+    /// committed): the previous pair may be dead, which only the merchant's next session token fixes.
+    exchange_lost: bool,
+    /// Session tokens minted so far.
+    sessions: u64,
 }
 
 impl World {
@@ -350,7 +485,31 @@ impl World {
         let grant = GrantKey::shopify(&ShopDomain::parse("model.myshopify.com").unwrap());
         let tokens = set(a, r, ae, re);
         block_on(machine.install(None, grant, tokens, InstallSource::Import, T0).make_durable(&log)).unwrap();
-        World { policy, machine, log, server, now: T0.0, entropy, superseded: HashSet::new(), revoked: false }
+        World {
+            policy,
+            machine,
+            log,
+            server,
+            now: T0.0,
+            entropy,
+            superseded: HashSet::new(),
+            revoked: false,
+            exchange_lost: false,
+            sessions: 0,
+        }
+    }
+
+    /// A shop tokenwal has never seen, with a legacy non-expiring token on the server.
+    fn new_legacy(policy: Policy, entropy: u64) -> World {
+        let mut w = World::new(policy, entropy);
+        w.log = Log::default();
+        w.server = Server::new(policy);
+        w.server.legacy = Some(Legacy { token: "shpat_legacy".into(), revoked: false, migrated: None });
+        w
+    }
+
+    fn grant() -> GrantKey {
+        GrantKey::shopify(&ShopDomain::parse("model.myshopify.com").unwrap())
     }
 
     fn now(&self) -> UnixMillis {
@@ -367,12 +526,24 @@ impl World {
         let r = req.value();
         assert!(self.log.intent_durable(r.attempt()), "invariant 1: request sent before its intent was durable");
         let presented = r.credential().expose_secret().to_owned();
-        assert!(
-            !self.superseded.contains(&presented),
-            "invariant 2: presented a refresh token whose replacement was durably committed"
-        );
+        let kind = r.kind();
+        if kind == AttemptKind::Refresh {
+            assert!(
+                !self.superseded.contains(&presented),
+                "invariant 2: presented a refresh token whose replacement was durably committed"
+            );
+        }
         let now = self.now;
-        let process = |s: &mut Server| s.refresh(&presented, now);
+        let process = |s: &mut Server| match kind {
+            AttemptKind::Refresh => s.refresh(&presented, now),
+            AttemptKind::TokenExchange => s.exchange(&presented, now),
+            AttemptKind::Migration => s.migrate(&presented, now),
+        };
+        let lost = |w: &mut World, a: Answer| {
+            if kind == AttemptKind::TokenExchange && matches!(a, Answer::Tokens { .. }) {
+                w.exchange_lost = true;
+            }
+        };
         match fault {
             Fault::NotSent => Outcome::NotSent(NotSentReason::Connect { detail: "refused".into() }),
             Fault::FailBefore => {
@@ -383,11 +554,13 @@ impl World {
                 Outcome::BadCredentials { status: 401, error: "invalid_client".into(), request_id: None }
             }
             Fault::RotateThenDrop => {
-                process(&mut self.server);
+                let a = process(&mut self.server);
+                lost(self, a);
                 Outcome::Ambiguous { reason: AmbiguityReason::ServerError { status: 520 }, request_id: None }
             }
             Fault::RotateThenGarble => {
-                process(&mut self.server);
+                let a = process(&mut self.server);
+                lost(self, a);
                 Outcome::Ambiguous {
                     reason: AmbiguityReason::UnparseableSuccess { status: 200, detail: "truncated".into() },
                     request_id: None,
@@ -404,6 +577,12 @@ impl World {
                     description: Some("This request requires an active refresh_token".into()),
                     request_id: None,
                 },
+                Answer::SubjectRefused => Outcome::Rejected {
+                    status: 400,
+                    error: "invalid_subject_token".into(),
+                    description: None,
+                    request_id: None,
+                },
             },
         }
     }
@@ -411,7 +590,6 @@ impl World {
     /// Applies an outcome and checks the invariants of the resulting transition.
     fn settle(&mut self, sent: &Durable<AttemptRequest>, outcome: Outcome) -> Result<(), LogError> {
         let before = self.log.state();
-        let presented = sent.value().credential().expose_secret().to_owned();
         let n = self.log.records_len();
         let e = self.next_entropy();
         let pending = self.machine.on_outcome(&before, sent, outcome, self.now(), e);
@@ -420,8 +598,22 @@ impl World {
         if let Some(tokens) = done.value() {
             // Only a durable commit releases tokens, and they are the state's tokens.
             assert_eq!(after.tokens.as_ref(), Some(tokens));
-            if tokens.refresh_token.expose_secret() != presented {
-                self.superseded.insert(presented);
+            assert!(after.acquisition.is_none(), "a committed pair leaves no subject credential behind");
+            if let Some(old) = before.tokens.as_ref().map(|t| t.refresh_token.expose_secret().to_owned()) {
+                if tokens.refresh_token.expose_secret() != old {
+                    self.superseded.insert(old);
+                }
+            }
+            if sent.value().kind() != AttemptKind::Refresh {
+                self.exchange_lost = false;
+                self.revoked = false;
+            }
+            if sent.value().kind() == AttemptKind::Migration {
+                // Never migrated before the pair is durable: the server revoked the legacy token and
+                // the committed pair is the one its migration minted.
+                let l = self.server.legacy.as_ref().unwrap();
+                assert!(l.revoked);
+                assert_eq!(l.migrated.as_ref().unwrap().2, tokens.refresh_token.expose_secret());
             }
         }
         self.check_transition(&before, &after, &self.log.records_since(n));
@@ -442,51 +634,207 @@ impl World {
         if let (false, Phase::NeedsReauth { reason, .. }) =
             (matches!(before.phase, Phase::NeedsReauth { .. }), &after.phase)
         {
-            match reason {
-                ReauthReason::CredentialRejected { .. } => {
+            match (reason, before.acquisition.as_ref().map(|a| &a.subject)) {
+                (ReauthReason::CredentialRejected { .. }, Some(Subject::LegacyToken { token })) => {
+                    assert!(
+                        !self.server.legacy_would_accept(token.expose_secret(), self.now),
+                        "invariant 5: migration marked needs-reauth while the server would accept the legacy token"
+                    );
+                }
+                (ReauthReason::CredentialRejected { .. }, _) => {
                     let rt = after.tokens.as_ref().unwrap().refresh_token.expose_secret();
                     assert!(
                         !self.server.would_accept(rt, self.now),
                         "invariant 5: marked needs-reauth while the server would accept the stored credential"
                     );
                 }
-                ReauthReason::RetryWindowElapsed { deadline, .. } => assert!(self.now >= deadline.0),
-                ReauthReason::Manual { .. } => panic!("nothing marks manually here"),
+                // Only a token exchange of a grant that had nothing falls back to this.
+                (ReauthReason::RetryWindowElapsed { deadline, .. }, Some(Subject::SessionToken { .. })) => {
+                    assert!(self.now >= deadline.0)
+                }
+                (r, _) => panic!("unexpected needs-reauth {r:?} from {:?}", before.phase),
             }
         }
+        // Uninstalled: no secret is left behind.
+        if matches!(after.phase, Phase::Uninstalled { .. }) {
+            assert!(after.tokens.is_none() && after.acquisition.is_none(), "uninstall left a secret in the state");
+        }
+        // A subject credential is durable exactly while its acquisition is open.
+        assert_eq!(
+            after.acquisition.is_some(),
+            matches!(after.open_kind(), Some(AttemptKind::TokenExchange | AttemptKind::Migration)),
+            "{:?}",
+            after.phase
+        );
         // Generations only grow.
         assert!(after.generation >= before.generation);
     }
 
     fn refresh(&mut self, fault: Fault, crash: Option<Crash>) {
-        let state = self.log.state();
+        let Some(state) = self.log.state_opt() else { return };
         let planned = match self.machine.step(&state, self.now()) {
             Step::Dormant | Step::InFlight => return,
             // Callers may refresh at any time (e.g. a 401 from the Admin API); backoff still applies.
             Step::Idle { .. } | Step::Attempt | Step::Wait { .. } => self.machine.plan_attempt(&state, self.now()),
         };
-        let Ok(pending) = planned else { return };
+        match planned {
+            Ok(pending) => {
+                self.run_planned(pending, fault, crash);
+            }
+            Err(Refusal::SubjectExpired) => self.expire(),
+            Err(_) => {}
+        }
+    }
+
+    /// An unresolved exchange whose session token expired falls back (the engine does this when the
+    /// planner refuses with `SubjectExpired`).
+    fn expire(&mut self) {
+        let before = self.log.state();
+        let n = self.log.records_len();
+        let pending = self.machine.expire_acquisition(&before, self.now()).expect("an expired exchange");
+        let done = block_on(pending.make_durable(&self.log)).unwrap();
+        assert!(done.value().is_none());
+        self.check_transition(&before, &self.log.state(), &self.log.records_since(n));
+        assert!(self.log.state().acquisition.is_none(), "the expired session token was dropped");
+    }
+
+    /// Runs a planned attempt through the journal protocol with `fault` and `crash`; returns the
+    /// outcome the client observed (if it got that far without crashing).
+    fn run_planned(&mut self, pending: Pending<AttemptRequest>, fault: Fault, crash: Option<Crash>) -> Option<Outcome> {
         let sent = block_on(pending.make_durable(&self.log)).unwrap();
         // Invariant 3: while in flight, no second attempt can be planned.
         assert_eq!(self.machine.plan_attempt(sent.state(), self.now()).unwrap_err(), Refusal::InFlight);
         if let Some(Crash::AfterIntent) = crash {
-            return self.restart();
+            self.restart();
+            return None;
         }
         let outcome = self.send(&sent, fault);
+        let crashed_success = matches!(outcome, Outcome::Success { .. })
+            && sent.value().kind() == AttemptKind::TokenExchange
+            && matches!(crash, Some(Crash::AfterSend | Crash::CommitFails));
+        if crashed_success {
+            self.exchange_lost = true;
+        }
         match crash {
-            Some(Crash::AfterSend) => self.restart(),
+            Some(Crash::AfterSend) => {
+                self.restart();
+                None
+            }
             Some(Crash::CommitFails) => {
                 self.log.inner.lock().unwrap().fail_next = true;
                 assert_eq!(self.settle(&sent, outcome).unwrap_err(), LogError::DiskFull);
                 self.restart();
+                None
             }
-            _ => self.settle(&sent, outcome).unwrap(),
+            _ => {
+                self.settle(&sent, outcome.clone()).unwrap();
+                Some(outcome)
+            }
         }
+    }
+
+    fn new_session(&mut self, kind: Session) -> (SessionToken, UnixMillis) {
+        self.sessions += 1;
+        let token = format!("session-{}", self.sessions);
+        let exp = self.now + MIN;
+        if let Session::Valid = kind {
+            self.server.sessions.insert(token.clone(), exp);
+        }
+        (SessionToken::new(token), UnixMillis(exp))
+    }
+
+    fn exchange(&mut self, fault: Fault, crash: Option<Crash>, kind: Session) {
+        let before = self.log.state_opt();
+        if before.as_ref().is_some_and(|s| self.machine.expire_acquisition(s, self.now()).is_some()) {
+            self.expire();
+        }
+        let before = self.log.state_opt();
+        let (token, exp) = self.new_session(kind);
+        let planned = self.machine.plan_token_exchange(before.as_ref(), Self::grant(), token, exp, self.now());
+        let Ok(pending) = planned else { return };
+        let resolving = matches!(pending.transition().phase(), Phase::Refreshing { resolving: Some(_), .. });
+        let outcome = self.run_planned(pending, fault, crash);
+        // A refused session token is the caller's problem: a first exchange leaves the grant as it was.
+        if let (Some(Outcome::Rejected { .. }), false, Some(b)) = (&outcome, resolving, &before) {
+            let after = self.log.state();
+            assert_eq!(after.phase, b.phase, "a refused session token changed the grant's phase");
+            assert_eq!(after.tokens, b.tokens);
+            assert_eq!(after.generation, b.generation);
+        }
+    }
+
+    fn migrate(&mut self, fault: Fault, crash: Option<Crash>) {
+        let before = self.log.state_opt();
+        let legacy = LegacyToken::new(self.server.legacy.as_ref().unwrap().token.clone());
+        match self.machine.plan_migration(before.as_ref(), Self::grant(), legacy, self.now()) {
+            Ok(pending) => {
+                self.run_planned(pending, fault, crash);
+            }
+            Err(Refusal::AlreadyMigrated(g)) => {
+                let s = before.unwrap();
+                assert_eq!(s.generation, g);
+                assert!(s.has_live_pair());
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Token exchange raced by the app's own install: the server processes the exchange, then the
+    /// front end's acquisition; tokenwal's install lands before the exchange's answer, which must be
+    /// stale (the newer generation wins).
+    fn exchange_raced_by_install(&mut self) {
+        let Some(before) = self.log.state_opt() else { return };
+        if before.phase.is_open() {
+            return;
+        }
+        let (token, exp) = self.new_session(Session::Valid);
+        let Ok(pending) = self.machine.plan_token_exchange(Some(&before), Self::grant(), token, exp, self.now()) else {
+            return;
+        };
+        let sent = block_on(pending.make_durable(&self.log)).unwrap();
+        let outcome = self.send(&sent, Fault::None);
+        self.install();
+        let installed = self.log.state();
+        self.settle(&sent, outcome).unwrap();
+        let after = self.log.state();
+        assert_eq!(after.tokens, installed.tokens, "an older in-flight exchange overwrote a newer install");
+        assert_eq!(after.generation, installed.generation);
+        assert_eq!(after.phase, Phase::Healthy);
+    }
+
+    fn uninstall(&mut self) {
+        self.server.revoked = true;
+        self.revoked = true;
+        let Some(s) = self.log.state_opt() else { return };
+        if let Some(t) = self.machine.uninstall(&s, self.now()) {
+            let n = self.log.records_len();
+            block_on(Pending::<()>::from_transition(t).make_durable(&self.log)).unwrap();
+            self.check_transition(&s, &self.log.state(), &self.log.records_since(n));
+        } else {
+            // Idempotent: a duplicate webhook writes nothing.
+            assert!(matches!(s.phase, Phase::Uninstalled { .. }));
+        }
+        assert_eq!(self.machine.step(&self.log.state(), self.now()), Step::Dormant);
+    }
+
+    /// The uninstall webhook arrives while a refresh is in flight (after the server answered it):
+    /// the answer must store nothing.
+    fn uninstall_during_refresh(&mut self) {
+        let Some(state) = self.log.state_opt() else { return };
+        let Ok(pending) = self.machine.plan_attempt(&state, self.now()) else { return };
+        let sent = block_on(pending.make_durable(&self.log)).unwrap();
+        let outcome = self.send(&sent, Fault::None);
+        self.uninstall();
+        self.settle(&sent, outcome).unwrap();
+        let after = self.log.state();
+        assert!(matches!(after.phase, Phase::Uninstalled { .. }), "{:?}", after.phase);
+        assert!(after.tokens.is_none() && after.acquisition.is_none(), "a late answer stored a secret");
+        assert_eq!(self.machine.step(&after, self.now()), Step::Dormant, "no further attempts");
     }
 
     /// A restart: volatile state is gone; recovery runs on the durable state.
     fn restart(&mut self) {
-        let state = self.log.state();
+        let Some(state) = self.log.state_opt() else { return };
         let e = self.next_entropy();
         let plan = recovery::plan(&self.machine, [&state], self.now(), e);
         for item in &plan.items {
@@ -514,11 +862,16 @@ impl World {
     fn install(&mut self) {
         let (a, r, ae, re) = self.server.acquire(self.now);
         self.revoked = false;
-        let state = self.log.state();
-        let old = state.tokens.as_ref().map(|t| t.refresh_token.expose_secret().to_owned());
-        let grant = state.grant.clone();
-        let pending =
-            self.machine.install(Some(&state), grant, set(a, r, ae, re), InstallSource::Application, self.now());
+        self.exchange_lost = false;
+        let state = self.log.state_opt();
+        let old = state.as_ref().and_then(|s| s.tokens.as_ref()).map(|t| t.refresh_token.expose_secret().to_owned());
+        let pending = self.machine.install(
+            state.as_ref(),
+            Self::grant(),
+            set(a, r, ae, re),
+            InstallSource::Application,
+            self.now(),
+        );
         block_on(pending.make_durable(&self.log)).unwrap();
         if let Some(old) = old {
             self.superseded.insert(old);
@@ -526,7 +879,7 @@ impl World {
     }
 
     fn stale_planner(&mut self) {
-        let stale = self.log.state();
+        let Some(stale) = self.log.state_opt() else { return };
         if self.machine.plan_attempt(&stale, self.now()).is_err() {
             return;
         }
@@ -548,14 +901,22 @@ impl World {
                 self.revoked = true;
             }
             Op::StalePlanner => self.stale_planner(),
+            Op::TickShort(ms) => self.now += ms,
+            Op::Exchange(f, c, s) => self.exchange(*f, *c, *s),
+            Op::ExchangeRacedByInstall => self.exchange_raced_by_install(),
+            Op::Uninstall => self.uninstall(),
+            Op::UninstallDuringRefresh => self.uninstall_during_refresh(),
+            Op::Migrate(f, c) => self.migrate(*f, *c),
         }
-        assert!(!matches!(self.log.state().phase, Phase::Refreshing { .. }), "left an attempt in flight");
+        if let Some(s) = self.log.state_opt() {
+            assert!(!matches!(s.phase, Phase::Refreshing { .. }), "left an attempt in flight");
+        }
     }
 
     /// Fault-free settling: drive the grant until it is idle-healthy or dormant.
     fn settle_fault_free(&mut self) {
         for _ in 0..200 {
-            let state = self.log.state();
+            let Some(state) = self.log.state_opt() else { return };
             match self.machine.step(&state, self.now()) {
                 Step::Idle { .. } | Step::Dormant => return,
                 Step::Wait { until } => self.now = until.0,
@@ -584,10 +945,15 @@ impl World {
                     ReauthReason::Manual { .. } => unreachable!(),
                 }
                 // No lockout caused by tokenwal: under retention, a grant dies only because the
-                // server killed it (revocation) or its retry window elapsed.
-                if self.policy == Policy::Retain && !self.revoked && !elapsed_ambiguous_windows {
+                // server killed it (revocation), its retry window elapsed, or a token exchange's
+                // answer was lost for good (its session token expired first).
+                if self.policy == Policy::Retain && !self.revoked && !elapsed_ambiguous_windows && !self.exchange_lost {
                     panic!("locked out under retain-until-replacement-used: {reason:?}");
                 }
+            }
+            Phase::Uninstalled { .. } => {
+                assert!(self.revoked, "uninstalled without an uninstall");
+                assert!(s.tokens.is_none() && s.acquisition.is_none(), "uninstalled grant keeps a secret");
             }
             other => panic!("unexpected end phase {other:?}"),
         }
@@ -627,9 +993,45 @@ fn run_sequence(policy: Policy, ops: &[Op], entropy: u64) {
     // Sequences are at most 80 ops of at most 40 minutes: far inside Shopify's 30 days.
     let total = w.now - T0.0;
     w.check_end(total >= 30 * DAY);
-    if policy == Policy::Retain && !w.revoked {
+    if policy == Policy::Retain && !w.revoked && !w.exchange_lost {
         assert!(matches!(w.log.state().phase, Phase::Healthy), "retain policy must end healthy");
     }
+}
+
+/// A legacy shop: after the ops, a fault-free re-run of the bulk migration and settling. It ends
+/// healthy with exactly one migrated pair minted by the server and the legacy token revoked (a strict
+/// server may later lose the migrated pair to a lost rotation, like any pair).
+fn run_legacy_sequence(policy: Policy, ops: &[Op], entropy: u64) {
+    let mut w = World::new_legacy(policy, entropy);
+    for op in ops {
+        w.run(op);
+    }
+    w.restart();
+    w.settle_fault_free();
+    // The re-run: skips a migrated shop, resumes an unresolved one, migrates the rest.
+    for _ in 0..20 {
+        let s = w.log.state_opt();
+        if s.as_ref().is_some_and(|s| s.has_live_pair()) {
+            break;
+        }
+        if let Some(nb) = s.as_ref().and_then(|s| s.not_before) {
+            w.now = w.now.max(nb.0);
+        }
+        w.migrate(Fault::None, None);
+    }
+    w.settle_fault_free();
+    let s = w.log.state();
+    assert!(s.acquisition.is_none(), "the legacy token is no longer kept once the pair is durable");
+    if policy == Policy::Strict && s.generation.0 >= 1 && matches!(s.phase, Phase::NeedsReauth { .. }) {
+        // A strict server loses the *migrated* pair to a lost rotation (as any pair); the migration
+        // itself was committed (generation ≥ 1) and never repeated.
+        assert_eq!(w.server.migrations, 1);
+        return;
+    }
+    assert_eq!(s.phase, Phase::Healthy, "a legacy shop must end migrated: {:?}", s.phase);
+    assert_eq!(w.server.migrations, 1, "exactly one migrated pair");
+    assert!(w.server.legacy.as_ref().unwrap().revoked);
+    w.check_end(false);
 }
 
 fn config() -> ProptestConfig {
@@ -661,6 +1063,31 @@ proptest! {
         e in any::<u64>(),
     ) {
         run_sequence(Policy::StrictRevokeFamily, &ops, e);
+    }
+
+    #[test]
+    fn reacquisition_retain(ops in prop::collection::vec(reacq_op(), 1..80), e in any::<u64>()) {
+        run_sequence(Policy::Retain, &ops, e);
+    }
+
+    #[test]
+    fn reacquisition_window(ops in prop::collection::vec(reacq_op(), 1..80), e in any::<u64>()) {
+        run_sequence(Policy::Window, &ops, e);
+    }
+
+    #[test]
+    fn reacquisition_strict(ops in prop::collection::vec(reacq_op(), 1..80), e in any::<u64>()) {
+        run_sequence(Policy::Strict, &ops, e);
+    }
+
+    #[test]
+    fn migration_retain(ops in prop::collection::vec(legacy_op(), 1..60), e in any::<u64>()) {
+        run_legacy_sequence(Policy::Retain, &ops, e);
+    }
+
+    #[test]
+    fn migration_strict(ops in prop::collection::vec(legacy_op(), 1..60), e in any::<u64>()) {
+        run_legacy_sequence(Policy::Strict, &ops, e);
     }
 
     #[test]

@@ -1,17 +1,18 @@
 //! The engine: a cheap cloneable handle over the store, the state machine and the transport.
 
 use crate::cache::{Slot, Slots};
-use crate::config::{Config, StoreLocation};
+use crate::config::{Config, Endpoint, StoreLocation};
 use crate::error::Error;
 use crate::failpoint;
 use crate::scheduler::{self, SchedulerHandle};
-use crate::transport::{Grant, Transport};
+use crate::transport::Transport;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokenwal_core::{
-    recovery, AccessToken, Durable, Event, Generation, GrantKey, GrantState, InstallSource, Intention, Machine,
-    Outcome, Pending, Phase, Refusal, ShopDomain, Step, TokenSet, Transition, UnixMillis,
+    recovery, AccessToken, AttemptRequest, ClientSecret, Durable, Event, Generation, GrantKey, GrantState,
+    InstallSource, Intention, Machine, Outcome, Pending, Phase, Record, Refusal, ShopDomain, Step, TokenSet,
+    Transition, UnixMillis,
 };
 use tokenwal_store::{Store, StoreConfig, StoreError};
 use tokio::sync::{broadcast, watch, Semaphore};
@@ -26,13 +27,16 @@ pub(crate) struct Inner {
     pub(crate) store: Store,
     pub(crate) machine: Machine,
     transport: Transport,
+    pub(crate) client_id: String,
+    pub(crate) client_secret: ClientSecret,
+    pub(crate) is_shopify: bool,
     pub(crate) provider: String,
     pub(crate) slots: Slots,
     events: broadcast::Sender<Event>,
     /// Refreshing is paused fleet-wide until this instant (ms) after an `invalid_client`.
     paused_until: AtomicU64,
     credentials_pause: Duration,
-    max_wait: Duration,
+    pub(crate) max_wait: Duration,
     pub(crate) permits: Semaphore,
     pub(crate) shutdown: watch::Sender<bool>,
     scheduler: SchedulerHandle,
@@ -52,7 +56,7 @@ impl Drop for DropGuard {
 /// resolved by recovery at the next start).
 #[derive(Clone)]
 pub struct Engine {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
     _guard: Arc<DropGuard>,
 }
 
@@ -129,6 +133,9 @@ impl Engine {
             store,
             machine,
             transport,
+            client_id: config.client_id.clone(),
+            client_secret: config.client_secret.clone(),
+            is_shopify: matches!(config.endpoint, Endpoint::Shopify | Endpoint::ShopifyTestServer { .. }),
             provider: config.endpoint.provider().to_owned(),
             slots: Slots::new(),
             events,
@@ -208,7 +215,7 @@ impl Engine {
         Ok(report)
     }
 
-    fn grant_of(&self, shop: &ShopDomain) -> GrantKey {
+    pub(crate) fn grant_of(&self, shop: &ShopDomain) -> GrantKey {
         GrantKey::shopify(shop)
     }
 
@@ -270,13 +277,61 @@ impl Engine {
     }
 
     /// The app was uninstalled from `shop` (the `app/uninstalled` webhook; it may arrive more than once
-    /// and late): stop refreshing and drop the secrets, keeping the audit trail. Idempotent.
+    /// and late): stop refreshing and drop the secrets, keeping the audit trail. Idempotent: a
+    /// duplicate changes nothing and writes nothing. An attempt in flight at that moment can no
+    /// longer store anything (its outcome is journaled as stale). A later [`Engine::install`] or
+    /// token exchange revives the shop.
+    ///
+    /// Prefer [`Engine::uninstalled_as_of`] when the webhook's trigger time is known: a late
+    /// uninstall webhook must not uninstall a newer installation.
     pub async fn uninstalled(&self, shop: &ShopDomain) -> Result<(), Error> {
+        self.uninstall_grant(&self.grant_of(shop), None).await.map(|_| ())
+    }
+
+    /// [`Engine::uninstalled`] for a webhook triggered at `triggered_at` (Shopify's
+    /// `X-Shopify-Triggered-At`): ignored (returns `false`) if the shop's current tokens were acquired
+    /// after it, i.e. the app was reinstalled since. Returns whether the shop was uninstalled by this
+    /// call.
+    pub async fn uninstalled_as_of(&self, shop: &ShopDomain, triggered_at: UnixMillis) -> Result<bool, Error> {
+        self.uninstall_grant(&self.grant_of(shop), Some(triggered_at)).await
+    }
+
+    async fn uninstall_grant(&self, grant: &GrantKey, triggered_at: Option<UnixMillis>) -> Result<bool, Error> {
+        let inner = &self.inner;
+        loop {
+            let Some(current) = inner.store.get(grant)? else { return Ok(false) };
+            if let (Some(at), Some(acquired)) = (triggered_at, current.acquired_at) {
+                if acquired > at {
+                    info!(%grant, %at, %acquired, "late uninstall webhook ignored: reinstalled since");
+                    return Ok(false);
+                }
+            }
+            let Some(t) = inner.machine.uninstall(&current, now()) else { return Ok(false) };
+            match Pending::from_transition(t).make_durable(&inner.store).await {
+                Ok(done) => {
+                    inner.after_durable(&done);
+                    return Ok(true);
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The granted scopes of `shop` changed (the `app/scopes_update` webhook's `current` list):
+    /// journaled, and the stored token set's scope replaced. `NotInstalled` if tokenwal does not know
+    /// the shop.
+    pub async fn scopes_updated<I, S>(&self, shop: &ShopDomain, scopes: I) -> Result<(), Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let scope = scopes.into_iter().map(|s| s.as_ref().trim().to_owned()).collect::<Vec<_>>().join(",");
         let grant = self.grant_of(shop);
         let inner = &self.inner;
         loop {
-            let Some(current) = inner.store.get(&grant)? else { return Ok(()) };
-            let Some(t) = inner.machine.uninstall(&current, now()) else { return Ok(()) };
+            let current = inner.store.get(&grant)?.ok_or_else(|| Error::NotInstalled { grant: grant.clone() })?;
+            let t = inner.machine.scopes_updated(&current, &scope, now());
             match Pending::from_transition(t).make_durable(&inner.store).await {
                 Ok(done) => {
                     inner.after_durable(&done);
@@ -403,40 +458,78 @@ impl Inner {
         Ok(())
     }
 
-    fn paused(&self, now: UnixMillis) -> Option<UnixMillis> {
+    pub(crate) fn paused(&self, now: UnixMillis) -> Option<UnixMillis> {
         let until = self.paused_until.load(Ordering::SeqCst);
         (now.0 < until).then_some(UnixMillis(until))
     }
 
     /// Runs one attempt from `state`: intent durable → send → outcome durable. `recovery` lets an
-    /// ambiguous grant's retry go despite its backoff (see `Machine::plan_recovery_attempt`).
-    async fn attempt(&self, state: &GrantState, recovery: bool) -> Result<Settled, Error> {
+    /// ambiguous grant's retry go despite its backoff (see `Machine::plan_recovery_attempt`). An
+    /// unresolved token exchange whose session token expired falls back instead (nothing is sent).
+    pub(crate) async fn attempt(&self, state: &GrantState, recovery: bool) -> Result<Settled, Error> {
         let grant = &state.grant;
         let planned = if recovery {
             self.machine.plan_recovery_attempt(state, now())
         } else {
             self.machine.plan_attempt(state, now())
         };
-        let pending = planned.map_err(|r| refusal(grant, r))?;
+        match planned {
+            Ok(pending) => Ok(self.run(pending).await?.0),
+            Err(Refusal::SubjectExpired) => self.expire(state).await,
+            Err(r) => Err(refusal(grant, r)),
+        }
+    }
+
+    /// Falls back from an unresolved token exchange whose session token has expired.
+    pub(crate) async fn expire(&self, state: &GrantState) -> Result<Settled, Error> {
+        let mut current = state.clone();
+        loop {
+            let Some(pending) = self.machine.expire_acquisition(&current, now()) else {
+                return Err(Error::InFlight { grant: state.grant.clone() });
+            };
+            match pending.make_durable(&self.store).await {
+                Ok(done) => {
+                    self.after_durable(&done);
+                    return Ok(done);
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    current = self
+                        .store
+                        .get(&state.grant)?
+                        .ok_or_else(|| Error::NotInstalled { grant: state.grant.clone() })?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Runs a planned attempt: intent durable → send → outcome durable. Returns the settled state, the
+    /// outcome, and whether the outcome applied (`false`: it was stale — journaled, changing nothing —
+    /// and the settled state shows where a newer write left the grant). A conflict on the intent (someone else wrote first) is returned as
+    /// `Error::Store(Conflict)`: nothing was sent; re-read and re-plan.
+    pub(crate) async fn run(&self, pending: Pending<AttemptRequest>) -> Result<(Settled, Outcome, bool), Error> {
+        let grant = pending.transition().grant().clone();
+        let grant = &grant;
         failpoint::hit("before-intent");
         // Journal before network: the request exists only once the intent is durable.
         let permit = pending.make_durable(&self.store).await?;
         failpoint::hit("after-intent");
         self.after_durable(&permit);
         let attempt = permit.value().attempt().0;
-        let (outcome, status) = self.transport.send(Grant::Refresh(permit.value()), now).await;
+        let (outcome, status) = self.transport.send(permit.value(), now).await;
         failpoint::hit("after-response");
         log_outcome(grant, attempt, status, &outcome);
         let mut current = permit.state().clone();
         loop {
             let pending = self.machine.on_outcome(&current, &permit, outcome.clone(), now(), rand::random());
+            let applied = !matches!(pending.transition().records(), [Record::StaleOutcome { .. }]);
             failpoint::hit("before-commit");
             // Commit before use: tokens are released only by a durable commit.
             match pending.make_durable(&self.store).await {
                 Ok(done) => {
                     failpoint::hit("after-commit");
                     self.after_durable(&done);
-                    return Ok(done);
+                    return Ok((done, outcome, applied));
                 }
                 Err(StoreError::Conflict { .. }) => {
                     // Someone else wrote (an install, an uninstall): re-read before acting.

@@ -10,6 +10,10 @@
 //!
 //! * [`Engine`] — the handle an app embeds: [`Engine::open`] (runs recovery), [`Engine::access_token`],
 //!   [`Engine::install`], [`Engine::on_unauthorized`], [`Engine::uninstalled`], events.
+//! * Re-acquisition: [`Engine::exchange_session_token`] (token exchange of an App Bridge session
+//!   token: the way back for a dead grant) and [`Engine::migrate`] (legacy non-expiring token →
+//!   expiring pair), both journaled like refreshes; [`Engine::scopes_updated`].
+//! * [`webhook`] — [`webhook::verify_shopify_hmac`] for apps forwarding webhooks.
 //! * [`config`] — [`Config`], endpoints (Shopify, a loopback test server, generic OAuth 2.0), timeouts.
 //! * `transport` — the reqwest client and the "sent or not" mapping of its errors.
 //! * `scheduler` — the proactive refresher.
@@ -43,18 +47,23 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod acquire;
 mod cache;
 pub mod config;
 mod engine;
 mod error;
 pub mod failpoint;
 mod scheduler;
+mod session;
 mod transport;
+pub mod webhook;
 pub mod webhook_sink;
 
+pub use acquire::{ExchangeError, MigrateError, MigrateOutcome, MigrationState};
 pub use config::{ClientAuth, Config, Endpoint, StoreLocation, Timeouts};
 pub use engine::{Engine, RecoveryReport};
 pub use error::Error;
+pub use session::{SessionTokenProblem, SESSION_TOKEN_LEEWAY};
 pub use webhook_sink::WebhookConfig;
 pub use tokenwal_core as core;
 pub use tokenwal_store as store;

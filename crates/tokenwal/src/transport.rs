@@ -18,15 +18,16 @@
 use crate::config::{ClientAuth, Endpoint, Timeouts};
 use std::time::Duration;
 use tokenwal_core::{
-    classify, AttemptRequest, ClientSecret, Exchange, GrantKey, HttpAnswer, Outcome, ResponseRules, TransportFailure,
-    UnixMillis, MAX_BODY,
+    classify_attempt, AttemptRequest, ClientSecret, Credential, Exchange, GrantKey, HttpAnswer, Outcome, ResponseRules,
+    TransportFailure, UnixMillis, MAX_BODY,
 };
 
-/// What a token request presents.
-pub(crate) enum Grant<'a> {
-    /// `grant_type=refresh_token`.
-    Refresh(&'a AttemptRequest),
-}
+/// `grant_type` of token exchange (RFC 8693), for session tokens and migrations alike.
+const GRANT_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// `subject_token_type` of an App Bridge session token.
+const TOKEN_TYPE_ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token";
+/// Shopify's offline access token type (the requested type, and the subject type of a migration).
+const TOKEN_TYPE_OFFLINE: &str = "urn:shopify:params:oauth:token-type:offline-access-token";
 
 /// Sends token requests.
 pub(crate) struct Transport {
@@ -74,9 +75,9 @@ impl Transport {
 
     /// Sends one token request and classifies what happened. Never returns an error: every failure is
     /// an [`Outcome`].
-    pub(crate) async fn send(&self, grant: Grant<'_>, now: impl Fn() -> UnixMillis) -> (Outcome, Option<u16>) {
-        let Grant::Refresh(req) = grant;
-        let reuse = Some(req.credential());
+    pub(crate) async fn send(&self, req: &AttemptRequest, now: impl Fn() -> UnixMillis) -> (Outcome, Option<u16>) {
+        let reuse = req.refresh_token();
+        let kind = req.kind();
         let result = self.exchange(req).await;
         let received_at = now();
         match result {
@@ -89,9 +90,9 @@ impl Transport {
                     body: &answer.body,
                     body_truncated: answer.truncated,
                 };
-                (classify(Exchange::Answer(a), &self.rules, reuse, received_at), Some(status))
+                (classify_attempt(kind, Exchange::Answer(a), &self.rules, reuse, received_at), Some(status))
             }
-            Err(f) => (classify(Exchange::Failed(&f), &self.rules, reuse, received_at), None),
+            Err(f) => (classify_attempt(kind, Exchange::Failed(&f), &self.rules, reuse, received_at), None),
         }
     }
 
@@ -100,18 +101,42 @@ impl Transport {
         let mut builder = self.client.post(url).header(reqwest::header::ACCEPT, "application/json");
         match &self.endpoint {
             Endpoint::Shopify | Endpoint::ShopifyTestServer { .. } => {
-                // The official libraries send JSON (shared/docs/shopify-token-protocol.md §1.1).
-                let body = serde_json::json!({
-                    "client_id": self.client_id,
-                    "client_secret": self.client_secret.expose_secret(),
-                    "grant_type": "refresh_token",
-                    "refresh_token": req.credential().expose_secret(),
-                });
+                // The official libraries send JSON (shared/docs/shopify-token-protocol.md §1.1, §4).
+                let body = match req.credential() {
+                    Credential::RefreshToken(t) => serde_json::json!({
+                        "client_id": self.client_id,
+                        "client_secret": self.client_secret.expose_secret(),
+                        "grant_type": "refresh_token",
+                        "refresh_token": t.expose_secret(),
+                    }),
+                    Credential::SessionToken(t) => serde_json::json!({
+                        "client_id": self.client_id,
+                        "client_secret": self.client_secret.expose_secret(),
+                        "grant_type": GRANT_TOKEN_EXCHANGE,
+                        "subject_token": t.expose_secret(),
+                        "subject_token_type": TOKEN_TYPE_ID_TOKEN,
+                        "requested_token_type": TOKEN_TYPE_OFFLINE,
+                        "expiring": "1",
+                    }),
+                    Credential::LegacyToken(t) => serde_json::json!({
+                        "client_id": self.client_id,
+                        "client_secret": self.client_secret.expose_secret(),
+                        "grant_type": GRANT_TOKEN_EXCHANGE,
+                        "subject_token": t.expose_secret(),
+                        "subject_token_type": TOKEN_TYPE_OFFLINE,
+                        "requested_token_type": TOKEN_TYPE_OFFLINE,
+                        "expiring": "1",
+                    }),
+                };
                 builder = builder.json(&body);
             }
             Endpoint::OAuth2 { client_auth, .. } => {
-                let mut form =
-                    vec![("grant_type", "refresh_token"), ("refresh_token", req.credential().expose_secret())];
+                let Some(refresh) = req.refresh_token() else {
+                    return Err(TransportFailure::Build {
+                        detail: "token exchange and migration are Shopify grants".into(),
+                    });
+                };
+                let mut form = vec![("grant_type", "refresh_token"), ("refresh_token", refresh.expose_secret())];
                 match client_auth {
                     ClientAuth::Body => {
                         form.push(("client_id", &self.client_id));
