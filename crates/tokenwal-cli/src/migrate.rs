@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use tokenwal::core::{AttemptKind, GrantKey, GrantState, LegacyToken, Phase, ShopDomain};
 use tokenwal::{Engine, MigrateError, MigrateOutcome, StoreLocation};
 use tokio::sync::Semaphore;
+use tokio::time::Instant as TokioInstant;
 
 use crate::commands::open_store;
 use crate::error::{CliError, EXIT_CONFIG, EXIT_DATAERR, EXIT_FAILURE, EXIT_TEMPFAIL};
@@ -259,13 +260,13 @@ pub struct Report {
 /// A rate limiter shared by every worker: evenly spaced slots, and a fleet-wide pause after a 429.
 struct Limiter {
     interval: Duration,
-    state: Mutex<(Instant, Instant)>, // (next free slot, paused until)
+    state: Mutex<(TokioInstant, TokioInstant)>, // (next free slot, paused until)
 }
 
 impl Limiter {
     fn new(rate: f64) -> Limiter {
         let interval = if rate > 0.0 { Duration::from_secs_f64(1.0 / rate) } else { Duration::ZERO };
-        let now = Instant::now();
+        let now = TokioInstant::now();
         Limiter { interval, state: Mutex::new((now, now)) }
     }
 
@@ -274,15 +275,15 @@ impl Limiter {
         loop {
             let (slot, paused_until) = {
                 let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                let now = Instant::now();
+                let now = TokioInstant::now();
                 let slot = g.0.max(now).max(g.1);
                 g.0 = slot + self.interval;
                 (slot, g.1)
             };
-            tokio::time::sleep_until(slot.into()).await;
+            tokio::time::sleep_until(slot).await;
             // A pause that began while this worker slept applies to it too.
             let paused = self.state.lock().unwrap_or_else(|e| e.into_inner()).1;
-            if paused <= paused_until || paused <= Instant::now() {
+            if paused <= paused_until || paused <= TokioInstant::now() {
                 return;
             }
         }
@@ -291,7 +292,7 @@ impl Limiter {
     /// Every worker waits until `d` from now (a 429's `Retry-After`).
     fn pause(&self, d: Duration) {
         let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        g.1 = g.1.max(Instant::now() + d);
+        g.1 = g.1.max(TokioInstant::now() + d);
     }
 }
 
@@ -303,10 +304,11 @@ struct Work {
 }
 
 fn success(w: &Work, attempts: u32, o: MigrateOutcome) -> ShopReport {
+    // "resumed" is about runs: a migration an earlier run left interrupted or ambiguous. A lost
+    // answer retried within this run (the engine's `Resumed`) is this run's migration.
     let result = match o {
-        MigrateOutcome::Resumed { .. } => "resumed",
         _ if w.before == Before::Unresolved => "resumed",
-        MigrateOutcome::Migrated { .. } => "migrated",
+        MigrateOutcome::Migrated { .. } | MigrateOutcome::Resumed { .. } => "migrated",
         MigrateOutcome::AlreadyMigrated { .. } => "already-migrated",
     };
     ShopReport {
@@ -363,9 +365,7 @@ async fn migrate_one(engine: &Engine, w: &Work, limiter: &Limiter, stop: &Atomic
                 stop.store(true, Ordering::SeqCst);
                 return failure(w, attempts, "failed", last, false);
             }
-            e if e.is_retryable() => {
-                Duration::from_millis(100u64 << attempts.min(6)).min(o.max_retry_wait)
-            }
+            e if e.is_retryable() => Duration::from_millis(100u64 << attempts.min(6)).min(o.max_retry_wait),
             _ => return failure(w, attempts, "failed", last, false),
         };
         tracing::info!(shop = %w.shop, attempts, error = %last, "migration will be retried");
@@ -439,11 +439,7 @@ pub async fn migrate(settings: &Settings, o: Options) -> Result<(), CliError> {
     // Credentials are checked before the store is touched (a dry run needs none).
     let config = if o.dry_run { None } else { Some(settings.engine_config(false)?) };
     // A dry run against a store that does not exist yet: every shop would be migrated.
-    let store = if o.dry_run && !settings.db.exists() {
-        None
-    } else {
-        Some(open_store(&settings.db, !o.dry_run)?.0)
-    };
+    let store = if o.dry_run && !settings.db.exists() { None } else { Some(open_store(&settings.db, !o.dry_run)?.0) };
     let works: Vec<Work> = valid
         .into_iter()
         .map(|(line, shop, token)| {
@@ -524,10 +520,12 @@ pub async fn migrate(settings: &Settings, o: Options) -> Result<(), CliError> {
         _ => Vec::new(),
     };
     let first = run_batch(&engine, todo, &limiter, &stop, &o, &bar).await;
-    let canary_failed = first.iter().any(|r| r.result != "migrated" && r.result != "resumed" && r.result != "already-migrated");
+    let canary_failed =
+        first.iter().any(|r| r.result != "migrated" && r.result != "resumed" && r.result != "already-migrated");
     results.extend(first);
     if !rest.is_empty() {
-        let go = !canary_failed && !stop.load(Ordering::SeqCst) && (o.yes || bar.suspend(|| ask_to_continue(rest.len())));
+        let go =
+            !canary_failed && !stop.load(Ordering::SeqCst) && (o.yes || bar.suspend(|| ask_to_continue(rest.len())));
         if go {
             results.extend(run_batch(&engine, rest, &limiter, &stop, &o, &bar).await);
         } else {
@@ -563,7 +561,8 @@ fn finish(mut report: Report, mut results: Vec<ShopReport>, started: Instant, js
     report.results = results;
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     if json {
-        let s = serde_json::to_string_pretty(&report).map_err(|e| CliError::Usage(format!("cannot render JSON: {e}")))?;
+        let s =
+            serde_json::to_string_pretty(&report).map_err(|e| CliError::Usage(format!("cannot render JSON: {e}")))?;
         println!("{s}");
     } else {
         print_text(&report);
@@ -594,7 +593,8 @@ fn print_text(r: &Report) {
         println!("invalid lines      {}", r.input_errors.len());
     }
     println!("elapsed            {:.1}s", r.elapsed_ms as f64 / 1000.0);
-    let failed: Vec<&ShopReport> = r.results.iter().filter(|x| x.result == "failed" || x.result == "would-fail").collect();
+    let failed: Vec<&ShopReport> =
+        r.results.iter().filter(|x| x.result == "failed" || x.result == "would-fail").collect();
     if !failed.is_empty() {
         println!();
         println!("FAILED");
@@ -627,6 +627,29 @@ fn exit_status(r: &Report) -> Result<(), CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_pauses_every_worker_and_slots_are_spaced() {
+        let l = Arc::new(Limiter::new(10.0));
+        let t0 = tokio::time::Instant::now();
+        l.acquire().await;
+        l.acquire().await;
+        assert_eq!(t0.elapsed(), Duration::from_millis(100), "10 per second");
+        // Another worker is already waiting for its slot when the 429 arrives.
+        let other = {
+            let l = Arc::clone(&l);
+            tokio::spawn(async move {
+                l.acquire().await;
+                tokio::time::Instant::now()
+            })
+        };
+        tokio::task::yield_now().await;
+        l.pause(Duration::from_secs(2));
+        let resumed = other.await.unwrap();
+        assert!(resumed - t0 >= Duration::from_millis(2100), "{:?}", resumed - t0);
+        l.acquire().await;
+        assert!(t0.elapsed() >= Duration::from_millis(2100));
+    }
 
     #[test]
     fn canary_sizes() {

@@ -123,8 +123,11 @@ fn bulk_migration_with_lost_answers_429s_and_a_crash_migrates_every_shop_exactly
     assert_eq!(n("shops"), N as u64);
     assert_eq!((n("failed"), n("not_attempted")), (0, 0), "{}", out.stdout);
     assert_eq!(n("migrated") + n("already_migrated") + n("resumed"), N as u64);
-    assert!(n("already_migrated") >= at_kill - 8, "the killed run's migrations are not repeated: {report}");
-    let lines: Vec<u64> = report["input_errors"].as_array().unwrap().iter().map(|e| e["line"].as_u64().unwrap()).collect();
+    // Every shop the server migrated before the kill is known to the store: committed (already
+    // migrated) or with its durable intent (resumed with the same legacy token), never sent afresh.
+    assert!(n("already_migrated") + n("resumed") >= at_kill, "the killed run's migrations are kept: {report}");
+    let lines: Vec<u64> =
+        report["input_errors"].as_array().unwrap().iter().map(|e| e["line"].as_u64().unwrap()).collect();
     assert_eq!(lines, [11, 22, N as u64 + 3], "{}", report["input_errors"]);
     for text in [&out.stdout, &out.stderr, &killed.stdout, &killed.stderr] {
         assert!(!text.contains(BAD_LINE_TOKEN) && !text.contains(&legacy[0]), "a token leaked");
@@ -207,10 +210,19 @@ fn canary_dry_run_and_failures_per_shop() {
     assert_eq!(v["stopped_after_canary"], true);
     assert_eq!(sim.h.counters().total.migrations, 2);
 
-    // --yes: the rest; shop 7 fails (its own reason), the others succeed.
+    // --yes: the rest; shop 5's answer is lost and shop 6 is throttled first (both retried), shop 7
+    // fails with its own reason, the others succeed.
+    sim.h.push_faults(&shop(5), [Fault::RotateThenDrop]).unwrap();
+    sim.h.push_faults(&shop(6), [Fault::Throttle { retry_after_secs: 1 }]).unwrap();
     let rest = finish(command(&db, &base, &["--canary", "20%", "--yes", file]).spawn().unwrap());
     assert_eq!(rest.code, 1, "a definitive failure: {}\n{}", rest.stdout, rest.stderr);
-    assert!(rest.stdout.contains("already migrated   2") && rest.stdout.contains("migrated           7"), "{}", rest.stdout);
+    assert!(
+        rest.stdout.contains("already migrated   2") && rest.stdout.contains("migrated           7"),
+        "{}",
+        rest.stdout
+    );
     assert!(rest.stdout.contains(&format!("{} (line 8): ", shop(7))), "{}", rest.stdout);
+    assert!(!rest.stdout.contains(&shop(5)) && !rest.stdout.contains(&shop(6)), "{}", rest.stdout);
     assert_eq!(sim.h.counters().total.migrations, 9);
+    assert_eq!(sim.h.counters().shop(&shop(5)).migration_replays, 1, "the lost answer was replayed");
 }

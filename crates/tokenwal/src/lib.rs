@@ -64,6 +64,6 @@ pub use config::{ClientAuth, Config, Endpoint, StoreLocation, Timeouts};
 pub use engine::{Engine, RecoveryReport};
 pub use error::Error;
 pub use session::{SessionTokenProblem, SESSION_TOKEN_LEEWAY};
-pub use webhook_sink::WebhookConfig;
 pub use tokenwal_core as core;
 pub use tokenwal_store as store;
+pub use webhook_sink::WebhookConfig;
