@@ -45,7 +45,8 @@ impl Store {
         // A commit group not yet synced owns every LSN from its first one on (see `commit`).
         let pending = lock(&shared.pending).values().map(|p| p.first_lsn).min();
         self.check()?;
-        let end = last.unwrap_or(0).max(floor.unwrap_or(0));
+        // As the committer's first LSN (`Store::open`): LSN 0 is never used.
+        let end = last.unwrap_or(0).max(floor.unwrap_or(0)).max(1);
         Ok(pending.map_or(end, |p| p.min(end)))
     }
 
