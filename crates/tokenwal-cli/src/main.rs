@@ -41,7 +41,10 @@ CONFIG FILE (--config FILE or TOKENWAL_CONFIG), JSON, every key optional, unknow
   {\"client_id\": \"...\", \"client_secret\": \"...\", \"db\": \"/var/lib/app/tokenwal\",
    \"app_handle\": \"my-app\", \"insecure_test_endpoint\": \"http://127.0.0.1:8080\",
    \"refresh_margin\": \"5m\", \"refresh_token_margin\": \"7d\", \"connect_timeout\": \"5s\",
-   \"request_timeout\": \"30s\", \"max_wait\": \"10s\", \"max_concurrent_refreshes\": 64}
+   \"request_timeout\": \"30s\", \"max_wait\": \"10s\", \"max_concurrent_refreshes\": 64,
+   \"webhook_url\": \"https://...\", \"webhook_secret\": \"...\"}
+  webhook_url: tokenwal run POSTs needs_reauth / recovered / app_credentials_rejected events there,
+  signed with TOKENWAL_WEBHOOK_SECRET (or webhook_secret); see docs/webhooks.md.
   Durations: a string with a unit (ms, s, m, h, d) or a number of seconds.
 
 ONE PROCESS PER STORE
