@@ -136,8 +136,11 @@ fn parse_line(line: &str) -> Result<(ShopDomain, LegacyToken), String> {
     Ok((shop, token))
 }
 
+/// A valid input line: its number, the shop and its legacy token.
+type Line = (usize, ShopDomain, LegacyToken);
+
 /// Reads and validates the whole input.
-fn read_input(file: &str) -> Result<(Vec<(usize, ShopDomain, LegacyToken)>, Vec<InputError>), CliError> {
+fn read_input(file: &str) -> Result<(Vec<Line>, Vec<InputError>), CliError> {
     let reader: Box<dyn BufRead> = if file == "-" {
         if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
             eprintln!("reading {{shop, access_token}} JSON lines from stdin (end with Ctrl-D)");
