@@ -5,9 +5,13 @@
 //! after it. The plan is a pure function of the states and `now`:
 //!
 //! * `Refreshing` — an intent was durable and no outcome was: the request may have been processed.
-//!   Write `Ambiguous { Interrupted }`, then resolve by retrying the same old credential.
+//!   Write `Ambiguous { Interrupted }`, then resolve by retrying the same old credential. For an
+//!   acquisition that credential is its durable subject (the legacy token of a migration, the session
+//!   token of an exchange); an exchange whose session token expired meanwhile falls back in the same
+//!   transition (`docs/journal.md` §3).
 //! * `Ambiguous` — resolve by retrying the same old credential (respecting backoff), even past the
-//!   retry window: only a definitive answer (or a newer install) settles it.
+//!   retry window: only a definitive answer (or a newer install) settles it. (An exchange whose session
+//!   token has expired is settled by `Machine::expire_acquisition` when the engine comes to retry it.)
 //!
 //! Recovery is idempotent: after writing a plan's transitions, planning again yields the same
 //! intentions and no further transitions; a crash in the middle leaves each grant either before or

@@ -449,7 +449,7 @@ impl Engine {
         let grant = self.grant_of(shop);
         let slot = inner.slots.get_or_create(grant.account());
         let _flight = slot.flight.lock().await;
-        let deadline = checked.expires_at.min(now().saturating_add(inner.max_wait));
+        let deadline = checked.usable_until.min(now().saturating_add(inner.max_wait));
         let mut last_ambiguity = None;
         for _ in 0..16 {
             if *inner.shutdown.borrow() {
@@ -460,7 +460,7 @@ impl Engine {
                 current.as_ref(),
                 grant.clone(),
                 session_token.clone(),
-                checked.expires_at,
+                checked.usable_until,
                 now(),
             );
             let pending = match planned {

@@ -58,8 +58,9 @@ impl fmt::Display for SessionTokenProblem {
 /// What a validated session token tells.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Validated {
-    /// `exp`, in unix milliseconds.
-    pub(crate) expires_at: UnixMillis,
+    /// `exp` plus the leeway, in unix milliseconds: the token is presented (first try or retry of a
+    /// lost answer) only before this instant; the server's own clock decides within the leeway.
+    pub(crate) usable_until: UnixMillis,
 }
 
 #[derive(Deserialize)]
@@ -144,7 +145,7 @@ pub(crate) fn validate(
             return Err(NotYetValid);
         }
     }
-    Ok(Validated { expires_at: UnixMillis(exp_ms) })
+    Ok(Validated { usable_until: UnixMillis(exp_ms.saturating_add(leeway)) })
 }
 
 #[cfg(test)]
@@ -177,7 +178,7 @@ mod tests {
     #[test]
     fn accepts_a_good_token_and_reports_its_expiry() {
         let t = sign(HS256, claims("https://demo.myshopify.com", "cid".into(), NOW / 1000 + 60), "secret");
-        assert_eq!(check(&t, NOW), Ok(Validated { expires_at: UnixMillis(NOW + 60_000) }));
+        assert_eq!(check(&t, NOW), Ok(Validated { usable_until: UnixMillis(NOW + 65_000) }));
         let t = sign(
             HS256,
             claims("https://demo.myshopify.com", serde_json::json!(["x", "cid"]), NOW / 1000 + 60),

@@ -9,7 +9,9 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokenwal::core::{AccessToken, ClientSecret, GrantKey, RefreshToken, ShopDomain, TokenSet, UnixMillis};
+use tokenwal::core::{
+    AccessToken, ClientSecret, GrantKey, LegacyToken, RefreshToken, SessionToken, ShopDomain, TokenSet, UnixMillis,
+};
 use tokenwal::{Config, Engine, StoreLocation};
 use tokenwal_sim::{serve, Fault, SimConfig};
 
@@ -54,6 +56,7 @@ async fn no_secret_reaches_logs_errors_or_debug_output() {
         c
     };
     let names = ["leak-a", "leak-b", "leak-c", "leak-d", "leak-e"];
+    let mut session_tokens: Vec<String> = Vec::new();
     let shop = |n: &str| ShopDomain::parse(&format!("{n}.myshopify.com")).unwrap();
     let faults: [&[Fault]; 5] = [
         &[Fault::RotateThenDrop, Fault::Truncated, Fault::Malformed],
@@ -100,6 +103,46 @@ async fn no_secret_reaches_logs_errors_or_debug_output() {
         while let Ok(e) = events.try_recv() {
             writeln!(out, "{e:?}").unwrap();
         }
+        // Re-acquisition: token exchanges (good, lost answers, refused locally and by the server) and
+        // migrations (lost answer then resume, rejection).
+        let sx = shop("leak-x").to_string();
+        sim.push_faults(&sx, [Fault::RotateThenDrop, Fault::Truncated]).unwrap();
+        let good = sim.session_token(&sx);
+        let bad_sig = tokenwal_sim::mint_session_token(&sx, "sim-client-id", "nope", sim.now_ms(), 60_000);
+        let refused = tokenwal_sim::mint_session_token(&sx, "sim-client-id", SECRET, sim.now_ms() - 62_000, 60_000);
+        for raw in [&good, &bad_sig, &refused] {
+            let e = engine.exchange_session_token(&shop("leak-x"), SessionToken::new(raw.clone())).await;
+            writeln!(out, "{e:?}").unwrap();
+            if let Err(e) = e {
+                writeln!(out, "{e}").unwrap();
+            }
+            session_tokens.push(raw.clone());
+        }
+        let sm = shop("leak-m").to_string();
+        let legacy = sim.with_model(|m| m.seed_legacy_token(&sm, None, None)).unwrap();
+        sim.push_faults(&sm, [Fault::RotateThenDrop]).unwrap();
+        for _ in 0..3 {
+            let e = engine.migrate(&shop("leak-m"), LegacyToken::new(legacy.as_str())).await;
+            writeln!(out, "{e:?}").unwrap();
+            if let Err(e) = &e {
+                writeln!(out, "{e}").unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        let e = engine.migrate(&shop("leak-n"), LegacyToken::new("shpat_never_issued_legacy")).await;
+        writeln!(out, "{e:?}").unwrap();
+        session_tokens.push(legacy.as_str().to_owned());
+        session_tokens.push("shpat_never_issued_legacy".to_owned());
+        for n in ["leak-x", "leak-m", "leak-n"] {
+            let s = engine.state(&GrantKey::shopify(&shop(n))).unwrap();
+            writeln!(out, "{s:?}").unwrap();
+            for r in engine.store().history(&GrantKey::shopify(&shop(n))).unwrap() {
+                writeln!(out, "{r:?}").unwrap();
+            }
+        }
+        while let Ok(e) = events.try_recv() {
+            writeln!(out, "{e:?}").unwrap();
+        }
         engine.uninstalled(&shop("leak-a")).await.unwrap();
         engine.shutdown().await;
     }
@@ -115,7 +158,14 @@ async fn no_secret_reaches_logs_errors_or_debug_output() {
     let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
     assert!(text.len() > 10_000, "the trace should be substantial, got {} bytes", text.len());
     let mut secrets = vec![SECRET.to_owned(), "wrong-secret-value".to_owned()];
-    for n in names {
+    for t in &session_tokens {
+        secrets.push(t.clone());
+        // Any JWT signature segment alone is a leak too.
+        if let Some(sig) = t.split('.').nth(2) {
+            secrets.push(sig.to_owned());
+        }
+    }
+    for n in names.iter().chain(&["leak-x", "leak-m", "leak-n"]) {
         let state = sim.shop_state(&shop(n).to_string());
         for g in &state.grants {
             secrets.extend(g.refresh_tokens.iter().map(|t| t.token.as_str().to_owned()));
