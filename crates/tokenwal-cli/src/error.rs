@@ -3,14 +3,14 @@
 //! | code | meaning | what a script does |
 //! |---|---|---|
 //! | 0 | success | — |
-//! | 1 | failure: store I/O error, corrupt state, internal error | look at stderr |
+//! | 1 | failure: store I/O error, corrupt state, internal error; `migrate`: some shops failed definitively | look at stderr |
 //! | 2 | usage: bad arguments, invalid shop domain, `export` without `--reveal-secrets` | fix the command line |
-//! | 65 | `import`: at least one line was invalid (the valid ones were imported) | fix those lines, import them again |
+//! | 65 | `import` / `migrate`: at least one line was invalid (the valid ones were processed) | fix those lines, run again |
 //! | 66 | no such shop in the store, no store at that path, or the shop is uninstalled | — |
 //! | 70 | `demo`: tokenwal locked a shop out (a broken guarantee) | report a bug |
-//! | 75 | transient: refresh outcome unknown (being retried), token endpoint unavailable or throttling, store in use by another process | try again later |
+//! | 75 | transient: refresh outcome unknown (being retried), token endpoint unavailable or throttling, store in use by another process; `migrate`: some shops not migrated yet | try again later |
 //! | 77 | the shop needs re-auth: the merchant must open the app (token exchange) | alert someone |
-//! | 78 | configuration: missing or rejected app credentials, bad config file | fix the configuration |
+//! | 78 | configuration: missing or rejected app credentials (`migrate` stops), bad config file | fix the configuration |
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -85,6 +85,14 @@ pub enum CliError {
         /// All non-blank lines.
         total: usize,
     },
+    /// `migrate` finished with failures, unresolved shops or invalid lines (already reported).
+    #[error("{summary}")]
+    Migration {
+        /// The exit code (see `migrate`).
+        code: u8,
+        /// One line.
+        summary: String,
+    },
     /// `demo`: tokenwal locked shops out.
     #[error("tokenwal locked {0} shop(s) out: a broken guarantee, please report it")]
     DemoLockout(usize),
@@ -126,6 +134,7 @@ impl CliError {
             CliError::NeedsReauth { .. } => EXIT_NEEDS_REAUTH,
             CliError::ImportFailed { .. } => EXIT_DATAERR,
             CliError::DemoLockout(_) => EXIT_SOFTWARE,
+            CliError::Migration { code, .. } => *code,
             CliError::Store(_) | CliError::CorruptRecord { .. } | CliError::Engine(_) | CliError::Io { .. } => {
                 EXIT_FAILURE
             }

@@ -5,6 +5,7 @@
 //! * `main` — the command line (clap derive), logging, dispatch, exit codes.
 //! * `settings` — store path, credentials (environment or a JSON config file, never arguments).
 //! * `commands` — import, run, status, shops, inspect, recover, token, export, sim, keygen, rekey.
+//! * `migrate` — bulk migration of legacy non-expiring tokens (resumable, rate-limited, canary).
 //! * `import` — the JSON-lines token-set format shared by `import` and `export`.
 //! * `views` — secret-free views of states and journal records (tables and JSON).
 //! * `demo` — the simulator, the engine under faults and crashes, and a naive baseline.
@@ -16,6 +17,7 @@ mod commands;
 mod demo;
 mod error;
 mod import;
+mod migrate;
 mod settings;
 mod timefmt;
 mod views;
@@ -47,7 +49,10 @@ CONFIG FILE (--config FILE or TOKENWAL_CONFIG), JSON, every key optional, unknow
    \"store_key_file\": \"/etc/app/tokenwal.key\",
    \"app_handle\": \"my-app\", \"insecure_test_endpoint\": \"http://127.0.0.1:8080\",
    \"refresh_margin\": \"5m\", \"refresh_token_margin\": \"7d\", \"connect_timeout\": \"5s\",
-   \"request_timeout\": \"30s\", \"max_wait\": \"10s\", \"max_concurrent_refreshes\": 64}
+   \"request_timeout\": \"30s\", \"max_wait\": \"10s\", \"max_concurrent_refreshes\": 64,
+   \"webhook_url\": \"https://...\", \"webhook_secret\": \"...\"}
+  webhook_url: tokenwal run POSTs needs_reauth / recovered / app_credentials_rejected events there,
+  signed with TOKENWAL_WEBHOOK_SECRET (or webhook_secret); see docs/webhooks.md.
   Durations: a string with a unit (ms, s, m, h, d) or a number of seconds.
 
 ONE PROCESS PER STORE
@@ -56,13 +61,13 @@ ONE PROCESS PER STORE
 
 EXIT CODES
    0  success
-   1  failure (store I/O error, corrupt state, internal error)
+   1  failure (store I/O error, corrupt state, internal error; migrate: some shops failed)
    2  usage error (bad arguments, invalid shop domain, export without --reveal-secrets)
-  65  import: some lines were invalid (the valid ones were imported)
+  65  import, migrate: some lines were invalid (the valid ones were processed)
   66  no such shop in the store, no store at --db, or the app is uninstalled from the shop
   70  demo: tokenwal locked a shop out (a broken guarantee)
   75  transient, try again later: refresh outcome unknown and being retried, token endpoint
-      unavailable or throttling, store in use by another process
+      unavailable or throttling, store in use by another process; migrate: shops left to resume
   77  the shop needs re-auth: the merchant must open the app (token exchange)
   78  configuration: credentials missing or rejected (invalid_client), bad config file, store key
       missing, unsafe (world-readable) or wrong
@@ -122,6 +127,37 @@ enum Command {
         #[arg(default_value = "-", value_name = "FILE|-")]
         file: String,
     },
+    /// Migrate legacy non-expiring offline tokens (JSON lines {shop, access_token}) to expiring pairs
+    #[command(long_about = MIGRATE_ABOUT)]
+    Migrate {
+        /// The file to read, or - for stdin
+        #[arg(default_value = "-", value_name = "FILE|-")]
+        file: String,
+        /// Shops migrated at once
+        #[arg(long, default_value_t = 4, value_name = "N")]
+        concurrency: usize,
+        /// Token requests per second across all workers (0: unlimited); a 429 pauses every worker
+        /// for its Retry-After
+        #[arg(long, default_value_t = 10.0, value_name = "PER_SECOND")]
+        rate: f64,
+        /// Migrate a sample first (N shops or P% of them, in file order), then stop unless --yes
+        #[arg(long, value_name = "N|P%")]
+        canary: Option<migrate::Canary>,
+        /// Continue past a clean canary without asking
+        #[arg(long)]
+        yes: bool,
+        /// Print what would be done (from the store alone); send and write nothing, no credentials needed
+        #[arg(long)]
+        dry_run: bool,
+        /// Attempts per shop in this run for retryable failures (throttled, outcome unknown, not sent)
+        #[arg(long, default_value_t = 20, value_name = "N")]
+        max_attempts: u32,
+        /// The longest wait before one shop's next attempt
+        #[arg(long, default_value = "30s", value_name = "DURATION")]
+        max_retry_wait: SimDuration,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
     /// Run the refresh worker: recovery, then keep every shop fresh until SIGINT/SIGTERM
     Run {
         /// Recover, refresh every shop that is due, and exit (for cron and tests)
@@ -142,9 +178,12 @@ enum Command {
     },
     /// List shops: state, generation, access and refresh expiry; why for needs-reauth
     Shops {
-        /// Only shops in this state
+        /// Only shops in this state (needs-reauth: why, since when, and the re-auth link)
         #[arg(long, value_enum)]
         state: Option<StateArg>,
+        /// The app's handle in the Shopify admin, for re-auth links [default: app_handle in --config]
+        #[arg(long, value_name = "HANDLE")]
+        app_handle: Option<String>,
         #[command(flatten)]
         out: JsonFlag,
     },
@@ -239,6 +278,20 @@ Every line is validated first; each invalid line is reported with its number and
 its values) and nothing of it is stored; the valid lines are installed. Exits 65 if any line was
 invalid.";
 
+const MIGRATE_ABOUT: &str = "Migrate legacy non-expiring offline tokens to expiring pairs.
+
+Input: one JSON object per line, {\"shop\": \"x.myshopify.com\", \"access_token\": \"shpat_...\"} (other keys
+ignored). Every line is validated first; a bad line is reported with its number and reason (never its
+values) and skipped. Each migration is journaled: the legacy token is durable before it is sent, and a
+shop counts as migrated only once its new pair is durable. Re-running is safe: shops already holding
+an expiring pair are skipped, interrupted or ambiguous migrations are resumed with the same legacy
+token. A failure for one shop never stops the others; invalid_client (the app's own credentials)
+stops the run. Progress (with ETA) goes to stderr on a terminal; the report to stdout (--json: one
+document).
+
+Exit: 0 done; 65 invalid lines (the rest done); 1 some shops failed (see the report); 75 some shops
+not migrated yet (re-run later: they resume); 78 app credentials rejected.";
+
 const TOKEN_ABOUT: &str = "Print a valid access token for SHOP to stdout, refreshing first if needed.
 
 Errors go to stderr; the exit code tells a script what to do: 75 transient (try again later), 77 the
@@ -311,11 +364,27 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
     };
     match cli.command {
         Command::Import { file } => runtime()?.block_on(commands::import(&settings()?, &file)),
+        Command::Migrate { file, concurrency, rate, canary, yes, dry_run, max_attempts, max_retry_wait, out } => {
+            let o = migrate::Options {
+                file,
+                concurrency,
+                rate,
+                canary,
+                yes,
+                dry_run,
+                max_attempts,
+                max_retry_wait: max_retry_wait.to_std(),
+                json: out.json,
+            };
+            runtime()?.block_on(migrate::migrate(&settings()?, o))
+        }
         Command::Run { once, sweep, grace } => {
             runtime()?.block_on(commands::run(&settings()?, once, sweep.to_std(), grace.to_std()))
         }
         Command::Status { out } => commands::status(&settings()?, out.json),
-        Command::Shops { state, out } => commands::shops(&settings()?, state.map(StateArg::name), out.json),
+        Command::Shops { state, app_handle, out } => {
+            commands::shops(&settings()?, state.map(StateArg::name), app_handle.as_deref(), out.json)
+        }
         Command::Inspect { shop, out } => commands::inspect(&settings()?, &shop, out.json),
         Command::Recover { dry_run: true, out } => commands::recover_dry_run(&settings()?, out.json),
         Command::Recover { dry_run: false, out } => runtime()?.block_on(commands::recover(&settings()?, out.json)),

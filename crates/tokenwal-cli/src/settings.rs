@@ -20,13 +20,17 @@
 //!   "connect_timeout": "5s",
 //!   "request_timeout": "30s",
 //!   "max_wait": "10s",
-//!   "max_concurrent_refreshes": 64
+//!   "max_concurrent_refreshes": 64,
+//!   "webhook_url": "https://alerts.example.com/tokenwal",
+//!   "webhook_secret": "a-long-random-string"
 //! }
 //! ```
 //!
 //! Durations are strings with a unit (`ms`, `s`, `m`, `h`, `d`) or a number of seconds.
 //! `TOKENWAL_CLIENT_ID` and `TOKENWAL_CLIENT_SECRET` override the file's credentials; `--db`
 //! (or `TOKENWAL_DB`) overrides `db`; `--insecure-test-endpoint` overrides the file's endpoint.
+//! `webhook_url` turns on the webhook sink of `tokenwal run` (see `docs/webhooks.md`); its signing
+//! secret comes from `TOKENWAL_WEBHOOK_SECRET` or `webhook_secret`.
 //! A file that holds a client secret should be readable by its owner only: tokenwal warns otherwise.
 //!
 //! # The store key
@@ -51,6 +55,8 @@ use url::Url;
 pub const ENV_CLIENT_ID: &str = "TOKENWAL_CLIENT_ID";
 /// Environment variable of the app's client secret.
 pub const ENV_CLIENT_SECRET: &str = "TOKENWAL_CLIENT_SECRET";
+/// Environment variable of the webhook sink's signing secret.
+pub const ENV_WEBHOOK_SECRET: &str = "TOKENWAL_WEBHOOK_SECRET";
 
 /// The config file's contents.
 #[derive(Default, Deserialize)]
@@ -73,6 +79,8 @@ pub struct ConfigFile {
     #[serde(default, deserialize_with = "duration")]
     max_wait: Option<Duration>,
     max_concurrent_refreshes: Option<usize>,
+    webhook_url: Option<String>,
+    webhook_secret: Option<String>,
 }
 
 /// A duration: `"90s"`-style string or a number of seconds.
@@ -203,6 +211,21 @@ impl Settings {
         if let Some(n) = f.max_concurrent_refreshes {
             c.max_concurrent_refreshes = n;
         }
+        if let Some(u) = &f.webhook_url {
+            let url = Url::parse(u).map_err(|e| CliError::Config(format!("webhook_url is not a URL: {e}")))?;
+            let secret = std::env::var(ENV_WEBHOOK_SECRET)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .or_else(|| f.webhook_secret.clone())
+                .ok_or_else(|| {
+                    CliError::Config(format!(
+                        "webhook_url needs a signing secret: set {ENV_WEBHOOK_SECRET} or webhook_secret"
+                    ))
+                })?;
+            let mut w = tokenwal::WebhookConfig::new(url, ClientSecret::new(secret));
+            w.app_handle = f.app_handle.clone();
+            c.webhook = Some(w);
+        }
         Ok(c)
     }
 
@@ -225,7 +248,7 @@ fn read_config(path: &Path) -> Result<ConfigFile, CliError> {
         .map_err(|e| CliError::Config(format!("cannot read config file {}: {e}", path.display())))?;
     let file: ConfigFile = serde_json::from_str(&text)
         .map_err(|e| CliError::Config(format!("config file {} is not valid: {e}", path.display())))?;
-    if file.client_secret.is_some() {
+    if file.client_secret.is_some() || file.webhook_secret.is_some() {
         warn_if_shared(path);
     }
     Ok(file)

@@ -71,6 +71,11 @@ pub struct GrantView {
     pub credential_first_presented: Option<Instant>,
     /// When the state was written.
     pub updated: Instant,
+    /// Needs-reauth only, when an app handle is known: the Shopify admin link that makes the
+    /// merchant's next app open run token exchange
+    /// (`https://admin.shopify.com/store/{shop-handle}/apps/{app-handle}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deep_link: Option<String>,
 }
 
 impl GrantView {
@@ -107,7 +112,16 @@ impl GrantView {
             consecutive_failures: s.consecutive_failures,
             credential_first_presented: s.credential_first_presented_at.map(Instant::of),
             updated: Instant::of(s.updated_at),
+            deep_link: None,
         }
+    }
+
+    /// Adds the re-auth deep link of a needs-reauth grant (when `app_handle` is known).
+    pub fn with_deep_link(mut self, s: &GrantState, app_handle: Option<&str>) -> GrantView {
+        if let (Phase::NeedsReauth { .. }, Some(h)) = (&s.phase, app_handle) {
+            self.deep_link = tokenwal::webhook_sink::deep_link(&s.grant, h);
+        }
+        self
     }
 }
 

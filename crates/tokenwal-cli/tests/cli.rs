@@ -437,9 +437,36 @@ fn token_recover_and_run_against_the_simulator() {
     assert_eq!(by_shop("cron.myshopify.com")["generation"], 2);
     assert_eq!(by_shop("gone.myshopify.com")["state"], "needs-reauth");
     assert!(by_shop("gone.myshopify.com")["why"].as_str().unwrap().contains("401 invalid_request"));
+    assert!(by_shop("cron.myshopify.com").get("deep_link").is_none(), "links only for needs-reauth");
+
+    // Re-auth routing: why, since when, and the admin link (app handle from the config file).
+    let reauth = tokenwal(&db, &["--config", cfg, "shops", "--state", "needs-reauth"], &[], None);
+    assert_eq!(reauth.code, 0, "{reauth:?}");
+    let lines: Vec<&str> = reauth.stdout.lines().collect();
+    assert!(lines[0].starts_with("SHOP") && lines[0].contains("SINCE") && lines[0].contains("RE-AUTH LINK"));
+    assert_eq!(lines.len(), 2, "only the dead shop: {}", reauth.stdout);
+    assert!(lines[1].starts_with("gone.myshopify.com"), "{}", lines[1]);
+    assert!(lines[1].contains("401 invalid_request") && lines[1].contains("Z ("), "{}", lines[1]);
+    assert!(lines[1].ends_with("https://admin.shopify.com/store/gone/apps/test-app"), "{}", lines[1]);
+    // --app-handle wins over the config; --json is one document with stable field names.
+    let args = ["--config", cfg, "shops", "--state", "needs-reauth", "--app-handle", "other-app", "--json"];
+    let reauth_json = tokenwal(&db, &args, &[], None);
+    let v: serde_json::Value = serde_json::from_str(&reauth_json.stdout).unwrap();
+    let only = v.as_array().unwrap();
+    assert_eq!(only.len(), 1, "{v}");
+    assert_eq!(only[0]["shop"], "gone.myshopify.com");
+    assert_eq!(only[0]["state"], "needs-reauth");
+    assert_eq!(only[0]["deep_link"], "https://admin.shopify.com/store/gone/apps/other-app");
+    assert!(only[0]["why"].as_str().unwrap().contains("401 invalid_request"));
+    assert!(only[0]["since"]["at"].as_str().unwrap().ends_with('Z') && only[0]["since"]["at_ms"].as_u64().is_some());
+    // Without a handle: no link, and a hint on stderr; a bad handle is a usage error.
+    let bare = tokenwal(&db, &["shops", "--state", "needs-reauth"], &[], None);
+    assert!(bare.stdout.lines().nth(1).unwrap().ends_with(" -") && bare.stderr.contains("--app-handle"), "{bare:?}");
+    let bad = tokenwal(&db, &["shops", "--state", "needs-reauth", "--app-handle", "a/b"], &[], None);
+    assert_eq!(bad.code, 2, "{bad:?}");
 
     let secret_refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
-    for o in [&inspect, &plan, &human, &status, &recovered, &shops, &out] {
+    for o in [&inspect, &plan, &human, &status, &recovered, &shops, &out, &reauth, &reauth_json, &bare] {
         assert_no_secret(o, &secret_refs);
     }
 }

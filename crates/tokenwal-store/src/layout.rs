@@ -11,6 +11,7 @@
 //!           "fingerprint_key"                    sealed envelope of 32 random bytes
 //!           "grant_count"                        u64 BE: entries of `grants`
 //!           "lsn_floor"                          u64 BE: every LSN ever used is below it, or in `journal`
+//!           "cursor/{name}"                      u64 BE: a journal consumer's position (`cursor`)
 //! ```
 //!
 //! `grant` is [`tokenwal_core::GrantKey::to_bytes`] (`provider/account`, never containing `0x00`), so

@@ -12,6 +12,8 @@
 //! * `backend` — the sled backend (`flush()` then `sync_all()` of `<dir>/db`: sled 0.34.7's
 //!   `flush` does not fsync on Linux; `flush_async` is never called) and the in-memory backend (a
 //!   live and a durable image), sharing one implementation of a write over a transaction's view.
+//! * [`cursor`] — reading the journal by LSN and named durable cursors into it (at-least-once
+//!   consumers such as the webhook sink); compaction keeps what a cursor has not consumed.
 //! * [`layout`] — trees and key encodings of the on-disk format (`tokenwal-store/2`).
 //! * `seal` — the envelope sealing every grant state and the fingerprint key (XChaCha20-Poly1305,
 //!   the grant key and slot as associated data, a clear authenticated header with the key id and
@@ -74,6 +76,7 @@
 mod backend;
 mod commit;
 pub mod config;
+pub mod cursor;
 pub mod error;
 pub mod keys;
 pub mod layout;

@@ -359,11 +359,11 @@ impl Store {
         Ok((store, report))
     }
 
-    fn shared(&self) -> &Shared {
+    pub(crate) fn shared(&self) -> &Shared {
         &self.inner.shared
     }
 
-    fn check(&self) -> Result<(), StoreError> {
+    pub(crate) fn check(&self) -> Result<(), StoreError> {
         if self.shared().is_poisoned() {
             Err(StoreError::Poisoned)
         } else {
@@ -653,9 +653,11 @@ impl Store {
         let cutoff = now.saturating_sub(shared.config.retention);
         let end = cutoff.0.to_be_bytes();
         let chunk = shared.config.compact_chunk.max(1);
+        // Records a cursor's consumer has not consumed yet are kept (see `cursor`).
+        let keep_from = self.lowest_cursor()?.unwrap_or(u64::MAX);
         let mut entries = Vec::new();
         shared.backend.scan(Tree::Expiry, &[], &mut |k, v| {
-            if k >= &end[..] || entries.len() >= chunk {
+            if k >= &end[..] || entries.len() >= chunk || layout::trailing_lsn(k).is_some_and(|l| l >= keep_from) {
                 return false;
             }
             if let (Ok(key), Some(lsn)) = (<[u8; 16]>::try_from(k), layout::trailing_lsn(k)) {

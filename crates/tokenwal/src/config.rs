@@ -181,6 +181,8 @@ pub struct Config {
     pub credentials_pause: Duration,
     /// How long `access_token` waits for a backoff to end before returning an error (default 10 s).
     pub max_wait: Duration,
+    /// The optional webhook sink (default none; see [`crate::webhook_sink`]).
+    pub webhook: Option<crate::webhook_sink::WebhookConfig>,
 }
 
 impl Config {
@@ -200,6 +202,7 @@ impl Config {
             max_concurrent_refreshes: 64,
             credentials_pause: Duration::from_secs(60),
             max_wait: Duration::from_secs(10),
+            webhook: None,
         }
     }
 

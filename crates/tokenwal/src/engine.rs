@@ -107,6 +107,14 @@ impl Engine {
                 (store, report.corrupt)
             }
         };
+        if let Some(w) = &config.webhook {
+            w.validate().map_err(Error::Config)?;
+            // Before recovery: the events recovery journals are delivered too.
+            let (s, n) = (store.clone(), w.cursor.clone());
+            tokio::task::spawn_blocking(move || crate::webhook_sink::init_cursor(&s, &n))
+                .await
+                .map_err(|e| Error::Config(format!("webhook cursor task failed: {e}")))??;
+        }
         let transport = Transport::new(
             config.endpoint.clone(),
             config.client_id.clone(),
@@ -141,6 +149,11 @@ impl Engine {
             scheduler,
         });
         let engine = Engine { _guard: Arc::new(DropGuard(Arc::clone(&inner))), inner };
+        if let Some(w) = config.webhook.clone() {
+            let (store, events, stop) =
+                (engine.inner.store.clone(), engine.inner.events.subscribe(), engine.inner.shutdown.subscribe());
+            tokio::spawn(crate::webhook_sink::run(w, store, events, stop));
+        }
         let mut report = engine.recover().await?;
         report.corrupt = corrupt;
         report.grants = engine.inner.store.grant_count();

@@ -18,6 +18,8 @@
 //! * `transport` — the reqwest client and the "sent or not" mapping of its errors.
 //! * `scheduler` — the proactive refresher.
 //! * `cache` — the sharded, lock-free-read token cache.
+//! * [`webhook_sink`] — the optional webhook sink (needs-reauth, recovered, app-credentials-rejected),
+//!   at least once across restarts, driven by a durable journal cursor.
 //!
 //! The rules live in `tokenwal-core` (pure) and the disk in `tokenwal-store`; the durability contract is
 //! `docs/journal.md`.
@@ -57,6 +59,7 @@ mod scheduler;
 mod session;
 mod transport;
 pub mod webhook;
+pub mod webhook_sink;
 
 pub use acquire::{ExchangeError, MigrateError, MigrateOutcome, MigrationState};
 pub use config::{ClientAuth, Config, Endpoint, StoreLocation, Timeouts};
@@ -66,3 +69,4 @@ pub use session::{SessionTokenProblem, SESSION_TOKEN_LEEWAY};
 pub use tokenwal_core as core;
 pub use tokenwal_store as store;
 pub use tokenwal_store::{KeyRing, KeySource};
+pub use webhook_sink::WebhookConfig;

@@ -189,6 +189,11 @@ impl SledBackend {
         Ok(())
     }
 
+    pub(crate) fn del_raw(&self, t: Tree, k: &[u8]) -> Result<(), StoreError> {
+        self.trees[t as usize].remove(k).map_err(|e| StoreError::from_sled("write", e))?;
+        Ok(())
+    }
+
     pub(crate) fn get(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let v = self.trees[t as usize].get(k).map_err(|e| StoreError::from_sled("read", e))?;
         Ok(v.map(|v| v.to_vec()))

@@ -155,6 +155,13 @@ impl MemBackend {
         }
     }
 
+    /// Removes a key from both images (a retired cursor).
+    pub(crate) fn del_durable(&self, t: Tree, k: &[u8]) {
+        let mut g = lock(&self.inner);
+        g.live.write((t, k.to_vec(), None));
+        g.durable.write((t, k.to_vec(), None));
+    }
+
     /// Sets a key in both images (store creation, test corruption).
     pub(crate) fn put_durable(&self, t: Tree, k: &[u8], v: &[u8]) {
         let mut g = lock(&self.inner);

@@ -1,0 +1,450 @@
+//! The webhook sink: `needs_reauth`, `recovered` and `app_credentials_rejected` events POSTed to an
+//! operator's URL, signed with HMAC-SHA256, delivered **at least once** across restarts.
+//!
+//! Events are derived from the journal, not from the in-process broadcast: a journal record is
+//! durable before anything else happens, so reading the journal from a durable cursor (a journal
+//! LSN kept in the store's `meta` tree, see `tokenwal_store::cursor`) and moving that cursor only
+//! after the receiver answered 2xx loses nothing to a crash, a restart or a receiver that is down.
+//! A crash after a delivery and before the cursor moved delivers that event again: receivers
+//! deduplicate by the event id (unique per journal record). The write path is unchanged.
+//!
+//! | journal record | event |
+//! |---|---|
+//! | `NeedsReauth` | `needs_reauth` |
+//! | `Installed` / `Committed` while the grant was in needs-reauth | `recovered` |
+//! | `Refused{AppCredentials}` (`invalid_client`) | `app_credentials_rejected` |
+//!
+//! Delivery is in journal order; an event is retried (exponential backoff with jitter, capped)
+//! until the receiver answers 2xx, and later events wait behind it. Redirects are not followed (a
+//! 3xx is a failed attempt); both timeouts are explicit. The signing secret is never logged.
+//! The wire format and how to verify it: `docs/webhooks.md`.
+
+use crate::config::{is_loopback, Timeouts};
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use serde::Serialize;
+use sha2::Sha256;
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+use tokenwal_core::{ClientSecret, Event, GrantKey, Record, RefusalReason, UnixMillis};
+use tokenwal_store::{Store, StoreError};
+use tokio::sync::{broadcast, watch};
+use tracing::{debug, info, warn};
+use url::Url;
+
+/// Header carrying the base64 HMAC-SHA256 of `{timestamp}.{body}` under the shared secret.
+pub const SIGNATURE_HEADER: &str = "X-Tokenwal-Hmac-Sha256";
+/// Header carrying the unix time (seconds) the request was signed at.
+pub const TIMESTAMP_HEADER: &str = "X-Tokenwal-Timestamp";
+/// Header carrying the event id (also in the body).
+pub const EVENT_ID_HEADER: &str = "X-Tokenwal-Event-Id";
+
+/// Where and how to deliver webhook events.
+#[derive(Clone)]
+pub struct WebhookConfig {
+    /// The receiver. `https`, or `http` on a loopback address.
+    pub url: Url,
+    /// The shared signing secret (redacted in `Debug`, zeroized on drop, never logged).
+    pub secret: ClientSecret,
+    /// The app's handle in the Shopify admin, for the `deep_link` field (omitted when `None`).
+    pub app_handle: Option<String>,
+    /// Connect and whole-request timeouts of each delivery attempt (default 5 s and 10 s).
+    pub timeouts: Timeouts,
+    /// First retry delay after a failed attempt (default 1 s); doubled per failure.
+    pub min_backoff: Duration,
+    /// Longest retry delay (default 5 minutes).
+    pub max_backoff: Duration,
+    /// How often the journal is polled when no engine event wakes the sink (default 1 s).
+    pub poll_interval: Duration,
+    /// The store cursor's name (default `webhook`): one per receiver.
+    pub cursor: String,
+}
+
+impl fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &self.url.as_str())
+            .field("secret", &self.secret)
+            .field("app_handle", &self.app_handle)
+            .field("timeouts", &self.timeouts)
+            .field("cursor", &self.cursor)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WebhookConfig {
+    /// A sink for `url` signed with `secret`, with defaults.
+    pub fn new(url: Url, secret: ClientSecret) -> WebhookConfig {
+        WebhookConfig {
+            url,
+            secret,
+            app_handle: None,
+            timeouts: Timeouts { connect: Duration::from_secs(5), total: Duration::from_secs(10) },
+            min_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(300),
+            poll_interval: Duration::from_secs(1),
+            cursor: "webhook".into(),
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        match self.url.scheme() {
+            "https" => {}
+            "http" if is_loopback(&self.url) => {}
+            _ => return Err("webhook url must be https (or http on loopback)".into()),
+        }
+        if !self.url.username().is_empty() || self.url.password().is_some() {
+            return Err("webhook url must not carry credentials".into());
+        }
+        if self.secret.is_empty() {
+            return Err("webhook secret must not be empty".into());
+        }
+        if let Some(h) = &self.app_handle {
+            if !valid_handle(h) {
+                return Err("app handle must match [a-z0-9-]{1,100}".into());
+            }
+        }
+        if self.min_backoff.is_zero() || self.max_backoff < self.min_backoff {
+            return Err("webhook backoff must satisfy 0 < min_backoff <= max_backoff".into());
+        }
+        Ok(())
+    }
+}
+
+/// Whether `h` is a plausible app handle (it becomes a URL path segment).
+pub fn valid_handle(h: &str) -> bool {
+    !h.is_empty() && h.len() <= 100 && h.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// The Shopify admin link that makes the merchant's next app open run token exchange:
+/// `https://admin.shopify.com/store/{shop-handle}/apps/{app-handle}`. `None` for non-Shopify grants.
+pub fn deep_link(grant: &GrantKey, app_handle: &str) -> Option<String> {
+    let shop = grant.shop()?;
+    Some(format!("https://admin.shopify.com/store/{}/apps/{app_handle}", shop.handle()))
+}
+
+/// The signature of a delivery: base64 (standard, padded) of HMAC-SHA256(secret, `{timestamp}.{body}`).
+pub fn signature(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("hmac accepts any key length");
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+/// Verifies a delivery in constant time (for receivers written in Rust, and tests). The caller
+/// should also reject timestamps too far from its clock (replays).
+pub fn verify(secret: &[u8], timestamp: &str, body: &[u8], signature_b64: &str) -> bool {
+    let Ok(sig) = base64::engine::general_purpose::STANDARD.decode(signature_b64) else { return false };
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("hmac accepts any key length");
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    mac.verify_slice(&sig).is_ok()
+}
+
+/// What happened (the payload's `kind`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookKind {
+    /// The grant is dead: the merchant must open the app (token exchange).
+    NeedsReauth,
+    /// A grant that needed re-auth has a new token set (token exchange or install).
+    Recovered,
+    /// The app's client credentials were refused (`invalid_client`): fleet-wide, page someone.
+    AppCredentialsRejected,
+}
+
+/// The JSON body of a delivery. Field names are stable (see `docs/webhooks.md`).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+pub struct WebhookEvent {
+    /// Unique per journal record and store: `{store id}-{lsn}`. Deduplicate on it.
+    pub id: String,
+    /// What happened.
+    pub kind: WebhookKind,
+    /// The grant's provider (`shopify`).
+    pub provider: String,
+    /// The shop (`{handle}.myshopify.com`), or the account of another provider's grant.
+    pub shop: String,
+    /// Why (no secret material).
+    pub reason: String,
+    /// When the journal record was written (RFC 3339 UTC).
+    pub since: String,
+    /// The same instant in unix milliseconds.
+    pub since_ms: u64,
+    /// The new generation (`recovered` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// The admin deep link (Shopify grants, when an app handle is configured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deep_link: Option<String>,
+    /// The journal record's LSN.
+    pub lsn: u64,
+}
+
+/// Turns journal records into events. Remembers, per grant, whether it is in needs-reauth as of the
+/// records seen (looked up in the grant's history the first time a grant matters).
+pub(crate) struct Deriver {
+    store: Store,
+    store_id: String,
+    app_handle: Option<String>,
+    in_reauth: HashMap<GrantKey, bool>,
+}
+
+impl Deriver {
+    pub(crate) fn new(store: Store, app_handle: Option<String>) -> Deriver {
+        let fp = store.fingerprint_key().fingerprint("webhook-store-id", "");
+        let store_id = fp.0[..8].iter().map(|b| format!("{b:02x}")).collect();
+        Deriver { store, store_id, app_handle, in_reauth: HashMap::new() }
+    }
+
+    /// Whether `grant` was in needs-reauth just before `lsn`, from its durable history.
+    fn was_in_reauth(&mut self, grant: &GrantKey, lsn: u64) -> Result<bool, StoreError> {
+        if let Some(b) = self.in_reauth.get(grant) {
+            return Ok(*b);
+        }
+        let history = self.store.history(grant)?;
+        let last = history.iter().rev().filter(|(l, _)| *l < lsn).find_map(|(_, r)| match r {
+            Record::NeedsReauth { .. } => Some(true),
+            Record::Installed { .. } | Record::Committed { .. } | Record::Uninstalled { .. } => Some(false),
+            _ => None,
+        });
+        Ok(last.unwrap_or(false))
+    }
+
+    /// The event of the record at `lsn`, if it is one.
+    pub(crate) fn derive(&mut self, lsn: u64, r: &Record) -> Result<Option<WebhookEvent>, StoreError> {
+        let grant = r.grant().clone();
+        let (kind, reason, generation) = match r {
+            Record::NeedsReauth { reason, .. } => {
+                self.in_reauth.insert(grant.clone(), true);
+                (WebhookKind::NeedsReauth, reason.to_string(), None)
+            }
+            Record::Installed { generation, source, .. } => {
+                let was = self.was_in_reauth(&grant, lsn)?;
+                self.in_reauth.insert(grant.clone(), false);
+                if !was {
+                    return Ok(None);
+                }
+                (WebhookKind::Recovered, format!("new token set installed ({source:?})"), Some(generation.0))
+            }
+            Record::Committed { generation, .. } => {
+                let was = self.was_in_reauth(&grant, lsn)?;
+                self.in_reauth.insert(grant.clone(), false);
+                if !was {
+                    return Ok(None);
+                }
+                (WebhookKind::Recovered, "new token set acquired".to_string(), Some(generation.0))
+            }
+            Record::Uninstalled { .. } => {
+                self.in_reauth.insert(grant, false);
+                return Ok(None);
+            }
+            Record::Refused { why: RefusalReason::AppCredentials { status, error }, .. } => {
+                (WebhookKind::AppCredentialsRejected, format!("app credentials rejected ({status} {error})"), None)
+            }
+            _ => return Ok(None),
+        };
+        let at = r.at();
+        Ok(Some(WebhookEvent {
+            id: format!("{}-{lsn}", self.store_id),
+            kind,
+            provider: grant.provider().to_owned(),
+            shop: grant.account().to_owned(),
+            reason,
+            since: at.to_string(),
+            since_ms: at.0,
+            generation,
+            deep_link: self.app_handle.as_deref().and_then(|h| deep_link(&grant, h)),
+            lsn,
+        }))
+    }
+}
+
+/// Reads the cursor, or starts it at the journal's end (a new sink delivers events from now on).
+pub(crate) fn init_cursor(store: &Store, name: &str) -> Result<u64, StoreError> {
+    match store.cursor(name)? {
+        Some(c) => Ok(c),
+        None => {
+            let end = store.journal_end()?;
+            store.set_cursor(name, end)?;
+            info!(cursor = name, lsn = end, "webhook cursor created at the journal's end");
+            Ok(end)
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> Option<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Some(v),
+        Ok(Err(e)) => {
+            warn!(error = %e, "webhook sink: store error");
+            None
+        }
+        Err(e) => {
+            warn!(error = %e, "webhook sink: task failed");
+            None
+        }
+    }
+}
+
+/// The sink's task. Stops when `shutdown` turns true.
+pub(crate) async fn run(
+    config: WebhookConfig,
+    store: Store,
+    mut events: broadcast::Receiver<Event>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let client = match reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(config.timeouts.connect)
+        .timeout(config.timeouts.total)
+        .no_proxy()
+        .user_agent(concat!("tokenwal/", env!("CARGO_PKG_VERSION"), " webhook"))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "webhook sink: cannot build the HTTP client; no events will be delivered");
+            return;
+        }
+    };
+    let name = config.cursor.clone();
+    let Some(mut cursor) = blocking({
+        let (s, n) = (store.clone(), name.clone());
+        move || init_cursor(&s, &n)
+    })
+    .await
+    else {
+        return;
+    };
+    let mut persisted = cursor;
+    let mut deriver = Deriver::new(store.clone(), config.app_handle.clone());
+    info!(url = %config.url.as_str(), cursor = cursor, "webhook sink started");
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let records = blocking({
+            let s = store.clone();
+            move || s.journal_from(cursor, 256)
+        })
+        .await
+        .unwrap_or_default();
+        let idle = records.is_empty();
+        for (lsn, record) in records {
+            let event = match deriver.derive(lsn, &record) {
+                Ok(e) => e,
+                Err(e) => {
+                    warn!(error = %e, lsn, "webhook sink: cannot derive an event; retrying later");
+                    break;
+                }
+            };
+            let delivered = event.is_some();
+            if let Some(event) = event {
+                if !deliver(&client, &config, &event, &mut shutdown).await {
+                    return; // shutting down: the cursor stays before this event
+                }
+            }
+            cursor = lsn + 1;
+            if delivered || cursor - persisted >= 1024 {
+                let (s, n, c) = (store.clone(), name.clone(), cursor);
+                if blocking(move || s.set_cursor(&n, c)).await.is_some() {
+                    persisted = cursor;
+                }
+            }
+        }
+        if cursor != persisted {
+            let (s, n, c) = (store.clone(), name.clone(), cursor);
+            if blocking(move || s.set_cursor(&n, c)).await.is_some() {
+                persisted = cursor;
+            }
+        }
+        if idle {
+            tokio::select! {
+                _ = events.recv() => {}
+                _ = tokio::time::sleep(config.poll_interval) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+}
+
+/// Delivers one event, retrying until a 2xx. `false` if shutdown came first.
+async fn deliver(
+    client: &reqwest::Client,
+    config: &WebhookConfig,
+    event: &WebhookEvent,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    let body = match serde_json::to_vec(event) {
+        Ok(b) => b,
+        Err(e) => {
+            warn!(error = %e, id = %event.id, "webhook sink: cannot encode an event; skipped");
+            return true;
+        }
+    };
+    let mut delay = config.min_backoff;
+    for attempt in 1u64.. {
+        let ts = (UnixMillis::from_system_time(std::time::SystemTime::now()).0 / 1000).to_string();
+        let sig = signature(config.secret.expose_secret().as_bytes(), &ts, &body);
+        let sent = client
+            .post(config.url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(TIMESTAMP_HEADER, &ts)
+            .header(SIGNATURE_HEADER, sig)
+            .header(EVENT_ID_HEADER, &event.id)
+            .body(body.clone())
+            .send()
+            .await;
+        match sent {
+            Ok(resp) if resp.status().is_success() => {
+                debug!(id = %event.id, kind = ?event.kind, shop = %event.shop, attempt, "webhook delivered");
+                return true;
+            }
+            Ok(resp) => {
+                warn!(id = %event.id, status = resp.status().as_u16(), attempt, "webhook refused; will retry")
+            }
+            Err(e) => {
+                // reqwest's error text names the URL, never the headers or body.
+                warn!(id = %event.id, error = %e, attempt, "webhook delivery failed; will retry")
+            }
+        }
+        let jitter = 0.8 + rand::random::<f64>() * 0.4;
+        let wait = delay.mul_f64(jitter);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return false;
+        }
+        delay = (delay * 2).min(config.max_backoff);
+    }
+    unreachable!("the attempt counter is unbounded")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_round_trips_and_binds_the_timestamp() {
+        let sig = signature(b"k", "1700000000", b"{}");
+        assert!(verify(b"k", "1700000000", b"{}", &sig));
+        assert!(!verify(b"k", "1700000001", b"{}", &sig));
+        assert!(!verify(b"k2", "1700000000", b"{}", &sig));
+        assert!(!verify(b"k", "1700000000", b"{ }", &sig));
+        assert!(!verify(b"k", "1700000000", b"{}", "not base64!"));
+    }
+
+    #[test]
+    fn deep_links_use_the_shop_handle() {
+        let g = GrantKey::shopify(&tokenwal_core::ShopDomain::parse("cool-shop.myshopify.com").unwrap());
+        assert_eq!(deep_link(&g, "my-app").unwrap(), "https://admin.shopify.com/store/cool-shop/apps/my-app");
+        assert!(valid_handle("my-app-2"));
+        assert!(!valid_handle("My App"));
+        assert!(!valid_handle("a/b"));
+    }
+}
