@@ -36,7 +36,7 @@ fn command(db: &Path, base: &str, args: &[&str]) -> Command {
     }
     cmd.env("TOKENWAL_CLIENT_ID", CLIENT_ID).env("TOKENWAL_CLIENT_SECRET", "sim-client-secret");
     cmd.env_remove("TOKENWAL_STORE_KEY_FILE");
-    cmd.env("TOKENWAL_STORE_KEY", &tokenwal_store::StoreKey::insecure_test_key().to_base64());
+    cmd.env("TOKENWAL_STORE_KEY", tokenwal_store::StoreKey::insecure_test_key().to_base64());
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd
 }
