@@ -91,7 +91,8 @@ async fn start_receiver(inbox: Arc<Inbox>, addr: std::net::SocketAddr) -> tokio:
 
 fn config(sim: &SimHandle, dir: &std::path::Path, secret: &str, hook: &str) -> Config {
     let mut c = Config::shopify(StoreLocation::Path(dir.join("db")), CLIENT_ID, ClientSecret::new(secret))
-        .with_insecure_test_endpoint(url::Url::parse(&sim.base_url()).unwrap());
+        .with_insecure_test_endpoint(url::Url::parse(&sim.base_url()).unwrap())
+        .with_store_keys(tokenwal::KeySource::Ring(tokenwal::KeyRing::insecure_test_ring()));
     c.proactive = false;
     c.timeouts.connect = Duration::from_secs(2);
     c.timeouts.total = Duration::from_secs(3);
