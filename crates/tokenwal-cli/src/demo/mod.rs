@@ -26,6 +26,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,7 +64,8 @@ shop must re-auth\".
 tokenwal's engine runs with the demo's short lifetimes: refresh margin 1.5 s, request timeout 1.5 s,
 backoff 100 ms to 1 s, and a 300 ms fleet-wide pause after invalid_client (60 s by default).
 
-Exits 70 if tokenwal locked any shop out.";
+Exits 70 if tokenwal locked any shop out. (A hidden, test-only flag, --issued-tokens-out, exists for
+the no-leak test; it writes the simulated secrets to a file and is not for other use.)";
 
 /// Flags of `tokenwal demo`.
 #[derive(Args, Clone, Debug)]
@@ -104,6 +106,11 @@ pub struct DemoArgs {
     /// Print the results as JSON on stdout
     #[arg(long)]
     pub json: bool,
+    /// TEST ONLY (hidden): after the runs, write every token both simulators issued and the client
+    /// secret to FILE (created new, mode 0600), one per line, so the no-leak test can search the
+    /// demo's TRACE output for them. Never use it outside tests: the file holds (simulated) secrets.
+    #[arg(long, hide = true, value_name = "FILE")]
+    pub issued_tokens_out: Option<PathBuf>,
 }
 
 fn fraction(s: &str) -> Result<f64, String> {
@@ -367,6 +374,7 @@ fn drive(
     world: &World,
     sim_rt: &tokio::runtime::Runtime,
     bar: &ProgressBar,
+    issued: &mut Vec<String>,
 ) -> Result<RunReport, CliError> {
     let sim = start_sim(world, sim_rt)?;
     let mut rt = app_runtime()?;
@@ -420,11 +428,41 @@ fn drive(
     app.crashed();
     report.restarts = restarts;
     report.fill_from_sim(&sim.counters(), world.n());
+    if world.args.issued_tokens_out.is_some() {
+        collect_issued(world, &sim, issued);
+    }
     if let Ok(sim) = Arc::try_unwrap(sim) {
         sim_rt.block_on(sim.shutdown());
     }
     bar.set_message("done");
     Ok(report)
+}
+
+/// Test only (`--issued-tokens-out`): every token the run's simulator issued, for every shop.
+fn collect_issued(world: &World, sim: &SimHandle, out: &mut Vec<String>) {
+    for shop in &world.shops {
+        let state = sim.shop_state(shop.as_str());
+        for g in &state.grants {
+            out.extend(g.refresh_tokens.iter().map(|t| t.token.as_str().to_owned()));
+            out.extend(g.access_tokens.iter().map(|t| t.token.as_str().to_owned()));
+        }
+        out.extend(state.legacy_tokens.iter().map(|t| t.token.as_str().to_owned()));
+    }
+}
+
+/// Test only (`--issued-tokens-out`): writes `secrets` one per line to a new 0600 file.
+fn write_issued(path: &Path, secrets: &[String]) -> Result<(), CliError> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let what = format!("cannot write {}", path.display());
+    let mut f = opts.open(path).map_err(|e| CliError::io(&what, e))?;
+    for s in secrets {
+        writeln!(f, "{s}").map_err(|e| CliError::io(&what, e))?;
+    }
+    f.sync_all().map_err(|e| CliError::io(&what, e))
 }
 
 /// `tokenwal demo`.
@@ -460,16 +498,21 @@ pub fn run(args: DemoArgs) -> Result<(), CliError> {
             world.args.seed
         );
     }
+    let mut issued = Vec::new();
     let mut tokenwal = engine_app::TokenwalApp::new(&world, dir.path().join("store"));
-    let ours = drive(&mut tokenwal, &world, &sim_rt, &bar)?;
+    let ours = drive(&mut tokenwal, &world, &sim_rt, &bar, &mut issued)?;
     let theirs = if world.args.no_baseline {
         None
     } else {
         let mut naive = naive::NaiveApp::new(&world);
-        Some(drive(&mut naive, &world, &sim_rt, &bar)?)
+        Some(drive(&mut naive, &world, &sim_rt, &bar, &mut issued)?)
     };
     bar.finish_and_clear();
     drop(sim_rt);
+    if let Some(path) = &world.args.issued_tokens_out {
+        issued.push(world.sim_config().client_secret);
+        write_issued(path, &issued)?;
+    }
     report::print(&world, &ours, theirs.as_ref(), json)?;
     if ours.locked_out > 0 {
         return Err(CliError::DemoLockout(ours.locked_out));
