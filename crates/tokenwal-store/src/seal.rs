@@ -189,4 +189,119 @@ mod tests {
             }
         }
     }
+
+    // "Nothing panics on any byte sequence": opening arbitrary bytes, truncations, extensions and
+    // bit flips of valid envelopes (with and without the CRC fixed up) yields a clear error, never
+    // a panic and never a plaintext.
+    mod hostile {
+        use super::*;
+        use proptest::prelude::*;
+
+        const GRANT: &[u8] = b"shopify/a.myshopify.com";
+
+        fn slot(state: bool) -> Slot<'static> {
+            if state {
+                Slot::State(GRANT)
+            } else {
+                Slot::FingerprintKey
+            }
+        }
+
+        fn ring() -> &'static KeyRing {
+            static RING: std::sync::OnceLock<KeyRing> = std::sync::OnceLock::new();
+            RING.get_or_init(KeyRing::insecure_test_ring)
+        }
+
+        /// Opening must fail, with an error that names the problem.
+        fn refused(bytes: &[u8], slot: Slot<'_>) -> OpenError {
+            match open(ring(), slot, bytes) {
+                Ok((h, _)) => panic!("altered envelope opened (header {h:?})"),
+                Err(e) => {
+                    let msg = match &e {
+                        OpenError::Corrupt(c) => c.to_string(),
+                        OpenError::UnknownKey(id) => format!("key {id}"),
+                    };
+                    assert!(!msg.is_empty());
+                    e
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn arbitrary_bytes_never_open(bytes in proptest::collection::vec(any::<u8>(), 0..200), state: bool) {
+                let _ = header(&bytes);
+                refused(&bytes, slot(state));
+            }
+
+            #[test]
+            fn arbitrary_bytes_behind_a_valid_prefix_never_open(
+                tail in proptest::collection::vec(any::<u8>(), 0..200),
+                state: bool,
+                fix_crc: bool,
+            ) {
+                // A plausible header (magic, version, kind, the ring's key id): the fuzz reaches the AEAD.
+                let mut bytes = Vec::from(&MAGIC[..]);
+                bytes.push(VERSION);
+                bytes.push(slot(state).kind());
+                bytes.extend_from_slice(&ring().active_id().0);
+                bytes.extend_from_slice(&tail);
+                if fix_crc && bytes.len() >= HEADER + TAG + CRC {
+                    let end = bytes.len() - CRC;
+                    let crc = crc32fast::hash(&bytes[..end]).to_le_bytes();
+                    bytes[end..].copy_from_slice(&crc);
+                }
+                refused(&bytes, slot(state));
+            }
+
+            #[test]
+            fn truncated_or_extended_envelopes_never_open(
+                plain in proptest::collection::vec(any::<u8>(), 0..100),
+                state: bool,
+                cut in any::<prop::sample::Index>(),
+                extra in proptest::collection::vec(any::<u8>(), 1..8),
+                fix_crc: bool,
+            ) {
+                let sealed = seal(ring(), slot(state), 3, &plain);
+                let (_, pt) = open(ring(), slot(state), &sealed).unwrap();
+                prop_assert_eq!(pt.as_slice(), plain.as_slice());
+                let mut short = sealed[..cut.index(sealed.len())].to_vec();
+                let mut long = [&sealed[..], &extra[..]].concat();
+                for bytes in [&mut short, &mut long] {
+                    if fix_crc && bytes.len() >= HEADER + TAG + CRC {
+                        let end = bytes.len() - CRC;
+                        let crc = crc32fast::hash(&bytes[..end]).to_le_bytes();
+                        bytes[end..].copy_from_slice(&crc);
+                    }
+                    prop_assert!(matches!(refused(bytes, slot(state)), OpenError::Corrupt(_)));
+                }
+            }
+
+            #[test]
+            fn flipped_envelopes_never_open(
+                plain in proptest::collection::vec(any::<u8>(), 0..100),
+                state: bool,
+                at in any::<prop::sample::Index>(),
+                bit in 0u8..8,
+                fix_crc: bool,
+            ) {
+                let sealed = seal(ring(), slot(state), 9, &plain);
+                let i = at.index(sealed.len());
+                let mut bad = sealed.clone();
+                bad[i] ^= 1 << bit;
+                let end = bad.len() - CRC;
+                if fix_crc && i < end {
+                    let crc = crc32fast::hash(&bad[..end]).to_le_bytes();
+                    bad[end..].copy_from_slice(&crc);
+                }
+                match refused(&bad, slot(state)) {
+                    OpenError::Corrupt(_) => {}
+                    // A flipped key id (with the CRC fixed up) names a key the ring lacks.
+                    OpenError::UnknownKey(_) => prop_assert!(fix_crc && (4..12).contains(&i)),
+                }
+            }
+        }
+    }
 }
