@@ -153,6 +153,9 @@ struct StateCounts {
     #[serde(rename = "needs-reauth")]
     needs_reauth: usize,
     uninstalled: usize,
+    /// A first acquisition (migration, token exchange) certainly not processed: no tokens yet.
+    #[serde(rename = "not-installed")]
+    not_installed: usize,
 }
 
 #[derive(Serialize)]
@@ -236,8 +239,11 @@ pub fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
                 states.uninstalled += 1;
                 None
             }
-            // A first acquisition that was certainly not processed: no tokens, nothing to count.
-            Phase::NotInstalled { .. } => None,
+            // A first acquisition that was certainly not processed: no tokens yet.
+            Phase::NotInstalled { .. } => {
+                states.not_installed += 1;
+                None
+            }
         };
         if let Some(a) = amb {
             if oldest.as_ref().is_none_or(|o| a.since.0 < o.since.at_ms) {
@@ -293,6 +299,7 @@ pub fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
         ("ambiguous", s.ambiguous),
         ("needs-reauth", s.needs_reauth),
         ("uninstalled", s.uninstalled),
+        ("not-installed", s.not_installed),
     ] {
         out.push_str(&format!("  {name:<16} {n}\n"));
     }

@@ -312,6 +312,8 @@ enum StateArg {
     Ambiguous,
     NeedsReauth,
     Uninstalled,
+    /// A first migration or token exchange that certainly was not processed (no tokens yet)
+    NotInstalled,
 }
 
 impl StateArg {
@@ -322,6 +324,7 @@ impl StateArg {
             StateArg::Ambiguous => "ambiguous",
             StateArg::NeedsReauth => "needs-reauth",
             StateArg::Uninstalled => "uninstalled",
+            StateArg::NotInstalled => "not-installed",
         }
     }
 }
