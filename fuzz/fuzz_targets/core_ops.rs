@@ -104,11 +104,10 @@ fuzz_target!(|ops: Vec<Op>| {
                     Kind::BadCredentials => {
                         Outcome::BadCredentials { status: 401, error: "invalid_client".into(), request_id: None }
                     }
-                    Kind::Ambiguous => {
-                        Outcome::Ambiguous { reason: AmbiguityReason::Timeout, request_id: None }
-                    }
+                    Kind::Ambiguous => Outcome::Ambiguous { reason: AmbiguityReason::Timeout, request_id: None },
                 };
-                let live = matches!(state.phase, Phase::Refreshing { attempt, .. } if attempt == sent.value().attempt());
+                let live =
+                    matches!(state.phase, Phase::Refreshing { attempt, .. } if attempt == sent.value().attempt());
                 let done = block_on(m.on_outcome(&state, &sent, outcome, now, n).make_durable(&log)).unwrap();
                 if !live {
                     assert!(done.value().is_none(), "a stale outcome released tokens");
