@@ -329,17 +329,38 @@ impl StateArg {
     }
 }
 
-fn init_logging(verbose: u8, default: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(s) if !s.is_empty() => EnvFilter::new(s),
-        _ => EnvFilter::new(match verbose {
+/// The most verbose level sled's own (`log`-bridged) messages get unless `RUST_LOG` names `sled`
+/// explicitly. sled 0.34.7 logs at trace level from crossbeam-epoch deferred closures, and those can run
+/// while a thread's thread-locals are being destroyed (any thread's exit collects the global garbage,
+/// e.g. the committer's when a store closes). tracing-subscriber's fmt layer formats into a
+/// thread-local buffer, so such a message panics inside a TLS destructor and the process aborts
+/// ("thread local panicked on drop"). Seen with `RUST_LOG=trace` in `tokenwal demo`
+/// (crates/tokenwal-cli/tests/demo_no_leak.rs) about once in ten runs under load.
+const SLED_LOG_CAP: &str = "sled=info";
+
+/// The log filter: `RUST_LOG` if set (sled capped, see [`SLED_LOG_CAP`]), else by `-v` count.
+fn log_filter(rust_log: Option<&str>, verbose: u8, default: &str) -> String {
+    let base = match rust_log {
+        Some(s) if !s.trim().is_empty() => s.trim().to_owned(),
+        _ => match verbose {
             0 => default,
             1 => "info",
             2 => "debug",
             _ => "trace",
-        }),
+        }
+        .to_owned(),
     };
+    if base.split(',').any(|d| d.trim_start().starts_with("sled")) {
+        base
+    } else {
+        format!("{base},{SLED_LOG_CAP}")
+    }
+}
+
+fn init_logging(verbose: u8, default: &str) {
+    use tracing_subscriber::EnvFilter;
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = EnvFilter::new(log_filter(rust_log.as_deref(), verbose, default));
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -427,5 +448,13 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sled_is_capped_unless_named() {
+        assert_eq!(log_filter(Some("trace"), 0, "warn"), "trace,sled=info");
+        assert_eq!(log_filter(None, 3, "warn"), "trace,sled=info");
+        assert_eq!(log_filter(Some("  "), 0, "warn"), "warn,sled=info");
+        assert_eq!(log_filter(Some("debug,sled=trace"), 0, "warn"), "debug,sled=trace");
     }
 }
