@@ -56,7 +56,9 @@ fn demo_at_trace_prints_no_issued_token_nor_the_client_secret() {
     let trace = stderr.lines().filter(|l| l.contains(" TRACE ")).count();
     let debug = stderr.lines().filter(|l| l.contains(" DEBUG ")).count();
     eprintln!("demo took {took:?}: {lines} stderr lines, {trace} TRACE, {debug} DEBUG, {} secrets", secrets.len());
-    assert!(trace > 1000 && debug > 100, "TRACE output expected: {trace} TRACE, {debug} DEBUG lines");
+    // (sled's own trace lines are capped at info by the CLI, see `SLED_LOG_CAP` in main.rs; the rest
+    // gave 167 TRACE and 159 DEBUG lines in one run.)
+    assert!(trace > 50 && debug > 50, "TRACE output expected: {trace} TRACE, {debug} DEBUG lines");
     for needle in MUST_APPEAR {
         assert!(stderr.contains(needle), "no {needle:?} in the TRACE output:\n{}", tail(&stderr));
     }
