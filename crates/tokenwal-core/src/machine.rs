@@ -800,8 +800,7 @@ impl Machine {
             Subject::SessionToken { expires_at, .. } => *expires_at,
             Subject::LegacyToken { .. } => now,
         };
-        records.push(Record::Resolved { grant: grant.clone(), at: now, attempt: amb.first_attempt, how: how.clone() });
-        events.push(Event::Resolved { grant: grant.clone(), how });
+        resolved(records, events, &grant, now, amb.first_attempt, how);
         state.acquisition = None;
         state.not_before = None;
         state.phase = match acq.prior {
@@ -961,13 +960,7 @@ impl Machine {
                 });
                 if let Some(amb) = resolving {
                     let how = Resolution::Succeeded { generation: state.generation };
-                    records.push(Record::Resolved {
-                        grant: grant.clone(),
-                        at: now,
-                        attempt: amb.first_attempt,
-                        how: how.clone(),
-                    });
-                    events.push(Event::Resolved { grant: grant.clone(), how });
+                    resolved(&mut records, &mut events, &grant, now, amb.first_attempt, how);
                 }
                 match &acq {
                     None => events.push(Event::Refreshed { grant: grant.clone(), generation: state.generation }),
@@ -975,13 +968,7 @@ impl Machine {
                         // A new acquisition supersedes a refresh ambiguity it started from.
                         if let Phase::Ambiguous(prior) = &a.prior {
                             let how = Resolution::Superseded { generation: state.generation };
-                            records.push(Record::Resolved {
-                                grant: grant.clone(),
-                                at: now,
-                                attempt: prior.first_attempt,
-                                how: how.clone(),
-                            });
-                            events.push(Event::Resolved { grant: grant.clone(), how });
+                            resolved(&mut records, &mut events, &grant, now, prior.first_attempt, how);
                         }
                         if matches!(a.prior, Phase::NeedsReauth { .. } | Phase::Uninstalled { .. }) {
                             events.push(Event::Recovered { grant: grant.clone(), generation: state.generation });
@@ -1052,13 +1039,7 @@ impl Machine {
                     // Refresh or migration: the newest durable credential is dead.
                     (_, resolving) => {
                         if let Some(amb) = resolving {
-                            records.push(Record::Resolved {
-                                grant: grant.clone(),
-                                at: now,
-                                attempt: amb.first_attempt,
-                                how: Resolution::Rejected,
-                            });
-                            events.push(Event::Resolved { grant: grant.clone(), how: Resolution::Rejected });
+                            resolved(&mut records, &mut events, &grant, now, amb.first_attempt, Resolution::Rejected);
                         }
                         let reason =
                             ReauthReason::CredentialRejected { status, error, after_ambiguity: resolving.is_some() };
@@ -1130,9 +1111,7 @@ impl Machine {
             Some(s) => {
                 let generation = s.generation.next();
                 for first in open_attempts(s) {
-                    let how = Resolution::Superseded { generation };
-                    records.push(Record::Resolved { grant: grant.clone(), at: now, attempt: first, how: how.clone() });
-                    events.push(Event::Resolved { grant: grant.clone(), how });
+                    resolved(&mut records, &mut events, &grant, now, first, Resolution::Superseded { generation });
                 }
                 let dead = |p: &Phase| matches!(p, Phase::NeedsReauth { .. } | Phase::Uninstalled { .. });
                 if dead(&s.phase) || s.acquisition.as_ref().is_some_and(|a| dead(&a.prior)) {
@@ -1237,6 +1216,19 @@ impl Machine {
 
 /// The first attempts of everything open on `s`: its attempt in flight or ambiguity, and the refresh
 /// ambiguity an open acquisition started from.
+/// Records that the ambiguity first seen at `attempt` ended `how`, and emits the matching event.
+fn resolved(
+    records: &mut Vec<Record>,
+    events: &mut Vec<Event>,
+    grant: &GrantKey,
+    now: UnixMillis,
+    attempt: AttemptId,
+    how: Resolution,
+) {
+    records.push(Record::Resolved { grant: grant.clone(), at: now, attempt, how: how.clone() });
+    events.push(Event::Resolved { grant: grant.clone(), how });
+}
+
 fn open_attempts(s: &GrantState) -> Vec<AttemptId> {
     let mut out = Vec::new();
     match &s.phase {
