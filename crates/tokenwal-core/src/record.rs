@@ -129,8 +129,9 @@ pub enum ReauthReason {
         /// Whether the rejection came while resolving an ambiguous rotation.
         after_ambiguity: bool,
     },
-    /// An ambiguous rotation stayed unresolved past the provider's retry window. Part of format 1 but
-    /// not produced by this version: tokenwal probes until a definitive answer (docs/journal.md §3).
+    /// An ambiguous attempt stayed unresolved past its retry window. Produced only for a token exchange
+    /// of a shop with no prior tokens whose session token expired before a definitive answer; refresh
+    /// and migration ambiguities are probed until a definitive answer (docs/journal.md §3).
     RetryWindowElapsed {
         /// When the credential was first presented.
         first_presented_at: UnixMillis,
