@@ -85,8 +85,8 @@ pub use domain::{
     AttemptId, Fingerprint, FingerprintKey, Generation, GrantKey, GrantKeyError, ShopDomain, ShopDomainError, TokenSet,
 };
 pub use machine::{
-    AttemptRequest, Credential, Durable, DurableLog, Event, Machine, Pending, Refusal, Step, Transition, WriteBatch,
-    MIGRATION_RETRY,
+    AttemptRequest, Credential, Decision, Durable, DurableLog, Event, Goal, Machine, NoChange, Pending, Refusal, Step,
+    Transition, Verdict, WriteBatch, MIGRATION_RETRY,
 };
 pub use policy::{Backoff, Retention, RetryPolicy};
 pub use record::{

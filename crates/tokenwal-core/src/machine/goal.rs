@@ -1,0 +1,220 @@
+//! What a driver asks of a grant ([`Goal`]) and what the machine decides to do about it
+//! ([`Decision`]): the one entry point a driver needs. It reads the grant's durable state, calls
+//! [`Machine::decide`], performs the decision (make durable; for [`Decision::Send`] also send and
+//! settle with [`Machine::on_outcome`]), and on a version conflict re-reads and decides again.
+
+use super::{Machine, Pending, Refusal, Transition};
+use crate::domain::{GrantKey, TokenSet};
+use crate::machine::AttemptRequest;
+use crate::record::{AttemptKind, GrantState, InstallSource, Phase};
+use crate::secret::{LegacyToken, SessionToken};
+use crate::time::UnixMillis;
+use std::fmt;
+
+/// What a driver wants done to one grant.
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum Goal {
+    /// Refresh with the newest durable credential (or retry the open ambiguity), respecting backoff.
+    Refresh,
+    /// Recovery's probe of an open ambiguity: like `Refresh`, but an ambiguous grant's backoff does
+    /// not delay it.
+    Recover,
+    /// Token exchange of an App Bridge session token (validated by the caller) expiring at
+    /// `expires_at`.
+    Exchange {
+        /// The session token.
+        session: SessionToken,
+        /// Its `exp`.
+        expires_at: UnixMillis,
+    },
+    /// Migration of a legacy non-expiring offline token.
+    Migrate {
+        /// The legacy token.
+        legacy: LegacyToken,
+    },
+    /// Install a token set acquired elsewhere. Refused if the grant holds a newer pair (by access
+    /// expiry) unless `force`; a no-op if it holds this very pair.
+    Install {
+        /// The tokens.
+        tokens: TokenSet,
+        /// Where they came from (journaled).
+        source: InstallSource,
+        /// Install even over a newer pair (an operator's explicit decision).
+        force: bool,
+    },
+    /// The app was uninstalled, at `as_of` if the webhook's trigger time is known: an uninstall
+    /// older than the grant's newest acquisition (done or in flight) is ignored.
+    Uninstall {
+        /// When the uninstall happened.
+        as_of: Option<UnixMillis>,
+    },
+    /// The granted scopes changed.
+    UpdateScopes {
+        /// The comma-separated scope list.
+        scope: String,
+    },
+    /// Mark the grant needs-reauth (an operator or the application decided).
+    MarkNeedsReauth {
+        /// Why (journaled; control characters dropped, at most 200 characters).
+        note: String,
+    },
+}
+
+impl Goal {
+    /// A short name (`refresh`, `recover`, `exchange`, `migrate`, `install`, `uninstall`,
+    /// `update-scopes`, `mark-needs-reauth`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Goal::Refresh => "refresh",
+            Goal::Recover => "recover",
+            Goal::Exchange { .. } => "exchange",
+            Goal::Migrate { .. } => "migrate",
+            Goal::Install { .. } => "install",
+            Goal::Uninstall { .. } => "uninstall",
+            Goal::UpdateScopes { .. } => "update-scopes",
+            Goal::MarkNeedsReauth { .. } => "mark-needs-reauth",
+        }
+    }
+}
+
+impl fmt::Debug for Goal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Goals carry credentials: only the name is shown.
+        write!(f, "Goal::{}", self.name())
+    }
+}
+
+/// What the machine decided for a goal.
+#[derive(Debug)]
+#[must_use = "a decision does nothing until the driver carries it out"]
+pub enum Decision {
+    /// Make this intent durable, then send its request and settle the answer.
+    Send(Pending<AttemptRequest>),
+    /// Make this transition durable; nothing is sent. Its value is the token set it installs, if any.
+    Write(Pending<Option<TokenSet>>),
+    /// Nothing to write: the goal is met already or does not apply.
+    Nothing(NoChange),
+    /// The goal cannot be carried out now.
+    Refuse(Refusal),
+}
+
+/// Why a goal needs no write.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub enum NoChange {
+    /// tokenwal has never seen the grant (an uninstall of an unknown shop).
+    Unknown,
+    /// The grant is uninstalled already (a duplicate uninstall).
+    AlreadyUninstalled,
+    /// A late uninstall: the grant was (re)acquired, or an acquisition started, at `acquired` after
+    /// the uninstall's time.
+    AcquiredSince {
+        /// The newest acquisition's time.
+        acquired: UnixMillis,
+    },
+    /// The grant holds this very pair already (an install or import run twice).
+    SamePair,
+}
+
+impl Machine {
+    /// Decides what to do about `goal` for `grant`, whose durable state is `current` (`None`: never
+    /// seen). Pure, like every function of the machine.
+    pub fn decide(&self, current: Option<&GrantState>, grant: &GrantKey, goal: &Goal, now: UnixMillis) -> Decision {
+        let planned = match goal {
+            Goal::Refresh | Goal::Recover => {
+                let Some(s) = current else { return Decision::Refuse(Refusal::NoTokens) };
+                let planned = if matches!(goal, Goal::Recover) {
+                    self.plan_recovery_attempt(s, now)
+                } else {
+                    self.plan_attempt(s, now)
+                };
+                if let Err(Refusal::SubjectExpired) = planned {
+                    // An unresolved exchange whose session token expired falls back (nothing is sent).
+                    return match self.expire_acquisition(s, now) {
+                        Some(p) => Decision::Write(p),
+                        None => Decision::Refuse(Refusal::InFlight),
+                    };
+                }
+                planned
+            }
+            Goal::Exchange { session, expires_at } => {
+                self.plan_token_exchange(current, grant.clone(), session.clone(), *expires_at, now)
+            }
+            Goal::Migrate { legacy } => self.plan_migration(current, grant.clone(), legacy.clone(), now),
+            Goal::Install { tokens, source, force } => {
+                if let Some(d) = check_install(current, tokens, *force) {
+                    return d;
+                }
+                let p = self.install(current, grant.clone(), tokens.clone(), *source, now);
+                return Decision::Write(Pending { transition: p.transition, value: Some(p.value) });
+            }
+            Goal::Uninstall { as_of } => {
+                let Some(s) = current else { return Decision::Nothing(NoChange::Unknown) };
+                if let (Some(at), Some(acquired)) = (as_of, newest_acquisition(s)) {
+                    if acquired > *at {
+                        return Decision::Nothing(NoChange::AcquiredSince { acquired });
+                    }
+                }
+                return match self.uninstall(s, now) {
+                    Some(t) => write(t),
+                    None => Decision::Nothing(NoChange::AlreadyUninstalled),
+                };
+            }
+            Goal::UpdateScopes { scope } => {
+                return match current {
+                    Some(s) => write(self.scopes_updated(s, scope, now)),
+                    None => Decision::Refuse(Refusal::NoTokens),
+                };
+            }
+            Goal::MarkNeedsReauth { note } => {
+                return match current {
+                    Some(s) => write(self.mark_needs_reauth(s, note, now)),
+                    None => Decision::Refuse(Refusal::NoTokens),
+                };
+            }
+        };
+        match planned {
+            Ok(p) => Decision::Send(p),
+            Err(r) => Decision::Refuse(r),
+        }
+    }
+}
+
+fn write(t: Transition) -> Decision {
+    Decision::Write(Pending { transition: t, value: None })
+}
+
+/// An install from outside must never put an older pair over a newer one (a re-run import after
+/// the worker rotated would hand the server a superseded refresh token). "Older" is judged by the
+/// access token's expiry: a provider issues access tokens of a fixed lifetime, so a pair issued
+/// later expires later. `None`: go ahead.
+fn check_install(current: Option<&GrantState>, tokens: &TokenSet, force: bool) -> Option<Decision> {
+    let s = current?;
+    if let Some(held) = &s.tokens {
+        if held.refresh_token == tokens.refresh_token && held.access_token == tokens.access_token {
+            return Some(Decision::Nothing(NoChange::SamePair));
+        }
+        if !force && tokens.access_expires_at < held.access_expires_at {
+            return Some(Decision::Refuse(Refusal::OlderPair { held: s.generation }));
+        }
+    }
+    if let Phase::Uninstalled { since } = s.phase {
+        // A pair whose access token had expired before the uninstall was issued before it.
+        if !force && tokens.access_expires_at <= since {
+            return Some(Decision::Refuse(Refusal::OlderPair { held: s.generation }));
+        }
+    }
+    None
+}
+
+/// When the grant's newest acquisition happened or started: its last install or committed
+/// exchange/migration, or an exchange or migration in flight or unresolved.
+fn newest_acquisition(s: &GrantState) -> Option<UnixMillis> {
+    let open = match (&s.phase, &s.acquisition) {
+        (Phase::Refreshing { kind, started_at, .. }, _) if *kind != AttemptKind::Refresh => Some(*started_at),
+        (Phase::Ambiguous(amb), Some(_)) => Some(amb.since),
+        _ => None,
+    };
+    s.acquired_at.max(open)
+}
