@@ -139,6 +139,10 @@ enum Op {
     Install(usize),
     /// A planner working from an old read of shop `i` tries to start an attempt: it must conflict.
     StalePlanner(usize),
+    /// An install from outside of a pair shop `i` held earlier (the `k`-th it held; a re-run
+    /// `tokenwal import`, a replayed install): it must be refused (or be a no-op for the pair held
+    /// now), never put a superseded refresh token back in use.
+    ReplayInstall(usize, usize),
 }
 
 fn sim_fault() -> impl Strategy<Value = SimFault> {
@@ -179,7 +183,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => prop_oneof![3 => Just(None), 1 => (0u8..3).prop_map(Some)].prop_map(Op::Crash),
         1 => shop.clone().prop_map(Op::CrashMidWrite),
         1 => shop.clone().prop_map(Op::Install),
-        1 => shop.prop_map(Op::StalePlanner),
+        1 => shop.clone().prop_map(Op::StalePlanner),
+        1 => (shop, 0usize..8).prop_map(|(i, k)| Op::ReplayInstall(i, k)),
     ]
 }
 
@@ -204,6 +209,7 @@ struct Coverage {
     recovery_probes: AtomicU64,
     stale_outcomes: AtomicU64,
     stale_planner_conflicts: AtomicU64,
+    older_installs_refused: AtomicU64,
     ambiguous: AtomicU64,
     needs_reauth: AtomicU64,
     ended_dead: AtomicU64,
@@ -229,7 +235,7 @@ impl std::fmt::Display for Coverage {
             f,
             "shops={} sends={} rotations={} replays={} rejections={} family_revocations={} ambiguous={} \
              needs_reauth={} ended_dead={} crashes={} (cut: planned {} permitted {} answered {}) mid_write={} in_recovery={} probes={} stale_outcomes={} \
-             stale_planner_conflicts={} gave_up_on_live_token={} (unused: {}) lapsed_without_notice={}",
+             stale_planner_conflicts={} older_installs_refused={} gave_up_on_live_token={} (unused: {}) lapsed_without_notice={}",
             r(&self.shops),
             r(&self.sends),
             r(&self.rotations),
@@ -248,6 +254,7 @@ impl std::fmt::Display for Coverage {
             r(&self.recovery_probes),
             r(&self.stale_outcomes),
             r(&self.stale_planner_conflicts),
+            r(&self.older_installs_refused),
             r(&self.gave_up_on_live_token),
             r(&self.gave_up_on_unused_token),
             r(&self.lapsed_without_notice),
@@ -289,6 +296,8 @@ struct World<'c> {
     last_phase: Vec<&'static str>,
     /// A durable read of each shop, from an earlier op (for stale planners).
     snapshots: Vec<Option<GrantState>>,
+    /// Every token set each shop has durably held, oldest first (for replayed installs).
+    pairs: Vec<Vec<TokenSet>>,
     /// Shops whose last answer was a replay with a zero lifetime (a known engine bug: the engine
     /// calls it ambiguous and retries it until the retry window ends).
     cov: &'c Coverage,
@@ -356,6 +365,7 @@ impl<'c> World<'c> {
             retired_by_install: vec![HashSet::new(); shops],
             last_phase: vec!["healthy"; shops],
             snapshots: vec![None; shops],
+            pairs: vec![Vec::new(); shops],
             cov,
         };
         for i in 0..shops {
@@ -695,13 +705,11 @@ impl<'c> World<'c> {
         let tokens = core_tokens(&t, self.now);
         loop {
             let current = self.state(i);
-            let p = self.machine.install(
-                Some(&current),
-                self.grants[i].clone(),
-                tokens.clone(),
-                InstallSource::Application,
-                self.at(),
-            );
+            let goal = Goal::Install { tokens: tokens.clone(), source: InstallSource::Application, force: false };
+            let p = match self.machine.decide(Some(&current), &self.grants[i], &goal, self.at()) {
+                Decision::Write(p) => p,
+                other => panic!("shop {i}: a fresh acquisition was not installed: {other:?}"),
+            };
             match self.durable(p) {
                 Ok(_) => {
                     if let Some(old) = current.tokens {
@@ -739,6 +747,25 @@ impl<'c> World<'c> {
         }
     }
 
+    fn replay_install(&mut self, i: usize, k: usize) {
+        let Some(old) = self.pairs[i].get(k).cloned() else { return };
+        let current = self.state(i);
+        let Some(held) = current.tokens.clone() else { return };
+        let goal = Goal::Install { tokens: old.clone(), source: InstallSource::Import, force: false };
+        let decision = self.machine.decide(Some(&current), &self.grants[i], &goal, self.at());
+        if old.refresh_token == held.refresh_token && old.access_token == held.access_token {
+            assert!(matches!(decision, Decision::Nothing(NoChange::SamePair)), "shop {i}: {decision:?}");
+        } else if old.access_expires_at < held.access_expires_at {
+            assert!(
+                matches!(decision, Decision::Refuse(Refusal::OlderPair { held: g }) if g == current.generation),
+                "shop {i}: an older pair would be installed over the one held: {decision:?}"
+            );
+            bump(&self.cov.older_installs_refused);
+        }
+        // (Pairs issued in the same simulated millisecond cannot be ordered; nothing is written.)
+        assert_eq!(self.state(i), current, "deciding wrote something");
+    }
+
     // ----------------------------------------------------------------- checks
 
     fn run(&mut self, op: &Op) {
@@ -754,6 +781,7 @@ impl<'c> World<'c> {
             Op::CrashMidWrite(i) => self.crash_mid_write(i % n),
             Op::Install(i) => self.install(i % n),
             Op::StalePlanner(i) => self.stale_planner(i % n),
+            Op::ReplayInstall(i, k) => self.replay_install(i % n, k),
         }
         self.check();
     }
@@ -762,6 +790,11 @@ impl<'c> World<'c> {
     fn check(&mut self) {
         for i in 0..self.n() {
             let s = self.state(i);
+            if let Some(t) = &s.tokens {
+                if self.pairs[i].last().is_none_or(|last| last.refresh_token != t.refresh_token) {
+                    self.pairs[i].push(t.clone());
+                }
+            }
             if let Phase::Refreshing { attempt, .. } = &s.phase {
                 let owner = match &self.workers[i] {
                     Some(Stage::Permitted(d) | Stage::Answered(d, _)) => Some(d.value().attempt()),
@@ -1011,6 +1044,7 @@ fn run_policy(policy: Policy) {
     let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
     if cases() >= 64 {
         assert!(r(&cov.crashes_mid_write) > 0 && r(&cov.stale_outcomes) > 0, "{cov}");
+        assert!(r(&cov.older_installs_refused) > 0, "no replayed install of an older pair: {cov}");
         assert!(r(&cov.replays) > 0 || !policy.retains(), "{cov}");
         assert!(r(&cov.crashes_in_recovery) > 0 && r(&cov.recovery_probes) > 0, "{cov}");
         assert!(r(&cov.crashed_permitted) > 0 && r(&cov.crashed_answered) > 0, "{cov}");

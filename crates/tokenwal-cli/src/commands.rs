@@ -5,9 +5,12 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::path::Path;
 use std::time::Duration;
-use tokenwal::core::{recovery, Event, GrantKey, GrantState, InstallSource, Intention, Phase, ShopDomain, UnixMillis};
+use tokenwal::core::{
+    recovery, Event, Goal, GrantKey, GrantState, InstallSource, Intention, NoChange, Phase, Refusal, ShopDomain,
+    UnixMillis,
+};
 use tokenwal::store::{keys, OpenReport, RecoveryMode, Reseal, Store, StoreConfig, StoreError};
-use tokenwal::{Engine, RecoveryReport};
+use tokenwal::{Driven, Driver, Engine, Offline, RecoveryReport};
 use tracing::{info, warn};
 
 use crate::error::CliError;
@@ -76,8 +79,29 @@ fn all_grants_and_corrupt(store: &Store) -> Result<(Vec<GrantState>, Vec<String>
 
 // ------------------------------------------------------------------------------------------ import
 
+/// How `tokenwal import` treats a line whose shop already holds a different pair.
+pub struct ImportOptions {
+    /// Install even over a newer pair.
+    pub force: bool,
+    /// Why (required with `force`; logged and printed).
+    pub reason: Option<String>,
+}
+
+/// What became of the valid lines of an import.
+#[derive(Default)]
+struct ImportTally {
+    imported: usize,
+    unchanged: usize,
+    refused: usize,
+}
+
 /// `tokenwal import [FILE|-]`.
-pub async fn import(settings: &Settings, file: &str) -> Result<(), CliError> {
+///
+/// Each valid line is a checked install through the engine's driver (`Goal::Install`): the pair the
+/// shop holds already is left alone, and a pair older than the one held is refused and reported (a
+/// re-run import after the worker rotated must not put superseded refresh tokens back), unless
+/// `--force --reason`.
+pub async fn import(settings: &Settings, file: &str, options: &ImportOptions) -> Result<(), CliError> {
     let reader: Box<dyn BufRead> = if file == "-" {
         if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
             eprintln!("reading token sets as JSON lines from stdin (end with Ctrl-D)");
@@ -114,29 +138,48 @@ pub async fn import(settings: &Settings, file: &str) -> Result<(), CliError> {
             }
         }
     }
-    let mut imported = 0;
+    let mut tally = ImportTally::default();
     if !valid.is_empty() {
         let (store, _) = open_store(settings, true)?;
         let machine = settings.machine(store.fingerprint_key());
+        let driver = Driver::new(&store, &machine, &Offline);
+        if let (true, Some(reason)) = (options.force, &options.reason) {
+            warn!(%reason, "forced import: pairs older than the ones held will be installed");
+        }
         for (n, (shop, tokens)) in valid {
             let grant = GrantKey::shopify(&shop);
-            loop {
-                let current = store.get(&grant)?;
-                let pending =
-                    machine.install(current.as_ref(), grant.clone(), tokens.clone(), InstallSource::Import, now);
-                match pending.make_durable(&store).await {
-                    Ok(done) => {
-                        info!(line = n, %shop, generation = done.state().generation.0, "imported");
-                        imported += 1;
-                        break;
-                    }
-                    Err(StoreError::Conflict { .. }) => continue,
-                    Err(e) => return Err(e.into()),
+            let goal = Goal::Install { tokens, source: InstallSource::Import, force: options.force };
+            match driver.drive(&grant, &goal).await? {
+                Driven::Wrote(done) => {
+                    info!(line = n, %shop, generation = done.state().generation.0, "imported");
+                    tally.imported += 1;
+                }
+                Driven::Unchanged { why: NoChange::SamePair, .. } => {
+                    eprintln!("line {n}: {shop}: already holds this pair; unchanged");
+                    tally.unchanged += 1;
+                }
+                Driven::Refused { refusal: Refusal::OlderPair { held }, .. } => {
+                    eprintln!(
+                        "line {n}: {shop}: refused: the store holds a newer pair (generation {}); this line's \
+                         pair is older and was not imported (override: --force --reason TEXT)",
+                        held.0
+                    );
+                    tally.refused += 1;
+                }
+                other => {
+                    return Err(CliError::Engine(tokenwal::Error::Internal(format!(
+                        "line {n}: {shop}: import ended as {other:?}"
+                    ))))
                 }
             }
         }
     }
-    eprintln!("imported {imported} token set(s) into {}; {failed} invalid line(s)", settings.db.display());
+    let ImportTally { imported, unchanged, refused } = tally;
+    eprintln!(
+        "imported {imported} token set(s) into {}; {unchanged} unchanged (same pair), {refused} refused \
+         (the store holds a newer pair); {failed} invalid line(s)",
+        settings.db.display()
+    );
     if failed > 0 {
         return Err(CliError::ImportFailed { failed, total });
     }

@@ -126,6 +126,12 @@ enum Command {
         /// The file to read, or - for stdin
         #[arg(default_value = "-", value_name = "FILE|-")]
         file: String,
+        /// Install a line's pair even if the store holds a newer one (needs --reason)
+        #[arg(long, requires = "reason")]
+        force: bool,
+        /// Why the held pairs are known dead (required with --force; logged)
+        #[arg(long, value_name = "TEXT", requires = "force")]
+        reason: Option<String>,
     },
     /// Migrate legacy non-expiring offline tokens (JSON lines {shop, access_token}) to expiring pairs
     #[command(long_about = MIGRATE_ABOUT)]
@@ -276,7 +282,12 @@ One JSON object per line: shop, access_token, refresh_token, expires_at (unix se
 expires_in (seconds), optionally refresh_token_expires_at or refresh_token_expires_in, and scope.
 Every line is validated first; each invalid line is reported with its number and the reason (never
 its values) and nothing of it is stored; the valid lines are installed. Exits 65 if any line was
-invalid.";
+invalid.
+
+Re-running an import is safe: a line whose pair the store already holds is left unchanged, and a line
+whose pair is older than the one held (the worker has rotated since: its access token expires earlier)
+is refused and reported, never installed — it would put a superseded refresh token back in use. To
+install over a newer pair anyway (you know it is dead), pass --force with --reason TEXT.";
 
 const MIGRATE_ABOUT: &str = "Migrate legacy non-expiring offline tokens to expiring pairs.
 
@@ -387,7 +398,10 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
         })
     };
     match cli.command {
-        Command::Import { file } => runtime()?.block_on(commands::import(&settings()?, &file)),
+        Command::Import { file, force, reason } => {
+            let options = commands::ImportOptions { force, reason };
+            runtime()?.block_on(commands::import(&settings()?, &file, &options))
+        }
         Command::Migrate { file, concurrency, rate, canary, yes, dry_run, max_attempts, max_retry_wait, out } => {
             let o = migrate::Options {
                 file,

@@ -471,6 +471,57 @@ fn token_recover_and_run_against_the_simulator() {
     }
 }
 
+/// Issue 18.2: re-running an import after the worker rotated must not roll shops back. Each line
+/// whose pair is older than the one held is refused and reported; the same pair is left unchanged; a
+/// newer pair is installed; `--force` needs `--reason`.
+#[test]
+fn a_rerun_import_after_rotation_rolls_no_shop_back() {
+    let sim = Sim::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("store");
+    let base = sim.h().base_url();
+    let mut env = CREDENTIALS.to_vec();
+    env.push(("TOKENWAL_INSECURE_TEST_ENDPOINT", &base));
+    let (rotated, a1, r1) = sim.seed("rerun");
+    let (kept, _, _) = sim.seed("kept");
+    let file = dir.path().join("tokens.jsonl");
+    std::fs::write(&file, format!("{rotated}\n{kept}\n")).unwrap();
+    let import = |args: &[&str]| {
+        let mut a = vec!["import", file.to_str().unwrap()];
+        a.extend_from_slice(args);
+        tokenwal(&db, &a, &[], None)
+    };
+    assert_eq!(import(&[]).code, 0);
+
+    // The worker rotates `rerun`: the store now holds a newer pair.
+    let out = tokenwal(&db, &["token", "rerun.myshopify.com"], &env, None);
+    assert_eq!(out.code, 0, "{out:?}");
+    let rotated_access = out.stdout.trim().to_owned();
+    assert_ne!(rotated_access, a1);
+
+    // The same file again: `rerun` refused (its pair is older), `kept` unchanged (same pair).
+    let again = import(&[]);
+    assert_eq!(again.code, 0, "{again:?}");
+    assert!(again.stderr.contains("line 1: rerun.myshopify.com: refused: the store holds a newer pair"), "{again:?}");
+    assert!(again.stderr.contains("line 2: kept.myshopify.com: already holds this pair; unchanged"), "{again:?}");
+    assert!(again.stderr.contains("imported 0 token set(s)"), "{again:?}");
+    assert!(again.stderr.contains("1 unchanged (same pair), 1 refused"), "{again:?}");
+    assert_no_secret(&again, &[&a1, &r1, &rotated_access]);
+    // The rotated pair is still the one held, and it works.
+    let out = tokenwal(&db, &["token", "rerun.myshopify.com"], &env, None);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout.trim(), rotated_access, "the import rolled the shop back");
+    assert!(sim.accepted("rerun", &rotated_access));
+
+    // --force needs a reason; with one, the older pair goes in (an operator's decision).
+    let no_reason = import(&["--force"]);
+    assert_eq!(no_reason.code, 2, "{no_reason:?}");
+    assert!(no_reason.stderr.contains("--reason"), "{no_reason:?}");
+    let forced = import(&["--force", "--reason", "held pair revoked by support ticket 42"]);
+    assert_eq!(forced.code, 0, "{forced:?}");
+    assert!(forced.stderr.contains("imported 1 token set(s)"), "{forced:?}");
+}
+
 #[test]
 fn a_short_demo_locks_no_shop_out() {
     let dir = tempfile::tempdir().unwrap();

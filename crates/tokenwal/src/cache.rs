@@ -9,40 +9,53 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, RwLock};
-use tokenwal_core::{AccessToken, Generation, TokenSet, UnixMillis};
+use tokenwal_core::{AccessToken, TokenSet, UnixMillis};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 const SHARDS: usize = 64;
 
-/// A cached access token.
+/// A grant's cache line: its access token, or a tombstone (no token may be served) left by a state
+/// without one.
 pub(crate) struct Cached {
-    pub(crate) token: AccessToken,
+    /// `None`: a tombstone.
+    pub(crate) token: Option<AccessToken>,
     /// Serve without a refresh until then (expiry minus the refresh margin).
     pub(crate) refresh_at: UnixMillis,
     /// The token is usable until then.
     pub(crate) expires_at: UnixMillis,
-    /// The generation it came from: an older generation never replaces a newer one.
-    pub(crate) generation: Generation,
+    /// The version of the durable state it came from. States are versioned per grant, one step per
+    /// transition: a line from an older state never replaces a newer one (a state read just before
+    /// an uninstall cannot re-cache a token after it).
+    pub(crate) version: u64,
 }
+
+/// The single-flight lock of one grant, held (owned) by whoever decides about or runs its attempt:
+/// a caller, or the engine's attempt task the caller handed it to.
+pub(crate) type Flight = OwnedMutexGuard<()>;
 
 /// Per-grant slot: the cached token and the single-flight lock.
 #[derive(Default)]
 pub(crate) struct Slot {
     pub(crate) cached: ArcSwapOption<Cached>,
-    /// Held by whoever is deciding about or running this grant's attempt.
-    pub(crate) flight: tokio::sync::Mutex<()>,
+    flight: Arc<Mutex<()>>,
 }
 
 impl Slot {
-    /// Caches `tokens` of `generation` unless a newer generation is cached already.
-    pub(crate) fn offer(&self, tokens: &TokenSet, generation: Generation, refresh_at: UnixMillis) {
-        let new = Arc::new(Cached {
-            token: tokens.access_token.clone(),
-            refresh_at,
-            expires_at: tokens.access_expires_at,
-            generation,
-        });
+    /// Caches `tokens` from the state at `version` unless a newer state's line is cached already.
+    pub(crate) fn offer(&self, tokens: &TokenSet, version: u64, refresh_at: UnixMillis) {
+        let token = Some(tokens.access_token.clone());
+        self.put(Cached { token, refresh_at, expires_at: tokens.access_expires_at, version });
+    }
+
+    /// Serves nothing from the state at `version` on (a tombstone: older states cannot re-cache).
+    pub(crate) fn clear(&self, version: u64) {
+        self.put(Cached { token: None, refresh_at: UnixMillis(0), expires_at: UnixMillis(0), version });
+    }
+
+    fn put(&self, line: Cached) {
+        let new = Arc::new(line);
         self.cached.rcu(|cur| match cur {
-            Some(c) if c.generation > generation => Some(Arc::clone(c)),
+            Some(c) if c.version > new.version => Some(Arc::clone(c)),
             _ => Some(Arc::clone(&new)),
         });
     }
@@ -50,11 +63,17 @@ impl Slot {
     /// The cached token if it has not expired (it may be inside the refresh margin).
     pub(crate) fn still_valid(&self, now: UnixMillis) -> Option<AccessToken> {
         let guard = self.cached.load();
-        guard.as_ref().filter(|c| now < c.expires_at).map(|c| c.token.clone())
+        guard.as_ref().filter(|c| now < c.expires_at).and_then(|c| c.token.clone())
     }
 
-    pub(crate) fn clear(&self) {
-        self.cached.store(None);
+    /// Waits for the grant's flight lock.
+    pub(crate) async fn flight(&self) -> Flight {
+        Arc::clone(&self.flight).lock_owned().await
+    }
+
+    /// The grant's flight lock, if it is free.
+    pub(crate) fn try_flight(&self) -> Option<Flight> {
+        Arc::clone(&self.flight).try_lock_owned().ok()
     }
 }
 
@@ -96,8 +115,50 @@ impl Slots {
         let shard = self.shard(account).read().unwrap_or_else(|p| p.into_inner());
         let guard = shard.get(account)?.cached.load();
         match guard.as_ref() {
-            Some(c) if now < c.refresh_at => Some(c.token.clone()),
+            Some(c) if now < c.refresh_at => c.token.clone(),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenwal_core::RefreshToken;
+
+    fn set(access: &str) -> TokenSet {
+        TokenSet {
+            access_token: AccessToken::new(access),
+            access_expires_at: UnixMillis(10_000),
+            refresh_token: RefreshToken::new("r"),
+            refresh_expires_at: None,
+            scope: None,
+        }
+    }
+
+    #[test]
+    fn an_older_state_never_replaces_a_newer_line() {
+        let slot = Slot::default();
+        slot.offer(&set("new"), 5, UnixMillis(9_000));
+        slot.offer(&set("old"), 4, UnixMillis(9_000));
+        assert_eq!(slot.still_valid(UnixMillis(1)).unwrap(), AccessToken::new("new"));
+    }
+
+    /// Regression (issue 18.4): after `clear`, `offer` accepted any generation, so a state read just
+    /// before a concurrent uninstall was re-cached and served.
+    #[test]
+    fn a_tombstone_keeps_older_states_out() {
+        let slot = Slot::default();
+        slot.offer(&set("a"), 3, UnixMillis(9_000));
+        slot.clear(4);
+        slot.offer(&set("a"), 3, UnixMillis(9_000));
+        assert!(slot.still_valid(UnixMillis(1)).is_none());
+        let slots = Slots::new();
+        slots.get_or_create("s").clear(4);
+        slots.get_or_create("s").offer(&set("a"), 3, UnixMillis(9_000));
+        assert!(slots.fresh("s", UnixMillis(1)).is_none());
+        // A newer state (a reinstall) is cached again.
+        slot.offer(&set("b"), 5, UnixMillis(9_000));
+        assert_eq!(slot.still_valid(UnixMillis(1)).unwrap(), AccessToken::new("b"));
     }
 }

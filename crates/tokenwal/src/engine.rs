@@ -1,46 +1,25 @@
 //! The engine: a cheap cloneable handle over the store, the state machine and the transport.
 
-use crate::cache::{Slot, Slots};
+use crate::cache::Slots;
+use crate::clock::now;
 use crate::config::{Config, Endpoint, StoreLocation};
+use crate::driver::Driven;
 use crate::error::Error;
 use crate::failpoint;
-use crate::scheduler::{self, SchedulerHandle};
+use crate::inner::Inner;
+use crate::serve::refusal;
 use crate::transport::Transport;
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::{schedule, scheduler};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokenwal_core::{
-    recovery, AccessToken, AttemptRequest, ClientSecret, Durable, Event, Generation, GrantKey, GrantState,
-    InstallSource, Intention, Machine, Outcome, Pending, Phase, Record, Refusal, ShopDomain, Step, TokenSet,
-    Transition, UnixMillis,
+    recovery, AccessToken, Event, Generation, Goal, GrantKey, GrantState, InstallSource, Intention, Machine, NoChange,
+    Phase, ShopDomain, Step, TokenSet, UnixMillis,
 };
 use tokenwal_store::{Store, StoreConfig, StoreError};
 use tokio::sync::{broadcast, watch, Semaphore};
-use tracing::{debug, info, warn};
-
-/// The current time by the system clock.
-pub(crate) fn now() -> UnixMillis {
-    UnixMillis::from_system_time(std::time::SystemTime::now())
-}
-
-pub(crate) struct Inner {
-    pub(crate) store: Store,
-    pub(crate) machine: Machine,
-    transport: Transport,
-    pub(crate) client_id: String,
-    pub(crate) client_secret: ClientSecret,
-    pub(crate) is_shopify: bool,
-    pub(crate) provider: String,
-    pub(crate) slots: Slots,
-    events: broadcast::Sender<Event>,
-    /// Refreshing is paused fleet-wide until this instant (ms) after an `invalid_client`.
-    paused_until: AtomicU64,
-    credentials_pause: Duration,
-    pub(crate) max_wait: Duration,
-    pub(crate) permits: Semaphore,
-    pub(crate) shutdown: watch::Sender<bool>,
-    scheduler: SchedulerHandle,
-}
+use tracing::info;
 
 /// Sends the shutdown signal when the last [`Engine`] handle is dropped.
 struct DropGuard(Arc<Inner>);
@@ -81,9 +60,6 @@ pub struct RecoveryReport {
     pub elapsed: Duration,
 }
 
-/// The result of one attempt.
-pub(crate) type Settled = Durable<Option<TokenSet>>;
-
 impl Engine {
     /// Opens the store, **runs recovery before serving** (retries every ambiguous rotation with its
     /// old credential; marks truly dead grants needs-reauth), starts the proactive scheduler, and
@@ -103,7 +79,7 @@ impl Engine {
                 let (store, report) =
                     tokio::task::spawn_blocking(move || Store::open(p, &keys, StoreConfig::default()))
                         .await
-                        .map_err(|e| Error::Config(format!("store open task failed: {e}")))??;
+                        .map_err(|e| Error::Internal(format!("store open task failed: {e}")))??;
                 (store, report.corrupt)
             }
         };
@@ -113,7 +89,7 @@ impl Engine {
             let (s, n) = (store.clone(), w.cursor.clone());
             tokio::task::spawn_blocking(move || crate::webhook_sink::init_cursor(&s, &n))
                 .await
-                .map_err(|e| Error::Config(format!("webhook cursor task failed: {e}")))??;
+                .map_err(|e| Error::Internal(format!("webhook cursor task failed: {e}")))??;
         }
         let transport = Transport::new(
             config.endpoint.clone(),
@@ -130,7 +106,7 @@ impl Engine {
         };
         let (events, _) = broadcast::channel(4096);
         let (shutdown, _) = watch::channel(false);
-        let (scheduler, scheduler_rx) = scheduler::channel();
+        let (scheduler, scheduler_rx) = schedule::channel();
         let inner = Arc::new(Inner {
             store,
             machine,
@@ -147,6 +123,7 @@ impl Engine {
             permits: Semaphore::new(config.max_concurrent_refreshes),
             shutdown,
             scheduler,
+            attempts: watch::channel(0).0,
         });
         let engine = Engine { _guard: Arc::new(DropGuard(Arc::clone(&inner))), inner };
         if let Some(w) = config.webhook.clone() {
@@ -181,7 +158,7 @@ impl Engine {
         let store = self.inner.store.clone();
         let open = tokio::task::spawn_blocking(move || store.open_grants())
             .await
-            .map_err(|e| Error::Config(format!("recovery task failed: {e}")))??;
+            .map_err(|e| Error::Internal(format!("recovery task failed: {e}")))??;
         let plan = recovery::plan(&self.inner.machine, &open, now(), rand::random());
         let (interrupted, _, _) = plan.summary();
         let mut report = RecoveryReport { open: open.len(), interrupted, ..RecoveryReport::default() };
@@ -202,7 +179,7 @@ impl Engine {
             let inner = Arc::clone(&self.inner);
             tasks.spawn(async move {
                 let _permit = inner.permits.acquire().await;
-                inner.drive(&grant, true).await;
+                inner.keep_fresh(&grant, true).await;
                 inner.store.get(&grant).ok().flatten().map(|s| s.phase)
             });
         }
@@ -226,17 +203,30 @@ impl Engine {
     /// A valid cached token is returned without I/O. Concurrent callers for one shop share one
     /// refresh; callers for other shops are never blocked by it. If a refresh fails transiently while
     /// the current token is still valid, the current token is returned.
+    ///
+    /// The attempt belongs to the engine, not to this future: if the caller goes away (a timeout, an
+    /// aborted task) after the intent is durable, the attempt still runs to its durable outcome.
     pub async fn access_token(&self, shop: &ShopDomain) -> Result<AccessToken, Error> {
-        if let Some(t) = self.inner.slots.fresh(shop.as_str(), now()) {
+        if let Some(t) = self.cached(shop.as_str())? {
             return Ok(t);
         }
         self.inner.slow_token(&self.grant_of(shop), None).await
     }
 
+    /// The fast path: a cached token usable without a refresh. Nothing is served from a poisoned
+    /// store (fail-stop: the cache may hold what a failed commit would have replaced).
+    fn cached(&self, account: &str) -> Result<Option<AccessToken>, Error> {
+        let token = self.inner.slots.fresh(account, now());
+        if token.is_some() && self.inner.store.is_poisoned() {
+            return Err(StoreError::Poisoned.into());
+        }
+        Ok(token)
+    }
+
     /// [`Engine::access_token`] for any provider's grant.
     pub async fn access_token_for(&self, grant: &GrantKey) -> Result<AccessToken, Error> {
         self.check_provider(grant)?;
-        if let Some(t) = self.inner.slots.fresh(grant.account(), now()) {
+        if let Some(t) = self.cached(grant.account())? {
             return Ok(t);
         }
         self.inner.slow_token(grant, None).await
@@ -250,6 +240,11 @@ impl Engine {
 
     /// Registers tokens acquired elsewhere (OAuth install, the app front end's token exchange). The
     /// tokens become a new generation: an older in-flight result can never overwrite them.
+    ///
+    /// Checked: installing the very pair the shop holds changes nothing (returns its generation), and
+    /// a pair older than the one held (its access token expires earlier) is refused with
+    /// [`Error::OlderPair`] — a re-run import or a replayed install must never put a superseded
+    /// refresh token back in use.
     pub async fn install(&self, shop: &ShopDomain, tokens: TokenSet) -> Result<Generation, Error> {
         self.install_grant(self.grant_of(shop), tokens, InstallSource::Application).await
     }
@@ -261,20 +256,34 @@ impl Engine {
         tokens: TokenSet,
         source: InstallSource,
     ) -> Result<Generation, Error> {
+        self.install_checked(grant, tokens, source, false).await
+    }
+
+    /// [`Engine::install_grant`] even over a newer pair: an operator's explicit decision that the
+    /// held pair is dead (e.g. revoked on the provider's side). Prefer the checked install.
+    pub async fn force_install_grant(
+        &self,
+        grant: GrantKey,
+        tokens: TokenSet,
+        source: InstallSource,
+    ) -> Result<Generation, Error> {
+        self.install_checked(grant, tokens, source, true).await
+    }
+
+    async fn install_checked(
+        &self,
+        grant: GrantKey,
+        tokens: TokenSet,
+        source: InstallSource,
+        force: bool,
+    ) -> Result<Generation, Error> {
         self.check_provider(&grant)?;
-        let inner = &self.inner;
-        loop {
-            let current = inner.store.get(&grant)?;
-            let pending = inner.machine.install(current.as_ref(), grant.clone(), tokens.clone(), source, now());
-            match pending.make_durable(&inner.store).await {
-                Ok(done) => {
-                    let generation = done.state().generation;
-                    inner.after_durable(&done);
-                    return Ok(generation);
-                }
-                Err(StoreError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
+        let goal = Goal::Install { tokens, source, force };
+        match self.inner.driver().drive(&grant, &goal).await? {
+            Driven::Wrote(done) => Ok(done.state().generation),
+            Driven::Unchanged { state: Some(s), .. } => Ok(s.generation),
+            Driven::Refused { refusal: r, .. } => Err(refusal(&grant, r)),
+            other => Err(Error::Internal(format!("{grant}: install ended as {other:?}"))),
         }
     }
 
@@ -291,32 +300,23 @@ impl Engine {
     }
 
     /// [`Engine::uninstalled`] for a webhook triggered at `triggered_at` (Shopify's
-    /// `X-Shopify-Triggered-At`): ignored (returns `false`) if the shop's current tokens were acquired
-    /// after it, i.e. the app was reinstalled since. Returns whether the shop was uninstalled by this
-    /// call.
+    /// `X-Shopify-Triggered-At`): ignored (returns `false`) if the shop's newest acquisition — done,
+    /// or a token exchange or migration in flight or unresolved — happened or started after it, i.e.
+    /// the app was reinstalled since. Returns whether the shop was uninstalled by this call.
     pub async fn uninstalled_as_of(&self, shop: &ShopDomain, triggered_at: UnixMillis) -> Result<bool, Error> {
         self.uninstall_grant(&self.grant_of(shop), Some(triggered_at)).await
     }
 
-    async fn uninstall_grant(&self, grant: &GrantKey, triggered_at: Option<UnixMillis>) -> Result<bool, Error> {
-        let inner = &self.inner;
-        loop {
-            let Some(current) = inner.store.get(grant)? else { return Ok(false) };
-            if let (Some(at), Some(acquired)) = (triggered_at, current.acquired_at) {
-                if acquired > at {
-                    info!(%grant, %at, %acquired, "late uninstall webhook ignored: reinstalled since");
-                    return Ok(false);
-                }
+    async fn uninstall_grant(&self, grant: &GrantKey, as_of: Option<UnixMillis>) -> Result<bool, Error> {
+        match self.inner.driver().drive(grant, &Goal::Uninstall { as_of }).await? {
+            Driven::Wrote(_) => Ok(true),
+            Driven::Unchanged { why: NoChange::AcquiredSince { acquired }, .. } => {
+                info!(%grant, at = ?as_of, %acquired, "late uninstall webhook ignored: reinstalled since");
+                Ok(false)
             }
-            let Some(t) = inner.machine.uninstall(&current, now()) else { return Ok(false) };
-            match Pending::from_transition(t).make_durable(&inner.store).await {
-                Ok(done) => {
-                    inner.after_durable(&done);
-                    return Ok(true);
-                }
-                Err(StoreError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
+            Driven::Unchanged { .. } => Ok(false),
+            Driven::Refused { refusal: r, .. } => Err(refusal(grant, r)),
+            other => Err(Error::Internal(format!("{grant}: uninstall ended as {other:?}"))),
         }
     }
 
@@ -330,18 +330,10 @@ impl Engine {
     {
         let scope = scopes.into_iter().map(|s| s.as_ref().trim().to_owned()).collect::<Vec<_>>().join(",");
         let grant = self.grant_of(shop);
-        let inner = &self.inner;
-        loop {
-            let current = inner.store.get(&grant)?.ok_or_else(|| Error::NotInstalled { grant: grant.clone() })?;
-            let t = inner.machine.scopes_updated(&current, &scope, now());
-            match Pending::from_transition(t).make_durable(&inner.store).await {
-                Ok(done) => {
-                    inner.after_durable(&done);
-                    return Ok(());
-                }
-                Err(StoreError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
+        match self.inner.driver().drive(&grant, &Goal::UpdateScopes { scope }).await? {
+            Driven::Wrote(_) | Driven::Unchanged { .. } => Ok(()),
+            Driven::Refused { refusal: r, .. } => Err(refusal(&grant, r)),
+            other => Err(Error::Internal(format!("{grant}: scopes update ended as {other:?}"))),
         }
     }
 
@@ -377,24 +369,26 @@ impl Engine {
             r.map(|_| due)
         })
         .await
-        .map_err(|e| Error::Config(format!("scan task failed: {e}")))??;
+        .map_err(|e| Error::Internal(format!("scan task failed: {e}")))??;
         let n = due.len();
         let mut tasks = tokio::task::JoinSet::new();
         for grant in due {
             let inner = Arc::clone(&self.inner);
             tasks.spawn(async move {
                 let _permit = inner.permits.acquire().await;
-                inner.drive(&grant, false).await
+                inner.keep_fresh(&grant, false).await
             });
         }
         while tasks.join_next().await.is_some() {}
         Ok(n)
     }
 
-    /// Stops background work and waits for the scheduler's in-flight attempts to finish.
+    /// Stops background work and waits for in-flight attempts (the scheduler's and those whose
+    /// callers went away) to reach their durable outcome.
     pub async fn shutdown(&self) {
         let _ = self.inner.shutdown.send_replace(true);
         self.inner.scheduler.wait_stopped().await;
+        self.inner.attempts_finished().await;
     }
 
     fn check_provider(&self, grant: &GrantKey) -> Result<(), Error> {
@@ -407,326 +401,4 @@ impl Engine {
         }
         Ok(())
     }
-}
-
-impl Inner {
-    pub(crate) fn scheduler_handle(&self) -> &SchedulerHandle {
-        &self.scheduler
-    }
-
-    fn emit(&self, events: &[Event]) {
-        for e in events {
-            match e {
-                Event::NeedsReauth { grant, reason } => warn!(%grant, %reason, "grant needs re-auth"),
-                Event::AppCredentialsRejected { grant, status, error } => {
-                    let until = now().saturating_add(self.credentials_pause);
-                    self.paused_until.fetch_max(until.0, Ordering::SeqCst);
-                    warn!(%grant, status, error, %until, "app credentials rejected: refreshing paused fleet-wide");
-                }
-                Event::Ambiguous { grant, reason } => warn!(%grant, %reason, "rotation outcome unknown"),
-                Event::Resolved { grant, how } => info!(%grant, ?how, "ambiguous rotation resolved"),
-                Event::Refreshed { grant, generation } => debug!(%grant, generation = generation.0, "refreshed"),
-                other => debug!(?other, "event"),
-            }
-            let _ = self.events.send(e.clone());
-        }
-    }
-
-    /// Everything that follows a durable transition: events, cache, scheduler.
-    pub(crate) fn after_durable<T>(&self, done: &Durable<T>) {
-        let s = done.state();
-        let slot = self.slots.get_or_create(s.grant.account());
-        self.refresh_cache(&slot, s);
-        self.emit(done.events());
-        self.scheduler.notify(s, &self.machine, now());
-    }
-
-    fn refresh_cache(&self, slot: &Slot, s: &GrantState) {
-        match (&s.phase, &s.tokens) {
-            (Phase::Healthy | Phase::Ambiguous(_) | Phase::Refreshing { .. }, Some(t)) => {
-                slot.offer(t, s.generation, self.machine.due_at(t, s.updated_at).min(t.access_expires_at))
-            }
-            (Phase::NeedsReauth { .. }, Some(t)) => {
-                // The last access token stays valid until its own expiry (Shopify); serve it, never refresh.
-                slot.offer(t, s.generation, t.access_expires_at)
-            }
-            _ => slot.clear(),
-        }
-    }
-
-    pub(crate) async fn commit_transition(&self, t: Transition) -> Result<(), Error> {
-        let done = Pending::from_transition(t).make_durable(&self.store).await?;
-        self.after_durable(&done);
-        Ok(())
-    }
-
-    pub(crate) fn paused(&self, now: UnixMillis) -> Option<UnixMillis> {
-        let until = self.paused_until.load(Ordering::SeqCst);
-        (now.0 < until).then_some(UnixMillis(until))
-    }
-
-    /// Runs one attempt from `state`: intent durable → send → outcome durable. `recovery` lets an
-    /// ambiguous grant's retry go despite its backoff (see `Machine::plan_recovery_attempt`). An
-    /// unresolved token exchange whose session token expired falls back instead (nothing is sent).
-    pub(crate) async fn attempt(&self, state: &GrantState, recovery: bool) -> Result<Settled, Error> {
-        let grant = &state.grant;
-        let planned = if recovery {
-            self.machine.plan_recovery_attempt(state, now())
-        } else {
-            self.machine.plan_attempt(state, now())
-        };
-        match planned {
-            Ok(pending) => Ok(self.run(pending).await?.0),
-            Err(Refusal::SubjectExpired) => self.expire(state).await,
-            Err(r) => Err(refusal(grant, r)),
-        }
-    }
-
-    /// Falls back from an unresolved token exchange whose session token has expired.
-    pub(crate) async fn expire(&self, state: &GrantState) -> Result<Settled, Error> {
-        let mut current = state.clone();
-        loop {
-            let Some(pending) = self.machine.expire_acquisition(&current, now()) else {
-                return Err(Error::InFlight { grant: state.grant.clone() });
-            };
-            match pending.make_durable(&self.store).await {
-                Ok(done) => {
-                    self.after_durable(&done);
-                    return Ok(done);
-                }
-                Err(StoreError::Conflict { .. }) => {
-                    current = self
-                        .store
-                        .get(&state.grant)?
-                        .ok_or_else(|| Error::NotInstalled { grant: state.grant.clone() })?;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-
-    /// Runs a planned attempt: intent durable → send → outcome durable. Returns the settled state, the
-    /// outcome, and whether the outcome applied (`false`: it was stale — journaled, changing nothing —
-    /// and the settled state shows where a newer write left the grant). A conflict on the intent (someone else wrote first) is returned as
-    /// `Error::Store(Conflict)`: nothing was sent; re-read and re-plan.
-    pub(crate) async fn run(&self, pending: Pending<AttemptRequest>) -> Result<(Settled, Outcome, bool), Error> {
-        let grant = pending.transition().grant().clone();
-        let grant = &grant;
-        failpoint::hit("before-intent");
-        // Journal before network: the request exists only once the intent is durable.
-        let permit = pending.make_durable(&self.store).await?;
-        failpoint::hit("after-intent");
-        self.after_durable(&permit);
-        let attempt = permit.value().attempt().0;
-        let (outcome, status) = self.transport.send(permit.value(), now).await;
-        failpoint::hit("after-response");
-        log_outcome(grant, attempt, status, &outcome);
-        let mut current = permit.state().clone();
-        loop {
-            let pending = self.machine.on_outcome(&current, &permit, outcome.clone(), now(), rand::random());
-            let applied = !matches!(pending.transition().records(), [Record::StaleOutcome { .. }]);
-            failpoint::hit("before-commit");
-            // Commit before use: tokens are released only by a durable commit.
-            match pending.make_durable(&self.store).await {
-                Ok(done) => {
-                    failpoint::hit("after-commit");
-                    self.after_durable(&done);
-                    return Ok((done, outcome, applied));
-                }
-                Err(StoreError::Conflict { .. }) => {
-                    // Someone else wrote (an install, an uninstall): re-read before acting.
-                    current = self.store.get(grant)?.ok_or_else(|| Error::NotInstalled { grant: grant.clone() })?;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-
-    /// Drives a grant until it needs nothing now (used by the scheduler and recovery). Errors are
-    /// logged, not returned: the next schedule retries.
-    pub(crate) async fn drive(&self, grant: &GrantKey, resolve_only: bool) {
-        let slot = self.slots.get_or_create(grant.account());
-        let _flight = slot.flight.lock().await;
-        let mut first = true;
-        for _ in 0..4 {
-            let state = match self.store.get(grant) {
-                Ok(Some(s)) => s,
-                Ok(None) => return,
-                Err(e) => {
-                    warn!(%grant, error = %e, "cannot read grant");
-                    return;
-                }
-            };
-            if resolve_only && !state.phase.is_open() {
-                return;
-            }
-            let now = now();
-            let step = match self.machine.step(&state, now) {
-                // Recovery probes an ambiguity at once, whatever backoff the stopped process set.
-                Step::Wait { .. } if resolve_only && first && matches!(state.phase, Phase::Ambiguous(_)) => {
-                    Step::Attempt
-                }
-                s => s,
-            };
-            let recovery = resolve_only && first;
-            first = false;
-            match step {
-                Step::Attempt => {
-                    if let Some(until) = self.paused(now) {
-                        // Fleet-wide pause after invalid_client: look again when it ends.
-                        self.scheduler.notify_at(&state.grant, until);
-                        return;
-                    }
-                    match self.attempt(&state, recovery).await {
-                        Ok(done) if done.value().is_some() => return,
-                        Ok(done) => {
-                            // Not resolved yet: go again only if no backoff applies.
-                            if !matches!(self.machine.step(done.state(), crate::engine::now()), Step::Attempt) {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            warn!(%grant, error = %e, "attempt failed");
-                            return;
-                        }
-                    }
-                }
-                Step::Idle { .. } | Step::Wait { .. } | Step::InFlight | Step::Dormant => {
-                    self.refresh_cache(&slot, &state);
-                    self.scheduler.notify(&state, &self.machine, now);
-                    return;
-                }
-            }
-        }
-    }
-
-    /// The slow path of `access_token` / `on_unauthorized`.
-    async fn slow_token(&self, grant: &GrantKey, rejected: Option<&AccessToken>) -> Result<AccessToken, Error> {
-        let slot = self.slots.get_or_create(grant.account());
-        let _flight = match slot.flight.try_lock() {
-            Ok(guard) => guard,
-            Err(_) => {
-                // Someone is refreshing this grant. A token that is still valid (merely inside the
-                // refresh margin) is served at once rather than queueing behind that refresh.
-                if rejected.is_none() {
-                    if let Some(t) = slot.still_valid(now()) {
-                        return Ok(t);
-                    }
-                }
-                slot.flight.lock().await
-            }
-        };
-        let deadline = now().saturating_add(self.max_wait);
-        let mut force = rejected.is_some();
-        for _ in 0..64 {
-            if *self.shutdown.borrow() {
-                return Err(Error::ShuttingDown);
-            }
-            let now = now();
-            // Double-checked: another caller may have refreshed while we waited for the lock.
-            if !force {
-                if let Some(t) = self.slots.fresh(grant.account(), now) {
-                    return Ok(t);
-                }
-            }
-            let state = self.store.get(grant)?.ok_or_else(|| Error::NotInstalled { grant: grant.clone() })?;
-            let tokens = state.tokens.as_ref();
-            // A token the caller just saw rejected is never "still valid", whatever its expiry says.
-            let still_valid = tokens
-                .filter(|t| now < t.access_expires_at && Some(&t.access_token) != rejected)
-                .map(|t| t.access_token.clone());
-            if let (true, Some(rej), Some(t)) = (force, rejected, tokens) {
-                if t.access_token != *rej {
-                    // Someone already replaced the rejected token.
-                    self.refresh_cache(&slot, &state);
-                    return Ok(t.access_token.clone());
-                }
-            }
-            let step = match self.machine.step(&state, now) {
-                Step::Idle { .. } if force => Step::Attempt,
-                s => s,
-            };
-            match step {
-                Step::Idle { .. } => {
-                    self.refresh_cache(&slot, &state);
-                    return still_valid.ok_or_else(|| Error::Unavailable { grant: grant.clone(), retry_at: now });
-                }
-                Step::Attempt => {
-                    if let Some(until) = self.paused(now) {
-                        return still_valid.ok_or(Error::AppCredentialsRejected { until });
-                    }
-                    force = false;
-                    let done = match self.attempt(&state, false).await {
-                        Ok(done) => done,
-                        Err(e) if e.is_transient() => continue,
-                        Err(e) => return Err(e),
-                    };
-                    if let Some(t) = done.value() {
-                        return Ok(t.access_token.clone());
-                    }
-                    // No tokens: ambiguous, refused or dead. Loop to decide (wait, serve, or fail).
-                    if let Phase::NeedsReauth { .. } = done.state().phase {
-                        continue;
-                    }
-                    if let Some(t) = &still_valid {
-                        if !matches!(self.machine.step(done.state(), crate::engine::now()), Step::Attempt) {
-                            return Ok(t.clone());
-                        }
-                    }
-                }
-                Step::Wait { until } => {
-                    if let Some(t) = still_valid {
-                        return Ok(t);
-                    }
-                    if until > deadline {
-                        return Err(match &state.phase {
-                            Phase::Ambiguous(a) => Error::Ambiguous {
-                                grant: grant.clone(),
-                                reason: a.last_reason.clone(),
-                                retry_at: until,
-                            },
-                            _ => Error::Unavailable { grant: grant.clone(), retry_at: until },
-                        });
-                    }
-                    tokio::time::sleep(until.since(now)).await;
-                }
-                Step::InFlight => return Err(Error::InFlight { grant: grant.clone() }),
-                Step::Dormant => {
-                    return match state.phase {
-                        Phase::NeedsReauth { reason, .. } => match still_valid {
-                            // The last access token is valid until its own expiry; only then is the
-                            // grant unusable.
-                            Some(t) if rejected.is_none() => Ok(t),
-                            _ => Err(Error::NeedsReauth { grant: grant.clone(), reason }),
-                        },
-                        Phase::Uninstalled { .. } => Err(Error::Uninstalled { grant: grant.clone() }),
-                        _ => Err(Error::NotInstalled { grant: grant.clone() }),
-                    };
-                }
-            }
-        }
-        Err(Error::Unavailable { grant: grant.clone(), retry_at: now() })
-    }
-}
-
-fn refusal(grant: &GrantKey, r: Refusal) -> Error {
-    match r {
-        Refusal::NeedsReauth(reason) => Error::NeedsReauth { grant: grant.clone(), reason },
-        Refusal::Uninstalled | Refusal::NoTokens => Error::Uninstalled { grant: grant.clone() },
-        Refusal::InFlight => Error::InFlight { grant: grant.clone() },
-        Refusal::BackingOff(until) => Error::Unavailable { grant: grant.clone(), retry_at: until },
-        other => Error::Config(other.to_string()),
-    }
-}
-
-fn log_outcome(grant: &GrantKey, attempt: u64, status: Option<u16>, outcome: &Outcome) {
-    let request_id = match outcome {
-        Outcome::Success { request_id, .. }
-        | Outcome::Throttled { request_id, .. }
-        | Outcome::Rejected { request_id, .. }
-        | Outcome::BadCredentials { request_id, .. }
-        | Outcome::Ambiguous { request_id, .. } => request_id.as_deref(),
-        Outcome::NotSent(_) => None,
-    };
-    info!(%grant, attempt, status, request_id, outcome = outcome.label(), "token endpoint answered");
 }

@@ -1,6 +1,6 @@
 //! The engine's error, typed by what the caller can do about it.
 
-use tokenwal_core::{AmbiguityReason, GrantKey, ReauthReason, ShopDomainError, UnixMillis};
+use tokenwal_core::{AmbiguityReason, Generation, GrantKey, ReauthReason, ShopDomainError, UnixMillis};
 use tokenwal_store::StoreError;
 
 /// Why the engine could not give a token or carry out an operation.
@@ -62,6 +62,16 @@ pub enum Error {
         /// The grant.
         grant: GrantKey,
     },
+    /// An install from outside was refused: the grant holds a newer pair (generation `held`, by
+    /// access-token expiry). Installing the older pair would put a superseded refresh token back in
+    /// use. Nothing was written. Install with `force` only if you know the held pair is dead.
+    #[error("{grant}: holds a newer pair (generation {}); the older pair was not installed", .held.0)]
+    OlderPair {
+        /// The grant.
+        grant: GrantKey,
+        /// The generation held.
+        held: Generation,
+    },
     /// The store failed. After an I/O error it is fail-stop: restart the engine.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -71,6 +81,10 @@ pub enum Error {
     /// The configuration is unusable.
     #[error("configuration: {0}")]
     Config(String),
+    /// An internal task of the engine failed (it panicked, or was cancelled by a runtime shutting
+    /// down). Nothing durable is lost: a grant left mid-attempt is resolved by recovery.
+    #[error("internal: {0}")]
+    Internal(String),
     /// The engine is shutting down.
     #[error("engine is shutting down")]
     ShuttingDown,

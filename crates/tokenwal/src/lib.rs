@@ -16,7 +16,11 @@
 //! * [`webhook`] — [`webhook::verify_shopify_hmac`] for apps forwarding webhooks.
 //! * [`config`] — [`Config`], endpoints (Shopify, a loopback test server, generic OAuth 2.0), timeouts.
 //! * `transport` — the reqwest client and the "sent or not" mapping of its errors.
-//! * `scheduler` — the proactive refresher.
+//! * [`Driver`] — the one place that carries a goal (refresh, recover, exchange, migrate, install,
+//!   uninstall, …) for a grant through the machine, the store and the network, retrying on version
+//!   conflicts; the engine's attempts run in tasks it owns (`serve`, `inner`), so a caller that goes
+//!   away never strands a grant mid-attempt. [`Offline`] drives the write-only goals for tools.
+//! * `scheduler` — the proactive refresher (`schedule` is its handle).
 //! * `cache` — the sharded, lock-free-read token cache.
 //! * [`webhook_sink`] — the optional webhook sink (needs-reauth, recovered, app-credentials-rejected),
 //!   at least once across restarts, driven by a durable journal cursor.
@@ -51,18 +55,24 @@
 
 mod acquire;
 mod cache;
+mod clock;
 pub mod config;
+mod driver;
 mod engine;
 mod error;
 pub mod failpoint;
+mod inner;
+mod schedule;
 mod scheduler;
+mod serve;
 mod session;
 mod transport;
 pub mod webhook;
 pub mod webhook_sink;
 
-pub use acquire::{ExchangeError, MigrateError, MigrateOutcome, MigrationState};
+pub use acquire::{AcquireError, ExchangeError, MigrateError, MigrateOutcome, MigrationState};
 pub use config::{ClientAuth, Config, Endpoint, StoreLocation, Timeouts};
+pub use driver::{Driven, Driver, Io, Offline};
 pub use engine::{Engine, RecoveryReport};
 pub use error::Error;
 pub use session::{SessionTokenProblem, SESSION_TOKEN_LEEWAY};

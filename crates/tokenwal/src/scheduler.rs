@@ -2,62 +2,21 @@
 //!
 //! It holds a min-heap of (due instant, grant). At start it loads every grant's due time with one
 //! full scan (in the background: startup does not wait for it); afterwards every durable transition
-//! tells it the grant's next due time. When an entry comes due, a task (bounded by the engine's
-//! refresh permits) drives the grant: refresh access tokens before they expire, refresh idle grants
-//! well before their refresh token expires, and retry ambiguous rotations after their backoff. Stale heap entries are skipped (the map holds each grant's one
-//! live due time).
+//! tells it the grant's next due time (through [`crate::schedule::SchedulerHandle`]). When an entry
+//! comes due, a task (bounded by the engine's refresh permits) drives the grant: refresh access
+//! tokens before they expire, refresh idle grants well before their refresh token expires, and retry
+//! ambiguous rotations after their backoff. Stale heap entries are skipped (the map holds each
+//! grant's one live due time).
 
-use crate::engine::{now, Inner};
+use crate::clock::now;
+use crate::inner::Inner;
+use crate::schedule::SchedulerRx;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
-use tokenwal_core::{GrantKey, GrantState, Machine, Step, UnixMillis};
-use tokio::sync::{mpsc, watch};
+use tokenwal_core::{GrantKey, UnixMillis};
 use tracing::{debug, warn};
-
-pub(crate) struct SchedulerHandle {
-    tx: mpsc::UnboundedSender<(GrantKey, UnixMillis)>,
-    stopped: watch::Sender<bool>,
-}
-
-pub(crate) struct SchedulerRx {
-    rx: mpsc::UnboundedReceiver<(GrantKey, UnixMillis)>,
-}
-
-pub(crate) fn channel() -> (SchedulerHandle, SchedulerRx) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (stopped, _) = watch::channel(true);
-    (SchedulerHandle { tx, stopped }, SchedulerRx { rx })
-}
-
-/// When the scheduler should next look at `s`, if ever.
-pub(crate) fn next_look(s: &GrantState, machine: &Machine, now: UnixMillis) -> Option<UnixMillis> {
-    match machine.step(s, now) {
-        Step::Idle { due } => due,
-        Step::Wait { until } => Some(until),
-        Step::Attempt => Some(now),
-        Step::InFlight | Step::Dormant => None,
-    }
-}
-
-impl SchedulerHandle {
-    pub(crate) fn notify(&self, s: &GrantState, machine: &Machine, now: UnixMillis) {
-        if let Some(at) = next_look(s, machine, now) {
-            let _ = self.tx.send((s.grant.clone(), at));
-        }
-    }
-
-    /// Look at `grant` again at `at` (e.g. when a fleet-wide pause ends).
-    pub(crate) fn notify_at(&self, grant: &GrantKey, at: UnixMillis) {
-        let _ = self.tx.send((grant.clone(), at));
-    }
-
-    pub(crate) async fn wait_stopped(&self) {
-        let mut rx = self.stopped.subscribe();
-        let _ = rx.wait_for(|stopped| *stopped).await;
-    }
-}
 
 pub(crate) fn spawn(inner: Arc<Inner>, rx: SchedulerRx) {
     let stopped = inner.scheduler_handle().stopped.clone();
@@ -121,7 +80,7 @@ async fn run(inner: Arc<Inner>, mut rx: SchedulerRx) {
                     tasks.spawn(async move {
                         let Ok(_permit) = inner.permits.acquire().await else { return };
                         debug!(%grant, "scheduled drive");
-                        inner.drive(&grant, false).await;
+                        inner.keep_fresh(&grant, false).await;
                     });
                 }
             }

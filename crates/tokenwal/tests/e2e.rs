@@ -327,9 +327,14 @@ async fn uninstall_drops_secrets_and_is_idempotent() {
     let s = engine.state(&GrantKey::shopify(&shop(name))).unwrap().unwrap();
     assert!(s.tokens.is_none());
     assert!(matches!(engine.access_token(&shop(name)).await.unwrap_err(), Error::Uninstalled { .. }));
-    // A later install revives it.
-    engine.install(&shop(name), tokens).await.unwrap();
-    assert!(engine.access_token(&shop(name)).await.is_ok());
+    // Re-installing the pair it held before the uninstall (a replayed install) is refused: that
+    // pair's access token had expired by the uninstall, so it was issued before it.
+    assert!(matches!(engine.install(&shop(name), tokens).await, Err(Error::OlderPair { .. })));
+    // A later install (a new pair) revives it.
+    let mut fresh = seed(&sim, name);
+    fresh.access_expires_at = now().saturating_add(Duration::from_secs(3600));
+    engine.install(&shop(name), fresh.clone()).await.unwrap();
+    assert_eq!(engine.access_token(&shop(name)).await.unwrap(), fresh.access_token);
 }
 
 #[tokio::test]

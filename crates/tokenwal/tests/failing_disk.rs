@@ -134,3 +134,39 @@ async fn a_failed_sync_after_rotation_under_a_strict_server_is_needs_reauth_once
     assert_eq!(sim.counters().shop(shop().as_str()).token_requests, requests);
     engine.shutdown().await;
 }
+
+/// Issue 18.6: a valid cached token must not be served once the store is poisoned. The cache may
+/// hold a token that a failed commit was about to retire (an install over it, an uninstall), and
+/// fail-stop means every call fails until the engine is reopened — also the fast path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_store_serves_no_cached_token() {
+    let sim = serve(SimConfig::default(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let seeded = sim.seed_shop(shop().as_str());
+    let store = Store::in_memory();
+    let (engine, _) = Engine::open(config(&sim, store.clone())).await.unwrap();
+    let tokens = TokenSet {
+        access_token: AccessToken::new(seeded.access_token.as_str()),
+        // Valid for an hour: served from the cache, no refresh due.
+        access_expires_at: now().saturating_add(Duration::from_secs(3600)),
+        refresh_token: RefreshToken::new(seeded.refresh_token.as_str()),
+        refresh_expires_at: None,
+        scope: None,
+    };
+    engine.install(&shop(), tokens.clone()).await.unwrap();
+    assert_eq!(engine.access_token(&shop()).await.unwrap(), tokens.access_token, "cached");
+
+    // The app/uninstalled webhook's write fails at its sync: the store poisons.
+    store.inject_fault(FaultPoint::Sync, 1);
+    let err = engine.uninstalled(&shop()).await.expect_err("the uninstall's sync failed");
+    assert!(matches!(err, Error::Store(StoreError::Io { .. })), "{err:?}");
+    assert!(store.is_poisoned());
+
+    for _ in 0..2 {
+        let served = engine.access_token(&shop()).await;
+        assert!(matches!(served, Err(Error::Store(StoreError::Poisoned))), "a cached token was served: {served:?}");
+        let any = engine.access_token_for(&GrantKey::shopify(&shop())).await;
+        assert!(matches!(any, Err(Error::Store(StoreError::Poisoned))), "{any:?}");
+    }
+    assert_eq!(sim.counters().shop(shop().as_str()).token_requests, 0, "nothing was sent");
+    engine.shutdown().await;
+}

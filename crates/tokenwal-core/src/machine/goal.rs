@@ -218,3 +218,116 @@ fn newest_acquisition(s: &GrantState) -> Option<UnixMillis> {
     };
     s.acquired_at.max(open)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{FingerprintKey, ShopDomain};
+    use crate::secret::{AccessToken, RefreshToken};
+    use std::time::Duration;
+
+    const T0: UnixMillis = UnixMillis(1_800_000_000_000);
+
+    fn machine() -> Machine {
+        Machine::shopify(FingerprintKey::from_bytes([7; 32]))
+    }
+
+    fn grant() -> GrantKey {
+        GrantKey::shopify(&ShopDomain::parse("goal.myshopify.com").unwrap())
+    }
+
+    fn pair(name: &str, expires: UnixMillis) -> TokenSet {
+        TokenSet {
+            access_token: AccessToken::new(format!("access-{name}")),
+            access_expires_at: expires,
+            refresh_token: RefreshToken::new(format!("refresh-{name}")),
+            refresh_expires_at: None,
+            scope: None,
+        }
+    }
+
+    fn after(t: UnixMillis, s: u64) -> UnixMillis {
+        t.saturating_add(Duration::from_secs(s))
+    }
+
+    fn installed(m: &Machine, tokens: TokenSet, at: UnixMillis) -> GrantState {
+        m.install(None, grant(), tokens, InstallSource::Import, at).transition.state
+    }
+
+    fn install(tokens: TokenSet, force: bool) -> Goal {
+        Goal::Install { tokens, source: InstallSource::Import, force }
+    }
+
+    #[test]
+    fn an_install_of_an_older_pair_is_refused_unless_forced() {
+        let m = machine();
+        let held = installed(&m, pair("new", after(T0, 3600)), T0);
+        let older = pair("old", after(T0, 1800));
+        let d = m.decide(Some(&held), &grant(), &install(older.clone(), false), after(T0, 10));
+        assert!(matches!(d, Decision::Refuse(Refusal::OlderPair { held: g }) if g == held.generation), "{d:?}");
+        let d = m.decide(Some(&held), &grant(), &install(older, true), after(T0, 10));
+        assert!(matches!(d, Decision::Write(_)), "forced: {d:?}");
+        // A newer pair is installed.
+        let newer = pair("newer", after(T0, 7200));
+        assert!(matches!(m.decide(Some(&held), &grant(), &install(newer, false), T0), Decision::Write(_)));
+        // Nothing held yet: installed.
+        assert!(matches!(m.decide(None, &grant(), &install(pair("x", T0), false), T0), Decision::Write(_)));
+    }
+
+    #[test]
+    fn installing_the_pair_held_changes_nothing() {
+        let m = machine();
+        let tokens = pair("same", after(T0, 3600));
+        let held = installed(&m, tokens.clone(), T0);
+        for force in [false, true] {
+            let d = m.decide(Some(&held), &grant(), &install(tokens.clone(), force), after(T0, 5));
+            assert!(matches!(d, Decision::Nothing(NoChange::SamePair)), "{d:?}");
+        }
+    }
+
+    #[test]
+    fn after_an_uninstall_only_a_pair_issued_since_is_installed() {
+        let m = machine();
+        let held = installed(&m, pair("a", after(T0, 3600)), T0);
+        let gone = m.uninstall(&held, after(T0, 60)).unwrap().state;
+        // Its access token expired before the uninstall: issued before it.
+        let stale = pair("stale", after(T0, 30));
+        assert!(matches!(m.decide(Some(&gone), &grant(), &install(stale, false), after(T0, 90)), Decision::Refuse(_)));
+        let fresh = pair("fresh", after(T0, 3690));
+        assert!(matches!(m.decide(Some(&gone), &grant(), &install(fresh, false), after(T0, 90)), Decision::Write(_)));
+    }
+
+    #[test]
+    fn a_late_uninstall_loses_to_an_exchange_in_flight_started_after_it() {
+        let m = machine();
+        let held = installed(&m, pair("a", after(T0, 3600)), T0);
+        let webhook_at = after(T0, 10);
+        let started = after(T0, 20);
+        let session = SessionToken::new("session".to_owned());
+        let intent = m
+            .plan_token_exchange(Some(&held), grant(), session, after(T0, 80), started)
+            .expect("an exchange is planned")
+            .transition
+            .state;
+        assert!(matches!(intent.phase, Phase::Refreshing { kind: AttemptKind::TokenExchange, .. }));
+        let late = Goal::Uninstall { as_of: Some(webhook_at) };
+        let d = m.decide(Some(&intent), &grant(), &late, after(T0, 25));
+        assert!(matches!(d, Decision::Nothing(NoChange::AcquiredSince { acquired }) if acquired == started), "{d:?}");
+        // An uninstall triggered after the exchange started applies.
+        let d = m.decide(Some(&intent), &grant(), &Goal::Uninstall { as_of: Some(after(T0, 21)) }, after(T0, 25));
+        assert!(matches!(d, Decision::Write(_)), "{d:?}");
+        // Without a trigger time (the plain `uninstalled` call), it applies.
+        let d = m.decide(Some(&intent), &grant(), &Goal::Uninstall { as_of: None }, after(T0, 25));
+        assert!(matches!(d, Decision::Write(_)), "{d:?}");
+        // A refresh in flight is not an acquisition: an uninstall after the install applies.
+        let refresh = m.plan_attempt(&held, started).unwrap().transition.state;
+        let d = m.decide(Some(&refresh), &grant(), &late, after(T0, 25));
+        assert!(matches!(d, Decision::Write(_)), "{d:?}");
+    }
+
+    #[test]
+    fn goals_show_only_their_name() {
+        let g = install(pair("secret-value", T0), false);
+        assert_eq!(format!("{g:?}"), "Goal::install");
+    }
+}

@@ -1,0 +1,231 @@
+//! The driver: the one place that carries a [`Goal`] for one grant through the machine, the store and
+//! the network. It reads the grant's durable state, asks the machine what to do
+//! ([`Machine::decide`]), does it — a write, or an attempt: intent durable → send → outcome durable
+//! (`docs/journal.md` §2) — and on a version conflict re-reads and decides again. The engine, its
+//! acquisitions and the CLI all drive grants through it; none of them writes a transition itself.
+//!
+//! In the engine, attempts are owned by the engine, not by the caller's future
+//! ([`Inner::drive_owned`]): once a decision to send is taken, the attempt runs to its durable
+//! outcome (or to ambiguity) whatever happens to the caller.
+
+use crate::cache::Flight;
+use crate::clock::now;
+use crate::error::Error;
+use crate::failpoint;
+use crate::inner::Inner;
+use std::future::Future;
+use std::sync::Arc;
+use tokenwal_core::{
+    AttemptRequest, Decision, Durable, Goal, GrantKey, GrantState, Machine, NoChange, NotSentReason, Outcome, Pending,
+    Refusal, TokenSet, UnixMillis,
+};
+use tokenwal_store::{Store, StoreError};
+use tracing::{info, Instrument};
+
+/// How many version conflicts in a row a goal survives before the driver gives up (each one means
+/// another writer won; under the engine's per-grant flight lock they are rare).
+const MAX_CONFLICTS: usize = 64;
+
+/// The driver's I/O: how a request is sent, what follows a durable transition, and whether sending
+/// is allowed now.
+pub trait Io: Sync {
+    /// Sends the request of a durable intent. Never fails: every failure is an [`Outcome`].
+    fn send(&self, request: &Durable<AttemptRequest>) -> impl Future<Output = Outcome> + Send;
+    /// Runs after every durable transition (cache, events, scheduler).
+    fn after_durable<T>(&self, done: &Durable<T>);
+    /// `Some(until)`: sending is paused fleet-wide (the app's credentials were refused); a decision
+    /// to send is not carried out (nothing is written).
+    fn paused(&self) -> Option<UnixMillis>;
+}
+
+/// An [`Io`] with no network, for tools that only install, uninstall or mark (`tokenwal import`). A
+/// decision to send is never carried out: such tools drive only goals that write.
+pub struct Offline;
+
+impl Io for Offline {
+    async fn send(&self, _: &Durable<AttemptRequest>) -> Outcome {
+        Outcome::NotSent(NotSentReason::Build { detail: "offline driver: no network".into() })
+    }
+    fn after_durable<T>(&self, _: &Durable<T>) {}
+    fn paused(&self) -> Option<UnixMillis> {
+        // Offline: nothing may be sent, ever.
+        Some(UnixMillis(u64::MAX))
+    }
+}
+
+/// What driving a goal did.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Driven {
+    /// Nothing was written: the goal was met already or does not apply.
+    Unchanged {
+        /// Why.
+        why: NoChange,
+        /// The durable state it was decided on.
+        state: Option<GrantState>,
+    },
+    /// The goal cannot be carried out now; nothing was written.
+    Refused {
+        /// Why.
+        refusal: Refusal,
+        /// The durable state it was decided on.
+        state: Option<GrantState>,
+    },
+    /// An attempt was due, but sending is paused fleet-wide; nothing was written.
+    Paused {
+        /// When sending resumes.
+        until: UnixMillis,
+    },
+    /// A transition was made durable; nothing was sent. Its verdict says what it was.
+    Wrote(Durable<Option<TokenSet>>),
+    /// An attempt ran: its answer, and the durable transition that settled it (its verdict says
+    /// whether it applied; new tokens are released only by it).
+    Attempted {
+        /// The durable settlement.
+        settled: Durable<Option<TokenSet>>,
+        /// The answer.
+        outcome: Outcome,
+    },
+}
+
+/// Drives goals for grants of one store.
+pub struct Driver<'a, I> {
+    store: &'a Store,
+    machine: &'a Machine,
+    io: &'a I,
+}
+
+impl<'a, I: Io> Driver<'a, I> {
+    /// A driver over `store`, deciding with `machine`, doing I/O through `io`.
+    pub fn new(store: &'a Store, machine: &'a Machine, io: &'a I) -> Driver<'a, I> {
+        Driver { store, machine, io }
+    }
+
+    /// Carries out `goal` for `grant`.
+    pub async fn drive(&self, grant: &GrantKey, goal: &Goal) -> Result<Driven, Error> {
+        for _ in 0..MAX_CONFLICTS {
+            let current = self.store.get(grant)?;
+            let decision = self.machine.decide(current.as_ref(), grant, goal, now());
+            let written = match decision {
+                Decision::Nothing(why) => return Ok(Driven::Unchanged { why, state: current }),
+                Decision::Refuse(refusal) => return Ok(Driven::Refused { refusal, state: current }),
+                Decision::Write(pending) => self.write(pending).await.map(Driven::Wrote),
+                Decision::Send(pending) => match self.io.paused() {
+                    Some(until) => return Ok(Driven::Paused { until }),
+                    None => self.attempt(pending).await,
+                },
+            };
+            match written {
+                // Someone else wrote first (for an intent: nothing was sent): re-read and decide again.
+                Err(Error::Store(StoreError::Conflict { .. })) => continue,
+                other => return other,
+            }
+        }
+        Err(Error::Internal(format!("{grant}: {} gave up after {MAX_CONFLICTS} write conflicts", goal.name())))
+    }
+
+    async fn write(&self, pending: Pending<Option<TokenSet>>) -> Result<Durable<Option<TokenSet>>, Error> {
+        let done = pending.make_durable(self.store).await?;
+        self.io.after_durable(&done);
+        Ok(done)
+    }
+
+    /// One attempt: intent durable → send → outcome durable. A conflict on the intent is returned as
+    /// `Error::Store(Conflict)` (nothing was sent); a conflict on the outcome re-reads the grant and
+    /// settles against what is there now.
+    async fn attempt(&self, pending: Pending<AttemptRequest>) -> Result<Driven, Error> {
+        let grant = pending.transition().grant().clone();
+        failpoint::hit("before-intent");
+        // Journal before network: the request exists only once the intent is durable.
+        let permit = pending.make_durable(self.store).await?;
+        failpoint::hit("after-intent");
+        self.io.after_durable(&permit);
+        let outcome = self.io.send(&permit).await;
+        failpoint::hit("after-response");
+        let mut current = permit.state().clone();
+        for _ in 0..MAX_CONFLICTS {
+            let pending = self.machine.on_outcome(&current, &permit, outcome.clone(), now(), rand::random());
+            failpoint::hit("before-commit");
+            // Commit before use: tokens are released only by a durable commit.
+            match pending.make_durable(self.store).await {
+                Ok(settled) => {
+                    failpoint::hit("after-commit");
+                    self.io.after_durable(&settled);
+                    return Ok(Driven::Attempted { settled, outcome });
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    // Someone else wrote (an install, an uninstall): re-read before settling.
+                    current = self.store.get(&grant)?.ok_or_else(|| Error::NotInstalled { grant: grant.clone() })?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Internal(format!("{grant}: settling an answer gave up after {MAX_CONFLICTS} write conflicts")))
+    }
+}
+
+impl Io for Inner {
+    async fn send(&self, request: &Durable<AttemptRequest>) -> Outcome {
+        let (outcome, status) = self.transport.send(request.value(), now).await;
+        log_outcome(request.value(), status, &outcome);
+        outcome
+    }
+
+    fn after_durable<T>(&self, done: &Durable<T>) {
+        Inner::after_durable(self, done)
+    }
+
+    fn paused(&self) -> Option<UnixMillis> {
+        Inner::paused(self, now())
+    }
+}
+
+impl Inner {
+    /// The engine's driver.
+    pub(crate) fn driver(&self) -> Driver<'_, Inner> {
+        Driver::new(&self.store, &self.machine, self)
+    }
+
+    /// Carries out `goal` in a task the engine owns, holding the grant's flight lock. The caller
+    /// hands its lock in and gets it back with the result; if the caller goes away (a timeout, a
+    /// disconnected client, an aborted task), the task still runs the attempt to its durable outcome
+    /// and then releases the lock. Shutdown waits for these tasks.
+    ///
+    /// The outer error is the task's own failure (it panicked): the lock is released, and a grant
+    /// left `Refreshing` is resolved by recovery at the next start.
+    pub(crate) async fn drive_owned(
+        self: &Arc<Self>,
+        grant: GrantKey,
+        goal: Goal,
+        flight: Flight,
+    ) -> Result<(Result<Driven, Error>, Flight), Error> {
+        let inner = Arc::clone(self);
+        let ticket = self.attempt_ticket();
+        let span = tracing::info_span!("attempt", %grant, goal = goal.name());
+        let task = tokio::spawn(
+            async move {
+                let _ticket = ticket;
+                let driven = inner.driver().drive(&grant, &goal).await;
+                (driven, flight)
+            }
+            .instrument(span),
+        );
+        task.await.map_err(|e| {
+            let what = if e.is_panic() { "panicked" } else { "was cancelled" };
+            Error::Internal(format!("an attempt task {what}"))
+        })
+    }
+}
+
+fn log_outcome(req: &AttemptRequest, status: Option<u16>, outcome: &Outcome) {
+    let request_id = match outcome {
+        Outcome::Success { request_id, .. }
+        | Outcome::Throttled { request_id, .. }
+        | Outcome::Rejected { request_id, .. }
+        | Outcome::BadCredentials { request_id, .. }
+        | Outcome::Ambiguous { request_id, .. } => request_id.as_deref(),
+        Outcome::NotSent(_) => None,
+    };
+    let (grant, attempt) = (req.grant(), req.attempt().0);
+    info!(%grant, attempt, status, request_id, outcome = outcome.label(), "token endpoint answered");
+}

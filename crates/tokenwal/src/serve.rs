@@ -1,0 +1,258 @@
+//! Serving tokens and keeping grants fresh: the slow path of [`crate::Engine::access_token`] (the fast
+//! path is a cache read) and the background drive of the scheduler and recovery. Both hold the
+//! grant's flight lock while they decide, and hand it to an engine-owned attempt task
+//! ([`Inner::drive_owned`]) when an attempt is due: a caller that goes away never strands a grant
+//! `Refreshing`.
+
+use crate::cache::Flight;
+use crate::clock::now;
+use crate::driver::Driven;
+use crate::error::Error;
+use crate::inner::Inner;
+use std::sync::Arc;
+use tokenwal_core::{AccessToken, Durable, Goal, GrantKey, GrantState, Phase, Refusal, Step, TokenSet, UnixMillis};
+use tracing::{debug, warn};
+
+/// How many decide-and-act rounds one call of the slow path makes before it gives up.
+const MAX_ROUNDS: usize = 64;
+
+/// What an attempt the slow path or the scheduler asked for came to.
+enum Ran {
+    /// A transition was made durable (an attempt settled, or an exchange fell back).
+    Settled(Box<Durable<Option<TokenSet>>>),
+    /// Sending is paused fleet-wide until then; nothing was written.
+    Paused(UnixMillis),
+    /// Nothing was written: the machine refused (the state changed since it was read) or had
+    /// nothing to do. Decide again from the durable state.
+    Nothing(Option<Refusal>),
+}
+
+impl Inner {
+    /// Runs `goal` for `grant` in an engine-owned task holding `flight`, and gives the lock back.
+    async fn run_attempt(
+        self: &Arc<Self>,
+        grant: &GrantKey,
+        goal: Goal,
+        flight: Flight,
+    ) -> Result<(Result<Ran, Error>, Flight), Error> {
+        let (driven, flight) = self.drive_owned(grant.clone(), goal, flight).await?;
+        let ran = driven.map(|d| match d {
+            Driven::Attempted { settled, .. } | Driven::Wrote(settled) => Ran::Settled(Box::new(settled)),
+            Driven::Paused { until } => Ran::Paused(until),
+            Driven::Refused { refusal, .. } => Ran::Nothing(Some(refusal)),
+            Driven::Unchanged { .. } => Ran::Nothing(None),
+        });
+        Ok((ran, flight))
+    }
+
+    /// The slow path of `access_token` / `on_unauthorized`: a token usable now, refreshing first if
+    /// the grant is due (or if `rejected` is its current access token).
+    pub(crate) async fn slow_token(
+        self: &Arc<Self>,
+        grant: &GrantKey,
+        rejected: Option<&AccessToken>,
+    ) -> Result<AccessToken, Error> {
+        let slot = self.slots.get_or_create(grant.account());
+        let mut flight = match slot.try_flight() {
+            Some(f) => f,
+            None => {
+                // Someone is refreshing this grant. A token that is still valid (merely inside the
+                // refresh margin) is served at once rather than queueing behind that refresh.
+                if rejected.is_none() && !self.store.is_poisoned() {
+                    if let Some(t) = slot.still_valid(now()) {
+                        return Ok(t);
+                    }
+                }
+                slot.flight().await
+            }
+        };
+        let deadline = now().saturating_add(self.max_wait);
+        let mut force = rejected.is_some();
+        for _ in 0..MAX_ROUNDS {
+            if *self.shutdown.borrow() {
+                return Err(Error::ShuttingDown);
+            }
+            let now = now();
+            // Double-checked: another caller may have refreshed while we waited for the lock.
+            if !force && !self.store.is_poisoned() {
+                if let Some(t) = self.slots.fresh(grant.account(), now) {
+                    return Ok(t);
+                }
+            }
+            let state = self.store.get(grant)?.ok_or_else(|| Error::NotInstalled { grant: grant.clone() })?;
+            let tokens = state.tokens.as_ref();
+            // A token the caller just saw rejected is never "still valid", whatever its expiry says.
+            let still_valid = tokens
+                .filter(|t| now < t.access_expires_at && Some(&t.access_token) != rejected)
+                .map(|t| t.access_token.clone());
+            if let (true, Some(rej), Some(t)) = (force, rejected, tokens) {
+                if t.access_token != *rej {
+                    // Someone already replaced the rejected token.
+                    self.refresh_cache(&slot, &state);
+                    return Ok(t.access_token.clone());
+                }
+            }
+            let step = match self.machine.step(&state, now) {
+                Step::Idle { .. } if force => Step::Attempt,
+                s => s,
+            };
+            match step {
+                Step::Idle { .. } => {
+                    self.refresh_cache(&slot, &state);
+                    return still_valid.ok_or_else(|| Error::Unavailable { grant: grant.clone(), retry_at: now });
+                }
+                Step::Attempt => {
+                    force = false;
+                    let (ran, f) = self.run_attempt(grant, Goal::Refresh, flight).await?;
+                    flight = f;
+                    let done = match ran {
+                        Ok(Ran::Settled(done)) => done,
+                        Ok(Ran::Paused(until)) => return still_valid.ok_or(Error::AppCredentialsRejected { until }),
+                        Ok(Ran::Nothing(Some(r))) => match refusal(grant, r) {
+                            e if e.is_transient() => continue,
+                            e => return Err(e),
+                        },
+                        Ok(Ran::Nothing(None)) => continue,
+                        Err(e) if e.is_transient() => continue,
+                        Err(e) => return Err(e),
+                    };
+                    if let Some(t) = done.value() {
+                        return Ok(t.access_token.clone());
+                    }
+                    // No tokens: ambiguous, refused or dead. Loop to decide (wait, serve, or fail).
+                    if let Phase::NeedsReauth { .. } = done.state().phase {
+                        continue;
+                    }
+                    if let Some(t) = &still_valid {
+                        if !matches!(self.machine.step(done.state(), crate::clock::now()), Step::Attempt) {
+                            return Ok(t.clone());
+                        }
+                    }
+                }
+                Step::Wait { until } => {
+                    if let Some(t) = still_valid {
+                        return Ok(t);
+                    }
+                    if until > deadline {
+                        return Err(match &state.phase {
+                            Phase::Ambiguous(a) => Error::Ambiguous {
+                                grant: grant.clone(),
+                                reason: a.last_reason.clone(),
+                                retry_at: until,
+                            },
+                            _ => Error::Unavailable { grant: grant.clone(), retry_at: until },
+                        });
+                    }
+                    tokio::time::sleep(until.since(now)).await;
+                }
+                // Under the flight lock, an attempt in flight is one whose task died (or another
+                // process's): recovery at the next start resolves it. A valid token is still served.
+                Step::InFlight => return still_valid.ok_or_else(|| Error::InFlight { grant: grant.clone() }),
+                Step::Dormant => return dormant(grant, &state, still_valid, rejected.is_some()),
+            }
+        }
+        Err(Error::Unavailable { grant: grant.clone(), retry_at: now() })
+    }
+
+    /// Drives a grant until it needs nothing now (the scheduler, recovery and `refresh_due`). Errors
+    /// are logged, not returned: the next schedule retries. `resolve_only`: only an open attempt (an
+    /// ambiguity) is driven, and its first probe goes at once, whatever backoff a stopped process
+    /// set (recovery).
+    pub(crate) async fn keep_fresh(self: &Arc<Self>, grant: &GrantKey, resolve_only: bool) {
+        let slot = self.slots.get_or_create(grant.account());
+        let mut flight = slot.flight().await;
+        let mut first = true;
+        for _ in 0..4 {
+            let state = match self.store.get(grant) {
+                Ok(Some(s)) => s,
+                Ok(None) => return,
+                Err(e) => {
+                    warn!(%grant, error = %e, "cannot read grant");
+                    return;
+                }
+            };
+            if resolve_only && !state.phase.is_open() {
+                return;
+            }
+            let now = now();
+            let recovery = resolve_only && first;
+            first = false;
+            let step = match self.machine.step(&state, now) {
+                // Recovery probes an ambiguity at once.
+                Step::Wait { .. } if recovery && matches!(state.phase, Phase::Ambiguous(_)) => Step::Attempt,
+                s => s,
+            };
+            if !matches!(step, Step::Attempt) {
+                self.refresh_cache(&slot, &state);
+                self.scheduler.notify(&state, &self.machine, now);
+                return;
+            }
+            let goal = if recovery { Goal::Recover } else { Goal::Refresh };
+            let ran = match self.run_attempt(grant, goal, flight).await {
+                Ok((ran, f)) => {
+                    flight = f;
+                    ran
+                }
+                Err(e) => {
+                    warn!(%grant, error = %e, "attempt task failed");
+                    return;
+                }
+            };
+            match ran {
+                Ok(Ran::Settled(done)) if done.value().is_some() => return,
+                // Not resolved yet: go again only if no backoff applies.
+                Ok(Ran::Settled(done)) => {
+                    if !matches!(self.machine.step(done.state(), crate::clock::now()), Step::Attempt) {
+                        return;
+                    }
+                }
+                Ok(Ran::Paused(until)) => {
+                    // Fleet-wide pause after invalid_client: look again when it ends.
+                    self.scheduler.notify_at(grant, until);
+                    return;
+                }
+                Ok(Ran::Nothing(why)) => {
+                    debug!(%grant, ?why, "nothing to attempt");
+                    return;
+                }
+                Err(e) => {
+                    warn!(%grant, error = %e, "attempt failed");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The answer for a grant nothing will ever be due for.
+fn dormant(
+    grant: &GrantKey,
+    state: &GrantState,
+    still_valid: Option<AccessToken>,
+    rejected: bool,
+) -> Result<AccessToken, Error> {
+    match &state.phase {
+        Phase::NeedsReauth { reason, .. } => match still_valid {
+            // The last access token is valid until its own expiry; only then is the grant unusable.
+            Some(t) if !rejected => Ok(t),
+            _ => Err(Error::NeedsReauth { grant: grant.clone(), reason: reason.clone() }),
+        },
+        Phase::Uninstalled { .. } => Err(Error::Uninstalled { grant: grant.clone() }),
+        _ => Err(Error::NotInstalled { grant: grant.clone() }),
+    }
+}
+
+/// The error for a refused refresh.
+pub(crate) fn refusal(grant: &GrantKey, r: Refusal) -> Error {
+    let grant = grant.clone();
+    match r {
+        Refusal::NeedsReauth(reason) => Error::NeedsReauth { grant, reason },
+        Refusal::Uninstalled => Error::Uninstalled { grant },
+        // Never installed, or a first acquisition never completed: not an uninstall.
+        Refusal::NoTokens => Error::NotInstalled { grant },
+        Refusal::InFlight | Refusal::AcquisitionOpen(_) => Error::InFlight { grant },
+        Refusal::BackingOff(until) => Error::Unavailable { grant, retry_at: until },
+        Refusal::OlderPair { held } => Error::OlderPair { grant, held },
+        other => Error::Internal(format!("{grant}: unexpected refusal: {other}")),
+    }
+}
