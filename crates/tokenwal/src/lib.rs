@@ -53,6 +53,7 @@ mod acquire;
 mod cache;
 pub mod config;
 mod engine;
+mod net;
 mod error;
 pub mod failpoint;
 mod scheduler;
