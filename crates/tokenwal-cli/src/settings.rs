@@ -236,7 +236,9 @@ impl Settings {
             .filter(|v| !v.is_empty())
             .or_else(|| f.webhook_secret.clone())
             .ok_or_else(|| {
-                CliError::Config(format!("webhook_url needs a signing secret: set {ENV_WEBHOOK_SECRET} or webhook_secret"))
+                CliError::Config(format!(
+                    "webhook_url needs a signing secret: set {ENV_WEBHOOK_SECRET} or webhook_secret"
+                ))
             })?;
         let mut w = tokenwal::WebhookConfig::new(url, ClientSecret::new(secret));
         w.app_handle = f.app_handle.clone();
@@ -327,7 +329,10 @@ mod tests {
         .webhook_config()
         .unwrap()
         .unwrap();
-        assert_eq!((w.max_attempts, w.min_backoff, w.max_backoff), (3, Duration::from_millis(50), Duration::from_secs(2)));
+        assert_eq!(
+            (w.max_attempts, w.min_backoff, w.max_backoff),
+            (3, Duration::from_millis(50), Duration::from_secs(2))
+        );
         let defaults = settings(&format!("{{{base}}}")).webhook_config().unwrap().unwrap();
         assert_eq!(defaults.max_attempts, tokenwal::webhook_sink::DEFAULT_MAX_ATTEMPTS);
         for bad in [r#""webhook_max_attempts":0"#, r#""webhook_min_backoff":"10s","webhook_max_backoff":"1s""#] {

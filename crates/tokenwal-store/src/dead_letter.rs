@@ -331,7 +331,9 @@ mod tests {
         }
         store.put_dead_letter("other", &letter(9)).unwrap();
         store.set_cursor("webhook", 301).unwrap();
-        let lsns = |s: &Store| -> Vec<u64> { s.dead_letters("webhook").unwrap().into_iter().map(|l| l.unwrap().lsn).collect() };
+        let lsns = |s: &Store| -> Vec<u64> {
+            s.dead_letters("webhook").unwrap().into_iter().map(|l| l.unwrap().lsn).collect()
+        };
         assert_eq!(lsns(&store), [5, 256, 300]);
         assert_eq!(store.lowest_cursor().unwrap(), Some(301), "letters are not cursors");
 
@@ -355,7 +357,11 @@ mod tests {
         assert_eq!(all[1].as_ref().unwrap().lsn, 256);
         assert!(matches!(reopened.dead_letter("webhook", 5), Err(StoreError::Corrupt { .. })));
         // A letter moved under another LSN's key is corrupt too.
-        assert!(reopened.put_raw_for_test(layout::META, &dead_letter_key("webhook", 6).unwrap(), &letter(256).encode().unwrap()));
+        assert!(reopened.put_raw_for_test(
+            layout::META,
+            &dead_letter_key("webhook", 6).unwrap(),
+            &letter(256).encode().unwrap()
+        ));
         assert!(matches!(reopened.dead_letter("webhook", 6), Err(StoreError::Corrupt { .. })));
         assert!(store.put_dead_letter("Bad/Name", &letter(1)).is_err());
     }

@@ -87,8 +87,8 @@ mod seal;
 mod shared;
 pub mod store;
 
-pub use dead_letter::DeadLetter;
 pub use config::{CompactReport, History, OpenReport, RecoveryMode, ScanReport, StoreConfig, StoreStats};
+pub use dead_letter::DeadLetter;
 pub use error::StoreError;
 pub use keys::{KeyError, KeyId, KeyRing, KeySource, StoreKey};
 #[doc(hidden)]

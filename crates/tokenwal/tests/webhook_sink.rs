@@ -351,7 +351,8 @@ async fn a_refused_event_becomes_a_dead_letter_and_later_events_keep_flowing() {
     let seen = accepted_shops(&inbox);
     assert!(seen.iter().all(|s| s.starts_with("later")), "{seen:?}");
     assert_eq!(inbox.refused.load(Ordering::SeqCst), 3, "a dead letter is not resent by the sink");
-    let again: Vec<_> = webhook::dead_letters(engine.store(), "webhook").unwrap().into_iter().map(Result::unwrap).collect();
+    let again: Vec<_> =
+        webhook::dead_letters(engine.store(), "webhook").unwrap().into_iter().map(Result::unwrap).collect();
     assert_eq!(again, [letter.clone()], "not written twice");
 
     // Replay while the receiver still refuses: kept, one more attempt counted.

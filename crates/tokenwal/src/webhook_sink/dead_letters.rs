@@ -67,11 +67,9 @@ impl DeadLetter {
     }
 
     fn from_stored(cursor: &str, l: tokenwal_store::DeadLetter) -> Result<DeadLetter, DeadLetterError> {
-        let v: serde_json::Value = serde_json::from_slice(&l.payload).map_err(|e| {
-            StoreError::Corrupt {
-                what: format!("meta/dead_letter/{cursor}/{}", l.lsn),
-                source: CodecError::Payload(format!("not a webhook event: {e}")),
-            }
+        let v: serde_json::Value = serde_json::from_slice(&l.payload).map_err(|e| StoreError::Corrupt {
+            what: format!("meta/dead_letter/{cursor}/{}", l.lsn),
+            source: CodecError::Payload(format!("not a webhook event: {e}")),
         })?;
         let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_owned();
         Ok(DeadLetter {
