@@ -28,7 +28,7 @@ fn tokenwal(db: &Path, config: &Path, args: &[&str]) -> Out {
         .arg(config)
         .args(args)
         .env_clear()
-        .env("TOKENWAL_STORE_KEY", StoreKey::insecure_test_key().to_base64().to_string())
+        .env("TOKENWAL_STORE_KEY", &*StoreKey::insecure_test_key().to_base64())
         .env("TOKENWAL_WEBHOOK_SECRET", HOOK_SECRET)
         .stdin(Stdio::null())
         .output()
@@ -42,8 +42,11 @@ fn tokenwal(db: &Path, config: &Path, args: &[&str]) -> Out {
     out
 }
 
-/// A one-request-per-connection HTTP receiver answering `status`; keeps every (id, signature ok).
-fn receiver(status: Arc<AtomicU16>) -> (String, Arc<Mutex<Vec<(String, bool)>>>) {
+/// Every delivery a receiver saw: (event id, signature valid).
+type Seen = Arc<Mutex<Vec<(String, bool)>>>;
+
+/// A one-request-per-connection HTTP receiver answering `status`.
+fn receiver(status: Arc<AtomicU16>) -> (String, Seen) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     let seen = Arc::new(Mutex::new(Vec::new()));
