@@ -4,7 +4,8 @@
 //! Events are derived from the journal, not from the in-process broadcast: a journal record is
 //! durable before anything else happens, so reading the journal from a durable cursor (a journal
 //! LSN kept in the store's `meta` tree, see `tokenwal_store::cursor`) and moving that cursor only
-//! after the receiver answered 2xx loses nothing to a crash, a restart or a receiver that is down.
+//! after the receiver answered 2xx, or after the event was durably kept as a dead letter, loses
+//! nothing to a crash, a restart or a receiver that is down.
 //! A crash after a delivery and before the cursor moved delivers that event again: receivers
 //! deduplicate by the event id (unique per journal record). The write path is unchanged.
 //!
