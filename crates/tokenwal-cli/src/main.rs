@@ -5,6 +5,7 @@
 //! * `main` — the command line (clap derive), logging, dispatch, exit codes.
 //! * `settings` — store path, credentials (environment or a JSON config file, never arguments).
 //! * `commands` — import, run, status, shops, inspect, recover, token, export, sim, keygen, rekey.
+//! * `dead_letters` — `webhooks dead-letters` and `webhooks replay`: what the webhook sink gave up on.
 //! * `migrate` — bulk migration of legacy non-expiring tokens (resumable, rate-limited, canary).
 //! * `import` — the JSON-lines token-set format shared by `import` and `export`.
 //! * `views` — secret-free views of states and journal records (tables and JSON).
@@ -14,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 mod commands;
+mod dead_letters;
 mod demo;
 mod error;
 mod import;
@@ -50,9 +52,11 @@ CONFIG FILE (--config FILE or TOKENWAL_CONFIG), JSON, every key optional, unknow
    \"app_handle\": \"my-app\", \"insecure_test_endpoint\": \"http://127.0.0.1:8080\",
    \"refresh_margin\": \"5m\", \"refresh_token_margin\": \"7d\", \"connect_timeout\": \"5s\",
    \"request_timeout\": \"30s\", \"max_wait\": \"10s\", \"max_concurrent_refreshes\": 64,
-   \"webhook_url\": \"https://...\", \"webhook_secret\": \"...\"}
+   \"webhook_url\": \"https://...\", \"webhook_secret\": \"...\", \"webhook_max_attempts\": 10,
+   \"webhook_min_backoff\": \"1s\", \"webhook_max_backoff\": \"5m\"}
   webhook_url: tokenwal run POSTs needs_reauth / recovered / app_credentials_rejected events there,
-  signed with TOKENWAL_WEBHOOK_SECRET (or webhook_secret); see docs/webhooks.md.
+  signed with TOKENWAL_WEBHOOK_SECRET (or webhook_secret); see docs/webhooks.md. An event refused
+  webhook_max_attempts times becomes a dead letter: `tokenwal webhooks dead-letters`, `... replay`.
   Durations: a string with a unit (ms, s, m, h, d) or a number of seconds.
 
 ONE PROCESS PER STORE
@@ -243,6 +247,9 @@ enum Command {
         #[arg(long)]
         rotate: bool,
     },
+    /// Webhook events the sink gave up on (dead letters): list them, send them again
+    #[command(subcommand)]
+    Webhooks(dead_letters::WebhooksCommand),
     /// Re-seal every grant state under the active store key (crash-safe, resumable).
     #[command(long_about = REKEY_ABOUT)]
     Rekey {
@@ -432,6 +439,7 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Sim { port, sim } => runtime()?.block_on(commands::sim(*sim, port)),
         Command::Demo(args) => demo::run(args),
         Command::Keygen { file, rotate } => commands::keygen(&file, rotate),
+        Command::Webhooks(cmd) => dead_letters::dispatch(cmd, &settings()?),
         Command::Rekey { check, limit, upgrade, out } => commands::rekey(&settings()?, check, limit, upgrade, out.json),
     }
 }

@@ -22,7 +22,10 @@
 //!   "max_wait": "10s",
 //!   "max_concurrent_refreshes": 64,
 //!   "webhook_url": "https://alerts.example.com/tokenwal",
-//!   "webhook_secret": "a-long-random-string"
+//!   "webhook_secret": "a-long-random-string",
+//!   "webhook_max_attempts": 10,
+//!   "webhook_min_backoff": "1s",
+//!   "webhook_max_backoff": "5m"
 //! }
 //! ```
 //!
@@ -30,7 +33,9 @@
 //! `TOKENWAL_CLIENT_ID` and `TOKENWAL_CLIENT_SECRET` override the file's credentials; `--db`
 //! (or `TOKENWAL_DB`) overrides `db`; `--insecure-test-endpoint` overrides the file's endpoint.
 //! `webhook_url` turns on the webhook sink of `tokenwal run` (see `docs/webhooks.md`); its signing
-//! secret comes from `TOKENWAL_WEBHOOK_SECRET` or `webhook_secret`.
+//! secret comes from `TOKENWAL_WEBHOOK_SECRET` or `webhook_secret`; an event is attempted
+//! `webhook_max_attempts` times, `webhook_min_backoff` doubling up to `webhook_max_backoff` apart,
+//! then kept as a dead letter (`tokenwal webhooks dead-letters`, `tokenwal webhooks replay`).
 //! A file that holds a client secret should be readable by its owner only: tokenwal warns otherwise.
 //!
 //! # The store key
@@ -81,6 +86,11 @@ pub struct ConfigFile {
     max_concurrent_refreshes: Option<usize>,
     webhook_url: Option<String>,
     webhook_secret: Option<String>,
+    webhook_max_attempts: Option<u32>,
+    #[serde(default, deserialize_with = "duration")]
+    webhook_min_backoff: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    webhook_max_backoff: Option<Duration>,
 }
 
 /// A duration: `"90s"`-style string or a number of seconds.
@@ -211,22 +221,38 @@ impl Settings {
         if let Some(n) = f.max_concurrent_refreshes {
             c.max_concurrent_refreshes = n;
         }
-        if let Some(u) = &f.webhook_url {
-            let url = Url::parse(u).map_err(|e| CliError::Config(format!("webhook_url is not a URL: {e}")))?;
-            let secret = std::env::var(ENV_WEBHOOK_SECRET)
-                .ok()
-                .filter(|v| !v.is_empty())
-                .or_else(|| f.webhook_secret.clone())
-                .ok_or_else(|| {
-                    CliError::Config(format!(
-                        "webhook_url needs a signing secret: set {ENV_WEBHOOK_SECRET} or webhook_secret"
-                    ))
-                })?;
-            let mut w = tokenwal::WebhookConfig::new(url, ClientSecret::new(secret));
-            w.app_handle = f.app_handle.clone();
-            c.webhook = Some(w);
-        }
+        c.webhook = self.webhook_config()?;
         Ok(c)
+    }
+
+    /// The webhook sink's settings (`None` without `webhook_url`), validated: URL, signing secret
+    /// (environment first), app handle, attempts and backoff. Needs no app credentials.
+    pub fn webhook_config(&self) -> Result<Option<tokenwal::WebhookConfig>, CliError> {
+        let f = &self.file;
+        let Some(u) = &f.webhook_url else { return Ok(None) };
+        let url = Url::parse(u).map_err(|e| CliError::Config(format!("webhook_url is not a URL: {e}")))?;
+        let secret = std::env::var(ENV_WEBHOOK_SECRET)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .or_else(|| f.webhook_secret.clone())
+            .ok_or_else(|| {
+                CliError::Config(format!(
+                    "webhook_url needs a signing secret: set {ENV_WEBHOOK_SECRET} or webhook_secret"
+                ))
+            })?;
+        let mut w = tokenwal::WebhookConfig::new(url, ClientSecret::new(secret));
+        w.app_handle = f.app_handle.clone();
+        if let Some(n) = f.webhook_max_attempts {
+            w.max_attempts = n;
+        }
+        if let Some(d) = f.webhook_min_backoff {
+            w.min_backoff = d;
+        }
+        if let Some(d) = f.webhook_max_backoff {
+            w.max_backoff = d;
+        }
+        w.validate().map_err(CliError::Config)?;
+        Ok(Some(w))
     }
 
     /// The state machine as the engine would configure it (for dry runs and due times; needs no
@@ -286,5 +312,33 @@ mod tests {
         assert!(serde_json::from_str::<ConfigFile>(r#"{"client_secrt":"x"}"#).is_err());
         assert!(serde_json::from_str::<ConfigFile>(r#"{"refresh_margin":"90"}"#).is_err());
         assert!(serde_json::from_str::<ConfigFile>(r#"{"refresh_margin":-1}"#).is_err());
+    }
+
+    #[test]
+    fn webhook_attempts_and_backoff_are_read_and_validated() {
+        let settings = |json: &str| Settings {
+            db: PathBuf::from("/nonexistent"),
+            skip_corrupt_records: false,
+            file: serde_json::from_str(json).unwrap(),
+            test_endpoint: None,
+        };
+        let base = r#""webhook_url":"https://h.example.com/x","webhook_secret":"s""#;
+        let w = settings(&format!(
+            r#"{{{base},"webhook_max_attempts":3,"webhook_min_backoff":"50ms","webhook_max_backoff":"2s"}}"#
+        ))
+        .webhook_config()
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (w.max_attempts, w.min_backoff, w.max_backoff),
+            (3, Duration::from_millis(50), Duration::from_secs(2))
+        );
+        let defaults = settings(&format!("{{{base}}}")).webhook_config().unwrap().unwrap();
+        assert_eq!(defaults.max_attempts, tokenwal::webhook_sink::DEFAULT_MAX_ATTEMPTS);
+        for bad in [r#""webhook_max_attempts":0"#, r#""webhook_min_backoff":"10s","webhook_max_backoff":"1s""#] {
+            let err = settings(&format!("{{{base},{bad}}}")).webhook_config().unwrap_err();
+            assert!(matches!(err, CliError::Config(_)), "{bad}: {err}");
+        }
+        assert!(settings("{}").webhook_config().unwrap().is_none());
     }
 }

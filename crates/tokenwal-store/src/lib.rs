@@ -14,6 +14,8 @@
 //!   live and a durable image), sharing one implementation of a write over a transaction's view.
 //! * [`cursor`] — reading the journal by LSN and named durable cursors into it (at-least-once
 //!   consumers such as the webhook sink); compaction keeps what a cursor has not consumed.
+//! * [`dead_letter`] — what such a consumer gave up delivering, checked frames in `meta` written
+//!   before its cursor moves past them.
 //! * [`layout`] — trees and key encodings of the on-disk format (`tokenwal-store/2`).
 //! * `seal` — the envelope sealing every grant state and the fingerprint key (XChaCha20-Poly1305,
 //!   the grant key and slot as associated data, a clear authenticated header with the key id and
@@ -77,6 +79,7 @@ mod backend;
 mod commit;
 pub mod config;
 pub mod cursor;
+pub mod dead_letter;
 pub mod error;
 pub mod keys;
 pub mod layout;
@@ -85,6 +88,7 @@ mod shared;
 pub mod store;
 
 pub use config::{CompactReport, History, OpenReport, RecoveryMode, ScanReport, StoreConfig, StoreStats};
+pub use dead_letter::DeadLetter;
 pub use error::StoreError;
 pub use keys::{KeyError, KeyId, KeyRing, KeySource, StoreKey};
 #[doc(hidden)]

@@ -1,11 +1,13 @@
 //! Engine configuration.
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokenwal_core::{ClientSecret, GrantKey, ResponseRules, RetryPolicy, SHOPIFY_PROVIDER};
 use tokenwal_store::KeySource;
 use url::Url;
+
+pub(crate) use crate::net::is_loopback;
+pub use crate::net::Timeouts;
 
 /// Where the token endpoint is.
 #[derive(Clone, Debug)]
@@ -37,16 +39,6 @@ pub enum ClientAuth {
     Body,
     /// HTTP Basic (`client_secret_basic`).
     Basic,
-}
-
-/// Whether `url` points at a loopback address (for test endpoints and plain-HTTP OAuth servers).
-pub(crate) fn is_loopback(url: &Url) -> bool {
-    match url.host() {
-        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
-        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
-        Some(url::Host::Domain(d)) => d == "localhost",
-        None => false,
-    }
 }
 
 impl Endpoint {
@@ -118,21 +110,6 @@ impl Endpoint {
             }
             Endpoint::OAuth2 { token_url, .. } => Ok(token_url.clone()),
         }
-    }
-}
-
-/// HTTP timeouts. Both are always set.
-#[derive(Clone, Copy, Debug)]
-pub struct Timeouts {
-    /// Establishing the connection (TCP + TLS). A connect timeout means "not sent".
-    pub connect: Duration,
-    /// The whole request, from send to the last body byte. A timeout after connecting is ambiguous.
-    pub total: Duration,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Timeouts { connect: Duration::from_secs(5), total: Duration::from_secs(30) }
     }
 }
 

@@ -62,6 +62,7 @@ mod engine;
 mod error;
 pub mod failpoint;
 mod inner;
+mod net;
 mod schedule;
 mod scheduler;
 mod serve;

@@ -1,5 +1,7 @@
 //! The webhook sink over real sockets: a receiver that fails its first deliveries and is down
-//! during an engine restart still ends up with every event (at least once, signatures valid).
+//! during an engine restart still ends up with every event (at least once, signatures valid); an
+//! event the receiver keeps refusing becomes a durable dead letter after its bounded attempts,
+//! later events keep flowing in order, and replay delivers it once the receiver accepts.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -45,6 +47,10 @@ struct Inbox {
     bad: AtomicUsize,
     /// Every accepted delivery: (id, body).
     accepted: Mutex<Vec<(String, serde_json::Value)>>,
+    /// Answer 500 to every (validly signed) event of this shop.
+    refuse_shop: Mutex<Option<String>>,
+    /// Deliveries refused because of `refuse_shop`.
+    refused: AtomicUsize,
 }
 
 async fn receive(
@@ -68,6 +74,10 @@ async fn receive(
         return StatusCode::INTERNAL_SERVER_ERROR;
     }
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    if inbox.refuse_shop.lock().unwrap().as_deref() == v["shop"].as_str() {
+        inbox.refused.fetch_add(1, Ordering::SeqCst);
+        return StatusCode::INTERNAL_SERVER_ERROR;
+    }
     assert_eq!(v["id"].as_str().unwrap(), h(webhook::EVENT_ID_HEADER));
     inbox.accepted.lock().unwrap().push((h(webhook::EVENT_ID_HEADER), v));
     StatusCode::OK
@@ -176,8 +186,13 @@ async fn every_event_is_delivered_at_least_once_across_a_restart() {
         sim.with_model(|m| m.uninstall(&shop(s).to_string()));
     }
 
-    // Engine 1: two shops die; the receiver fails the first three deliveries.
-    let engine = open(config(&sim, dir.path(), SECRET, &hook)).await;
+    // Engine 1: two shops die; the receiver fails the first three deliveries. This test is about
+    // at-least-once delivery to a receiver that comes back: no event may run out of attempts.
+    let never_give_up = |mut c: Config| {
+        c.webhook.as_mut().unwrap().max_attempts = 1000;
+        c
+    };
+    let engine = open(never_give_up(config(&sim, dir.path(), SECRET, &hook))).await;
     for (s, t) in shops.iter().zip(&tokens) {
         engine.install(&shop(s), t.clone()).await.unwrap();
     }
@@ -202,7 +217,7 @@ async fn every_event_is_delivered_at_least_once_across_a_restart() {
     assert_eq!(inbox.accepted.lock().unwrap().len(), 2, "nothing delivered while down");
 
     // Engine 2 with a wrong client secret (an invalid_client event); the receiver comes back.
-    let engine = open(config(&sim, dir.path(), "wrong-secret", &hook)).await;
+    let engine = open(never_give_up(config(&sim, dir.path(), "wrong-secret", &hook))).await;
     let err = engine.access_token(&shop("healthy")).await.unwrap_err();
     assert!(matches!(err, Error::AppCredentialsRejected { .. }), "{err}");
     inbox.down.store(false, Ordering::SeqCst);
@@ -238,4 +253,177 @@ async fn every_event_is_delivered_at_least_once_across_a_restart() {
     let body = serde_json::to_string(&got).unwrap();
     assert!(!body.contains(HOOK_SECRET) && !body.contains(SECRET), "no secret in a payload");
     engine.shutdown().await;
+}
+
+/// A receiver on a free loopback port, and its URL.
+async fn receiver() -> (Arc<Inbox>, String, tokio::sync::oneshot::Sender<()>) {
+    let inbox = Arc::new(Inbox::default());
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = probe.local_addr().unwrap();
+    drop(probe);
+    let stop = start_receiver(Arc::clone(&inbox), addr).await;
+    (inbox, format!("http://{addr}/hook"), stop)
+}
+
+/// Kills `names` at the simulator and makes the engine find out, one after the other: one
+/// `needs_reauth` event each, in this order.
+async fn kill(sim: &SimHandle, engine: &Engine, names: &[&str]) {
+    for s in names {
+        sim.with_model(|m| m.uninstall(&shop(s).to_string()));
+        let err = engine.access_token(&shop(s)).await.unwrap_err();
+        assert!(matches!(err, Error::NeedsReauth { .. }), "{err}");
+    }
+}
+
+fn accepted_shops(inbox: &Inbox) -> Vec<String> {
+    inbox.accepted.lock().unwrap().iter().map(|(_, v)| v["shop"].as_str().unwrap().to_owned()).collect()
+}
+
+/// Issue 18.5: one event the receiver keeps refusing used to be retried forever, and every later
+/// event waited behind it. Now it becomes a dead letter after `max_attempts`, later events are
+/// delivered in journal order, the letter survives reopening the store, a restart that finds the
+/// letter with the cursor still on its event (a crash between the two writes) neither resends it
+/// nor writes it twice, and replay delivers it once the receiver accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_event_becomes_a_dead_letter_and_later_events_keep_flowing() {
+    let sim = serve(SimConfig::default(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (inbox, hook, _stop) = receiver().await;
+    let names = ["refused", "later1", "later2", "later3"];
+    let tokens: Vec<TokenSet> = names.iter().map(|s| seed(&sim, s)).collect();
+    *inbox.refuse_shop.lock().unwrap() = Some(shop("refused").to_string());
+
+    let mut c = config(&sim, dir.path(), SECRET, &hook);
+    c.webhook.as_mut().unwrap().max_attempts = 3;
+    let engine = open(c.clone()).await;
+    for (s, t) in names.iter().zip(&tokens) {
+        engine.install(&shop(s), t.clone()).await.unwrap();
+    }
+    kill(&sim, &engine, &names[..3]).await;
+
+    // Bounded: on the old code the refused event holds the others back for ever.
+    let later = [shop("later1").to_string(), shop("later2").to_string()];
+    let flowed = tokio::time::timeout(Duration::from_secs(15), async {
+        while accepted_shops(&inbox) != later {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(flowed.is_ok(), "later events stuck behind a refused one: got {:?}", accepted_shops(&inbox));
+    assert_eq!(inbox.refused.load(Ordering::SeqCst), 3, "exactly max_attempts attempts");
+
+    let letters: Vec<webhook::DeadLetter> =
+        webhook::dead_letters(engine.store(), "webhook").unwrap().into_iter().map(Result::unwrap).collect();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = letters[0].clone();
+    let refused_lsn = expected_events(engine.store(), &["refused"]).into_keys().next().unwrap();
+    assert_eq!((letter.lsn, letter.attempts), (refused_lsn, 3));
+    assert_eq!((letter.kind.as_str(), letter.shop.as_str()), ("needs_reauth", "refused.myshopify.com"));
+    assert_eq!(letter.last_error, "status 500");
+    assert!(letter.id.ends_with(&format!("-{refused_lsn}")), "{}", letter.id);
+    let body = String::from_utf8(letter.body().to_vec()).unwrap();
+    for secret in [HOOK_SECRET, SECRET, tokens[0].refresh_token.expose_secret(), tokens[0].access_token.expose_secret()]
+    {
+        assert!(!body.contains(secret) && !format!("{letter:?}").contains(secret), "no secret in a dead letter");
+    }
+    engine.shutdown().await;
+    drop(engine);
+
+    // A crash between the letter and the cursor: the cursor is back on the refused event.
+    let keys = tokenwal::KeyRing::insecure_test_ring();
+    let store = loop {
+        match tokenwal::store::Store::open(dir.path().join("db"), &keys, Default::default()) {
+            Ok((s, _)) => break s,
+            Err(tokenwal::store::StoreError::Locked { .. }) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(webhook::dead_letters(&store, "webhook").unwrap().len(), 1, "durable across a reopen");
+    store.set_cursor("webhook", refused_lsn).unwrap();
+    drop(store);
+
+    // Restart: the sink meets an event that is already a dead letter and moves on.
+    let engine = open(c.clone()).await;
+    kill(&sim, &engine, &names[3..]).await;
+    // (later1 and later2, past the cursor, may be delivered again: at least once.)
+    let later3 = shop("later3").to_string();
+    wait_for("the event after the restart", || accepted_shops(&inbox).last() == Some(&later3)).await;
+    let seen = accepted_shops(&inbox);
+    assert!(seen.iter().all(|s| s.starts_with("later")), "{seen:?}");
+    assert_eq!(inbox.refused.load(Ordering::SeqCst), 3, "a dead letter is not resent by the sink");
+    let again: Vec<_> =
+        webhook::dead_letters(engine.store(), "webhook").unwrap().into_iter().map(Result::unwrap).collect();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0], letter, "not written twice");
+
+    // Replay while the receiver still refuses: kept, one more attempt counted.
+    let w = c.webhook.clone().unwrap();
+    let report = webhook::replay(engine.store(), &w, webhook::Replay::One(letter.id.clone())).await.unwrap();
+    assert_eq!((report.delivered.len(), report.failed.len()), (0, 1), "{report:?}");
+    let kept = webhook::dead_letters(engine.store(), "webhook").unwrap().remove(0).unwrap();
+    assert_eq!((kept.attempts, kept.body()), (4, letter.body()));
+
+    // The receiver is fixed: replay delivers the very same event, once, and removes the letter.
+    *inbox.refuse_shop.lock().unwrap() = None;
+    let report = webhook::replay(engine.store(), &w, webhook::Replay::All).await.unwrap();
+    assert_eq!(report.delivered, std::slice::from_ref(&letter.id), "{report:?}");
+    assert!(webhook::dead_letters(engine.store(), "webhook").unwrap().is_empty());
+    let got = inbox.accepted.lock().unwrap().clone();
+    assert_eq!(got.len(), seen.len() + 1);
+    let last = got.last().unwrap();
+    assert_eq!((last.0.as_str(), last.1["lsn"].as_u64()), (letter.id.as_str(), Some(refused_lsn)));
+    let missing = webhook::replay(engine.store(), &w, webhook::Replay::One(letter.id.clone())).await;
+    assert!(matches!(missing, Err(webhook::DeadLetterError::NotFound { .. })), "{missing:?}");
+    assert_eq!(inbox.bad.load(Ordering::SeqCst), 0, "every delivery and replay was signed");
+    engine.shutdown().await;
+}
+
+/// A dead letter that fails its checks is named, and neither listing nor `replay --all` stops at it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_dead_letter_is_named_and_the_others_still_listed_and_replayed() {
+    let (inbox, hook, _stop) = receiver().await;
+    let store = tokenwal::store::Store::in_memory();
+    let letter = |lsn: u64| tokenwal::store::DeadLetter {
+        lsn,
+        attempts: 10,
+        first_failed_at: UnixMillis(1_800_000_000_000),
+        last_attempt_at: UnixMillis(1_800_000_000_000),
+        last_error: "timeout".into(),
+        payload: format!(r#"{{"id":"ab-{lsn}","kind":"needs_reauth","shop":"s{lsn}.myshopify.com","lsn":{lsn}}}"#)
+            .into_bytes(),
+    };
+    for lsn in [3, 4, 5] {
+        store.put_dead_letter("webhook", &letter(lsn)).unwrap();
+    }
+    let mut torn = letter(4).encode().unwrap();
+    torn.truncate(torn.len() - 2);
+    let key = tokenwal::store::dead_letter::dead_letter_key("webhook", 4).unwrap();
+    assert!(store.put_raw_for_test("meta", &key, &torn));
+
+    let listed = webhook::dead_letters(&store, "webhook").unwrap();
+    assert_eq!(listed.len(), 3);
+    assert_eq!((listed[0].as_ref().unwrap().lsn, listed[2].as_ref().unwrap().lsn), (3, 5));
+    let err = listed[1].as_ref().unwrap_err().to_string();
+    assert!(err.contains("corrupt meta/dead_letter/webhook/4") && err.contains("length"), "{err}");
+
+    let w = WebhookConfig::new(url::Url::parse(&hook).unwrap(), ClientSecret::new(HOOK_SECRET));
+    let one = webhook::replay(&store, &w, webhook::Replay::One("ab-4".into())).await.unwrap_err();
+    assert!(one.to_string().contains("meta/dead_letter/webhook/4"), "{one}");
+    let report = webhook::replay(&store, &w, webhook::Replay::All).await.unwrap();
+    assert_eq!(report.delivered, ["ab-3", "ab-5"]);
+    assert_eq!(report.corrupt.len(), 1, "{report:?}");
+    assert_eq!(inbox.accepted.lock().unwrap().len(), 2);
+    let left = webhook::dead_letters(&store, "webhook").unwrap();
+    assert!(left.len() == 1 && left[0].is_err(), "only the corrupt one is left, for an operator");
+}
+
+#[test]
+fn max_attempts_is_validated() {
+    let mut w = WebhookConfig::new(url::Url::parse("https://example.com/h").unwrap(), ClientSecret::new("s"));
+    assert_eq!(w.max_attempts, webhook::DEFAULT_MAX_ATTEMPTS);
+    assert!(w.validate().is_ok());
+    w.max_attempts = 0;
+    assert!(w.validate().unwrap_err().contains("max_attempts"));
+    w.max_attempts = webhook::MAX_ATTEMPTS_LIMIT + 1;
+    assert!(w.validate().is_err());
 }

@@ -4,7 +4,8 @@
 //! Events are derived from the journal, not from the in-process broadcast: a journal record is
 //! durable before anything else happens, so reading the journal from a durable cursor (a journal
 //! LSN kept in the store's `meta` tree, see `tokenwal_store::cursor`) and moving that cursor only
-//! after the receiver answered 2xx loses nothing to a crash, a restart or a receiver that is down.
+//! after the receiver answered 2xx, or after the event was durably kept as a dead letter, loses
+//! nothing to a crash, a restart or a receiver that is down.
 //! A crash after a delivery and before the cursor moved delivers that event again: receivers
 //! deduplicate by the event id (unique per journal record). The write path is unchanged.
 //!
@@ -14,23 +15,34 @@
 //! | `Installed` / `Committed` while the grant was in needs-reauth | `recovered` |
 //! | `Refused{AppCredentials}` (`invalid_client`) | `app_credentials_rejected` |
 //!
-//! Delivery is in journal order; an event is retried (exponential backoff with jitter, capped)
-//! until the receiver answers 2xx, and later events wait behind it. Redirects are not followed (a
-//! 3xx is a failed attempt); both timeouts are explicit. The signing secret is never logged.
-//! The wire format and how to verify it: `docs/webhooks.md`.
+//! Delivery is in journal order; an event is attempted at most `max_attempts` times (exponential
+//! backoff with jitter, capped) and then written to the store as a **dead letter** before the
+//! cursor moves past it, so one refused event never holds back the ones after it
+//! ([`dead_letters`], [`replay`]). Redirects are not followed (a 3xx is a failed attempt); both
+//! timeouts are explicit. The signing secret is never logged. The wire format and how to verify
+//! it: `docs/webhooks.md`.
+//!
+//! * `sign` — the one HMAC construction ([`signature`], [`verify`]).
+//! * `delivery` — one event's bounded, backed-off attempts.
+//! * `dead_letters` — listing and replaying what the sink gave up on.
 
-use crate::config::{is_loopback, Timeouts};
-use base64::Engine as _;
-use hmac::{Hmac, Mac};
+mod dead_letters;
+mod delivery;
+mod sign;
+
+pub use dead_letters::{dead_letters, replay, DeadLetter, DeadLetterError, Replay, ReplayReport};
+pub use sign::{signature, verify};
+
+use crate::net::{is_loopback, Timeouts};
+use delivery::Delivery;
 use serde::Serialize;
-use sha2::Sha256;
 use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 use tokenwal_core::{ClientSecret, Event, GrantKey, Record, RefusalReason, UnixMillis};
 use tokenwal_store::{Store, StoreError};
 use tokio::sync::{broadcast, watch};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 use url::Url;
 
 /// Header carrying the base64 HMAC-SHA256 of `{timestamp}.{body}` under the shared secret.
@@ -39,6 +51,12 @@ pub const SIGNATURE_HEADER: &str = "X-Tokenwal-Hmac-Sha256";
 pub const TIMESTAMP_HEADER: &str = "X-Tokenwal-Timestamp";
 /// Header carrying the event id (also in the body).
 pub const EVENT_ID_HEADER: &str = "X-Tokenwal-Event-Id";
+
+/// The default of [`WebhookConfig::max_attempts`]: with the default backoff, about 8.5 minutes of
+/// retries before an event becomes a dead letter.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
+/// The most [`WebhookConfig::max_attempts`] accepted.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 1000;
 
 /// Where and how to deliver webhook events.
 #[derive(Clone)]
@@ -51,6 +69,8 @@ pub struct WebhookConfig {
     pub app_handle: Option<String>,
     /// Connect and whole-request timeouts of each delivery attempt (default 5 s and 10 s).
     pub timeouts: Timeouts,
+    /// Attempts per event before it becomes a dead letter (default 10, at least 1).
+    pub max_attempts: u32,
     /// First retry delay after a failed attempt (default 1 s); doubled per failure.
     pub min_backoff: Duration,
     /// Longest retry delay (default 5 minutes).
@@ -68,6 +88,9 @@ impl fmt::Debug for WebhookConfig {
             .field("secret", &self.secret)
             .field("app_handle", &self.app_handle)
             .field("timeouts", &self.timeouts)
+            .field("max_attempts", &self.max_attempts)
+            .field("min_backoff", &self.min_backoff)
+            .field("max_backoff", &self.max_backoff)
             .field("cursor", &self.cursor)
             .finish_non_exhaustive()
     }
@@ -81,6 +104,7 @@ impl WebhookConfig {
             secret,
             app_handle: None,
             timeouts: Timeouts { connect: Duration::from_secs(5), total: Duration::from_secs(10) },
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
             min_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(300),
             poll_interval: Duration::from_secs(1),
@@ -88,7 +112,9 @@ impl WebhookConfig {
         }
     }
 
-    pub(crate) fn validate(&self) -> Result<(), String> {
+    /// Checks the settings (the engine does at open; `replay` too): the URL's scheme and host, a
+    /// secret, the app handle, `1 <= max_attempts <= 1000`, `0 < min_backoff <= max_backoff`.
+    pub fn validate(&self) -> Result<(), String> {
         match self.url.scheme() {
             "https" => {}
             "http" if is_loopback(&self.url) => {}
@@ -108,6 +134,9 @@ impl WebhookConfig {
         if self.min_backoff.is_zero() || self.max_backoff < self.min_backoff {
             return Err("webhook backoff must satisfy 0 < min_backoff <= max_backoff".into());
         }
+        if !(1..=MAX_ATTEMPTS_LIMIT).contains(&self.max_attempts) {
+            return Err(format!("webhook max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT}"));
+        }
         Ok(())
     }
 }
@@ -122,26 +151,6 @@ pub fn valid_handle(h: &str) -> bool {
 pub fn deep_link(grant: &GrantKey, app_handle: &str) -> Option<String> {
     let shop = grant.shop()?;
     Some(format!("https://admin.shopify.com/store/{}/apps/{app_handle}", shop.handle()))
-}
-
-/// The signature of a delivery: base64 (standard, padded) of HMAC-SHA256(secret, `{timestamp}.{body}`).
-pub fn signature(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("hmac accepts any key length");
-    mac.update(timestamp.as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
-}
-
-/// Verifies a delivery in constant time (for receivers written in Rust, and tests). The caller
-/// should also reject timestamps too far from its clock (replays).
-pub fn verify(secret: &[u8], timestamp: &str, body: &[u8], signature_b64: &str) -> bool {
-    let Ok(sig) = base64::engine::general_purpose::STANDARD.decode(signature_b64) else { return false };
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("hmac accepts any key length");
-    mac.update(timestamp.as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    mac.verify_slice(&sig).is_ok()
 }
 
 /// What happened (the payload's `kind`).
@@ -296,14 +305,7 @@ pub(crate) async fn run(
     mut events: broadcast::Receiver<Event>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let client = match reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(config.timeouts.connect)
-        .timeout(config.timeouts.total)
-        .no_proxy()
-        .user_agent(concat!("tokenwal/", env!("CARGO_PKG_VERSION"), " webhook"))
-        .build()
-    {
+    let client = match delivery::client(&config) {
         Ok(c) => c,
         Err(e) => {
             warn!(error = %e, "webhook sink: cannot build the HTTP client; no events will be delivered");
@@ -332,19 +334,26 @@ pub(crate) async fn run(
         })
         .await
         .unwrap_or_default();
-        let idle = records.is_empty();
+        let mut idle = records.is_empty();
         for (lsn, record) in records {
             let event = match deriver.derive(lsn, &record) {
                 Ok(e) => e,
                 Err(e) => {
                     warn!(error = %e, lsn, "webhook sink: cannot derive an event; retrying later");
+                    idle = true;
                     break;
                 }
             };
             let delivered = event.is_some();
             if let Some(event) = event {
-                if !deliver(&client, &config, &event, &mut shutdown).await {
-                    return; // shutting down: the cursor stays before this event
+                match handle(&client, &config, &store, &event, &mut shutdown).await {
+                    Handled::Done => {}
+                    // Shutting down: the cursor stays before this event.
+                    Handled::Shutdown => return,
+                    Handled::StoreFailed => {
+                        idle = true;
+                        break;
+                    }
                 }
             }
             cursor = lsn + 1;
@@ -371,73 +380,80 @@ pub(crate) async fn run(
     }
 }
 
-/// Delivers one event, retrying until a 2xx. `false` if shutdown came first.
-async fn deliver(
+/// What became of one event.
+enum Handled {
+    /// Delivered, or durably a dead letter: the cursor may move past it.
+    Done,
+    /// Shutdown came first.
+    Shutdown,
+    /// The store failed (logged): the cursor stays on the event.
+    StoreFailed,
+}
+
+/// Delivers `event`, or, once its attempts are spent, writes it as a dead letter (durable before
+/// this returns, so before the caller moves the cursor).
+async fn handle(
     client: &reqwest::Client,
     config: &WebhookConfig,
+    store: &Store,
     event: &WebhookEvent,
     shutdown: &mut watch::Receiver<bool>,
-) -> bool {
+) -> Handled {
     let body = match serde_json::to_vec(event) {
         Ok(b) => b,
         Err(e) => {
             warn!(error = %e, id = %event.id, "webhook sink: cannot encode an event; skipped");
-            return true;
+            return Handled::Done;
         }
     };
-    let mut delay = config.min_backoff;
-    for attempt in 1u64.. {
-        let ts = (UnixMillis::from_system_time(std::time::SystemTime::now()).0 / 1000).to_string();
-        let sig = signature(config.secret.expose_secret().as_bytes(), &ts, &body);
-        let sent = client
-            .post(config.url.clone())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(TIMESTAMP_HEADER, &ts)
-            .header(SIGNATURE_HEADER, sig)
-            .header(EVENT_ID_HEADER, &event.id)
-            .body(body.clone())
-            .send()
-            .await;
-        match sent {
-            Ok(resp) if resp.status().is_success() => {
-                debug!(id = %event.id, kind = ?event.kind, shop = %event.shop, attempt, "webhook delivered");
-                return true;
-            }
-            Ok(resp) => {
-                warn!(id = %event.id, status = resp.status().as_u16(), attempt, "webhook refused; will retry")
-            }
-            Err(e) => {
-                // reqwest's error text names the URL, never the headers or body.
-                warn!(id = %event.id, error = %e, attempt, "webhook delivery failed; will retry")
-            }
+    // A letter for this LSN already exists: the sink gave up on the event and stopped (a crash, a
+    // restart) before its cursor moved. It is not sent again (replay does that) nor written twice.
+    let (s, n, lsn) = (store.clone(), config.cursor.clone(), event.lsn);
+    match tokio::task::spawn_blocking(move || s.dead_letter(&n, lsn)).await {
+        Ok(Ok(None)) => {}
+        Ok(Ok(Some(_))) | Ok(Err(StoreError::Corrupt { .. })) => {
+            info!(id = %event.id, "webhook event already a dead letter; moving on");
+            return Handled::Done;
         }
-        let jitter = 0.8 + rand::random::<f64>() * 0.4;
-        let wait = delay.mul_f64(jitter);
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.changed() => {}
+        Ok(Err(e)) => {
+            warn!(error = %e, "webhook sink: store error");
+            return Handled::StoreFailed;
         }
-        if *shutdown.borrow() {
-            return false;
+        Err(e) => {
+            warn!(error = %e, "webhook sink: task failed");
+            return Handled::StoreFailed;
         }
-        delay = (delay * 2).min(config.max_backoff);
     }
-    unreachable!("the attempt counter is unbounded")
+    match delivery::deliver(client, config, &event.id, &body, shutdown).await {
+        Delivery::Delivered => Handled::Done,
+        Delivery::Shutdown => Handled::Shutdown,
+        Delivery::GaveUp { attempts, last_error } => {
+            let now = UnixMillis::from_system_time(std::time::SystemTime::now());
+            let letter = tokenwal_store::DeadLetter {
+                lsn,
+                attempts,
+                first_failed_at: now,
+                last_attempt_at: now,
+                last_error,
+                payload: body,
+            };
+            let (s, n) = (store.clone(), config.cursor.clone());
+            if blocking(move || s.put_dead_letter(&n, &letter)).await.is_none() {
+                return Handled::StoreFailed;
+            }
+            warn!(
+                id = %event.id,
+                attempts,
+                "webhook event given up and kept as a dead letter (`tokenwal webhooks dead-letters`); later events continue"
+            );
+            Handled::Done
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn signature_round_trips_and_binds_the_timestamp() {
-        let sig = signature(b"k", "1700000000", b"{}");
-        assert!(verify(b"k", "1700000000", b"{}", &sig));
-        assert!(!verify(b"k", "1700000001", b"{}", &sig));
-        assert!(!verify(b"k2", "1700000000", b"{}", &sig));
-        assert!(!verify(b"k", "1700000000", b"{ }", &sig));
-        assert!(!verify(b"k", "1700000000", b"{}", "not base64!"));
-    }
 
     #[test]
     fn deep_links_use_the_shop_handle() {
