@@ -152,9 +152,11 @@ pub(crate) fn delete_expired<K: Kv>(kv: &K, entries: &[Expired]) -> Result<(), K
 /// sealing, fail-stop) and the storage engine under it. `docs/journal.md` §6 "Backend seam" is the
 /// contract; a new backend (PostgreSQL next) implements exactly this.
 ///
-/// The store never calls two writing methods at once except [`DurableBackend::put_meta`] (cursors)
-/// beside the committer's [`DurableBackend::apply_group`]/[`DurableBackend::sync`]; reads run on any
-/// thread at any time.
+/// Only the committer thread calls [`DurableBackend::apply_group`] and [`DurableBackend::sync`];
+/// [`DurableBackend::delete_expired`] (compaction, on its caller's thread) and
+/// [`DurableBackend::put_meta`] (cursors) may run beside it, so their atomic units must be isolated
+/// from a group's; [`DurableBackend::init_meta`] runs at open, before the committer starts. Reads
+/// run on any thread at any time.
 pub(crate) trait DurableBackend: Send + Sync {
     /// The value of `k` in `t` as the last write left it, synced or not (the store hides unsynced
     /// grant states from its readers with its pre-images).
