@@ -86,6 +86,10 @@ mod enabled {
     }
 
     impl Hooks {
+        pub(crate) fn new() -> Hooks {
+            Hooks::default()
+        }
+
         /// Unparks a held committer for good (the last store handle is gone).
         pub(crate) fn shutdown(&self) {
             self.hold.shutdown();
@@ -119,11 +123,14 @@ mod enabled {
 
 /// Without the `test-hooks` feature: no hooks, every call a no-op.
 #[cfg(not(any(test, feature = "test-hooks")))]
-#[derive(Default)]
 pub(crate) struct Hooks;
 
 #[cfg(not(any(test, feature = "test-hooks")))]
 impl Hooks {
+    pub(crate) fn new() -> Hooks {
+        Hooks
+    }
+
     #[inline(always)]
     pub(crate) fn shutdown(&self) {}
 

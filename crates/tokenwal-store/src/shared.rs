@@ -94,7 +94,7 @@ impl Shared {
             poisoned: AtomicBool::new(false),
             counters: Counters::default(),
             durable_grants: AtomicU64::new(grants),
-            hooks: Hooks::default(),
+            hooks: Hooks::new(),
         }
     }
 

@@ -100,7 +100,7 @@ impl Store {
 
     /// An in-memory store with the default configuration: the same semantics as the sled store
     /// (compare-and-swap, index, history, compaction, stats, group commit, sealing under an
-    /// ephemeral key), plus crash images.
+    /// ephemeral key), plus crash images with the `test-hooks` feature.
     pub fn in_memory() -> Store {
         Store::in_memory_with(StoreConfig::default())
     }

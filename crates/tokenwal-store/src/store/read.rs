@@ -47,7 +47,7 @@ impl Store {
     /// proportional to the open grants, not to all grants or the history.
     ///
     /// Entries that fail their checks are skipped (and logged): they were reported by
-    /// [`Store::open`] in [`OpenReport::corrupt`], and [`Store::get`] answers `Corrupt` for them.
+    /// [`Store::open`] in [`OpenReport::corrupt`](crate::OpenReport::corrupt), and [`Store::get`] answers `Corrupt` for them.
     pub fn open_grants(&self) -> Result<Vec<GrantState>, StoreError> {
         self.check()?;
         let backend = &self.shared().backend;

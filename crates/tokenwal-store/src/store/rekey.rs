@@ -9,7 +9,7 @@ use crate::seal::{self, Slot};
 use std::collections::BTreeMap;
 use tokenwal_core::{codec, GrantKey, WriteBatch};
 
-/// What [`Store::reseal`] did to one grant.
+/// What [`Store::reseal_blocking`] did to one grant.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[non_exhaustive]
 pub enum Reseal {
