@@ -20,8 +20,10 @@
 
 use crate::backend::{ApplyError, BatchResult};
 use crate::error::StoreError;
+use crate::hooks::FaultPoint;
 use crate::layout::{self, Tree};
-use crate::shared::{lock, Counters, FaultPoint, PreImage, Shared};
+use crate::lock::lock;
+use crate::shared::{Counters, PreImage, Shared};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
@@ -76,13 +78,13 @@ fn capture_preimage(shared: &Shared, grant: &[u8], first_lsn: u64) -> Result<(),
 /// Writes one batch in its own transaction. The outer `Err` is a failure (the batch may have been
 /// written); the inner one a refusal (nothing written).
 fn write_one(shared: &Shared, b: &WriteBatch, lsn: u64, group_lsn: u64) -> Result<BatchResult, StoreError> {
-    shared.fault(FaultPoint::BeforeWrite).map_err(|source| StoreError::Io { op: "transaction", source })?;
+    shared.hooks.fault(FaultPoint::BeforeWrite).map_err(|source| StoreError::Io { op: "transaction", source })?;
     capture_preimage(shared, &b.grant, group_lsn)?;
     let started = Instant::now();
     let result = shared.backend.apply(&shared.keys, b, lsn);
     Counters::add_time(&shared.counters.write_nanos, started);
     let result = result?;
-    shared.fault(FaultPoint::AfterWrite).map_err(|source| StoreError::Io { op: "transaction", source })?;
+    shared.hooks.fault(FaultPoint::AfterWrite).map_err(|source| StoreError::Io { op: "transaction", source })?;
     Ok(result)
 }
 
@@ -139,9 +141,10 @@ fn commit_group(shared: &Shared, next_lsn: &mut u64, group: &mut Vec<Request>) {
         }
     }
     if failure.is_none() && written > 0 {
-        shared.hold.park_if_held();
+        shared.hooks.park_if_held();
         let started = Instant::now();
         let synced = shared
+            .hooks
             .fault(FaultPoint::Sync)
             .map_err(|source| StoreError::Io { op: "sync", source })
             .and_then(|()| shared.backend.sync());

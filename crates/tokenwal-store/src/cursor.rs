@@ -9,11 +9,10 @@
 //! down or failing holds compaction back instead of losing records; [`Store::delete_cursor`]
 //! releases that hold when a consumer is retired.
 
-use crate::backend::Backend;
 use crate::config::RecoveryMode;
 use crate::error::StoreError;
 use crate::layout::{self, Tree};
-use crate::shared::lock;
+use crate::lock::lock;
 use crate::Store;
 use tokenwal_core::{codec, Record};
 
@@ -100,18 +99,10 @@ impl Store {
         self.check()?;
         let key = cursor_key(name)?;
         let shared = self.shared();
-        match &shared.backend {
-            Backend::Sled(s) => {
-                let r = s.put_raw(Tree::Meta, &key, &lsn.to_be_bytes()).and_then(|()| shared.backend.sync());
-                if let Err(e) = r {
-                    shared.poison();
-                    tracing::error!(error = %e, "store poisoned: a cursor write failed; reopen it to recover");
-                    return Err(e);
-                }
-            }
-            // The in-memory backend's sync would make the committer's unsynced group durable in
-            // the crash image: write the cursor to both images directly instead.
-            Backend::Memory(m) => m.put_durable(Tree::Meta, &key, &lsn.to_be_bytes()),
+        if let Err(e) = shared.backend.put_meta(&key, Some(&lsn.to_be_bytes())) {
+            shared.poison();
+            tracing::error!(error = %e, "store poisoned: a cursor write failed; reopen it to recover");
+            return Err(e);
         }
         Ok(())
     }
@@ -122,15 +113,9 @@ impl Store {
         self.check()?;
         let key = cursor_key(name)?;
         let shared = self.shared();
-        match &shared.backend {
-            Backend::Sled(s) => {
-                let r = s.del_raw(Tree::Meta, &key).and_then(|()| shared.backend.sync());
-                if let Err(e) = r {
-                    shared.poison();
-                    return Err(e);
-                }
-            }
-            Backend::Memory(m) => m.del_durable(Tree::Meta, &key),
+        if let Err(e) = shared.backend.put_meta(&key, None) {
+            shared.poison();
+            return Err(e);
         }
         Ok(())
     }

@@ -54,8 +54,9 @@ impl StoreKey {
         k
     }
 
-    /// **Tests only — the key is public.** The key of [`KeyRing::insecure_test_ring`].
-    #[doc(hidden)]
+    /// **Tests only — the key is public.** The key of [`KeyRing::insecure_test_ring`]. Only with the
+    /// `test-hooks` feature.
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn insecure_test_key() -> StoreKey {
         StoreKey(*b"tokenwal-insecure-test-key-32by!")
     }
@@ -157,7 +158,8 @@ impl KeyRing {
 
     /// **Tests only — the key is public.** A fixed ring, so a test can reopen a sled store (or hand
     /// the key to a child process through [`KEY_ENV`]) without plumbing a generated key around.
-    #[doc(hidden)]
+    /// Only with the `test-hooks` feature.
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn insecure_test_ring() -> KeyRing {
         KeyRing::new(StoreKey::insecure_test_key())
     }

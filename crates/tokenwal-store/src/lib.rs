@@ -5,13 +5,18 @@
 //!
 //! ## Layout
 //!
-//! * [`store`] — [`Store`], the cheap cloneable handle: `open` (sled) / `in_memory`, `apply`
-//!   (group commit), reads that see only durable state, compaction, stats, crash images.
+//! * [`store`] — [`Store`], the cheap cloneable handle, one file per subject under `store/`: `open`
+//!   (sled) / `in_memory`, `upgrade` (format 1 → 2), `write` (`apply`, group commit), `read`
+//!   (durable state only), `rekey`, `compact`, and `hooks` (test hooks, feature `test-hooks`).
 //! * `commit` — the one committer thread: drain the queue, one transaction per batch, one
 //!   `flush` + one `fsync` per group, answer everyone; fail-stop on the first I/O error.
-//! * `backend` — the sled backend (`flush()` then `sync_all()` of `<dir>/db`: sled 0.34.7's
-//!   `flush` does not fsync on Linux; `flush_async` is never called) and the in-memory backend (a
-//!   live and a durable image), sharing one implementation of a write over a transaction's view.
+//! * `backend` — the seam `DurableBackend` (what a backend must guarantee: docs/journal.md §6
+//!   "Backend seam") and its two implementations: sled (`flush()` then `sync_all()` of
+//!   `<dir>/db`: sled 0.34.7's `flush` does not fsync on Linux; `flush_async` is never called) and
+//!   in-memory (a live and a durable image), sharing one implementation of a write over a
+//!   transaction's view.
+//! * `shared` — state shared by the handles and the committer (pre-images, counters, poison flag);
+//!   `lock` — mutex locking without poisoning (a leaf module).
 //! * [`cursor`] — reading the journal by LSN and named durable cursors into it (at-least-once
 //!   consumers such as the webhook sink); compaction keeps what a cursor has not consumed.
 //! * [`dead_letter`] — what such a consumer gave up delivering, checked frames in `meta` written
@@ -24,6 +29,14 @@
 //!   key file, or a ring in hand), key files (0600, refused if world-accessible).
 //! * [`config`] — [`StoreConfig`], [`RecoveryMode`] and the reports.
 //! * [`error`] — [`StoreError`], typed by what the caller can do.
+//!
+//! ## Test hooks
+//!
+//! The cargo feature `test-hooks` (off by default; enable it only from `[dev-dependencies]`, or in
+//! benchmark and fuzz crates) adds what exists for tests alone: `Store::crash_image`,
+//! `Store::hold_acks`, `Store::inject_fault` with `FaultPoint`, `Store::put_raw_for_test`,
+//! `KeyRing::insecure_test_ring` / `StoreKey::insecure_test_key`, and `seal_state_frame` /
+//! `open_state_frame`. Without it they are not compiled, so a release binary has none of them.
 //!
 //! ## Guarantees
 //!
@@ -81,8 +94,10 @@ pub mod config;
 pub mod cursor;
 pub mod dead_letter;
 pub mod error;
+mod hooks;
 pub mod keys;
 pub mod layout;
+mod lock;
 mod seal;
 mod shared;
 pub mod store;
@@ -91,21 +106,23 @@ pub use config::{CompactReport, History, OpenReport, RecoveryMode, ScanReport, S
 pub use dead_letter::DeadLetter;
 pub use error::StoreError;
 pub use keys::{KeyError, KeyId, KeyRing, KeySource, StoreKey};
-#[doc(hidden)]
-pub use shared::FaultPoint;
-#[doc(hidden)]
-pub use store::AckHold;
 pub use store::{KeyUsage, Reseal, Store};
 
+#[cfg(any(test, feature = "test-hooks"))]
+pub use hooks::FaultPoint;
+#[cfg(any(test, feature = "test-hooks"))]
+pub use store::AckHold;
+
 /// Seals a grant state frame as the store does (for tests and tools that fill a store's trees
-/// directly, e.g. the million-grant open test).
-#[doc(hidden)]
+/// directly, e.g. the million-grant open test). Only with the `test-hooks` feature.
+#[cfg(any(test, feature = "test-hooks"))]
 pub fn seal_state_frame(keys: &KeyRing, grant: &tokenwal_core::GrantKey, version: u64, frame: &[u8]) -> Vec<u8> {
     seal::seal(keys, seal::Slot::State(&grant.to_bytes()), version, frame)
 }
 
-/// Opens what [`seal_state_frame`] sealed (for benchmarks and tools): the state frame.
-#[doc(hidden)]
+/// Opens what [`seal_state_frame`] sealed (for benchmarks and the fuzz target): the state frame.
+/// Only with the `test-hooks` feature.
+#[cfg(any(test, feature = "test-hooks"))]
 pub fn open_state_frame(
     keys: &KeyRing,
     grant: &tokenwal_core::GrantKey,

@@ -2,7 +2,7 @@
 //! on Linux) followed by `sync_all` of `<dir>/db`. `flush_async` is never called: it deadlocks
 //! under concurrency in this sled version.
 
-use super::{delete_expired, write_group, BatchResult, Expired, Kv};
+use super::{delete_expired, write_group, BatchResult, DurableBackend, Expired, Kv};
 use crate::config::StoreConfig;
 use crate::error::StoreError;
 use crate::keys::KeyRing;
@@ -194,22 +194,24 @@ impl SledBackend {
         Ok(())
     }
 
-    pub(crate) fn get(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    fn trees(&self) -> (&sled::Tree, &sled::Tree, &sled::Tree, &sled::Tree, &sled::Tree, &sled::Tree) {
+        let t = &self.trees;
+        (&t[0], &t[1], &t[2], &t[3], &t[4], &t[5])
+    }
+}
+
+impl DurableBackend for SledBackend {
+    fn get(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let v = self.trees[t as usize].get(k).map_err(|e| StoreError::from_sled("read", e))?;
         Ok(v.map(|v| v.to_vec()))
     }
 
-    pub(crate) fn last_key(&self, t: Tree) -> Result<Option<Vec<u8>>, StoreError> {
+    fn last_key(&self, t: Tree) -> Result<Option<Vec<u8>>, StoreError> {
         let last = self.trees[t as usize].last().map_err(|e| StoreError::from_sled("read", e))?;
         Ok(last.map(|(k, _)| k.to_vec()))
     }
 
-    pub(crate) fn scan(
-        &self,
-        t: Tree,
-        prefix: &[u8],
-        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), StoreError> {
+    fn scan(&self, t: Tree, prefix: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), StoreError> {
         for item in self.trees[t as usize].scan_prefix(prefix) {
             let (k, v) = item.map_err(|e| StoreError::from_sled("read", e))?;
             if !f(&k, &v) {
@@ -219,12 +221,7 @@ impl SledBackend {
         Ok(())
     }
 
-    fn trees(&self) -> (&sled::Tree, &sled::Tree, &sled::Tree, &sled::Tree, &sled::Tree, &sled::Tree) {
-        let t = &self.trees;
-        (&t[0], &t[1], &t[2], &t[3], &t[4], &t[5])
-    }
-
-    pub(crate) fn apply_group(
+    fn apply_group(
         &self,
         keys: &KeyRing,
         batches: &[&WriteBatch],
@@ -240,7 +237,7 @@ impl SledBackend {
         })
     }
 
-    pub(crate) fn delete_expired(&self, entries: &[Expired]) -> Result<(), StoreError> {
+    fn delete_expired(&self, entries: &[Expired]) -> Result<(), StoreError> {
         let r: Result<(), TransactionError<()>> = self.trees().transaction(|(g, o, j, h, e, m)| {
             delete_expired(&SledKv([g, o, j, h, e, m]), entries)?;
             Ok(())
@@ -251,8 +248,25 @@ impl SledBackend {
         })
     }
 
-    pub(crate) fn sync(&self) -> Result<(), StoreError> {
+    fn sync(&self) -> Result<(), StoreError> {
         self.db.flush().map_err(|e| StoreError::from_sled("flush", e))?;
         self.data_file.sync_all().map_err(io_err("sync"))
+    }
+
+    fn put_meta(&self, k: &[u8], v: Option<&[u8]>) -> Result<(), StoreError> {
+        match v {
+            Some(v) => self.put_raw(Tree::Meta, k, v)?,
+            None => self.del_raw(Tree::Meta, k)?,
+        }
+        self.sync()
+    }
+
+    fn init_meta(&self, entries: &[(&[u8], &[u8])]) -> Result<(), StoreError> {
+        // sled's log is appended in order and recovered as a prefix of it, so an entry never
+        // survives a crash without the ones written before it.
+        for (k, v) in entries {
+            self.put_raw(Tree::Meta, k, v)?;
+        }
+        self.sync_creation()
     }
 }

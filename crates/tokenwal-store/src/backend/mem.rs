@@ -1,10 +1,11 @@
 //! The in-memory backend: a live image that writes go to, and a durable image that only a sync
 //! updates. A crash image is a copy of the durable one.
 
-use super::{delete_expired, write_group, BatchResult, Expired, Kv};
+use super::{delete_expired, write_group, BatchResult, DurableBackend, Expired, Kv};
+use crate::error::StoreError;
 use crate::keys::KeyRing;
 use crate::layout::Tree;
-use crate::shared::lock;
+use crate::lock::lock;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -84,19 +85,20 @@ impl MemBackend {
     }
 
     /// A copy of what is durable.
+    #[cfg(any(test, feature = "test-hooks"))]
     pub(crate) fn durable_image(&self) -> Image {
         lock(&self.inner).durable.clone()
     }
 
-    pub(crate) fn get(&self, t: Tree, k: &[u8]) -> Option<Vec<u8>> {
+    fn mem_get(&self, t: Tree, k: &[u8]) -> Option<Vec<u8>> {
         lock(&self.inner).live.tree(t).get(k).cloned()
     }
 
-    pub(crate) fn last_key(&self, t: Tree) -> Option<Vec<u8>> {
+    fn mem_last_key(&self, t: Tree) -> Option<Vec<u8>> {
         lock(&self.inner).live.tree(t).keys().next_back().cloned()
     }
 
-    pub(crate) fn scan(&self, t: Tree, prefix: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) {
+    fn mem_scan(&self, t: Tree, prefix: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) {
         let mut from = Bound::Included(prefix.to_vec());
         loop {
             let chunk: Vec<(Vec<u8>, Vec<u8>)> = {
@@ -123,31 +125,31 @@ impl MemBackend {
         }
     }
 
-    fn commit(g: &mut Inner, writes: Vec<Write>) {
+    fn commit_writes(g: &mut Inner, writes: Vec<Write>) {
         for w in writes {
             g.live.write(w.clone());
             g.unsynced.push(w);
         }
     }
 
-    pub(crate) fn apply_group(&self, keys: &KeyRing, batches: &[&WriteBatch], first_lsn: u64) -> Vec<BatchResult> {
+    fn mem_apply_group(&self, keys: &KeyRing, batches: &[&WriteBatch], first_lsn: u64) -> Vec<BatchResult> {
         let mut g = lock(&self.inner);
         let txn = MemTxn { img: &g.live, writes: RefCell::new(Vec::new()) };
         let Ok(results) = write_group(&txn, keys, batches, first_lsn);
         let writes = txn.writes.into_inner();
-        Self::commit(&mut g, writes);
+        Self::commit_writes(&mut g, writes);
         results
     }
 
-    pub(crate) fn delete_expired(&self, entries: &[Expired]) {
+    fn mem_delete_expired(&self, entries: &[Expired]) {
         let mut g = lock(&self.inner);
         let txn = MemTxn { img: &g.live, writes: RefCell::new(Vec::new()) };
         let Ok(()) = delete_expired(&txn, entries);
         let writes = txn.writes.into_inner();
-        Self::commit(&mut g, writes);
+        Self::commit_writes(&mut g, writes);
     }
 
-    pub(crate) fn sync(&self) {
+    fn mem_sync(&self) {
         let mut g = lock(&self.inner);
         let writes = std::mem::take(&mut g.unsynced);
         for w in writes {
@@ -167,5 +169,56 @@ impl MemBackend {
         let mut g = lock(&self.inner);
         g.live.put(t, k, v);
         g.durable.put(t, k, v);
+    }
+}
+
+impl DurableBackend for MemBackend {
+    fn get(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.mem_get(t, k))
+    }
+
+    fn scan(&self, t: Tree, prefix: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), StoreError> {
+        self.mem_scan(t, prefix, f);
+        Ok(())
+    }
+
+    fn last_key(&self, t: Tree) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.mem_last_key(t))
+    }
+
+    fn apply_group(
+        &self,
+        keys: &KeyRing,
+        batches: &[&WriteBatch],
+        first_lsn: u64,
+    ) -> Result<Vec<BatchResult>, StoreError> {
+        Ok(self.mem_apply_group(keys, batches, first_lsn))
+    }
+
+    fn delete_expired(&self, entries: &[Expired]) -> Result<(), StoreError> {
+        self.mem_delete_expired(entries);
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.mem_sync();
+        Ok(())
+    }
+
+    // A sync would make the committer's unsynced group durable in the crash image: the entry goes
+    // to both images directly instead.
+    fn put_meta(&self, k: &[u8], v: Option<&[u8]>) -> Result<(), StoreError> {
+        match v {
+            Some(v) => self.put_durable(Tree::Meta, k, v),
+            None => self.del_durable(Tree::Meta, k),
+        }
+        Ok(())
+    }
+
+    fn init_meta(&self, entries: &[(&[u8], &[u8])]) -> Result<(), StoreError> {
+        for (k, v) in entries {
+            self.put_durable(Tree::Meta, k, v);
+        }
+        Ok(())
     }
 }

@@ -1,8 +1,9 @@
-//! The two backends behind one interface, and the write logic they share.
+//! The backend seam ([`DurableBackend`]), its two implementations, and the write logic they share.
 //!
 //! A write batch and a compaction chunk are expressed once, over [`Kv`] (a transaction's view of the
 //! six trees); each backend runs them atomically in its own way: sled in one cross-tree transaction,
-//! the memory backend under its lock.
+//! the memory backend under its lock. A backend may reuse them (as both do) or implement the same
+//! effects natively (a SQL backend: one transaction with `UPDATE … WHERE version = $expected`).
 
 pub(crate) mod disk;
 pub(crate) mod mem;
@@ -147,72 +148,88 @@ pub(crate) fn delete_expired<K: Kv>(kv: &K, entries: &[Expired]) -> Result<(), K
     Ok(())
 }
 
-/// The storage engine under a store.
+/// What a durable backend must provide: the seam between the store (group commit, pre-images,
+/// sealing, fail-stop) and the storage engine under it. `docs/journal.md` §6 "Backend seam" is the
+/// contract; a new backend (PostgreSQL next) implements exactly this.
+///
+/// Only the committer thread calls [`DurableBackend::apply_group`] and [`DurableBackend::sync`];
+/// [`DurableBackend::delete_expired`] (compaction, on its caller's thread) and
+/// [`DurableBackend::put_meta`] (cursors) may run beside it, so their atomic units must be isolated
+/// from a group's; [`DurableBackend::init_meta`] runs at open, before the committer starts. Reads
+/// run on any thread at any time.
+pub(crate) trait DurableBackend: Send + Sync {
+    /// The value of `k` in `t` as the last write left it, synced or not (the store hides unsynced
+    /// grant states from its readers with its pre-images).
+    fn get(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Calls `f` with every entry of `t` whose key starts with `prefix`, in byte order of the keys,
+    /// until it returns `false`. No lock that a writer needs may be held while `f` runs.
+    fn scan(&self, t: Tree, prefix: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), StoreError>;
+
+    /// The greatest key of `t` (the last journal LSN at open).
+    fn last_key(&self, t: Tree) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Writes `batches` with [`write_group`] **atomically**: all of it or none of it is ever visible
+    /// or durable, with the compare-and-swap of each batch on its grant's stored version made inside
+    /// the same atomic unit. Successful batches take consecutive LSNs from `first_lsn`. Visible at
+    /// once, durable only after [`DurableBackend::sync`]. `Err`: the unit failed and **may** have
+    /// been written.
+    fn apply_group(
+        &self,
+        keys: &KeyRing,
+        batches: &[&WriteBatch],
+        first_lsn: u64,
+    ) -> Result<Vec<BatchResult>, StoreError>;
+
+    /// Deletes expired journal records with [`delete_expired`], atomically. Not durable by itself.
+    fn delete_expired(&self, entries: &[Expired]) -> Result<(), StoreError>;
+
+    /// Makes every write that returned before this call durable (it survives a power cut) before
+    /// returning `Ok`. After an `Err`, nothing may be assumed either way.
+    fn sync(&self) -> Result<(), StoreError>;
+
+    /// Writes (`Some`) or deletes (`None`) one `meta` entry outside the commit groups (a journal
+    /// cursor) and makes it durable before returning. It must not make a concurrent group's
+    /// unsynced writes look durable to anyone but a reopen after a real crash.
+    fn put_meta(&self, k: &[u8], v: Option<&[u8]>) -> Result<(), StoreError>;
+
+    /// Writes `meta` entries at store creation (or a re-sealed fingerprint key) and makes them
+    /// durable, **in order**: an entry is never durable before the ones listed before it (the
+    /// format marker goes last). Also makes the store's own existence durable (directory entries).
+    fn init_meta(&self, entries: &[(&[u8], &[u8])]) -> Result<(), StoreError>;
+}
+
+/// The storage engine under a store: one of the two [`DurableBackend`]s.
 pub(crate) enum Backend {
     Sled(disk::SledBackend),
     Memory(mem::MemBackend),
 }
 
+impl std::ops::Deref for Backend {
+    type Target = dyn DurableBackend;
+
+    fn deref(&self) -> &Self::Target {
+        match self {
+            Backend::Sled(s) => s,
+            Backend::Memory(m) => m,
+        }
+    }
+}
+
 impl Backend {
-    pub(crate) fn get(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    /// The backend's name, for `Debug`.
+    pub(crate) fn name(&self) -> &'static str {
         match self {
-            Backend::Sled(s) => s.get(t, k),
-            Backend::Memory(m) => Ok(m.get(t, k)),
+            Backend::Sled(_) => "sled",
+            Backend::Memory(_) => "memory",
         }
     }
 
-    /// Calls `f` with every entry of `t` whose key starts with `prefix`, in key order, until it
-    /// returns `false`. No lock is held while `f` runs.
-    pub(crate) fn scan(
-        &self,
-        t: Tree,
-        prefix: &[u8],
-        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), StoreError> {
-        match self {
-            Backend::Sled(s) => s.scan(t, prefix, f),
-            Backend::Memory(m) => {
-                m.scan(t, prefix, f);
-                Ok(())
-            }
-        }
-    }
-
-    pub(crate) fn last_key(&self, t: Tree) -> Result<Option<Vec<u8>>, StoreError> {
-        match self {
-            Backend::Sled(s) => s.last_key(t),
-            Backend::Memory(m) => Ok(m.last_key(t)),
-        }
-    }
-
-    /// Writes one batch in one transaction: visible at once, durable only after [`Backend::sync`].
-    /// The outer `Err` means the transaction failed (it may or may not have been written).
+    /// Writes one batch in one atomic unit: visible at once, durable only after
+    /// [`DurableBackend::sync`]. The outer `Err` means the unit failed (it may or may not have been
+    /// written).
     pub(crate) fn apply(&self, keys: &KeyRing, b: &WriteBatch, first_lsn: u64) -> Result<BatchResult, StoreError> {
-        let mut results = match self {
-            Backend::Sled(s) => s.apply_group(keys, &[b], first_lsn)?,
-            Backend::Memory(m) => m.apply_group(keys, &[b], first_lsn),
-        };
+        let mut results = self.apply_group(keys, &[b], first_lsn)?;
         Ok(results.pop().expect("one result per batch"))
-    }
-
-    pub(crate) fn delete_expired(&self, entries: &[Expired]) -> Result<(), StoreError> {
-        match self {
-            Backend::Sled(s) => s.delete_expired(entries),
-            Backend::Memory(m) => {
-                m.delete_expired(entries);
-                Ok(())
-            }
-        }
-    }
-
-    /// Makes every write so far durable.
-    pub(crate) fn sync(&self) -> Result<(), StoreError> {
-        match self {
-            Backend::Sled(s) => s.sync(),
-            Backend::Memory(m) => {
-                m.sync();
-                Ok(())
-            }
-        }
     }
 }

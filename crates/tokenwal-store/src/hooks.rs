@@ -1,0 +1,144 @@
+//! Test hooks of the committer: injected I/O faults and a gate between a group's writes and its
+//! sync.
+//!
+//! They exist only with the `test-hooks` cargo feature (and in this crate's own unit tests).
+//! Without it, [`Hooks`] is an empty struct whose calls do nothing, so a release build carries
+//! neither the code nor the public items ([`FaultPoint`], `Store::inject_fault`,
+//! `Store::hold_acks`, …).
+
+/// Where a test can make the store fail.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FaultPoint {
+    /// Before a batch's transaction: nothing of it is written.
+    BeforeWrite,
+    /// After a batch's transaction: it is written (visible, not yet synced) but reported failed.
+    AfterWrite,
+    /// Instead of the group's flush and sync: the group is written but not made durable.
+    Sync,
+}
+
+#[cfg(any(test, feature = "test-hooks"))]
+pub(crate) use enabled::{Hold, Hooks};
+
+#[cfg(any(test, feature = "test-hooks"))]
+mod enabled {
+    use super::FaultPoint;
+    use crate::lock::lock;
+    use std::io;
+    use std::sync::{Arc, Condvar, Mutex};
+    use std::time::{Duration, Instant};
+
+    #[derive(Default)]
+    struct HoldState {
+        held: bool,
+        parked: bool,
+        shutdown: bool,
+    }
+
+    /// A gate between a group's writes and its sync.
+    #[derive(Default)]
+    pub(crate) struct Hold {
+        state: Mutex<HoldState>,
+        cv: Condvar,
+    }
+
+    impl Hold {
+        pub(crate) fn set(&self, held: bool) {
+            lock(&self.state).held = held;
+            self.cv.notify_all();
+        }
+
+        fn shutdown(&self) {
+            lock(&self.state).shutdown = true;
+            self.cv.notify_all();
+        }
+
+        fn park_if_held(&self) {
+            let mut g = lock(&self.state);
+            while g.held && !g.shutdown {
+                g.parked = true;
+                self.cv.notify_all();
+                g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            g.parked = false;
+            self.cv.notify_all();
+        }
+
+        pub(crate) fn wait_parked(&self, timeout: Duration) -> bool {
+            let deadline = Instant::now() + timeout;
+            let mut g = lock(&self.state);
+            while !g.parked {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return false;
+                }
+                g = self.cv.wait_timeout(g, left).unwrap_or_else(|e| e.into_inner()).0;
+            }
+            true
+        }
+    }
+
+    /// The hooks of one store.
+    #[derive(Default)]
+    pub(crate) struct Hooks {
+        pub(crate) hold: Arc<Hold>,
+        faults: Mutex<Option<(FaultPoint, u64)>>,
+    }
+
+    impl Hooks {
+        pub(crate) fn new() -> Hooks {
+            Hooks::default()
+        }
+
+        /// Unparks a held committer for good (the last store handle is gone).
+        pub(crate) fn shutdown(&self) {
+            self.hold.shutdown();
+        }
+
+        /// Called by the committer between a group's writes and its sync.
+        pub(crate) fn park_if_held(&self) {
+            self.hold.park_if_held();
+        }
+
+        pub(crate) fn arm_fault(&self, point: FaultPoint, nth: u64) {
+            *lock(&self.faults) = Some((point, nth.max(1)));
+        }
+
+        /// Fails if a fault is armed at `point` and this is its n-th visit.
+        pub(crate) fn fault(&self, point: FaultPoint) -> io::Result<()> {
+            let mut f = lock(&self.faults);
+            if let Some((p, n)) = f.as_mut() {
+                if *p == point {
+                    *n -= 1;
+                    if *n == 0 {
+                        *f = None;
+                        return Err(io::Error::other(format!("injected fault at {point:?}")));
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Without the `test-hooks` feature: no hooks, every call a no-op.
+#[cfg(not(any(test, feature = "test-hooks")))]
+pub(crate) struct Hooks;
+
+#[cfg(not(any(test, feature = "test-hooks")))]
+impl Hooks {
+    pub(crate) fn new() -> Hooks {
+        Hooks
+    }
+
+    #[inline(always)]
+    pub(crate) fn shutdown(&self) {}
+
+    #[inline(always)]
+    pub(crate) fn park_if_held(&self) {}
+
+    #[inline(always)]
+    pub(crate) fn fault(&self, _point: FaultPoint) -> std::io::Result<()> {
+        Ok(())
+    }
+}

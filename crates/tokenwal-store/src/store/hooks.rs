@@ -1,0 +1,107 @@
+//! Test hooks: crash images, the ack hold, fault injection and raw writes. Compiled only with the
+//! `test-hooks` feature (and in this crate's unit tests): a release build has none of them.
+
+use super::Store;
+use crate::backend::mem::MemBackend;
+use crate::backend::Backend;
+use crate::hooks::{FaultPoint, Hold};
+use crate::keys::KeyRing;
+use crate::layout::Tree;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+impl Store {
+    /// restart after a power cut at this instant would find. Writes applied but not yet synced are
+    /// absent. The crash image is not poisoned, whatever this store is.
+    ///
+    /// # Panics
+    ///
+    /// If this store is not in-memory ([`Store::in_memory`]).
+    pub fn crash_image(&self) -> Store {
+        match &self.shared().backend {
+            Backend::Memory(m) => {
+                let backend = Backend::Memory(MemBackend::from_image(m.durable_image()));
+                Store::start(backend, self.shared().keys.clone(), self.shared().config.clone(), Instant::now(), None)
+                    .expect("a crash image of an in-memory store always opens")
+                    .0
+            }
+            Backend::Sled(_) => panic!("crash_image is only available on an in-memory store"),
+        }
+    }
+
+    /// Test hook: [`Store::crash_image`], reopened under the ring `keys` makes of this store's ring
+    /// (e.g. a rotated one).
+    ///
+    /// # Panics
+    ///
+    /// If this store is not in-memory, or the new ring cannot open it.
+    pub fn crash_image_with_keys(&self, keys: impl FnOnce(&KeyRing) -> KeyRing) -> Store {
+        match &self.shared().backend {
+            Backend::Memory(m) => {
+                let backend = Backend::Memory(MemBackend::from_image(m.durable_image()));
+                let keys = keys(&self.shared().keys);
+                Store::start(backend, keys, self.shared().config.clone(), Instant::now(), None)
+                    .expect("the crash image opens under the new ring")
+                    .0
+            }
+            Backend::Sled(_) => panic!("crash_image_with_keys is only available on an in-memory store"),
+        }
+    }
+
+    /// Test hook: holds every commit group between its writes and its sync until the returned guard
+    /// is released or dropped. Writers are not answered meanwhile.
+    pub fn hold_acks(&self) -> AckHold {
+        let hold = Arc::clone(&self.shared().hooks.hold);
+        hold.set(true);
+        AckHold { hold }
+    }
+
+    /// Test hook: makes the `nth` (1 = next) visit of `point` fail with an I/O error.
+    pub fn inject_fault(&self, point: FaultPoint, nth: u64) {
+        self.shared().hooks.arm_fault(point, nth);
+    }
+
+    /// Test hook: overwrites one raw entry of the in-memory store's live and durable images
+    /// (`tree` is one of the [`crate::layout`] tree names). Returns `false` for a sled store or an unknown
+    /// tree.
+    pub fn put_raw_for_test(&self, tree: &str, key: &[u8], value: &[u8]) -> bool {
+        let Some(t) = Tree::ALL.into_iter().find(|t| t.name() == tree) else { return false };
+        match &self.shared().backend {
+            Backend::Memory(m) => {
+                m.put_durable(t, key, value);
+                true
+            }
+            Backend::Sled(_) => false,
+        }
+    }
+}
+
+/// Test hook returned by [`Store::hold_acks`]: while it lives, commit groups are written but not
+/// synced, and their writers are not answered.
+#[must_use = "the hold ends when this guard is dropped"]
+pub struct AckHold {
+    hold: Arc<Hold>,
+}
+
+impl AckHold {
+    /// Waits until a commit group is parked at the hold (written, not synced). `false` on timeout.
+    pub fn wait_parked(&self, timeout: Duration) -> bool {
+        self.hold.wait_parked(timeout)
+    }
+
+    /// Lets the parked group (and every later one) sync.
+    pub fn release(self) {}
+}
+
+impl Drop for AckHold {
+    fn drop(&mut self) {
+        self.hold.set(false);
+    }
+}
+
+impl fmt::Debug for AckHold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AckHold")
+    }
+}

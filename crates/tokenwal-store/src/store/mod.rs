@@ -1,0 +1,120 @@
+//! The store handle, by subject.
+//!
+//! * `open` — [`Store::open`] (sled), [`Store::in_memory`], and what every open does: read or
+//!   create the `meta` tree, count the open index, start the committer.
+//! * `upgrade` — [`Store::upgrade_format1`]: sealing a format-1 store in place.
+//! * `write` — [`Store::apply`]: validate, seal on the caller's thread, hand to the committer.
+//! * `read` — [`Store::get`], [`Store::open_grants`], [`Store::for_each_grant`],
+//!   [`Store::history`]: durable state only (pre-images first).
+//! * `rekey` — [`Store::reseal_blocking`], [`Store::key_usage`]: moving states to the active key.
+//! * `compact` — [`Store::compact`]: deleting journal records past retention.
+//! * `hooks` — test hooks (crash images, the ack hold, fault injection, raw writes), compiled only
+//!   with the `test-hooks` feature.
+
+mod compact;
+#[cfg(any(test, feature = "test-hooks"))]
+mod hooks;
+mod open;
+mod read;
+mod rekey;
+mod upgrade;
+mod write;
+
+#[cfg(any(test, feature = "test-hooks"))]
+pub use hooks::AckHold;
+pub use rekey::{KeyUsage, Reseal};
+
+use crate::commit::Request;
+use crate::config::StoreStats;
+use crate::error::StoreError;
+use crate::keys::KeyId;
+use crate::shared::Shared;
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use tokenwal_core::{DurableLog, FingerprintKey, WriteBatch};
+
+/// The durable journal and token store: a cheap, cloneable handle.
+///
+/// One committer thread owns all writes ([`Store::apply`]); reads run on the caller's thread and
+/// see only durable state. Dropping the last handle stops the committer (after it answers the
+/// writes already queued) and closes the backend.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    tx: Option<mpsc::Sender<Request>>,
+    committer: Option<JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // A test's ack hold must not keep the committer parked forever.
+        self.shared.hooks.shutdown();
+        drop(self.tx.take());
+        if let Some(h) = self.committer.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.shared().backend.name())
+            .field("grants", &self.grant_count())
+            .field("poisoned", &self.shared().is_poisoned())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.inner.shared
+    }
+
+    pub(crate) fn check(&self) -> Result<(), StoreError> {
+        if self.shared().is_poisoned() {
+            Err(StoreError::Poisoned)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The key of credential fingerprints: 32 random bytes created with the store, persisted in it.
+    pub fn fingerprint_key(&self) -> FingerprintKey {
+        self.shared().fingerprint.clone()
+    }
+
+    /// The ids of the store keys this handle holds (active first).
+    pub fn key_ids(&self) -> Vec<KeyId> {
+        self.shared().keys.ids()
+    }
+
+    /// Counters since open (batches applied, records, syncs, conflicts, …).
+    pub fn stats(&self) -> StoreStats {
+        self.shared().counters.snapshot()
+    }
+
+    /// The number of durable grants (kept as a counter: O(1)).
+    pub fn grant_count(&self) -> usize {
+        self.shared().durable_grants.load(Ordering::Relaxed) as usize
+    }
+
+    /// Whether an earlier write or sync failed (every call now fails until the store is reopened).
+    pub fn is_poisoned(&self) -> bool {
+        self.shared().is_poisoned()
+    }
+}
+
+impl DurableLog for Store {
+    type Error = StoreError;
+
+    fn apply(&self, batch: WriteBatch) -> impl std::future::Future<Output = Result<(), StoreError>> + Send {
+        Store::apply(self, batch)
+    }
+}

@@ -1,0 +1,175 @@
+//! Reading: every read sees only durable state (a grant a commit group is writing is read from
+//! its pre-image until the group is synced), and checks the fail-stop flag after it reads.
+
+use super::Store;
+use crate::config::{History, RecoveryMode, ScanReport};
+use crate::error::StoreError;
+use crate::keys::KeyRing;
+use crate::layout::{self, Tree};
+use crate::lock::lock;
+use crate::seal::{self, OpenError, Slot};
+use std::collections::BTreeMap;
+use tokenwal_core::{codec, GrantKey, GrantState, Record};
+
+impl Store {
+    /// The grant's durable state (`None` if it does not exist).
+    ///
+    /// A state whose frame fails its checks is [`StoreError::Corrupt`]; other grants are unaffected.
+    pub fn get(&self, grant: &GrantKey) -> Result<Option<GrantState>, StoreError> {
+        self.check()?;
+        let key = grant.to_bytes();
+        // Read the live tree first, then the pre-images: a write that became visible before this
+        // read has its pre-image registered until it is durable (see `commit`).
+        let live = self.shared().backend.get(Tree::Grants, &key)?;
+        let frame = match lock(&self.shared().pending).get(&key) {
+            Some(pre) => pre.state.clone(),
+            None => live,
+        };
+        // A group that failed after this read started may have cleared its pre-images: the store
+        // was poisoned before that, so checking again keeps a non-durable state from escaping.
+        self.check()?;
+        frame.map(|f| decode_grant(&self.shared().keys, &key, &f)).transpose()
+    }
+
+    /// The stored envelope of `grant` as readers see it (pre-image first), with its durable open flag.
+    pub(super) fn stored_envelope(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let live = self.shared().backend.get(Tree::Grants, key)?;
+        let frame = match lock(&self.shared().pending).get(key) {
+            Some(pre) => pre.state.clone(),
+            None => live,
+        };
+        self.check()?;
+        Ok(frame)
+    }
+
+    /// The durable states of every grant in an open phase (an intent without outcome, or an
+    /// ambiguity), in key order: recovery's work list. Reads only the open index, so the cost is
+    /// proportional to the open grants, not to all grants or the history.
+    ///
+    /// Entries that fail their checks are skipped (and logged): they were reported by
+    /// [`Store::open`] in [`OpenReport::corrupt`](crate::OpenReport::corrupt), and [`Store::get`] answers `Corrupt` for them.
+    pub fn open_grants(&self) -> Result<Vec<GrantState>, StoreError> {
+        self.check()?;
+        let backend = &self.shared().backend;
+        let mut keys = Vec::new();
+        backend.scan(Tree::Open, &[], &mut |k, _| {
+            keys.push(k.to_vec());
+            true
+        })?;
+        let mut frames = BTreeMap::new();
+        for k in keys {
+            let f = backend.get(Tree::Grants, &k)?;
+            frames.insert(k, f);
+        }
+        for (k, pre) in lock(&self.shared().pending).iter() {
+            frames.remove(k);
+            if pre.open {
+                frames.insert(k.clone(), pre.state.clone());
+            }
+        }
+        let mut out = Vec::with_capacity(frames.len());
+        for (k, f) in frames {
+            let Some(f) = f else {
+                tracing::error!(what = %layout::key_name(layout::OPEN, &k), "open index entry without a state");
+                continue;
+            };
+            match decode_grant(&self.shared().keys, &k, &f) {
+                Ok(s) if s.phase.is_open() => out.push(s),
+                Ok(_) => {
+                    tracing::error!(what = %layout::key_name(layout::OPEN, &k), "open index entry of a closed state")
+                }
+                Err(e) => tracing::error!(error = %e, "skipping a corrupt open grant"),
+            }
+        }
+        self.check()?; // see `get`
+        Ok(out)
+    }
+
+    /// Calls `f` with the durable state of every grant, in key order (a full scan). States that fail
+    /// their checks are skipped and listed in the report.
+    pub fn for_each_grant(&self, mut f: impl FnMut(GrantState)) -> Result<ScanReport, StoreError> {
+        self.check()?;
+        let shared = self.shared();
+        let mut report = ScanReport::default();
+        shared.backend.scan(Tree::Grants, &[], &mut |k, v| {
+            let pre = lock(&shared.pending).get(k).map(|p| p.state.clone());
+            let decoded = match &pre {
+                // A grant whose first write is not durable yet does not exist.
+                Some(None) => return true,
+                Some(Some(frame)) => decode_grant(&shared.keys, k, frame),
+                None => decode_grant(&shared.keys, k, v),
+            };
+            match decoded {
+                Ok(s) => {
+                    report.grants += 1;
+                    f(s);
+                }
+                Err(e) => {
+                    let what = layout::key_name(layout::GRANTS, k);
+                    tracing::error!(what = %what, error = %e, "unreadable grant state skipped by a scan");
+                    report.corrupt.push(what);
+                }
+            }
+            true
+        })?;
+        self.check()?; // see `get`: a scan that raced a failed group reports the failure
+        Ok(report)
+    }
+
+    /// The grant's durable journal records, `(lsn, record)` in LSN order (records older than the
+    /// retention may have been compacted away).
+    ///
+    /// A record that fails its checks is [`StoreError::Corrupt`] under [`RecoveryMode::Strict`];
+    /// under [`RecoveryMode::SkipCorruptRecords`] it is skipped and logged (see
+    /// [`Store::history_report`] for the list).
+    pub fn history(&self, grant: &GrantKey) -> Result<Vec<(u64, Record)>, StoreError> {
+        Ok(self.history_report(grant)?.records)
+    }
+
+    /// [`Store::history`], also listing the LSNs of skipped corrupt records.
+    pub fn history_report(&self, grant: &GrantKey) -> Result<History, StoreError> {
+        self.check()?;
+        let shared = self.shared();
+        let key = grant.to_bytes();
+        let mut lsns = Vec::new();
+        shared.backend.scan(Tree::History, &layout::history_prefix(&key), &mut |k, _| {
+            lsns.extend(layout::trailing_lsn(k));
+            true
+        })?;
+        if let Some(pre) = lock(&shared.pending).get(&key) {
+            lsns.retain(|l| *l < pre.first_lsn);
+        }
+        let mut out = History::default();
+        for lsn in lsns {
+            // Absent: compacted since the index was read.
+            let Some(frame) = shared.backend.get(Tree::Journal, &layout::journal_key(lsn))? else { continue };
+            match codec::decode_record(&frame) {
+                Ok(r) => out.records.push((lsn, r)),
+                Err(source) => {
+                    let what = format!("{}/{lsn}", layout::JOURNAL);
+                    if shared.config.recovery == RecoveryMode::Strict {
+                        return Err(StoreError::Corrupt { what, source });
+                    }
+                    tracing::warn!(what = %what, error = %source, "skipping a corrupt journal record");
+                    out.skipped.push(lsn);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+pub(super) fn open_error(keys: &KeyRing, key: &[u8], e: OpenError) -> StoreError {
+    let what = layout::key_name(layout::GRANTS, key);
+    match e {
+        OpenError::Corrupt(source) => StoreError::Corrupt { what, source },
+        OpenError::UnknownKey(key_id) => StoreError::KeyUnavailable { what, key_id, ring: keys.ids() },
+    }
+}
+
+/// Opens a stored envelope and decodes the state frame inside. The plaintext is wiped after decoding.
+pub(super) fn decode_grant(keys: &KeyRing, key: &[u8], sealed: &[u8]) -> Result<GrantState, StoreError> {
+    let (_, plain) = seal::open(keys, Slot::State(key), sealed).map_err(|e| open_error(keys, key, e))?;
+    codec::decode_state(&plain)
+        .map_err(|source| StoreError::Corrupt { what: layout::key_name(layout::GRANTS, key), source })
+}
