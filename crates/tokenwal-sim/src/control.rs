@@ -45,8 +45,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::faults::{Fault, RandomFaults};
-use crate::shared::Shared;
 use crate::model::{ModelConfig, ModelError};
+use crate::shared::Shared;
 
 /// An error answer of the control API.
 struct ControlError(StatusCode, String);

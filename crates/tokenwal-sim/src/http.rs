@@ -31,9 +31,9 @@ use crate::counters::CounterSet;
 use crate::faults::{Fault, FaultConfigError};
 use crate::hold::{HoldStatus, Verdict};
 use crate::model::{AdminApi, Model, ShopState};
-use crate::shared::{wait_shutdown, Shared};
-pub use crate::shared::SimClock;
 use crate::reply::{Delivery, HttpReply};
+pub use crate::shared::SimClock;
+use crate::shared::{wait_shutdown, Shared};
 use crate::token::TokenSet;
 
 /// How long graceful shutdown waits for open connections before dropping them.

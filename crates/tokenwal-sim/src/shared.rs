@@ -60,4 +60,3 @@ pub(crate) async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
         }
     }
 }
-

@@ -4,63 +4,11 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
-use tokenwal::core::{
-    AccessToken, ClientSecret, Event, GrantKey, Phase, Record, RefreshToken, Resolution, ShopDomain, TokenSet,
-    UnixMillis,
-};
+use tokenwal::core::{AccessToken, Event, GrantKey, Phase, Record, RefreshToken, Resolution, ShopDomain, TokenSet};
 use tokenwal::store::Store;
-use tokenwal::{Config, Engine, Error, StoreLocation};
-use tokenwal_sim::{serve, Fault, SimConfig, SimHandle};
-
-const CLIENT_ID: &str = "sim-client-id";
-const SECRET: &str = "sim-client-secret";
-
-fn shop(name: &str) -> ShopDomain {
-    ShopDomain::parse(&format!("{name}.myshopify.com")).unwrap()
-}
-
-fn now() -> UnixMillis {
-    UnixMillis::from_system_time(std::time::SystemTime::now())
-}
-
-async fn sim() -> SimHandle {
-    serve(SimConfig::default(), "127.0.0.1:0".parse().unwrap()).await.unwrap()
-}
-
-fn config(base: &str, store: StoreLocation, secret: &str) -> Config {
-    let mut c = Config::shopify(store, CLIENT_ID, ClientSecret::new(secret))
-        .with_insecure_test_endpoint(url::Url::parse(base).unwrap())
-        .with_store_keys(tokenwal::KeySource::Ring(tokenwal::KeyRing::insecure_test_ring()));
-    c.proactive = false;
-    c.max_wait = Duration::from_secs(10);
-    c.timeouts.connect = Duration::from_secs(2);
-    c.timeouts.total = Duration::from_secs(3);
-    c.policy.backoff.base = Duration::from_millis(40);
-    c.policy.backoff.cap = Duration::from_millis(400);
-    c
-}
-
-/// Seeds `name` in the simulator and returns its tokens as tokenwal sees them, with the access
-/// token already expired (so the next `access_token` must refresh).
-fn seed(sim: &SimHandle, name: &str) -> TokenSet {
-    let t = sim.seed_shop(&shop(name).to_string());
-    TokenSet {
-        access_token: AccessToken::new(t.access_token.as_str()),
-        access_expires_at: now(),
-        refresh_token: RefreshToken::new(t.refresh_token.as_str()),
-        refresh_expires_at: Some(now().saturating_add(Duration::from_secs(t.refresh_token_expires_in))),
-        scope: Some(t.scope.clone()),
-    }
-}
-
-fn accepted(sim: &SimHandle, name: &str, token: &AccessToken) -> bool {
-    let now = sim.now_ms();
-    sim.with_model(|m| m.access_token_valid(&shop(name).to_string(), token.expose_secret(), now))
-}
-
-fn history(engine: &Engine, name: &str) -> Vec<Record> {
-    engine.store().history(&GrantKey::shopify(&shop(name))).unwrap().into_iter().map(|(_, r)| r).collect()
-}
+use tokenwal::{Engine, Error, StoreLocation};
+use tokenwal_sim::{serve, Fault, SimConfig};
+use tokenwal_testkit::{accepted, engine_config as config, history, now, seed, shop, sim, SECRET};
 
 #[tokio::test]
 async fn intent_is_durable_before_the_request_leaves() {

@@ -5,9 +5,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokenwal::core::{
-    AccessToken, ClientSecret, GrantKey, InstallSource, Machine, RefreshToken, RetryPolicy, TokenSet, UnixMillis,
+    AccessToken, ClientSecret, GrantKey, InstallSource, Machine, RefreshToken, RetryPolicy, TokenSet,
 };
 use tokenwal::{ClientAuth, Config, Endpoint, Engine, StoreLocation};
+use tokenwal_testkit::now;
 
 type Seen = Arc<Mutex<Vec<(Option<String>, HashMap<String, String>)>>>;
 
@@ -55,7 +56,7 @@ fn config(url: &str, auth: ClientAuth) -> Config {
 fn expired(rt: &str) -> TokenSet {
     TokenSet {
         access_token: AccessToken::new("at-0"),
-        access_expires_at: UnixMillis::from_system_time(std::time::SystemTime::now()),
+        access_expires_at: now(),
         refresh_token: RefreshToken::new(rt),
         refresh_expires_at: None,
         scope: None,
@@ -83,11 +84,10 @@ async fn basic_auth_and_rotation() {
     let shop = tokenwal::core::ShopDomain::parse("x.myshopify.com").unwrap();
     let foreign = GrantKey::shopify(&shop);
     let mut valid = expired("rt-shopify");
-    valid.access_expires_at = UnixMillis::from_system_time(std::time::SystemTime::now() + Duration::from_secs(600));
+    valid.access_expires_at = now().saturating_add(Duration::from_secs(600));
     let machine = Machine::shopify(engine.store().fingerprint_key());
-    let now = UnixMillis::from_system_time(std::time::SystemTime::now());
     machine
-        .install(None, foreign.clone(), valid, InstallSource::Application, now)
+        .install(None, foreign.clone(), valid, InstallSource::Application, now())
         .make_durable(engine.store())
         .await
         .unwrap();

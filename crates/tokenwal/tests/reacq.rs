@@ -4,82 +4,22 @@
 //! in-flight refresh), scopes updates.
 
 use std::time::Duration;
-use tokenwal::core::{
-    AccessToken, AttemptKind, ClientSecret, Event, GrantKey, LegacyToken, Phase, Record, RefreshToken, SessionToken,
-    ShopDomain, TokenSet, UnixMillis,
-};
+use tokenwal::core::{AttemptKind, Event, GrantKey, LegacyToken, Phase, Record, SessionToken, UnixMillis};
 use tokenwal::store::Store;
 use tokenwal::{
     Config, Engine, Error, ExchangeError, MigrateError, MigrateOutcome, MigrationState, SessionTokenProblem,
     StoreLocation,
 };
-use tokenwal_sim::{mint_session_token, serve, Fault, SimConfig, SimHandle, TokenStatus};
+use tokenwal_sim::{mint_session_token, Fault, SimHandle, TokenStatus};
+use tokenwal_testkit::{accepted, drain, history, now, requests, seed, shop, sim, state, CLIENT_ID, SECRET};
 
-const CLIENT_ID: &str = "sim-client-id";
-const SECRET: &str = "sim-client-secret";
-
-fn shop(name: &str) -> ShopDomain {
-    ShopDomain::parse(&format!("{name}.myshopify.com")).unwrap()
-}
-
-fn now() -> UnixMillis {
-    UnixMillis::from_system_time(std::time::SystemTime::now())
-}
-
-async fn sim() -> SimHandle {
-    serve(SimConfig::default(), "127.0.0.1:0".parse().unwrap()).await.unwrap()
-}
-
+/// The shared engine configuration with the default app's secret.
 fn config(base: &str, store: StoreLocation) -> Config {
-    let mut c = Config::shopify(store, CLIENT_ID, ClientSecret::new(SECRET))
-        .with_insecure_test_endpoint(url::Url::parse(base).unwrap());
-    c.proactive = false;
-    c.max_wait = Duration::from_secs(10);
-    c.timeouts.connect = Duration::from_secs(2);
-    c.timeouts.total = Duration::from_secs(3);
-    c.policy.backoff.base = Duration::from_millis(40);
-    c.policy.backoff.cap = Duration::from_millis(400);
-    c
-}
-
-fn seed(sim: &SimHandle, name: &str) -> TokenSet {
-    let t = sim.seed_shop(&shop(name).to_string());
-    TokenSet {
-        access_token: AccessToken::new(t.access_token.as_str()),
-        access_expires_at: now(),
-        refresh_token: RefreshToken::new(t.refresh_token.as_str()),
-        refresh_expires_at: Some(now().saturating_add(Duration::from_secs(t.refresh_token_expires_in))),
-        scope: Some(t.scope.clone()),
-    }
-}
-
-fn accepted(sim: &SimHandle, name: &str, token: &AccessToken) -> bool {
-    let now = sim.now_ms();
-    sim.with_model(|m| m.access_token_valid(&shop(name).to_string(), token.expose_secret(), now))
-}
-
-fn history(engine: &Engine, name: &str) -> Vec<Record> {
-    engine.store().history(&GrantKey::shopify(&shop(name))).unwrap().into_iter().map(|(_, r)| r).collect()
-}
-
-fn state(engine: &Engine, name: &str) -> Option<tokenwal::core::GrantState> {
-    engine.state(&GrantKey::shopify(&shop(name))).unwrap()
-}
-
-fn requests(sim: &SimHandle, name: &str) -> u64 {
-    sim.counters().shop(&shop(name).to_string()).token_requests
+    tokenwal_testkit::engine_config(base, store, SECRET)
 }
 
 fn session(sim: &SimHandle, name: &str) -> SessionToken {
     SessionToken::new(sim.session_token(&shop(name).to_string()))
-}
-
-fn drain(events: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<Event> {
-    let mut out = Vec::new();
-    while let Ok(e) = events.try_recv() {
-        out.push(e);
-    }
-    out
 }
 
 /// Kills tokenwal's grant at the server: an acquisition elsewhere retires its refresh token.

@@ -10,7 +10,6 @@ pub(super) enum AdminVerdict {
     NonExpiringRefused,
 }
 
-
 impl Model {
     /// Handles an Admin API request carrying `X-Shopify-Access-Token: token`.
     pub fn handle_admin(&mut self, now: u64, shop: &str, token: Option<&str>, api: AdminApi) -> AdminReply {

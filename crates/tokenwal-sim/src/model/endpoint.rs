@@ -1,7 +1,7 @@
 //! The token endpoint: parsing, app authentication, fault selection and dispatch by grant type;
 //! how a fault turns a committed outcome into what goes on the wire.
 
-use super::state::{GrantKey};
+use super::state::GrantKey;
 use super::*;
 
 impl Model {
@@ -105,7 +105,13 @@ impl Model {
         }
     }
 
-    pub(super) fn process(&mut self, now: u64, shop: &str, params: &TokenParams, short_ttl: Option<u64>) -> TokenOutcome {
+    pub(super) fn process(
+        &mut self,
+        now: u64,
+        shop: &str,
+        params: &TokenParams,
+        short_ttl: Option<u64>,
+    ) -> TokenOutcome {
         let (Some(client_id), Some(secret)) = (params.get("client_id"), params.get("client_secret")) else {
             return TokenOutcome::Rejected(OAuthError::invalid_request("Missing client_id or client_secret"));
         };
@@ -124,7 +130,6 @@ impl Model {
         }
     }
 }
-
 
 /// The 5xx answer of [`Fault::FailBeforeProcessing`].
 pub(super) fn server_error_reply(status: u16, json: bool, request_id: &str) -> HttpReply {

@@ -17,7 +17,6 @@ pub(super) enum Decision {
     Reject { reuse: bool },
 }
 
-
 impl Model {
     pub(super) fn evaluate(&self, token: &str, key: &GrantKey, now: u64) -> Decision {
         let Some(rec) = self.refresh.get(token) else {

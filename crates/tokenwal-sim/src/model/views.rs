@@ -1,8 +1,8 @@
 //! Queries: liveness of grants and tokens, and the [`ShopState`] snapshot.
 
-use super::state::{Grant, GrantKey, RefreshState};
 use super::admin::AdminVerdict;
 use super::refresh::Decision;
+use super::state::{Grant, GrantKey, RefreshState};
 use super::*;
 
 impl Model {
