@@ -122,3 +122,42 @@ pub fn drain(events: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<Event>
     }
     out
 }
+
+/// A simulator on its own runtime, for synchronous tests (the CLI suites drive real processes
+/// from plain `#[test]`s). Dropping it shuts the simulator down.
+pub struct BlockingSim {
+    rt: tokio::runtime::Runtime,
+    handle: Option<SimHandle>,
+}
+
+impl BlockingSim {
+    /// The default configuration, one worker thread.
+    pub fn start() -> BlockingSim {
+        BlockingSim::start_with(SimConfig::default(), 1)
+    }
+
+    /// `config`, on a runtime with `workers` worker threads.
+    pub fn start_with(config: SimConfig, workers: usize) -> BlockingSim {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().unwrap();
+        let handle = rt.block_on(sim_with(config));
+        BlockingSim { rt, handle: Some(handle) }
+    }
+
+    /// The simulator.
+    pub fn h(&self) -> &SimHandle {
+        self.handle.as_ref().unwrap()
+    }
+
+    /// The simulator's runtime (to `block_on` its async helpers).
+    pub fn runtime(&self) -> &tokio::runtime::Runtime {
+        &self.rt
+    }
+}
+
+impl Drop for BlockingSim {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            self.rt.block_on(h.shutdown());
+        }
+    }
+}
