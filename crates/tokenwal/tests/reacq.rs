@@ -208,14 +208,16 @@ async fn an_install_by_the_front_end_wins_over_an_exchange_in_flight() {
     let (engine, _) = Engine::open(config(&sim.base_url(), StoreLocation::InMemory)).await.unwrap();
     engine.install(&shop("race"), tokens).await.unwrap();
     let name = shop("race").to_string();
-    sim.push_faults(&name, [Fault::Slow { delay_ms: 600 }]).unwrap();
+    sim.hold(&name);
     let e = engine.clone();
     let tok = session(&sim, "race");
     let exchange = tokio::spawn(async move { e.exchange_session_token(&shop("race"), tok).await });
     // The exchange is processed by the server (then held); the front end acquires after it.
-    wait_for(|| sim.counters().shop(&name).acquisitions >= 2).await;
+    assert!(sim.wait_held(&name, Duration::from_secs(10)).await);
+    assert!(sim.counters().shop(&name).acquisitions >= 2);
     let newer = seed(&sim, "race");
     let installed = engine.install(&shop("race"), newer.clone()).await.unwrap();
+    assert!(sim.release(&name));
     let got = exchange.await.unwrap().unwrap();
     assert_eq!(got, installed, "the newer install's generation is reported");
     let s = state(&engine, "race").unwrap();
@@ -323,11 +325,12 @@ async fn a_crash_during_migration_is_resumed_by_recovery() {
     let store = Store::in_memory();
     let (engine, _) = Engine::open(config(&sim.base_url(), StoreLocation::Open(store.clone()))).await.unwrap();
     // The server processes the migration and holds its answer; the process "dies" meanwhile.
-    sim.push_faults(&name, [Fault::Slow { delay_ms: 1_500 }]).unwrap();
+    sim.hold(&name);
     let e = engine.clone();
     let lt = LegacyToken::new(legacy.as_str());
     let task = tokio::spawn(async move { e.migrate(&shop("crashy"), lt).await });
-    wait_for(|| sim.counters().shop(&name).migrations == 1).await;
+    assert!(sim.wait_held(&name, Duration::from_secs(10)).await);
+    assert_eq!(sim.counters().shop(&name).migrations, 1);
     let image = store.crash_image();
     task.abort();
     drop(engine);
@@ -353,12 +356,14 @@ async fn an_uninstall_during_an_in_flight_refresh_stores_nothing() {
     let (engine, _) = Engine::open(config(&sim.base_url(), StoreLocation::InMemory)).await.unwrap();
     engine.install(&shop("bye"), tokens).await.unwrap();
     let name = shop("bye").to_string();
-    sim.push_faults(&name, [Fault::Slow { delay_ms: 800 }]).unwrap();
+    sim.hold(&name);
     let e = engine.clone();
     let refresh = tokio::spawn(async move { e.access_token(&shop("bye")).await });
-    wait_for(|| sim.counters().shop(&name).rotations == 1).await;
+    assert!(sim.wait_held(&name, Duration::from_secs(10)).await);
+    assert_eq!(sim.counters().shop(&name).rotations, 1);
     assert!(matches!(state(&engine, "bye").unwrap().phase, Phase::Refreshing { .. }));
     engine.uninstalled(&shop("bye")).await.unwrap();
+    assert!(sim.release(&name));
     let err = refresh.await.unwrap().unwrap_err();
     assert!(matches!(err, Error::Uninstalled { .. }), "{err}");
 
