@@ -9,9 +9,7 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokenwal::core::{
-    AccessToken, AmbiguityReason, ClientSecret, GrantKey, Phase, RefreshToken, ShopDomain, TokenSet,
-};
+use tokenwal::core::{AccessToken, AmbiguityReason, ClientSecret, GrantKey, Phase, RefreshToken, ShopDomain, TokenSet};
 use tokenwal::{Config, Engine, Error, StoreLocation};
 use tokenwal_testkit::now;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
