@@ -29,16 +29,17 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tokenwal::core::{
-    AccessToken, ClientSecret, GrantKey, GrantState, Phase, RefreshToken, RetryPolicy, ShopDomain, TokenSet, UnixMillis,
+    AccessToken, ClientSecret, GrantKey, GrantState, Phase, RefreshToken, RetryPolicy, ShopDomain, TokenSet,
 };
 use tokenwal::store::{FaultPoint, Store, StoreConfig};
 use tokenwal::{Config, Engine, Error, StoreLocation};
 use tokenwal_sim::config::PolicyKind;
 use tokenwal_sim::{serve, Fault, SimConfig, SimHandle};
+use tokenwal_testkit::{now as wall_now, CLIENT_ID, SECRET};
 
 const CHILD: &str = "TOKENWAL_CRASH_CHILD";
 const ENV_DIR: &str = "TOKENWAL_CRASH_DIR";
@@ -52,8 +53,6 @@ const ENV_TIMEOUT_MS: &str = "TOKENWAL_CRASH_TIMEOUT_MS";
 const ENV_STORE_FAULT: &str = "TOKENWAL_CRASH_STORE_FAULT";
 const FAILPOINT: &str = "TOKENWAL_FAILPOINT";
 
-const CLIENT_ID: &str = "sim-client-id";
-const SECRET: &str = "sim-client-secret";
 /// Every line the child reports starts with this marker (the test harness may print on the same
 /// line before it).
 const MARK: &str = "TWCRASH|";
@@ -66,10 +65,6 @@ fn shop(name: &str) -> ShopDomain {
 
 fn grant(name: &str) -> GrantKey {
     GrantKey::shopify(&shop(name))
-}
-
-fn wall_now() -> UnixMillis {
-    UnixMillis::from_system_time(SystemTime::now())
 }
 
 // ---------------------------------------------------------------------------------------------

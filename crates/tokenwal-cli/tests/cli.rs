@@ -7,39 +7,11 @@
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use tokenwal_sim::{serve, Fault, SimConfig, SimHandle};
+use tokenwal_sim::{Fault, SimHandle};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenwal");
-const ENV_VARS: [&str; 8] = [
-    "TOKENWAL_STORE_KEY",
-    "TOKENWAL_STORE_KEY_FILE",
-    "TOKENWAL_CLIENT_ID",
-    "TOKENWAL_CLIENT_SECRET",
-    "TOKENWAL_DB",
-    "TOKENWAL_CONFIG",
-    "TOKENWAL_INSECURE_TEST_ENDPOINT",
-    "RUST_LOG",
-];
-const CREDENTIALS: [(&str, &str); 2] =
-    [("TOKENWAL_CLIENT_ID", "sim-client-id"), ("TOKENWAL_CLIENT_SECRET", "sim-client-secret")];
-
-#[derive(Debug)]
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn all(&self) -> String {
-        format!("{}\n{}", self.stdout, self.stderr)
-    }
-}
-
-/// The store key every test command gets unless it says otherwise (the fixed, public test key).
-fn test_key() -> String {
-    tokenwal_store::StoreKey::insecure_test_key().to_base64().to_string()
-}
+use tokenwal_testkit::cli::{test_key, Out, CREDENTIALS, ENV_VARS};
+use tokenwal_testkit::BlockingSim;
 
 /// Runs `tokenwal --db DB ARGS` with a clean environment plus the test store key and `env`, feeding
 /// `stdin`.
@@ -49,28 +21,7 @@ fn tokenwal(db: &Path, args: &[&str], env: &[(&str, &str)], stdin: Option<&str>)
 
 /// [`tokenwal`], with `TOKENWAL_STORE_KEY` set to the test key only if `with_key`.
 fn tokenwal_keyed(db: &Path, args: &[&str], env: &[(&str, &str)], stdin: Option<&str>, with_key: bool) -> Out {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("--db").arg(db).args(args);
-    for k in ENV_VARS {
-        cmd.env_remove(k);
-    }
-    if with_key {
-        cmd.env("TOKENWAL_STORE_KEY", test_key());
-    }
-    cmd.envs(env.iter().copied());
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn tokenwal");
-    if let Some(input) = stdin {
-        // A command that does not read stdin may exit first: a broken pipe is not a failure.
-        let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
-    }
-    let out = child.wait_with_output().unwrap();
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    tokenwal_testkit::cli::run(BIN, db, args, env, stdin, with_key)
 }
 
 fn assert_no_secret(out: &Out, secrets: &[&str]) {
@@ -310,20 +261,15 @@ fn credentials_are_never_command_line_arguments() {
     assert!(help.stdout.contains("TOKENWAL_CLIENT_SECRET") && help.stdout.contains("EXIT CODES"));
 }
 
-struct Sim {
-    rt: tokio::runtime::Runtime,
-    handle: Option<SimHandle>,
-}
+struct Sim(BlockingSim);
 
 impl Sim {
     fn start() -> Sim {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let handle = rt.block_on(serve(SimConfig::default(), "127.0.0.1:0".parse().unwrap())).unwrap();
-        Sim { rt, handle: Some(handle) }
+        Sim(BlockingSim::start())
     }
 
     fn h(&self) -> &SimHandle {
-        self.handle.as_ref().unwrap()
+        self.0.h()
     }
 
     /// Seeds `name` and returns an import line with an already-expired access token.
@@ -337,14 +283,6 @@ impl Sim {
     fn accepted(&self, name: &str, token: &str) -> bool {
         let now = self.h().now_ms();
         self.h().with_model(|m| m.access_token_valid(&format!("{name}.myshopify.com"), token, now))
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        if let Some(h) = self.handle.take() {
-            self.rt.block_on(h.shutdown());
-        }
     }
 }
 

@@ -10,7 +10,8 @@
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use tokenwal_sim::{serve, Fault, SimConfig, SimHandle};
+use tokenwal_sim::{Fault, SimHandle};
+use tokenwal_testkit::BlockingSim;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenwal");
 const SECRET: &str = "sim-client-secret";
@@ -25,7 +26,7 @@ struct Out {
 
 /// The store key every command gets (a secret too: it must never be printed).
 fn store_key() -> String {
-    tokenwal_store::StoreKey::insecure_test_key().to_base64().to_string()
+    tokenwal_testkit::cli::test_key()
 }
 
 fn tokenwal(db: &Path, args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Out {
@@ -56,20 +57,15 @@ fn tokenwal(db: &Path, args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>
     o
 }
 
-struct Sim {
-    rt: tokio::runtime::Runtime,
-    handle: Option<SimHandle>,
-}
+struct Sim(BlockingSim);
 
 impl Sim {
     fn start() -> Sim {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let handle = rt.block_on(serve(SimConfig::default(), "127.0.0.1:0".parse().unwrap())).unwrap();
-        Sim { rt, handle: Some(handle) }
+        Sim(BlockingSim::start())
     }
 
     fn h(&self) -> &SimHandle {
-        self.handle.as_ref().unwrap()
+        self.0.h()
     }
 
     /// Every token the simulator ever issued, for every shop it knows.
@@ -82,14 +78,6 @@ impl Sim {
             }
         }
         all
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        if let Some(h) = self.handle.take() {
-            self.rt.block_on(h.shutdown());
-        }
     }
 }
 

@@ -10,52 +10,19 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tokenwal_sim::{serve, SimConfig, SimHandle};
+use tokenwal_testkit::cli::Out;
+use tokenwal_testkit::BlockingSim;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenwal");
-const ENV_VARS: [&str; 8] = [
-    "TOKENWAL_STORE_KEY",
-    "TOKENWAL_STORE_KEY_FILE",
-    "TOKENWAL_CLIENT_ID",
-    "TOKENWAL_CLIENT_SECRET",
-    "TOKENWAL_DB",
-    "TOKENWAL_CONFIG",
-    "TOKENWAL_INSECURE_TEST_ENDPOINT",
-    "RUST_LOG",
-];
-
-#[derive(Debug)]
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
 fn command(db: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = tokenwal_testkit::cli::clean_command(BIN);
     cmd.arg("--db").arg(db).args(args);
-    for k in ENV_VARS {
-        cmd.env_remove(k);
-    }
     cmd.envs(env.iter().copied());
     cmd
 }
 
 fn run(db: &Path, args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Out {
-    use std::io::Write;
-    let mut cmd = command(db, args, env);
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    if let Some(input) = stdin {
-        let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
-    }
-    let out = child.wait_with_output().unwrap();
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    tokenwal_testkit::cli::run(BIN, db, args, env, stdin, false)
 }
 
 fn line(shop: &str, access: &str, refresh: &str) -> String {
@@ -151,25 +118,10 @@ fn a_missing_unsafe_or_wrong_key_is_a_clear_error() {
     assert!(out.stderr.contains("malformed store key") && !out.stderr.contains("c2hvcnQ"), "{out:?}");
 }
 
-struct Sim {
-    rt: tokio::runtime::Runtime,
-    handle: Option<SimHandle>,
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        if let Some(h) = self.handle.take() {
-            self.rt.block_on(h.shutdown());
-        }
-    }
-}
-
 #[test]
 fn rotation_with_a_killed_rekey_then_a_rerun_then_the_old_key_dropped() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    let handle = rt.block_on(serve(SimConfig::default(), "127.0.0.1:0".parse().unwrap())).unwrap();
-    let sim = Sim { rt, handle: Some(handle) };
-    let h = sim.handle.as_ref().unwrap();
+    let sim = BlockingSim::start();
+    let h = sim.h();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("store");
     let file = dir.path().join("store.key");

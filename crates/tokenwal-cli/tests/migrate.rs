@@ -9,42 +9,21 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokenwal::core::{GrantKey, ShopDomain};
-use tokenwal_sim::{serve, Fault, SimConfig, SimHandle};
+use tokenwal_sim::{Fault, SimConfig};
+use tokenwal_testkit::cli::Out;
+use tokenwal_testkit::BlockingSim;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenwal");
 const CLIENT_ID: &str = "sim-client-id";
 const BAD_LINE_TOKEN: &str = "shpat_SECRET_OF_A_BAD_LINE";
 
-struct Sim {
-    _rt: tokio::runtime::Runtime,
-    h: SimHandle,
-}
-
-impl Sim {
-    fn start() -> Sim {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let h = rt.block_on(serve(SimConfig::default(), "127.0.0.1:0".parse().unwrap())).unwrap();
-        Sim { _rt: rt, h }
-    }
-}
-
 fn command(db: &Path, base: &str, args: &[&str]) -> Command {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = tokenwal_testkit::cli::clean_command(BIN);
     cmd.arg("--db").arg(db).arg("--insecure-test-endpoint").arg(base).arg("migrate").args(args);
-    for k in ["TOKENWAL_DB", "TOKENWAL_CONFIG", "TOKENWAL_INSECURE_TEST_ENDPOINT", "RUST_LOG"] {
-        cmd.env_remove(k);
-    }
-    cmd.env("TOKENWAL_CLIENT_ID", CLIENT_ID).env("TOKENWAL_CLIENT_SECRET", "sim-client-secret");
-    cmd.env_remove("TOKENWAL_STORE_KEY_FILE");
-    cmd.env("TOKENWAL_STORE_KEY", tokenwal_store::StoreKey::insecure_test_key().to_base64());
+    cmd.envs(tokenwal_testkit::cli::CREDENTIALS);
+    cmd.env("TOKENWAL_STORE_KEY", tokenwal_testkit::cli::test_key());
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd
-}
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
 }
 
 fn finish(child: Child) -> Out {
@@ -63,15 +42,15 @@ fn shop(i: usize) -> String {
 #[test]
 fn bulk_migration_with_lost_answers_429s_and_a_crash_migrates_every_shop_exactly_once() {
     const N: usize = 300;
-    let sim = Sim::start();
-    let base = sim.h.base_url();
+    let sim = BlockingSim::start_with(SimConfig::default(), 2);
+    let base = sim.h().base_url();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("store");
 
     // 300 shops with legacy tokens; random shops lose their answers or get throttled.
     let mut legacy = Vec::new();
     for i in 0..N {
-        let t = sim.h.with_model(|m| m.seed_legacy_token(&shop(i), None, None)).unwrap();
+        let t = sim.h().with_model(|m| m.seed_legacy_token(&shop(i), None, None)).unwrap();
         legacy.push(t.as_str().to_owned());
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
@@ -80,10 +59,10 @@ fn bulk_migration_with_lost_answers_429s_and_a_crash_migrates_every_shop_exactly
     let dropped = &order[..45];
     let throttled = &order[45..51];
     for &i in dropped {
-        sim.h.push_faults(&shop(i), [Fault::RotateThenDrop]).unwrap();
+        sim.h().push_faults(&shop(i), [Fault::RotateThenDrop]).unwrap();
     }
     for &i in throttled {
-        sim.h.push_faults(&shop(i), [Fault::Throttle { retry_after_secs: 1 }, Fault::RotateThenDrop]).unwrap();
+        sim.h().push_faults(&shop(i), [Fault::Throttle { retry_after_secs: 1 }, Fault::RotateThenDrop]).unwrap();
     }
 
     // The input: the shops in random order, plus three bad lines.
@@ -106,7 +85,7 @@ fn bulk_migration_with_lost_answers_429s_and_a_crash_migrates_every_shop_exactly
     // Run 1, killed (SIGKILL) once a third of the shops are migrated at the server.
     let started = Instant::now();
     let mut child = command(&db, &base, &args).spawn().unwrap();
-    while sim.h.counters().total.migrations < (N / 3) as u64 {
+    while sim.h().counters().total.migrations < (N / 3) as u64 {
         assert!(child.try_wait().unwrap().is_none(), "run 1 ended before the kill");
         assert!(started.elapsed() < Duration::from_secs(60), "run 1 too slow");
         std::thread::sleep(Duration::from_millis(2));
@@ -114,7 +93,7 @@ fn bulk_migration_with_lost_answers_429s_and_a_crash_migrates_every_shop_exactly
     child.kill().unwrap();
     let killed = finish(child);
     assert_ne!(killed.code, 0);
-    let at_kill = sim.h.counters().total.migrations;
+    let at_kill = sim.h().counters().total.migrations;
     assert!(at_kill < N as u64, "killed mid-run: {at_kill} of {N} migrated at the server");
 
     // Run 2 finishes the job.
@@ -138,23 +117,23 @@ fn bulk_migration_with_lost_answers_429s_and_a_crash_migrates_every_shop_exactly
     assert!(out.stderr.contains(&format!("line {}: {} was already given on line", N + 3, shop(order[0]))));
 
     // Exactly once at the server; legacy tokens revoked; every shop's current pair alive there.
-    let counters = sim.h.counters();
+    let counters = sim.h().counters();
     let store =
         tokenwal::store::Store::open(&db, &tokenwal::KeyRing::insecure_test_ring(), Default::default()).unwrap().0;
-    let now = sim.h.now_ms();
+    let now = sim.h().now_ms();
     let mut replays = 0;
     for i in 0..N {
         let s = shop(i);
         let c = counters.shop(&s);
         assert_eq!(c.migrations, 1, "{s}: migrated exactly once at the server: {c:?}");
         replays += c.migration_replays;
-        let view = sim.h.with_model(|m| m.shop_state(&s, now));
+        let view = sim.h().with_model(|m| m.shop_state(&s, now));
         assert!(view.alive, "{s}: locked out");
         assert!(view.legacy_tokens.iter().all(|l| format!("{:?}", l.status) == "Revoked"), "{s}: legacy revoked");
         let state = store.get(&GrantKey::shopify(&ShopDomain::parse(&s).unwrap())).unwrap().unwrap();
         assert!(state.has_live_pair(), "{s}: {:?}", state.phase);
         let t = state.tokens.as_ref().unwrap();
-        sim.h.with_model(|m| {
+        sim.h().with_model(|m| {
             assert!(m.refresh_token_accepted(CLIENT_ID, &s, t.refresh_token.expose_secret(), now), "{s}: refresh");
             assert!(m.access_token_valid(&s, t.access_token.expose_secret(), now), "{s}: access");
         });
@@ -166,11 +145,11 @@ fn bulk_migration_with_lost_answers_429s_and_a_crash_migrates_every_shop_exactly
     drop(store);
 
     // Run 3: nothing left to do, nothing sent.
-    let requests = sim.h.counters().total.token_requests;
+    let requests = sim.h().counters().total.token_requests;
     let again = finish(command(&db, &base, &args).spawn().unwrap());
     let report: serde_json::Value = serde_json::from_str(&again.stdout).unwrap();
     assert_eq!(report["already_migrated"].as_u64(), Some(N as u64), "{}", again.stdout);
-    assert_eq!(sim.h.counters().total.token_requests, requests, "a re-run sends nothing");
+    assert_eq!(sim.h().counters().total.token_requests, requests, "a re-run sends nothing");
     println!(
         "migrated {N} shops: {at_kill} before the kill, run 2 {} migrated / {} resumed / {} already; \
          {dropped_faults} lost answers, {throttles} 429s, {replays} same-token replays; {:.1}s total",
@@ -183,13 +162,13 @@ fn bulk_migration_with_lost_answers_429s_and_a_crash_migrates_every_shop_exactly
 
 #[test]
 fn canary_dry_run_and_failures_per_shop() {
-    let sim = Sim::start();
-    let base = sim.h.base_url();
+    let sim = BlockingSim::start_with(SimConfig::default(), 2);
+    let base = sim.h().base_url();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("store");
     let mut lines = String::new();
     for i in 0..10 {
-        let t = sim.h.with_model(|m| m.seed_legacy_token(&shop(i), None, None)).unwrap();
+        let t = sim.h().with_model(|m| m.seed_legacy_token(&shop(i), None, None)).unwrap();
         // Shop 7's token is not known to the server: a definitive rejection.
         let token = if i == 7 { "shpat_unknown_to_the_server".to_owned() } else { t.as_str().to_owned() };
         lines.push_str(&format!("{{\"shop\":\"{}\",\"access_token\":\"{token}\"}}\n", shop(i)));
@@ -203,7 +182,7 @@ fn canary_dry_run_and_failures_per_shop() {
     assert_eq!(dry.code, 0, "{}", dry.stderr);
     let v: serde_json::Value = serde_json::from_str(&dry.stdout).unwrap();
     assert_eq!(v["results"].as_array().unwrap().iter().filter(|r| r["result"] == "would-migrate").count(), 10);
-    assert_eq!(sim.h.counters().total.token_requests, 0);
+    assert_eq!(sim.h().counters().total.token_requests, 0);
 
     // Canary of 20%: two shops, then a stop (no --yes, not a terminal).
     let canary = finish(command(&db, &base, &["--canary", "20%", "--json", file]).spawn().unwrap());
@@ -211,12 +190,12 @@ fn canary_dry_run_and_failures_per_shop() {
     let v: serde_json::Value = serde_json::from_str(&canary.stdout).unwrap();
     assert_eq!((v["migrated"].as_u64(), v["not_attempted"].as_u64()), (Some(2), Some(8)), "{v}");
     assert_eq!(v["stopped_after_canary"], true);
-    assert_eq!(sim.h.counters().total.migrations, 2);
+    assert_eq!(sim.h().counters().total.migrations, 2);
 
     // --yes: the rest; shop 5's answer is lost and shop 6 is throttled first (both retried), shop 7
     // fails with its own reason, the others succeed.
-    sim.h.push_faults(&shop(5), [Fault::RotateThenDrop]).unwrap();
-    sim.h.push_faults(&shop(6), [Fault::Throttle { retry_after_secs: 1 }]).unwrap();
+    sim.h().push_faults(&shop(5), [Fault::RotateThenDrop]).unwrap();
+    sim.h().push_faults(&shop(6), [Fault::Throttle { retry_after_secs: 1 }]).unwrap();
     let rest = finish(command(&db, &base, &["--canary", "20%", "--yes", file]).spawn().unwrap());
     assert_eq!(rest.code, 1, "a definitive failure: {}\n{}", rest.stdout, rest.stderr);
     assert!(
@@ -226,6 +205,6 @@ fn canary_dry_run_and_failures_per_shop() {
     );
     assert!(rest.stdout.contains(&format!("{} (line 8): ", shop(7))), "{}", rest.stdout);
     assert!(!rest.stdout.contains(&shop(5)) && !rest.stdout.contains(&shop(6)), "{}", rest.stdout);
-    assert_eq!(sim.h.counters().total.migrations, 9);
-    assert_eq!(sim.h.counters().shop(&shop(5)).migration_replays, 1, "the lost answer was replayed");
+    assert_eq!(sim.h().counters().total.migrations, 9);
+    assert_eq!(sim.h().counters().shop(&shop(5)).migration_replays, 1, "the lost answer was replayed");
 }

@@ -10,6 +10,11 @@
 //! | `POST /_sim/shops/{shop}/uninstall` | | `{"revoked":bool}` |
 //! | `POST /_sim/shops/{shop}/faults` | a fault, a list, or `{"faults":[…]}` | `{"pending":[…]}` |
 //! | `DELETE /_sim/shops/{shop}/faults` | | `{"pending":[]}` |
+//! | `GET /_sim/shops/{shop}/hold` | | `{"armed":bool,"held":N}` |
+//! | `POST /_sim/shops/{shop}/hold` | | arms a hold of the shop's next token request; `{"armed":true,"held":N}` |
+//! | `POST /_sim/shops/{shop}/hold/wait` | `{"timeout_ms"?}` (default 10000) | `{"armed","held"}` once a request is held; 408 if none was in time |
+//! | `POST /_sim/shops/{shop}/hold/release` | | sends the oldest held answer; `{"released":bool}` |
+//! | `POST /_sim/shops/{shop}/hold/cancel` | | disarms, resets every held connection; `{"cancelled":bool}` |
 //! | `POST /_sim/legacy_tokens` | `{"shop","client_id"?,"token"?}` | `{"access_token"}` |
 //! | `POST /_sim/session_tokens` | `{"shop","client_id"?,"lifetime_ms"?}` | `{"session_token"}` |
 //! | `GET /_sim/config` | | [`ModelConfig`](crate::ModelConfig) |
@@ -20,9 +25,14 @@
 //! | `GET /_sim/clock` | | `{"now_ms","offset_ms"}` |
 //! | `POST /_sim/clock/advance` | `{"ms":N}` (may be negative) | `{"now_ms","offset_ms"}` |
 //!
-//! Errors are `{"error":"…"}` with status 400 (bad input) or 404 (unknown app).
+//! Errors are `{"error":"…"}` with status 400 (bad input), 404 (unknown app) or 408 (no
+//! request held in time).
+//!
+//! A held token request was processed by the model when it arrived (a rotation is committed);
+//! only its answer waits. See [`SimHandle::hold`](crate::SimHandle::hold).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -35,8 +45,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::faults::{Fault, RandomFaults};
-use crate::http::Shared;
 use crate::model::{ModelConfig, ModelError};
+use crate::shared::Shared;
 
 /// An error answer of the control API.
 struct ControlError(StatusCode, String);
@@ -78,6 +88,10 @@ pub(crate) fn router() -> Router<Arc<Shared>> {
         .route("/shops/{shop}", get(shop_state))
         .route("/shops/{shop}/uninstall", post(uninstall))
         .route("/shops/{shop}/faults", get(pending_faults).post(push_faults).delete(clear_faults))
+        .route("/shops/{shop}/hold", get(hold_status).post(hold))
+        .route("/shops/{shop}/hold/wait", post(wait_held))
+        .route("/shops/{shop}/hold/release", post(release))
+        .route("/shops/{shop}/hold/cancel", post(cancel))
         .route("/legacy_tokens", post(seed_legacy))
         .route("/session_tokens", post(session_token))
         .route("/config", get(get_config).patch(patch_config).post(patch_config))
@@ -155,6 +169,38 @@ async fn push_faults(State(s): Ctl, Path(shop): Path<String>, body: Bytes) -> An
 async fn clear_faults(State(s): Ctl, Path(shop): Path<String>) -> Answer {
     s.model().clear_faults(&shop.to_ascii_lowercase());
     Ok(Json(json!({"pending": []})))
+}
+
+async fn hold_status(State(s): Ctl, Path(shop): Path<String>) -> Answer {
+    to_json(s.holds.status(&shop.to_ascii_lowercase()))
+}
+
+async fn hold(State(s): Ctl, Path(shop): Path<String>) -> Answer {
+    to_json(s.holds.arm(&shop.to_ascii_lowercase()))
+}
+
+#[derive(Deserialize)]
+struct WaitBody {
+    timeout_ms: Option<u64>,
+}
+
+async fn wait_held(State(s): Ctl, Path(shop): Path<String>, body: Bytes) -> Answer {
+    let b: WaitBody = parse(&body)?;
+    let shop = shop.to_ascii_lowercase();
+    let timeout = Duration::from_millis(b.timeout_ms.unwrap_or(10_000));
+    if s.holds.wait_held(&shop, timeout).await {
+        to_json(s.holds.status(&shop))
+    } else {
+        Err(ControlError(StatusCode::REQUEST_TIMEOUT, format!("no token request to {shop} held within {timeout:?}")))
+    }
+}
+
+async fn release(State(s): Ctl, Path(shop): Path<String>) -> Answer {
+    Ok(Json(json!({"released": s.holds.release(&shop.to_ascii_lowercase())})))
+}
+
+async fn cancel(State(s): Ctl, Path(shop): Path<String>) -> Answer {
+    Ok(Json(json!({"cancelled": s.holds.cancel(&shop.to_ascii_lowercase())})))
 }
 
 #[derive(Deserialize)]

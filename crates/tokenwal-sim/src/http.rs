@@ -8,9 +8,8 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
@@ -30,8 +29,11 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::config::SimConfig;
 use crate::counters::CounterSet;
 use crate::faults::{Fault, FaultConfigError};
+use crate::hold::{HoldStatus, Verdict};
 use crate::model::{AdminApi, Model, ShopState};
 use crate::reply::{Delivery, HttpReply};
+pub use crate::shared::SimClock;
+use crate::shared::{wait_shutdown, Shared};
 use crate::token::TokenSet;
 
 /// How long graceful shutdown waits for open connections before dropping them.
@@ -39,46 +41,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Header carrying the request id on every token and Admin API answer.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
-
-/// The simulator's clock: wall time plus an adjustable offset, in unix milliseconds.
-#[derive(Debug, Default)]
-pub struct SimClock {
-    offset_ms: AtomicI64,
-}
-
-impl SimClock {
-    /// Wall time plus the offset.
-    pub fn now_ms(&self) -> u64 {
-        let wall = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-        wall.saturating_add(self.offset_ms()).max(0) as u64
-    }
-
-    /// The current offset.
-    pub fn offset_ms(&self) -> i64 {
-        self.offset_ms.load(Ordering::SeqCst)
-    }
-
-    /// Moves the clock by `ms` (negative moves it back).
-    pub fn advance(&self, ms: i64) {
-        self.offset_ms.fetch_add(ms, Ordering::SeqCst);
-    }
-}
-
-/// State shared by the handlers and the [`SimHandle`].
-pub(crate) struct Shared {
-    model: Mutex<Model>,
-    pub(crate) clock: SimClock,
-    hang_cap: Duration,
-    shutdown: watch::Receiver<bool>,
-}
-
-impl Shared {
-    /// Locks the model. A panic while holding the lock leaves a consistent-enough model for a
-    /// simulator, so poisoning is ignored.
-    pub(crate) fn model(&self) -> MutexGuard<'_, Model> {
-        self.model.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
 
 /// Per-connection handle that lets a handler reset its own connection.
 #[derive(Clone, Debug, Default)]
@@ -131,6 +93,7 @@ pub async fn serve_model(model: Model, hang_cap: Duration, addr: SocketAddr) -> 
     let shared = Arc::new(Shared {
         model: Mutex::new(model),
         clock: SimClock::default(),
+        holds: Default::default(),
         hang_cap,
         shutdown: shutdown_rx.clone(),
     });
@@ -222,6 +185,37 @@ impl SimHandle {
         self.with_model(|m| m.grant_alive(&shop, now))
     }
 
+    /// Holds `shop`'s next token request: the model processes it when it arrives (a rotation
+    /// is committed), and its answer waits for [`release`](Self::release) or
+    /// [`cancel`](Self::cancel). Idempotent while unused; one hold holds one request.
+    pub fn hold(&self, shop: &str) -> HoldStatus {
+        self.shared.holds.arm(&shop.to_ascii_lowercase())
+    }
+
+    /// Waits until a token request to `shop` is held, at most `timeout`; returns whether one
+    /// is. A `true` means the request was received and processed, and its answer is unsent.
+    pub async fn wait_held(&self, shop: &str, timeout: Duration) -> bool {
+        self.shared.holds.wait_held(&shop.to_ascii_lowercase(), timeout).await
+    }
+
+    /// Sends the oldest held answer to `shop` as the model (and any scripted fault) decided.
+    /// Returns whether one was held.
+    pub fn release(&self, shop: &str) -> bool {
+        self.shared.holds.release(&shop.to_ascii_lowercase())
+    }
+
+    /// Disarms `shop`'s unused hold and resets the connection of every held request to it
+    /// (the answer is lost; what the model committed stays). Returns whether anything was
+    /// armed or held.
+    pub fn cancel(&self, shop: &str) -> bool {
+        self.shared.holds.cancel(&shop.to_ascii_lowercase())
+    }
+
+    /// Whether `shop` has a hold armed, and how many of its requests are held.
+    pub fn hold_status(&self, shop: &str) -> HoldStatus {
+        self.shared.holds.status(&shop.to_ascii_lowercase())
+    }
+
     /// Stops accepting, lets open connections finish (hung ones are reset), and waits for
     /// the server task.
     pub async fn shutdown(mut self) {
@@ -241,15 +235,6 @@ impl Drop for SimHandle {
         }
         if let Some(task) = self.task.take() {
             task.abort();
-        }
-    }
-}
-
-/// Resolves when shutdown was requested or the handle is gone.
-async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
-    while !*rx.borrow_and_update() {
-        if rx.changed().await.is_err() {
-            return;
         }
     }
 }
@@ -392,7 +377,19 @@ async fn token(s: Arc<Shared>, ctl: Option<ConnControl>, shop: String, headers: 
         fault = ?reply.fault.map(|f| f.kind()),
         "token request"
     );
-    deliver(&s, ctl, &reply.request_id, reply.delivery).await
+    let delivery = match s.holds.take(&shop) {
+        Some(verdict) => {
+            tracing::debug!(%shop, request_id = %reply.request_id, "token answer held");
+            let mut shutdown = s.shutdown.clone();
+            tokio::select! {
+                // A dropped sender (never expected) answers, as a release would.
+                v = verdict => if v == Ok(Verdict::Cancel) { Delivery::Reset } else { reply.delivery },
+                _ = wait_shutdown(&mut shutdown) => Delivery::Reset,
+            }
+        }
+        None => reply.delivery,
+    };
+    deliver(&s, ctl, &reply.request_id, delivery).await
 }
 
 async fn shop_json_by_host(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {

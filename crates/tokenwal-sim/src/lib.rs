@@ -16,6 +16,9 @@
 //! * [`http`]: axum routes over a hand-driven hyper accept loop that can hang or reset a
 //!   connection; [`serve`] returns a [`SimHandle`].
 //! * `control`: the `/_sim/` JSON control API (documented in the `control` module source).
+//! * `shared` (the model, clock, holds and shutdown signal both front ends use) and `hold`
+//!   (holding a shop's next token answer until a test releases it: [`SimHandle::hold`]) are
+//!   leaves: `http` and `control` depend on them, not on each other.
 //! * [`config`]: [`SimConfig`], a `clap::Args` for the command line.
 //!
 //! # Example
@@ -62,17 +65,20 @@ mod control;
 pub mod counters;
 pub mod duration;
 pub mod faults;
+mod hold;
 pub mod http;
 pub mod jwt;
 pub mod model;
 pub mod reply;
 pub mod request;
+mod shared;
 pub mod token;
 
 pub use config::SimConfig;
 pub use counters::{CounterSet, Counters};
 pub use duration::SimDuration;
 pub use faults::{Fault, FaultKind, FaultProbabilities, RandomFaults};
+pub use hold::HoldStatus;
 pub use http::{serve, serve_model, SimClock, SimHandle, REQUEST_ID_HEADER};
 pub use jwt::{mint_session_token, validate_session_token, SessionTokenError};
 pub use model::{

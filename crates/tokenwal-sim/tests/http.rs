@@ -453,3 +453,82 @@ async fn hang_cap_resets_the_connection() {
     assert!(started.elapsed() >= Duration::from_millis(200));
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_held_answer_waits_for_release_and_the_rotation_is_already_committed() {
+    let sim = start().await;
+    let t0 = sim.seed_shop(SHOP);
+    sim.hold(SHOP);
+    assert_eq!(sim.hold_status(SHOP), tokenwal_sim::HoldStatus { armed: true, held: 0 });
+    let c = client();
+    let pending = {
+        let (c, url, body) = (c.clone(), sim.token_url(SHOP), refresh_body(t0.refresh_token.as_str()));
+        tokio::spawn(async move { c.post(url).json(&body).send().await })
+    };
+    assert!(sim.wait_held(SHOP, Duration::from_secs(10)).await, "the request reaches the hold");
+    assert_eq!(sim.hold_status(SHOP), tokenwal_sim::HoldStatus { armed: false, held: 1 });
+    // Processed, not answered: the old refresh token already has its replacement.
+    let replacement = sim.shop_state(SHOP).refresh_token(t0.refresh_token.as_str()).unwrap().replacement.clone();
+    assert!(replacement.is_some());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!pending.is_finished(), "no answer before the release");
+    assert!(sim.release(SHOP));
+    let resp = pending.await.unwrap().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let t1: TokenSet = resp.json().await.unwrap();
+    assert_eq!(Some(t1.refresh_token.clone()), replacement);
+    // The hold was used up: the next request is answered at once.
+    assert!(!sim.release(SHOP));
+    refresh_ok(&c, &sim, t1.refresh_token.as_str()).await;
+    assert_eq!(sim.hold_status(SHOP), tokenwal_sim::HoldStatus::default());
+}
+
+#[tokio::test]
+async fn a_cancelled_hold_resets_the_connection() {
+    let sim = start().await;
+    let t0 = sim.seed_shop(SHOP);
+    sim.hold(SHOP);
+    let c = client();
+    let pending = {
+        let (c, url, body) = (c.clone(), sim.token_url(SHOP), refresh_body(t0.refresh_token.as_str()));
+        tokio::spawn(async move { c.post(url).json(&body).send().await })
+    };
+    assert!(sim.wait_held(SHOP, Duration::from_secs(10)).await);
+    assert!(sim.cancel(SHOP));
+    assert!(pending.await.unwrap().is_err(), "the answer is lost");
+    // The rotation stays committed: a retry with the old token gets the same pair.
+    assert_eq!(sim.counters().shop(SHOP).rotations, 1);
+    assert!(!sim.cancel(SHOP), "nothing armed or held any more");
+    // An armed, unused hold is disarmed by cancel.
+    sim.hold(SHOP);
+    assert!(sim.cancel(SHOP));
+    let _ = refresh_ok(&c, &sim, t0.refresh_token.as_str()).await;
+}
+
+#[tokio::test]
+async fn holds_over_the_control_api() {
+    let sim = start().await;
+    let t0 = sim.seed_shop(SHOP);
+    let c = client();
+    let ctl = |path: &str| format!("{}/_sim/shops/{SHOP}/hold{path}", sim.base_url());
+    let r: Value = c.post(ctl("/wait")).json(&json!({"timeout_ms": 20})).send().await.unwrap().json().await.unwrap();
+    assert!(r["error"].as_str().unwrap().contains("no token request"), "{r}");
+    let status = c.post(ctl("/wait")).json(&json!({"timeout_ms": 20})).send().await.unwrap().status();
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT);
+    let r: Value = c.post(ctl("")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(r, json!({"armed": true, "held": 0}));
+    let pending = {
+        let (c, url, body) = (c.clone(), sim.token_url(SHOP), refresh_body(t0.refresh_token.as_str()));
+        tokio::spawn(async move { c.post(url).json(&body).send().await })
+    };
+    let r: Value = c.post(ctl("/wait")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(r, json!({"armed": false, "held": 1}));
+    let r: Value = c.get(ctl("")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(r, json!({"armed": false, "held": 1}));
+    assert!(!pending.is_finished());
+    let r: Value = c.post(ctl("/release")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(r, json!({"released": true}));
+    assert_eq!(pending.await.unwrap().unwrap().status(), StatusCode::OK);
+    let r: Value = c.post(ctl("/cancel")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(r, json!({"cancelled": false}));
+}

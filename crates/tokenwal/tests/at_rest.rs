@@ -5,18 +5,15 @@
 
 use std::path::Path;
 use std::time::Duration;
-use tokenwal::core::{AccessToken, ClientSecret, GrantKey, RefreshToken, ShopDomain, TokenSet, UnixMillis};
+use tokenwal::core::{AccessToken, ClientSecret, GrantKey, RefreshToken, ShopDomain, TokenSet};
 use tokenwal::store::keys::{replace_key_file, rotate_key_file, write_new_key_file};
 use tokenwal::store::{KeyError, Reseal, StoreError};
 use tokenwal::{Config, Engine, Error, KeyRing, KeySource, StoreLocation};
 use tokenwal_sim::{serve, SimConfig, SimHandle};
+use tokenwal_testkit::now;
 
 fn shop(i: usize) -> ShopDomain {
     ShopDomain::parse(&format!("sealed-{i}.myshopify.com")).unwrap()
-}
-
-fn now() -> UnixMillis {
-    UnixMillis::from_system_time(std::time::SystemTime::now())
 }
 
 fn config(base: &str, db: &Path, keys: KeySource) -> Config {

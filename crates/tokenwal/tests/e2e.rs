@@ -4,63 +4,11 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
-use tokenwal::core::{
-    AccessToken, ClientSecret, Event, GrantKey, Phase, Record, RefreshToken, Resolution, ShopDomain, TokenSet,
-    UnixMillis,
-};
+use tokenwal::core::{AccessToken, Event, GrantKey, Phase, Record, RefreshToken, Resolution, ShopDomain, TokenSet};
 use tokenwal::store::Store;
-use tokenwal::{Config, Engine, Error, StoreLocation};
-use tokenwal_sim::{serve, Fault, SimConfig, SimHandle};
-
-const CLIENT_ID: &str = "sim-client-id";
-const SECRET: &str = "sim-client-secret";
-
-fn shop(name: &str) -> ShopDomain {
-    ShopDomain::parse(&format!("{name}.myshopify.com")).unwrap()
-}
-
-fn now() -> UnixMillis {
-    UnixMillis::from_system_time(std::time::SystemTime::now())
-}
-
-async fn sim() -> SimHandle {
-    serve(SimConfig::default(), "127.0.0.1:0".parse().unwrap()).await.unwrap()
-}
-
-fn config(base: &str, store: StoreLocation, secret: &str) -> Config {
-    let mut c = Config::shopify(store, CLIENT_ID, ClientSecret::new(secret))
-        .with_insecure_test_endpoint(url::Url::parse(base).unwrap())
-        .with_store_keys(tokenwal::KeySource::Ring(tokenwal::KeyRing::insecure_test_ring()));
-    c.proactive = false;
-    c.max_wait = Duration::from_secs(10);
-    c.timeouts.connect = Duration::from_secs(2);
-    c.timeouts.total = Duration::from_secs(3);
-    c.policy.backoff.base = Duration::from_millis(40);
-    c.policy.backoff.cap = Duration::from_millis(400);
-    c
-}
-
-/// Seeds `name` in the simulator and returns its tokens as tokenwal sees them, with the access
-/// token already expired (so the next `access_token` must refresh).
-fn seed(sim: &SimHandle, name: &str) -> TokenSet {
-    let t = sim.seed_shop(&shop(name).to_string());
-    TokenSet {
-        access_token: AccessToken::new(t.access_token.as_str()),
-        access_expires_at: now(),
-        refresh_token: RefreshToken::new(t.refresh_token.as_str()),
-        refresh_expires_at: Some(now().saturating_add(Duration::from_secs(t.refresh_token_expires_in))),
-        scope: Some(t.scope.clone()),
-    }
-}
-
-fn accepted(sim: &SimHandle, name: &str, token: &AccessToken) -> bool {
-    let now = sim.now_ms();
-    sim.with_model(|m| m.access_token_valid(&shop(name).to_string(), token.expose_secret(), now))
-}
-
-fn history(engine: &Engine, name: &str) -> Vec<Record> {
-    engine.store().history(&GrantKey::shopify(&shop(name))).unwrap().into_iter().map(|(_, r)| r).collect()
-}
+use tokenwal::{Engine, Error, StoreLocation};
+use tokenwal_sim::{serve, Fault, SimConfig};
+use tokenwal_testkit::{accepted, engine_config as config, history, now, seed, shop, sim, SECRET};
 
 #[tokio::test]
 async fn intent_is_durable_before_the_request_leaves() {
@@ -222,14 +170,15 @@ async fn an_install_beats_a_slow_refresh() {
     let sim = sim().await;
     let name = "raced";
     let tokens = seed(&sim, name);
-    sim.push_faults(&shop(name).to_string(), [Fault::Slow { delay_ms: 1500 }]).unwrap();
+    // The refresh is rotated by the server and its answer held until the install is durable.
+    sim.hold(&shop(name).to_string());
     let (engine, _) = Engine::open(config(&sim.base_url(), StoreLocation::InMemory, SECRET)).await.unwrap();
     engine.install(&shop(name), tokens).await.unwrap();
     let slow = {
         let e = engine.clone();
         tokio::spawn(async move { e.access_token(&shop(name)).await })
     };
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(sim.wait_held(&shop(name).to_string(), Duration::from_secs(10)).await, "the refresh is on the wire");
     // The merchant opened the app; its front end did token exchange and installs the result.
     let fresh = sim.seed_shop(&shop(name).to_string());
     let installed = TokenSet {
@@ -240,6 +189,7 @@ async fn an_install_beats_a_slow_refresh() {
         scope: None,
     };
     let generation = engine.install(&shop(name), installed).await.unwrap();
+    assert!(sim.release(&shop(name).to_string()));
     let got = slow.await.unwrap().unwrap();
     assert_eq!(got.expose_secret(), fresh.access_token.as_str(), "the newer install wins");
     let s = engine.state(&GrantKey::shopify(&shop(name))).unwrap().unwrap();
@@ -323,18 +273,28 @@ async fn uninstall_drops_secrets_and_is_idempotent() {
     let (engine, _) = Engine::open(config(&sim.base_url(), StoreLocation::InMemory, SECRET)).await.unwrap();
     engine.install(&shop(name), tokens.clone()).await.unwrap();
     engine.uninstalled(&shop(name)).await.unwrap();
+    let grant = GrantKey::shopify(&shop(name));
+    let first = engine.state(&grant).unwrap().unwrap();
+    let records = history(&engine, name).len();
+    let journal_end = engine.store().journal_end().unwrap();
     engine.uninstalled(&shop(name)).await.unwrap();
-    let s = engine.state(&GrantKey::shopify(&shop(name))).unwrap().unwrap();
+    // The duplicate wrote nothing: same state version, no record, the journal did not grow.
+    let s = engine.state(&grant).unwrap().unwrap();
+    assert_eq!(s.version, first.version, "a duplicate uninstall rewrites no state");
+    assert_eq!(history(&engine, name).len(), records, "a duplicate uninstall journals nothing");
+    assert_eq!(engine.store().journal_end().unwrap(), journal_end);
     assert!(s.tokens.is_none());
     assert!(matches!(engine.access_token(&shop(name)).await.unwrap_err(), Error::Uninstalled { .. }));
     // Re-installing the pair it held before the uninstall (a replayed install) is refused: that
     // pair's access token had expired by the uninstall, so it was issued before it.
     assert!(matches!(engine.install(&shop(name), tokens).await, Err(Error::OlderPair { .. })));
-    // A later install (a new pair) revives it.
+    // A later install (a new pair) revives it, and the token it serves works.
     let mut fresh = seed(&sim, name);
     fresh.access_expires_at = now().saturating_add(Duration::from_secs(3600));
     engine.install(&shop(name), fresh.clone()).await.unwrap();
-    assert_eq!(engine.access_token(&shop(name)).await.unwrap(), fresh.access_token);
+    let revived = engine.access_token(&shop(name)).await.unwrap();
+    assert_eq!(revived, fresh.access_token);
+    assert!(accepted(&sim, name, &revived));
 }
 
 #[tokio::test]
@@ -359,7 +319,29 @@ async fn the_scheduler_keeps_shops_fresh_without_callers() {
         t.access_expires_at = now().saturating_add(Duration::from_secs(2));
         engine.install(&shop(n), t).await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(4500)).await;
+    // Two scheduler rounds per shop, each seen on the wire and let through (the next round's
+    // hold is armed before the release, so no round slips by unheld); then the commits of the
+    // second. No caller asks for anything.
+    let mut events = engine.subscribe();
+    for n in names {
+        sim.hold(&shop(n).to_string());
+    }
+    for round in 0..2 {
+        for n in names {
+            assert!(sim.wait_held(&shop(n).to_string(), Duration::from_secs(10)).await, "{n}: round {round}");
+            if round == 0 {
+                sim.hold(&shop(n).to_string());
+            }
+            assert!(sim.release(&shop(n).to_string()));
+        }
+    }
+    let mut refreshed = std::collections::HashMap::<String, usize>::new();
+    while names.iter().any(|n| refreshed.get(&shop(n).to_string()).copied().unwrap_or(0) < 2) {
+        let e = tokio::time::timeout(Duration::from_secs(10), events.recv()).await.unwrap().unwrap();
+        if let Event::Refreshed { grant, .. } = e {
+            *refreshed.entry(grant.account().to_owned()).or_default() += 1;
+        }
+    }
     for n in names {
         let c = sim.counters().shop(&shop(n).to_string());
         assert!(c.rotations >= 2, "{n}: {c:?}");
@@ -378,7 +360,7 @@ async fn a_valid_token_is_served_while_a_slow_refresh_is_in_flight() {
     let mut tokens = seed(&sim, name);
     // Valid for 4 s: due at half its remaining life (the refresh margin is longer than that).
     tokens.access_expires_at = now().saturating_add(Duration::from_secs(4));
-    sim.push_faults(&shop(name).to_string(), [Fault::Slow { delay_ms: 1500 }]).unwrap();
+    sim.hold(&shop(name).to_string());
     let (engine, _) = Engine::open(config(&sim.base_url(), StoreLocation::InMemory, SECRET)).await.unwrap();
     engine.install(&shop(name), tokens.clone()).await.unwrap();
     assert_eq!(engine.access_token(&shop(name)).await.unwrap(), tokens.access_token, "not due yet: no refresh");
@@ -388,16 +370,12 @@ async fn a_valid_token_is_served_while_a_slow_refresh_is_in_flight() {
         let e = engine.clone();
         tokio::spawn(async move { e.access_token(&shop(name)).await.unwrap() })
     };
-    // Wait until the refresh is on the wire (its intent is durable).
-    for _ in 0..100 {
-        if engine.state(&GrantKey::shopify(&shop(name))).unwrap().unwrap().phase != Phase::Healthy {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // The refresh is on the wire (its intent is durable) and its answer is held.
+    assert!(sim.wait_held(&shop(name).to_string(), Duration::from_secs(10)).await);
     assert!(matches!(engine.state(&GrantKey::shopify(&shop(name))).unwrap().unwrap().phase, Phase::Refreshing { .. }));
     let meanwhile = engine.access_token(&shop(name)).await.unwrap();
     assert_eq!(meanwhile, tokens.access_token, "the still-valid token is served, not queued behind the refresh");
+    assert!(sim.release(&shop(name).to_string()));
     let refreshed = refreshing.await.unwrap();
     assert_ne!(refreshed, tokens.access_token);
     assert!(accepted(&sim, name, &refreshed));

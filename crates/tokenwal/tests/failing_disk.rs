@@ -15,18 +15,15 @@
 //! (tests/crash.rs runs the same with real processes on a real directory.)
 
 use std::time::Duration;
-use tokenwal::core::{AccessToken, ClientSecret, GrantKey, Phase, RefreshToken, ShopDomain, TokenSet, UnixMillis};
+use tokenwal::core::{AccessToken, ClientSecret, GrantKey, Phase, RefreshToken, ShopDomain, TokenSet};
 use tokenwal::store::{FaultPoint, Store, StoreError};
 use tokenwal::{Config, Engine, Error, StoreLocation};
 use tokenwal_sim::config::PolicyKind;
 use tokenwal_sim::{serve, SimConfig, SimHandle};
+use tokenwal_testkit::now;
 
 fn shop() -> ShopDomain {
     ShopDomain::parse("failing-disk.myshopify.com").unwrap()
-}
-
-fn now() -> UnixMillis {
-    UnixMillis::from_system_time(std::time::SystemTime::now())
 }
 
 fn config(sim: &SimHandle, store: Store) -> Config {

@@ -9,10 +9,9 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokenwal::core::{
-    AccessToken, AmbiguityReason, ClientSecret, GrantKey, Phase, RefreshToken, ShopDomain, TokenSet, UnixMillis,
-};
+use tokenwal::core::{AccessToken, AmbiguityReason, ClientSecret, GrantKey, Phase, RefreshToken, ShopDomain, TokenSet};
 use tokenwal::{Config, Engine, Error, StoreLocation};
+use tokenwal_testkit::now;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -20,10 +19,6 @@ const OLD_ACCESS: &str = "shpat_OLD_ACCESS_TOKEN";
 const OLD_REFRESH: &str = "shprt_OLD_REFRESH_TOKEN";
 const NEW_PAIR: &str =
     r#"{"access_token":"shpat_NEW_FROM_HOSTILE","refresh_token":"shprt_NEW_FROM_HOSTILE","expires_in":3600}"#;
-
-fn now() -> UnixMillis {
-    UnixMillis::from_system_time(std::time::SystemTime::now())
-}
 
 fn shop() -> ShopDomain {
     ShopDomain::parse("hostile.myshopify.com").unwrap()

@@ -10,10 +10,11 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokenwal::core::{
-    AccessToken, ClientSecret, GrantKey, LegacyToken, RefreshToken, SessionToken, ShopDomain, TokenSet, UnixMillis,
+    AccessToken, ClientSecret, GrantKey, LegacyToken, RefreshToken, SessionToken, ShopDomain, TokenSet,
 };
 use tokenwal::{Config, Engine, StoreLocation};
 use tokenwal_sim::{serve, Fault, SimConfig};
+use tokenwal_testkit::{now, SECRET};
 
 #[derive(Clone, Default)]
 struct Buffer(Arc<Mutex<Vec<u8>>>);
@@ -26,12 +27,6 @@ impl Write for Buffer {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-}
-
-const SECRET: &str = "sim-client-secret";
-
-fn now() -> UnixMillis {
-    UnixMillis::from_system_time(std::time::SystemTime::now())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

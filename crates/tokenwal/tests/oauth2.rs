@@ -5,9 +5,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokenwal::core::{
-    AccessToken, ClientSecret, GrantKey, InstallSource, RefreshToken, RetryPolicy, TokenSet, UnixMillis,
+    AccessToken, ClientSecret, GrantKey, InstallSource, Machine, RefreshToken, RetryPolicy, TokenSet,
 };
 use tokenwal::{ClientAuth, Config, Endpoint, Engine, StoreLocation};
+use tokenwal_testkit::now;
 
 type Seen = Arc<Mutex<Vec<(Option<String>, HashMap<String, String>)>>>;
 
@@ -55,7 +56,7 @@ fn config(url: &str, auth: ClientAuth) -> Config {
 fn expired(rt: &str) -> TokenSet {
     TokenSet {
         access_token: AccessToken::new("at-0"),
-        access_expires_at: UnixMillis::from_system_time(std::time::SystemTime::now()),
+        access_expires_at: now(),
         refresh_token: RefreshToken::new(rt),
         refresh_expires_at: None,
         scope: None,
@@ -77,9 +78,25 @@ async fn basic_auth_and_rotation() {
     assert!(!form.contains_key("client_secret"), "the secret goes in one place only");
     let s = engine.state(&grant).unwrap().unwrap();
     assert_eq!(s.tokens.unwrap().refresh_token.expose_secret(), "rt-1");
-    // A Shopify call on this engine is refused: grants belong to one provider.
+    // A Shopify call on this engine is refused: grants belong to one provider. The Shopify grant
+    // is in the store with a valid token (written there directly: the engine would refuse to
+    // install it), so only the provider check stands between the call and that token.
     let shop = tokenwal::core::ShopDomain::parse("x.myshopify.com").unwrap();
-    assert!(engine.access_token_for(&GrantKey::shopify(&shop)).await.is_err());
+    let foreign = GrantKey::shopify(&shop);
+    let mut valid = expired("rt-shopify");
+    valid.access_expires_at = now().saturating_add(Duration::from_secs(600));
+    let machine = Machine::shopify(engine.store().fingerprint_key());
+    machine
+        .install(None, foreign.clone(), valid, InstallSource::Application, now())
+        .make_durable(engine.store())
+        .await
+        .unwrap();
+    assert!(engine.state(&foreign).unwrap().is_some(), "installed: the call cannot stop at NotInstalled");
+    let err = engine.access_token_for(&foreign).await.unwrap_err();
+    assert!(matches!(err, tokenwal::Error::Config(_)), "refused by the provider check: {err}");
+    let err = engine.install_grant(foreign, expired("rt-2"), InstallSource::Application).await.unwrap_err();
+    assert!(matches!(err, tokenwal::Error::Config(_)), "{err}");
+    assert_eq!(seen.lock().unwrap().len(), 1, "nothing was sent for the foreign grant");
 }
 
 #[tokio::test]

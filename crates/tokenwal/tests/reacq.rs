@@ -4,82 +4,22 @@
 //! in-flight refresh), scopes updates.
 
 use std::time::Duration;
-use tokenwal::core::{
-    AccessToken, AttemptKind, ClientSecret, Event, GrantKey, LegacyToken, Phase, Record, RefreshToken, SessionToken,
-    ShopDomain, TokenSet, UnixMillis,
-};
+use tokenwal::core::{AttemptKind, Event, GrantKey, LegacyToken, Phase, Record, SessionToken, UnixMillis};
 use tokenwal::store::Store;
 use tokenwal::{
     Config, Engine, Error, ExchangeError, MigrateError, MigrateOutcome, MigrationState, SessionTokenProblem,
     StoreLocation,
 };
-use tokenwal_sim::{mint_session_token, serve, Fault, SimConfig, SimHandle, TokenStatus};
+use tokenwal_sim::{mint_session_token, Fault, SimHandle, TokenStatus};
+use tokenwal_testkit::{accepted, drain, history, now, requests, seed, shop, sim, state, CLIENT_ID, SECRET};
 
-const CLIENT_ID: &str = "sim-client-id";
-const SECRET: &str = "sim-client-secret";
-
-fn shop(name: &str) -> ShopDomain {
-    ShopDomain::parse(&format!("{name}.myshopify.com")).unwrap()
-}
-
-fn now() -> UnixMillis {
-    UnixMillis::from_system_time(std::time::SystemTime::now())
-}
-
-async fn sim() -> SimHandle {
-    serve(SimConfig::default(), "127.0.0.1:0".parse().unwrap()).await.unwrap()
-}
-
+/// The shared engine configuration with the default app's secret.
 fn config(base: &str, store: StoreLocation) -> Config {
-    let mut c = Config::shopify(store, CLIENT_ID, ClientSecret::new(SECRET))
-        .with_insecure_test_endpoint(url::Url::parse(base).unwrap());
-    c.proactive = false;
-    c.max_wait = Duration::from_secs(10);
-    c.timeouts.connect = Duration::from_secs(2);
-    c.timeouts.total = Duration::from_secs(3);
-    c.policy.backoff.base = Duration::from_millis(40);
-    c.policy.backoff.cap = Duration::from_millis(400);
-    c
-}
-
-fn seed(sim: &SimHandle, name: &str) -> TokenSet {
-    let t = sim.seed_shop(&shop(name).to_string());
-    TokenSet {
-        access_token: AccessToken::new(t.access_token.as_str()),
-        access_expires_at: now(),
-        refresh_token: RefreshToken::new(t.refresh_token.as_str()),
-        refresh_expires_at: Some(now().saturating_add(Duration::from_secs(t.refresh_token_expires_in))),
-        scope: Some(t.scope.clone()),
-    }
-}
-
-fn accepted(sim: &SimHandle, name: &str, token: &AccessToken) -> bool {
-    let now = sim.now_ms();
-    sim.with_model(|m| m.access_token_valid(&shop(name).to_string(), token.expose_secret(), now))
-}
-
-fn history(engine: &Engine, name: &str) -> Vec<Record> {
-    engine.store().history(&GrantKey::shopify(&shop(name))).unwrap().into_iter().map(|(_, r)| r).collect()
-}
-
-fn state(engine: &Engine, name: &str) -> Option<tokenwal::core::GrantState> {
-    engine.state(&GrantKey::shopify(&shop(name))).unwrap()
-}
-
-fn requests(sim: &SimHandle, name: &str) -> u64 {
-    sim.counters().shop(&shop(name).to_string()).token_requests
+    tokenwal_testkit::engine_config(base, store, SECRET)
 }
 
 fn session(sim: &SimHandle, name: &str) -> SessionToken {
     SessionToken::new(sim.session_token(&shop(name).to_string()))
-}
-
-fn drain(events: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<Event> {
-    let mut out = Vec::new();
-    while let Ok(e) = events.try_recv() {
-        out.push(e);
-    }
-    out
 }
 
 /// Kills tokenwal's grant at the server: an acquisition elsewhere retires its refresh token.
@@ -268,14 +208,16 @@ async fn an_install_by_the_front_end_wins_over_an_exchange_in_flight() {
     let (engine, _) = Engine::open(config(&sim.base_url(), StoreLocation::InMemory)).await.unwrap();
     engine.install(&shop("race"), tokens).await.unwrap();
     let name = shop("race").to_string();
-    sim.push_faults(&name, [Fault::Slow { delay_ms: 600 }]).unwrap();
+    sim.hold(&name);
     let e = engine.clone();
     let tok = session(&sim, "race");
     let exchange = tokio::spawn(async move { e.exchange_session_token(&shop("race"), tok).await });
     // The exchange is processed by the server (then held); the front end acquires after it.
-    wait_for(|| sim.counters().shop(&name).acquisitions >= 2).await;
+    assert!(sim.wait_held(&name, Duration::from_secs(10)).await);
+    assert!(sim.counters().shop(&name).acquisitions >= 2);
     let newer = seed(&sim, "race");
     let installed = engine.install(&shop("race"), newer.clone()).await.unwrap();
+    assert!(sim.release(&name));
     let got = exchange.await.unwrap().unwrap();
     assert_eq!(got, installed, "the newer install's generation is reported");
     let s = state(&engine, "race").unwrap();
@@ -383,11 +325,12 @@ async fn a_crash_during_migration_is_resumed_by_recovery() {
     let store = Store::in_memory();
     let (engine, _) = Engine::open(config(&sim.base_url(), StoreLocation::Open(store.clone()))).await.unwrap();
     // The server processes the migration and holds its answer; the process "dies" meanwhile.
-    sim.push_faults(&name, [Fault::Slow { delay_ms: 1_500 }]).unwrap();
+    sim.hold(&name);
     let e = engine.clone();
     let lt = LegacyToken::new(legacy.as_str());
     let task = tokio::spawn(async move { e.migrate(&shop("crashy"), lt).await });
-    wait_for(|| sim.counters().shop(&name).migrations == 1).await;
+    assert!(sim.wait_held(&name, Duration::from_secs(10)).await);
+    assert_eq!(sim.counters().shop(&name).migrations, 1);
     let image = store.crash_image();
     task.abort();
     drop(engine);
@@ -413,12 +356,14 @@ async fn an_uninstall_during_an_in_flight_refresh_stores_nothing() {
     let (engine, _) = Engine::open(config(&sim.base_url(), StoreLocation::InMemory)).await.unwrap();
     engine.install(&shop("bye"), tokens).await.unwrap();
     let name = shop("bye").to_string();
-    sim.push_faults(&name, [Fault::Slow { delay_ms: 800 }]).unwrap();
+    sim.hold(&name);
     let e = engine.clone();
     let refresh = tokio::spawn(async move { e.access_token(&shop("bye")).await });
-    wait_for(|| sim.counters().shop(&name).rotations == 1).await;
+    assert!(sim.wait_held(&name, Duration::from_secs(10)).await);
+    assert_eq!(sim.counters().shop(&name).rotations, 1);
     assert!(matches!(state(&engine, "bye").unwrap().phase, Phase::Refreshing { .. }));
     engine.uninstalled(&shop("bye")).await.unwrap();
+    assert!(sim.release(&name));
     let err = refresh.await.unwrap().unwrap_err();
     assert!(matches!(err, Error::Uninstalled { .. }), "{err}");
 

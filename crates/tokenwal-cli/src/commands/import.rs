@@ -1,0 +1,120 @@
+//! `tokenwal import`: validate every JSON line first, then install each through the engine's driver
+//! as a checked install (an older pair than the one held is refused, the same pair is left alone).
+
+use std::io::BufRead;
+use tokenwal::core::{Goal, GrantKey, InstallSource, NoChange, Refusal};
+use tokenwal::{Driven, Driver, Offline};
+use tracing::{info, warn};
+
+use super::open_store;
+use crate::error::CliError;
+use crate::import;
+use crate::settings::Settings;
+use crate::timefmt::now;
+
+/// How `tokenwal import` treats a line whose shop already holds a different pair.
+pub struct ImportOptions {
+    /// Install even over a newer pair.
+    pub force: bool,
+    /// Why (required with `force`; logged and printed).
+    pub reason: Option<String>,
+}
+
+/// What became of the valid lines of an import.
+#[derive(Default)]
+struct ImportTally {
+    imported: usize,
+    unchanged: usize,
+    refused: usize,
+}
+
+/// `tokenwal import [FILE|-]`.
+///
+/// Each valid line is a checked install through the engine's driver (`Goal::Install`): the pair the
+/// shop holds already is left alone, and a pair older than the one held is refused and reported (a
+/// re-run import after the worker rotated must not put superseded refresh tokens back), unless
+/// `--force --reason`.
+pub async fn import(settings: &Settings, file: &str, options: &ImportOptions) -> Result<(), CliError> {
+    let reader: Box<dyn BufRead> = if file == "-" {
+        if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            eprintln!("reading token sets as JSON lines from stdin (end with Ctrl-D)");
+        }
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        let f = std::fs::File::open(file).map_err(|e| CliError::io(format!("cannot open {file}"), e))?;
+        Box::new(std::io::BufReader::new(f))
+    };
+    // Validate everything first: a line is installed whole or not at all, and a bad file does
+    // not even create the store.
+    let mut valid = Vec::new();
+    let (mut total, mut failed) = (0usize, 0usize);
+    let now = now();
+    for (i, line) in reader.split(b'\n').enumerate() {
+        let n = i + 1;
+        let line = line.map_err(|e| CliError::io(format!("cannot read line {n}"), e))?;
+        let Ok(line) = String::from_utf8(line) else {
+            total += 1;
+            failed += 1;
+            eprintln!("line {n}: not UTF-8");
+            continue;
+        };
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        total += 1;
+        match import::parse_line(line, now) {
+            Ok(parsed) => valid.push((n, parsed)),
+            Err(why) => {
+                failed += 1;
+                eprintln!("line {n}: {why}");
+            }
+        }
+    }
+    let mut tally = ImportTally::default();
+    if !valid.is_empty() {
+        let (store, _) = open_store(settings, true)?;
+        let machine = settings.machine(store.fingerprint_key());
+        let driver = Driver::new(&store, &machine, &Offline);
+        if let (true, Some(reason)) = (options.force, &options.reason) {
+            warn!(%reason, "forced import: pairs older than the ones held will be installed");
+        }
+        for (n, (shop, tokens)) in valid {
+            let grant = GrantKey::shopify(&shop);
+            let goal = Goal::Install { tokens, source: InstallSource::Import, force: options.force };
+            match driver.drive(&grant, &goal).await? {
+                Driven::Wrote(done) => {
+                    info!(line = n, %shop, generation = done.state().generation.0, "imported");
+                    tally.imported += 1;
+                }
+                Driven::Unchanged { why: NoChange::SamePair, .. } => {
+                    eprintln!("line {n}: {shop}: already holds this pair; unchanged");
+                    tally.unchanged += 1;
+                }
+                Driven::Refused { refusal: Refusal::OlderPair { held }, .. } => {
+                    eprintln!(
+                        "line {n}: {shop}: refused: the store holds a newer pair (generation {}); this line's \
+                         pair is older and was not imported (override: --force --reason TEXT)",
+                        held.0
+                    );
+                    tally.refused += 1;
+                }
+                other => {
+                    return Err(CliError::Engine(tokenwal::Error::Internal(format!(
+                        "line {n}: {shop}: import ended as {other:?}"
+                    ))))
+                }
+            }
+        }
+    }
+    let ImportTally { imported, unchanged, refused } = tally;
+    eprintln!(
+        "imported {imported} token set(s) into {}; {unchanged} unchanged (same pair), {refused} refused \
+         (the store holds a newer pair); {failed} invalid line(s)",
+        settings.db.display()
+    );
+    if failed > 0 {
+        return Err(CliError::ImportFailed { failed, total });
+    }
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! `tokenwal run`: the engine as a daemon, with periodic summaries and graceful shutdown.
+
+use std::time::Duration;
+use tokenwal::core::Event;
+use tokenwal::Engine;
+use tracing::{info, warn};
+
+use super::open_engine;
+use super::recover::report_line;
+use crate::error::CliError;
+use crate::settings::Settings;
+
+/// `tokenwal run`.
+pub async fn run(settings: &Settings, once: bool, sweep: Duration, grace: Duration) -> Result<(), CliError> {
+    // Signals are handled from the start: recovery at open may wait on a hung token endpoint.
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    let (engine, report) = tokio::select! {
+        opened = open_engine(settings, !once, false) => opened?,
+        _ = &mut stop => {
+            warn!("stopped during recovery: what it had not finished stays journaled for the next start");
+            return Ok(());
+        }
+    };
+    info!(store = %settings.db.display(), "{}", report_line(&report));
+    if once {
+        let result = tokio::select! {
+            r = engine.refresh_due() => r,
+            _ = &mut stop => {
+                warn!("stopped: refreshes in flight stay journaled for the next start");
+                return Ok(());
+            }
+        };
+        engine.shutdown().await;
+        let n = result?;
+        let counts = phase_counts(&engine)?;
+        drop(engine);
+        info!(attempted = n, "refreshed every due shop; {counts}");
+        return Ok(());
+    }
+    let mut events = engine.subscribe();
+    let mut tally = EventTally::default();
+    let mut summary = tokio::time::interval(Duration::from_secs(60));
+    summary.tick().await;
+    let mut sweeper = tokio::time::interval(sweep.max(Duration::from_secs(1)));
+    sweeper.tick().await;
+    info!("running: keeping every shop fresh until SIGINT or SIGTERM");
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            e = events.recv() => match e {
+                Ok(e) => tally.add(&e),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => tally.lagged += n,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            },
+            _ = summary.tick() => {
+                info!("last minute: {tally}");
+                tally = EventTally::default();
+            }
+            _ = sweeper.tick() => {
+                // A safety net under the scheduler: anything due that it has not picked up.
+                match engine.refresh_due().await {
+                    Ok(0) => {}
+                    Ok(n) => info!(attempted = n, "sweep refreshed due shops the scheduler had not"),
+                    Err(e) => warn!(error = %e, "sweep failed"),
+                }
+            }
+        }
+    }
+    info!(grace_secs = grace.as_secs_f64(), "stopping: waiting for refreshes in flight");
+    tokio::select! {
+        _ = engine.shutdown() => info!("stopped"),
+        // Safe by the durability contract: an attempt cut short stays journaled as an intent and
+        // the next start's recovery retries its old refresh token.
+        _ = tokio::time::sleep(grace) => warn!(
+            "refreshes still in flight after the grace period: abandoned; they stay journaled and recovery \
+             resolves them at the next start"
+        ),
+        _ = shutdown_signal() => warn!("second signal: refreshes in flight abandoned; recovery resolves them at the next start"),
+    }
+    drop(engine);
+    Ok(())
+}
+
+fn phase_counts(engine: &Engine) -> Result<String, CliError> {
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    engine.store().for_each_grant(|s| *counts.entry(s.phase.name()).or_default() += 1)?;
+    Ok(counts.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "))
+}
+
+/// Events seen since the last summary.
+#[derive(Default)]
+struct EventTally {
+    refreshed: u64,
+    ambiguous: u64,
+    resolved: u64,
+    needs_reauth: u64,
+    credentials: u64,
+    throttled: u64,
+    other: u64,
+    lagged: u64,
+}
+
+impl EventTally {
+    fn add(&mut self, e: &Event) {
+        match e {
+            Event::Refreshed { .. } => self.refreshed += 1,
+            Event::Ambiguous { .. } => self.ambiguous += 1,
+            Event::Resolved { .. } => self.resolved += 1,
+            Event::NeedsReauth { .. } => self.needs_reauth += 1,
+            Event::AppCredentialsRejected { .. } => self.credentials += 1,
+            Event::Throttled { .. } => self.throttled += 1,
+            _ => self.other += 1,
+        }
+    }
+}
+
+impl std::fmt::Display for EventTally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} refreshed, {} ambiguous, {} resolved, {} needs-reauth, {} app-credentials-rejected, {} throttled, \
+             {} other",
+            self.refreshed,
+            self.ambiguous,
+            self.resolved,
+            self.needs_reauth,
+            self.credentials,
+            self.throttled,
+            self.other
+        )?;
+        if self.lagged > 0 {
+            write!(f, " ({} events missed)", self.lagged)?;
+        }
+        Ok(())
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM (Ctrl-C elsewhere).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
