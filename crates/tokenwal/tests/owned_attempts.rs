@@ -11,63 +11,17 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokenwal::core::{
-    AccessToken, AttemptKind, ClientSecret, GrantKey, GrantState, Phase, Record, RefreshToken, SessionToken,
-    ShopDomain, TokenSet, UnixMillis,
-};
-use tokenwal::{Config, Engine, Error, StoreLocation};
-use tokenwal_sim::{serve, Fault, SimConfig, SimHandle};
-
-const CLIENT_ID: &str = "sim-client-id";
-const SECRET: &str = "sim-client-secret";
-
-fn shop(name: &str) -> ShopDomain {
-    ShopDomain::parse(&format!("{name}.myshopify.com")).unwrap()
-}
-
-fn now() -> UnixMillis {
-    UnixMillis::from_system_time(std::time::SystemTime::now())
-}
-
-async fn sim() -> SimHandle {
-    serve(SimConfig::default(), "127.0.0.1:0".parse().unwrap()).await.unwrap()
-}
+use tokenwal::core::{AttemptKind, GrantKey, GrantState, Phase, Record, SessionToken};
+use tokenwal::{Engine, Error, StoreLocation};
+use tokenwal_sim::{Fault, SimHandle};
+use tokenwal_testkit::{accepted, engine_config, now, requests, seed, shop, sim, SECRET};
 
 async fn engine(sim: &SimHandle) -> Engine {
-    let mut c = Config::shopify(StoreLocation::InMemory, CLIENT_ID, ClientSecret::new(SECRET))
-        .with_insecure_test_endpoint(url::Url::parse(&sim.base_url()).unwrap());
-    c.proactive = false;
-    c.max_wait = Duration::from_secs(10);
-    c.timeouts.connect = Duration::from_secs(2);
-    c.timeouts.total = Duration::from_secs(3);
-    c.policy.backoff.base = Duration::from_millis(40);
-    c.policy.backoff.cap = Duration::from_millis(400);
-    Engine::open(c).await.unwrap().0
-}
-
-/// Seeds `name` in the simulator; its tokens as tokenwal sees them, access token already expired.
-fn seed(sim: &SimHandle, name: &str) -> TokenSet {
-    let t = sim.seed_shop(&shop(name).to_string());
-    TokenSet {
-        access_token: AccessToken::new(t.access_token.as_str()),
-        access_expires_at: now(),
-        refresh_token: RefreshToken::new(t.refresh_token.as_str()),
-        refresh_expires_at: Some(now().saturating_add(Duration::from_secs(t.refresh_token_expires_in))),
-        scope: Some(t.scope.clone()),
-    }
-}
-
-fn accepted(sim: &SimHandle, name: &str, token: &AccessToken) -> bool {
-    let now = sim.now_ms();
-    sim.with_model(|m| m.access_token_valid(&shop(name).to_string(), token.expose_secret(), now))
+    Engine::open(engine_config(&sim.base_url(), StoreLocation::InMemory, SECRET)).await.unwrap().0
 }
 
 fn state(engine: &Engine, name: &str) -> GrantState {
-    engine.state(&GrantKey::shopify(&shop(name))).unwrap().expect("installed")
-}
-
-fn requests(sim: &SimHandle, name: &str) -> u64 {
-    sim.counters().shop(&shop(name).to_string()).token_requests
+    tokenwal_testkit::state(engine, name).expect("installed")
 }
 
 /// Waits (bounded) until the grant is no longer mid-attempt; panics if it stays `Refreshing`.

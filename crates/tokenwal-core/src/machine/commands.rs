@@ -20,18 +20,12 @@ impl Machine {
         let mut events = Vec::new();
         let state = match current {
             None => GrantState {
-                grant: grant.clone(),
                 version: 1,
                 generation: Generation(1),
                 tokens: Some(tokens.clone()),
                 phase: Phase::Healthy,
-                next_attempt: 1,
-                credential_first_presented_at: None,
-                consecutive_failures: 0,
-                not_before: None,
-                updated_at: now,
-                acquisition: None,
                 acquired_at: Some(now),
+                ..Machine::fresh_state(grant.clone(), now)
             },
             Some(s) => {
                 let generation = s.generation.next();
