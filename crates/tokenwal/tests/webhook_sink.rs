@@ -8,33 +8,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokenwal::core::UnixMillis;
-use tokenwal::core::{AccessToken, ClientSecret, GrantKey, Record, RefreshToken, RefusalReason, ShopDomain, TokenSet};
+use tokenwal::core::{ClientSecret, GrantKey, Record, RefusalReason, TokenSet};
 use tokenwal::webhook_sink::{self as webhook, WebhookConfig};
 use tokenwal::{Config, Engine, Error, StoreLocation};
-use tokenwal_sim::{serve, SimConfig, SimHandle};
+use tokenwal_sim::SimHandle;
+use tokenwal_testkit::{now, seed, shop, sim, CLIENT_ID, SECRET};
 
-const CLIENT_ID: &str = "sim-client-id";
-const SECRET: &str = "sim-client-secret";
 const HOOK_SECRET: &str = "hook-signing-secret";
-
-fn shop(name: &str) -> ShopDomain {
-    ShopDomain::parse(&format!("{name}.myshopify.com")).unwrap()
-}
-
-fn now() -> UnixMillis {
-    UnixMillis::from_system_time(std::time::SystemTime::now())
-}
-
-fn seed(sim: &SimHandle, name: &str) -> TokenSet {
-    let t = sim.seed_shop(&shop(name).to_string());
-    TokenSet {
-        access_token: AccessToken::new(t.access_token.as_str()),
-        access_expires_at: now(),
-        refresh_token: RefreshToken::new(t.refresh_token.as_str()),
-        refresh_expires_at: Some(now().saturating_add(Duration::from_secs(t.refresh_token_expires_in))),
-        scope: Some(t.scope.clone()),
-    }
-}
 
 /// What the receiver saw.
 #[derive(Default)]
@@ -170,7 +150,7 @@ async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_is_delivered_at_least_once_across_a_restart() {
-    let sim = serve(SimConfig::default(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let sim = sim().await;
     let dir = tempfile::tempdir().unwrap();
     let inbox = Arc::new(Inbox::default());
     let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -286,7 +266,7 @@ fn accepted_shops(inbox: &Inbox) -> Vec<String> {
 /// nor writes it twice, and replay delivers it once the receiver accepts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_event_becomes_a_dead_letter_and_later_events_keep_flowing() {
-    let sim = serve(SimConfig::default(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let sim = sim().await;
     let dir = tempfile::tempdir().unwrap();
     let (inbox, hook, _stop) = receiver().await;
     let names = ["refused", "later1", "later2", "later3"];
