@@ -12,7 +12,7 @@
 //! * [`record`] — journal [`Record`]s (no secrets) and the durable per-grant [`GrantState`].
 //! * [`codec`] — the on-disk frame: magic | version | length | bincode payload | crc32.
 //! * [`protocol`] — the token endpoint's wire format for every provider: the [`protocol::Request`]
-//!   of each attempt ([`protocol::build`]) and what its answer means ([`classify`], [`Outcome`]; also
+//!   of each attempt ([`protocol::build`]) and what its answer means ([`classify`](mod@classify), [`Outcome`]; also
 //!   re-exported at the crate root, as before).
 //! * [`policy`] — per-provider retry policy: retention of old refresh tokens, backoff.
 //! * [`machine`] — the per-grant state machine; [`Pending`]/[`Durable`] make "journal before network"

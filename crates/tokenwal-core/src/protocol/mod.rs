@@ -4,7 +4,7 @@
 //!
 //! * [`request`] — [`build`]: the URL, method, headers, client authentication and body fields of
 //!   each [`AttemptKind`](crate::AttemptKind) for each [`ProviderSpec`] / [`ClientAuth`].
-//! * [`classify`] — [`classify_attempt`]: what an HTTP answer or a transport failure means
+//! * [`classify`](mod@classify) — [`classify_attempt`]: what an HTTP answer or a transport failure means
 //!   ([`Outcome`]), under the provider's [`ResponseRules`] ([`ProviderSpec::response_rules`]).
 //!
 //! A new provider (or client-authentication style) is a variant of [`ProviderSpec`] (or
