@@ -110,14 +110,13 @@ impl Transport {
         }
         Ok(RawAnswer { status, request_id, retry_after, body, truncated })
     }
-}
 
-impl Transport {
     /// The reqwest form of a protocol [`Request`]: nothing is added or left out.
     fn request(&self, request: &Request<'_>) -> Result<reqwest::RequestBuilder, TransportFailure> {
-        let url = reqwest::Url::parse(request.url()).map_err(|e| TransportFailure::Build { detail: e.to_string() })?;
-        debug_assert_eq!(Request::METHOD, "POST");
-        let mut builder = self.client.post(url);
+        let build = |detail: String| TransportFailure::Build { detail };
+        let url = reqwest::Url::parse(request.url()).map_err(|e| build(e.to_string()))?;
+        let method = reqwest::Method::from_bytes(Request::METHOD.as_bytes()).map_err(|e| build(e.to_string()))?;
+        let mut builder = self.client.request(method, url);
         for (name, value) in Request::HEADERS {
             builder = builder.header(*name, *value);
         }
@@ -126,7 +125,7 @@ impl Transport {
             builder = builder.basic_auth(user, Some(password));
         }
         Ok(match request.encoding() {
-            // A sorted object of strings, as `serde_json::json!` wrote it before.
+            // A JSON object of strings, its keys sorted.
             Encoding::Json => builder.json(&request.expose_fields().iter().copied().collect::<BTreeMap<_, _>>()),
             Encoding::Form => builder.form(request.expose_fields()),
         })
