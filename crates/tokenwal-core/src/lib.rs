@@ -11,7 +11,9 @@
 //!   keyed [`Fingerprint`]s of credentials.
 //! * [`record`] — journal [`Record`]s (no secrets) and the durable per-grant [`GrantState`].
 //! * [`codec`] — the on-disk frame: magic | version | length | bincode payload | crc32.
-//! * [`classify`] — what an HTTP answer or a transport failure means ([`Outcome`]).
+//! * [`protocol`] — the token endpoint's wire format for every provider: the [`protocol::Request`]
+//!   of each attempt ([`protocol::build`]) and what its answer means ([`classify`](mod@classify), [`Outcome`]; also
+//!   re-exported at the crate root, as before).
 //! * [`policy`] — per-provider retry policy: retention of old refresh tokens, backoff.
 //! * [`machine`] — the per-grant state machine; [`Pending`]/[`Durable`] make "journal before network"
 //!   and "commit before use" hold by construction.
@@ -66,19 +68,16 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
-pub mod classify;
 pub mod codec;
 pub mod domain;
 pub mod machine;
 pub mod policy;
+pub mod protocol;
 pub mod record;
 pub mod recovery;
 pub mod secret;
 pub mod time;
 
-pub use classify::{
-    classify, classify_attempt, Exchange, HttpAnswer, Outcome, ResponseRules, TransportFailure, MAX_BODY,
-};
 pub use codec::CodecError;
 pub use domain::SHOPIFY as SHOPIFY_PROVIDER;
 pub use domain::{
@@ -89,6 +88,9 @@ pub use machine::{
     Transition, Verdict, WriteBatch, MIGRATION_RETRY,
 };
 pub use policy::{Backoff, Retention, RetryPolicy};
+/// The classification keeps its old paths (`tokenwal_core::classify::…`, `tokenwal_core::classify`).
+pub use protocol::classify;
+pub use protocol::{classify_attempt, Exchange, HttpAnswer, Outcome, ResponseRules, TransportFailure, MAX_BODY};
 pub use record::{
     Acquisition, Ambiguity, AmbiguityReason, AttemptKind, GrantState, InstallSource, NotSentReason, Phase,
     ReauthReason, Record, RefusalReason, Resolution, Subject, TokenSummary,

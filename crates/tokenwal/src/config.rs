@@ -2,12 +2,15 @@
 
 use std::path::PathBuf;
 use std::time::Duration;
-use tokenwal_core::{ClientSecret, GrantKey, ResponseRules, RetryPolicy, SHOPIFY_PROVIDER};
+use tokenwal_core::protocol::ProviderSpec;
+use tokenwal_core::{ClientSecret, GrantKey, RetryPolicy, SHOPIFY_PROVIDER};
 use tokenwal_store::KeySource;
 use url::Url;
 
 pub(crate) use crate::net::is_loopback;
 pub use crate::net::Timeouts;
+/// How an OAuth 2.0 client authenticates (defined with the wire format in `tokenwal_core::protocol`).
+pub use tokenwal_core::protocol::ClientAuth;
 
 /// Where the token endpoint is.
 #[derive(Clone, Debug)]
@@ -32,32 +35,12 @@ pub enum Endpoint {
     },
 }
 
-/// How an OAuth 2.0 client authenticates at the token endpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClientAuth {
-    /// `client_id` and `client_secret` in the form body.
-    Body,
-    /// HTTP Basic (`client_secret_basic`).
-    Basic,
-}
-
 impl Endpoint {
     /// The provider id of grants served through this endpoint.
     pub fn provider(&self) -> &str {
         match self {
             Endpoint::Shopify | Endpoint::ShopifyTestServer { .. } => SHOPIFY_PROVIDER,
             Endpoint::OAuth2 { provider, .. } => provider,
-        }
-    }
-
-    pub(crate) fn response_rules(&self) -> ResponseRules {
-        match self {
-            Endpoint::Shopify | Endpoint::ShopifyTestServer { .. } => ResponseRules::SHOPIFY,
-            Endpoint::OAuth2 { .. } => ResponseRules {
-                require_refresh_token: false,
-                require_expires_in: false,
-                default_access_lifetime: Duration::from_secs(3600),
-            },
         }
     }
 
@@ -91,24 +74,15 @@ impl Endpoint {
         }
     }
 
-    /// The token URL for `grant`.
-    pub(crate) fn token_url(&self, grant: &GrantKey) -> Result<Url, String> {
+    /// The wire format and URL of this endpoint ([`ProviderSpec`] builds every request and names
+    /// the response rules). Only for a [`validate`](Endpoint::validate)d endpoint.
+    pub(crate) fn spec(&self) -> ProviderSpec {
         match self {
-            Endpoint::Shopify => {
-                let shop = grant.shop().ok_or("not a shopify grant")?;
-                // The shop is a validated `{handle}.myshopify.com`: nothing else can become the host.
-                Url::parse(&format!("https://{}/admin/oauth/access_token", shop.as_str())).map_err(|e| e.to_string())
+            Endpoint::Shopify => ProviderSpec::Shopify,
+            Endpoint::ShopifyTestServer { base } => ProviderSpec::ShopifyTestServer { base: base.as_str().into() },
+            Endpoint::OAuth2 { token_url, client_auth, .. } => {
+                ProviderSpec::OAuth2 { token_url: token_url.as_str().into(), client_auth: *client_auth }
             }
-            Endpoint::ShopifyTestServer { base } => {
-                let shop = grant.shop().ok_or("not a shopify grant")?;
-                let mut url = base.clone();
-                url.path_segments_mut()
-                    .map_err(|_| "test endpoint cannot be a base URL".to_string())?
-                    .pop_if_empty()
-                    .extend(["shops", shop.as_str(), "admin", "oauth", "access_token"]);
-                Ok(url)
-            }
-            Endpoint::OAuth2 { token_url, .. } => Ok(token_url.clone()),
         }
     }
 }
@@ -205,27 +179,8 @@ mod tests {
         GrantKey::shopify(&ShopDomain::parse(s).unwrap())
     }
 
-    /// The secret's destination is built from the validated shop only: `https`, that host, the
-    /// default port, no userinfo, a fixed path.
-    #[test]
-    fn the_shopify_url_is_the_validated_domain_and_nothing_else() {
-        for s in ["a.myshopify.com", "my-shop-1.myshopify.com", "0.myshopify.com"] {
-            let url = Endpoint::Shopify.token_url(&grant(s)).unwrap();
-            assert_eq!(url.scheme(), "https");
-            assert_eq!(url.host_str(), Some(s));
-            assert_eq!(url.port_or_known_default(), Some(443));
-            assert_eq!(url.port(), None);
-            assert!(url.username().is_empty() && url.password().is_none());
-            assert_eq!(url.path(), "/admin/oauth/access_token");
-            assert_eq!(url.query(), None);
-            assert_eq!(url.fragment(), None);
-            assert_eq!(url.as_str(), format!("https://{s}/admin/oauth/access_token"));
-        }
-        let other = GrantKey::new("oidc", "evil.com/x.myshopify.com@evil.com").err();
-        assert!(other.is_some(), "accounts cannot hold '/'");
-        let other = GrantKey::new("oidc", "user@evil.com").unwrap();
-        assert!(Endpoint::Shopify.token_url(&other).is_err(), "a non-Shopify grant never becomes a host");
-    }
+    // The Shopify URL (the validated domain and nothing else) is tested with the wire format:
+    // tokenwal-core `protocol::request::tests::the_shopify_url_is_the_validated_domain_and_nothing_else`.
 
     #[test]
     fn the_test_endpoint_must_be_loopback_and_keeps_the_shop_in_the_path() {
@@ -234,7 +189,7 @@ mod tests {
         {
             let e = Endpoint::ShopifyTestServer { base: Url::parse(ok).unwrap() };
             assert!(e.validate().is_ok(), "{ok}");
-            let url = e.token_url(&grant("a.myshopify.com")).unwrap();
+            let url = Url::parse(&e.spec().token_url(&grant("a.myshopify.com")).unwrap()).unwrap();
             assert!(is_loopback(&url), "{url}");
             assert!(url.path().ends_with("/shops/a.myshopify.com/admin/oauth/access_token"), "{url}");
         }

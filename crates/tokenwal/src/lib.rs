@@ -15,7 +15,9 @@
 //!   expiring pair), both journaled like refreshes; [`Engine::scopes_updated`].
 //! * [`webhook`] — [`webhook::verify_shopify_hmac`] for apps forwarding webhooks.
 //! * [`config`] — [`Config`], endpoints (Shopify, a loopback test server, generic OAuth 2.0), timeouts.
-//! * `transport` — the reqwest client and the "sent or not" mapping of its errors.
+//! * `transport` — sends a [`tokenwal_core::protocol::Request`] (built by the wire format in
+//!   `tokenwal-core`) with the reqwest client; the body size cap and the "sent or not" mapping of
+//!   its errors.
 //! * [`Driver`] — the one place that carries a goal (refresh, recover, exchange, migrate, install,
 //!   uninstall, …) for a grant through the machine, the store and the network, retrying on version
 //!   conflicts; the engine's attempts run in tasks it owns (`serve`, `inner`), so a caller that goes

@@ -12,29 +12,25 @@
 //! | `is_timeout()` (not connect) | the connection was up; no complete answer in time | **ambiguous** |
 //! | `is_request()`, `is_body()`, `is_decode()`, anything else | the connection broke after it was up | **ambiguous** |
 //!
-//! An HTTP answer is read up to [`tokenwal_core::MAX_BODY`] bytes and handed to
-//! [`tokenwal_core::classify`]. Redirects are never followed (a 3xx is ambiguous).
+//! What is sent — URL, method, headers, client authentication, body — is built by
+//! [`tokenwal_core::protocol::build`]; this module only sends it. An HTTP answer is read up to
+//! [`tokenwal_core::MAX_BODY`] bytes and handed to [`tokenwal_core::classify_attempt`] under the
+//! provider's response rules. Redirects are never followed (a 3xx is ambiguous).
 
-use crate::config::{ClientAuth, Endpoint, Timeouts};
+use crate::config::{Endpoint, Timeouts};
+use std::collections::BTreeMap;
 use std::time::Duration;
+use tokenwal_core::protocol::{self, ClientCredentials, Encoding, ProviderSpec, Request};
 use tokenwal_core::{
-    classify_attempt, AttemptRequest, ClientSecret, Credential, Exchange, GrantKey, HttpAnswer, Outcome, ResponseRules,
-    TransportFailure, UnixMillis, MAX_BODY,
+    classify_attempt, AttemptRequest, ClientSecret, Exchange, HttpAnswer, Outcome, ResponseRules, TransportFailure,
+    UnixMillis, MAX_BODY,
 };
-
-/// `grant_type` of token exchange (RFC 8693), for session tokens and migrations alike.
-const GRANT_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
-/// `subject_token_type` of an App Bridge session token.
-const TOKEN_TYPE_ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token";
-/// Shopify's offline access token type (the requested type, and the subject type of a migration).
-const TOKEN_TYPE_OFFLINE: &str = "urn:shopify:params:oauth:token-type:offline-access-token";
 
 /// Sends token requests.
 pub(crate) struct Transport {
     client: reqwest::Client,
-    endpoint: Endpoint,
-    client_id: String,
-    client_secret: ClientSecret,
+    spec: ProviderSpec,
+    credentials: ClientCredentials,
     rules: ResponseRules,
 }
 
@@ -65,12 +61,10 @@ impl Transport {
             _ => client,
         };
         let client = client.build().map_err(|e| TransportBuildError(e.without_url().to_string()))?;
-        let rules = endpoint.response_rules();
-        Ok(Transport { client, endpoint, client_id, client_secret, rules })
-    }
-
-    fn url(&self, grant: &GrantKey) -> Result<reqwest::Url, TransportFailure> {
-        self.endpoint.token_url(grant).map_err(|detail| TransportFailure::Build { detail })
+        let spec = endpoint.spec();
+        let rules = spec.response_rules();
+        let credentials = ClientCredentials { id: client_id, secret: client_secret };
+        Ok(Transport { client, spec, credentials, rules })
     }
 
     /// Sends one token request and classifies what happened. Never returns an error: every failure is
@@ -97,58 +91,9 @@ impl Transport {
     }
 
     async fn exchange(&self, req: &AttemptRequest) -> Result<RawAnswer, TransportFailure> {
-        let url = self.url(req.grant())?;
-        let mut builder = self.client.post(url).header(reqwest::header::ACCEPT, "application/json");
-        match &self.endpoint {
-            Endpoint::Shopify | Endpoint::ShopifyTestServer { .. } => {
-                // The official libraries send JSON (shared/docs/shopify-token-protocol.md §1.1, §4).
-                let body = match req.credential() {
-                    Credential::RefreshToken(t) => serde_json::json!({
-                        "client_id": self.client_id,
-                        "client_secret": self.client_secret.expose_secret(),
-                        "grant_type": "refresh_token",
-                        "refresh_token": t.expose_secret(),
-                    }),
-                    Credential::SessionToken(t) => serde_json::json!({
-                        "client_id": self.client_id,
-                        "client_secret": self.client_secret.expose_secret(),
-                        "grant_type": GRANT_TOKEN_EXCHANGE,
-                        "subject_token": t.expose_secret(),
-                        "subject_token_type": TOKEN_TYPE_ID_TOKEN,
-                        "requested_token_type": TOKEN_TYPE_OFFLINE,
-                        "expiring": "1",
-                    }),
-                    Credential::LegacyToken(t) => serde_json::json!({
-                        "client_id": self.client_id,
-                        "client_secret": self.client_secret.expose_secret(),
-                        "grant_type": GRANT_TOKEN_EXCHANGE,
-                        "subject_token": t.expose_secret(),
-                        "subject_token_type": TOKEN_TYPE_OFFLINE,
-                        "requested_token_type": TOKEN_TYPE_OFFLINE,
-                        "expiring": "1",
-                    }),
-                };
-                builder = builder.json(&body);
-            }
-            Endpoint::OAuth2 { client_auth, .. } => {
-                let Some(refresh) = req.refresh_token() else {
-                    return Err(TransportFailure::Build {
-                        detail: "token exchange and migration are Shopify grants".into(),
-                    });
-                };
-                let mut form = vec![("grant_type", "refresh_token"), ("refresh_token", refresh.expose_secret())];
-                match client_auth {
-                    ClientAuth::Body => {
-                        form.push(("client_id", &self.client_id));
-                        form.push(("client_secret", self.client_secret.expose_secret()));
-                    }
-                    ClientAuth::Basic => {
-                        builder = builder.basic_auth(&self.client_id, Some(self.client_secret.expose_secret()));
-                    }
-                }
-                builder = builder.form(&form);
-            }
-        }
+        let request = protocol::build(&self.spec, &self.credentials, req)
+            .map_err(|e| TransportFailure::Build { detail: e.to_string() })?;
+        let builder = self.request(&request)?;
         let mut resp = builder.send().await.map_err(failure)?;
         let status = resp.status().as_u16();
         let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -164,6 +109,26 @@ impl Transport {
             body.extend_from_slice(&chunk);
         }
         Ok(RawAnswer { status, request_id, retry_after, body, truncated })
+    }
+
+    /// The reqwest form of a protocol [`Request`]: nothing is added or left out.
+    fn request(&self, request: &Request<'_>) -> Result<reqwest::RequestBuilder, TransportFailure> {
+        let build = |detail: String| TransportFailure::Build { detail };
+        let url = reqwest::Url::parse(request.url()).map_err(|e| build(e.to_string()))?;
+        let method = reqwest::Method::from_bytes(Request::METHOD.as_bytes()).map_err(|e| build(e.to_string()))?;
+        let mut builder = self.client.request(method, url);
+        for (name, value) in Request::HEADERS {
+            builder = builder.header(*name, *value);
+        }
+        if let Some((user, password)) = request.expose_basic_auth() {
+            // reqwest marks the `Authorization` header sensitive.
+            builder = builder.basic_auth(user, Some(password));
+        }
+        Ok(match request.encoding() {
+            // A JSON object of strings, its keys sorted.
+            Encoding::Json => builder.json(&request.expose_fields().iter().copied().collect::<BTreeMap<_, _>>()),
+            Encoding::Form => builder.form(request.expose_fields()),
+        })
     }
 }
 

@@ -2,8 +2,8 @@
 //! that never got one, and where an acquisition that can no longer be retried falls back to.
 
 use super::{exchange_expired, resolved, AttemptRequest, Durable, Event, Machine, Pending, Transition, Verdict};
-use crate::classify::Outcome;
 use crate::domain::{AttemptId, TokenSet};
+use crate::protocol::Outcome;
 use crate::record::{
     Acquisition, Ambiguity, AmbiguityReason, AttemptKind, GrantState, Phase, ReauthReason, Record, RefusalReason,
     Resolution, Subject, TokenSummary,
