@@ -2,9 +2,7 @@
 
 use crate::secret::{AccessToken, LegacyToken, RefreshToken, SessionToken};
 use crate::time::UnixMillis;
-use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
 use std::fmt;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
@@ -286,11 +284,7 @@ impl FingerprintKey {
     /// Fingerprints `credential`; `domain` separates credential kinds so equal strings of different
     /// kinds never collide.
     pub fn fingerprint(&self, domain: &str, credential: &str) -> Fingerprint {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("hmac accepts any key length");
-        mac.update(domain.as_bytes());
-        mac.update(&[0]);
-        mac.update(credential.as_bytes());
-        let full = mac.finalize().into_bytes();
+        let full = crate::mac::hmac_sha256(&self.0, &[domain.as_bytes(), &[0], credential.as_bytes()]);
         let mut out = [0u8; 16];
         out.copy_from_slice(&full[..16]);
         Fingerprint(out)

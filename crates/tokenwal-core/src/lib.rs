@@ -70,6 +70,7 @@
 
 pub mod codec;
 pub mod domain;
+pub mod mac;
 pub mod machine;
 pub mod policy;
 pub mod protocol;

@@ -18,9 +18,7 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use hmac::{Hmac, Mac};
 use rand::RngCore;
-use sha2::Sha256;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -84,9 +82,7 @@ impl StoreKey {
     /// The key's id: the first 8 bytes of HMAC-SHA256(key, label). Identifies the key without
     /// revealing it.
     pub fn id(&self) -> KeyId {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("hmac accepts any key length");
-        mac.update(KEY_ID_LABEL);
-        let full = mac.finalize().into_bytes();
+        let full = tokenwal_core::mac::hmac_sha256(&self.0, &[KEY_ID_LABEL]);
         let mut id = [0u8; 8];
         id.copy_from_slice(&full[..8]);
         KeyId(id)

@@ -8,11 +8,10 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use hmac::{Hmac, Mac};
 use serde::Deserialize;
-use sha2::Sha256;
 use std::fmt;
 use std::time::Duration;
+use tokenwal_core::mac::verify_hmac_sha256;
 use tokenwal_core::{ClientSecret, SessionToken, ShopDomain, UnixMillis};
 
 /// Clock-skew leeway applied to `exp` and `nbf`.
@@ -109,13 +108,10 @@ pub(crate) fn validate(
         return Err(UnsupportedAlgorithm);
     }
     let sig = decode(sig)?;
-    let mut mac =
-        <Hmac<Sha256> as Mac>::new_from_slice(secret.expose_secret().as_bytes()).expect("hmac accepts any key length");
-    mac.update(h.as_bytes());
-    mac.update(b".");
-    mac.update(p.as_bytes());
     // Constant-time comparison.
-    mac.verify_slice(&sig).map_err(|_| BadSignature)?;
+    if !verify_hmac_sha256(secret.expose_secret().as_bytes(), &[h.as_bytes(), b".", p.as_bytes()], &sig) {
+        return Err(BadSignature);
+    }
     let claims: Claims = serde_json::from_slice(&decode(p)?).map_err(|_| Malformed)?;
     let aud_ok = match &claims.aud {
         Audience::One(a) => a == client_id,
@@ -164,9 +160,8 @@ mod tests {
 
     fn sign(header: &str, claims: serde_json::Value, secret: &str) -> String {
         let input = format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(claims.to_string()));
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes()).unwrap();
-        mac.update(input.as_bytes());
-        format!("{input}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
+        let tag = tokenwal_core::mac::hmac_sha256(secret.as_bytes(), &[input.as_bytes()]);
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(tag))
     }
 
     fn claims(dest: &str, aud: serde_json::Value, exp: u64) -> serde_json::Value {

@@ -2,8 +2,7 @@
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use tokenwal_core::mac::verify_hmac_sha256;
 use tokenwal_core::ClientSecret;
 
 /// Whether `header_b64` (the `X-Shopify-Hmac-Sha256` header: base64 of HMAC-SHA256 of the raw request
@@ -11,10 +10,7 @@ use tokenwal_core::ClientSecret;
 /// **raw** body bytes, before any JSON parsing. A missing, malformed or wrong header is `false`.
 pub fn verify_shopify_hmac(secret: &ClientSecret, body: &[u8], header_b64: &str) -> bool {
     let Ok(expected) = STANDARD.decode(header_b64.trim()) else { return false };
-    let mut mac =
-        <Hmac<Sha256> as Mac>::new_from_slice(secret.expose_secret().as_bytes()).expect("hmac accepts any key length");
-    mac.update(body);
-    mac.verify_slice(&expected).is_ok()
+    verify_hmac_sha256(secret.expose_secret().as_bytes(), &[body], &expected)
 }
 
 #[cfg(test)]
@@ -22,9 +18,7 @@ mod tests {
     use super::*;
 
     fn sign(secret: &str, body: &[u8]) -> String {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes()).unwrap();
-        mac.update(body);
-        STANDARD.encode(mac.finalize().into_bytes())
+        STANDARD.encode(tokenwal_core::mac::hmac_sha256(secret.as_bytes(), &[body]))
     }
 
     #[test]

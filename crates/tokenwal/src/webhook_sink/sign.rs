@@ -3,29 +3,18 @@
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
-
-/// HMAC-SHA256 under `secret` over `{timestamp}.{body}`: what both [`signature`] and [`verify`]
-/// compute.
-fn mac(secret: &[u8], timestamp: &str, body: &[u8]) -> Hmac<Sha256> {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("hmac accepts any key length");
-    mac.update(timestamp.as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    mac
-}
+use tokenwal_core::mac::{hmac_sha256, verify_hmac_sha256};
 
 /// The signature of a delivery: base64 (standard, padded) of HMAC-SHA256(secret, `{timestamp}.{body}`).
 pub fn signature(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
-    STANDARD.encode(mac(secret, timestamp, body).finalize().into_bytes())
+    STANDARD.encode(hmac_sha256(secret, &[timestamp.as_bytes(), b".", body]))
 }
 
 /// Verifies a delivery in constant time (for receivers written in Rust, and tests). The caller
 /// should also reject timestamps too far from its clock (replays).
 pub fn verify(secret: &[u8], timestamp: &str, body: &[u8], signature_b64: &str) -> bool {
     let Ok(sig) = STANDARD.decode(signature_b64) else { return false };
-    mac(secret, timestamp, body).verify_slice(&sig).is_ok()
+    verify_hmac_sha256(secret, &[timestamp.as_bytes(), b".", body], &sig)
 }
 
 #[cfg(test)]
