@@ -210,6 +210,7 @@ struct Coverage {
     stale_outcomes: AtomicU64,
     stale_planner_conflicts: AtomicU64,
     older_installs_refused: AtomicU64,
+    abandoned_before_send: AtomicU64,
     ambiguous: AtomicU64,
     needs_reauth: AtomicU64,
     ended_dead: AtomicU64,
@@ -235,7 +236,7 @@ impl std::fmt::Display for Coverage {
             f,
             "shops={} sends={} rotations={} replays={} rejections={} family_revocations={} ambiguous={} \
              needs_reauth={} ended_dead={} crashes={} (cut: planned {} permitted {} answered {}) mid_write={} in_recovery={} probes={} stale_outcomes={} \
-             stale_planner_conflicts={} older_installs_refused={} gave_up_on_live_token={} (unused: {}) lapsed_without_notice={}",
+             stale_planner_conflicts={} older_installs_refused={} abandoned_before_send={} gave_up_on_live_token={} (unused: {}) lapsed_without_notice={}",
             r(&self.shops),
             r(&self.sends),
             r(&self.rotations),
@@ -255,6 +256,7 @@ impl std::fmt::Display for Coverage {
             r(&self.stale_outcomes),
             r(&self.stale_planner_conflicts),
             r(&self.older_installs_refused),
+            r(&self.abandoned_before_send),
             r(&self.gave_up_on_live_token),
             r(&self.gave_up_on_unused_token),
             r(&self.lapsed_without_notice),
@@ -483,6 +485,14 @@ impl<'c> World<'c> {
                 Err(e) => panic!("intent write failed: {e}"),
             },
             Stage::Permitted(d) => {
+                // The driver's re-check before sending: an install (or uninstall) since the intent
+                // abandons the attempt; its retired credential never goes out.
+                if let Some(p) = self.machine.abandon(&self.state(i), &d, self.at()) {
+                    let done = self.durable(p).expect("journaling an abandoned attempt");
+                    assert_eq!(done.verdict(), Verdict::Stale);
+                    bump(&self.cov.abandoned_before_send);
+                    return;
+                }
                 let outcome = self.send(i, &d);
                 self.workers[i] = Some(Stage::Answered(d, outcome));
             }
@@ -514,6 +524,8 @@ impl<'c> World<'c> {
             !self.superseded_by_commit[i].contains(&cred),
             "shop {i}: presented a refresh token whose replacement was durably committed"
         );
+        // Under every policy, family revocation included: an install's retired tokens never go out.
+        assert!(!self.retired_by_install[i].contains(&cred), "shop {i}: presented a refresh token an install retired");
         bump(&self.cov.sends);
         if self.refuse[i] > 0 {
             self.refuse[i] -= 1;
@@ -1045,6 +1057,7 @@ fn run_policy(policy: Policy) {
     if cases() >= 64 {
         assert!(r(&cov.crashes_mid_write) > 0 && r(&cov.stale_outcomes) > 0, "{cov}");
         assert!(r(&cov.older_installs_refused) > 0, "no replayed install of an older pair: {cov}");
+        assert!(r(&cov.abandoned_before_send) > 0, "no install between an intent and its send: {cov}");
         assert!(r(&cov.replays) > 0 || !policy.retains(), "{cov}");
         assert!(r(&cov.crashes_in_recovery) > 0 && r(&cov.recovery_probes) > 0, "{cov}");
         assert!(r(&cov.crashed_permitted) > 0 && r(&cov.crashed_answered) > 0, "{cov}");
@@ -1155,13 +1168,34 @@ fn interleaved_crash_after_send_and_after_intent() {
     w.check_end();
 }
 
-/// An install lands between a worker's intent and its send: the worker presents the retired token,
-/// the server rejects it, and the outcome is stale — the install stands and no shop is marked.
+/// An install lands between a worker's intent and its send: the worker re-checks before sending,
+/// finds its attempt replaced and abandons it (journaled as a stale outcome): the retired token never
+/// goes out, the install stands and no shop is marked. (Before issue 16.4 the retired token was
+/// presented and rejected.)
 #[test]
-fn install_between_intent_and_send_is_not_a_false_reauth() {
+fn install_between_intent_and_send_abandons_the_attempt() {
     let mut w = scenario(Policy::Retain, 3, &[Op::Ask(2), Op::Step(2), Op::Install(2), Op::Step(2), Op::Step(2)]);
     assert_eq!(w.state(2).phase, Phase::Healthy);
-    assert_eq!(w.sim.counters().shop(&w.names[2]).total_rejections(), 1);
+    let c = w.sim.counters().shop(&w.names[2]);
+    assert_eq!((c.token_requests, c.total_rejections()), (0, 0), "the retired token was sent: {c:?}");
+    let history = w.store.history(&w.grants[2]).unwrap();
+    assert!(
+        history.iter().any(|(_, r)| matches!(r, Record::StaleOutcome { outcome, .. } if outcome == ABANDONED)),
+        "the abandoned attempt is journaled"
+    );
+    w.settle_fault_free();
+    w.check_end();
+}
+
+/// The same race under a server that revokes the whole grant family on reuse: presenting the retired
+/// token would have revoked the fresh install. Nothing is sent; the install's grant stays alive.
+#[test]
+fn install_between_intent_and_send_never_triggers_a_family_revocation() {
+    let mut w =
+        scenario(Policy::StrictRevokeFamily, 3, &[Op::Ask(2), Op::Step(2), Op::Install(2), Op::Step(2), Op::Step(2)]);
+    assert_eq!(w.state(2).phase, Phase::Healthy);
+    let c = w.sim.counters().shop(&w.names[2]);
+    assert_eq!((c.token_requests, c.family_revocations), (0, 0), "{c:?}");
     w.settle_fault_free();
     w.check_end();
 }

@@ -86,7 +86,7 @@ pub use domain::{
 };
 pub use machine::{
     AttemptRequest, Credential, Decision, Durable, DurableLog, Event, Goal, Machine, NoChange, Pending, Refusal, Step,
-    Transition, Verdict, WriteBatch, MIGRATION_RETRY,
+    Transition, Verdict, WriteBatch, ABANDONED, MIGRATION_RETRY,
 };
 pub use policy::{Backoff, Retention, RetryPolicy};
 /// The classification keeps its old paths (`tokenwal_core::classify::…`, `tokenwal_core::classify`).

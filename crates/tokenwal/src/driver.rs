@@ -17,7 +17,7 @@ use std::future::Future;
 use std::sync::Arc;
 use tokenwal_core::{
     AttemptRequest, Decision, Durable, Goal, GrantKey, GrantState, Machine, NoChange, NotSentReason, Outcome, Pending,
-    Refusal, TokenSet, UnixMillis,
+    Refusal, TokenSet, UnixMillis, ABANDONED,
 };
 use tokenwal_store::{Store, StoreError};
 use tracing::{info, Instrument};
@@ -140,6 +140,13 @@ impl<'a, I: Io> Driver<'a, I> {
         let permit = pending.make_durable(self.store).await?;
         failpoint::hit("after-intent");
         self.io.after_durable(&permit);
+        // Re-check before sending: an install or an uninstall may have landed since the intent (it
+        // may replace a `Refreshing` state). Then the intent's credential may be retired; it is not
+        // sent (a server that revokes the grant family on reuse would revoke the replacement), and
+        // the attempt is journaled as abandoned.
+        if let Some(settled) = self.abandon_if_replaced(&grant, &permit).await? {
+            return Ok(settled);
+        }
         let outcome = self.io.send(&permit).await;
         failpoint::hit("after-response");
         let mut current = permit.state().clone();
@@ -161,6 +168,31 @@ impl<'a, I: Io> Driver<'a, I> {
             }
         }
         Err(Error::Internal(format!("{grant}: settling an answer gave up after {MAX_CONFLICTS} write conflicts")))
+    }
+}
+
+impl<I: Io> Driver<'_, I> {
+    /// Journals `permit`'s attempt as abandoned if it is no longer the grant's live attempt.
+    async fn abandon_if_replaced(
+        &self,
+        grant: &GrantKey,
+        permit: &Durable<AttemptRequest>,
+    ) -> Result<Option<Driven>, Error> {
+        for _ in 0..MAX_CONFLICTS {
+            let current = self.store.get(grant)?.ok_or_else(|| Error::NotInstalled { grant: grant.clone() })?;
+            let Some(pending) = self.machine.abandon(&current, permit, now()) else { return Ok(None) };
+            match pending.make_durable(self.store).await {
+                Ok(settled) => {
+                    info!(%grant, attempt = permit.value().attempt().0, "attempt abandoned before sending: its credential was replaced");
+                    self.io.after_durable(&settled);
+                    let outcome = Outcome::NotSent(NotSentReason::Build { detail: ABANDONED.into() });
+                    return Ok(Some(Driven::Attempted { settled, outcome }));
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Internal(format!("{grant}: abandoning an attempt gave up after {MAX_CONFLICTS} write conflicts")))
     }
 }
 

@@ -11,6 +11,10 @@ use crate::record::{
 use crate::time::UnixMillis;
 use std::time::Duration;
 
+/// The `StaleOutcome` label of an attempt abandoned between its durable intent and its send
+/// ([`Machine::abandon`]).
+pub const ABANDONED: &str = "abandoned-before-send";
+
 impl Machine {
     /// An unresolved token exchange whose session token has expired (or was refused on a retry) can
     /// no longer be retried: the grant falls back (`docs/journal.md` §3). Returns the transition, or
@@ -35,22 +39,53 @@ impl Machine {
         now: UnixMillis,
         entropy: u64,
     ) -> Pending<Option<TokenSet>> {
-        let req = sent.value();
-        let live = matches!(&current.phase, Phase::Refreshing { attempt, .. } if *attempt == req.attempt())
-            && current.generation == req.generation();
-        if !live {
-            let mut state = self.next_state(current, now);
-            state.updated_at = current.updated_at.max(now);
-            let mut t = Transition::replacing(current, state, Verdict::Stale);
-            t.records.push(Record::StaleOutcome {
-                grant: current.grant.clone(),
-                at: now,
-                attempt: req.attempt(),
-                outcome: outcome.label().to_owned(),
-            });
-            return Pending { transition: t, value: None };
+        if !self.is_live(current, sent.value()) {
+            return self.stale(current, sent.value(), outcome.label(), now);
         }
         Settle::new(self, current, now, entropy).apply(outcome)
+    }
+
+    /// Whether `request`'s attempt is still the grant's live attempt in `current`: the grant is
+    /// `Refreshing` that very attempt at that generation. Once it is not (an install, an uninstall or
+    /// a fall-back was written since the intent), its credential may have been replaced: its outcome
+    /// is stale, and a request not yet sent must not go (a server that revokes the whole grant family
+    /// on reuse would revoke the replacement).
+    pub fn is_live(&self, current: &GrantState, request: &AttemptRequest) -> bool {
+        matches!(&current.phase, Phase::Refreshing { attempt, .. } if *attempt == request.attempt())
+            && current.generation == request.generation()
+    }
+
+    /// The driver's re-check between a durable intent and its send: if the attempt is no longer live
+    /// in `current` (see [`Machine::is_live`]), the transition that journals it as abandoned — a
+    /// `StaleOutcome` whose outcome is `abandoned-before-send`, changing nothing else — and the
+    /// request is never sent. `None`: still live, send it.
+    pub fn abandon(
+        &self,
+        current: &GrantState,
+        permit: &Durable<AttemptRequest>,
+        now: UnixMillis,
+    ) -> Option<Pending<Option<TokenSet>>> {
+        let req = permit.value();
+        (!self.is_live(current, req)).then(|| self.stale(current, req, ABANDONED, now))
+    }
+
+    fn stale(
+        &self,
+        current: &GrantState,
+        req: &AttemptRequest,
+        outcome: &str,
+        now: UnixMillis,
+    ) -> Pending<Option<TokenSet>> {
+        let mut state = self.next_state(current, now);
+        state.updated_at = current.updated_at.max(now);
+        let mut t = Transition::replacing(current, state, Verdict::Stale);
+        t.records.push(Record::StaleOutcome {
+            grant: current.grant.clone(),
+            at: now,
+            attempt: req.attempt(),
+            outcome: outcome.to_owned(),
+        });
+        Pending { transition: t, value: None }
     }
 
     /// Recovery: a grant found `Refreshing` after a restart had an intent durable and no outcome;
