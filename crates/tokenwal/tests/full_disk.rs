@@ -7,17 +7,20 @@
 //!    root (`-m 0`) and mounted through a loop device (`crates/tokenwal-store/tests/support/loopfs.rs`,
 //!    shared with the store's `power_cut.rs`). The engine's sled store is created on it and
 //!    `SHOPS` shops seeded in the simulator are installed.
-//! 2. The disk is filled: a `HEADROOM` file is written and synced, then a filler file until the
-//!    kernel answers ENOSPC; deleting the headroom file leaves exactly that little room.
-//! 3. One task per shop refreshes its shop (`on_unauthorized`, a forced refresh) in a loop until a
-//!    call fails: intents and commits fill the room until a write or sync fails.
-//! 4. The engine is shut down, the filler deleted (space freed on the same filesystem), the store
-//!    opened directly to read what is durable, then the engine reopened on it (recovery).
+//! 2. Then `ROUNDS` times on the same filesystem and store: the disk is filled (a `HEADROOM` file
+//!    is written and synced, then a filler file until the kernel answers ENOSPC; deleting the
+//!    headroom file leaves exactly that little room); one task per shop forces refreshes
+//!    (`on_unauthorized`) until a call fails — intents and commits fill the room until a sled write
+//!    or flush fails; the engine is shut down, the filler deleted (space freed on the same
+//!    filesystem), the store opened directly to read what is durable, then the engine reopened on
+//!    it (recovery). Each round takes well under a second.
 //!
 //! What it proves, on a real full disk:
 //!
-//! * **a clear error**: the first failure is the store's `Io` error naming the operation, with the
-//!   kernel's ENOSPC (`StorageFull`) as its source; every other failure is `Poisoned`;
+//! * **a clear error**: the writers of the failing group get the store's `Io` error naming the
+//!   operation, with the kernel's ENOSPC (`StorageFull`) as its source — seen here as `flush`
+//!   (sled writing its log buffer) or `transaction` (sled's background flusher hit ENOSPC first
+//!   and sled refuses the next write) —; every other failure is `Poisoned`;
 //! * **fail-stop**: after it nothing is served — not even a cached, unexpired access token — and
 //!   nothing is sent: `access_token` of every shop and `state` fail with `Poisoned` and the
 //!   simulator sees no further request;
@@ -32,8 +35,11 @@
 //!   retried; Shopify's retention answers it with the pair), every shop ends `Healthy`, its new
 //!   access token is accepted by the simulator's Admin API and its grant is alive there.
 //!
-//! Mutation checked: a store that answers a failed group `Ok` instead of `Io` (commit.rs) makes
-//! this test fail.
+//! Mutations checked (commit.rs): a store that ignores a failed flush/sync and answers the group
+//! `Ok` fails this test on every run (8 of 8: a request whose intent was not durable, or an
+//! acknowledged generation missing after the reopen — with one round instead of three it was
+//! caught about one run in two, when sled's own 500 ms background flush did not hit ENOSPC first);
+//! a store that does not poison itself after the failure serves a cached token (caught every run).
 //!
 //! Prerequisites as for `power_cut.rs`: root, loop devices, ext4, `losetup`, `mkfs.ext4`, `mount`,
 //! `umount` (packages `mount`, `e2fsprogs`). Without them: a loud SKIP and a pass, unless
@@ -280,7 +286,11 @@ async fn full_disk_round(round: usize, sim: &SimHandle, mnt: &Path, config: &imp
         let s = engine.state(&grant(i)).unwrap().unwrap();
         assert_eq!(s.phase, Phase::Healthy, "{}", name(i));
         assert!(sim.grant_alive(&shop(&name(i)).to_string()), "{}: grant dead at the server", name(i));
-        assert!(requests(sim, &name(i)) <= intents(engine.store(), i), "{}: a request without a durable intent", name(i));
+        assert!(
+            requests(sim, &name(i)) <= intents(engine.store(), i),
+            "{}: a request without a durable intent",
+            name(i)
+        );
     }
     engine.shutdown().await;
     refreshes
