@@ -34,19 +34,22 @@
 //! Prerequisites: root, a kernel with loop devices and ext4, and `losetup`, `mkfs.ext4`,
 //! `mount`, `umount` (Debian/Ubuntu packages `mount` and `e2fsprogs`). Without them the test
 //! prints a loud SKIP and passes, unless `TOKENWAL_REQUIRE_SYNC_TEST=1`, which makes a missing
-//! prerequisite a failure (CI sets it).
+//! prerequisite a failure (CI sets it). The loop-device setup is `tests/support/loopfs.rs`, shared
+//! with `crates/tokenwal/tests/full_disk.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use tokenwal_core::*;
 use tokenwal_store::{KeyRing, Store, StoreConfig};
 
+#[path = "support/loopfs.rs"]
+mod loopfs;
+use loopfs::Mounted;
+
 const CHILD_ENV: &str = "TOKENWAL_POWER_CUT_STORE";
-const REQUIRE_ENV: &str = "TOKENWAL_REQUIRE_SYNC_TEST";
 const GRANTS: usize = 8;
 /// Acknowledged commits before the power cut.
 const ACKS: usize = 1500;
@@ -98,107 +101,9 @@ fn power_cut_child() {
     }
 }
 
-/// Runs a command; `Err` carries its stderr.
-fn run(program: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(program).args(args).output().map_err(|e| format!("{program}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    } else {
-        Err(format!("{program} {}: {} {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr).trim()))
-    }
-}
-
-fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/sbin", "/usr/sbin", "/bin", "/usr/bin"].map(PathBuf::from))
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-/// The tools, if this machine can run the test.
-struct Tools {
-    losetup: String,
-    mkfs: String,
-    mount: String,
-    umount: String,
-}
-
-fn prerequisites() -> Result<Tools, String> {
-    let uid = run("id", &["-u"])?;
-    if uid != "0" {
-        return Err(format!("not root (uid {uid}): loop devices and mount need root"));
-    }
-    if !Path::new("/dev/loop-control").exists() {
-        return Err("no /dev/loop-control: the kernel has no loop device support here".into());
-    }
-    let tool = |n: &str| {
-        find_tool(n).map(|p| p.display().to_string()).ok_or_else(|| format!("`{n}` not found (install {})", package(n)))
-    };
-    Ok(Tools { losetup: tool("losetup")?, mkfs: tool("mkfs.ext4")?, mount: tool("mount")?, umount: tool("umount")? })
-}
-
-fn package(tool: &str) -> &'static str {
-    if tool == "mkfs.ext4" {
-        "e2fsprogs"
-    } else {
-        "mount"
-    }
-}
-
-/// A mounted loop device; unmounted and detached on drop.
-struct Mounted<'a> {
-    tools: &'a Tools,
-    device: String,
-    at: PathBuf,
-    mounted: bool,
-}
-
-impl<'a> Mounted<'a> {
-    /// Attaches `image` to a free loop device and mounts it at `at`. `Err` is a missing
-    /// prerequisite (no free loop device, no permission, no ext4).
-    fn new(tools: &'a Tools, image: &Path, at: &Path, options: &str) -> Result<Mounted<'a>, String> {
-        let device = run(&tools.losetup, &["--find", "--show", &image.display().to_string()])?;
-        let mut m = Mounted { tools, device, at: at.to_path_buf(), mounted: false };
-        std::fs::create_dir_all(at).map_err(|e| e.to_string())?;
-        run(&tools.mount, &["-t", "ext4", "-o", options, &m.device, &at.display().to_string()])?;
-        m.mounted = true;
-        Ok(m)
-    }
-
-    fn unmount(&mut self) {
-        if self.mounted {
-            if let Err(e) = run(&self.tools.umount, &[&self.at.display().to_string()]) {
-                let _ = run(&self.tools.umount, &["-l", &self.at.display().to_string()]);
-                eprintln!("umount: {e}");
-            }
-            self.mounted = false;
-        }
-    }
-}
-
-impl Drop for Mounted<'_> {
-    fn drop(&mut self) {
-        self.unmount();
-        let _ = run(&self.tools.losetup, &["-d", &self.device]);
-    }
-}
-
-/// Prints past the test harness's capture, so a skip is seen in a normal `cargo test` run.
-fn loud(msg: &str) {
-    let _ = writeln!(std::io::stderr(), "\n{0}\n{msg}\n{0}", "!".repeat(78));
-}
-
 /// A missing prerequisite: SKIP (pass), or fail when the environment requires the test.
 fn missing(reason: &str) {
-    if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
-        panic!("power_cut: prerequisite missing and {REQUIRE_ENV}=1: {reason}");
-    }
-    loud(&format!(
-        "SKIP power_cut::acknowledged_commits_survive_a_power_cut: {reason}.\n\
-         The missing-fsync test did NOT run. Run as root with losetup, mkfs.ext4 and mount \
-         (packages mount, e2fsprogs);\nset {REQUIRE_ENV}=1 to make this a failure."
-    ));
+    loopfs::missing("power_cut::acknowledged_commits_survive_a_power_cut", "The missing-fsync test", reason);
 }
 
 #[test]
@@ -207,17 +112,14 @@ fn acknowledged_commits_survive_a_power_cut() {
         return;
     }
     let started = Instant::now();
-    let tools = match prerequisites() {
+    let tools = match loopfs::prerequisites() {
         Ok(t) => t,
         Err(reason) => return missing(&reason),
     };
-    let shm = Path::new("/dev/shm");
-    let tmp = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.unwrap();
+    let tmp = loopfs::image_dir();
     let image = tmp.path().join("disk.img");
     let snapshot = tmp.path().join("after-power-cut.img");
-    std::fs::File::create(&image).unwrap().set_len(IMAGE_BYTES).unwrap();
-    let mkfs = ["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", &image.display().to_string()];
-    if let Err(reason) = run(&tools.mkfs, &mkfs) {
+    if let Err(reason) = tools.mkfs(&image, IMAGE_BYTES, &[]) {
         return missing(&reason);
     }
 
