@@ -105,11 +105,12 @@ pub mod store;
 pub use config::{CompactReport, History, OpenReport, RecoveryMode, ScanReport, StoreConfig, StoreStats};
 pub use dead_letter::DeadLetter;
 pub use error::StoreError;
+pub use shared::FailStop;
 pub use keys::{KeyError, KeyId, KeyRing, KeySource, StoreKey};
 pub use store::{KeyUsage, Reseal, Store};
 
 #[cfg(any(test, feature = "test-hooks"))]
-pub use hooks::FaultPoint;
+pub use hooks::{FaultPoint, SYNC_FAULT_ENV};
 #[cfg(any(test, feature = "test-hooks"))]
 pub use store::AckHold;
 
