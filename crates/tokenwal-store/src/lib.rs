@@ -105,8 +105,8 @@ pub mod store;
 pub use config::{CompactReport, History, OpenReport, RecoveryMode, ScanReport, StoreConfig, StoreStats};
 pub use dead_letter::DeadLetter;
 pub use error::StoreError;
-pub use shared::FailStop;
 pub use keys::{KeyError, KeyId, KeyRing, KeySource, StoreKey};
+pub use shared::FailStop;
 pub use store::{KeyUsage, Reseal, Store};
 
 #[cfg(any(test, feature = "test-hooks"))]

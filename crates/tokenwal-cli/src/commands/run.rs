@@ -100,7 +100,9 @@ fn fail_stopped(health: Health) -> CliError {
 /// An open that failed because the store failed a write or sync (recovery writes) is a fail-stop too.
 fn fail_stop_at_open(e: CliError) -> CliError {
     match e {
-        CliError::Store(e @ (StoreError::Io { .. } | StoreError::Poisoned)) => CliError::FailStopped { error: e.to_string() },
+        CliError::Store(e @ (StoreError::Io { .. } | StoreError::Poisoned)) => {
+            CliError::FailStopped { error: e.to_string() }
+        }
         other => other,
     }
 }
