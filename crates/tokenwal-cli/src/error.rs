@@ -8,6 +8,7 @@
 //! | 65 | `import` / `migrate`: at least one line was invalid (the valid ones were processed) | fix those lines, run again |
 //! | 66 | no such shop in the store, no store at that path, or the shop is uninstalled | — |
 //! | 70 | `demo`: tokenwal locked a shop out (a broken guarantee) | report a bug |
+//! | 74 | `run`: the store failed a write or sync and fail-stopped (nothing further was sent) | restart it: recovery runs at open (a supervisor does this) |
 //! | 75 | transient: refresh outcome unknown (being retried), token endpoint unavailable or throttling, store in use by another process; `migrate`: some shops not migrated yet | try again later |
 //! | 77 | the shop needs re-auth: the merchant must open the app (token exchange) | alert someone |
 //! | 78 | configuration: missing or rejected app credentials (`migrate` stops), bad config file | fix the configuration |
@@ -26,6 +27,8 @@ pub const EXIT_DATAERR: u8 = 65;
 pub const EXIT_NOINPUT: u8 = 66;
 /// Exit code: tokenwal broke a guarantee (`demo`).
 pub const EXIT_SOFTWARE: u8 = 70;
+/// Exit code: `run`'s store fail-stopped after an I/O error (EX_IOERR); a restart runs recovery.
+pub const EXIT_IOERR: u8 = 74;
 /// Exit code: transient failure, try again later.
 pub const EXIT_TEMPFAIL: u8 = 75;
 /// Exit code: the shop needs re-auth.
@@ -96,6 +99,15 @@ pub enum CliError {
     /// `demo`: tokenwal locked shops out.
     #[error("tokenwal locked {0} shop(s) out: a broken guarantee, please report it")]
     DemoLockout(usize),
+    /// `run`: the store failed a write or sync and fail-stopped.
+    #[error(
+        "store fail-stopped ({error}): no further token request was sent; exiting with status 74 so that a \
+         restart runs recovery"
+    )]
+    FailStopped {
+        /// What failed (an operation and an OS error; never a token).
+        error: String,
+    },
     /// A store error other than the lock.
     #[error("store: {0}")]
     Store(StoreError),
@@ -134,6 +146,7 @@ impl CliError {
             CliError::NeedsReauth { .. } => EXIT_NEEDS_REAUTH,
             CliError::ImportFailed { .. } => EXIT_DATAERR,
             CliError::DemoLockout(_) => EXIT_SOFTWARE,
+            CliError::FailStopped { .. } => EXIT_IOERR,
             CliError::Migration { code, .. } => *code,
             CliError::Store(_) | CliError::CorruptRecord { .. } | CliError::Engine(_) | CliError::Io { .. } => {
                 EXIT_FAILURE

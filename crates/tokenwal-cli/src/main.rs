@@ -70,6 +70,7 @@ EXIT CODES
   65  import, migrate: some lines were invalid (the valid ones were processed)
   66  no such shop in the store, no store at --db, or the app is uninstalled from the shop
   70  demo: tokenwal locked a shop out (a broken guarantee)
+  74  run: the store failed a write or sync and fail-stopped; restart it (recovery runs at open)
   75  transient, try again later: refresh outcome unknown and being retried, token endpoint
       unavailable or throttling, store in use by another process; migrate: shops left to resume
   77  the shop needs re-auth: the merchant must open the app (token exchange)
@@ -169,6 +170,7 @@ enum Command {
         out: JsonFlag,
     },
     /// Run the refresh worker: recovery, then keep every shop fresh until SIGINT/SIGTERM
+    #[command(long_about = RUN_ABOUT)]
     Run {
         /// Recover, refresh every shop that is due, and exit (for cron and tests)
         #[arg(long)]
@@ -309,6 +311,13 @@ document).
 
 Exit: 0 done; 65 invalid lines (the rest done); 1 some shops failed (see the report); 75 some shops
 not migrated yet (re-run later: they resume); 78 app credentials rejected.";
+
+const RUN_ABOUT: &str = "Run the refresh worker: recovery, then keep every shop fresh until SIGINT/SIGTERM.
+
+Exit: 0 stopped by a signal (or --once done); 74 the store failed a write or sync (full disk, I/O
+error) and fail-stopped: nothing further was sent, and a restart runs recovery, so run it under a
+supervisor that restarts it (systemd Restart=on-failure, a Kubernetes restart policy); 75 the store is
+in use by another process; 78 configuration.";
 
 const TOKEN_ABOUT: &str = "Print a valid access token for SHOP to stdout, refreshing first if needed.
 

@@ -161,7 +161,7 @@ fn commit_group(shared: &Shared, next_lsn: &mut u64, group: &mut Vec<Request>) {
         }
     }
     if let Some(f) = &failure {
-        shared.poison();
+        shared.poison(f);
         tracing::error!(error = %f, "store poisoned: a write or sync failed; reopen it to recover");
     }
     lock(&shared.pending).clear();

@@ -100,7 +100,7 @@ impl Store {
         let key = cursor_key(name)?;
         let shared = self.shared();
         if let Err(e) = shared.backend.put_meta(&key, Some(&lsn.to_be_bytes())) {
-            shared.poison();
+            shared.poison(&e);
             tracing::error!(error = %e, "store poisoned: a cursor write failed; reopen it to recover");
             return Err(e);
         }
@@ -114,7 +114,7 @@ impl Store {
         let key = cursor_key(name)?;
         let shared = self.shared();
         if let Err(e) = shared.backend.put_meta(&key, None) {
-            shared.poison();
+            shared.poison(&e);
             return Err(e);
         }
         Ok(())

@@ -256,7 +256,7 @@ impl Store {
                     None => s.del_raw(Tree::Meta, k),
                 };
                 if let Err(e) = r.and_then(|()| shared.backend.sync()) {
-                    shared.poison();
+                    shared.poison(&e);
                     tracing::error!(error = %e, "store poisoned: a dead-letter write failed; reopen it to recover");
                     return Err(e);
                 }

@@ -17,6 +17,12 @@ pub enum FaultPoint {
     Sync,
 }
 
+/// Test hook (only with the `test-hooks` feature): a store opened while this environment variable
+/// holds `N` fails its `N`-th group sync (1 = the first), as `Store::inject_fault(FaultPoint::Sync, N)`
+/// would. It lets process tests make a `tokenwal` binary built with the feature fail-stop.
+#[cfg(any(test, feature = "test-hooks"))]
+pub const SYNC_FAULT_ENV: &str = "TOKENWAL_TEST_INJECT_SYNC_FAULT";
+
 #[cfg(any(test, feature = "test-hooks"))]
 pub(crate) use enabled::{Hold, Hooks};
 
@@ -87,7 +93,12 @@ mod enabled {
 
     impl Hooks {
         pub(crate) fn new() -> Hooks {
-            Hooks::default()
+            let hooks = Hooks::default();
+            // Process tests of a binary built with this feature: its stores fail the n-th sync.
+            if let Some(n) = std::env::var(super::SYNC_FAULT_ENV).ok().and_then(|v| v.parse().ok()) {
+                hooks.arm_fault(FaultPoint::Sync, n);
+            }
+            hooks
         }
 
         /// Unparks a held committer for good (the last store handle is gone).

@@ -106,10 +106,11 @@ pub use config::{CompactReport, History, OpenReport, RecoveryMode, ScanReport, S
 pub use dead_letter::DeadLetter;
 pub use error::StoreError;
 pub use keys::{KeyError, KeyId, KeyRing, KeySource, StoreKey};
+pub use shared::FailStop;
 pub use store::{KeyUsage, Reseal, Store};
 
 #[cfg(any(test, feature = "test-hooks"))]
-pub use hooks::FaultPoint;
+pub use hooks::{FaultPoint, SYNC_FAULT_ENV};
 #[cfg(any(test, feature = "test-hooks"))]
 pub use store::AckHold;
 

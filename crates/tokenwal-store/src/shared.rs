@@ -7,8 +7,9 @@ use crate::keys::KeyRing;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokenwal_core::FingerprintKey;
+use tokio::sync::watch;
 
 /// The durable state of a grant that a commit group is writing, captured before the group's first
 /// write to it becomes visible and dropped once the group is synced. Readers prefer it to the
@@ -70,6 +71,8 @@ pub(crate) struct Shared {
     pub keys: KeyRing,
     pub pending: Mutex<HashMap<Vec<u8>, PreImage>>,
     pub poisoned: AtomicBool,
+    /// The first failure that poisoned the store (set once, with `poisoned`), for whoever watches.
+    pub fail_stop: watch::Sender<Option<FailStop>>,
     pub counters: Counters,
     /// Grants in the durable image.
     pub durable_grants: AtomicU64,
@@ -92,6 +95,7 @@ impl Shared {
             keys,
             pending: Mutex::new(HashMap::new()),
             poisoned: AtomicBool::new(false),
+            fail_stop: watch::channel(None).0,
             counters: Counters::default(),
             durable_grants: AtomicU64::new(grants),
             hooks: Hooks::new(),
@@ -102,7 +106,28 @@ impl Shared {
         self.poisoned.load(Ordering::Acquire)
     }
 
-    pub(crate) fn poison(&self) {
+    /// Fail-stop: refuses every later call, and tells the watchers of [`crate::Store::watch_fail_stop`]
+    /// (the first failure only). `error` is a store error's text: an operation and an OS error,
+    /// never a token.
+    pub(crate) fn poison(&self, error: &dyn std::fmt::Display) {
         self.poisoned.store(true, Ordering::Release);
+        self.fail_stop.send_if_modified(|f| {
+            if f.is_some() {
+                return false;
+            }
+            *f = Some(FailStop { since: SystemTime::now(), error: error.to_string() });
+            true
+        });
     }
+}
+
+/// Why and since when a store is fail-stopped: the first write, sync or compaction that failed.
+/// Every later call fails with [`crate::StoreError::Poisoned`] until the store is reopened (which
+/// runs recovery).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailStop {
+    /// When the failure was seen.
+    pub since: SystemTime,
+    /// What failed, e.g. `i/o error during sync: …` (an operation and an OS error; never a token).
+    pub error: String,
 }

@@ -31,6 +31,8 @@ pub(crate) fn spawn(inner: Arc<Inner>, rx: SchedulerRx) {
 
 async fn run(inner: Arc<Inner>, mut rx: SchedulerRx) {
     let mut shutdown = inner.shutdown.subscribe();
+    // Fail-stop: nothing can be written, so nothing is driven (recovery after a reopen takes over).
+    let mut fail_stop = inner.store.watch_fail_stop();
     // Initial load, off the async threads; awaited before the scheduler reports itself stopped.
     let scan = {
         let inner2 = Arc::clone(&inner);
@@ -57,6 +59,10 @@ async fn run(inner: Arc<Inner>, mut rx: SchedulerRx) {
         };
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => break,
+            _ = fail_stop.wait_for(Option::is_some) => {
+                warn!("store fail-stopped: the scheduler stops; reopen the store to run recovery");
+                break;
+            }
             msg = rx.rx.recv() => {
                 let Some((grant, at)) = msg else { break };
                 let keep = live.get(&grant).is_none_or(|cur| at < *cur || *cur <= now());

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 use tokenwal::core::Event;
-use tokenwal::Engine;
+use tokenwal::store::StoreError;
+use tokenwal::{Engine, Health};
 use tracing::{info, warn};
 
 use super::open_engine;
@@ -10,22 +11,27 @@ use super::recover::report_line;
 use crate::error::CliError;
 use crate::settings::Settings;
 
-/// `tokenwal run`.
+/// `tokenwal run`. A store that fail-stops (a failed write or sync) ends it with
+/// [`CliError::FailStopped`] (exit 74) at once: idle, it would look healthy to a supervisor while
+/// every token aged out; restarted, it runs recovery.
 pub async fn run(settings: &Settings, once: bool, sweep: Duration, grace: Duration) -> Result<(), CliError> {
     // Signals are handled from the start: recovery at open may wait on a hung token endpoint.
     let stop = shutdown_signal();
     tokio::pin!(stop);
     let (engine, report) = tokio::select! {
-        opened = open_engine(settings, !once, false) => opened?,
+        opened = open_engine(settings, !once, false) => opened.map_err(fail_stop_at_open)?,
         _ = &mut stop => {
             warn!("stopped during recovery: what it had not finished stays journaled for the next start");
             return Ok(());
         }
     };
     info!(store = %settings.db.display(), "{}", report_line(&report));
+    let failed = engine.fail_stopped();
+    tokio::pin!(failed);
     if once {
         let result = tokio::select! {
             r = engine.refresh_due() => r,
+            h = &mut failed => return Err(fail_stopped(h)),
             _ = &mut stop => {
                 warn!("stopped: refreshes in flight stay journaled for the next start");
                 return Ok(());
@@ -48,6 +54,7 @@ pub async fn run(settings: &Settings, once: bool, sweep: Duration, grace: Durati
     loop {
         tokio::select! {
             _ = &mut stop => break,
+            h = &mut failed => return Err(fail_stopped(h)),
             e = events.recv() => match e {
                 Ok(e) => tally.add(&e),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => tally.lagged += n,
@@ -80,6 +87,24 @@ pub async fn run(settings: &Settings, once: bool, sweep: Duration, grace: Durati
     }
     drop(engine);
     Ok(())
+}
+
+/// The error that ends `run` once the store has fail-stopped.
+fn fail_stopped(health: Health) -> CliError {
+    match health {
+        Health::FailStopped { error, .. } => CliError::FailStopped { error },
+        other => CliError::FailStopped { error: format!("unexpected health {other:?}") },
+    }
+}
+
+/// An open that failed because the store failed a write or sync (recovery writes) is a fail-stop too.
+fn fail_stop_at_open(e: CliError) -> CliError {
+    match e {
+        CliError::Store(e @ (StoreError::Io { .. } | StoreError::Poisoned)) => {
+            CliError::FailStopped { error: e.to_string() }
+        }
+        other => other,
+    }
 }
 
 fn phase_counts(engine: &Engine) -> Result<String, CliError> {

@@ -38,7 +38,7 @@ impl Store {
         })?;
         if !entries.is_empty() {
             if let Err(e) = shared.backend.delete_expired(&entries) {
-                shared.poison();
+                shared.poison(&e);
                 tracing::error!(error = %e, "store poisoned: compaction failed; reopen it to recover");
                 return Err(e);
             }

@@ -28,12 +28,13 @@ use crate::commit::Request;
 use crate::config::StoreStats;
 use crate::error::StoreError;
 use crate::keys::KeyId;
-use crate::shared::Shared;
+use crate::shared::{FailStop, Shared};
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use tokenwal_core::{DurableLog, FingerprintKey, WriteBatch};
+use tokio::sync::watch;
 
 /// The durable journal and token store: a cheap, cloneable handle.
 ///
@@ -108,6 +109,17 @@ impl Store {
     /// Whether an earlier write or sync failed (every call now fails until the store is reopened).
     pub fn is_poisoned(&self) -> bool {
         self.shared().is_poisoned()
+    }
+
+    /// Why and since when the store is fail-stopped (`None`: it is not).
+    pub fn fail_stop(&self) -> Option<FailStop> {
+        self.shared().fail_stop.borrow().clone()
+    }
+
+    /// Watches for the fail-stop: the value turns `Some` once, when the first write, sync or
+    /// compaction fails (`wait_for(Option::is_some)` waits for it).
+    pub fn watch_fail_stop(&self) -> watch::Receiver<Option<FailStop>> {
+        self.shared().fail_stop.subscribe()
     }
 }
 
