@@ -428,3 +428,42 @@ fn config_and_errors_print_no_secret() {
     let msg = payload.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(msg.contains("bad config") && !msg.contains("hostile-secret-value"), "{msg}");
 }
+
+/// A peer that never completes the TCP handshake (a listener whose accept queue is full: the kernel
+/// drops the SYN) is cut by the connect timeout. Nothing was sent, so this one is *not* ambiguous: the
+/// grant keeps its old set and phase, the caller gets `Unavailable`. Skips if the kernel completes the
+/// handshake anyway (then nothing here can hold a connect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_completes_the_handshake_is_cut_by_the_connect_timeout() {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap(); // never accepted from
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    let full = loop {
+        match tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) if fillers.len() < 64 => fillers.push(s),
+            Ok(_) => break false,
+            Err(_) => break true, // this SYN was dropped: the queue is full
+        }
+    };
+    if !full {
+        eprintln!("skipped: the kernel completes handshakes past a full accept queue");
+        return;
+    }
+    let engine = engine(addr.port()).await; // connect timeout 2 s
+    let started = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(2) + MARGIN, engine.access_token(&shop()))
+        .await
+        .expect("the refresh did not end within the connect timeout plus the margin")
+        .expect_err("nothing was sent");
+    let elapsed = started.elapsed();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err}");
+    assert!(elapsed >= Duration::from_secs(2) && elapsed < Duration::from_secs(2) + MARGIN, "took {elapsed:?}");
+    let state = engine.state(&GrantKey::shopify(&shop())).unwrap().unwrap();
+    assert!(!matches!(state.phase, Phase::Ambiguous(_)), "not sent is not ambiguous: {:?}", state.phase);
+    let tokens = state.tokens.as_ref().expect("tokens kept");
+    assert_eq!(tokens.refresh_token.expose_secret(), OLD_REFRESH);
+    engine.shutdown().await;
+    drop((fillers, listener));
+}
