@@ -60,8 +60,7 @@ pub struct Opts {
     pub path: Option<String>,
 }
 
-const SCENARIOS: [&str; 9] =
-    ["env", "journal", "sync", "recovery", "footprint", "churn", "scheduler", "sink", "all"];
+const SCENARIOS: [&str; 9] = ["env", "journal", "sync", "recovery", "footprint", "churn", "scheduler", "sink", "all"];
 
 fn usage() -> ! {
     eprintln!(

@@ -57,7 +57,7 @@ async fn build(store: &Store, n: usize, h: usize) {
 
 /// The scenario: `n` grants (100k; 2000 with `--quick`) of `h` records each.
 pub async fn run(opts: &Opts) {
-    let (n, h) = if opts.quick { (2_000, 4) } else { (100_000, 6) };
+    let (n, h) = if opts.quick { (2_000, 4) } else { (100_000, 4) };
     let path = opts.dir.join(format!("sink-{n}x{h}"));
     let _ = std::fs::remove_dir_all(&path);
     let (store, _) =
