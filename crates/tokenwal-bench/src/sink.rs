@@ -55,9 +55,17 @@ async fn build(store: &Store, n: usize, h: usize) {
     }
 }
 
-/// The scenario: `n` grants (100k; 2000 with `--quick`) of `h` records each.
+/// The scenario: 100k grants of 4 records each, then 10k grants of 32 records each (the whole-history
+/// read grows with the history, the reverse scan does not); 2000 x 4 and 200 x 16 with `--quick`.
 pub async fn run(opts: &Opts) {
-    let (n, h) = if opts.quick { (2_000, 4) } else { (100_000, 4) };
+    let shapes: [(usize, usize); 2] = if opts.quick { [(2_000, 4), (200, 16)] } else { [(100_000, 4), (10_000, 32)] };
+    for (n, h) in shapes {
+        shape(opts, n, h).await;
+    }
+}
+
+/// One store of `n` grants with `h` records of history each.
+async fn shape(opts: &Opts, n: usize, h: usize) {
     let path = opts.dir.join(format!("sink-{n}x{h}"));
     let _ = std::fs::remove_dir_all(&path);
     let (store, _) =
