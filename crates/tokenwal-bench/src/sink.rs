@@ -1,4 +1,4 @@
-//! 8. The webhook sink's first look at a grant (docs/webhooks.md "The cursor and compaction"). To know
+//! Scenario 8, the webhook sink's first look at a grant (docs/webhooks.md "The cursor and compaction"). To know
 //! whether a grant was in needs-reauth just before a record (for the `recovered` event), the sink looks
 //! back in the grant's history the first time it meets the grant — on a fresh start, once per grant.
 //! Measured over every grant of a store whose grants each have a history of several records: the
