@@ -4,7 +4,8 @@
 //! For each: `access_token` never hands out anything from the answer, the grant's durable state keeps
 //! the old, complete token set (no half set is ever stored), the outcome is classified with the
 //! expected reason, and the run ends well within the request timeout (the body cap is enforced
-//! while streaming).
+//! while streaming) — or, for a peer that trickles or goes silent, at the timeout: connect for a
+//! handshake that never completes, total for everything after it (the body included).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
