@@ -12,6 +12,7 @@
 //!   footprint  5. bytes on disk and resident memory per grant; disk under 10M refreshes (churn)
 //!   churn      5b. only the continuous-refresh part of footprint
 //!   scheduler  6. the proactive scheduler over 1M grants when nothing is due
+//!   sink       8. the webhook sink's first look at each of 100k grants: whole history vs reverse scan
 //!   all        everything above (footprint before recovery: recovery also opens the churned store)
 //!
 //! options:
@@ -32,6 +33,7 @@ mod child;
 mod journal;
 mod populate;
 mod scale;
+mod sink;
 mod util;
 
 use std::path::PathBuf;
@@ -58,7 +60,7 @@ pub struct Opts {
     pub path: Option<String>,
 }
 
-const SCENARIOS: [&str; 8] = ["env", "journal", "sync", "recovery", "footprint", "churn", "scheduler", "all"];
+const SCENARIOS: [&str; 9] = ["env", "journal", "sync", "recovery", "footprint", "churn", "scheduler", "sink", "all"];
 
 fn usage() -> ! {
     eprintln!(
@@ -170,6 +172,9 @@ fn main() {
         }
         if all || scenario == "scheduler" {
             scale::scheduler(&opts).await;
+        }
+        if all || scenario == "sink" {
+            sink::run(&opts).await;
         }
     });
 }

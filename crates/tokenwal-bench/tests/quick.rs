@@ -22,6 +22,7 @@ fn every_scenario_runs_at_quick_sizes() {
         "### Footprint per grant",
         "### Disk under continuous refreshes",
         "### Proactive scheduler",
+        "### Webhook sink: first look",
     ] {
         assert!(stdout.contains(title), "missing {title:?} in:\n{stdout}");
     }

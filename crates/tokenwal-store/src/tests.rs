@@ -175,6 +175,55 @@ fn history_is_per_grant_and_in_lsn_order() {
 }
 
 #[test]
+fn find_before_reads_one_grant_backwards_from_the_lsn_and_stops_at_the_first_answer() {
+    for (store, _dir) in both() {
+        let m = machine(&store);
+        // "oidc/a" is a byte prefix of "oidc/ab": the reverse scan must keep them apart too.
+        let a = GrantKey::new("oidc", "a").unwrap();
+        let ab = GrantKey::new("oidc", "ab").unwrap();
+        let a1 = put(&store, install(&m, None, &a, T0));
+        let ab1 = put(&store, install(&m, None, &ab, T0));
+        let a2 = put(&store, attempt(&m, &a1, T0 + 1));
+        put(&store, attempt(&m, &ab1, T0 + 1));
+        put(&store, install(&m, Some(&a2), &a, T0 + 2));
+        put(&store, install(&m, None, &GrantKey::new("oidc", "b").unwrap(), T0 + 3));
+
+        let h = store.history(&a).unwrap();
+        assert_eq!(h.len(), 4);
+        let seen_before = |g: &GrantKey, lsn: u64| {
+            let mut seen = Vec::new();
+            let none: Option<()> = store
+                .find_before(g, lsn, |r| {
+                    seen.push((r.kind_name(), r.at(), r.grant().clone()));
+                    None
+                })
+                .unwrap();
+            assert!(none.is_none());
+            seen
+        };
+        // Exactly the grant's records before `lsn`, newest first.
+        for (i, (lsn, _)) in h.iter().enumerate().chain([(h.len(), &(u64::MAX, h[0].1.clone()))]) {
+            let want: Vec<_> = h[..i].iter().rev().map(|(_, r)| (r.kind_name(), r.at(), r.grant().clone())).collect();
+            assert_eq!(seen_before(&a, *lsn), want, "before {lsn}");
+        }
+        let ab_seen = seen_before(&ab, u64::MAX);
+        assert_eq!(ab_seen.len(), 2);
+        assert!(ab_seen.iter().all(|(_, _, g)| g == &ab));
+        assert!(seen_before(&GrantKey::new("oidc", "c").unwrap(), u64::MAX).is_empty());
+
+        // It stops at the first answer: the newest record (resolved), then the installed one.
+        let mut reads = 0;
+        let got = store
+            .find_before(&a, u64::MAX, |r| {
+                reads += 1;
+                matches!(r, Record::Installed { .. }).then(|| r.at())
+            })
+            .unwrap();
+        assert_eq!((got, reads), (Some(UnixMillis(T0 + 2)), 2));
+    }
+}
+
+#[test]
 fn compaction_drops_old_records_in_chunks_and_keeps_states() {
     for (store, _dir) in [(Store::in_memory_with(cfg_compact()), None), {
         let dir = tempfile::tempdir().unwrap();

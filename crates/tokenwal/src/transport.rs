@@ -49,6 +49,10 @@ impl Transport {
         let client = reqwest::Client::builder()
             .use_rustls_tls()
             .connect_timeout(timeouts.connect)
+            // One deadline for the whole attempt, body included: reqwest carries it into the response
+            // body stream, so a peer that trickles a byte every few hundred ms (which a per-read
+            // timeout would never cut) is ambiguous at `total` (tests/hostile_http.rs
+            // `slow_and_silent_peers_are_cut_by_the_total_timeout`).
             .timeout(timeouts.total)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("tokenwal/", env!("CARGO_PKG_VERSION")))

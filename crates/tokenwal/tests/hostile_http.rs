@@ -4,7 +4,8 @@
 //! For each: `access_token` never hands out anything from the answer, the grant's durable state keeps
 //! the old, complete token set (no half set is ever stored), the outcome is classified with the
 //! expected reason, and the run ends well within the request timeout (the body cap is enforced
-//! while streaming).
+//! while streaming) — or, for a peer that trickles or goes silent, at the timeout: connect for a
+//! handshake that never completes, total for everything after it (the body included).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -31,12 +32,22 @@ enum Answer {
     Canned(Vec<u8>),
     /// Write these header bytes, then body bytes forever (until the client goes away).
     Endless { head: Vec<u8>, chunked: bool },
+    /// Slowloris: write `head`, then `drip` every [`DRIP_EVERY`], forever (until the client goes away).
+    Trickle { head: Vec<u8>, drip: Vec<u8> },
+    /// Write these bytes (possibly nothing), then keep the connection open without another byte and
+    /// without closing it, until the client goes away.
+    HeldOpen(Vec<u8>),
 }
+
+/// How often a trickling server writes its next piece.
+const DRIP_EVERY: Duration = Duration::from_millis(250);
 
 struct Server {
     port: u16,
     connections: Arc<AtomicUsize>,
     bytes_written: Arc<AtomicU64>,
+    /// Connections the client closed (seen by a [`Answer::Trickle`] or [`Answer::HeldOpen`] server).
+    hung_up: Arc<AtomicUsize>,
 }
 
 async fn read_request(s: &mut TcpStream) {
@@ -71,12 +82,14 @@ async fn serve(answer: Answer) -> Server {
     let port = listener.local_addr().unwrap().port();
     let connections = Arc::new(AtomicUsize::new(0));
     let bytes_written = Arc::new(AtomicU64::new(0));
-    let (c, w) = (Arc::clone(&connections), Arc::clone(&bytes_written));
+    let hung_up = Arc::new(AtomicUsize::new(0));
+    let (c, w, h) = (Arc::clone(&connections), Arc::clone(&bytes_written), Arc::clone(&hung_up));
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             c.fetch_add(1, Ordering::SeqCst);
             let answer = answer.clone();
             let w = Arc::clone(&w);
+            let h = Arc::clone(&h);
             tokio::spawn(async move {
                 read_request(&mut s).await;
                 match answer {
@@ -109,22 +122,51 @@ async fn serve(answer: Answer) -> Server {
                             first = false;
                         }
                     }
+                    Answer::Trickle { head, drip } => {
+                        if s.write_all(&head).await.is_ok() {
+                            loop {
+                                tokio::time::sleep(DRIP_EVERY).await;
+                                if s.write_all(&drip).await.is_err() || s.flush().await.is_err() {
+                                    break;
+                                }
+                                w.fetch_add(drip.len() as u64, Ordering::SeqCst);
+                            }
+                        }
+                        h.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Answer::HeldOpen(bytes) => {
+                        if s.write_all(&bytes).await.is_ok() {
+                            // Never close: wait for the client to hang up (read returns 0 or fails).
+                            let mut sink = [0u8; 1024];
+                            while let Ok(n) = s.read(&mut sink).await {
+                                if n == 0 {
+                                    break;
+                                }
+                            }
+                        }
+                        h.fetch_add(1, Ordering::SeqCst);
+                    }
                 }
             });
         }
     });
-    Server { port, connections, bytes_written }
+    Server { port, connections, bytes_written, hung_up }
 }
 
 /// An engine (in memory) on `port` with one installed shop whose access token has expired.
 async fn engine(port: u16) -> Engine {
+    engine_with_total_timeout(port, Duration::from_secs(20)).await
+}
+
+/// [`engine`] with the whole-request timeout `total`.
+async fn engine_with_total_timeout(port: u16, total: Duration) -> Engine {
     let base = url::Url::parse(&format!("http://127.0.0.1:{port}")).unwrap();
     let mut c = Config::shopify(StoreLocation::InMemory, "hostile-client-id", ClientSecret::new("hostile-secret"))
         .with_insecure_test_endpoint(base);
     c.proactive = false;
     c.max_wait = Duration::ZERO;
     c.timeouts.connect = Duration::from_secs(2);
-    c.timeouts.total = Duration::from_secs(20);
+    c.timeouts.total = total;
     let (engine, _) = Engine::open(c).await.unwrap();
     let tokens = TokenSet {
         access_token: AccessToken::new(OLD_ACCESS),
@@ -139,10 +181,19 @@ async fn engine(port: u16) -> Engine {
 
 /// Runs one refresh against `answer` and returns the error, the ambiguity reason and the server.
 async fn run(answer: Answer) -> (Error, AmbiguityReason, Server, Duration) {
+    run_with_total_timeout(answer, Duration::from_secs(20)).await
+}
+
+/// [`run`] with the whole-request timeout `total`. The refresh must end within `total` plus
+/// [`MARGIN`]; this test's own deadline turns a refresh that never ends into a failure, not a hang.
+async fn run_with_total_timeout(answer: Answer, total: Duration) -> (Error, AmbiguityReason, Server, Duration) {
     let server = serve(answer).await;
-    let engine = engine(server.port).await;
+    let engine = engine_with_total_timeout(server.port, total).await;
     let started = Instant::now();
-    let err = engine.access_token(&shop()).await.expect_err("nothing from a hostile answer is handed out");
+    let err = tokio::time::timeout(total + MARGIN, engine.access_token(&shop()))
+        .await
+        .unwrap_or_else(|_| panic!("the refresh did not end within the {total:?} timeout plus {MARGIN:?}"))
+        .expect_err("nothing from a hostile answer is handed out");
     let elapsed = started.elapsed();
     let state = engine.state(&GrantKey::shopify(&shop())).unwrap().unwrap();
     // The durable state still holds the old, complete set: nothing of the answer was stored.
@@ -155,6 +206,10 @@ async fn run(answer: Answer) -> (Error, AmbiguityReason, Server, Duration) {
     engine.shutdown().await;
     (err, reason, server, elapsed)
 }
+
+/// The slack allowed on top of a configured timeout (scheduling on a loaded 2-core machine). Generous
+/// on purpose: these tests prove that a hostile peer cannot hold a request for ever, not a speed.
+const MARGIN: Duration = Duration::from_secs(10);
 
 fn canned(status: &str, headers: &[&str], body: &[u8]) -> Answer {
     let mut head = format!("HTTP/1.1 {status}\r\nconnection: close\r\n");
@@ -217,6 +272,73 @@ async fn endless_bodies_are_cut_at_the_cap_while_streaming() {
         assert!(written < 64 << 20, "{name}: the server wrote {written} bytes");
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(server.bytes_written.load(Ordering::SeqCst), written, "{name}: the client stopped reading");
+    }
+}
+
+/// Slowloris and silent peers: a server that trickles the headers or the body a byte at a time for
+/// ever, accepts and never answers, or answers and never closes. Each is cut by the whole-request
+/// timeout — which bounds the body too, not only the wait for headers: a per-read timeout would never
+/// fire on a byte every 250 ms — and is ambiguous (`timed out`: the request was sent, so the server may
+/// have rotated), with nothing of the answer stored. Even a complete token pair whose end is never
+/// confirmed (no length, connection never closed) is not success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_silent_peers_are_cut_by_the_total_timeout() {
+    let total = Duration::from_secs(2);
+    let json = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n";
+    let open_object = "{\"access_token\":\"";
+    let cases: Vec<(&str, Answer)> = vec![
+        ("accepts, reads the request, never answers", Answer::HeldOpen(Vec::new())),
+        (
+            "status line, then a header one byte at a time",
+            Answer::Trickle { head: b"HTTP/1.1 200 OK\r\nx-slow: ".to_vec(), drip: b"a".to_vec() },
+        ),
+        (
+            "chunked body one byte at a time",
+            Answer::Trickle {
+                head: format!("{json}transfer-encoding: chunked\r\n\r\n{:x}\r\n{open_object}\r\n", open_object.len())
+                    .into_bytes(),
+                drip: b"1\r\nA\r\n".to_vec(),
+            },
+        ),
+        (
+            "content-length body one byte at a time",
+            Answer::Trickle {
+                head: format!("{json}content-length: 100000\r\n\r\n{open_object}").into_bytes(),
+                drip: b"A".to_vec(),
+            },
+        ),
+        (
+            "body until close, one byte at a time",
+            Answer::Trickle {
+                head: format!("{json}connection: close\r\n\r\n{open_object}").into_bytes(),
+                drip: b"A".to_vec(),
+            },
+        ),
+        (
+            "a complete token pair without a length, never closed",
+            Answer::HeldOpen(format!("{json}\r\n{NEW_PAIR}").into_bytes()),
+        ),
+        (
+            "content-length longer than the body, never closed",
+            Answer::HeldOpen(format!("{json}content-length: 5000\r\n\r\n{NEW_PAIR}").into_bytes()),
+        ),
+    ];
+    for (name, answer) in cases {
+        let (err, reason, server, elapsed) = run_with_total_timeout(answer, total).await;
+        assert_eq!(reason, AmbiguityReason::Timeout, "{name}");
+        assert!(matches!(err, Error::Ambiguous { .. }), "{name}: {err}");
+        assert!(err.to_string().contains("timed out"), "{name}: {err}");
+        let shown = format!("{err} {err:?} {reason:?}");
+        assert!(!shown.contains("NEW_FROM_HOSTILE") && !shown.contains("OLD_"), "{name}: {shown}");
+        // Ended by the timeout (not earlier, by something else) and within it plus the margin.
+        assert!(elapsed >= total && elapsed < total + MARGIN, "{name}: took {elapsed:?}");
+        assert_eq!(server.connections.load(Ordering::SeqCst), 1, "{name}: one attempt, no retry loop");
+        // The client hung up: no connection is left to the peer after the attempt.
+        let deadline = Instant::now() + MARGIN;
+        while server.hung_up.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "{name}: the client never closed the connection");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
@@ -306,4 +428,43 @@ fn config_and_errors_print_no_secret() {
     let payload = std::panic::catch_unwind(|| panic!("bad config {shown}")).unwrap_err();
     let msg = payload.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(msg.contains("bad config") && !msg.contains("hostile-secret-value"), "{msg}");
+}
+
+/// A peer that never completes the TCP handshake (a listener whose accept queue is full: the kernel
+/// drops the SYN) is cut by the connect timeout. Nothing was sent, so this one is *not* ambiguous: the
+/// grant keeps its old set and phase, the caller gets `Unavailable`. Skips if the kernel completes the
+/// handshake anyway (then nothing here can hold a connect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_completes_the_handshake_is_cut_by_the_connect_timeout() {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap(); // never accepted from
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    let full = loop {
+        match tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) if fillers.len() < 64 => fillers.push(s),
+            Ok(_) => break false,
+            Err(_) => break true, // this SYN was dropped: the queue is full
+        }
+    };
+    if !full {
+        eprintln!("skipped: the kernel completes handshakes past a full accept queue");
+        return;
+    }
+    let engine = engine(addr.port()).await; // connect timeout 2 s
+    let started = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(2) + MARGIN, engine.access_token(&shop()))
+        .await
+        .expect("the refresh did not end within the connect timeout plus the margin")
+        .expect_err("nothing was sent");
+    let elapsed = started.elapsed();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err}");
+    assert!(elapsed >= Duration::from_secs(2) && elapsed < Duration::from_secs(2) + MARGIN, "took {elapsed:?}");
+    let state = engine.state(&GrantKey::shopify(&shop())).unwrap().unwrap();
+    assert!(!matches!(state.phase, Phase::Ambiguous(_)), "not sent is not ambiguous: {:?}", state.phase);
+    let tokens = state.tokens.as_ref().expect("tokens kept");
+    assert_eq!(tokens.refresh_token.expose_secret(), OLD_REFRESH);
+    engine.shutdown().await;
+    drop((fillers, listener));
 }

@@ -221,6 +221,28 @@ impl DurableBackend for SledBackend {
         Ok(())
     }
 
+    fn scan_rev(
+        &self,
+        t: Tree,
+        prefix: &[u8],
+        below: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        if below <= prefix {
+            return Ok(());
+        }
+        for item in self.trees[t as usize].range(prefix..below).rev() {
+            let (k, v) = item.map_err(|e| StoreError::from_sled("read", e))?;
+            if !k.starts_with(prefix) {
+                continue;
+            }
+            if !f(&k, &v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn apply_group(
         &self,
         keys: &KeyRing,

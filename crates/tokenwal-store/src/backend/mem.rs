@@ -125,6 +125,38 @@ impl MemBackend {
         }
     }
 
+    fn mem_scan_rev(&self, t: Tree, prefix: &[u8], below: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) {
+        if below <= prefix {
+            return;
+        }
+        let mut to = Bound::Excluded(below.to_vec());
+        loop {
+            // Copied out in chunks so that no lock is held while `f` runs.
+            let chunk: Vec<(Vec<u8>, Vec<u8>)> = {
+                let g = lock(&self.inner);
+                g.live
+                    .tree(t)
+                    .range((Bound::Included(prefix.to_vec()), to.clone()))
+                    .rev()
+                    .take_while(|(k, _)| k.starts_with(prefix))
+                    .take(SCAN_CHUNK)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            };
+            let full = chunk.len() == SCAN_CHUNK;
+            let Some(last) = chunk.last().map(|(k, _)| k.clone()) else { return };
+            for (k, v) in &chunk {
+                if !f(k, v) {
+                    return;
+                }
+            }
+            if !full {
+                return;
+            }
+            to = Bound::Excluded(last);
+        }
+    }
+
     fn commit_writes(g: &mut Inner, writes: Vec<Write>) {
         for w in writes {
             g.live.write(w.clone());
@@ -179,6 +211,17 @@ impl DurableBackend for MemBackend {
 
     fn scan(&self, t: Tree, prefix: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), StoreError> {
         self.mem_scan(t, prefix, f);
+        Ok(())
+    }
+
+    fn scan_rev(
+        &self,
+        t: Tree,
+        prefix: &[u8],
+        below: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        self.mem_scan_rev(t, prefix, below, f);
         Ok(())
     }
 

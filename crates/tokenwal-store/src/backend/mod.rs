@@ -166,6 +166,17 @@ pub(crate) trait DurableBackend: Send + Sync {
     /// until it returns `false`. No lock that a writer needs may be held while `f` runs.
     fn scan(&self, t: Tree, prefix: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), StoreError>;
 
+    /// Calls `f` with every entry of `t` whose key starts with `prefix` and is less than `below`, in
+    /// **descending** byte order of the keys, until it returns `false`; the cost is the entries
+    /// visited, not the prefix's. Same locking rule as [`DurableBackend::scan`].
+    fn scan_rev(
+        &self,
+        t: Tree,
+        prefix: &[u8],
+        below: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError>;
+
     /// The greatest key of `t` (the last journal LSN at open).
     fn last_key(&self, t: Tree) -> Result<Option<Vec<u8>>, StoreError>;
 

@@ -126,6 +126,58 @@ impl Store {
         Ok(self.history_report(grant)?.records)
     }
 
+    /// The first `Some` that `pick` returns for `grant`'s durable records before `lsn`, read
+    /// **newest first**: the cost is the records read until `pick` answers (a bounded reverse scan of
+    /// the grant's history index), not the grant's whole history. Compacted records are passed over;
+    /// a corrupt one is an error, or skipped under [`RecoveryMode::SkipCorruptRecords`].
+    pub fn find_before<T>(
+        &self,
+        grant: &GrantKey,
+        lsn: u64,
+        mut pick: impl FnMut(&Record) -> Option<T>,
+    ) -> Result<Option<T>, StoreError> {
+        self.check()?;
+        let shared = self.shared();
+        let key = grant.to_bytes();
+        // Records of a commit group that is not durable yet are not read (as in `history_report`).
+        let below = match lock(&shared.pending).get(&key) {
+            Some(pre) => lsn.min(pre.first_lsn),
+            None => lsn,
+        };
+        let (mut found, mut failed) = (None, None);
+        let end = layout::history_key(&key, below);
+        shared.backend.scan_rev(Tree::History, &layout::history_prefix(&key), &end, &mut |k, _| {
+            let Some(l) = layout::trailing_lsn(k) else { return true };
+            let frame = match shared.backend.get(Tree::Journal, &layout::journal_key(l)) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return true, // compacted since the index was read
+                Err(e) => {
+                    failed = Some(e);
+                    return false;
+                }
+            };
+            match codec::decode_record(&frame) {
+                Ok(r) => {
+                    found = pick(&r);
+                    found.is_none()
+                }
+                Err(source) => {
+                    let what = format!("{}/{l}", layout::JOURNAL);
+                    if shared.config.recovery == RecoveryMode::Strict {
+                        failed = Some(StoreError::Corrupt { what, source });
+                        return false;
+                    }
+                    tracing::warn!(what = %what, error = %source, "skipping a corrupt journal record");
+                    true
+                }
+            }
+        })?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(found),
+        }
+    }
+
     /// [`Store::history`], also listing the LSNs of skipped corrupt records.
     pub fn history_report(&self, grant: &GrantKey) -> Result<History, StoreError> {
         self.check()?;

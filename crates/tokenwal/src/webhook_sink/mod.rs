@@ -193,7 +193,8 @@ pub struct WebhookEvent {
 }
 
 /// Turns journal records into events. Remembers, per grant, whether it is in needs-reauth as of the
-/// records seen (looked up in the grant's history the first time a grant matters).
+/// records seen (looked up, the first time a grant matters, in its history read backwards from the
+/// record until the previous phase-changing record).
 pub(crate) struct Deriver {
     store: Store,
     store_id: String,
@@ -208,17 +209,17 @@ impl Deriver {
         Deriver { store, store_id, app_handle, in_reauth: HashMap::new() }
     }
 
-    /// Whether `grant` was in needs-reauth just before `lsn`, from its durable history.
+    /// Whether `grant` was in needs-reauth just before `lsn`: its last phase-changing record before
+    /// `lsn`, read backwards from `lsn` (never the grant's whole history).
     fn was_in_reauth(&mut self, grant: &GrantKey, lsn: u64) -> Result<bool, StoreError> {
         if let Some(b) = self.in_reauth.get(grant) {
             return Ok(*b);
         }
-        let history = self.store.history(grant)?;
-        let last = history.iter().rev().filter(|(l, _)| *l < lsn).find_map(|(_, r)| match r {
+        let last = self.store.find_before(grant, lsn, |r| match r {
             Record::NeedsReauth { .. } => Some(true),
             Record::Installed { .. } | Record::Committed { .. } | Record::Uninstalled { .. } => Some(false),
             _ => None,
-        });
+        })?;
         Ok(last.unwrap_or(false))
     }
 
