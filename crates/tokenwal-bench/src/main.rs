@@ -13,6 +13,8 @@
 //!   churn      5b. only the continuous-refresh part of footprint
 //!   scheduler  6. the proactive scheduler over 1M grants when nothing is due
 //!   sink       8. the webhook sink's first look at each of 100k grants: whole history vs reverse scan
+//!   soak       9. the engine against the simulator for minutes with faults on: RSS, fds, tasks over time
+//!              (not part of `all`; --churn-grants N grants, default 10 000; --max-minutes M, default 10)
 //!   all        everything above (footprint before recovery: recovery also opens the churned store)
 //!
 //! options:
@@ -34,6 +36,7 @@ mod journal;
 mod populate;
 mod scale;
 mod sink;
+mod soak;
 mod util;
 
 use std::path::PathBuf;
@@ -60,7 +63,8 @@ pub struct Opts {
     pub path: Option<String>,
 }
 
-const SCENARIOS: [&str; 9] = ["env", "journal", "sync", "recovery", "footprint", "churn", "scheduler", "sink", "all"];
+const SCENARIOS: [&str; 10] =
+    ["env", "journal", "sync", "recovery", "footprint", "churn", "scheduler", "sink", "soak", "all"];
 
 fn usage() -> ! {
     eprintln!(
@@ -175,6 +179,9 @@ fn main() {
         }
         if all || scenario == "sink" {
             sink::run(&opts).await;
+        }
+        if scenario == "soak" {
+            soak::run(&opts).await;
         }
     });
 }
