@@ -27,6 +27,9 @@
 //!   --max-minutes M        churn: stop after M minutes of wall time (the rows so far show the trend)
 //!   --concurrency A,B,..   journal: concurrencies to run (default 1,16,256,4096)
 //!   --path engine|store    journal: run only the engine or only the store-only comparison
+//!   --cache-mib N          soak: sled's cache capacity (default 256 MiB, the store's default)
+//!   --soak-retention-secs S soak: compact at every sample with this journal retention (default: never,
+//!                          as a running engine does today)
 //! ```
 
 #![forbid(unsafe_code)]
@@ -61,6 +64,10 @@ pub struct Opts {
     pub concurrency: Option<Vec<usize>>,
     /// Journal: only `engine` or only `store`.
     pub path: Option<String>,
+    /// Soak: sled's cache capacity in MiB (default: the store's default, 256).
+    pub cache_mib: Option<u64>,
+    /// Soak: compact at every sample with this retention.
+    pub soak_retention: Option<Duration>,
 }
 
 const SCENARIOS: [&str; 10] =
@@ -69,7 +76,7 @@ const SCENARIOS: [&str; 10] =
 fn usage() -> ! {
     eprintln!(
         "usage: tokenwal-bench <{}> [--quick] [--dir DIR] [--refreshes N] [--churn-grants N] \
-         [--retention-hours H] [--max-minutes M] [--concurrency A,B,..] [--path engine|store]",
+         [--retention-hours H] [--max-minutes M] [--concurrency A,B,..] [--path engine|store] [--cache-mib N] [--soak-retention-secs S]",
         SCENARIOS.join("|")
     );
     std::process::exit(2);
@@ -86,6 +93,8 @@ fn parse(args: &[String]) -> (String, Opts) {
         max_wall: None,
         concurrency: None,
         path: None,
+        cache_mib: None,
+        soak_retention: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -107,6 +116,10 @@ fn parse(args: &[String]) -> (String, Opts) {
                     Some(value("--concurrency").split(',').map(|v| number(v.to_owned()) as usize).collect())
             }
             "--path" => opts.path = Some(value("--path")).filter(|p| p == "engine" || p == "store").or_else(|| usage()),
+            "--soak-retention-secs" => {
+                opts.soak_retention = Some(Duration::from_secs(number(value("--soak-retention-secs"))))
+            }
+            "--cache-mib" => opts.cache_mib = Some(number(value("--cache-mib"))),
             "--max-minutes" => opts.max_wall = Some(Duration::from_secs(60 * number(value("--max-minutes")))),
             s if SCENARIOS.contains(&s) && scenario.is_none() => scenario = Some(s.to_owned()),
             _ => usage(),

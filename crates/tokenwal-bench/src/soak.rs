@@ -14,7 +14,7 @@ use crate::Opts;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokenwal::core::{AccessToken, ClientSecret, RefreshToken, TokenSet, UnixMillis};
-use tokenwal::store::Store;
+use tokenwal::store::{Store, StoreConfig};
 use tokenwal::{Config, Engine, StoreLocation};
 use tokenwal_sim::{serve, SimConfig};
 
@@ -66,8 +66,17 @@ pub async fn run(opts: &Opts) {
     let sim = serve(sim_config(ttl), "127.0.0.1:0".parse().expect("addr")).await.expect("simulator");
     let dir = opts.dir.join("soak");
     let _ = std::fs::remove_dir_all(&dir);
-    let (engine, _) =
-        Engine::open(config(&sim.base_url(), StoreLocation::Path(dir.clone()))).await.expect("engine open");
+    let mut store_config = StoreConfig::default();
+    if let Some(mib) = opts.cache_mib {
+        store_config = store_config.with_cache_capacity(mib * 1024 * 1024);
+    }
+    if let Some(r) = opts.soak_retention {
+        store_config = store_config.with_retention(r);
+    }
+    let cache = fmt_bytes(store_config.cache_capacity as f64);
+    let keys = tokenwal::KeyRing::insecure_test_ring();
+    let (store, _) = Store::open(&dir, &keys, store_config).expect("store open");
+    let (engine, _) = Engine::open(config(&sim.base_url(), StoreLocation::Open(store))).await.expect("engine open");
     let t0 = UnixMillis::from_system_time(std::time::SystemTime::now());
     let ttl_ms = sim_config(ttl).access_ttl.as_millis();
     for i in 0..grants {
@@ -85,7 +94,14 @@ pub async fn run(opts: &Opts) {
         engine.install(&shop(&name), tokens).await.expect("install");
     }
     let table = Table::new(
-        &format!("9. Soak: {grants} grants, access TTL {ttl}, random faults on, {} s", wall.as_secs()),
+        &format!(
+            "9. Soak: {grants} grants, access TTL {ttl}, random faults on, {} s, sled cache {cache}, {}",
+            wall.as_secs(),
+            match opts.soak_retention {
+                Some(r) => format!("compacted at every sample ({} s retention)", r.as_secs()),
+                None => "never compacted".into(),
+            }
+        ),
         &["elapsed", "rotations (total)", "RSS", "open fds", "live tasks", "grants by phase"],
     );
     let started = Instant::now();
@@ -93,6 +109,11 @@ pub async fn run(opts: &Opts) {
     let mut samples = Vec::new();
     while started.elapsed() < wall {
         tokio::time::sleep(every).await;
+        if opts.soak_retention.is_some() {
+            let store = engine.store().clone();
+            let now = UnixMillis::from_system_time(std::time::SystemTime::now());
+            let _ = tokio::task::spawn_blocking(move || store.compact(now)).await;
+        }
         let s = Sample {
             at: started.elapsed(),
             rss_kb: proc_status_kb("VmRSS"),
