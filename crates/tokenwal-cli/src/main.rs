@@ -19,6 +19,7 @@ mod dead_letters;
 mod demo;
 mod error;
 mod import;
+mod input;
 mod migrate;
 mod settings;
 mod timefmt;

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use tokenwal_sim::{Fault, SimHandle};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenwal");
-use tokenwal_testkit::cli::{test_key, Out, CREDENTIALS, ENV_VARS};
+use tokenwal_testkit::cli::{Out, CREDENTIALS};
 use tokenwal_testkit::BlockingSim;
 
 /// Runs `tokenwal --db DB ARGS` with a clean environment plus the test store key and `env`, feeding
@@ -516,7 +516,6 @@ fn sim_prints_its_address_and_serves() {
 #[cfg(unix)]
 #[test]
 fn run_keeps_shops_fresh_and_stops_cleanly_on_sigterm() {
-    use std::io::{BufRead, BufReader};
     use std::time::{Duration, Instant};
     let sim = Sim::start();
     let dir = tempfile::tempdir().unwrap();
@@ -524,29 +523,8 @@ fn run_keeps_shops_fresh_and_stops_cleanly_on_sigterm() {
     let (l, _, _) = sim.seed("daemon");
     assert_eq!(tokenwal(&db, &["import"], &[], Some(&l)).code, 0);
     let base = sim.h().base_url();
-    let mut cmd = Command::new(BIN);
-    for k in ENV_VARS {
-        cmd.env_remove(k);
-    }
-    let mut child = cmd
-        .arg("--db")
-        .arg(&db)
-        .args(["run", "--grace", "2s"])
-        .envs(CREDENTIALS)
-        .env("TOKENWAL_STORE_KEY", test_key())
-        .env("TOKENWAL_INSECURE_TEST_ENDPOINT", &base)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let env = [CREDENTIALS[0], CREDENTIALS[1], ("TOKENWAL_INSECURE_TEST_ENDPOINT", base.as_str())];
+    let (mut child, rx) = tokenwal_testkit::cli::spawn(BIN, &db, &["run", "--grace", "2s"], &env);
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut log = Vec::new();
     // The expired token is refreshed by the scheduler without anyone asking.

@@ -9,11 +9,9 @@
 
 #![cfg(unix)]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tokenwal_testkit::cli::{test_key, Out, CREDENTIALS, ENV_VARS};
+use tokenwal_testkit::cli::{spawn, Out, CREDENTIALS};
 use tokenwal_testkit::BlockingSim;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenwal");
@@ -68,26 +66,14 @@ fn run_exits_74_on_a_failed_sync_and_a_restart_recovers() {
     let base = sim.h().base_url();
 
     // The 1st sync is an intent's (made durable, then sent); the 2nd, an intent's or a commit's, fails.
-    let mut cmd = Command::new(BIN);
-    for k in ENV_VARS {
-        cmd.env_remove(k);
-    }
+    let env = [
+        CREDENTIALS[0],
+        CREDENTIALS[1],
+        ("TOKENWAL_INSECURE_TEST_ENDPOINT", base.as_str()),
+        ("TOKENWAL_TEST_INJECT_SYNC_FAULT", "2"),
+    ];
     let started = Instant::now();
-    let mut child = cmd
-        .arg("--db")
-        .arg(&db)
-        .args(["run", "--grace", "2s"])
-        .envs(CREDENTIALS)
-        .env("TOKENWAL_STORE_KEY", test_key())
-        .env("TOKENWAL_INSECURE_TEST_ENDPOINT", &base)
-        .env("TOKENWAL_TEST_INJECT_SYNC_FAULT", "2")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<_>>());
+    let (mut child, stderr) = spawn(BIN, &db, &["run", "--grace", "2s"], &env);
 
     let requests = || sim.h().counters().total.token_requests;
     let status = loop {
@@ -99,13 +85,13 @@ fn run_exits_74_on_a_failed_sync_and_a_restart_recovers() {
             let _ = child.wait();
             panic!(
                 "`tokenwal run` stayed alive after its store failed (or the binary lacks the store's test-hooks): {:#?}",
-                reader.join().unwrap()
+                stderr.iter().collect::<Vec<_>>()
             );
         }
         std::thread::sleep(Duration::from_millis(10));
     };
     let exited = seconds_of_day(std::time::SystemTime::now());
-    let log = reader.join().unwrap();
+    let log = stderr.iter().collect::<Vec<_>>();
     let text = log.join("\n");
     assert_eq!(status.code(), Some(74), "{text}");
     // Within a second of the failure (the store's own log line stamps it, in UTC).

@@ -6,12 +6,11 @@
 //! * A second signal exits at once, leaving the refresh journaled as an intent; the next start's
 //!   recovery retries the old credential and the shop ends healthy — nothing is lost.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
-use tokenwal_testkit::cli::{clean_command, test_key, CREDENTIALS};
+use tokenwal_testkit::cli::{spawn, CREDENTIALS};
 use tokenwal_testkit::BlockingSim;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenwal");
@@ -31,26 +30,9 @@ fn import_due_shop(sim: &BlockingSim, db: &Path) {
 
 /// Starts `tokenwal run` (the scheduler refreshes the due shop at once) with stderr on a channel.
 fn start_run(sim: &BlockingSim, db: &Path) -> (Child, Receiver<String>) {
-    let mut child = clean_command(BIN)
-        .arg("--db")
-        .arg(db)
-        .args(["run", "--grace", "20s"])
-        .envs(CREDENTIALS)
-        .env("TOKENWAL_STORE_KEY", test_key())
-        .env("TOKENWAL_INSECURE_TEST_ENDPOINT", sim.h().base_url())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    (child, rx)
+    let base = sim.h().base_url();
+    let env = [CREDENTIALS[0], CREDENTIALS[1], ("TOKENWAL_INSECURE_TEST_ENDPOINT", base.as_str())];
+    spawn(BIN, db, &["run", "--grace", "20s"], &env)
 }
 
 fn signal(child: &Child, sig: &str) {

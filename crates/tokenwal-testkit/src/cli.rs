@@ -79,3 +79,34 @@ pub fn run(bin: &str, db: &Path, args: &[&str], env: &[(&str, &str)], stdin: Opt
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// Spawns `bin --db DB ARGS` (a daemon such as `run`) with a clean environment plus the test key and
+/// `env`; stdin and stdout are null, and stderr's lines arrive on the returned channel (it ends when
+/// the process closes stderr).
+pub fn spawn(
+    bin: &str,
+    db: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead, BufReader};
+    let mut child = clean_command(bin)
+        .arg("--db")
+        .arg(db)
+        .args(args)
+        .env("TOKENWAL_STORE_KEY", test_key())
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tokenwal");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().expect("piped stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}

@@ -250,14 +250,7 @@ impl Inner {
 }
 
 fn log_outcome(req: &AttemptRequest, status: Option<u16>, outcome: &Outcome) {
-    let request_id = match outcome {
-        Outcome::Success { request_id, .. }
-        | Outcome::Throttled { request_id, .. }
-        | Outcome::Rejected { request_id, .. }
-        | Outcome::BadCredentials { request_id, .. }
-        | Outcome::Ambiguous { request_id, .. } => request_id.as_deref(),
-        Outcome::NotSent(_) => None,
-    };
+    let request_id = outcome.request_id();
     let (grant, attempt) = (req.grant(), req.attempt().0);
     info!(%grant, attempt, status, request_id, outcome = outcome.label(), "token endpoint answered");
 }

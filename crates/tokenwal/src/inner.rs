@@ -44,10 +44,6 @@ impl Drop for AttemptTicket {
 }
 
 impl Inner {
-    pub(crate) fn scheduler_handle(&self) -> &SchedulerHandle {
-        &self.scheduler
-    }
-
     /// Registers an engine-owned attempt task.
     pub(crate) fn attempt_ticket(&self) -> AttemptTicket {
         self.attempts.send_modify(|n| *n += 1);

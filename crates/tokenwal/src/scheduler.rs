@@ -19,7 +19,7 @@ use tokenwal_core::{GrantKey, UnixMillis};
 use tracing::{debug, warn};
 
 pub(crate) fn spawn(inner: Arc<Inner>, rx: SchedulerRx) {
-    let stopped = inner.scheduler_handle().stopped.clone();
+    let stopped = inner.scheduler.stopped.clone();
     let _ = stopped.send_replace(false);
     tokio::spawn(async move {
         run(inner, rx).await;
@@ -40,7 +40,7 @@ async fn run(inner: Arc<Inner>, mut rx: SchedulerRx) {
             let t = now();
             let r = inner2.store.for_each_grant(|s| {
                 if !*inner2.shutdown.borrow() {
-                    inner2.scheduler_handle().notify(&s, &inner2.machine, t)
+                    inner2.scheduler.notify(&s, &inner2.machine, t)
                 }
             });
             if let Err(e) = r {

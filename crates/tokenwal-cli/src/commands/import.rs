@@ -35,15 +35,7 @@ struct ImportTally {
 /// re-run import after the worker rotated must not put superseded refresh tokens back), unless
 /// `--force --reason`.
 pub async fn import(settings: &Settings, file: &str, options: &ImportOptions) -> Result<(), CliError> {
-    let reader: Box<dyn BufRead> = if file == "-" {
-        if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
-            eprintln!("reading token sets as JSON lines from stdin (end with Ctrl-D)");
-        }
-        Box::new(std::io::BufReader::new(std::io::stdin()))
-    } else {
-        let f = std::fs::File::open(file).map_err(|e| CliError::io(format!("cannot open {file}"), e))?;
-        Box::new(std::io::BufReader::new(f))
-    };
+    let reader = crate::input::open(file, "token sets")?;
     // Validate everything first: a line is installed whole or not at all, and a bad file does
     // not even create the store.
     let mut valid = Vec::new();

@@ -52,15 +52,7 @@ pub(super) type Line = (usize, ShopDomain, LegacyToken);
 
 /// Reads and validates the whole input.
 pub(super) fn read_input(file: &str) -> Result<(Vec<Line>, Vec<InputError>), CliError> {
-    let reader: Box<dyn BufRead> = if file == "-" {
-        if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
-            eprintln!("reading {{shop, access_token}} JSON lines from stdin (end with Ctrl-D)");
-        }
-        Box::new(std::io::BufReader::new(std::io::stdin()))
-    } else {
-        let f = std::fs::File::open(file).map_err(|e| CliError::io(format!("cannot open {file}"), e))?;
-        Box::new(std::io::BufReader::new(f))
-    };
+    let reader = crate::input::open(file, "{shop, access_token}")?;
     let mut valid = Vec::new();
     let mut errors = Vec::new();
     let mut seen: HashMap<String, usize> = HashMap::new();

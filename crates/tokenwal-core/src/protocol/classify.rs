@@ -153,6 +153,18 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The server's request id (`x-request-id`, sanitized), if an answer arrived.
+    pub fn request_id(&self) -> Option<&str> {
+        match self {
+            Outcome::Success { request_id, .. }
+            | Outcome::Throttled { request_id, .. }
+            | Outcome::Rejected { request_id, .. }
+            | Outcome::BadCredentials { request_id, .. }
+            | Outcome::Ambiguous { request_id, .. } => request_id.as_deref(),
+            Outcome::NotSent(_) => None,
+        }
+    }
+
     /// A short label for logs and stale-outcome records (no secret material).
     pub fn label(&self) -> &'static str {
         match self {

@@ -99,61 +99,56 @@ impl MemBackend {
     }
 
     fn mem_scan(&self, t: Tree, prefix: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) {
-        let mut from = Bound::Included(prefix.to_vec());
-        loop {
-            let chunk: Vec<(Vec<u8>, Vec<u8>)> = {
-                let g = lock(&self.inner);
-                g.live
-                    .tree(t)
-                    .range((from.clone(), Bound::Unbounded))
-                    .take_while(|(k, _)| k.starts_with(prefix))
-                    .take(SCAN_CHUNK)
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect()
-            };
-            let full = chunk.len() == SCAN_CHUNK;
-            let Some(last) = chunk.last().map(|(k, _)| k.clone()) else { return };
-            for (k, v) in &chunk {
-                if !f(k, v) {
-                    return;
-                }
-            }
-            if !full {
-                return;
-            }
-            from = Bound::Excluded(last);
-        }
+        self.scan_chunks(f, |g, after| {
+            let from = after.map_or(Bound::Included(prefix.to_vec()), Bound::Excluded);
+            g.live
+                .tree(t)
+                .range((from, Bound::Unbounded))
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .take(SCAN_CHUNK)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        });
     }
 
     fn mem_scan_rev(&self, t: Tree, prefix: &[u8], below: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) {
         if below <= prefix {
             return;
         }
-        let mut to = Bound::Excluded(below.to_vec());
+        self.scan_chunks(f, |g, after| {
+            let to = Bound::Excluded(after.unwrap_or_else(|| below.to_vec()));
+            g.live
+                .tree(t)
+                .range((Bound::Included(prefix.to_vec()), to))
+                .rev()
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .take(SCAN_CHUNK)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        });
+    }
+
+    /// Calls `f` over the entries `chunk` copies out under the lock, `SCAN_CHUNK` at a time, so that
+    /// no lock is held while `f` runs. `chunk(g, after)` returns the entries that follow the key
+    /// `after` in scan order (`None`: from the start).
+    fn scan_chunks(
+        &self,
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+        mut chunk: impl FnMut(&Inner, Option<Vec<u8>>) -> Vec<(Vec<u8>, Vec<u8>)>,
+    ) {
+        let mut after = None;
         loop {
-            // Copied out in chunks so that no lock is held while `f` runs.
-            let chunk: Vec<(Vec<u8>, Vec<u8>)> = {
-                let g = lock(&self.inner);
-                g.live
-                    .tree(t)
-                    .range((Bound::Included(prefix.to_vec()), to.clone()))
-                    .rev()
-                    .take_while(|(k, _)| k.starts_with(prefix))
-                    .take(SCAN_CHUNK)
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect()
-            };
-            let full = chunk.len() == SCAN_CHUNK;
-            let Some(last) = chunk.last().map(|(k, _)| k.clone()) else { return };
-            for (k, v) in &chunk {
+            let entries = chunk(&lock(&self.inner), after.take());
+            let full = entries.len() == SCAN_CHUNK;
+            for (k, v) in &entries {
                 if !f(k, v) {
                     return;
                 }
             }
-            if !full {
-                return;
+            match entries.into_iter().last() {
+                Some((k, _)) if full => after = Some(k),
+                _ => return,
             }
-            to = Bound::Excluded(last);
         }
     }
 
