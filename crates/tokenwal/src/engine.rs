@@ -7,6 +7,7 @@ use crate::driver::Driven;
 use crate::error::Error;
 use crate::failpoint;
 use crate::inner::Inner;
+use crate::metrics::Metrics;
 use crate::serve::refusal;
 use crate::transport::Transport;
 use crate::{schedule, scheduler};
@@ -104,6 +105,8 @@ impl Engine {
             refresh_token_margin: config.refresh_token_margin,
             fingerprints: store.fingerprint_key(),
         };
+        let paused_until = Arc::new(AtomicU64::new(0));
+        let metrics = Metrics::new(store.clone(), Arc::clone(&paused_until));
         let (events, _) = broadcast::channel(4096);
         let (shutdown, _) = watch::channel(false);
         let (scheduler, scheduler_rx) = schedule::channel();
@@ -117,13 +120,14 @@ impl Engine {
             provider: config.endpoint.provider().to_owned(),
             slots: Slots::new(),
             events,
-            paused_until: AtomicU64::new(0),
+            paused_until: Arc::clone(&paused_until),
             credentials_pause: config.credentials_pause,
             max_wait: config.max_wait,
             permits: Semaphore::new(config.max_concurrent_refreshes),
             shutdown,
             scheduler,
             attempts: watch::channel(0).0,
+            metrics,
         });
         let engine = Engine { _guard: Arc::new(DropGuard(Arc::clone(&inner))), inner };
         if let Some(w) = config.webhook.clone() {
@@ -135,7 +139,10 @@ impl Engine {
         report.corrupt = corrupt;
         report.grants = engine.inner.store.grant_count();
         if config.proactive {
+            // Its initial scan also takes the grant census.
             scheduler::spawn(Arc::clone(&engine.inner), scheduler_rx);
+        } else {
+            scheduler::spawn_census(Arc::clone(&engine.inner));
         }
         report.elapsed = started.elapsed();
         info!(
@@ -346,6 +353,12 @@ impl Engine {
     /// app-credentials-rejected, recovered, …). A slow subscriber misses events (it sees `Lagged`).
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.inner.events.subscribe()
+    }
+
+    /// The engine's metrics: [`crate::Metrics::register`] adds them to a Prometheus registry (see
+    /// `crate::metrics` for the names).
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// The underlying store (for inspection tools).

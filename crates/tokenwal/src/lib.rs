@@ -65,6 +65,7 @@ mod error;
 pub mod failpoint;
 mod health;
 mod inner;
+pub mod metrics;
 mod net;
 mod schedule;
 mod scheduler;
@@ -80,6 +81,10 @@ pub use driver::{Driven, Driver, Io, Offline};
 pub use engine::{Engine, RecoveryReport};
 pub use error::Error;
 pub use health::Health;
+pub use metrics::Metrics;
+/// The metrics crate the engine registers into ([`Metrics::register`]), re-exported so a caller's
+/// registry is of the same version.
+pub use prometheus_client;
 pub use session::{SessionTokenProblem, SESSION_TOKEN_LEEWAY};
 pub use tokenwal_core as core;
 pub use tokenwal_store as store;
