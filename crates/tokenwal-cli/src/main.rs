@@ -184,6 +184,12 @@ enum Command {
         #[arg(long, default_value = "5s", value_name = "DURATION")]
         grace: SimDuration,
     },
+    /// Compact the journal now: each grant keeps its newest history_per_grant records, and records
+    /// older than retention go (what `run` does in the background)
+    Compact {
+        #[command(flatten)]
+        out: JsonFlag,
+    },
     /// Summarise the store: shops per state, oldest ambiguous rotation, next refresh due
     Status {
         #[command(flatten)]
@@ -437,6 +443,7 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
             runtime()?.block_on(commands::run(&settings()?, once, sweep.to_std(), grace.to_std()))
         }
         Command::Status { out } => commands::status(&settings()?, out.json),
+        Command::Compact { out } => commands::compact(&settings()?, out.json),
         Command::Shops { state, app_handle, out } => {
             commands::shops(&settings()?, state.map(StateArg::name), app_handle.as_deref(), out.json)
         }

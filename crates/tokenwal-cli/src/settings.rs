@@ -25,7 +25,10 @@
 //!   "webhook_secret": "a-long-random-string",
 //!   "webhook_max_attempts": 10,
 //!   "webhook_min_backoff": "1s",
-//!   "webhook_max_backoff": "5m"
+//!   "webhook_max_backoff": "5m",
+//!   "retention": "30d",
+//!   "history_per_grant": 64,
+//!   "compact_interval": "10m"
 //! }
 //! ```
 //!
@@ -36,6 +39,10 @@
 //! secret comes from `TOKENWAL_WEBHOOK_SECRET` or `webhook_secret`; an event is attempted
 //! `webhook_max_attempts` times, `webhook_min_backoff` doubling up to `webhook_max_backoff` apart,
 //! then kept as a dead letter (`tokenwal webhooks dead-letters`, `tokenwal webhooks replay`).
+//! `retention`, `history_per_grant` and `compact_interval` set the background compaction of `run`
+//! (journal records older than `retention` go; each grant keeps its newest `history_per_grant`
+//! records whatever their age) and what `tokenwal compact` does now (`history_per_grant` is at
+//! least 1).
 //! A file that holds a client secret should be readable by its owner only: tokenwal warns otherwise.
 //!
 //! # The store key
@@ -91,6 +98,11 @@ pub struct ConfigFile {
     webhook_min_backoff: Option<Duration>,
     #[serde(default, deserialize_with = "duration")]
     webhook_max_backoff: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    retention: Option<Duration>,
+    history_per_grant: Option<usize>,
+    #[serde(default, deserialize_with = "duration")]
+    compact_interval: Option<Duration>,
 }
 
 /// A duration: `"90s"`-style string or a number of seconds.
@@ -222,6 +234,29 @@ impl Settings {
             c.max_concurrent_refreshes = n;
         }
         c.webhook = self.webhook_config()?;
+        c.compaction = Some(self.compaction()?);
+        Ok(c)
+    }
+
+    /// The journal's compaction settings (the engine's defaults, overridden by the file).
+    pub fn compaction(&self) -> Result<tokenwal::Compaction, CliError> {
+        let f = &self.file;
+        let mut c = tokenwal::Compaction::default();
+        if let Some(d) = f.retention {
+            c.retention = d;
+        }
+        if let Some(n) = f.history_per_grant {
+            if n == 0 {
+                return Err(CliError::Config("history_per_grant must be at least 1".into()));
+            }
+            c.history_per_grant = n;
+        }
+        if let Some(d) = f.compact_interval {
+            if d.is_zero() {
+                return Err(CliError::Config("compact_interval must be more than 0s".into()));
+            }
+            c.interval = d;
+        }
         Ok(c)
     }
 

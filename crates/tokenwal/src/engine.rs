@@ -2,6 +2,7 @@
 
 use crate::cache::Slots;
 use crate::clock::now;
+use crate::compactor::TrimQueue;
 use crate::config::{Config, Endpoint, StoreLocation};
 use crate::driver::Driven;
 use crate::error::Error;
@@ -68,6 +69,11 @@ impl Engine {
     pub async fn open(config: Config) -> Result<(Engine, RecoveryReport), Error> {
         let started = Instant::now();
         config.endpoint.validate().map_err(Error::Config)?;
+        if config.compaction.is_some_and(|c| c.history_per_grant == 0 || c.interval.is_zero()) {
+            return Err(Error::Config(
+                "compaction: history_per_grant must be at least 1 and interval more than 0".into(),
+            ));
+        }
         if config.max_concurrent_refreshes == 0 {
             return Err(Error::Config("max_concurrent_refreshes must be at least 1".into()));
         }
@@ -77,10 +83,13 @@ impl Engine {
             StoreLocation::Path(p) => {
                 let p = p.clone();
                 let keys = config.store_keys.load().map_err(StoreError::Key)?;
-                let (store, report) =
-                    tokio::task::spawn_blocking(move || Store::open(p, &keys, StoreConfig::default()))
-                        .await
-                        .map_err(|e| Error::Internal(format!("store open task failed: {e}")))??;
+                let store_config = match config.compaction {
+                    Some(c) => StoreConfig::default().with_retention(c.retention),
+                    None => StoreConfig::default(),
+                };
+                let (store, report) = tokio::task::spawn_blocking(move || Store::open(p, &keys, store_config))
+                    .await
+                    .map_err(|e| Error::Internal(format!("store open task failed: {e}")))??;
                 (store, report.corrupt)
             }
         };
@@ -128,6 +137,8 @@ impl Engine {
             scheduler,
             attempts: watch::channel(0).0,
             metrics,
+            trim_queue: TrimQueue::default(),
+            history_cap: config.compaction.map(|c| c.history_per_grant),
         });
         let engine = Engine { _guard: Arc::new(DropGuard(Arc::clone(&inner))), inner };
         if let Some(w) = config.webhook.clone() {
@@ -143,6 +154,9 @@ impl Engine {
             scheduler::spawn(Arc::clone(&engine.inner), scheduler_rx);
         } else {
             scheduler::spawn_census(Arc::clone(&engine.inner));
+        }
+        if let Some(c) = config.compaction {
+            crate::compactor::spawn(Arc::clone(&engine.inner), c);
         }
         report.elapsed = started.elapsed();
         info!(

@@ -3,6 +3,7 @@
 
 use crate::cache::{Slot, Slots};
 use crate::clock::now;
+use crate::compactor::TrimQueue;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::schedule::SchedulerHandle;
@@ -35,6 +36,9 @@ pub(crate) struct Inner {
     /// How many engine-owned attempt tasks are running (shutdown waits for none).
     pub(crate) attempts: watch::Sender<usize>,
     pub(crate) metrics: Metrics,
+    /// Grants to trim at the next compaction pass, and the per-grant cap (`None`: no compaction).
+    pub(crate) trim_queue: TrimQueue,
+    pub(crate) history_cap: Option<usize>,
 }
 
 /// Counts one engine-owned attempt task while it lives.
@@ -81,6 +85,9 @@ impl Inner {
     pub(crate) fn after_durable<T>(&self, done: &Durable<T>) {
         let s = done.state();
         self.metrics.census().moved(&s.grant, done.prior(), s.phase.name());
+        if let Some(cap) = self.history_cap {
+            self.trim_queue.offer(s, cap);
+        }
         let slot = self.slots.get_or_create(s.grant.account());
         self.refresh_cache(&slot, s);
         self.emit(done.events());

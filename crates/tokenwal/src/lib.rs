@@ -58,6 +58,7 @@
 mod acquire;
 mod cache;
 mod clock;
+mod compactor;
 pub mod config;
 mod driver;
 mod engine;
@@ -76,7 +77,7 @@ pub mod webhook;
 pub mod webhook_sink;
 
 pub use acquire::{AcquireError, ExchangeError, MigrateError, MigrateOutcome, MigrationState};
-pub use config::{ClientAuth, Config, Endpoint, StoreLocation, Timeouts};
+pub use config::{ClientAuth, Compaction, Config, Endpoint, StoreLocation, Timeouts};
 pub use driver::{Driven, Driver, Io, Offline};
 pub use engine::{Engine, RecoveryReport};
 pub use error::Error;

@@ -1,5 +1,5 @@
-//! The engine's metrics, read the way Prometheus reads them (the OpenMetrics text), against the
-//! simulator over real sockets and a store on disk.
+//! Operating the engine: its metrics, read the way Prometheus reads them (the OpenMetrics text), and
+//! its background compaction; against the simulator over real sockets and a store on disk.
 
 use std::time::Duration;
 use tokenwal::core::{AccessToken, RefreshToken, TokenSet};
@@ -110,4 +110,37 @@ async fn metrics_register_into_a_callers_registry() {
     tokenwal::prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     assert_eq!(sample(&text, "tokenwal_refreshes_total{outcome=\"success\"}"), 1.0, "{text}");
     assert_eq!(sample(&text, "tokenwal_grants"), 1.0, "{text}");
+}
+
+/// The engine's background compaction keeps a busy grant's history at its cap, while the grant keeps
+/// refreshing and everything it needs (its state) stays.
+#[tokio::test]
+async fn background_compaction_caps_each_grants_history() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&sim.base_url(), StoreLocation::Path(dir.path().join("db")), SECRET);
+    c.compaction =
+        Some(tokenwal::Compaction { history_per_grant: 4, interval: Duration::from_millis(20), ..Default::default() });
+    let (engine, _) = Engine::open(c).await.unwrap();
+    let s = shop("busy");
+    engine.install(&s, seed(&sim, "busy")).await.unwrap();
+    let mut token = engine.access_token(&s).await.unwrap();
+    for _ in 0..30 {
+        token = engine.on_unauthorized(&s, &token).await.unwrap();
+    }
+    let grant = tokenwal::core::GrantKey::shopify(&s);
+    let mut len = usize::MAX;
+    for _ in 0..500 {
+        len = engine.store().history(&grant).unwrap().len();
+        if len <= 4 + 2 + 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Cap 4: trimmed when the version reaches a multiple of 2, so at most 4 + 2 transitions' records.
+    assert!(len <= 8, "history never trimmed: {len} records");
+    assert!(engine.store().stats().compacted >= 50, "{:?}", engine.store().stats());
+    let again = engine.on_unauthorized(&s, &token).await.unwrap();
+    assert!(tokenwal_testkit::accepted(&sim, "busy", &again));
+    engine.shutdown().await;
 }
