@@ -134,6 +134,15 @@ pub struct Config {
     pub max_wait: Duration,
     /// The optional webhook sink (default none; see [`crate::webhook_sink`]).
     pub webhook: Option<crate::webhook_sink::WebhookConfig>,
+    /// How long [`crate::Engine::open`] waits for recovery (default 5 s). Grants not recovered by
+    /// then keep recovering in the background (see [`crate::Engine::recovering`]); callers for them
+    /// get [`crate::Error::Recovering`] (or wait, see [`Config::wait_for_recovery`]); every other
+    /// grant is served at once. `Duration::ZERO` returns at once.
+    pub recovery_budget: Duration,
+    /// Whether callers for a grant still recovering wait for its recovery (up to
+    /// [`Config::max_wait`], then [`crate::Error::Recovering`]) instead of being answered
+    /// [`crate::Error::Recovering`] at once (default false).
+    pub wait_for_recovery: bool,
 }
 
 impl Config {
@@ -154,6 +163,8 @@ impl Config {
             credentials_pause: Duration::from_secs(60),
             max_wait: Duration::from_secs(10),
             webhook: None,
+            recovery_budget: Duration::from_secs(5),
+            wait_for_recovery: false,
         }
     }
 

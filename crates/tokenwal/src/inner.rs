@@ -32,6 +32,8 @@ pub(crate) struct Inner {
     pub(crate) scheduler: SchedulerHandle,
     /// How many engine-owned attempt tasks are running (shutdown waits for none).
     pub(crate) attempts: watch::Sender<usize>,
+    /// The grants whose recovery is still running (after open's budget ran out).
+    pub(crate) recovering: crate::recover::Recovering,
 }
 
 /// Counts one engine-owned attempt task while it lives.

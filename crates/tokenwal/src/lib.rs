@@ -66,6 +66,7 @@ pub mod failpoint;
 mod health;
 mod inner;
 mod net;
+mod recover;
 mod schedule;
 mod scheduler;
 mod serve;
