@@ -53,7 +53,7 @@ CONFIG FILE (--config FILE or TOKENWAL_CONFIG), JSON, every key optional, unknow
    \"app_handle\": \"my-app\", \"insecure_test_endpoint\": \"http://127.0.0.1:8080\",
    \"refresh_margin\": \"5m\", \"refresh_token_margin\": \"7d\", \"connect_timeout\": \"5s\",
    \"request_timeout\": \"30s\", \"max_wait\": \"10s\", \"max_concurrent_refreshes\": 64,
-   \"webhook_url\": \"https://...\", \"webhook_secret\": \"...\", \"webhook_max_attempts\": 10,
+   \"recovery_budget\": \"5s\", \"webhook_url\": \"https://...\", \"webhook_secret\": \"...\", \"webhook_max_attempts\": 10,
    \"webhook_min_backoff\": \"1s\", \"webhook_max_backoff\": \"5m\"}
   webhook_url: tokenwal run POSTs needs_reauth / recovered / app_credentials_rejected events there,
   signed with TOKENWAL_WEBHOOK_SECRET (or webhook_secret); see docs/webhooks.md. An event refused

@@ -21,6 +21,7 @@
 //!   "request_timeout": "30s",
 //!   "max_wait": "10s",
 //!   "max_concurrent_refreshes": 64,
+//!   "recovery_budget": "5s",
 //!   "webhook_url": "https://alerts.example.com/tokenwal",
 //!   "webhook_secret": "a-long-random-string",
 //!   "webhook_max_attempts": 10,
@@ -91,6 +92,10 @@ pub struct ConfigFile {
     #[serde(default, deserialize_with = "duration")]
     max_wait: Option<Duration>,
     max_concurrent_refreshes: Option<usize>,
+    /// How long the engine's open waits for recovery before serving (the rest goes on in the
+    /// background).
+    #[serde(default, deserialize_with = "duration")]
+    recovery_budget: Option<Duration>,
     webhook_url: Option<String>,
     webhook_secret: Option<String>,
     webhook_max_attempts: Option<u32>,
@@ -233,6 +238,9 @@ impl Settings {
         if let Some(n) = f.max_concurrent_refreshes {
             c.max_concurrent_refreshes = n;
         }
+        if let Some(d) = f.recovery_budget {
+            c.recovery_budget = d;
+        }
         c.webhook = self.webhook_config()?;
         c.compaction = Some(self.compaction()?);
         Ok(c)
@@ -347,6 +355,15 @@ mod tests {
         assert!(serde_json::from_str::<ConfigFile>(r#"{"client_secrt":"x"}"#).is_err());
         assert!(serde_json::from_str::<ConfigFile>(r#"{"refresh_margin":"90"}"#).is_err());
         assert!(serde_json::from_str::<ConfigFile>(r#"{"refresh_margin":-1}"#).is_err());
+    }
+
+    #[test]
+    fn recovery_budget_is_read_as_a_duration() {
+        let f: ConfigFile = serde_json::from_str(r#"{"recovery_budget":"750ms"}"#).unwrap();
+        assert_eq!(f.recovery_budget, Some(Duration::from_millis(750)));
+        let f: ConfigFile = serde_json::from_str(r#"{"recovery_budget":0}"#).unwrap();
+        assert_eq!(f.recovery_budget, Some(Duration::ZERO));
+        assert!(serde_json::from_str::<ConfigFile>(r#"{"recovery_budget":"soon"}"#).is_err());
     }
 
     #[test]

@@ -137,6 +137,15 @@ pub struct Config {
     /// Background compaction of the journal (default on: [`Compaction::default`]); `None` keeps
     /// every record (the disk then grows with every refresh).
     pub compaction: Option<Compaction>,
+    /// How long [`crate::Engine::open`] waits for recovery (default 5 s). Grants not recovered by
+    /// then keep recovering in the background (see [`crate::Engine::recovering`]); callers for them
+    /// get [`crate::Error::Recovering`] (or wait, see [`Config::wait_for_recovery`]); every other
+    /// grant is served at once. `Duration::ZERO` returns at once.
+    pub recovery_budget: Duration,
+    /// Whether callers for a grant still recovering wait for its recovery (up to
+    /// [`Config::max_wait`], then [`crate::Error::Recovering`]) instead of being answered
+    /// [`crate::Error::Recovering`] at once (default false).
+    pub wait_for_recovery: bool,
 }
 
 /// How the engine keeps its journal bounded in the background (`crate::compactor`): every
@@ -184,6 +193,8 @@ impl Config {
             max_wait: Duration::from_secs(10),
             webhook: None,
             compaction: Some(Compaction::default()),
+            recovery_budget: Duration::from_secs(5),
+            wait_for_recovery: false,
         }
     }
 

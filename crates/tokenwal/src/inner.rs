@@ -39,6 +39,8 @@ pub(crate) struct Inner {
     /// Grants to trim at the next compaction pass, and the per-grant cap (`None`: no compaction).
     pub(crate) trim_queue: TrimQueue,
     pub(crate) history_cap: Option<usize>,
+    /// The grants whose recovery is still running (after open's budget ran out).
+    pub(crate) recovering: crate::recover::Recovering,
 }
 
 /// Counts one engine-owned attempt task while it lives.

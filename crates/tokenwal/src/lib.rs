@@ -68,6 +68,7 @@ mod health;
 mod inner;
 pub mod metrics;
 mod net;
+mod recover;
 mod schedule;
 mod scheduler;
 mod serve;
