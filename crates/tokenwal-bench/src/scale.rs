@@ -338,8 +338,8 @@ fn outcome(engine: &HashMap<String, String>) -> String {
 
 /// Recovery's first step writes one transition per interrupted intent (`Refreshing` → `Ambiguous`).
 /// On the untouched crash image: half of them one after another (each waits for its own sync, as
-/// `Engine::open` does today), the other half all at once (group commit), to show what that step
-/// costs and what sharing syncs would save. Store-level only: no engine, no network.
+/// `Engine::open` did before issue 15), the other half all at once (group commit, as it does now).
+/// Store-level only: no engine, no network.
 async fn transitions_one_by_one_vs_together(path: &Path) {
     let (store, _) = Store::open(path, &tokenwal::KeyRing::insecure_test_ring(), StoreConfig::default())
         .expect("open the crash image");
@@ -359,7 +359,7 @@ async fn transitions_one_by_one_vs_together(path: &Path) {
     let wall = started.elapsed();
     let s1 = store.stats();
     t.row(&[
-        "one by one (as `Engine::open` does)".into(),
+        "one by one (as `Engine::open` did before issue 15)".into(),
         format!("{}", seq.len()),
         fmt_dur(wall),
         fmt_dur(wall / seq.len().max(1) as u32),
@@ -379,7 +379,7 @@ async fn transitions_one_by_one_vs_together(path: &Path) {
     let wall = started.elapsed();
     let s2 = store.stats();
     t.row(&[
-        "all at once (group commit)".into(),
+        "all at once (group commit, as `Engine::open` does now)".into(),
         format!("{n_conc}"),
         fmt_dur(wall),
         fmt_dur(wall / n_conc.max(1) as u32),
