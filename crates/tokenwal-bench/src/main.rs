@@ -9,6 +9,9 @@
 //!   journal    2. refresh throughput and latency, sled journal vs in-memory store, 1/16/256/4096 shops
 //!   sync       3. the sync floor of the disk, and one durable write alone
 //!   recovery   4. open + recover 100k and 1M grants, with 0 and 1% open intents; memory after open
+//!   recovery-intents
+//!              4b. every grant of a 10k and a 100k store in flight at a crash: open against a fast
+//!              simulator, and against one that holds every answer (open returns at its budget)
 //!   footprint  5. bytes on disk and resident memory per grant; disk under 10M refreshes (churn)
 //!   churn      5b. only the continuous-refresh part of footprint
 //!   scheduler  6. the proactive scheduler over 1M grants when nothing is due
@@ -70,8 +73,19 @@ pub struct Opts {
     pub soak_retention: Option<Duration>,
 }
 
-const SCENARIOS: [&str; 10] =
-    ["env", "journal", "sync", "recovery", "footprint", "churn", "scheduler", "sink", "soak", "all"];
+const SCENARIOS: [&str; 11] = [
+    "env",
+    "journal",
+    "sync",
+    "recovery",
+    "recovery-intents",
+    "footprint",
+    "churn",
+    "scheduler",
+    "sink",
+    "soak",
+    "all",
+];
 
 fn usage() -> ! {
     eprintln!(
@@ -186,6 +200,9 @@ fn main() {
         }
         if all || scenario == "recovery" {
             scale::recovery(&opts).await;
+        }
+        if all || scenario == "recovery-intents" {
+            scale::recovery_intents(&opts).await;
         }
         if all || scenario == "scheduler" {
             scale::scheduler(&opts).await;

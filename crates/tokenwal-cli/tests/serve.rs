@@ -308,9 +308,10 @@ fn the_broker_answers_every_route_as_documented_and_survives_kill_9() {
     assert_eq!(go("GET", "/readyz", "/readyz", Some(BEARER), None).json(), json!({"ready": true}));
     assert_eq!(go("GET", "/readyz", "/readyz", Some("wrong-token"), None).status, 401);
     let m = go("GET", "/metrics", "/metrics", Some(BEARER), None);
-    assert!(
-        String::from_utf8_lossy(&m.body).contains("tokenwal_broker_requests_total{route=\"/healthz\",code=\"401\"} 1")
-    );
+    let text = String::from_utf8_lossy(&m.body);
+    assert!(text.contains("tokenwal_broker_requests_total{route=\"/healthz\",code=\"401\"} 1"), "{text}");
+    // The engine's own metrics, registered into the broker's registry once it opened.
+    assert!(text.contains("# TYPE tokenwal_store_up gauge") && text.contains("tokenwal_broker_ready 1"), "{text}");
     assert_eq!(go("GET", "/metrics", "/metrics", Some(&format!("{BEARER}x")), None).status, 401);
 
     // Bad shop, unknown shop, no bearer on a token call.
