@@ -18,6 +18,9 @@
 //!   sink       8. the webhook sink's first look at each of 100k grants: whole history vs reverse scan
 //!   soak       9. the engine against the simulator for minutes with faults on: RSS, fds, tasks over time
 //!              (not part of `all`; --churn-grants N grants, default 10 000; --max-minutes M, default 10)
+//!   broker     10. the token call of `tokenwal serve` over its Unix socket, 64 keep-alive clients, beside
+//!              the in-process access_token (needs target/release/tokenwal: cargo build --release
+//!              --workspace --bins; not part of `all`)
 //!   all        everything above (footprint before recovery: recovery also opens the churned store)
 //!
 //! options:
@@ -37,6 +40,7 @@
 
 #![forbid(unsafe_code)]
 
+mod broker;
 mod child;
 mod journal;
 mod populate;
@@ -73,7 +77,7 @@ pub struct Opts {
     pub soak_retention: Option<Duration>,
 }
 
-const SCENARIOS: [&str; 11] = [
+const SCENARIOS: [&str; 12] = [
     "env",
     "journal",
     "sync",
@@ -84,6 +88,7 @@ const SCENARIOS: [&str; 11] = [
     "scheduler",
     "sink",
     "soak",
+    "broker",
     "all",
 ];
 
@@ -212,6 +217,9 @@ fn main() {
         }
         if scenario == "soak" {
             soak::run(&opts).await;
+        }
+        if scenario == "broker" {
+            broker::run(&opts).await;
         }
     });
 }

@@ -46,7 +46,18 @@ impl Answer {
     }
 }
 
-fn exchange(mut s: impl Read + Write, method: &str, path: &str, bearer: Option<&str>, body: Option<&[u8]>) -> Answer {
+fn exchange(s: impl Read + Write, method: &str, path: &str, bearer: Option<&str>, body: Option<&[u8]>) -> Answer {
+    try_exchange(s, method, path, bearer, body).unwrap_or_else(|| panic!("{method} {path}: no HTTP answer"))
+}
+
+/// `None` if the connection closed without an answer (the process exited).
+fn try_exchange(
+    mut s: impl Read + Write,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<&[u8]>,
+) -> Option<Answer> {
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
     if let Some(b) = bearer {
         head.push_str(&format!("Authorization: Bearer {b}\r\n"));
@@ -61,10 +72,13 @@ fn exchange(mut s: impl Read + Write, method: &str, path: &str, bearer: Option<&
     let _ = s.write_all(head.as_bytes()).and_then(|_| s.write_all(body.unwrap_or_default()));
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
+    if raw.is_empty() {
+        return None;
+    }
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("{method} {path}: no HTTP answer: {:?}", String::from_utf8_lossy(&raw)));
+        .unwrap_or_else(|| panic!("{method} {path}: not an HTTP answer: {:?}", String::from_utf8_lossy(&raw)));
     let head = String::from_utf8(raw[..split].to_vec()).unwrap();
     let mut lines = head.split("\r\n");
     let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
@@ -78,7 +92,7 @@ fn exchange(mut s: impl Read + Write, method: &str, path: &str, bearer: Option<&
         !headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked")),
         "chunked answers are not expected"
     );
-    Answer { status, headers, body: raw[split + 4..].to_vec() }
+    Some(Answer { status, headers, body: raw[split + 4..].to_vec() })
 }
 
 fn call(sock: &Path, method: &str, path: &str, bearer: Option<&str>, body: Option<&[u8]>) -> Answer {
@@ -625,4 +639,84 @@ fn loopback_tcp_serves_with_the_token_file() {
     assert_eq!(exchange(s, "GET", "/healthz", Some("nope"), None).status, 401);
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The store fails a sync while the broker serves: it exits 74 (as `run` does) so that its
+/// supervisor restarts it, an answer given meanwhile is 503 `store_poisoned` (never a token from a
+/// poisoned store), and the restart serves every grant whose install was answered 200.
+#[test]
+fn a_store_fail_stop_exits_74_and_the_restart_loses_no_acknowledged_install() {
+    let sim = BlockingSim::start();
+    let base = sim.h().base_url();
+    let dir = tempfile::tempdir().unwrap();
+    let (db, sock) = (dir.path().join("store"), dir.path().join("b.sock"));
+    let config = dir.path().join("config.json");
+    write_private(&config, "{}", 0o600);
+    // The store's test hook (dev builds only): its 6th group sync fails.
+    let listen = format!("unix:{}", sock.display());
+    let mut child = serve_command(&db, &base, &["--listen", &listen])
+        .env("TOKENWAL_BROKER_TOKEN", BEARER)
+        .env("TOKENWAL_TEST_INJECT_SYNC_FAULT", "6")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&log);
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() || std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(child.try_wait().unwrap().is_none() && Instant::now() < deadline, "{:?}", log.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut installed = Vec::new();
+    let mut poisoned = 0;
+    for i in 0..50 {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        let name = format!("disk-{i}");
+        let t = sim.h().seed_shop(&shop(&name));
+        let body = grant_body(&t, json!({"expires_in": 3600}));
+        let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) else { break };
+        let path = format!("/v1/shops/{}/grant", shop(&name));
+        // No answer: the broker exited (fail-stop) with this request in flight; it was not acknowledged.
+        let Some(a) = try_exchange(s, "PUT", &path, Some(BEARER), Some(&body)) else { break };
+        match a.status {
+            200 => installed.push((name, t.access_token.as_str().to_owned())),
+            503 if a.json()["reason"] == "store_poisoned" => poisoned += 1,
+            // While the store opens.
+            503 if a.json()["reason"] == "recovering" => std::thread::sleep(Duration::from_millis(20)),
+            _ => panic!("{:?}", a.json()),
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the broker kept running on a fail-stopped store");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(74), "{:?}", log.lock().unwrap());
+    assert!(!installed.is_empty(), "the fault came before any install: raise the sync number");
+    eprintln!("{} installs acknowledged, {poisoned} answered store_poisoned before the exit", installed.len());
+
+    // The restart runs recovery and serves every acknowledged install.
+    let b = start(&db, &sock, &config, &base, None);
+    wait_ready(&b);
+    for (name, token) in &installed {
+        let a = call(&sock, "GET", &format!("/v1/shops/{}/token", shop(name)), Some(BEARER), None);
+        assert_eq!(a.status, 200, "{name}: {:?}", a.json());
+        assert_eq!(a.json()["access_token"], token.as_str());
+    }
+    let mut b = b;
+    b.kill9();
 }
