@@ -31,7 +31,7 @@
 //!   --churn-grants N       churn: fleet size (default 10 000)
 //!   --retention-hours H    churn: journal retention (default 720 = 30 days, the store's default)
 //!   --max-minutes M        churn: stop after M minutes of wall time (the rows so far show the trend)
-//!   --concurrency A,B,..   journal: concurrencies to run (default 1,16,256,4096)
+//!   --concurrency A,B,..   journal: concurrencies to run (default 1,16,256,4096); broker: clients (default 64)
 //!   --path engine|store    journal: run only the engine or only the store-only comparison
 //!   --cache-mib N          soak: sled's cache capacity (default 256 MiB, the store's default)
 //!   --soak-retention-secs S soak: compact at every sample with this journal retention (default: never,
