@@ -135,7 +135,9 @@ fn parse(args: &[String]) -> (String, Opts) {
             "--refreshes" => opts.refreshes = Some(number(value("--refreshes"))),
             "--churn-grants" => opts.churn_grants = Some(number(value("--churn-grants")) as usize),
             "--retention-hours" => opts.retention_hours = Some(number(value("--retention-hours"))),
-            "--history-per-grant" => opts.history_per_grant = Some(number(value("--history-per-grant")).max(1) as usize),
+            "--history-per-grant" => {
+                opts.history_per_grant = Some(number(value("--history-per-grant")).max(1) as usize)
+            }
             "--concurrency" => {
                 opts.concurrency =
                     Some(value("--concurrency").split(',').map(|v| number(v.to_owned()) as usize).collect())

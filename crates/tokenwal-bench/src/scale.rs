@@ -564,7 +564,11 @@ pub async fn churn(opts: &Opts) {
         let due: Vec<GrantKey> = match cap {
             Some(n) => {
                 let every = (n / 2).max(1) as u64;
-                states.iter().filter(|s| s.version % every == 0 || s.version % every == 1).map(|s| s.grant.clone()).collect()
+                states
+                    .iter()
+                    .filter(|s| s.version % every == 0 || s.version % every == 1)
+                    .map(|s| s.grant.clone())
+                    .collect()
             }
             None => Vec::new(),
         };
