@@ -73,7 +73,8 @@ EXIT CODES
   65  import, migrate: some lines were invalid (the valid ones were processed)
   66  no such shop in the store, no store at --db, or the app is uninstalled from the shop
   70  demo: tokenwal locked a shop out (a broken guarantee)
-  74  run, serve: the store failed a write or sync and fail-stopped; restart it (recovery runs at open)
+  74  run: the store failed a write or sync and fail-stopped; restart it (recovery runs at open)
+      (serve too)
   75  transient, try again later: refresh outcome unknown and being retried, token endpoint
       unavailable or throttling, store in use by another process; migrate: shops left to resume
   77  the shop needs re-auth: the merchant must open the app (token exchange)

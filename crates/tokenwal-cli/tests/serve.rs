@@ -720,3 +720,77 @@ fn a_store_fail_stop_exits_74_and_the_restart_loses_no_acknowledged_install() {
     let mut b = b;
     b.kill9();
 }
+
+/// Two 503s that do not come from the broker's own start:
+///
+/// * a grant still being recovered in the background after the open's budget (`recovery_budget: 0`):
+///   the engine is open and ready, that one shop answers 503 `recovering` (the engine's
+///   `Error::Recovering`), and once its retry is answered it is served;
+/// * a refresh that fails transiently while the current token has less than the refresh margin left:
+///   the engine falls back to that token, and the broker answers 503 `upstream` rather than hand out
+///   a token a client library would try to refresh itself.
+#[test]
+fn per_grant_recovery_and_a_token_inside_the_margin_answer_503() {
+    let sim = BlockingSim::start_with(tokenwal_sim::SimConfig::default(), 2);
+    let base = sim.h().base_url();
+    let dir = tempfile::tempdir().unwrap();
+    let (db, sock) = (dir.path().join("store"), dir.path().join("b.sock"));
+    let config = dir.path().join("config.json");
+    write_private(&config, r#"{"recovery_budget": 0}"#, 0o600);
+    let mut b = start(&db, &sock, &config, &base, None);
+    wait_ready(&b);
+    let slow = sim.h().seed_shop(&shop("slow"));
+    let path = format!("/v1/shops/{}/grant", shop("slow"));
+    assert_eq!(
+        call(&sock, "PUT", &path, Some(BEARER), Some(&grant_body(&slow, json!({"expires_at": 1_700_000_000})))).status,
+        200
+    );
+    sim.h().hold(&shop("slow"));
+    let s2 = sock.clone();
+    let waiter = std::thread::spawn(move || {
+        let c = std::os::unix::net::UnixStream::connect(&s2).unwrap();
+        let _ = try_exchange(c, "GET", &format!("/v1/shops/{}/token", shop("slow")), Some(BEARER), None);
+    });
+    assert!(sim.runtime().block_on(sim.h().wait_held(&shop("slow"), Duration::from_secs(20))));
+    b.kill9();
+    waiter.join().unwrap();
+    sim.h().cancel(&shop("slow"));
+
+    sim.h().hold(&shop("slow"));
+    let log = Arc::clone(&b.log);
+    let mut b = start(&db, &sock, &config, &base, Some(log));
+    wait_ready(&b);
+    assert!(sim.runtime().block_on(sim.h().wait_held(&shop("slow"), Duration::from_secs(20))));
+    let slow_token = format!("/v1/shops/{}/token", shop("slow"));
+    let a = call(&sock, "GET", &slow_token, Some(BEARER), None);
+    assert_eq!((a.status, a.json()["reason"].clone()), (503, json!("recovering")), "{:?}", a.json());
+    assert!(a.header("retry-after").is_some());
+    assert!(sim.h().release(&shop("slow")));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let a = call(&sock, "GET", &slow_token, Some(BEARER), None);
+        if a.status == 200 {
+            let t = a.json()["access_token"].as_str().unwrap().to_owned();
+            assert!(accepted(sim.h(), "slow", &tokenwal::core::AccessToken::new(t.as_str())));
+            break;
+        }
+        assert_eq!(a.json()["reason"], "recovering", "{:?}", a.json());
+        assert!(Instant::now() < deadline, "never served after recovery");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // 200 s left, under the 300 s margin; the refresh fails before processing.
+    let edge = sim.h().seed_shop(&shop("edge"));
+    let path = format!("/v1/shops/{}/grant", shop("edge"));
+    assert_eq!(
+        call(&sock, "PUT", &path, Some(BEARER), Some(&grant_body(&edge, json!({"expires_in": 200})))).status,
+        200
+    );
+    let fault = tokenwal_sim::Fault::FailBeforeProcessing { status: 503, json: false };
+    sim.h().push_faults(&shop("edge"), vec![fault; 5]).unwrap();
+    let a = call(&sock, "GET", &format!("/v1/shops/{}/token", shop("edge")), Some(BEARER), None);
+    assert_eq!((a.status, a.json()["reason"].clone()), (503, json!("upstream")), "{:?}", a.json());
+    assert!(a.header("retry-after").is_some());
+    assert!(!String::from_utf8_lossy(&a.body).contains(edge.access_token.as_str()));
+    b.kill9();
+}
