@@ -291,7 +291,8 @@ fn the_broker_answers_every_route_as_documented_and_survives_kill_9() {
     let db = dir.path().join("store");
     let sock = dir.path().join("broker.sock");
     let config = dir.path().join("config.json");
-    write_private(&config, &json!({ "app_handle": APP_HANDLE }).to_string(), 0o600);
+    // A long recovery budget: while recovery is held on the wire the broker stays "recovering".
+    write_private(&config, &json!({ "app_handle": APP_HANDLE, "recovery_budget": "60s" }).to_string(), 0o600);
     let mut spec = Spec::load();
     let mut secrets: Vec<String> = vec![BEARER.to_owned()];
     let big = vec![b' '; 70 * 1024];
@@ -392,8 +393,10 @@ fn the_broker_answers_every_route_as_documented_and_survives_kill_9() {
     let dead = sim.h().seed_shop(&shop("dead"));
     secrets.extend([dead.access_token.as_str().to_owned(), dead.refresh_token.as_str().to_owned()]);
     let dead_grant = format!("/v1/shops/{}/grant", shop("dead"));
-    go("PUT", GRANT, &dead_grant, Some(BEARER), Some(&grant_body(&dead, json!({"expires_at": 1_700_000_000}))));
+    // Revoked at Shopify before the install: whichever refresh comes first (the broker's scheduler's
+    // or our call's) is refused.
     sim.h().with_model(|m| m.uninstall(&shop("dead")));
+    go("PUT", GRANT, &dead_grant, Some(BEARER), Some(&grant_body(&dead, json!({"expires_at": 1_700_000_000}))));
     let a = go("GET", TOKEN, &format!("/v1/shops/{}/token", shop("dead")), Some(BEARER), None);
     assert_eq!(a.status, 409, "{:?}", a.json());
     let j = a.json();
@@ -485,6 +488,9 @@ fn the_broker_answers_every_route_as_documented_and_survives_kill_9() {
 
     // kill -9 with a refresh on the wire.
     let held = sim.h().seed_shop(&shop("held"));
+    // Armed before the install: the broker's scheduler may refresh the due shop before our call does;
+    // either way one refresh is held on the wire.
+    sim.h().hold(&shop("held"));
     secrets.extend([held.access_token.as_str().to_owned(), held.refresh_token.as_str().to_owned()]);
     go(
         "PUT",
@@ -493,7 +499,6 @@ fn the_broker_answers_every_route_as_documented_and_survives_kill_9() {
         Some(BEARER),
         Some(&grant_body(&held, json!({"expires_at": 1_700_000_000}))),
     );
-    sim.h().hold(&shop("held"));
     let (s2, held_path) = (s.clone(), format!("/v1/shops/{}/token", shop("held")));
     let waiter = std::thread::spawn(move || {
         let c = std::os::unix::net::UnixStream::connect(&s2).unwrap();
@@ -740,12 +745,12 @@ fn per_grant_recovery_and_a_token_inside_the_margin_answer_503() {
     let mut b = start(&db, &sock, &config, &base, None);
     wait_ready(&b);
     let slow = sim.h().seed_shop(&shop("slow"));
+    sim.h().hold(&shop("slow"));
     let path = format!("/v1/shops/{}/grant", shop("slow"));
     assert_eq!(
         call(&sock, "PUT", &path, Some(BEARER), Some(&grant_body(&slow, json!({"expires_at": 1_700_000_000})))).status,
         200
     );
-    sim.h().hold(&shop("slow"));
     let s2 = sock.clone();
     let waiter = std::thread::spawn(move || {
         let c = std::os::unix::net::UnixStream::connect(&s2).unwrap();
@@ -781,13 +786,14 @@ fn per_grant_recovery_and_a_token_inside_the_margin_answer_503() {
 
     // 200 s left, under the 300 s margin; the refresh fails before processing.
     let edge = sim.h().seed_shop(&shop("edge"));
+    // Before the install: the scheduler may try the due shop at once.
+    let fault = tokenwal_sim::Fault::FailBeforeProcessing { status: 503, json: false };
+    sim.h().push_faults(&shop("edge"), vec![fault; 5]).unwrap();
     let path = format!("/v1/shops/{}/grant", shop("edge"));
     assert_eq!(
         call(&sock, "PUT", &path, Some(BEARER), Some(&grant_body(&edge, json!({"expires_in": 200})))).status,
         200
     );
-    let fault = tokenwal_sim::Fault::FailBeforeProcessing { status: 503, json: false };
-    sim.h().push_faults(&shop("edge"), vec![fault; 5]).unwrap();
     let a = call(&sock, "GET", &format!("/v1/shops/{}/token", shop("edge")), Some(BEARER), None);
     assert_eq!((a.status, a.json()["reason"].clone()), (503, json!("upstream")), "{:?}", a.json());
     assert!(a.header("retry-after").is_some());
