@@ -329,6 +329,13 @@ fn the_broker_answers_every_route_as_documented_and_survives_kill_9() {
     assert!(text.contains("# TYPE tokenwal_store_up gauge") && text.contains("tokenwal_broker_ready 1"), "{text}");
     assert_eq!(go("GET", "/metrics", "/metrics", Some(&format!("{BEARER}x")), None).status, 401);
 
+    // Outside the document: unknown routes and methods, behind the bearer check too.
+    let alpha_path = format!("/v1/shops/{}/token", shop("alpha"));
+    assert_eq!(call(&s, "GET", "/v2/nothing", None, None).status, 401);
+    assert_eq!(call(&s, "GET", "/v2/nothing", Some(BEARER), None).json()["error"], "not_found");
+    assert_eq!(call(&s, "DELETE", &alpha_path, None, None).status, 401);
+    assert_eq!(call(&s, "DELETE", &alpha_path, Some(BEARER), None).json()["error"], "method_not_allowed");
+
     // Bad shop, unknown shop, no bearer on a token call.
     let a = go("GET", TOKEN, "/v1/shops/Alpha.myshopify.com/token", Some(BEARER), None);
     assert_eq!((a.status, a.json()["error"].clone()), (400, json!("invalid_shop")));
