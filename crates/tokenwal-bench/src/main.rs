@@ -18,6 +18,9 @@
 //!   sink       8. the webhook sink's first look at each of 100k grants: whole history vs reverse scan
 //!   soak       9. the engine against the simulator for minutes with faults on: RSS, fds, tasks over time
 //!              (not part of `all`; --churn-grants N grants, default 10 000; --max-minutes M, default 10)
+//!   broker     10. the token call of `tokenwal serve` over its Unix socket, 64 keep-alive clients, beside
+//!              the in-process access_token (needs target/release/tokenwal: cargo build --release
+//!              --workspace --bins; not part of `all`)
 //!   all        everything above (footprint before recovery: recovery also opens the churned store)
 //!
 //! options:
@@ -30,7 +33,7 @@
 //!   --history-per-grant N  churn: also trim each grant to its newest N records, as the engine's
 //!                          background compaction does (default: no cap, retention only)
 //!   --max-minutes M        churn: stop after M minutes of wall time (the rows so far show the trend)
-//!   --concurrency A,B,..   journal: concurrencies to run (default 1,16,256,4096)
+//!   --concurrency A,B,..   journal: concurrencies to run (default 1,16,256,4096); broker: clients (default 64)
 //!   --path engine|store    journal: run only the engine or only the store-only comparison
 //!   --cache-mib N          soak: sled's cache capacity (default 256 MiB, the store's default)
 //!   --soak-retention-secs S soak: compact at every sample with this journal retention (default: never,
@@ -39,6 +42,7 @@
 
 #![forbid(unsafe_code)]
 
+mod broker;
 mod child;
 mod journal;
 mod populate;
@@ -77,7 +81,7 @@ pub struct Opts {
     pub soak_retention: Option<Duration>,
 }
 
-const SCENARIOS: [&str; 11] = [
+const SCENARIOS: [&str; 12] = [
     "env",
     "journal",
     "sync",
@@ -88,6 +92,7 @@ const SCENARIOS: [&str; 11] = [
     "scheduler",
     "sink",
     "soak",
+    "broker",
     "all",
 ];
 
@@ -220,6 +225,9 @@ fn main() {
         }
         if scenario == "soak" {
             soak::run(&opts).await;
+        }
+        if scenario == "broker" {
+            broker::run(&opts).await;
         }
     });
 }
