@@ -143,7 +143,7 @@ const BROWSER = 'Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like
 const EMBEDDED = /^https:\/\/admin\.shopify\.com\/store\//;
 const OAUTH = /\/admin\/oauth\/authorize\?/;
 
-test('the library loads the offline session and calls the Admin API with a valid token across 12 rotations', { skip }, async (t) => {
+test('the library loads the offline session and calls the Admin API with a valid token across 12 rotations', { skip: skip ?? false }, async (t) => {
   const shop = 'rotations.myshopify.com';
   const broker = await startBroker(t);
   const app = await startApp(t, broker);
@@ -177,7 +177,7 @@ test('the library loads the offline session and calls the Admin API with a valid
   assert.equal(after.rejections && Object.keys(after.rejections).length, 0, 'no refresh was rejected');
 });
 
-test('50 concurrent loads of a due shop cause exactly one refresh', { skip }, async (t) => {
+test('50 concurrent loads of a due shop cause exactly one refresh', { skip: skip ?? false }, async (t) => {
   const shop = 'concurrent.myshopify.com';
   const broker = await startBroker(t);
   const app = await startApp(t, broker);
@@ -197,7 +197,7 @@ test('50 concurrent loads of a due shop cause exactly one refresh', { skip }, as
   assert.match(opened.location, EMBEDDED);
 });
 
-test('the broker killed with kill -9 mid-refresh and restarted: no lockout, the next load succeeds', { skip }, async (t) => {
+test('the broker killed with kill -9 mid-refresh and restarted: no lockout, the next load succeeds', { skip: skip ?? false }, async (t) => {
   const shop = 'killed.myshopify.com';
   const broker = await startBroker(t);
   const app = await startApp(t, broker);
@@ -226,7 +226,7 @@ test('the broker killed with kill -9 mid-refresh and restarted: no lockout, the 
   assert.equal(c.admin_unauthorized, 0);
 });
 
-test('a dead grant is the library\'s "no session" path (redirect to OAuth), not a 500', { skip }, async (t) => {
+test('a dead grant is the library\'s "no session" path (redirect to OAuth), not a 500', { skip: skip ?? false }, async (t) => {
   const shop = 'dead.myshopify.com';
   const broker = await startBroker(t);
   const app = await startApp(t, broker);

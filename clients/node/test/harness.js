@@ -38,6 +38,7 @@ process.on('exit', () => {
 
 /** Waits for a line matching `re` on `stream`; rejects after `ms`. Every line goes to `sink`. */
 function waitLine(child, stream, re, ms, sink) {
+  // After the match the stream keeps being read (and logged to `sink`) so the child never blocks on a full pipe.
   return new Promise((resolve, reject) => {
     const rl = readline.createInterface({ input: stream });
     const timer = setTimeout(() => reject(new Error(`no line matching ${re} within ${ms} ms; saw:\n${sink.join('\n')}`)), ms);
@@ -51,10 +52,12 @@ function waitLine(child, stream, re, ms, sink) {
         resolve(m);
       }
     });
-    child.once('exit', (code, signal) => {
+    // The stream ends when the process exits (or closes it): every line has been read by then.
+    rl.on('close', () => {
       if (!found) {
         clearTimeout(timer);
-        reject(new Error(`process exited (${code ?? signal}) before printing ${re}:\n${sink.join('\n')}`));
+        const how = child.exitCode ?? child.signalCode ?? 'closed its output';
+        reject(new Error(`process exited (${how}) before printing ${re}:\n${sink.join('\n')}`));
       }
     });
   });
