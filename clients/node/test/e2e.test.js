@@ -119,8 +119,11 @@ async function startBroker(t) {
  * callback would (storeSession of the offline session). `claimedLifeMs` is the expiry the app
  * tells tokenwal: less than the margin makes the shop due at once.
  */
-async function install(app, shop, claimedLifeMs = 3_600_000) {
+async function install(app, shop, claimedLifeMs = 3_600_000, { hold = false } = {}) {
   const t = await sim.seedShop(shop);
+  // Armed before tokenwal knows the shop, so the first refresh is held whoever starts it (a load,
+  // or the broker's own scheduler as soon as the due pair is installed).
+  if (hold) await sim.hold(shop);
   secrets.add(t.access_token);
   secrets.add(t.refresh_token);
   const session = new Session({
@@ -181,10 +184,15 @@ test('50 concurrent loads of a due shop cause exactly one refresh', { skip: skip
   const shop = 'concurrent.myshopify.com';
   const broker = await startBroker(t);
   const app = await startApp(t, broker);
-  // tokenwal is told the token expires in 60 s: inside the margin, so due now.
-  const seeded = await install(app, shop, 60_000);
+  // tokenwal is told the token expires in 60 s: inside the margin, so due now. The refresh is held
+  // on the wire until all 50 loads are waiting, so they are concurrent with it by construction.
   const before = await sim.counters(shop);
-  const sessions = await Promise.all(Array.from({ length: 50 }, () => app.load(shop)));
+  const seeded = await install(app, shop, 60_000, { hold: true });
+  const loads = Promise.all(Array.from({ length: 50 }, () => app.load(shop)));
+  await sim.waitHeld(shop);
+  await new Promise((r) => setTimeout(r, 200)); // let the last of the 50 requests reach the broker
+  await sim.release(shop);
+  const sessions = await loads;
   const after = await sim.counters(shop);
   assert.equal(after.rotations - (before.rotations ?? 0), 1, 'exactly one refresh');
   assert.equal(after.token_requests - (before.token_requests ?? 0), 1, 'exactly one token request');
@@ -201,8 +209,7 @@ test('the broker killed with kill -9 mid-refresh and restarted: no lockout, the 
   const shop = 'killed.myshopify.com';
   const broker = await startBroker(t);
   const app = await startApp(t, broker);
-  await install(app, shop, 60_000);
-  await sim.hold(shop);
+  await install(app, shop, 60_000, { hold: true });
   const pending = app.load(shop).then(
     (s) => ({ s }),
     (e) => ({ e }),
