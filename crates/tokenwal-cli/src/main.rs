@@ -5,6 +5,7 @@
 //! * `main` — the command line (clap derive), logging, dispatch, exit codes.
 //! * `settings` — store path, credentials (environment or a JSON config file, never arguments).
 //! * `commands` — import, run, status, shops, inspect, recover, token, export, sim, keygen, rekey.
+//! * `serve` — `tokenwal serve`: the local token broker (HTTP over a Unix socket, docs/broker.md).
 //! * `dead_letters` — `webhooks dead-letters` and `webhooks replay`: what the webhook sink gave up on.
 //! * `migrate` — bulk migration of legacy non-expiring tokens (resumable, rate-limited, canary).
 //! * `import` — the JSON-lines token-set format shared by `import` and `export`.
@@ -21,6 +22,7 @@ mod error;
 mod import;
 mod input;
 mod migrate;
+mod serve;
 mod settings;
 mod timefmt;
 mod views;
@@ -184,6 +186,23 @@ enum Command {
         #[arg(long, default_value = "5s", value_name = "DURATION")]
         grace: SimDuration,
     },
+    /// Run the local token broker: HTTP over a Unix socket (or loopback TCP) for apps in any language
+    #[command(long_about = SERVE_ABOUT)]
+    Serve {
+        /// Where to listen: unix:PATH (mode 0600) or tcp:127.0.0.1:PORT (loopback only)
+        /// [default: unix:$XDG_RUNTIME_DIR/tokenwal.sock, else unix:<db>.sock]
+        #[arg(long, value_name = "unix:PATH|tcp:ADDR")]
+        listen: Option<serve::Listen>,
+        /// Read the bearer token from FILE (not readable by others) instead of TOKENWAL_BROKER_TOKEN
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// How often a full sweep double-checks for due shops the scheduler has not picked up
+        #[arg(long, default_value = "5m", value_name = "DURATION")]
+        sweep: SimDuration,
+        /// On SIGINT/SIGTERM, how long to let requests and refreshes in flight finish
+        #[arg(long, default_value = "5s", value_name = "DURATION")]
+        grace: SimDuration,
+    },
     /// Summarise the store: shops per state, oldest ambiguous rotation, next refresh due
     Status {
         #[command(flatten)]
@@ -320,6 +339,19 @@ error) and fail-stopped: nothing further was sent, and a restart runs recovery, 
 supervisor that restarts it (systemd Restart=on-failure, a Kubernetes restart policy); 75 the store is
 in use by another process; 78 configuration.";
 
+const SERVE_ABOUT: &str = "Run the local token broker: the engine (recovery, proactive refresh) behind an HTTP API.
+
+Apps that cannot embed the Rust crate (Node, Ruby, anything with HTTP) ask the broker for a shop's fresh
+access token: GET /v1/shops/{shop}/token. HTTP/1.1 over a Unix socket created with mode 0600 (default),
+or loopback TCP; a non-loopback address is refused. Every request needs `Authorization: Bearer <token>`,
+the token from TOKENWAL_BROKER_TOKEN or --token-file (not readable by others); without one the broker
+does not start (exit 78). Credentials, store key and config as for `tokenwal run`. Prints `listening on
+unix:PATH` to stderr once bound; token calls answer 503 \"recovering\" until recovery is done.
+API: docs/broker-openapi.json; guide: docs/broker.md.
+
+Exit: 0 stopped by a signal; 74 the store fail-stopped (restart it); 75 the socket is in use by a live
+broker or the store by another process; 2 bad --listen; 78 configuration.";
+
 const TOKEN_ABOUT: &str = "Print a valid access token for SHOP to stdout, refreshing first if needed.
 
 Errors go to stderr; the exit code tells a script what to do: 75 transient (try again later), 77 the
@@ -436,6 +468,10 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Run { once, sweep, grace } => {
             runtime()?.block_on(commands::run(&settings()?, once, sweep.to_std(), grace.to_std()))
         }
+        Command::Serve { listen, token_file, sweep, grace } => {
+            let o = serve::ServeOptions { listen, token_file, sweep: sweep.to_std(), grace: grace.to_std() };
+            runtime()?.block_on(serve::serve(&settings()?, o))
+        }
         Command::Status { out } => commands::status(&settings()?, out.json),
         Command::Shops { state, app_handle, out } => {
             commands::shops(&settings()?, state.map(StateArg::name), app_handle.as_deref(), out.json)
@@ -457,7 +493,7 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Run { .. } | Command::Sim { .. } => "info",
+        Command::Run { .. } | Command::Serve { .. } | Command::Sim { .. } => "info",
         // The demo provokes hundreds of faults on purpose: their warnings would drown the table.
         Command::Demo(_) => "error",
         _ => "warn",

@@ -24,8 +24,10 @@ pub use export::{export, EXPORT_REFUSAL};
 pub use import::{import, ImportOptions};
 pub use inspect::inspect;
 pub use keys::{keygen, rekey};
+pub(crate) use recover::report_line;
 pub use recover::{recover, recover_dry_run};
 pub use run::run;
+pub(crate) use run::{fail_stop_at_open, keep_running, shutdown_signal, wind_down};
 pub use shops::shops;
 pub use sim::sim;
 pub use status::status;
@@ -51,7 +53,7 @@ pub fn open_store(settings: &Settings, create: bool) -> Result<(Store, OpenRepor
 
 /// `Engine::open` (recovery runs first), with the lock error made clear. Only `run` may start
 /// from an empty directory; `token` and `recover` need an existing store.
-async fn open_engine(
+pub(crate) async fn open_engine(
     settings: &Settings,
     proactive: bool,
     must_exist: bool,

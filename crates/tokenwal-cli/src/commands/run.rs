@@ -44,6 +44,21 @@ pub async fn run(settings: &Settings, once: bool, sweep: Duration, grace: Durati
         info!(attempted = n, "refreshed every due shop; {counts}");
         return Ok(());
     }
+    keep_running(&engine, stop.as_mut(), failed.as_mut(), sweep).await?;
+    wind_down(&engine, grace).await;
+    drop(engine);
+    Ok(())
+}
+
+/// The steady state shared by `run` and `serve`: tally events into a summary a minute, sweep for
+/// due shops every `sweep` (a safety net under the scheduler), until `stop` resolves (`Ok`) or the
+/// store fail-stops (`Err`, exit 74).
+pub(crate) async fn keep_running(
+    engine: &Engine,
+    mut stop: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    mut failed: std::pin::Pin<&mut impl std::future::Future<Output = Health>>,
+    sweep: Duration,
+) -> Result<(), CliError> {
     let mut events = engine.subscribe();
     let mut tally = EventTally::default();
     let mut summary = tokio::time::interval(Duration::from_secs(60));
@@ -53,12 +68,12 @@ pub async fn run(settings: &Settings, once: bool, sweep: Duration, grace: Durati
     info!("running: keeping every shop fresh until SIGINT or SIGTERM");
     loop {
         tokio::select! {
-            _ = &mut stop => break,
+            _ = &mut stop => return Ok(()),
             h = &mut failed => return Err(fail_stopped(h)),
             e = events.recv() => match e {
                 Ok(e) => tally.add(&e),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => tally.lagged += n,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
             },
             _ = summary.tick() => {
                 info!("last minute: {tally}");
@@ -74,6 +89,11 @@ pub async fn run(settings: &Settings, once: bool, sweep: Duration, grace: Durati
             }
         }
     }
+}
+
+/// Graceful shutdown shared by `run` and `serve`: let refreshes in flight finish within `grace`
+/// (a second signal cuts it short).
+pub(crate) async fn wind_down(engine: &Engine, grace: Duration) {
     info!(grace_secs = grace.as_secs_f64(), "stopping: waiting for refreshes in flight");
     tokio::select! {
         _ = engine.shutdown() => info!("stopped"),
@@ -85,12 +105,10 @@ pub async fn run(settings: &Settings, once: bool, sweep: Duration, grace: Durati
         ),
         _ = shutdown_signal() => warn!("second signal: refreshes in flight abandoned; recovery resolves them at the next start"),
     }
-    drop(engine);
-    Ok(())
 }
 
 /// The error that ends `run` once the store has fail-stopped.
-fn fail_stopped(health: Health) -> CliError {
+pub(crate) fn fail_stopped(health: Health) -> CliError {
     match health {
         Health::FailStopped { error, .. } => CliError::FailStopped { error },
         other => CliError::FailStopped { error: format!("unexpected health {other:?}") },
@@ -98,7 +116,7 @@ fn fail_stopped(health: Health) -> CliError {
 }
 
 /// An open that failed because the store failed a write or sync (recovery writes) is a fail-stop too.
-fn fail_stop_at_open(e: CliError) -> CliError {
+pub(crate) fn fail_stop_at_open(e: CliError) -> CliError {
     match e {
         CliError::Store(e @ (StoreError::Io { .. } | StoreError::Poisoned)) => {
             CliError::FailStopped { error: e.to_string() }

@@ -1,0 +1,183 @@
+//! `tokenwal serve`: the engine as a local token broker for apps in any language.
+//!
+//! HTTP/1.1 over a Unix socket (mode 0600; the default) or loopback TCP; every request carries the
+//! broker's bearer token. The API (v1) is described by `docs/broker-openapi.json` and explained in
+//! `docs/broker.md`.
+//!
+//! # Lifecycle
+//!
+//! 1. The bearer token, the credentials and the store key are checked (exit 78 without them) and the
+//!    listener is bound; `listening on unix:/path` (or `tcp:ADDR`) goes to stderr.
+//! 2. The engine opens in the background: while recovery runs, token calls and `/readyz` answer 503
+//!    `recovering` (with `Retry-After`).
+//! 3. Then it serves, with the proactive scheduler and the sweep of `tokenwal run`.
+//! 4. SIGINT/SIGTERM: stop accepting, let requests and refreshes in flight finish within the grace
+//!    period, exit 0. A store that fail-stops ends the process with 74, as `run` does.
+//!
+//! # Layout
+//!
+//! * `listen` — `--listen`: the Unix socket (0600, stale file replaced, live one refused) or loopback TCP.
+//! * `auth` — the bearer token: loaded once, compared in constant time.
+//! * `routes` — the API, its bodies, and the mapping of every engine error to a status.
+//! * `metrics` — the broker's Prometheus metrics.
+
+mod auth;
+mod listen;
+mod metrics;
+mod routes;
+
+pub use listen::Listen;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+use tokenwal::core::{AccessToken, GrantKey, ShopDomain, UnixMillis};
+use tokenwal::Engine;
+use tracing::{info, warn};
+
+use crate::commands::{fail_stop_at_open, keep_running, open_engine, report_line, shutdown_signal, wind_down};
+use crate::error::CliError;
+use crate::settings::Settings;
+
+/// `tokenwal serve`'s options (the rest come from [`Settings`]).
+pub struct ServeOptions {
+    /// `--listen`; `None`: [`Listen::default_for`] the store.
+    pub listen: Option<Listen>,
+    /// `--token-file`; `None`: `TOKENWAL_BROKER_TOKEN`.
+    pub token_file: Option<PathBuf>,
+    /// The sweep period (as `run`).
+    pub sweep: Duration,
+    /// The grace period at shutdown (as `run`).
+    pub grace: Duration,
+}
+
+/// What the token answer needs beyond the engine's access token: its expiry and scope.
+struct Details {
+    token: AccessToken,
+    expires_at: UnixMillis,
+    scope: Option<String>,
+}
+
+/// The state the handlers share.
+pub struct Broker {
+    /// Set once recovery is done.
+    engine: OnceLock<Engine>,
+    /// Set once shutdown began.
+    stopping: AtomicBool,
+    bearer: auth::Bearer,
+    app_handle: Option<String>,
+    /// The engine's refresh margin: no token with less life left is handed out.
+    margin: Duration,
+    metrics: metrics::Metrics,
+    /// The expiry and scope of the newest token seen per shop, so that a cached token's answer does
+    /// no I/O. Read from the durable state when the engine hands out a token not seen yet.
+    details: RwLock<HashMap<String, Arc<Details>>>,
+}
+
+impl Broker {
+    fn new(bearer: auth::Bearer, app_handle: Option<String>, margin: Duration) -> Broker {
+        Broker {
+            engine: OnceLock::new(),
+            stopping: AtomicBool::new(false),
+            bearer,
+            app_handle,
+            margin,
+            metrics: metrics::Metrics::new(),
+            details: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The details of `token` if it is the one last seen for `shop`.
+    fn details(&self, shop: &ShopDomain, token: &AccessToken) -> Option<Arc<Details>> {
+        let map = self.details.read().unwrap_or_else(|p| p.into_inner());
+        map.get(shop.as_str()).filter(|d| d.token == *token).cloned()
+    }
+
+    /// Reads `token`'s details from the durable state (one store read per new token).
+    fn load_details(
+        &self,
+        engine: &Engine,
+        shop: &ShopDomain,
+        token: &AccessToken,
+    ) -> Result<Arc<Details>, routes::ApiError> {
+        let state = engine.state(&GrantKey::shopify(shop)).map_err(|e| self.engine_error(e))?;
+        // The engine handed `token` out from this state or an older one: a newer durable pair (a
+        // refresh committed in between) is served instead, it is at least as fresh.
+        let tokens = state
+            .and_then(|s| s.tokens)
+            .ok_or_else(|| self.engine_error(tokenwal::Error::NotInstalled { grant: GrantKey::shopify(shop) }))?;
+        if tokens.access_token != *token {
+            info!(shop = %shop, "a newer token was committed while answering: serving it");
+        }
+        let d = Arc::new(Details {
+            token: tokens.access_token.clone(),
+            expires_at: tokens.access_expires_at,
+            scope: tokens.scope.clone(),
+        });
+        self.details.write().unwrap_or_else(|p| p.into_inner()).insert(shop.as_str().to_owned(), Arc::clone(&d));
+        Ok(d)
+    }
+}
+
+/// `tokenwal serve`.
+pub async fn serve(settings: &Settings, o: ServeOptions) -> Result<(), CliError> {
+    let bearer = auth::Bearer::load(o.token_file.as_deref())?;
+    // Credentials and store key before binding: a misconfigured broker must not look alive.
+    let margin = settings.engine_config(true)?.refresh_margin;
+    let listen = o.listen.unwrap_or_else(|| Listen::default_for(&settings.db));
+    listen.check()?;
+    let broker = Arc::new(Broker::new(bearer, settings.app_handle().map(str::to_owned), margin));
+    let bound = listen.bind()?;
+    let shown = bound.describe();
+    let app = routes::router(Arc::clone(&broker));
+    let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
+    let graceful = async move {
+        let mut rx = http_stopped;
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let (server, _socket_file) = match bound {
+        listen::Bound::Unix(l, file) => {
+            (tokio::spawn(async move { axum::serve(l, app).with_graceful_shutdown(graceful).await }), Some(file))
+        }
+        listen::Bound::Tcp(l, _) => {
+            (tokio::spawn(async move { axum::serve(l, app).with_graceful_shutdown(graceful).await }), None)
+        }
+    };
+    eprintln!("listening on {shown}");
+    info!(listen = %shown, "broker listening; opening the store (recovery runs first)");
+
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    let opened = tokio::select! {
+        opened = open_engine(settings, true, false) => opened.map_err(fail_stop_at_open),
+        _ = &mut stop => {
+            warn!("stopped during recovery: what it had not finished stays journaled for the next start");
+            let _ = stop_http.send(true);
+            let _ = tokio::time::timeout(o.grace, server).await;
+            return Ok(());
+        }
+    };
+    let (engine, report) = opened?;
+    info!(store = %settings.db.display(), "{}", report_line(&report));
+    let _ = broker.engine.set(engine.clone());
+    broker.metrics.set_ready(true);
+    let failed = engine.fail_stopped();
+    tokio::pin!(failed);
+    let result = keep_running(&engine, stop.as_mut(), failed.as_mut(), o.sweep).await;
+    broker.metrics.set_ready(false);
+    broker.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Exit 74 at once on a fail-stop (the supervisor restarts the broker; recovery runs at open).
+    result?;
+    let _ = stop_http.send(true);
+    wind_down(&engine, o.grace).await;
+    match tokio::time::timeout(o.grace.max(Duration::from_secs(1)), server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => warn!(error = %e, "the HTTP server ended with an error"),
+        Ok(Err(e)) => warn!(error = %e, "the HTTP server task failed"),
+        Err(_) => warn!("connections still open after the grace period: closed"),
+    }
+    drop(engine);
+    Ok(())
+}
