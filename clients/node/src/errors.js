@@ -15,8 +15,11 @@ class TokenwalError extends Error {
     this.name = new.target.name;
     /** The broker's `error` code (e.g. `not_installed`) or a local one (`connection`, `timeout`). */
     this.code = code;
-    /** The HTTP status of the broker's answer, if there was one. */
-    this.status = status;
+    /**
+     * The HTTP status of the broker's answer, if there was one. (Not `status`: web frameworks
+     * answer with an error's `status`, and a broker's 401 or 400 is not the app's answer.)
+     */
+    this.brokerStatus = status;
     /** The shop the call was for, if any. */
     this.shop = shop;
   }
@@ -52,6 +55,8 @@ class NeedsReauthError extends TokenwalError {
 class UnavailableError extends TokenwalError {
   constructor(message, opts = {}) {
     super(message, opts);
+    /** For web frameworks (Express answers with an error's `status`): transient, 503. */
+    this.status = 503;
     /** `recovering`, `store_poisoned`, `app_credentials_rejected` or `upstream`. */
     this.reason = opts.reason ?? null;
     /** Seconds to wait before trying again (from Retry-After), or null. */
@@ -73,7 +78,13 @@ class BadRequestError extends TokenwalError {}
  * `timeout`), or answered something that is not the contract. Transient as far as the shop is
  * concerned.
  */
-class BrokerConnectionError extends TokenwalError {}
+class BrokerConnectionError extends TokenwalError {
+  constructor(message, opts = {}) {
+    super(message, opts);
+    /** For web frameworks (Express answers with an error's `status`): transient, 503. */
+    this.status = 503;
+  }
+}
 
 module.exports = {
   TokenwalError,

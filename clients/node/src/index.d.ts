@@ -85,7 +85,8 @@ export interface TokenwalErrorOptions {
 export declare class TokenwalError extends Error {
   /** The broker's error code (`not_installed`, …) or a local one (`connection`, `timeout`, `bad_answer`). */
   readonly code: string | undefined;
-  readonly status: number | undefined;
+  /** The HTTP status of the broker's answer, if any. */
+  readonly brokerStatus: number | undefined;
   readonly shop: string | undefined;
 }
 export declare class NotInstalledError extends TokenwalError {}
@@ -99,11 +100,15 @@ export declare class UnavailableError extends TokenwalError {
   readonly reason: 'recovering' | 'store_poisoned' | 'app_credentials_rejected' | 'upstream' | string | null;
   /** Seconds to wait before trying again. */
   readonly retryAfter: number | null;
+  /** 503, for web frameworks that answer with an error's `status`. */
+  readonly status: 503;
 }
 export declare class OlderPairError extends TokenwalError {}
 export declare class BrokerAuthError extends TokenwalError {}
 export declare class BadRequestError extends TokenwalError {}
-export declare class BrokerConnectionError extends TokenwalError {}
+export declare class BrokerConnectionError extends TokenwalError {
+  readonly status: 503;
+}
 
 export declare const ENV_TOKEN: 'TOKENWAL_BROKER_TOKEN';
 export declare const ENV_ADDRESS: 'TOKENWAL_BROKER_ADDRESS';

@@ -67,7 +67,9 @@ test('answers map to typed errors that carry no secret', async (t) => {
   assert.equal(errs[2].retryAfter, 3, 'the Retry-After header wins over the body');
   assert.equal(errs[4].code, 'invalid_shop');
   assert.match(errs[4].message, /must end in \.myshopify\.com/);
-  assert.equal(errs[5].status, 500);
+  assert.equal(errs[5].brokerStatus, 500);
+  assert.equal(errs[3].status, undefined, "a broker 401 must not become the app's answer");
+  assert.equal(errs[2].status, 503);
   for (const e of errs) {
     const shown = `${e.message} ${util.inspect(e)}`;
     assert.ok(!shown.includes(BEARER), `bearer token in ${shown}`);

@@ -154,7 +154,11 @@ class Broker {
     this.child = null;
   }
 
-  async start() {
+  /**
+   * Starts the broker and waits for `listening on unix:…`; with `ready`, also until `/readyz` says
+   * recovery is over (the broker answers 503 "recovering" until then).
+   */
+  async start({ ready = true } = {}) {
     const env = {};
     for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('TOKENWAL_') && k !== 'RUST_LOG') env[k] = v;
     Object.assign(env, {
@@ -170,6 +174,15 @@ class Broker {
     child.once('exit', () => children.delete(child));
     this.child = child;
     await waitLine(child, child.stderr, /listening on unix:/, 30_000, this.log);
+    if (ready) {
+      const { BrokerClient } = require('../src/index');
+      const c = new BrokerClient(this.clientOptions());
+      try {
+        await untilAvailable(() => c.readyz());
+      } finally {
+        c.close();
+      }
+    }
     return this;
   }
 
