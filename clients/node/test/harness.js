@@ -148,6 +148,7 @@ class Broker {
     this.token = crypto.randomBytes(24).toString('base64url');
     this.storeKey = crypto.randomBytes(32).toString('base64');
     this.config = path.join(this.dir, 'config.json');
+    this.logLevel = opts.logLevel ?? 'debug';
     fs.writeFileSync(this.config, JSON.stringify({ insecure_test_endpoint: opts.simUrl, ...(opts.config || {}) }), { mode: 0o600 });
     /** Every stderr line of every run, for the no-secret-in-logs check. */
     this.log = [];
@@ -166,7 +167,7 @@ class Broker {
       TOKENWAL_CLIENT_ID: CLIENT_ID,
       TOKENWAL_CLIENT_SECRET: CLIENT_SECRET,
       TOKENWAL_BROKER_TOKEN: this.token,
-      RUST_LOG: 'debug',
+      RUST_LOG: this.logLevel,
     });
     const args = ['--db', this.db, '--config', this.config, 'serve', '--listen', `unix:${this.socket}`];
     const child = spawn(process.env.TOKENWAL_BIN, args, { env, stdio: ['ignore', 'ignore', 'pipe'] });
