@@ -632,7 +632,18 @@ impl<'c> World<'c> {
         let e = self.next_entropy();
         let plan = recovery::plan(&self.machine, &open, self.at(), e);
         let mut written = 0u8;
-        for item in &plan.items {
+        // The engine issues recovery's transitions concurrently through group commit: they become
+        // durable in any order, and a crash in the middle leaves any subset of them. Write them in
+        // an order drawn from the entropy (a Fisher-Yates shuffle with xorshift).
+        let mut order: Vec<usize> = (0..plan.items.len()).collect();
+        let mut x = e | 1;
+        for k in (1..order.len()).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            order.swap(k, (x % (k as u64 + 1)) as usize);
+        }
+        for item in order.iter().map(|&k| &plan.items[k]) {
             if let Some(t) = &item.transition {
                 if stop_after == Some(written) {
                     bump(&self.cov.crashes_in_recovery);

@@ -9,12 +9,18 @@
 //!   journal    2. refresh throughput and latency, sled journal vs in-memory store, 1/16/256/4096 shops
 //!   sync       3. the sync floor of the disk, and one durable write alone
 //!   recovery   4. open + recover 100k and 1M grants, with 0 and 1% open intents; memory after open
+//!   recovery-intents
+//!              4b. every grant of a 10k and a 100k store in flight at a crash: open against a fast
+//!              simulator, and against one that holds every answer (open returns at its budget)
 //!   footprint  5. bytes on disk and resident memory per grant; disk under 10M refreshes (churn)
 //!   churn      5b. only the continuous-refresh part of footprint
 //!   scheduler  6. the proactive scheduler over 1M grants when nothing is due
 //!   sink       8. the webhook sink's first look at each of 100k grants: whole history vs reverse scan
 //!   soak       9. the engine against the simulator for minutes with faults on: RSS, fds, tasks over time
 //!              (not part of `all`; --churn-grants N grants, default 10 000; --max-minutes M, default 10)
+//!   broker     10. the token call of `tokenwal serve` over its Unix socket, 64 keep-alive clients, beside
+//!              the in-process access_token (needs target/release/tokenwal: cargo build --release
+//!              --workspace --bins; not part of `all`)
 //!   all        everything above (footprint before recovery: recovery also opens the churned store)
 //!
 //! options:
@@ -34,6 +40,7 @@
 
 #![forbid(unsafe_code)]
 
+mod broker;
 mod child;
 mod journal;
 mod populate;
@@ -70,8 +77,20 @@ pub struct Opts {
     pub soak_retention: Option<Duration>,
 }
 
-const SCENARIOS: [&str; 10] =
-    ["env", "journal", "sync", "recovery", "footprint", "churn", "scheduler", "sink", "soak", "all"];
+const SCENARIOS: [&str; 12] = [
+    "env",
+    "journal",
+    "sync",
+    "recovery",
+    "recovery-intents",
+    "footprint",
+    "churn",
+    "scheduler",
+    "sink",
+    "soak",
+    "broker",
+    "all",
+];
 
 fn usage() -> ! {
     eprintln!(
@@ -187,6 +206,9 @@ fn main() {
         if all || scenario == "recovery" {
             scale::recovery(&opts).await;
         }
+        if all || scenario == "recovery-intents" {
+            scale::recovery_intents(&opts).await;
+        }
         if all || scenario == "scheduler" {
             scale::scheduler(&opts).await;
         }
@@ -195,6 +217,9 @@ fn main() {
         }
         if scenario == "soak" {
             soak::run(&opts).await;
+        }
+        if scenario == "broker" {
+            broker::run(&opts).await;
         }
     });
 }

@@ -219,6 +219,123 @@ pub async fn recovery(opts: &Opts) {
     }
 }
 
+/// Scenario 4b (issue 15, items 3 and 4): a store in which **every** grant was left with an open
+/// intent by a crash (10k and 100k grants; tiny with `--quick`), opened by a fresh process against a
+/// fast simulator (no latency, every retry answered). Then the same crash image against a simulator
+/// that holds every answer: `Engine::open` returns at its recovery budget with the grants still
+/// recovering in the background.
+pub async fn recovery_intents(opts: &Opts) {
+    let sizes: [usize; 2] = if opts.quick { [200, 1_000] } else { [10_000, 100_000] };
+    let t = Table::new(
+        "Recovery of open intents: every grant in flight at the crash (fresh process; page cache warm)",
+        &[
+            "store",
+            "endpoint",
+            "Engine::open",
+            "per open intent",
+            "recovery outcome",
+            "syncs",
+            "token requests",
+            "target",
+            "verdict",
+        ],
+    );
+    for n in sizes {
+        let base_store = scale_store(&opts.dir, n).await;
+        let sim = serve(SimConfig::default(), "127.0.0.1:0".parse().expect("addr")).await.expect("simulator");
+        let tokens_file = opts.dir.join(format!("all-inflight-{n}-tokens.tsv"));
+        let lines: Vec<String> = (0..n)
+            .map(|i| {
+                let t = sim.seed_shop(scale_shop(i).as_str());
+                format!(
+                    "{i}\t{}\t{}\t{}\t{}",
+                    t.access_token.as_str(),
+                    t.refresh_token.as_str(),
+                    t.refresh_token_expires_in,
+                    t.scope
+                )
+            })
+            .collect();
+        std::fs::write(&tokens_file, lines.join("\n")).expect("tokens file");
+        let image = opts.dir.join(format!("grants-{n}-all-inflight"));
+        let _ = std::fs::remove_dir_all(&image);
+        copy_dir(&base_store.path, &image).expect("copy the store");
+        let crash = child::run_crashing(&["crash-intents".into(), path_str(&image), path_str(&tokens_file)]);
+        eprintln!("  {n} grants: {} intents left open, then the writer aborted", num(&crash, "open_attempts"));
+        let held = opts.dir.join(format!("grants-{n}-all-inflight-held"));
+        let _ = std::fs::remove_dir_all(&held);
+        copy_dir(&image, &held).expect("copy the crash image");
+        settle(opts.quick);
+
+        let before = sim.counters().total.token_requests;
+        let engine = tokio::task::spawn_blocking({
+            let (path, base) = (path_str(&image), sim.base_url());
+            move || child::run(&["engine-open".into(), path, base])
+        })
+        .await
+        .expect("child");
+        let requests = sim.counters().total.token_requests - before;
+        let open = ns(&engine, "open_ns");
+        let target = if n >= 100_000 { Duration::from_secs(10) } else { Duration::from_secs(1) };
+        t.row(&[
+            format!("{n} grants, all in flight"),
+            "fast simulator".into(),
+            fmt_dur(open),
+            fmt_dur(open / n.max(1) as u32),
+            outcome(&engine),
+            format!("{}", num(&engine, "syncs")),
+            format!("{requests}"),
+            format!("< {}", fmt_dur(target)),
+            if open < target { "met".into() } else { "missed".into() },
+        ]);
+
+        // The same crash image against an endpoint that holds every answer (a hang): open returns
+        // at its budget; the grants keep recovering in the background.
+        for i in 0..n {
+            sim.hold(scale_shop(i).as_str());
+        }
+        let budget_ms = 2_000u64;
+        let engine = tokio::task::spawn_blocking({
+            let (path, base) = (path_str(&held), sim.base_url());
+            move || child::run(&["engine-open".into(), path, base, format!("budget-ms={budget_ms}")])
+        })
+        .await
+        .expect("child");
+        let open = ns(&engine, "open_ns");
+        t.row(&[
+            format!("{n} grants, all in flight"),
+            "every answer held (hangs)".into(),
+            fmt_dur(open),
+            "—".into(),
+            outcome(&engine),
+            format!("{}", num(&engine, "syncs")),
+            "—".into(),
+            format!("returns at the {budget_ms} ms budget"),
+            if open < Duration::from_millis(budget_ms) + Duration::from_secs(1) {
+                "met".into()
+            } else {
+                "missed".into()
+            },
+        ]);
+        sim.shutdown().await;
+        for d in [&image, &held] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        let _ = std::fs::remove_file(&tokens_file);
+    }
+}
+
+fn outcome(engine: &HashMap<String, String>) -> String {
+    format!(
+        "{} interrupted, {} resolved, {} still ambiguous, {} needs-reauth, {} still recovering at return",
+        num(engine, "interrupted"),
+        num(engine, "resolved"),
+        num(engine, "still_ambiguous"),
+        num(engine, "needs_reauth"),
+        num(engine, "pending"),
+    )
+}
+
 /// Recovery's first step writes one transition per interrupted intent (`Refreshing` → `Ambiguous`).
 /// On the untouched crash image: half of them one after another (each waits for its own sync, as
 /// `Engine::open` does today), the other half all at once (group commit), to show what that step

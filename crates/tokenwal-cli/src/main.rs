@@ -55,7 +55,7 @@ CONFIG FILE (--config FILE or TOKENWAL_CONFIG), JSON, every key optional, unknow
    \"app_handle\": \"my-app\", \"insecure_test_endpoint\": \"http://127.0.0.1:8080\",
    \"refresh_margin\": \"5m\", \"refresh_token_margin\": \"7d\", \"connect_timeout\": \"5s\",
    \"request_timeout\": \"30s\", \"max_wait\": \"10s\", \"max_concurrent_refreshes\": 64,
-   \"webhook_url\": \"https://...\", \"webhook_secret\": \"...\", \"webhook_max_attempts\": 10,
+   \"recovery_budget\": \"5s\", \"webhook_url\": \"https://...\", \"webhook_secret\": \"...\", \"webhook_max_attempts\": 10,
    \"webhook_min_backoff\": \"1s\", \"webhook_max_backoff\": \"5m\"}
   webhook_url: tokenwal run POSTs needs_reauth / recovered / app_credentials_rejected events there,
   signed with TOKENWAL_WEBHOOK_SECRET (or webhook_secret); see docs/webhooks.md. An event refused
@@ -202,6 +202,12 @@ enum Command {
         /// On SIGINT/SIGTERM, how long to let requests and refreshes in flight finish
         #[arg(long, default_value = "5s", value_name = "DURATION")]
         grace: SimDuration,
+    },
+    /// Compact the journal now: each grant keeps its newest history_per_grant records, and records
+    /// older than retention go (what `run` does in the background)
+    Compact {
+        #[command(flatten)]
+        out: JsonFlag,
     },
     /// Summarise the store: shops per state, oldest ambiguous rotation, next refresh due
     Status {
@@ -473,6 +479,7 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
             runtime()?.block_on(serve::serve(&settings()?, o))
         }
         Command::Status { out } => commands::status(&settings()?, out.json),
+        Command::Compact { out } => commands::compact(&settings()?, out.json),
         Command::Shops { state, app_handle, out } => {
             commands::shops(&settings()?, state.map(StateArg::name), app_handle.as_deref(), out.json)
         }

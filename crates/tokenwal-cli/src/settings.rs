@@ -21,11 +21,15 @@
 //!   "request_timeout": "30s",
 //!   "max_wait": "10s",
 //!   "max_concurrent_refreshes": 64,
+//!   "recovery_budget": "5s",
 //!   "webhook_url": "https://alerts.example.com/tokenwal",
 //!   "webhook_secret": "a-long-random-string",
 //!   "webhook_max_attempts": 10,
 //!   "webhook_min_backoff": "1s",
-//!   "webhook_max_backoff": "5m"
+//!   "webhook_max_backoff": "5m",
+//!   "retention": "30d",
+//!   "history_per_grant": 64,
+//!   "compact_interval": "10m"
 //! }
 //! ```
 //!
@@ -36,6 +40,10 @@
 //! secret comes from `TOKENWAL_WEBHOOK_SECRET` or `webhook_secret`; an event is attempted
 //! `webhook_max_attempts` times, `webhook_min_backoff` doubling up to `webhook_max_backoff` apart,
 //! then kept as a dead letter (`tokenwal webhooks dead-letters`, `tokenwal webhooks replay`).
+//! `retention`, `history_per_grant` and `compact_interval` set the background compaction of `run`
+//! (journal records older than `retention` go; each grant keeps its newest `history_per_grant`
+//! records whatever their age) and what `tokenwal compact` does now (`history_per_grant` is at
+//! least 1).
 //! A file that holds a client secret should be readable by its owner only: tokenwal warns otherwise.
 //!
 //! # The store key
@@ -84,6 +92,10 @@ pub struct ConfigFile {
     #[serde(default, deserialize_with = "duration")]
     max_wait: Option<Duration>,
     max_concurrent_refreshes: Option<usize>,
+    /// How long the engine's open waits for recovery before serving (the rest goes on in the
+    /// background).
+    #[serde(default, deserialize_with = "duration")]
+    recovery_budget: Option<Duration>,
     webhook_url: Option<String>,
     webhook_secret: Option<String>,
     webhook_max_attempts: Option<u32>,
@@ -91,6 +103,11 @@ pub struct ConfigFile {
     webhook_min_backoff: Option<Duration>,
     #[serde(default, deserialize_with = "duration")]
     webhook_max_backoff: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    retention: Option<Duration>,
+    history_per_grant: Option<usize>,
+    #[serde(default, deserialize_with = "duration")]
+    compact_interval: Option<Duration>,
 }
 
 /// A duration: `"90s"`-style string or a number of seconds.
@@ -221,7 +238,33 @@ impl Settings {
         if let Some(n) = f.max_concurrent_refreshes {
             c.max_concurrent_refreshes = n;
         }
+        if let Some(d) = f.recovery_budget {
+            c.recovery_budget = d;
+        }
         c.webhook = self.webhook_config()?;
+        c.compaction = Some(self.compaction()?);
+        Ok(c)
+    }
+
+    /// The journal's compaction settings (the engine's defaults, overridden by the file).
+    pub fn compaction(&self) -> Result<tokenwal::Compaction, CliError> {
+        let f = &self.file;
+        let mut c = tokenwal::Compaction::default();
+        if let Some(d) = f.retention {
+            c.retention = d;
+        }
+        if let Some(n) = f.history_per_grant {
+            if n == 0 {
+                return Err(CliError::Config("history_per_grant must be at least 1".into()));
+            }
+            c.history_per_grant = n;
+        }
+        if let Some(d) = f.compact_interval {
+            if d.is_zero() {
+                return Err(CliError::Config("compact_interval must be more than 0s".into()));
+            }
+            c.interval = d;
+        }
         Ok(c)
     }
 
@@ -312,6 +355,15 @@ mod tests {
         assert!(serde_json::from_str::<ConfigFile>(r#"{"client_secrt":"x"}"#).is_err());
         assert!(serde_json::from_str::<ConfigFile>(r#"{"refresh_margin":"90"}"#).is_err());
         assert!(serde_json::from_str::<ConfigFile>(r#"{"refresh_margin":-1}"#).is_err());
+    }
+
+    #[test]
+    fn recovery_budget_is_read_as_a_duration() {
+        let f: ConfigFile = serde_json::from_str(r#"{"recovery_budget":"750ms"}"#).unwrap();
+        assert_eq!(f.recovery_budget, Some(Duration::from_millis(750)));
+        let f: ConfigFile = serde_json::from_str(r#"{"recovery_budget":0}"#).unwrap();
+        assert_eq!(f.recovery_budget, Some(Duration::ZERO));
+        assert!(serde_json::from_str::<ConfigFile>(r#"{"recovery_budget":"soon"}"#).is_err());
     }
 
     #[test]

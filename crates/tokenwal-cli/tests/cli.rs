@@ -550,3 +550,55 @@ fn run_keeps_shops_fresh_and_stops_cleanly_on_sigterm() {
     assert_eq!(v[0]["state"], "healthy");
     assert!(v[0]["generation"].as_u64().unwrap() >= 2, "{v}");
 }
+
+#[test]
+fn compact_trims_histories_to_the_configured_cap_and_status_shows_bytes_per_grant() {
+    let sim = Sim::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("store");
+    let base = sim.h().base_url();
+    let mut env = CREDENTIALS.to_vec();
+    env.push(("TOKENWAL_INSECURE_TEST_ENDPOINT", &base));
+    let mut lines = Vec::new();
+    for name in ["busy", "quiet"] {
+        lines.push(sim.seed(name).0);
+    }
+    assert_eq!(tokenwal(&db, &["import"], &[], Some(&lines.join("\n"))).code, 0);
+    // installed, intent, committed
+    assert_eq!(tokenwal(&db, &["token", "busy.myshopify.com"], &env, None).code, 0);
+    let config = dir.path().join("tokenwal.json");
+    std::fs::write(&config, r#"{"history_per_grant": 1}"#).unwrap();
+    let config = config.to_str().unwrap();
+
+    let out = tokenwal(&db, &["--config", config, "compact", "--json"], &[], None);
+    assert_eq!(out.code, 0, "{out:?}");
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        (v["grants"].as_u64(), v["trimmed"].as_u64(), v["expired"].as_u64()),
+        (Some(2), Some(2), Some(0)),
+        "{v}"
+    );
+    let inspect = tokenwal(&db, &["inspect", "busy.myshopify.com", "--json"], &[], None);
+    let h: serde_json::Value = serde_json::from_str(&inspect.stdout).unwrap();
+    let kinds: Vec<_> =
+        h["history"].as_array().unwrap().iter().map(|r| r["kind"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(kinds, ["committed"], "{h}");
+    // The state is untouched: the token is served from the store without a request.
+    let before = sim.h().counters().shop("busy.myshopify.com").token_requests;
+    assert_eq!(tokenwal(&db, &["token", "busy.myshopify.com"], &env, None).code, 0);
+    assert_eq!(sim.h().counters().shop("busy.myshopify.com").token_requests, before);
+
+    let bad = tokenwal(&db, &["--config", config, "compact"], &[], None);
+    assert_eq!(bad.code, 0, "{bad:?}");
+    std::fs::write(dir.path().join("zero.json"), r#"{"history_per_grant": 0}"#).unwrap();
+    let zero = tokenwal(&db, &["--config", dir.path().join("zero.json").to_str().unwrap(), "compact"], &[], None);
+    assert_ne!(zero.code, 0, "{zero:?}");
+    assert!(zero.stderr.contains("history_per_grant must be at least 1"), "{zero:?}");
+
+    let status = tokenwal(&db, &["status", "--json"], &[], None);
+    let s: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    let (size, per) = (s["store"]["size_bytes"].as_u64().unwrap(), s["store"]["bytes_per_grant"].as_u64().unwrap());
+    assert!(size > 0 && per == size / 2, "{s}");
+    let text = tokenwal(&db, &["status"], &[], None);
+    assert!(text.stdout.contains("KiB per grant"), "{}", text.stdout);
+}

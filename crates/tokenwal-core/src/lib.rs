@@ -85,8 +85,8 @@ pub use domain::{
     AttemptId, Fingerprint, FingerprintKey, Generation, GrantKey, GrantKeyError, ShopDomain, ShopDomainError, TokenSet,
 };
 pub use machine::{
-    AttemptRequest, Credential, Decision, Durable, DurableLog, Event, Goal, Machine, NoChange, Pending, Refusal, Step,
-    Transition, Verdict, WriteBatch, ABANDONED, MIGRATION_RETRY,
+    AttemptRequest, Credential, Decision, Durable, DurableLog, Event, Goal, Machine, NoChange, Pending, Prior, Refusal,
+    Step, Transition, Verdict, WriteBatch, ABANDONED, MIGRATION_RETRY,
 };
 pub use policy::{Backoff, Retention, RetryPolicy};
 /// The classification keeps its old paths (`tokenwal_core::classify::…`, `tokenwal_core::classify`).

@@ -148,9 +148,11 @@ fn commit_group(shared: &Shared, next_lsn: &mut u64, group: &mut Vec<Request>) {
             .fault(FaultPoint::Sync)
             .map_err(|source| StoreError::Io { op: "sync", source })
             .and_then(|()| shared.backend.sync());
-        Counters::add_time(&c.sync_nanos, started);
+        let took = started.elapsed();
+        Counters::add(&c.sync_nanos, u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
         match synced {
             Ok(()) => {
+                c.observe_sync(took);
                 Counters::add(&c.syncs, 1);
                 Counters::add(&c.commit_groups, 1);
                 Counters::add(&c.batches_applied, written);

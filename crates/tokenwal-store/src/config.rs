@@ -150,7 +150,18 @@ pub struct StoreStats {
     pub write_time: Duration,
     /// Time the committer spent in flushes and syncs.
     pub sync_time: Duration,
+    /// Successful commit-group syncs (flush + fsync) by latency: entry `i` counts those that took
+    /// at most [`SYNC_LATENCY_BOUNDS`]`[i]` seconds and more than the bound before it; the last
+    /// entry counts the slower ones. Not cumulative.
+    pub sync_latency: [u64; SYNC_LATENCY_BUCKETS],
 }
+
+/// Upper bounds, in seconds, of [`StoreStats::sync_latency`]'s buckets (the last bucket is +Inf).
+pub const SYNC_LATENCY_BOUNDS: [f64; SYNC_LATENCY_BUCKETS - 1] =
+    [0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+
+/// How many buckets [`StoreStats::sync_latency`] has.
+pub const SYNC_LATENCY_BUCKETS: usize = 15;
 
 impl StoreStats {
     /// Syncs per applied batch (0 if nothing was applied): the cost of durability per refresh step.

@@ -102,7 +102,10 @@ mod seal;
 mod shared;
 pub mod store;
 
-pub use config::{CompactReport, History, OpenReport, RecoveryMode, ScanReport, StoreConfig, StoreStats};
+pub use config::{
+    CompactReport, History, OpenReport, RecoveryMode, ScanReport, StoreConfig, StoreStats, SYNC_LATENCY_BOUNDS,
+    SYNC_LATENCY_BUCKETS,
+};
 pub use dead_letter::DeadLetter;
 pub use error::StoreError;
 pub use keys::{KeyError, KeyId, KeyRing, KeySource, StoreKey};

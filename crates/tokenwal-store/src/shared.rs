@@ -1,7 +1,7 @@
 //! State shared by the store handles and the committer thread.
 
 use crate::backend::Backend;
-use crate::config::{StoreConfig, StoreStats};
+use crate::config::{StoreConfig, StoreStats, SYNC_LATENCY_BOUNDS, SYNC_LATENCY_BUCKETS};
 use crate::hooks::Hooks;
 use crate::keys::KeyRing;
 use std::collections::HashMap;
@@ -35,6 +35,8 @@ pub(crate) struct Counters {
     pub compacted: AtomicU64,
     pub write_nanos: AtomicU64,
     pub sync_nanos: AtomicU64,
+    /// Successful syncs by latency bucket ([`SYNC_LATENCY_BOUNDS`]).
+    pub sync_latency: [AtomicU64; SYNC_LATENCY_BUCKETS],
 }
 
 impl Counters {
@@ -44,6 +46,13 @@ impl Counters {
 
     pub(crate) fn add_time(c: &AtomicU64, since: Instant) {
         Counters::add(c, u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX));
+    }
+
+    /// Counts one successful sync that took `took`.
+    pub(crate) fn observe_sync(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let i = SYNC_LATENCY_BOUNDS.iter().position(|b| secs <= *b).unwrap_or(SYNC_LATENCY_BOUNDS.len());
+        Counters::add(&self.sync_latency[i], 1);
     }
 
     pub(crate) fn snapshot(&self) -> StoreStats {
@@ -59,6 +68,7 @@ impl Counters {
             compacted: r(&self.compacted),
             write_time: Duration::from_nanos(r(&self.write_nanos)),
             sync_time: Duration::from_nanos(r(&self.sync_nanos)),
+            sync_latency: std::array::from_fn(|i| r(&self.sync_latency[i])),
         }
     }
 }

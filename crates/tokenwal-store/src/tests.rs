@@ -255,6 +255,62 @@ fn compaction_drops_old_records_in_chunks_and_keeps_states() {
     }
 }
 
+#[test]
+fn trimming_keeps_a_grants_newest_records_and_what_a_cursor_needs() {
+    for (store, _dir) in [(Store::in_memory_with(cfg_compact()), None), {
+        let dir = tempfile::tempdir().unwrap();
+        (Store::open(dir.path().join("s"), &ring(), cfg_compact()).unwrap().0, Some(dir))
+    }] {
+        let m = machine(&store);
+        let (g, other) = (key(1), key(2));
+        let mut s = put(&store, install(&m, None, &g, T0));
+        put(&store, install(&m, None, &other, T0));
+        for step in 1..10u64 {
+            s = if s.phase.is_open() {
+                put(&store, install(&m, Some(&s), &g, T0 + step))
+            } else {
+                put(&store, attempt(&m, &s, T0 + step))
+            };
+        }
+        let before = store.history(&g).unwrap();
+        assert!(before.len() >= 10, "{}", before.len());
+        // A cursor below the second-newest-but-three record holds those back.
+        let held = before[before.len() - 6].0;
+        store.set_cursor("sink", held).unwrap();
+        // Chunks of two (cfg_compact): call until a call deletes less than a chunk.
+        let mut removed = 0;
+        loop {
+            let n = store.trim_history(&g, 3).unwrap();
+            removed += n;
+            if n < 2 {
+                break;
+            }
+        }
+        let after = store.history(&g).unwrap();
+        let kept: Vec<u64> = after.iter().map(|(l, _)| *l).collect();
+        let expected: Vec<u64> = before.iter().map(|(l, _)| *l).filter(|l| *l >= held).collect();
+        assert_eq!(kept, expected, "the newest three and everything at or above the cursor");
+        assert_eq!(removed, before.len() - expected.len());
+        // Without the cursor, down to three; the other grant and every state are untouched.
+        store.delete_cursor("sink").unwrap();
+        while store.trim_history(&g, 3).unwrap() == 2 {}
+        let after = store.history(&g).unwrap();
+        assert_eq!(after, before[before.len() - 3..].to_vec());
+        assert_eq!(store.history(&other).unwrap().len(), 1);
+        assert_eq!(store.get(&g).unwrap().unwrap().version, s.version);
+        // Their expiry entries went with them: retention compaction finds nothing of theirs left.
+        let mut compacted = 0;
+        loop {
+            let r = store.compact(UnixMillis(T0 + 10 + 10_000)).unwrap();
+            compacted += r.removed;
+            if !r.more {
+                break;
+            }
+        }
+        assert_eq!(compacted, 4, "the three kept records and the other grant's: no expiry entry left behind");
+    }
+}
+
 fn cfg_compact() -> StoreConfig {
     StoreConfig::default().with_retention(Duration::from_secs(10)).with_compact_chunk(2)
 }

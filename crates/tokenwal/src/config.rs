@@ -134,6 +134,44 @@ pub struct Config {
     pub max_wait: Duration,
     /// The optional webhook sink (default none; see [`crate::webhook_sink`]).
     pub webhook: Option<crate::webhook_sink::WebhookConfig>,
+    /// Background compaction of the journal (default on: [`Compaction::default`]); `None` keeps
+    /// every record (the disk then grows with every refresh).
+    pub compaction: Option<Compaction>,
+    /// How long [`crate::Engine::open`] waits for recovery (default 5 s). Grants not recovered by
+    /// then keep recovering in the background (see [`crate::Engine::recovering`]); callers for them
+    /// get [`crate::Error::Recovering`] (or wait, see [`Config::wait_for_recovery`]); every other
+    /// grant is served at once. `Duration::ZERO` returns at once.
+    pub recovery_budget: Duration,
+    /// Whether callers for a grant still recovering wait for its recovery (up to
+    /// [`Config::max_wait`], then [`crate::Error::Recovering`]) instead of being answered
+    /// [`crate::Error::Recovering`] at once (default false).
+    pub wait_for_recovery: bool,
+}
+
+/// How the engine keeps its journal bounded in the background (`crate::compactor`): every
+/// `interval`, each recently written grant keeps its newest `history_per_grant` records, and records
+/// older than `retention` go. Grant states and open intents are never compacted; neither is anything
+/// a journal cursor (the webhook sink) has not consumed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Compaction {
+    /// Records older than this are deleted (default 30 days). Applies to stores the engine opens
+    /// ([`StoreLocation::Path`]); a store passed in ([`StoreLocation::Open`]) keeps its own setting.
+    pub retention: Duration,
+    /// The records each grant keeps, newest first, whatever their age (default 64: about a day and
+    /// a half of hourly refreshes). A grant's history stays under 1.5 × this plus one transition.
+    pub history_per_grant: usize,
+    /// Time between passes (default 10 minutes; the first pass starts at most a minute after open).
+    pub interval: Duration,
+}
+
+impl Default for Compaction {
+    fn default() -> Compaction {
+        Compaction {
+            retention: Duration::from_secs(30 * 86_400),
+            history_per_grant: 64,
+            interval: Duration::from_secs(600),
+        }
+    }
 }
 
 impl Config {
@@ -154,6 +192,9 @@ impl Config {
             credentials_pause: Duration::from_secs(60),
             max_wait: Duration::from_secs(10),
             webhook: None,
+            compaction: Some(Compaction::default()),
+            recovery_budget: Duration::from_secs(5),
+            wait_for_recovery: false,
         }
     }
 

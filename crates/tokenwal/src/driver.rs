@@ -198,7 +198,9 @@ impl<I: Io> Driver<'_, I> {
 
 impl Io for Inner {
     async fn send(&self, request: &Durable<AttemptRequest>) -> Outcome {
+        let started = std::time::Instant::now();
         let (outcome, status) = self.transport.send(request.value(), now).await;
+        self.metrics.observe_attempt(request.value().kind(), &outcome, started.elapsed());
         log_outcome(request.value(), status, &outcome);
         outcome
     }

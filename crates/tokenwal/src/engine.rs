@@ -2,11 +2,12 @@
 
 use crate::cache::Slots;
 use crate::clock::now;
+use crate::compactor::TrimQueue;
 use crate::config::{Config, Endpoint, StoreLocation};
 use crate::driver::Driven;
 use crate::error::Error;
-use crate::failpoint;
 use crate::inner::Inner;
+use crate::metrics::Metrics;
 use crate::serve::refusal;
 use crate::transport::Transport;
 use crate::{schedule, scheduler};
@@ -14,8 +15,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokenwal_core::{
-    recovery, AccessToken, Event, Generation, Goal, GrantKey, GrantState, InstallSource, Intention, Machine, NoChange,
-    Phase, ShopDomain, Step, TokenSet, UnixMillis,
+    AccessToken, Event, Generation, Goal, GrantKey, GrantState, InstallSource, Machine, NoChange, ShopDomain, Step,
+    TokenSet, UnixMillis,
 };
 use tokenwal_store::{Store, StoreConfig, StoreError};
 use tokio::sync::{broadcast, watch, Semaphore};
@@ -56,6 +57,10 @@ pub struct RecoveryReport {
     pub needs_reauth: usize,
     /// Grants whose state is corrupt (quarantined: never served, never guessed).
     pub corrupt: Vec<String>,
+    /// Grants still recovering in the background when open returned (its recovery budget ran out,
+    /// e.g. because the token endpoint hangs). Callers for them get [`Error::Recovering`] until it
+    /// ends; see [`Engine::recovering`].
+    pub pending: usize,
     /// How long open took.
     pub elapsed: Duration,
 }
@@ -64,9 +69,18 @@ impl Engine {
     /// Opens the store, **runs recovery before serving** (retries every ambiguous rotation with its
     /// old credential; marks truly dead grants needs-reauth), starts the proactive scheduler, and
     /// returns the engine with a report of what recovery found and did.
+    ///
+    /// Recovery gets [`Config::recovery_budget`] (default 5 s): the grants it has not finished by
+    /// then keep recovering in the background ([`RecoveryReport::pending`], [`Engine::recovering`]),
+    /// and only those grants answer [`Error::Recovering`] meanwhile.
     pub async fn open(config: Config) -> Result<(Engine, RecoveryReport), Error> {
         let started = Instant::now();
         config.endpoint.validate().map_err(Error::Config)?;
+        if config.compaction.is_some_and(|c| c.history_per_grant == 0 || c.interval.is_zero()) {
+            return Err(Error::Config(
+                "compaction: history_per_grant must be at least 1 and interval more than 0".into(),
+            ));
+        }
         if config.max_concurrent_refreshes == 0 {
             return Err(Error::Config("max_concurrent_refreshes must be at least 1".into()));
         }
@@ -76,10 +90,13 @@ impl Engine {
             StoreLocation::Path(p) => {
                 let p = p.clone();
                 let keys = config.store_keys.load().map_err(StoreError::Key)?;
-                let (store, report) =
-                    tokio::task::spawn_blocking(move || Store::open(p, &keys, StoreConfig::default()))
-                        .await
-                        .map_err(|e| Error::Internal(format!("store open task failed: {e}")))??;
+                let store_config = match config.compaction {
+                    Some(c) => StoreConfig::default().with_retention(c.retention),
+                    None => StoreConfig::default(),
+                };
+                let (store, report) = tokio::task::spawn_blocking(move || Store::open(p, &keys, store_config))
+                    .await
+                    .map_err(|e| Error::Internal(format!("store open task failed: {e}")))??;
                 (store, report.corrupt)
             }
         };
@@ -104,6 +121,8 @@ impl Engine {
             refresh_token_margin: config.refresh_token_margin,
             fingerprints: store.fingerprint_key(),
         };
+        let paused_until = Arc::new(AtomicU64::new(0));
+        let metrics = Metrics::new(store.clone(), Arc::clone(&paused_until));
         let (events, _) = broadcast::channel(4096);
         let (shutdown, _) = watch::channel(false);
         let (scheduler, scheduler_rx) = schedule::channel();
@@ -117,13 +136,17 @@ impl Engine {
             provider: config.endpoint.provider().to_owned(),
             slots: Slots::new(),
             events,
-            paused_until: AtomicU64::new(0),
+            paused_until: Arc::clone(&paused_until),
             credentials_pause: config.credentials_pause,
             max_wait: config.max_wait,
             permits: Semaphore::new(config.max_concurrent_refreshes),
             shutdown,
             scheduler,
             attempts: watch::channel(0).0,
+            metrics,
+            trim_queue: TrimQueue::default(),
+            history_cap: config.compaction.map(|c| c.history_per_grant),
+            recovering: crate::recover::Recovering::new(config.wait_for_recovery),
         });
         let engine = Engine { _guard: Arc::new(DropGuard(Arc::clone(&inner))), inner };
         if let Some(w) = config.webhook.clone() {
@@ -131,11 +154,26 @@ impl Engine {
                 (engine.inner.store.clone(), engine.inner.events.subscribe(), engine.inner.shutdown.subscribe());
             tokio::spawn(crate::webhook_sink::run(w, store, events, stop));
         }
-        let mut report = engine.recover().await?;
-        report.corrupt = corrupt;
-        report.grants = engine.inner.store.grant_count();
+        let c = crate::recover::run(&engine.inner, config.recovery_budget).await?;
+        let mut report = RecoveryReport {
+            grants: engine.inner.store.grant_count(),
+            open: c.open,
+            interrupted: c.interrupted,
+            resolved: c.resolved,
+            still_ambiguous: c.still_ambiguous,
+            needs_reauth: c.needs_reauth,
+            corrupt,
+            pending: c.pending,
+            elapsed: Duration::ZERO,
+        };
         if config.proactive {
+            // Its initial scan also takes the grant census.
             scheduler::spawn(Arc::clone(&engine.inner), scheduler_rx);
+        } else {
+            scheduler::spawn_census(Arc::clone(&engine.inner));
+        }
+        if let Some(c) = config.compaction {
+            crate::compactor::spawn(Arc::clone(&engine.inner), c);
         }
         report.elapsed = started.elapsed();
         info!(
@@ -146,52 +184,12 @@ impl Engine {
             still_ambiguous = report.still_ambiguous,
             needs_reauth = report.needs_reauth,
             corrupt = report.corrupt.len(),
+            pending = report.pending,
             elapsed_ms = report.elapsed.as_millis() as u64,
-            "recovery finished"
+            "engine open: recovery {}",
+            if report.pending == 0 { "finished" } else { "goes on in the background (budget reached)" }
         );
         Ok((engine, report))
-    }
-
-    /// Recovery: turn interrupted intents into ambiguities, give up on those past their window, and
-    /// retry the rest with their old credential.
-    async fn recover(&self) -> Result<RecoveryReport, Error> {
-        let store = self.inner.store.clone();
-        let open = tokio::task::spawn_blocking(move || store.open_grants())
-            .await
-            .map_err(|e| Error::Internal(format!("recovery task failed: {e}")))??;
-        let plan = recovery::plan(&self.inner.machine, &open, now(), rand::random());
-        let (interrupted, _, _) = plan.summary();
-        let mut report = RecoveryReport { open: open.len(), interrupted, ..RecoveryReport::default() };
-        let mut to_resolve = Vec::new();
-        for item in plan.items {
-            if let Some(t) = item.transition {
-                self.inner.commit_transition(t).await?;
-                failpoint::hit("during-recovery");
-            }
-            match item.intention {
-                Intention::Resolve { .. } => to_resolve.push(item.grant),
-                Intention::NeedsReauth(_) => report.needs_reauth += 1,
-                Intention::Nothing => {}
-            }
-        }
-        let mut tasks = tokio::task::JoinSet::new();
-        for grant in to_resolve {
-            let inner = Arc::clone(&self.inner);
-            tasks.spawn(async move {
-                let _permit = inner.permits.acquire().await;
-                inner.keep_fresh(&grant, true).await;
-                inner.store.get(&grant).ok().flatten().map(|s| s.phase)
-            });
-        }
-        while let Some(r) = tasks.join_next().await {
-            match r.ok().flatten() {
-                Some(Phase::Healthy) => report.resolved += 1,
-                Some(Phase::NeedsReauth { .. }) => report.needs_reauth += 1,
-                Some(_) => report.still_ambiguous += 1,
-                None => {}
-            }
-        }
-        Ok(report)
     }
 
     pub(crate) fn grant_of(&self, shop: &ShopDomain) -> GrantKey {
@@ -210,7 +208,38 @@ impl Engine {
         if let Some(t) = self.cached(shop.as_str())? {
             return Ok(t);
         }
-        self.inner.slow_token(&self.grant_of(shop), None).await
+        let grant = self.grant_of(shop);
+        if let Some(t) = self.recovery_gate(&grant, false).await? {
+            return Ok(t);
+        }
+        self.inner.slow_token(&grant, None).await
+    }
+
+    /// How many grants are still recovering in the background (open's recovery budget ran out
+    /// before their recovery ended). 0 once recovery is done: a broker's readiness check can
+    /// report it.
+    pub fn recovering(&self) -> usize {
+        self.inner.recovering.count()
+    }
+
+    /// Before the slow path: a grant still recovering answers [`Error::Recovering`] (or, by
+    /// [`Config::wait_for_recovery`], is waited for up to `max_wait`) instead of queueing behind its
+    /// recovery's flight lock. A still-valid token is served meanwhile, as during any refresh.
+    /// `Ok(None)`: go on to the slow path.
+    async fn recovery_gate(&self, grant: &GrantKey, rejected: bool) -> Result<Option<AccessToken>, Error> {
+        let r = &self.inner.recovering;
+        if !r.contains(grant) || self.inner.store.is_poisoned() {
+            return Ok(None);
+        }
+        if r.wait && r.wait_for(grant, self.inner.max_wait).await {
+            return Ok(None);
+        }
+        if !rejected {
+            if let Some(t) = self.inner.slots.get(grant.account()).and_then(|s| s.still_valid(now())) {
+                return Ok(Some(t));
+            }
+        }
+        Err(Error::Recovering { grant: grant.clone(), retry_after: crate::recover::RETRY_AFTER })
     }
 
     /// The fast path: a cached token usable without a refresh. Nothing is served from a poisoned
@@ -229,13 +258,18 @@ impl Engine {
         if let Some(t) = self.cached(grant.account())? {
             return Ok(t);
         }
+        if let Some(t) = self.recovery_gate(grant, false).await? {
+            return Ok(t);
+        }
         self.inner.slow_token(grant, None).await
     }
 
     /// An Admin API call answered 401 with `rejected`: refresh once if it is still the current
     /// token, otherwise return the newer one.
     pub async fn on_unauthorized(&self, shop: &ShopDomain, rejected: &AccessToken) -> Result<AccessToken, Error> {
-        self.inner.slow_token(&self.grant_of(shop), Some(rejected)).await
+        let grant = self.grant_of(shop);
+        self.recovery_gate(&grant, true).await?;
+        self.inner.slow_token(&grant, Some(rejected)).await
     }
 
     /// Registers tokens acquired elsewhere (OAuth install, the app front end's token exchange). The
@@ -346,6 +380,12 @@ impl Engine {
     /// app-credentials-rejected, recovered, …). A slow subscriber misses events (it sees `Lagged`).
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.inner.events.subscribe()
+    }
+
+    /// The engine's metrics: [`crate::Metrics::register`] adds them to a Prometheus registry (see
+    /// `crate::metrics` for the names).
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// The underlying store (for inspection tools).

@@ -40,6 +40,17 @@ pub enum Error {
         /// When the next retry goes.
         retry_at: UnixMillis,
     },
+    /// The engine is still recovering this grant from the last stop (its recovery outlived the
+    /// open's budget, e.g. because the token endpoint hangs); it keeps recovering in the background
+    /// while every other grant is served. Transient: try again after `retry_after`, or configure
+    /// [`crate::Config::wait_for_recovery`] to wait for it.
+    #[error("{grant}: still recovering from the last stop; try again in {}s", .retry_after.as_secs_f64())]
+    Recovering {
+        /// The grant.
+        grant: GrantKey,
+        /// A hint: ask again after this long.
+        retry_after: std::time::Duration,
+    },
     /// The token endpoint is unreachable or throttling, and the access token has expired. Transient.
     #[error("{grant}: token endpoint unavailable; next attempt at {retry_at}")]
     Unavailable {
@@ -93,6 +104,9 @@ pub enum Error {
 impl Error {
     /// Whether trying again later can succeed without anyone doing anything.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Ambiguous { .. } | Error::Unavailable { .. } | Error::InFlight { .. })
+        matches!(
+            self,
+            Error::Ambiguous { .. } | Error::Unavailable { .. } | Error::InFlight { .. } | Error::Recovering { .. }
+        )
     }
 }

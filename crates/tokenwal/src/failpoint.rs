@@ -12,7 +12,7 @@
 //! | `after-response` | the server answered (and may have rotated); nothing of the answer is recorded |
 //! | `before-commit` | the outcome's transition is computed; not yet durable |
 //! | `after-commit` | the outcome is durable; the caller has not got the token yet |
-//! | `during-recovery` | recovery wrote one grant's transition; the others are not yet written |
+//! | `during-recovery` | recovery wrote one grant's transition (others of its commit group may be durable too); the rest are not yet written |
 
 /// Every failpoint name.
 pub const NAMES: [&str; 6] =

@@ -3,10 +3,13 @@
 
 use crate::cache::{Slot, Slots};
 use crate::clock::now;
+use crate::compactor::TrimQueue;
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::schedule::SchedulerHandle;
 use crate::transport::Transport;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokenwal_core::{ClientSecret, Durable, Event, GrantState, Machine, Pending, Phase, Transition, UnixMillis};
 use tokenwal_store::Store;
@@ -24,7 +27,7 @@ pub(crate) struct Inner {
     pub(crate) slots: Slots,
     pub(crate) events: broadcast::Sender<Event>,
     /// Refreshing is paused fleet-wide until this instant (ms) after an `invalid_client`.
-    pub(crate) paused_until: AtomicU64,
+    pub(crate) paused_until: Arc<AtomicU64>,
     pub(crate) credentials_pause: Duration,
     pub(crate) max_wait: Duration,
     pub(crate) permits: Semaphore,
@@ -32,6 +35,12 @@ pub(crate) struct Inner {
     pub(crate) scheduler: SchedulerHandle,
     /// How many engine-owned attempt tasks are running (shutdown waits for none).
     pub(crate) attempts: watch::Sender<usize>,
+    pub(crate) metrics: Metrics,
+    /// Grants to trim at the next compaction pass, and the per-grant cap (`None`: no compaction).
+    pub(crate) trim_queue: TrimQueue,
+    pub(crate) history_cap: Option<usize>,
+    /// The grants whose recovery is still running (after open's budget ran out).
+    pub(crate) recovering: crate::recover::Recovering,
 }
 
 /// Counts one engine-owned attempt task while it lives.
@@ -77,6 +86,10 @@ impl Inner {
     /// Everything that follows a durable transition: events, cache, scheduler.
     pub(crate) fn after_durable<T>(&self, done: &Durable<T>) {
         let s = done.state();
+        self.metrics.census().moved(&s.grant, done.prior(), s.phase.name());
+        if let Some(cap) = self.history_cap {
+            self.trim_queue.offer(s, cap);
+        }
         let slot = self.slots.get_or_create(s.grant.account());
         self.refresh_cache(&slot, s);
         self.emit(done.events());

@@ -58,6 +58,7 @@
 mod acquire;
 mod cache;
 mod clock;
+mod compactor;
 pub mod config;
 mod driver;
 mod engine;
@@ -65,7 +66,9 @@ mod error;
 pub mod failpoint;
 mod health;
 mod inner;
+pub mod metrics;
 mod net;
+mod recover;
 mod schedule;
 mod scheduler;
 mod serve;
@@ -75,11 +78,15 @@ pub mod webhook;
 pub mod webhook_sink;
 
 pub use acquire::{AcquireError, ExchangeError, MigrateError, MigrateOutcome, MigrationState};
-pub use config::{ClientAuth, Config, Endpoint, StoreLocation, Timeouts};
+pub use config::{ClientAuth, Compaction, Config, Endpoint, StoreLocation, Timeouts};
 pub use driver::{Driven, Driver, Io, Offline};
 pub use engine::{Engine, RecoveryReport};
 pub use error::Error;
 pub use health::Health;
+pub use metrics::Metrics;
+/// The metrics crate the engine registers into ([`Metrics::register`]), re-exported so a caller's
+/// registry is of the same version.
+pub use prometheus_client;
 pub use session::{SessionTokenProblem, SESSION_TOKEN_LEEWAY};
 pub use tokenwal_core as core;
 pub use tokenwal_store as store;

@@ -15,7 +15,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
-use tokenwal_core::{GrantKey, UnixMillis};
+use tokenwal_core::{GrantKey, GrantState, UnixMillis};
 use tracing::{debug, warn};
 
 pub(crate) fn spawn(inner: Arc<Inner>, rx: SchedulerRx) {
@@ -29,6 +29,31 @@ pub(crate) fn spawn(inner: Arc<Inner>, rx: SchedulerRx) {
     });
 }
 
+/// Without the scheduler: the grant census's scan alone, in the background.
+pub(crate) fn spawn_census(inner: Arc<Inner>) {
+    tokio::task::spawn_blocking(move || census_scan(&inner, |_| {}));
+}
+
+/// One full scan of the store that takes the grant census (`crate::metrics`) and hands every state
+/// to `also`; it stops early at shutdown (the census then stays incomplete).
+fn census_scan(inner: &Inner, mut also: impl FnMut(&GrantState)) {
+    let census = inner.metrics.census();
+    census.begin();
+    let mut stopped = false;
+    let r = inner.store.for_each_grant(|s| {
+        if *inner.shutdown.borrow() {
+            stopped = true;
+            return;
+        }
+        census.scanned(&s);
+        also(&s);
+    });
+    if let Err(e) = &r {
+        warn!(error = %e, "could not scan the store (the scheduler's initial load, the grant census)");
+    }
+    census.finish(r.is_ok() && !stopped);
+}
+
 async fn run(inner: Arc<Inner>, mut rx: SchedulerRx) {
     let mut shutdown = inner.shutdown.subscribe();
     // Fail-stop: nothing can be written, so nothing is driven (recovery after a reopen takes over).
@@ -38,14 +63,7 @@ async fn run(inner: Arc<Inner>, mut rx: SchedulerRx) {
         let inner2 = Arc::clone(&inner);
         tokio::task::spawn_blocking(move || {
             let t = now();
-            let r = inner2.store.for_each_grant(|s| {
-                if !*inner2.shutdown.borrow() {
-                    inner2.scheduler.notify(&s, &inner2.machine, t)
-                }
-            });
-            if let Err(e) = r {
-                warn!(error = %e, "scheduler could not scan the store");
-            }
+            census_scan(&inner2, |s| inner2.scheduler.notify(s, &inner2.machine, t));
         })
     };
     let mut heap: BinaryHeap<Reverse<(UnixMillis, GrantKey)>> = BinaryHeap::new();

@@ -1,5 +1,6 @@
 //! Every command but `demo`, one module per command family.
 
+mod compact;
 mod export;
 mod import;
 mod inspect;
@@ -20,6 +21,7 @@ use tracing::warn;
 use crate::error::CliError;
 use crate::settings::Settings;
 
+pub use compact::compact;
 pub use export::{export, EXPORT_REFUSAL};
 pub use import::{import, ImportOptions};
 pub use inspect::inspect;
@@ -44,7 +46,8 @@ pub fn open_store(settings: &Settings, create: bool) -> Result<(Store, OpenRepor
     }
     let keys = settings.keys()?;
     let mode = if settings.skip_corrupt_records { RecoveryMode::SkipCorruptRecords } else { RecoveryMode::Strict };
-    let (store, report) = Store::open(path, &keys, StoreConfig::default().with_recovery(mode))?;
+    let config = StoreConfig::default().with_recovery(mode).with_retention(settings.compaction()?.retention);
+    let (store, report) = Store::open(path, &keys, config)?;
     for what in &report.corrupt {
         warn!(%what, "corrupt entry in the store: quarantined (never served, never guessed at)");
     }

@@ -41,6 +41,8 @@ struct ReportView {
     still_ambiguous: usize,
     needs_reauth: usize,
     corrupt: Vec<String>,
+    /// Still recovering when open's recovery budget ran out (`recovery_budget`).
+    pending: usize,
     elapsed_ms: u64,
 }
 
@@ -54,6 +56,7 @@ fn report_view(r: &RecoveryReport) -> ReportView {
         still_ambiguous: r.still_ambiguous,
         needs_reauth: r.needs_reauth,
         corrupt: r.corrupt.clone(),
+        pending: r.pending,
         elapsed_ms: r.elapsed.as_millis() as u64,
     }
 }
@@ -62,7 +65,7 @@ fn report_view(r: &RecoveryReport) -> ReportView {
 pub fn report_line(r: &RecoveryReport) -> String {
     format!(
         "recovery: {} shops, {} open ({} interrupted by a stop), {} resolved by retrying the old token, \
-         {} still ambiguous (retried in the background), {} need re-auth, {} corrupt, in {} ms",
+         {} still ambiguous (retried in the background), {} need re-auth, {} corrupt, in {} ms{}",
         r.grants,
         r.open,
         r.interrupted,
@@ -70,7 +73,12 @@ pub fn report_line(r: &RecoveryReport) -> String {
         r.still_ambiguous,
         r.needs_reauth,
         r.corrupt.len(),
-        r.elapsed.as_millis()
+        r.elapsed.as_millis(),
+        if r.pending == 0 {
+            String::new()
+        } else {
+            format!("; {} still recovering when the recovery budget ran out", r.pending)
+        }
     )
 }
 

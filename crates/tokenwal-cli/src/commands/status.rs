@@ -42,6 +42,8 @@ struct NextDue {
 struct StoreInfo {
     path: String,
     size_bytes: u64,
+    /// `size_bytes` over the grants (0 without grants).
+    bytes_per_grant: u64,
     open_attempts: usize,
     corrupt: Vec<String>,
 }
@@ -57,7 +59,7 @@ struct StatusView {
     store: StoreInfo,
 }
 
-fn dir_size(p: &Path) -> u64 {
+pub(super) fn dir_size(p: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(p) else { return 0 };
     entries
         .flatten()
@@ -130,6 +132,7 @@ pub fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
             }
         }
     }
+    let size_bytes = dir_size(&settings.db);
     let view = StatusView {
         app_handle: settings.app_handle().map(str::to_owned),
         grants: grants.len(),
@@ -139,7 +142,8 @@ pub fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
         overdue,
         store: StoreInfo {
             path: settings.db.display().to_string(),
-            size_bytes: dir_size(&settings.db),
+            size_bytes,
+            bytes_per_grant: size_bytes.checked_div(grants.len() as u64).unwrap_or(0),
             open_attempts: report.open_attempts,
             corrupt,
         },
@@ -152,9 +156,10 @@ pub fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
         out.push_str(&format!("app                {h}\n"));
     }
     out.push_str(&format!(
-        "store              {} ({:.1} MiB on disk)\n",
+        "store              {} ({:.1} MiB on disk, {:.1} KiB per grant)\n",
         view.store.path,
-        view.store.size_bytes as f64 / 1_048_576.0
+        view.store.size_bytes as f64 / 1_048_576.0,
+        view.store.bytes_per_grant as f64 / 1024.0
     ));
     out.push_str(&format!("shops              {}\n", view.grants));
     let s = &view.states;

@@ -73,7 +73,6 @@ impl Metrics {
     }
 
     /// Lets more metrics (the engine's) be registered into the broker's registry.
-    #[allow(dead_code)]
     pub fn register_with(&self, f: impl FnOnce(&mut Registry)) {
         f(&mut self.registry.write().unwrap_or_else(|p| p.into_inner()));
     }

@@ -161,6 +161,7 @@ pub async fn serve(settings: &Settings, o: ServeOptions) -> Result<(), CliError>
     };
     let (engine, report) = opened?;
     info!(store = %settings.db.display(), "{}", report_line(&report));
+    broker.metrics.register_with(|r| engine.metrics().register(r));
     let _ = broker.engine.set(engine.clone());
     broker.metrics.set_ready(true);
     let failed = engine.fail_stopped();

@@ -175,6 +175,10 @@ impl Broker {
             e @ (Error::Ambiguous { retry_at, .. } | Error::Unavailable { retry_at, .. }) => {
                 ApiError::unavailable("upstream", e.to_string(), until(retry_at))
             }
+            // One grant still being recovered in the background after the open's budget ran out.
+            ref e @ Error::Recovering { retry_after, .. } => {
+                ApiError::unavailable("recovering", e.to_string(), retry_after)
+            }
             e @ Error::InFlight { .. } => ApiError::unavailable("upstream", e.to_string(), Duration::from_secs(1)),
             e @ Error::AppCredentialsRejected { until: at } => {
                 ApiError::unavailable("app_credentials_rejected", e.to_string(), until(at))

@@ -63,6 +63,7 @@ impl Machine {
         Pending {
             transition: Transition {
                 expected_version: current.map(|s| s.version),
+                prior_phase: current.map(|s| s.phase.name()),
                 state,
                 records,
                 events,
@@ -83,6 +84,7 @@ impl Machine {
         let grant = s.grant.clone();
         Transition {
             expected_version: Some(s.version),
+            prior_phase: Some(s.phase.name()),
             state,
             records: vec![Record::NeedsReauth { grant: grant.clone(), at: now, reason: reason.clone() }],
             events: vec![Event::NeedsReauth { grant, reason }],
@@ -115,6 +117,7 @@ impl Machine {
         state.not_before = None;
         Some(Transition {
             expected_version: Some(s.version),
+            prior_phase: Some(s.phase.name()),
             state,
             records,
             events: vec![Event::Uninstalled { grant }],
@@ -134,6 +137,7 @@ impl Machine {
         let grant = s.grant.clone();
         Transition {
             expected_version: Some(s.version),
+            prior_phase: Some(s.phase.name()),
             state,
             records: vec![Record::ScopesUpdated { grant: grant.clone(), at: now, scope }],
             events: vec![Event::ScopesUpdated { grant }],

@@ -61,7 +61,7 @@ mod transition;
 pub use goal::{Decision, Goal, NoChange};
 pub use plan::{AttemptRequest, Credential, Refusal};
 pub use settle::ABANDONED;
-pub use transition::{Durable, DurableLog, Event, Pending, Transition, Verdict, WriteBatch};
+pub use transition::{Durable, DurableLog, Event, Pending, Prior, Transition, Verdict, WriteBatch};
 
 use crate::domain::{AttemptId, FingerprintKey, GrantKey, TokenSet};
 use crate::policy::RetryPolicy;

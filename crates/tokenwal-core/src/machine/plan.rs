@@ -215,6 +215,7 @@ impl Machine {
         Pending {
             transition: Transition {
                 expected_version: current.map(|c| c.version),
+                prior_phase: current.map(|c| c.phase.name()),
                 state,
                 records: vec![record],
                 events: vec![],

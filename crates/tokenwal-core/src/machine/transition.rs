@@ -127,6 +127,8 @@ pub enum Event {
 #[derive(Clone, PartialEq, Eq)]
 pub struct Transition {
     pub(super) expected_version: Option<u64>,
+    /// The phase of the state the transition replaces (the one at `expected_version`), if any.
+    pub(super) prior_phase: Option<&'static str>,
     pub(super) state: GrantState,
     pub(super) records: Vec<Record>,
     pub(super) events: Vec<Event>,
@@ -180,7 +182,14 @@ impl fmt::Debug for WriteBatch {
 impl Transition {
     /// An empty transition replacing `current` by `state` (records and events are added after).
     pub(super) fn replacing(current: &GrantState, state: GrantState, verdict: Verdict) -> Transition {
-        Transition { expected_version: Some(current.version), state, records: Vec::new(), events: Vec::new(), verdict }
+        Transition {
+            expected_version: Some(current.version),
+            prior_phase: Some(current.phase.name()),
+            state,
+            records: Vec::new(),
+            events: Vec::new(),
+            verdict,
+        }
     }
 
     /// The grant.
@@ -269,8 +278,9 @@ impl<T> Pending<T> {
     pub async fn make_durable<L: DurableLog>(self, log: &L) -> Result<Durable<T>, L::Error> {
         let batch = self.transition.write_batch()?;
         log.apply(batch).await?;
-        let Transition { state, events, verdict, .. } = self.transition;
-        Ok(Durable { state, events, verdict, value: self.value })
+        let Transition { expected_version, prior_phase, state, events, verdict, .. } = self.transition;
+        let prior = expected_version.zip(prior_phase).map(|(version, phase)| Prior { version, phase });
+        Ok(Durable { state, prior, events, verdict, value: self.value })
     }
 }
 
@@ -285,6 +295,7 @@ impl Pending<()> {
 #[derive(Debug)]
 pub struct Durable<T> {
     state: GrantState,
+    prior: Option<Prior>,
     events: Vec<Event>,
     verdict: Verdict,
     value: T,
@@ -315,4 +326,20 @@ impl<T> Durable<T> {
     pub fn verdict(&self) -> Verdict {
         self.verdict
     }
+
+    /// The durable state this transition replaced (its version and phase; the store's
+    /// compare-and-swap checked that version), or `None` if it created the grant.
+    pub fn prior(&self) -> Option<Prior> {
+        self.prior
+    }
+}
+
+/// The state a durable transition replaced: exactly the one stored at `version` (the store's
+/// compare-and-swap checked it), so `phase → Durable::state().phase` is a move the store made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prior {
+    /// The replaced state's version.
+    pub version: u64,
+    /// The replaced state's phase ([`crate::Phase::name`]).
+    pub phase: &'static str,
 }

@@ -1,15 +1,15 @@
-//! Compaction: deleting journal records past retention, never what a cursor still needs.
-//!
-//! Nothing in the engine or the CLI calls it yet (docs/journal.md §6 "Retention"): until something
-//! schedules it, the journal grows.
+//! Compaction: deleting journal records past retention, and a grant's records beyond the newest
+//! `keep` ([`Store::trim_history`]); never what a cursor still needs. The engine schedules both in
+//! the background (`tokenwal::Config::compaction`); `tokenwal compact` runs them now.
 
 use super::Store;
 use crate::backend::Expired;
 use crate::config::CompactReport;
 use crate::error::StoreError;
 use crate::layout::{self, Tree};
+use crate::lock::lock;
 use crate::shared::Counters;
-use tokenwal_core::UnixMillis;
+use tokenwal_core::{codec, GrantKey, UnixMillis};
 
 impl Store {
     /// Deletes journal records (with their index entries) strictly older than
@@ -45,5 +45,47 @@ impl Store {
             Counters::add(&shared.counters.compacted, entries.len() as u64);
         }
         Ok(CompactReport { removed: entries.len(), cutoff, more: entries.len() == chunk })
+    }
+
+    /// Deletes `grant`'s journal records (with their index entries) beyond its newest `keep`, at
+    /// most `config.compact_chunk` per call, and returns how many it deleted (call again while it
+    /// returns a full chunk). Records a cursor's consumer has not consumed are kept, and so are
+    /// records that fail their checks (they stay for `tokenwal inspect`, and for retention).
+    ///
+    /// Like [`Store::compact`]: not synced by itself, and a failure poisons the store.
+    pub fn trim_history(&self, grant: &GrantKey, keep: usize) -> Result<usize, StoreError> {
+        self.check()?;
+        let shared = self.shared();
+        let key = grant.to_bytes();
+        let chunk = shared.config.compact_chunk.max(1);
+        let keep_from = self.lowest_cursor()?.unwrap_or(u64::MAX);
+        // A commit group not yet durable owns every LSN from its first one: never counted or touched.
+        let below = lock(&shared.pending).get(&key).map_or(u64::MAX, |p| p.first_lsn);
+        let (mut newer, mut lsns) = (0usize, Vec::new());
+        let end = layout::history_key(&key, below);
+        shared.backend.scan_rev(Tree::History, &layout::history_prefix(&key), &end, &mut |k, _| {
+            let Some(lsn) = layout::trailing_lsn(k) else { return true };
+            newer += 1;
+            if newer > keep && lsn < keep_from {
+                lsns.push(lsn);
+            }
+            lsns.len() < chunk
+        })?;
+        let mut entries = Vec::with_capacity(lsns.len());
+        for lsn in lsns {
+            // The record's time names its expiry entry; a record that is gone or unreadable is left.
+            let Some(frame) = shared.backend.get(Tree::Journal, &layout::journal_key(lsn))? else { continue };
+            let Ok(record) = codec::decode_record(&frame) else { continue };
+            entries.push(Expired { key: layout::expiry_key(record.at().0, lsn), lsn, grant: key.clone() });
+        }
+        if !entries.is_empty() {
+            if let Err(e) = shared.backend.delete_expired(&entries) {
+                shared.poison(&e);
+                tracing::error!(error = %e, "store poisoned: trimming a history failed; reopen it to recover");
+                return Err(e);
+            }
+            Counters::add(&shared.counters.compacted, entries.len() as u64);
+        }
+        Ok(entries.len())
     }
 }

@@ -25,7 +25,7 @@ pub use hooks::AckHold;
 pub use rekey::{KeyUsage, Reseal};
 
 use crate::commit::Request;
-use crate::config::StoreStats;
+use crate::config::{StoreConfig, StoreStats};
 use crate::error::StoreError;
 use crate::keys::KeyId;
 use crate::shared::{FailStop, Shared};
@@ -94,6 +94,11 @@ impl Store {
     /// The ids of the store keys this handle holds (active first).
     pub fn key_ids(&self) -> Vec<KeyId> {
         self.shared().keys.ids()
+    }
+
+    /// The configuration the store was opened with.
+    pub fn config(&self) -> &StoreConfig {
+        &self.shared().config
     }
 
     /// Counters since open (batches applied, records, syncs, conflicts, …).

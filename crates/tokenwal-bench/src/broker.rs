@@ -1,0 +1,231 @@
+//! Scenario 10, broker (issue 14.6): the token call of `tokenwal serve` over its Unix socket, at 64
+//! concurrent keep-alive clients, beside the in-process `Engine::access_token` at the same concurrency.
+//!
+//! The broker is the real release binary (`target/release/tokenwal`, next to this bench's own binary:
+//! build both with `cargo build --release --workspace --bins`) on a fresh disk store against the
+//! in-process simulator; one shop is installed with an hour of life, so every call is a cached
+//! answer (no I/O, no refresh: the simulator's request counter is checked at the end). Each client
+//! is one HTTP/1.1 connection (hyper) that sends its next request as soon as the previous answer is
+//! read; every request's latency is recorded. The clients and the broker share the machine's cores:
+//! on a 2-core box the client side takes about half the CPU, which the figures include.
+
+use crate::util::{fmt_dur, percentile, sig3, Table};
+use crate::Opts;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokenwal::core::ClientSecret;
+use tokenwal::{Config, Engine, StoreLocation};
+use tokenwal_sim::{serve, SimConfig};
+
+const BEARER: &str = "bench-broker-token-0123456789abcdef";
+const SHOP: &str = "bench-broker.myshopify.com";
+const CLIENTS: usize = 64;
+
+/// The `tokenwal` binary beside this one.
+fn tokenwal_bin() -> PathBuf {
+    let me = std::env::current_exe().expect("current exe");
+    let bin = me.parent().expect("bin dir").join("tokenwal");
+    if !bin.exists() {
+        eprintln!("broker: {} not found: build it first (cargo build --release --workspace --bins)", bin.display());
+        std::process::exit(2);
+    }
+    bin
+}
+
+/// One keep-alive connection's sender.
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(sock: &Path) -> Sender {
+    let stream = tokio::net::UnixStream::connect(sock).await.expect("connect to the broker");
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+async fn send(sender: &mut Sender, method: &str, path: &str, body: Option<String>) -> (u16, Bytes) {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {BEARER}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .expect("request");
+    sender.ready().await.expect("connection ready");
+    let res = sender.send_request(req).await.expect("answer");
+    let status = res.status().as_u16();
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    (status, body)
+}
+
+/// Runs `clients` tasks made by `make`; each returns the latencies it measured inside the
+/// measurement window of length `run`. Returns requests/s over that window and the sorted latencies.
+async fn drive<F, Fut>(clients: usize, run: Duration, make: F) -> (f64, Vec<Duration>)
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Vec<Duration>> + Send + 'static,
+{
+    let tasks: Vec<_> = (0..clients).map(|i| tokio::spawn(make(i))).collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("client task"));
+    }
+    let rate = all.len() as f64 / run.as_secs_f64();
+    all.sort();
+    (rate, all)
+}
+
+/// Runs the scenario.
+pub async fn run(opts: &Opts) {
+    let (warmup, run) = if opts.quick {
+        (Duration::from_millis(200), Duration::from_secs(1))
+    } else {
+        (Duration::from_secs(1), Duration::from_secs(10))
+    };
+    let sim = serve(SimConfig::default(), "127.0.0.1:0".parse().expect("addr")).await.expect("simulator");
+    let base = sim.base_url();
+    let dir = opts.dir.join(format!("broker-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("work dir");
+    let sock = dir.join("broker.sock");
+    let key = tokenwal_store::StoreKey::insecure_test_key().to_base64().to_string();
+    let mut child = Command::new(tokenwal_bin())
+        .arg("--db")
+        .arg(dir.join("store"))
+        .args(["serve", "--listen"])
+        .arg(format!("unix:{}", sock.display()))
+        .env_remove("RUST_LOG")
+        .env("TOKENWAL_STORE_KEY", key)
+        .env("TOKENWAL_CLIENT_ID", "sim-client-id")
+        .env("TOKENWAL_CLIENT_SECRET", "sim-client-secret")
+        .env("TOKENWAL_INSECURE_TEST_ENDPOINT", &base)
+        .env("TOKENWAL_BROKER_TOKEN", BEARER)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tokenwal serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.starts_with("listening on ") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30)).expect("the broker did not start");
+    let mut admin = connect(&sock).await;
+    loop {
+        if send(&mut admin, "GET", "/readyz", None).await.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seeded = sim.seed_shop(SHOP);
+    let grant = format!(
+        r#"{{"access_token":"{}","refresh_token":"{}","expires_in":3600,"scope":"{}"}}"#,
+        seeded.access_token.as_str(),
+        seeded.refresh_token.as_str(),
+        seeded.scope
+    );
+    let (status, body) = send(&mut admin, "PUT", &format!("/v1/shops/{SHOP}/grant"), Some(grant)).await;
+    assert_eq!(status, 200, "install: {}", String::from_utf8_lossy(&body));
+
+    // The broker over the Unix socket.
+    eprintln!("broker: {CLIENTS} clients for {run:?} over {}", sock.display());
+    let sock = Arc::new(sock);
+    let deadline = Instant::now() + warmup + run;
+    let measure_from = Instant::now() + warmup;
+    let (rate, lat) = drive(CLIENTS, run, |_| {
+        let sock = Arc::clone(&sock);
+        async move {
+            let mut s = connect(&sock).await;
+            let path = format!("/v1/shops/{SHOP}/token");
+            let mut out = Vec::with_capacity(100_000);
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let (status, body) = send(&mut s, "GET", &path, None).await;
+                assert!(status == 200 && !body.is_empty(), "token call answered {status}");
+                if t >= measure_from {
+                    out.push(t.elapsed());
+                }
+            }
+            out
+        }
+    })
+    .await;
+    let refreshes = sim.counters().shop(SHOP).token_requests;
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+
+    // The same call in process, on an engine configured alike (in-memory store: the cached path
+    // touches no store either way).
+    let mut c = Config::shopify(StoreLocation::InMemory, "sim-client-id", ClientSecret::new("sim-client-secret"))
+        .with_insecure_test_endpoint(url::Url::parse(&base).expect("url"))
+        .with_store_keys(tokenwal::KeySource::Ring(tokenwal::KeyRing::insecure_test_ring()));
+    c.proactive = false;
+    let (engine, _) = Engine::open(c).await.expect("engine");
+    let shop = tokenwal::core::ShopDomain::parse(SHOP).expect("shop");
+    let t = sim.seed_shop(SHOP);
+    let tokens = tokenwal::core::TokenSet {
+        access_token: tokenwal::core::AccessToken::new(t.access_token.as_str()),
+        access_expires_at: crate::util::now().saturating_add(Duration::from_secs(3600)),
+        refresh_token: tokenwal::core::RefreshToken::new(t.refresh_token.as_str()),
+        refresh_expires_at: None,
+        scope: Some(t.scope.clone()),
+    };
+    engine.install(&shop, tokens).await.expect("install");
+    let deadline = Instant::now() + warmup + run;
+    let measure_from = Instant::now() + warmup;
+    let (in_rate, in_lat) = drive(CLIENTS, run, |_| {
+        let (engine, shop) = (engine.clone(), shop.clone());
+        async move {
+            let mut out = Vec::with_capacity(1_000_000);
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let token = engine.access_token(&shop).await.expect("token");
+                std::hint::black_box(token);
+                if t >= measure_from {
+                    out.push(t.elapsed());
+                }
+                // Yield like a socket round trip would, so all 64 callers interleave.
+                tokio::task::yield_now().await;
+            }
+            out
+        }
+    })
+    .await;
+
+    let table = Table::new(
+        "Broker: the cached token call, 64 concurrent clients",
+        &["path", "requests/s", "p50", "p99", "max", "requests", "refreshes at the simulator"],
+    );
+    table.row(&[
+        "tokenwal serve, GET /v1/shops/{shop}/token over the Unix socket (HTTP/1.1 keep-alive)".into(),
+        sig3(rate),
+        fmt_dur(percentile(&lat, 0.50)),
+        fmt_dur(percentile(&lat, 0.99)),
+        fmt_dur(lat.last().copied().unwrap_or_default()),
+        lat.len().to_string(),
+        refreshes.to_string(),
+    ]);
+    table.row(&[
+        "in process, Engine::access_token".into(),
+        sig3(in_rate),
+        fmt_dur(percentile(&in_lat, 0.50)),
+        fmt_dur(percentile(&in_lat, 0.99)),
+        fmt_dur(in_lat.last().copied().unwrap_or_default()),
+        in_lat.len().to_string(),
+        "0".into(),
+    ]);
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,240 @@
+//! Recovery at [`crate::Engine::open`]: batched through the store's group commit, and bounded by a
+//! time budget.
+//!
+//! 1. **Transitions.** The planner's transitions (`Refreshing` → `Ambiguous{Interrupted}`, or
+//!    needs-reauth past the retry window) are issued concurrently, at most [`TRANSITION_WINDOW`] at
+//!    a time, so that the store's single committer makes each group of them durable with one sync.
+//!    Each is its own grant's compare-and-swap: no transition depends on another grant's, so their
+//!    order across grants does not matter. Every transition is durable before any probe is sent.
+//! 2. **Probes.** Every ambiguous grant is retried once with its old credential, at most
+//!    `max_concurrent_refreshes` at a time (the engine's permits), each attempt in an engine-owned
+//!    task (intent durable before send, commit durable before use, as always).
+//!
+//! Both steps run in one engine-owned background task. `Engine::open` waits for it at most the
+//! recovery budget; the grants it has not finished by then are *recovering*: callers for them get
+//! [`Error::Recovering`] (or wait, by [`crate::Config::wait_for_recovery`]), every other grant is
+//! served at once. Shutdown stops the task (no new probe starts; a probe on the wire runs to its
+//! durable outcome); what it did not finish stays open in the store and the next open recovers it.
+
+use crate::clock::now;
+use crate::error::Error;
+use crate::failpoint;
+use crate::inner::{AttemptTicket, Inner};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokenwal_core::{recovery, GrantKey, Intention, Phase, RecoveryItem};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+/// The most recovery transitions waiting for the committer at once (two of its groups).
+const TRANSITION_WINDOW: usize = 2048;
+
+/// The retry hint of [`Error::Recovering`].
+pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The grants whose recovery is still running.
+pub(crate) struct Recovering {
+    grants: Mutex<HashSet<GrantKey>>,
+    /// How many grants are still recovering (every change wakes waiters).
+    left: watch::Sender<usize>,
+    /// Whether callers wait for a recovering grant (up to `max_wait`) instead of being answered
+    /// [`Error::Recovering`] at once.
+    pub(crate) wait: bool,
+}
+
+impl Recovering {
+    pub(crate) fn new(wait: bool) -> Recovering {
+        Recovering { grants: Mutex::new(HashSet::new()), left: watch::channel(0).0, wait }
+    }
+
+    fn start(&self, grants: impl IntoIterator<Item = GrantKey>) {
+        let mut set = lock(&self.grants);
+        set.extend(grants);
+        self.left.send_replace(set.len());
+    }
+
+    fn finish(&self, grant: &GrantKey) {
+        let mut set = lock(&self.grants);
+        if set.remove(grant) {
+            self.left.send_replace(set.len());
+        }
+    }
+
+    /// How many grants are still recovering.
+    pub(crate) fn count(&self) -> usize {
+        *self.left.borrow()
+    }
+
+    /// Whether `grant`'s recovery is still running.
+    pub(crate) fn contains(&self, grant: &GrantKey) -> bool {
+        self.count() > 0 && lock(&self.grants).contains(grant)
+    }
+
+    /// Waits up to `timeout` for `grant`'s recovery to end; whether it did.
+    pub(crate) async fn wait_for(&self, grant: &GrantKey, timeout: Duration) -> bool {
+        let mut rx = self.left.subscribe();
+        let ended = async {
+            while self.contains(grant) {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, ended).await.is_ok()
+    }
+}
+
+/// What recovery has found and done so far (the background task keeps counting after open).
+#[derive(Default)]
+struct Tally {
+    resolved: AtomicUsize,
+    still_ambiguous: AtomicUsize,
+    needs_reauth: AtomicUsize,
+}
+
+/// The counts of [`crate::RecoveryReport`] that recovery fills.
+pub(crate) struct Counts {
+    pub(crate) open: usize,
+    pub(crate) interrupted: usize,
+    pub(crate) resolved: usize,
+    pub(crate) still_ambiguous: usize,
+    pub(crate) needs_reauth: usize,
+    /// Grants still recovering in the background when the budget ran out.
+    pub(crate) pending: usize,
+}
+
+/// Runs recovery, waiting for it at most `budget`; the rest goes on in the background.
+pub(crate) async fn run(inner: &Arc<Inner>, budget: Duration) -> Result<Counts, Error> {
+    let store = inner.store.clone();
+    let open = tokio::task::spawn_blocking(move || store.open_grants())
+        .await
+        .map_err(|e| Error::Internal(format!("recovery task failed: {e}")))??;
+    let plan = recovery::plan(&inner.machine, &open, now(), rand::random());
+    let (interrupted, _, _) = plan.summary();
+    let n_open = open.len();
+    drop(open);
+    inner.recovering.start(plan.items.iter().map(|i| i.grant.clone()));
+    let tally = Arc::new(Tally::default());
+    let ticket = inner.attempt_ticket();
+    let task = tokio::spawn(recover(Arc::clone(inner), plan.items, Arc::clone(&tally), ticket));
+    let finished = match tokio::time::timeout(budget, task).await {
+        Ok(joined) => {
+            joined.map_err(|e| Error::Internal(format!("recovery task failed: {e}")))??;
+            true
+        }
+        Err(_) => false,
+    };
+    let pending = inner.recovering.count();
+    debug_assert!(!finished || pending == 0);
+    Ok(Counts {
+        open: n_open,
+        interrupted,
+        resolved: tally.resolved.load(Ordering::SeqCst),
+        still_ambiguous: tally.still_ambiguous.load(Ordering::SeqCst),
+        needs_reauth: tally.needs_reauth.load(Ordering::SeqCst),
+        pending,
+    })
+}
+
+/// The background task: transitions through group commit, then the probes.
+async fn recover(
+    inner: Arc<Inner>,
+    items: Vec<RecoveryItem>,
+    tally: Arc<Tally>,
+    _ticket: AttemptTicket,
+) -> Result<(), Error> {
+    let total = items.len();
+    let mut stop = inner.shutdown.subscribe();
+    let mut to_resolve = Vec::new();
+    let mut commits = JoinSet::new();
+    let mut first_error: Option<Error> = None;
+    for item in items {
+        match item.intention {
+            Intention::Resolve { .. } => to_resolve.push(item.grant.clone()),
+            Intention::NeedsReauth(_) => {
+                tally.needs_reauth.fetch_add(1, Ordering::SeqCst);
+            }
+            Intention::Nothing => {}
+        }
+        let resolves = matches!(item.intention, Intention::Resolve { .. });
+        let Some(t) = item.transition else {
+            if !resolves {
+                inner.recovering.finish(&item.grant);
+            }
+            continue;
+        };
+        while commits.len() >= TRANSITION_WINDOW {
+            note(&mut first_error, commits.join_next().await);
+        }
+        let (inner, grant) = (Arc::clone(&inner), item.grant);
+        commits.spawn(async move {
+            inner.commit_transition(t).await?;
+            failpoint::hit("during-recovery");
+            if !resolves {
+                inner.recovering.finish(&grant);
+            }
+            Ok(())
+        });
+    }
+    while let Some(r) = commits.join_next().await {
+        note(&mut first_error, Some(r));
+    }
+    if let Some(e) = first_error {
+        // The store is fail-stop after a failed write: nothing more can be done in this process.
+        warn!(error = %e, "recovery stopped: a transition could not be written");
+        return Err(e);
+    }
+    // Every transition is durable: now the probes.
+    let mut probes = JoinSet::new();
+    for grant in to_resolve {
+        let inner = Arc::clone(&inner);
+        let tally = Arc::clone(&tally);
+        let mut stop = inner.shutdown.subscribe();
+        probes.spawn(async move {
+            let _permit = tokio::select! {
+                p = inner.permits.acquire() => p,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            if *inner.shutdown.borrow() {
+                return;
+            }
+            inner.keep_fresh(&grant, true).await;
+            match inner.store.get(&grant).ok().flatten().map(|s| s.phase) {
+                Some(Phase::Healthy) => tally.resolved.fetch_add(1, Ordering::SeqCst),
+                Some(Phase::NeedsReauth { .. }) => tally.needs_reauth.fetch_add(1, Ordering::SeqCst),
+                Some(_) => tally.still_ambiguous.fetch_add(1, Ordering::SeqCst),
+                None => 0,
+            };
+            inner.recovering.finish(&grant);
+        });
+    }
+    while probes.join_next().await.is_some() {}
+    if *stop.borrow_and_update() {
+        info!(left = inner.recovering.count(), "recovery stopped by shutdown; the next open resumes it");
+    } else {
+        info!(
+            grants = total,
+            resolved = tally.resolved.load(Ordering::SeqCst),
+            still_ambiguous = tally.still_ambiguous.load(Ordering::SeqCst),
+            needs_reauth = tally.needs_reauth.load(Ordering::SeqCst),
+            "recovery finished"
+        );
+    }
+    Ok(())
+}
+
+fn note(first: &mut Option<Error>, joined: Option<Result<Result<(), Error>, tokio::task::JoinError>>) {
+    let e = match joined {
+        Some(Ok(Ok(()))) | None => return,
+        Some(Ok(Err(e))) => e,
+        Some(Err(e)) => Error::Internal(format!("a recovery transition task failed: {e}")),
+    };
+    first.get_or_insert(e);
+}

@@ -1,0 +1,189 @@
+//! Recovery's time budget (issue 15, item 4), over real loopback sockets against the simulator:
+//! `Engine::open` returns while the token endpoint holds a recovery probe's answer; the held grant
+//! answers `Recovering` (or is waited for, by option) while every other grant is served; the held
+//! grant resolves in the background once the endpoint answers; shutdown during background recovery
+//! loses nothing.
+//!
+//! No timing is asserted: "open returned while the answer was still held" is the property (the hold
+//! ends only when the test releases it).
+
+use std::path::Path;
+use std::time::Duration;
+use tokenwal::core::{AccessToken, Phase};
+use tokenwal::{Config, Engine, Error, StoreLocation};
+use tokenwal_sim::{Fault, SimHandle};
+use tokenwal_testkit::{accepted, engine_config, requests, seed, shop, sim, state, SECRET};
+
+fn config(sim: &SimHandle, path: &Path) -> Config {
+    let mut c = engine_config(&sim.base_url(), StoreLocation::Path(path.to_path_buf()), SECRET);
+    // A held answer is waited for as long as the test holds it.
+    c.timeouts.total = Duration::from_secs(60);
+    c.recovery_budget = Duration::from_millis(200);
+    c
+}
+
+/// Installs `names` in a store at `path` and leaves every one of them ambiguous (the server rotated,
+/// the answer was lost): the next open must retry each with its old token.
+async fn leave_ambiguous(sim: &SimHandle, path: &Path, names: &[&str]) {
+    let mut c = engine_config(&sim.base_url(), StoreLocation::Path(path.to_path_buf()), SECRET);
+    c.max_wait = Duration::ZERO; // give up at once: the ambiguity stays
+    let (engine, report) = Engine::open(c).await.unwrap();
+    assert_eq!(report.pending, 0);
+    for name in names {
+        let tokens = seed(sim, name);
+        sim.push_faults(&shop(name).to_string(), [Fault::RotateThenDrop]).unwrap();
+        engine.install(&shop(name), tokens).await.unwrap();
+        let err = engine.access_token(&shop(name)).await.unwrap_err();
+        assert!(matches!(err, Error::Ambiguous { .. }), "{err}");
+    }
+    engine.shutdown().await;
+}
+
+/// Waits (bounded) until the engine has no grant recovering.
+async fn recovered(engine: &Engine) {
+    for _ in 0..400 {
+        if engine.recovering() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("recovery did not end: {} grants still recovering", engine.recovering());
+}
+
+#[tokio::test]
+async fn open_returns_while_the_endpoint_hangs_and_serves_every_other_grant() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    leave_ambiguous(&sim, &path, &["held"]).await;
+    let calm = seed(&sim, "calm");
+    sim.hold(&shop("held").to_string());
+
+    let (engine, report) = Engine::open(config(&sim, &path)).await.unwrap();
+    // Open returned, and the recovery probe's answer is still held by the server.
+    assert!(sim.wait_held(&shop("held").to_string(), Duration::from_secs(10)).await);
+    assert_eq!((report.open, report.pending, report.resolved), (1, 1, 0), "{report:?}");
+    assert_eq!(engine.recovering(), 1);
+
+    let err = engine.access_token(&shop("held")).await.unwrap_err();
+    let Error::Recovering { grant, retry_after } = &err else { panic!("{err}") };
+    assert_eq!(grant.account(), "held.myshopify.com");
+    assert!(*retry_after > Duration::ZERO);
+    assert!(err.is_transient());
+    assert!(err.to_string().contains("recovering"), "{err}");
+    let rejected = AccessToken::new("shpat_whatever");
+    let err = engine.on_unauthorized(&shop("held"), &rejected).await.unwrap_err();
+    assert!(matches!(err, Error::Recovering { .. }), "{err}");
+
+    // Every other grant is served at once: installed and refreshed while the probe hangs.
+    engine.install(&shop("calm"), calm).await.unwrap();
+    let t = engine.access_token(&shop("calm")).await.unwrap();
+    assert!(accepted(&sim, "calm", &t));
+    assert_eq!(sim.hold_status(&shop("held").to_string()).held, 1, "the probe is still held");
+
+    // The endpoint answers: the grant resolves in the background and is served.
+    assert!(sim.release(&shop("held").to_string()));
+    recovered(&engine).await;
+    assert!(matches!(state(&engine, "held").unwrap().phase, Phase::Healthy));
+    let t = engine.access_token(&shop("held")).await.unwrap();
+    assert!(accepted(&sim, "held", &t));
+    assert_eq!(requests(&sim, "held"), 2, "the lost rotation and one recovery probe");
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn by_option_callers_wait_for_a_grant_still_recovering() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    leave_ambiguous(&sim, &path, &["slow"]).await;
+    sim.hold(&shop("slow").to_string());
+    let mut c = config(&sim, &path);
+    c.wait_for_recovery = true;
+    c.max_wait = Duration::from_secs(30);
+    let (engine, report) = Engine::open(c).await.unwrap();
+    assert!(sim.wait_held(&shop("slow").to_string(), Duration::from_secs(10)).await);
+    assert_eq!(report.pending, 1, "{report:?}");
+    let caller = {
+        let e = engine.clone();
+        tokio::spawn(async move { e.access_token(&shop("slow")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!caller.is_finished(), "the caller waits while the probe is held");
+    assert!(sim.release(&shop("slow").to_string()));
+    let t = caller.await.unwrap().unwrap();
+    assert!(accepted(&sim, "slow", &t));
+    assert_eq!(engine.recovering(), 0);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_wait_that_outlasts_max_wait_answers_recovering() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    leave_ambiguous(&sim, &path, &["stuck"]).await;
+    sim.hold(&shop("stuck").to_string());
+    let mut c = config(&sim, &path);
+    c.wait_for_recovery = true;
+    c.max_wait = Duration::from_millis(100);
+    let (engine, _) = Engine::open(c).await.unwrap();
+    assert!(sim.wait_held(&shop("stuck").to_string(), Duration::from_secs(10)).await);
+    let err = engine.access_token(&shop("stuck")).await.unwrap_err();
+    assert!(matches!(err, Error::Recovering { .. }), "{err}");
+    assert!(sim.release(&shop("stuck").to_string()));
+    recovered(&engine).await;
+    engine.shutdown().await;
+}
+
+/// Three grants to recover, one probe at a time: the first probe hangs (its answer is held past the
+/// request timeout), the other two wait for a permit. Shutdown stops recovery: the two never start,
+/// the hung one times out and stays ambiguous. Nothing is lost: the next open recovers all three.
+#[tokio::test]
+async fn shutdown_during_background_recovery_loses_nothing() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let names = ["a1", "a2", "a3"];
+    leave_ambiguous(&sim, &path, &names).await;
+    for n in names {
+        sim.hold(&shop(n).to_string());
+    }
+    let mut c = config(&sim, &path);
+    c.max_concurrent_refreshes = 1;
+    c.timeouts.total = Duration::from_secs(2);
+    let before: Vec<u64> = names.iter().map(|n| requests(&sim, n)).collect();
+    let (engine, report) = Engine::open(c).await.unwrap();
+    assert_eq!((report.open, report.pending), (3, 3), "{report:?}");
+    // Exactly one probe is on the wire.
+    let mut on_wire = None;
+    for _ in 0..400 {
+        on_wire = names.iter().position(|n| sim.hold_status(&shop(n).to_string()).held == 1);
+        if on_wire.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let on_wire = on_wire.expect("one probe is held");
+    engine.shutdown().await;
+    let after: Vec<u64> = names.iter().map(|n| requests(&sim, n)).collect();
+    for (i, n) in names.iter().enumerate() {
+        let expected = before[i] + u64::from(i == on_wire);
+        assert_eq!(after[i], expected, "{n}: only the held probe was sent");
+        let phase = state(&engine, n).unwrap().phase;
+        assert!(matches!(phase, Phase::Ambiguous(_)), "{n}: still open after shutdown: {phase:?}");
+    }
+    drop(engine);
+    for n in names {
+        sim.cancel(&shop(n).to_string()); // disarms the holds the two unsent probes never met
+    }
+    let mut c = config(&sim, &path);
+    c.recovery_budget = Duration::from_secs(30);
+    let (engine, report) = Engine::open(c).await.unwrap();
+    assert_eq!((report.open, report.resolved, report.pending), (3, 3, 0), "{report:?}");
+    for n in names {
+        let t = engine.access_token(&shop(n)).await.unwrap();
+        assert!(accepted(&sim, n, &t), "{n}");
+    }
+    engine.shutdown().await;
+}
