@@ -262,3 +262,41 @@ test('a dead grant is the library\'s "no session" path (redirect to OAuth), not 
   assert.equal(unknown.status, 302);
   assert.match(unknown.location, OAUTH);
 });
+
+test('a late store of an older pair keeps the newer one; uninstall through deleteSessions; a reinstall works', { skip: skip ?? false }, async (t) => {
+  const shop = 'lifecycle.myshopify.com';
+  const broker = await startBroker(t);
+  const app = await startApp(t, broker);
+  const storage = app.shopify.config.sessionStorage;
+  const first = await install(app, shop, -60_000); // due: the next load rotates
+  const rotated = await app.load(shop);
+  secrets.add(rotated.accessToken);
+  assert.notEqual(rotated.accessToken, first.access_token);
+  // An install racing the refresh arrives late with the pair the refresh just replaced.
+  const late = new Session({
+    id: `offline_${shop}`,
+    shop,
+    state: '',
+    isOnline: false,
+    accessToken: first.access_token,
+    refreshToken: first.refresh_token,
+    expires: new Date(Date.now() - 60_000),
+    scope: first.scope,
+  });
+  assert.equal(await storage.storeSession(late), true, 'older_pair resolves true');
+  assert.equal((await app.load(shop)).accessToken, rotated.accessToken, 'the newer pair is kept');
+  // The library's own round trip of a loaded session (no refresh token) changes nothing.
+  assert.equal(await storage.storeSession(rotated), true);
+  // app/uninstalled: the library deletes every session of the shop it finds.
+  const found = await storage.findSessionsByShop(shop);
+  assert.deepEqual(found.map((s) => s.id), [`offline_${shop}`]);
+  assert.equal(await storage.deleteSessions(found.map((s) => s.id)), true);
+  assert.equal(await app.load(shop), undefined);
+  assert.match((await app.open(shop)).location, OAUTH);
+  assert.deepEqual(await storage.findSessionsByShop(shop), []);
+  // The merchant comes back: OAuth ends in storeSession with a new pair.
+  await install(app, shop);
+  const back = await app.load(shop);
+  secrets.add(back.accessToken);
+  assert.match((await app.open(shop)).location, EMBEDDED);
+});
