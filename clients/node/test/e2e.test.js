@@ -118,8 +118,11 @@ async function startBroker(t, config = {}) {
  * callback would (storeSession of the offline session). `claimedLifeMs` is the expiry the app
  * tells tokenwal (default: the real one): a negative one makes the shop due at once.
  */
-async function install(app, shop, claimedLifeMs = undefined, { hold = false } = {}) {
+async function install(app, shop, claimedLifeMs = undefined, { hold = false, revoked = false } = {}) {
   const t = await sim.seedShop(shop);
+  // Revoked on Shopify's side before tokenwal gets the pair: whoever refreshes first (a load or the
+  // broker's scheduler) is refused.
+  if (revoked) await sim.revoke(shop);
   // Armed before tokenwal knows the shop, so the first refresh is held whoever starts it (a load,
   // or the broker's own scheduler as soon as the due pair is installed).
   if (hold) await sim.hold(shop);
@@ -210,10 +213,36 @@ test('50 concurrent loads of a due shop cause exactly one refresh', { skip: skip
   assert.match(opened.location, EMBEDDED);
 });
 
+test('loads while a due (still valid) token is being refreshed wait for that refresh: no 503, one refresh', { skip: skip ?? false }, async (t) => {
+  // The everyday case: the broker's scheduler refreshes the shop at expiry minus the margin, and
+  // the app's requests keep coming meanwhile. Short lifetimes (4 s, margin 1 s) make it due soon.
+  const shop = 'due.myshopify.com';
+  const broker = await startBroker(t, { refresh_margin: '1s' });
+  const app = await startApp(t, broker);
+  const { access_ttl_ms: ttl } = await sim.config();
+  await sim.patchConfig({ access_ttl_ms: 4000 });
+  t.after(() => sim.patchConfig({ access_ttl_ms: ttl }));
+  const before = await sim.counters(shop);
+  const seeded = await install(app, shop, undefined, { hold: true });
+  await sim.waitHeld(shop); // the due refresh is on the wire; the old token has about a second left
+  const loads = Promise.all(Array.from({ length: 50 }, () => app.load(shop)));
+  await new Promise((r) => setTimeout(r, 300));
+  await sim.release(shop);
+  const sessions = await loads;
+  const after = await sim.counters(shop);
+  assert.equal(after.rotations - (before.rotations ?? 0), 1, 'exactly one refresh');
+  const tokens = new Set(sessions.map((s) => s.accessToken));
+  assert.equal(tokens.size, 1);
+  const [fresh] = tokens;
+  secrets.add(fresh);
+  assert.notEqual(fresh, seeded.access_token, 'nobody was handed the token inside the margin');
+});
+
 test('the broker killed with kill -9 mid-refresh and restarted: no lockout, the next load succeeds', { skip: skip ?? false }, async (t) => {
   const shop = 'killed.myshopify.com';
   const broker = await startBroker(t);
   const app = await startApp(t, broker);
+  const before = await sim.counters(shop);
   await install(app, shop, -60_000, { hold: true });
   const pending = app.load(shop).then(
     (s) => ({ s }),
@@ -234,18 +263,20 @@ test('the broker killed with kill -9 mid-refresh and restarted: no lockout, the 
   assert.equal(opened.status, 302);
   assert.match(opened.location, EMBEDDED, 'the library accepts the recovered token');
   const c = await sim.counters(shop);
-  assert.equal(c.rotations, 1, 'Shopify rotated once: the held answer was lost with the broker');
-  assert.ok(c.replays >= 1, 'recovery retried the old refresh token and got the committed pair back');
-  assert.equal(c.family_revocations, 0);
-  assert.equal(c.admin_unauthorized, 0);
+  const d = (k) => (c[k] ?? 0) - (before[k] ?? 0);
+  assert.equal(d('rotations'), 1, 'Shopify rotated once: the held answer was lost with the broker');
+  assert.ok(d('replays') >= 1, 'recovery retried the old refresh token and got the committed pair back');
+  assert.equal(d('family_revocations'), 0);
+  assert.equal(d('admin_unauthorized'), 0);
 });
 
 test('a dead grant is the library\'s "no session" path (redirect to OAuth), not a 500', { skip: skip ?? false }, async (t) => {
   const shop = 'dead.myshopify.com';
   const broker = await startBroker(t);
   const app = await startApp(t, broker);
-  await install(app, shop, -60_000); // told it expired: the next load refreshes
-  await sim.revoke(shop); // the merchant uninstalled on Shopify's side: the refresh is refused
+  // The merchant uninstalled on Shopify's side; tokenwal is told the token expired, so the next
+  // load refreshes, and the refresh is refused.
+  await install(app, shop, -60_000, { revoked: true });
   const opened = await app.open(shop);
   assert.equal(opened.status, 302, `expected a redirect to OAuth, got ${opened.status}`);
   assert.match(opened.location, OAUTH);

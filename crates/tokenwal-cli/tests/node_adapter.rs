@@ -104,7 +104,7 @@ fn node_session_storage_suite_against_a_real_broker_and_the_simulator() {
     eprintln!("{err}");
     assert!(status.success(), "node --test failed ({status}):\n{out}\n{err}");
     let passed = summary(&out, "pass").expect("node printed its summary");
-    assert!(passed >= 17, "only {passed} node tests passed");
+    assert!(passed >= 18, "only {passed} node tests passed");
     assert_eq!(summary(&out, "fail"), Some(0));
     assert_eq!(summary(&out, "skipped"), Some(0), "an end-to-end test skipped:\n{err}");
 }
