@@ -25,6 +25,8 @@ use tokenwal::{Config, Engine, StoreLocation};
 use tokenwal_sim::{serve, SimConfig};
 
 const BEARER: &str = "bench-broker-token-0123456789abcdef";
+/// The Authorization header, built once (the client's per-request work is part of the measurement).
+const AUTHORIZATION: &str = "Bearer bench-broker-token-0123456789abcdef";
 const SHOP: &str = "bench-broker.myshopify.com";
 const CLIENTS: usize = 64;
 
@@ -54,7 +56,7 @@ async fn send(sender: &mut Sender, method: &str, path: &str, body: Option<String
         .method(method)
         .uri(path)
         .header("host", "localhost")
-        .header("authorization", format!("Bearer {BEARER}"))
+        .header("authorization", AUTHORIZATION)
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.unwrap_or_default())))
         .expect("request");
@@ -78,6 +80,13 @@ where
         all.extend(t.await.expect("client task"));
     }
     let rate = all.len() as f64 / run.as_secs_f64();
+    let busy: Duration = all.iter().sum();
+    eprintln!(
+        "broker: {} requests, mean latency {:?}, clients busy {:.0}% of the window",
+        all.len(),
+        busy / all.len().max(1) as u32,
+        100.0 * busy.as_secs_f64() / (clients as f64 * run.as_secs_f64())
+    );
     all.sort();
     (rate, all)
 }
@@ -139,29 +148,46 @@ pub async fn run(opts: &Opts) {
     let (status, body) = send(&mut admin, "PUT", &format!("/v1/shops/{SHOP}/grant"), Some(grant)).await;
     assert_eq!(status, 200, "install: {}", String::from_utf8_lossy(&body));
 
-    // The broker over the Unix socket.
-    eprintln!("broker: {CLIENTS} clients for {run:?} over {}", sock.display());
+    // The broker over the Unix socket, at each concurrency (default: 64 only).
+    let concurrencies = opts.concurrency.clone().unwrap_or_else(|| vec![CLIENTS]);
     let sock = Arc::new(sock);
-    let deadline = Instant::now() + warmup + run;
-    let measure_from = Instant::now() + warmup;
-    let (rate, lat) = drive(CLIENTS, run, |_| {
-        let sock = Arc::clone(&sock);
-        async move {
-            let mut s = connect(&sock).await;
-            let path = format!("/v1/shops/{SHOP}/token");
-            let mut out = Vec::with_capacity(100_000);
-            while Instant::now() < deadline {
-                let t = Instant::now();
-                let (status, body) = send(&mut s, "GET", &path, None).await;
-                assert!(status == 200 && !body.is_empty(), "token call answered {status}");
-                if t >= measure_from {
-                    out.push(t.elapsed());
+    let mut broker_rows = Vec::new();
+    for &clients in &concurrencies {
+        eprintln!("broker: {clients} clients for {run:?} over {}", sock.display());
+        let deadline = Instant::now() + warmup + run;
+        let measure_from = Instant::now() + warmup;
+        // The broker's CPU over the measurement window: per request, it does not depend on how busy
+        // the machine is.
+        let pid = child.id();
+        let cpu_probe = tokio::spawn(async move {
+            tokio::time::sleep_until(measure_from.into()).await;
+            let (before, me) = (crate::util::process_cpu_time(pid), crate::util::try_cpu_time());
+            tokio::time::sleep_until(deadline.into()).await;
+            let broker = before.zip(crate::util::process_cpu_time(pid)).map(|(b, a)| a.saturating_sub(b));
+            let client = me.zip(crate::util::try_cpu_time()).map(|(b, a)| a.saturating_sub(b));
+            (broker, client)
+        });
+        let (rate, lat) = drive(clients, run, |_| {
+            let sock = Arc::clone(&sock);
+            async move {
+                let mut s = connect(&sock).await;
+                let path = format!("/v1/shops/{SHOP}/token");
+                let mut out = Vec::with_capacity(100_000);
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let (status, body) = send(&mut s, "GET", &path, None).await;
+                    assert!(status == 200 && !body.is_empty(), "token call answered {status}");
+                    if t >= measure_from {
+                        out.push(t.elapsed());
+                    }
                 }
+                out
             }
-            out
-        }
-    })
-    .await;
+        })
+        .await;
+        let cpu = cpu_probe.await.expect("cpu probe");
+        broker_rows.push((clients, rate, lat, cpu));
+    }
     let refreshes = sim.counters().shop(SHOP).token_requests;
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let _ = child.wait();
@@ -183,49 +209,73 @@ pub async fn run(opts: &Opts) {
         scope: Some(t.scope.clone()),
     };
     engine.install(&shop, tokens).await.expect("install");
-    let deadline = Instant::now() + warmup + run;
-    let measure_from = Instant::now() + warmup;
-    let (in_rate, in_lat) = drive(CLIENTS, run, |_| {
-        let (engine, shop) = (engine.clone(), shop.clone());
-        async move {
-            let mut out = Vec::with_capacity(1_000_000);
-            while Instant::now() < deadline {
-                let t = Instant::now();
-                let token = engine.access_token(&shop).await.expect("token");
-                std::hint::black_box(token);
-                if t >= measure_from {
-                    out.push(t.elapsed());
+    let mut engine_rows = Vec::new();
+    for &clients in &concurrencies {
+        let deadline = Instant::now() + warmup + run;
+        let measure_from = Instant::now() + warmup;
+        let (rate, lat) = drive(clients, run, |_| {
+            let (engine, shop) = (engine.clone(), shop.clone());
+            async move {
+                let mut out = Vec::with_capacity(1_000_000);
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let token = engine.access_token(&shop).await.expect("token");
+                    std::hint::black_box(token);
+                    if t >= measure_from {
+                        out.push(t.elapsed());
+                    }
+                    // Yield as a socket round trip would, so that every caller interleaves.
+                    tokio::task::yield_now().await;
                 }
-                // Yield like a socket round trip would, so all 64 callers interleave.
-                tokio::task::yield_now().await;
+                out
             }
-            out
-        }
-    })
-    .await;
+        })
+        .await;
+        engine_rows.push((clients, rate, lat));
+    }
 
     let table = Table::new(
-        "Broker: the cached token call, 64 concurrent clients",
-        &["path", "requests/s", "p50", "p99", "max", "requests", "refreshes at the simulator"],
+        "Broker: the cached token call over the Unix socket, beside the in-process access_token",
+        &[
+            "path",
+            "clients",
+            "requests/s",
+            "p50",
+            "p99",
+            "max",
+            "requests",
+            "broker CPU per request",
+            "client CPU per request",
+        ],
     );
-    table.row(&[
-        "tokenwal serve, GET /v1/shops/{shop}/token over the Unix socket (HTTP/1.1 keep-alive)".into(),
-        sig3(rate),
-        fmt_dur(percentile(&lat, 0.50)),
-        fmt_dur(percentile(&lat, 0.99)),
-        fmt_dur(lat.last().copied().unwrap_or_default()),
-        lat.len().to_string(),
-        refreshes.to_string(),
-    ]);
-    table.row(&[
-        "in process, Engine::access_token".into(),
-        sig3(in_rate),
-        fmt_dur(percentile(&in_lat, 0.50)),
-        fmt_dur(percentile(&in_lat, 0.99)),
-        fmt_dur(in_lat.last().copied().unwrap_or_default()),
-        in_lat.len().to_string(),
-        "0".into(),
-    ]);
+    for (clients, rate, lat, cpu) in &broker_rows {
+        table.row(&[
+            "tokenwal serve, GET /v1/shops/{shop}/token, HTTP/1.1 keep-alive".into(),
+            clients.to_string(),
+            sig3(*rate),
+            fmt_dur(percentile(lat, 50.0)),
+            fmt_dur(percentile(lat, 99.0)),
+            fmt_dur(lat.last().copied().unwrap_or_default()),
+            lat.len().to_string(),
+            cpu.0.map_or("-".into(), |c| fmt_dur(c / lat.len().max(1) as u32)),
+            cpu.1.map_or("-".into(), |c| fmt_dur(c / lat.len().max(1) as u32)),
+        ]);
+    }
+    for (clients, rate, lat) in &engine_rows {
+        table.row(&[
+            "in process, Engine::access_token".into(),
+            clients.to_string(),
+            sig3(*rate),
+            fmt_dur(percentile(lat, 50.0)),
+            fmt_dur(percentile(lat, 99.0)),
+            fmt_dur(lat.last().copied().unwrap_or_default()),
+            lat.len().to_string(),
+            "-".into(),
+            "-".into(),
+        ]);
+    }
+    eprintln!("broker: token requests at the simulator during the runs: {refreshes} (cached answers only)");
+    assert_eq!(refreshes, 0, "the cached token call refreshed");
     sim.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

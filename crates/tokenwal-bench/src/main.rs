@@ -30,8 +30,10 @@
 //!   --refreshes N          churn: total refreshes (default 10 000 000)
 //!   --churn-grants N       churn: fleet size (default 10 000)
 //!   --retention-hours H    churn: journal retention (default 720 = 30 days, the store's default)
+//!   --history-per-grant N  churn: also trim each grant to its newest N records, as the engine's
+//!                          background compaction does (default: no cap, retention only)
 //!   --max-minutes M        churn: stop after M minutes of wall time (the rows so far show the trend)
-//!   --concurrency A,B,..   journal: concurrencies to run (default 1,16,256,4096)
+//!   --concurrency A,B,..   journal: concurrencies to run (default 1,16,256,4096); broker: clients (default 64)
 //!   --path engine|store    journal: run only the engine or only the store-only comparison
 //!   --cache-mib N          soak: sled's cache capacity (default 256 MiB, the store's default)
 //!   --soak-retention-secs S soak: compact at every sample with this journal retention (default: never,
@@ -65,6 +67,8 @@ pub struct Opts {
     pub churn_grants: Option<usize>,
     /// Churn: retention in hours.
     pub retention_hours: Option<u64>,
+    /// Churn: the per-grant history cap (the engine's `Compaction::history_per_grant`).
+    pub history_per_grant: Option<usize>,
     /// Churn: wall-time budget.
     pub max_wall: Option<Duration>,
     /// Journal: the concurrencies to run (default 1, 16, 256, 4096).
@@ -95,7 +99,7 @@ const SCENARIOS: [&str; 12] = [
 fn usage() -> ! {
     eprintln!(
         "usage: tokenwal-bench <{}> [--quick] [--dir DIR] [--refreshes N] [--churn-grants N] \
-         [--retention-hours H] [--max-minutes M] [--concurrency A,B,..] [--path engine|store] [--cache-mib N] [--soak-retention-secs S]",
+         [--retention-hours H] [--history-per-grant N] [--max-minutes M] [--concurrency A,B,..] [--path engine|store] [--cache-mib N] [--soak-retention-secs S]",
         SCENARIOS.join("|")
     );
     std::process::exit(2);
@@ -109,6 +113,7 @@ fn parse(args: &[String]) -> (String, Opts) {
         refreshes: None,
         churn_grants: None,
         retention_hours: None,
+        history_per_grant: None,
         max_wall: None,
         concurrency: None,
         path: None,
@@ -130,6 +135,9 @@ fn parse(args: &[String]) -> (String, Opts) {
             "--refreshes" => opts.refreshes = Some(number(value("--refreshes"))),
             "--churn-grants" => opts.churn_grants = Some(number(value("--churn-grants")) as usize),
             "--retention-hours" => opts.retention_hours = Some(number(value("--retention-hours"))),
+            "--history-per-grant" => {
+                opts.history_per_grant = Some(number(value("--history-per-grant")).max(1) as usize)
+            }
             "--concurrency" => {
                 opts.concurrency =
                     Some(value("--concurrency").split(',').map(|v| number(v.to_owned()) as usize).collect())

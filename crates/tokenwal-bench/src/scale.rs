@@ -490,10 +490,12 @@ pub async fn churn(opts: &Opts) {
     let _ = std::fs::remove_dir_all(&dir);
     let config = StoreConfig::default().with_retention(Duration::from_secs(retention_h * 3600));
     let (store, _) = Store::open(&dir, &tokenwal::KeyRing::insecure_test_ring(), config).expect("store");
+    let cap = opts.history_per_grant;
+    let capped = cap.map_or(String::new(), |n| format!(", each grant trimmed to its newest {n} records"));
     let t = Table::new(
         &format!(
             "Disk under continuous refreshes: {grants} grants, one refresh per grant per simulated hour, \
-             retention {retention_h} h, compaction after every round"
+             retention {retention_h} h{capped}, compaction after every round"
         ),
         &[
             "refreshes",
@@ -557,7 +559,28 @@ pub async fn churn(opts: &Opts) {
         states = next.into_iter().map(|(_, s)| s).collect();
         done += grants as u64;
         let s2 = store.clone();
-        tokio::task::spawn_blocking(move || while s2.compact(at).expect("compact").more {}).await.expect("compaction");
+        // As the engine's compactor: a grant is trimmed when its version reaches a multiple of half
+        // the cap (`crates/tokenwal/src/compactor.rs`), then retention runs.
+        let due: Vec<GrantKey> = match cap {
+            Some(n) => {
+                let every = (n / 2).max(1) as u64;
+                states
+                    .iter()
+                    .filter(|s| s.version % every == 0 || s.version % every == 1)
+                    .map(|s| s.grant.clone())
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        let keep = cap.unwrap_or(usize::MAX);
+        tokio::task::spawn_blocking(move || {
+            for g in &due {
+                while s2.trim_history(g, keep).expect("trim") >= s2.config().compact_chunk {}
+            }
+            while s2.compact(at).expect("compact").more {}
+        })
+        .await
+        .expect("compaction");
         if round % (rounds / samples).max(1) == 0 || round == rounds {
             let (apparent, allocated) = disk_usage(&dir);
             let st = store.stats();

@@ -118,6 +118,11 @@ pub fn try_cpu_time() -> Option<Duration> {
     read_proc("/proc/self/stat").map(|s| stat_cpu(&s))
 }
 
+/// CPU time (user + system) of process `pid` so far, if `/proc` can be read.
+pub fn process_cpu_time(pid: u32) -> Option<Duration> {
+    read_proc(&format!("/proc/{pid}/stat")).map(|s| stat_cpu(&s))
+}
+
 fn read_proc(path: &str) -> Option<String> {
     std::fs::read_to_string(path).map_err(|e| eprintln!("cannot read {path}: {e}")).ok()
 }

@@ -40,7 +40,7 @@ const AFTER_LONG_HELP: &str = "\
 CREDENTIALS
   The app's client id and secret come from TOKENWAL_CLIENT_ID and TOKENWAL_CLIENT_SECRET, or from
   client_id / client_secret in a JSON --config file (environment wins). Never from arguments: they
-  would show up in `ps` and shell history. Only run, recover and token need them.
+  would show up in `ps` and shell history. Only run, serve, recover and token need them.
 
 STORE KEY
   Every token in the store is encrypted (XChaCha20-Poly1305) under a store key from TOKENWAL_STORE_KEY
@@ -63,7 +63,7 @@ CONFIG FILE (--config FILE or TOKENWAL_CONFIG), JSON, every key optional, unknow
   Durations: a string with a unit (ms, s, m, h, d) or a number of seconds.
 
 ONE PROCESS PER STORE
-  The store is locked by whichever command has it open: while `tokenwal run` runs, the other
+  The store is locked by whichever command has it open: while `tokenwal run` (or `serve`) runs, the other
   commands answer \"store is in use by another process\" (exit 75).
 
 EXIT CODES
@@ -74,6 +74,7 @@ EXIT CODES
   66  no such shop in the store, no store at --db, or the app is uninstalled from the shop
   70  demo: tokenwal locked a shop out (a broken guarantee)
   74  run: the store failed a write or sync and fail-stopped; restart it (recovery runs at open)
+      (serve too)
   75  transient, try again later: refresh outcome unknown and being retried, token endpoint
       unavailable or throttling, store in use by another process; migrate: shops left to resume
   77  the shop needs re-auth: the merchant must open the app (token exchange)
@@ -84,6 +85,7 @@ EXAMPLES
   tokenwal demo                                  # no Shopify account needed, about a minute
   tokenwal import tokens.jsonl                   # then: tokenwal status
   TOKENWAL_CLIENT_ID=... TOKENWAL_CLIENT_SECRET=... tokenwal run
+  TOKENWAL_BROKER_TOKEN=... tokenwal serve --listen unix:/run/app/tokenwal.sock   # the local token broker
   tokenwal token my-shop.myshopify.com           # for scripts: token on stdout";
 
 /// Crash-safe rotating OAuth refresh tokens (Shopify expiring offline tokens).

@@ -291,7 +291,8 @@ fn the_broker_answers_every_route_as_documented_and_survives_kill_9() {
     let db = dir.path().join("store");
     let sock = dir.path().join("broker.sock");
     let config = dir.path().join("config.json");
-    write_private(&config, &json!({ "app_handle": APP_HANDLE }).to_string(), 0o600);
+    // A long recovery budget: while recovery is held on the wire the broker stays "recovering".
+    write_private(&config, &json!({ "app_handle": APP_HANDLE, "recovery_budget": "60s" }).to_string(), 0o600);
     let mut spec = Spec::load();
     let mut secrets: Vec<String> = vec![BEARER.to_owned()];
     let big = vec![b' '; 70 * 1024];
@@ -327,6 +328,13 @@ fn the_broker_answers_every_route_as_documented_and_survives_kill_9() {
     // The engine's own metrics, registered into the broker's registry once it opened.
     assert!(text.contains("# TYPE tokenwal_store_up gauge") && text.contains("tokenwal_broker_ready 1"), "{text}");
     assert_eq!(go("GET", "/metrics", "/metrics", Some(&format!("{BEARER}x")), None).status, 401);
+
+    // Outside the document: unknown routes and methods, behind the bearer check too.
+    let alpha_path = format!("/v1/shops/{}/token", shop("alpha"));
+    assert_eq!(call(&s, "GET", "/v2/nothing", None, None).status, 401);
+    assert_eq!(call(&s, "GET", "/v2/nothing", Some(BEARER), None).json()["error"], "not_found");
+    assert_eq!(call(&s, "DELETE", &alpha_path, None, None).status, 401);
+    assert_eq!(call(&s, "DELETE", &alpha_path, Some(BEARER), None).json()["error"], "method_not_allowed");
 
     // Bad shop, unknown shop, no bearer on a token call.
     let a = go("GET", TOKEN, "/v1/shops/Alpha.myshopify.com/token", Some(BEARER), None);
@@ -392,8 +400,10 @@ fn the_broker_answers_every_route_as_documented_and_survives_kill_9() {
     let dead = sim.h().seed_shop(&shop("dead"));
     secrets.extend([dead.access_token.as_str().to_owned(), dead.refresh_token.as_str().to_owned()]);
     let dead_grant = format!("/v1/shops/{}/grant", shop("dead"));
-    go("PUT", GRANT, &dead_grant, Some(BEARER), Some(&grant_body(&dead, json!({"expires_at": 1_700_000_000}))));
+    // Revoked at Shopify before the install: whichever refresh comes first (the broker's scheduler's
+    // or our call's) is refused.
     sim.h().with_model(|m| m.uninstall(&shop("dead")));
+    go("PUT", GRANT, &dead_grant, Some(BEARER), Some(&grant_body(&dead, json!({"expires_at": 1_700_000_000}))));
     let a = go("GET", TOKEN, &format!("/v1/shops/{}/token", shop("dead")), Some(BEARER), None);
     assert_eq!(a.status, 409, "{:?}", a.json());
     let j = a.json();
@@ -485,6 +495,9 @@ fn the_broker_answers_every_route_as_documented_and_survives_kill_9() {
 
     // kill -9 with a refresh on the wire.
     let held = sim.h().seed_shop(&shop("held"));
+    // Armed before the install: the broker's scheduler may refresh the due shop before our call does;
+    // either way one refresh is held on the wire.
+    sim.h().hold(&shop("held"));
     secrets.extend([held.access_token.as_str().to_owned(), held.refresh_token.as_str().to_owned()]);
     go(
         "PUT",
@@ -493,7 +506,6 @@ fn the_broker_answers_every_route_as_documented_and_survives_kill_9() {
         Some(BEARER),
         Some(&grant_body(&held, json!({"expires_at": 1_700_000_000}))),
     );
-    sim.h().hold(&shop("held"));
     let (s2, held_path) = (s.clone(), format!("/v1/shops/{}/token", shop("held")));
     let waiter = std::thread::spawn(move || {
         let c = std::os::unix::net::UnixStream::connect(&s2).unwrap();
@@ -718,5 +730,80 @@ fn a_store_fail_stop_exits_74_and_the_restart_loses_no_acknowledged_install() {
         assert_eq!(a.json()["access_token"], token.as_str());
     }
     let mut b = b;
+    b.kill9();
+}
+
+/// Two 503s that do not come from the broker's own start:
+///
+/// * a grant still being recovered in the background after the open's budget (`recovery_budget: 0`):
+///   the engine is open and ready, that one shop answers 503 `recovering` (the engine's
+///   `Error::Recovering`), and once its retry is answered it is served;
+/// * a refresh that fails transiently while the current token has less than the refresh margin left:
+///   the engine falls back to that token, and the broker answers 503 `upstream` rather than hand out
+///   a token a client library would try to refresh itself.
+#[test]
+fn per_grant_recovery_and_a_token_inside_the_margin_answer_503() {
+    let sim = BlockingSim::start_with(tokenwal_sim::SimConfig::default(), 2);
+    let base = sim.h().base_url();
+    let dir = tempfile::tempdir().unwrap();
+    let (db, sock) = (dir.path().join("store"), dir.path().join("b.sock"));
+    let config = dir.path().join("config.json");
+    write_private(&config, r#"{"recovery_budget": 0}"#, 0o600);
+    let mut b = start(&db, &sock, &config, &base, None);
+    wait_ready(&b);
+    let slow = sim.h().seed_shop(&shop("slow"));
+    sim.h().hold(&shop("slow"));
+    let path = format!("/v1/shops/{}/grant", shop("slow"));
+    assert_eq!(
+        call(&sock, "PUT", &path, Some(BEARER), Some(&grant_body(&slow, json!({"expires_at": 1_700_000_000})))).status,
+        200
+    );
+    let s2 = sock.clone();
+    let waiter = std::thread::spawn(move || {
+        let c = std::os::unix::net::UnixStream::connect(&s2).unwrap();
+        let _ = try_exchange(c, "GET", &format!("/v1/shops/{}/token", shop("slow")), Some(BEARER), None);
+    });
+    assert!(sim.runtime().block_on(sim.h().wait_held(&shop("slow"), Duration::from_secs(20))));
+    b.kill9();
+    waiter.join().unwrap();
+    sim.h().cancel(&shop("slow"));
+
+    sim.h().hold(&shop("slow"));
+    let log = Arc::clone(&b.log);
+    let mut b = start(&db, &sock, &config, &base, Some(log));
+    wait_ready(&b);
+    assert!(sim.runtime().block_on(sim.h().wait_held(&shop("slow"), Duration::from_secs(20))));
+    let slow_token = format!("/v1/shops/{}/token", shop("slow"));
+    let a = call(&sock, "GET", &slow_token, Some(BEARER), None);
+    assert_eq!((a.status, a.json()["reason"].clone()), (503, json!("recovering")), "{:?}", a.json());
+    assert!(a.header("retry-after").is_some());
+    assert!(sim.h().release(&shop("slow")));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let a = call(&sock, "GET", &slow_token, Some(BEARER), None);
+        if a.status == 200 {
+            let t = a.json()["access_token"].as_str().unwrap().to_owned();
+            assert!(accepted(sim.h(), "slow", &tokenwal::core::AccessToken::new(t.as_str())));
+            break;
+        }
+        assert_eq!(a.json()["reason"], "recovering", "{:?}", a.json());
+        assert!(Instant::now() < deadline, "never served after recovery");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // 200 s left, under the 300 s margin; the refresh fails before processing.
+    let edge = sim.h().seed_shop(&shop("edge"));
+    // Before the install: the scheduler may try the due shop at once.
+    let fault = tokenwal_sim::Fault::FailBeforeProcessing { status: 503, json: false };
+    sim.h().push_faults(&shop("edge"), vec![fault; 5]).unwrap();
+    let path = format!("/v1/shops/{}/grant", shop("edge"));
+    assert_eq!(
+        call(&sock, "PUT", &path, Some(BEARER), Some(&grant_body(&edge, json!({"expires_in": 200})))).status,
+        200
+    );
+    let a = call(&sock, "GET", &format!("/v1/shops/{}/token", shop("edge")), Some(BEARER), None);
+    assert_eq!((a.status, a.json()["reason"].clone()), (503, json!("upstream")), "{:?}", a.json());
+    assert!(a.header("retry-after").is_some());
+    assert!(!String::from_utf8_lossy(&a.body).contains(edge.access_token.as_str()));
     b.kill9();
 }

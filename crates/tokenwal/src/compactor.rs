@@ -14,6 +14,7 @@
 
 use crate::clock::now;
 use crate::config::Compaction;
+use crate::failpoint;
 use crate::inner::Inner;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -86,7 +87,7 @@ async fn pass(inner: &Arc<Inner>, c: &Compaction) -> Result<(usize, usize), Stop
     let queued = inner.trim_queue.take();
     for grants in queued.chunks(64) {
         let (store, grants, keep) = (inner.store.clone(), grants.to_vec(), c.history_per_grant);
-        trimmed += blocking(inner, move || {
+        let n = blocking(inner, move || {
             let mut n = 0;
             for g in &grants {
                 // Usually one call; a grant with a backlog takes a few.
@@ -101,12 +102,19 @@ async fn pass(inner: &Arc<Inner>, c: &Compaction) -> Result<(usize, usize), Stop
             Ok(n)
         })
         .await?;
+        if n > 0 {
+            failpoint::hit("during-compaction");
+        }
+        trimmed += n;
     }
     let mut expired = 0;
     loop {
         let store = inner.store.clone();
         let r = blocking(inner, move || store.compact(now())).await?;
         expired += r.removed;
+        if r.removed > 0 {
+            failpoint::hit("during-compaction");
+        }
         if !r.more {
             break;
         }

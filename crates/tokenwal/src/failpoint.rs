@@ -13,10 +13,18 @@
 //! | `before-commit` | the outcome's transition is computed; not yet durable |
 //! | `after-commit` | the outcome is durable; the caller has not got the token yet |
 //! | `during-recovery` | recovery wrote one grant's transition (others of its commit group may be durable too); the rest are not yet written |
+//! | `during-compaction` | a compaction chunk deleted records (not synced: a later commit's sync makes it durable); the pass has more to do |
 
 /// Every failpoint name.
-pub const NAMES: [&str; 6] =
-    ["before-intent", "after-intent", "after-response", "before-commit", "after-commit", "during-recovery"];
+pub const NAMES: [&str; 7] = [
+    "before-intent",
+    "after-intent",
+    "after-response",
+    "before-commit",
+    "after-commit",
+    "during-recovery",
+    "during-compaction",
+];
 
 #[cfg(feature = "failpoints")]
 pub(crate) fn hit(name: &'static str) {

@@ -357,7 +357,10 @@ async fn not_found(State(b): State<Arc<Broker>>, req: Request) -> Response {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route (see docs/broker-openapi.json)").into_response()
 }
 
-async fn method_not_allowed() -> Response {
+async fn method_not_allowed(State(b): State<Arc<Broker>>, req: Request) -> Response {
+    if !b.bearer.accepts(req.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)) {
+        return unauthorized_answer();
+    }
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
         .into_response()
 }
