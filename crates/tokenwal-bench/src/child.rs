@@ -56,6 +56,7 @@ pub fn main(args: &[String]) {
         "engine-open" => engine_open(Path::new(&args[1]), &args[2], &args[3..]),
         "crash-intents" => crash_intents(Path::new(&args[1]), Path::new(&args[2]), args.get(3).is_some()),
         "crash-refresh" => crash_refresh(Path::new(&args[1]), args[2].parse().expect("count")),
+        "soak-sim" => crate::soak::sim_child(&args[1]),
         other => panic!("unknown child command {other:?}"),
     }
 }

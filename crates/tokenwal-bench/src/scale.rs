@@ -276,7 +276,8 @@ pub async fn recovery_intents(opts: &Opts) {
         .expect("child");
         let requests = sim.counters().total.token_requests - before;
         let open = ns(&engine, "open_ns");
-        let target = if n >= 100_000 { Duration::from_secs(10) } else { Duration::from_secs(1) };
+        // The issue's targets are for 10k and 100k open intents (none at `--quick` sizes).
+        let target = (!opts.quick).then(|| if n >= 100_000 { Duration::from_secs(10) } else { Duration::from_secs(1) });
         t.row(&[
             format!("{n} grants, all in flight"),
             "fast simulator".into(),
@@ -285,8 +286,12 @@ pub async fn recovery_intents(opts: &Opts) {
             outcome(&engine),
             format!("{}", num(&engine, "syncs")),
             format!("{requests}"),
-            format!("< {}", fmt_dur(target)),
-            if open < target { "met".into() } else { "missed".into() },
+            target.map_or("—".into(), |t| format!("< {}", fmt_dur(t))),
+            match target {
+                None => "—".into(),
+                Some(t) if open < t => "met".into(),
+                Some(_) => "missed".into(),
+            },
         ]);
 
         // The same crash image against an endpoint that holds every answer (a hang): open returns
@@ -338,8 +343,8 @@ fn outcome(engine: &HashMap<String, String>) -> String {
 
 /// Recovery's first step writes one transition per interrupted intent (`Refreshing` → `Ambiguous`).
 /// On the untouched crash image: half of them one after another (each waits for its own sync, as
-/// `Engine::open` does today), the other half all at once (group commit), to show what that step
-/// costs and what sharing syncs would save. Store-level only: no engine, no network.
+/// `Engine::open` did before issue 15), the other half all at once (group commit, as it does now).
+/// Store-level only: no engine, no network.
 async fn transitions_one_by_one_vs_together(path: &Path) {
     let (store, _) = Store::open(path, &tokenwal::KeyRing::insecure_test_ring(), StoreConfig::default())
         .expect("open the crash image");
@@ -359,7 +364,7 @@ async fn transitions_one_by_one_vs_together(path: &Path) {
     let wall = started.elapsed();
     let s1 = store.stats();
     t.row(&[
-        "one by one (as `Engine::open` does)".into(),
+        "one by one (as `Engine::open` did before issue 15)".into(),
         format!("{}", seq.len()),
         fmt_dur(wall),
         fmt_dur(wall / seq.len().max(1) as u32),
@@ -379,7 +384,7 @@ async fn transitions_one_by_one_vs_together(path: &Path) {
     let wall = started.elapsed();
     let s2 = store.stats();
     t.row(&[
-        "all at once (group commit)".into(),
+        "all at once (group commit, as `Engine::open` does now)".into(),
         format!("{n_conc}"),
         fmt_dur(wall),
         fmt_dur(wall / n_conc.max(1) as u32),

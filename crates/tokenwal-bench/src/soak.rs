@@ -1,5 +1,7 @@
 //! Scenario 9, soak (issue 16.6): the real engine — on-disk store, proactive scheduler — against the
-//! in-process simulator over loopback, for a long run with random faults on (lost answers, hangs,
+//! simulator over loopback, **in its own process** (`tokenwal-bench child soak-sim`: the simulator
+//! remembers every token it ever minted, to recognise replays, so in-process its memory would be
+//! counted as the engine's), for a long run with random faults on (lost answers, hangs,
 //! resets, 5xx, throttles, slow and garbled answers). Access tokens live `--soak-ttl` (default 60 s),
 //! so every grant is refreshed every half-life: 10 000 grants make about 330 refreshes a second, and
 //! a ten-minute run puts each grant through about 20 rotations — the wear of days of hourly
@@ -12,6 +14,8 @@
 use crate::util::{fmt_bytes, open_fds, proc_status_kb, shop, Table};
 use crate::Opts;
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokenwal::core::{AccessToken, ClientSecret, RefreshToken, TokenSet, UnixMillis};
 use tokenwal::store::{Store, StoreConfig};
@@ -56,6 +60,78 @@ fn phases(store: &Store) -> String {
     counts.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
 }
 
+/// The simulator's process (`child soak-sim TTL`): prints `base=URL`, serves until its stdin closes
+/// (the bench ended or died).
+pub fn sim_child(ttl: &str) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let sim = serve(sim_config(ttl), "127.0.0.1:0".parse().expect("addr")).await.expect("simulator");
+        println!("base={}", sim.base_url());
+        let _ = tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink())).await;
+        sim.shutdown().await;
+    });
+}
+
+/// The simulator in its own process, and a client of its control API.
+struct RemoteSim {
+    child: Child,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl RemoteSim {
+    fn start(ttl: &str) -> RemoteSim {
+        let exe = std::env::current_exe().expect("own executable");
+        let mut child = Command::new(exe)
+            .args(["child", "soak-sim", ttl])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn the simulator");
+        // The child prints `key=value` lines (its memory at start first); the address is `base=`.
+        let base = BufReader::new(child.stdout.take().expect("stdout"))
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.strip_prefix("base=").map(str::to_owned))
+            .expect("the simulator's address (base=URL)");
+        RemoteSim { child, base, http: reqwest::Client::new() }
+    }
+
+    async fn control(&self, method: reqwest::Method, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let r =
+            self.http.request(method, format!("{}/_sim{path}", self.base)).json(&body).send().await.expect("control");
+        assert!(r.status().is_success(), "simulator control {path}: {}", r.status());
+        r.json().await.expect("control JSON")
+    }
+
+    async fn seed_shop(&self, shop: &str) -> serde_json::Value {
+        self.control(reqwest::Method::POST, "/shops", serde_json::json!({ "shop": shop })).await
+    }
+
+    async fn rotations(&self) -> u64 {
+        let c = self.control(reqwest::Method::GET, "/counters", serde_json::Value::Null).await;
+        c["total"]["rotations"].as_u64().expect("total.rotations")
+    }
+
+    /// The simulator's resident memory (for the table: it is not the engine's).
+    fn rss_kb(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for RemoteSim {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
 /// Runs the soak.
 pub async fn run(opts: &Opts) {
     let grants = if opts.quick { 200 } else { opts.churn_grants.unwrap_or(10_000) };
@@ -63,7 +139,7 @@ pub async fn run(opts: &Opts) {
     let every = if opts.quick { Duration::from_secs(2) } else { Duration::from_secs(30) };
     let ttl = if opts.quick { "10s" } else { "60s" };
     let warm_up = every * 2;
-    let sim = serve(sim_config(ttl), "127.0.0.1:0".parse().expect("addr")).await.expect("simulator");
+    let sim = RemoteSim::start(ttl);
     let dir = opts.dir.join("soak");
     let _ = std::fs::remove_dir_all(&dir);
     let mut store_config = StoreConfig::default();
@@ -76,18 +152,18 @@ pub async fn run(opts: &Opts) {
     let cache = fmt_bytes(store_config.cache_capacity as f64);
     let keys = tokenwal::KeyRing::insecure_test_ring();
     let (store, _) = Store::open(&dir, &keys, store_config).expect("store open");
-    let (engine, _) = Engine::open(config(&sim.base_url(), StoreLocation::Open(store))).await.expect("engine open");
+    let (engine, _) = Engine::open(config(&sim.base, StoreLocation::Open(store))).await.expect("engine open");
     let t0 = UnixMillis::from_system_time(std::time::SystemTime::now());
     let ttl_ms = sim_config(ttl).access_ttl.as_millis();
     for i in 0..grants {
         let name = format!("soak-{i}");
-        let t = sim.seed_shop(&shop(&name).to_string());
+        let t = sim.seed_shop(&shop(&name).to_string()).await;
         // Spread the first refreshes over one lifetime.
         let expires = UnixMillis(t0.0 + (i as u64 * ttl_ms) / grants as u64);
         let tokens = TokenSet {
-            access_token: AccessToken::new(t.access_token.as_str()),
+            access_token: AccessToken::new(t["access_token"].as_str().expect("access_token")),
             access_expires_at: expires,
-            refresh_token: RefreshToken::new(t.refresh_token.as_str()),
+            refresh_token: RefreshToken::new(t["refresh_token"].as_str().expect("refresh_token")),
             refresh_expires_at: None,
             scope: None,
         };
@@ -102,7 +178,15 @@ pub async fn run(opts: &Opts) {
                 None => "never compacted".into(),
             }
         ),
-        &["elapsed", "rotations (total)", "RSS", "open fds", "live tasks", "grants by phase"],
+        &[
+            "elapsed",
+            "rotations (total)",
+            "RSS",
+            "open fds",
+            "live tasks",
+            "grants by phase",
+            "simulator RSS (other process)",
+        ],
     );
     let started = Instant::now();
     let metrics = tokio::runtime::Handle::current().metrics();
@@ -119,7 +203,7 @@ pub async fn run(opts: &Opts) {
             rss_kb: proc_status_kb("VmRSS"),
             fds: open_fds(),
             tasks: metrics.num_alive_tasks(),
-            rotations: sim.counters().total.rotations,
+            rotations: sim.rotations().await,
         };
         table.row(&[
             format!("{} s", s.at.as_secs()),
@@ -128,6 +212,7 @@ pub async fn run(opts: &Opts) {
             s.fds.to_string(),
             s.tasks.to_string(),
             phases(engine.store()),
+            fmt_bytes(sim.rss_kb() as f64 * 1024.0),
         ]);
         samples.push(s);
     }
@@ -140,9 +225,10 @@ pub async fn run(opts: &Opts) {
             format!("{:+}", last.fds as i64 - first.fds as i64),
             format!("{:+}", last.tasks as i64 - first.tasks as i64),
             "(after warm-up: first vs last)".into(),
+            String::new(),
         ]);
     }
     engine.shutdown().await;
-    sim.shutdown().await;
+    drop(sim);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -19,6 +19,7 @@ fn every_scenario_runs_at_quick_sizes() {
         "### Store only",
         "### Sync floor",
         "### Open and recover",
+        "### Recovery of open intents",
         "### Footprint per grant",
         "### Disk under continuous refreshes",
         "### Proactive scheduler",
@@ -28,4 +29,12 @@ fn every_scenario_runs_at_quick_sizes() {
     }
     // Recovery resolved every interrupted attempt of the 1% in-flight store (20 of 2000).
     assert!(stdout.contains("20 interrupted, 20 resolved, 0 still ambiguous, 0 needs-reauth"), "{stdout}");
+    // Every grant in flight: all recovered against the fast simulator; all still recovering when
+    // open returned at its budget against the one that holds every answer.
+    for n in [200, 1000] {
+        let all = format!("{n} interrupted, {n} resolved, 0 still ambiguous, 0 needs-reauth, 0 still recovering");
+        assert!(stdout.contains(&all), "{stdout}");
+        let held = format!("{n} interrupted, 0 resolved, 0 still ambiguous, 0 needs-reauth, {n} still recovering");
+        assert!(stdout.contains(&held), "{stdout}");
+    }
 }

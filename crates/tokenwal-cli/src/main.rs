@@ -192,7 +192,7 @@ enum Command {
     #[command(long_about = SERVE_ABOUT)]
     Serve {
         /// Where to listen: unix:PATH (mode 0600) or tcp:127.0.0.1:PORT (loopback only)
-        /// [default: unix:$XDG_RUNTIME_DIR/tokenwal.sock, else unix:<db>.sock]
+        /// [default: unix:$XDG_RUNTIME_DIR/tokenwal.sock, else unix:DB.sock next to the store]
         #[arg(long, value_name = "unix:PATH|tcp:ADDR")]
         listen: Option<serve::Listen>,
         /// Read the bearer token from FILE (not readable by others) instead of TOKENWAL_BROKER_TOKEN

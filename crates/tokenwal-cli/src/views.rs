@@ -1,6 +1,6 @@
 //! Secret-free views of grant states and journal records, for people (tables) and scripts (JSON).
 //!
-//! Nothing here serialises a [`GrantState`] or a [`TokenSet`] directly: their tokens would go with
+//! Nothing here serialises a [`GrantState`] or a [`TokenSet`](tokenwal::core::TokenSet) directly: their tokens would go with
 //! them. Every view is built field by field from what is safe to show (phases, expiries, attempt
 //! ids, request ids, reasons, keyed fingerprints).
 

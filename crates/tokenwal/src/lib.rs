@@ -8,7 +8,8 @@
 //!
 //! ## Layout
 //!
-//! * [`Engine`] — the handle an app embeds: [`Engine::open`] (runs recovery), [`Engine::access_token`],
+//! * [`Engine`] — the handle an app embeds: [`Engine::open`] (runs recovery, within
+//!   [`Config::recovery_budget`]; the rest goes on in the background: [`Engine::recovering`]), [`Engine::access_token`],
 //!   [`Engine::install`], [`Engine::on_unauthorized`], [`Engine::uninstalled`], events.
 //! * Re-acquisition: [`Engine::exchange_session_token`] (token exchange of an App Bridge session
 //!   token: the way back for a dead grant) and [`Engine::migrate`] (legacy non-expiring token →

@@ -25,9 +25,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokenwal_core::{recovery, GrantKey, Intention, Phase, RecoveryItem};
+use tokenwal_store::StoreError;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// The most recovery transitions waiting for the committer at once (two of its groups).
 const TRANSITION_WINDOW: usize = 2048;
@@ -175,8 +176,16 @@ async fn recover(
         }
         let (inner, grant) = (Arc::clone(&inner), item.grant);
         commits.spawn(async move {
-            inner.commit_transition(t).await?;
-            failpoint::hit("during-recovery");
+            match inner.commit_transition(t).await {
+                Ok(()) => failpoint::hit("during-recovery"),
+                // Open returned (the budget ran out) and a caller wrote the grant first (an install,
+                // an uninstall): what is durable now supersedes the plan. A planned probe reads it
+                // afresh (and does nothing if the grant is no longer open).
+                Err(Error::Store(StoreError::Conflict { .. })) => {
+                    debug!(%grant, "recovery transition superseded by a newer write");
+                }
+                Err(e) => return Err(e),
+            }
             if !resolves {
                 inner.recovering.finish(&grant);
             }

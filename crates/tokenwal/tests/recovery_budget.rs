@@ -1,4 +1,5 @@
-//! Recovery's time budget (issue 15, item 4), over real loopback sockets against the simulator:
+//! Recovery's transitions share syncs (issue 15, item 3), and its time budget (item 4), over real
+//! loopback sockets against the simulator:
 //! `Engine::open` returns while the token endpoint holds a recovery probe's answer; the held grant
 //! answers `Recovering` (or is waited for, by option) while every other grant is served; the held
 //! grant resolves in the background once the endpoint answers; shutdown during background recovery
@@ -9,10 +10,11 @@
 
 use std::path::Path;
 use std::time::Duration;
-use tokenwal::core::{AccessToken, Phase};
+use tokenwal::core::{AccessToken, InstallSource, Machine, Phase};
+use tokenwal::store::Store;
 use tokenwal::{Config, Engine, Error, StoreLocation};
 use tokenwal_sim::{Fault, SimHandle};
-use tokenwal_testkit::{accepted, engine_config, requests, seed, shop, sim, state, SECRET};
+use tokenwal_testkit::{accepted, engine_config, now, requests, seed, shop, sim, state, SECRET};
 
 fn config(sim: &SimHandle, path: &Path) -> Config {
     let mut c = engine_config(&sim.base_url(), StoreLocation::Path(path.to_path_buf()), SECRET);
@@ -184,6 +186,74 @@ async fn shutdown_during_background_recovery_loses_nothing() {
     for n in names {
         let t = engine.access_token(&shop(n)).await.unwrap();
         assert!(accepted(&sim, n, &t), "{n}");
+    }
+    engine.shutdown().await;
+}
+
+/// 64 interrupted intents (the process stopped after each intent was durable): recovery issues their
+/// 64 `Refreshing` → `Ambiguous` transitions together, so they share the committer's syncs. Made
+/// deterministic by holding the first commit group at its sync: batched, every other transition is
+/// submitted meanwhile and the next group takes them all; one by one, each waits for its own sync
+/// (65 syncs, checked by setting the window to 1). Counted when the first probe is on the wire
+/// (probes start only once every transition is durable; one probe at a time, held).
+#[tokio::test]
+async fn recovery_transitions_share_syncs() {
+    const N: usize = 64;
+    let sim = sim().await;
+    let store = Store::in_memory();
+    let machine = Machine::shopify(store.fingerprint_key());
+    let names: Vec<String> = (0..N).map(|i| format!("intent-{i}")).collect();
+    for n in &names {
+        let grant = tokenwal::core::GrantKey::shopify(&shop(n));
+        let installed = machine
+            .install(None, grant, seed(&sim, n), InstallSource::Application, now())
+            .make_durable(&store)
+            .await
+            .unwrap();
+        machine.plan_attempt(installed.state(), now()).unwrap().make_durable(&store).await.unwrap();
+        sim.hold(&shop(n).to_string());
+    }
+    assert_eq!(store.open_grants().unwrap().len(), N);
+    let before = store.stats();
+    let hold = store.hold_acks();
+    let mut c = engine_config(&sim.base_url(), StoreLocation::Open(store.clone()), SECRET);
+    c.recovery_budget = Duration::ZERO;
+    c.max_concurrent_refreshes = 1;
+    let (engine, report) = Engine::open(c).await.unwrap();
+    assert_eq!((report.open, report.interrupted, report.pending), (N, N, N), "{report:?}");
+    let parked = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || {
+            let parked = hold.wait_parked(Duration::from_secs(10));
+            // Batched, every transition is handed to the committer while the first group waits.
+            for _ in 0..400 {
+                if store.stats().submitted - before.submitted >= N as u64 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            hold.release();
+            parked
+        })
+        .await
+        .unwrap()
+    };
+    assert!(parked, "the first recovery transitions reached the sync");
+    let mut held = false;
+    for _ in 0..400 {
+        held = names.iter().any(|n| sim.hold_status(&shop(n).to_string()).held > 0);
+        if held {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(held, "a probe is on the wire");
+    let used = store.stats().syncs - before.syncs;
+    let ambiguous = names.iter().filter(|n| matches!(state(&engine, n).unwrap().phase, Phase::Ambiguous(_))).count();
+    assert!(ambiguous >= N - 1, "every transition is durable before a probe goes: {ambiguous}");
+    assert!(used <= 3, "{N} transitions and one intent took {used} syncs");
+    for n in &names {
+        sim.cancel(&shop(n).to_string());
     }
     engine.shutdown().await;
 }

@@ -6,7 +6,7 @@ use crate::record::{Acquisition, Ambiguity, AttemptKind, GrantState, Phase, Reau
 use crate::secret::{LegacyToken, RefreshToken, SessionToken};
 use crate::time::UnixMillis;
 
-/// The credential an attempt presents. Readable only through a [`Durable<AttemptRequest>`].
+/// The credential an attempt presents. Readable only through a [`Durable<AttemptRequest>`](super::Durable).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Credential {
     /// A refresh (`grant_type=refresh_token`).
