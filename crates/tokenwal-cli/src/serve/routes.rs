@@ -421,9 +421,51 @@ impl Broker {
     }
 }
 
+/// How long a token call waits for a refresh someone else has in flight.
+const WAIT_FOR_REFRESH: Duration = Duration::from_secs(10);
+/// How often it looks whether that refresh has committed.
+const WAIT_STEP: Duration = Duration::from_millis(20);
+
+impl Broker {
+    /// While another caller (a concurrent request, the scheduler) refreshes the grant, the engine
+    /// serves a still-valid token inside the refresh margin at once. The broker promises more than
+    /// the margin, so it waits (bounded) for that refresh to commit instead of answering 503 —
+    /// unless the grant is backing off after a failed refresh, which [`Broker::token_answer`]
+    /// reports at once.
+    async fn beyond_margin(
+        &self,
+        engine: &Engine,
+        shop: &ShopDomain,
+        mut token: AccessToken,
+    ) -> Result<AccessToken, ApiError> {
+        let deadline = Instant::now() + WAIT_FOR_REFRESH;
+        loop {
+            let info = match self.details(shop, &token) {
+                Some(i) => i,
+                None => self.load_details(engine, shop, &token)?,
+            };
+            if info.expires_at.since(now()) > self.margin || Instant::now() >= deadline {
+                return Ok(token);
+            }
+            let backing_off = engine
+                .state(&GrantKey::shopify(shop))
+                .ok()
+                .flatten()
+                .and_then(|s| s.not_before)
+                .is_some_and(|nb| !until(nb).is_zero());
+            if backing_off {
+                return Ok(token);
+            }
+            tokio::time::sleep(WAIT_STEP).await;
+            token = engine.access_token(shop).await.map_err(|e| self.engine_error(e))?;
+        }
+    }
+}
+
 async fn token(State(b): State<Arc<Broker>>, Shop(shop): Shop) -> Result<Response, ApiError> {
     let engine = b.engine()?;
     let token = engine.access_token(&shop).await.map_err(|e| b.engine_error(e))?;
+    let token = b.beyond_margin(engine, &shop, token).await?;
     b.token_answer(engine, &shop, token)
 }
 
