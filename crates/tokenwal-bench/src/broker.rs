@@ -152,7 +152,15 @@ pub async fn run(opts: &Opts) {
     let concurrencies = opts.concurrency.clone().unwrap_or_else(|| vec![CLIENTS]);
     let sock = Arc::new(sock);
     let mut broker_rows = Vec::new();
-    for &clients in &concurrencies {
+    // Closed loop at each concurrency (every client sends its next request when the answer is read),
+    // then, with --rate, open loop: the clients together send `rate` requests/s on a fixed schedule
+    // and each latency counts from the request's scheduled time (so a stall is not hidden by the
+    // client waiting for it: no coordinated omission).
+    let mut runs: Vec<(usize, Option<f64>)> = concurrencies.iter().map(|c| (*c, None)).collect();
+    if let Some(r) = opts.rate {
+        runs.extend(concurrencies.iter().map(|c| (*c, Some(r))));
+    }
+    for (clients, offered) in runs {
         eprintln!("broker: {clients} clients for {run:?} over {}", sock.display());
         let deadline = Instant::now() + warmup + run;
         let measure_from = Instant::now() + warmup;
@@ -167,14 +175,26 @@ pub async fn run(opts: &Opts) {
             let client = me.zip(crate::util::try_cpu_time()).map(|(b, a)| a.saturating_sub(b));
             (broker, client)
         });
-        let (rate, lat) = drive(clients, run, |_| {
+        let (rate, lat) = drive(clients, run, |i| {
             let sock = Arc::clone(&sock);
             async move {
                 let mut s = connect(&sock).await;
                 let path = format!("/v1/shops/{SHOP}/token");
                 let mut out = Vec::with_capacity(100_000);
+                // Open loop: client i sends at start + i/rate + k·clients/rate.
+                let period = offered.map(|r| Duration::from_secs_f64(clients as f64 / r));
+                let mut next =
+                    Instant::now() + offered.map_or(Duration::ZERO, |r| Duration::from_secs_f64(i as f64 / r));
                 while Instant::now() < deadline {
-                    let t = Instant::now();
+                    let t = match period {
+                        Some(p) => {
+                            tokio::time::sleep_until(next.into()).await;
+                            let scheduled = next;
+                            next += p;
+                            scheduled
+                        }
+                        None => Instant::now(),
+                    };
                     let (status, body) = send(&mut s, "GET", &path, None).await;
                     assert!(status == 200 && !body.is_empty(), "token call answered {status}");
                     if t >= measure_from {
@@ -186,7 +206,7 @@ pub async fn run(opts: &Opts) {
         })
         .await;
         let cpu = cpu_probe.await.expect("cpu probe");
-        broker_rows.push((clients, rate, lat, cpu));
+        broker_rows.push((clients, offered, rate, lat, cpu));
     }
     let refreshes = sim.counters().shop(SHOP).token_requests;
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
@@ -248,9 +268,12 @@ pub async fn run(opts: &Opts) {
             "client CPU per request",
         ],
     );
-    for (clients, rate, lat, cpu) in &broker_rows {
+    for (clients, offered, rate, lat, cpu) in &broker_rows {
         table.row(&[
-            "tokenwal serve, GET /v1/shops/{shop}/token, HTTP/1.1 keep-alive".into(),
+            match offered {
+                None => "tokenwal serve, GET /v1/shops/{shop}/token, HTTP/1.1 keep-alive, closed loop".into(),
+                Some(r) => format!("tokenwal serve, same call, open loop at {} requests/s offered", sig3(*r)),
+            },
             clients.to_string(),
             sig3(*rate),
             fmt_dur(percentile(lat, 50.0)),

@@ -34,6 +34,8 @@
 //!                          background compaction does (default: no cap, retention only)
 //!   --max-minutes M        churn: stop after M minutes of wall time (the rows so far show the trend)
 //!   --concurrency A,B,..   journal: concurrencies to run (default 1,16,256,4096); broker: clients (default 64)
+//!   --rate R               broker: also an open-loop row per concurrency, R requests/s in all on a fixed
+//!                          schedule, latency counted from each request's scheduled time
 //!   --path engine|store    journal: run only the engine or only the store-only comparison
 //!   --cache-mib N          soak: sled's cache capacity (default 256 MiB, the store's default)
 //!   --soak-retention-secs S soak: compact at every sample with this journal retention (default: never,
@@ -69,6 +71,8 @@ pub struct Opts {
     pub retention_hours: Option<u64>,
     /// Churn: the per-grant history cap (the engine's `Compaction::history_per_grant`).
     pub history_per_grant: Option<usize>,
+    /// Broker: also run open loop at this many requests/s in all.
+    pub rate: Option<f64>,
     /// Churn: wall-time budget.
     pub max_wall: Option<Duration>,
     /// Journal: the concurrencies to run (default 1, 16, 256, 4096).
@@ -99,7 +103,7 @@ const SCENARIOS: [&str; 12] = [
 fn usage() -> ! {
     eprintln!(
         "usage: tokenwal-bench <{}> [--quick] [--dir DIR] [--refreshes N] [--churn-grants N] \
-         [--retention-hours H] [--history-per-grant N] [--max-minutes M] [--concurrency A,B,..] [--path engine|store] [--cache-mib N] [--soak-retention-secs S]",
+         [--retention-hours H] [--history-per-grant N] [--max-minutes M] [--concurrency A,B,..] [--rate R] [--path engine|store] [--cache-mib N] [--soak-retention-secs S]",
         SCENARIOS.join("|")
     );
     std::process::exit(2);
@@ -114,6 +118,7 @@ fn parse(args: &[String]) -> (String, Opts) {
         churn_grants: None,
         retention_hours: None,
         history_per_grant: None,
+        rate: None,
         max_wall: None,
         concurrency: None,
         path: None,
@@ -135,6 +140,7 @@ fn parse(args: &[String]) -> (String, Opts) {
             "--refreshes" => opts.refreshes = Some(number(value("--refreshes"))),
             "--churn-grants" => opts.churn_grants = Some(number(value("--churn-grants")) as usize),
             "--retention-hours" => opts.retention_hours = Some(number(value("--retention-hours"))),
+            "--rate" => opts.rate = Some(number(value("--rate")) as f64),
             "--history-per-grant" => {
                 opts.history_per_grant = Some(number(value("--history-per-grant")).max(1) as usize)
             }

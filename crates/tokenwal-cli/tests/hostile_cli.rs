@@ -209,7 +209,19 @@ fn no_command_prints_a_secret_on_any_path() {
 
 /// Flips one byte in the middle of the value under `key` in `tree` of the closed store at `db`.
 fn corrupt(db: &Path, tree: &str, key: Option<&[u8]>) -> Vec<u8> {
-    let sled = sled::open(db).unwrap();
+    // sled 0.34 releases its file lock from background threads after the previous `Db` (here, the
+    // previous call's) is dropped: wait for it rather than fail on a loaded machine.
+    let mut tries = 0;
+    let sled = loop {
+        match sled::open(db) {
+            Ok(s) => break s,
+            Err(e) if tries < 100 && e.to_string().contains("could not acquire lock") => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => panic!("open {}: {e}", db.display()),
+        }
+    };
     let t = sled.open_tree(tree).unwrap();
     let (k, v) = match key {
         Some(k) => (k.to_vec(), t.get(k).unwrap().expect("key present").to_vec()),
