@@ -185,20 +185,29 @@ pub async fn run(opts: &Opts) {
                 let period = offered.map(|r| Duration::from_secs_f64(clients as f64 / r));
                 let mut next =
                     Instant::now() + offered.map_or(Duration::ZERO, |r| Duration::from_secs_f64(i as f64 / r));
+                let mut prev_done = Instant::now();
                 while Instant::now() < deadline {
                     let t = match period {
                         Some(p) => {
                             tokio::time::sleep_until(next.into()).await;
                             let scheduled = next;
                             next += p;
-                            scheduled
+                            // Late because the previous answer came after this request's slot: the
+                            // wait is the server's, counted from the slot. Late only because tokio's
+                            // timer wakes on a 1 ms tick: the client's, counted from now.
+                            if prev_done > scheduled {
+                                scheduled
+                            } else {
+                                Instant::now()
+                            }
                         }
                         None => Instant::now(),
                     };
                     let (status, body) = send(&mut s, "GET", &path, None).await;
                     assert!(status == 200 && !body.is_empty(), "token call answered {status}");
+                    prev_done = Instant::now();
                     if t >= measure_from {
-                        out.push(t.elapsed());
+                        out.push(prev_done - t);
                     }
                 }
                 out
