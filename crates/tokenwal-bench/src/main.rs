@@ -37,6 +37,7 @@
 //!   --rate R               broker: also an open-loop row per concurrency, R requests/s in all on a fixed
 //!                          schedule, latency counted from each request's scheduled time
 //!   --path engine|store    journal: run only the engine or only the store-only comparison
+//!   --soak-ttl D           soak: the access tokens' lifetime (default 60s; each grant rotates every D/2)
 //!   --cache-mib N          soak: sled's cache capacity (default 256 MiB, the store's default)
 //!   --soak-retention-secs S soak: compact at every sample with this journal retention (default: never,
 //!                          as a running engine does today)
@@ -73,6 +74,8 @@ pub struct Opts {
     pub history_per_grant: Option<usize>,
     /// Broker: also run open loop at this many requests/s in all.
     pub rate: Option<f64>,
+    /// Soak: the access tokens' lifetime (a simulator duration such as `10s`; default 60 s).
+    pub soak_ttl: Option<String>,
     /// Churn: wall-time budget.
     pub max_wall: Option<Duration>,
     /// Journal: the concurrencies to run (default 1, 16, 256, 4096).
@@ -103,7 +106,7 @@ const SCENARIOS: [&str; 12] = [
 fn usage() -> ! {
     eprintln!(
         "usage: tokenwal-bench <{}> [--quick] [--dir DIR] [--refreshes N] [--churn-grants N] \
-         [--retention-hours H] [--history-per-grant N] [--max-minutes M] [--concurrency A,B,..] [--rate R] [--path engine|store] [--cache-mib N] [--soak-retention-secs S]",
+         [--retention-hours H] [--history-per-grant N] [--max-minutes M] [--concurrency A,B,..] [--rate R] [--path engine|store] [--cache-mib N] [--soak-ttl D] [--soak-retention-secs S]",
         SCENARIOS.join("|")
     );
     std::process::exit(2);
@@ -119,6 +122,7 @@ fn parse(args: &[String]) -> (String, Opts) {
         retention_hours: None,
         history_per_grant: None,
         rate: None,
+        soak_ttl: None,
         max_wall: None,
         concurrency: None,
         path: None,
@@ -140,6 +144,7 @@ fn parse(args: &[String]) -> (String, Opts) {
             "--refreshes" => opts.refreshes = Some(number(value("--refreshes"))),
             "--churn-grants" => opts.churn_grants = Some(number(value("--churn-grants")) as usize),
             "--retention-hours" => opts.retention_hours = Some(number(value("--retention-hours"))),
+            "--soak-ttl" => opts.soak_ttl = Some(value("--soak-ttl")),
             "--rate" => opts.rate = Some(number(value("--rate")) as f64),
             "--history-per-grant" => {
                 opts.history_per_grant = Some(number(value("--history-per-grant")).max(1) as usize)

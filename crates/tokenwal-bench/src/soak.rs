@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use tokenwal::core::{AccessToken, ClientSecret, RefreshToken, TokenSet, UnixMillis};
 use tokenwal::store::{Store, StoreConfig};
 use tokenwal::{Config, Engine, StoreLocation};
-use tokenwal_sim::{serve, SimConfig};
+use tokenwal_sim::{serve, SimConfig, SimDuration};
 
 struct Sample {
     at: Duration,
@@ -137,7 +137,8 @@ pub async fn run(opts: &Opts) {
     let grants = if opts.quick { 200 } else { opts.churn_grants.unwrap_or(10_000) };
     let wall = opts.max_wall.unwrap_or(if opts.quick { Duration::from_secs(20) } else { Duration::from_secs(600) });
     let every = if opts.quick { Duration::from_secs(2) } else { Duration::from_secs(30) };
-    let ttl = if opts.quick { "10s" } else { "60s" };
+    let ttl = opts.soak_ttl.as_deref().unwrap_or(if opts.quick { "10s" } else { "60s" });
+    let _: SimDuration = ttl.parse().unwrap_or_else(|e| panic!("--soak-ttl {ttl}: {e}"));
     let warm_up = every * 2;
     let sim = RemoteSim::start(ttl);
     let dir = opts.dir.join("soak");
