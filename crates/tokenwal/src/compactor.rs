@@ -43,10 +43,17 @@ impl TrimQueue {
 }
 
 pub(crate) fn spawn(inner: Arc<Inner>, c: Compaction) {
-    // Shutdown waits for the ticket: no chunk runs on the store after it returns.
+    // Shutdown waits for the ticket: no chunk runs on the store after it returns, and the engine's
+    // state (with the store and its file lock) is released before the ticket is.
     let ticket = inner.attempt_ticket();
     tokio::spawn(async move {
-        let _ticket = ticket;
+        run(inner, c).await;
+        drop(ticket);
+    });
+}
+
+async fn run(inner: Arc<Inner>, c: Compaction) {
+    {
         let mut shutdown = inner.shutdown.subscribe();
         let mut fail_stop = inner.store.watch_fail_stop();
         // The first pass soon after open (a store written by an older release may hold a backlog).
@@ -72,7 +79,7 @@ pub(crate) fn spawn(inner: Arc<Inner>, c: Compaction) {
                 }
             }
         }
-    });
+    }
 }
 
 enum Stop {

@@ -238,8 +238,11 @@ impl Inner {
         let span = tracing::info_span!("attempt", %grant, goal = goal.name());
         let task = tokio::spawn(
             async move {
-                let _ticket = ticket;
                 let driven = inner.driver().drive(&grant, &goal).await;
+                // The engine's state (and the store's file lock with it) goes before the ticket
+                // that shutdown waits for.
+                drop(inner);
+                drop(ticket);
                 (driven, flight)
             }
             .instrument(span),

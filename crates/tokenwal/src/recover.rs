@@ -19,7 +19,7 @@
 use crate::clock::now;
 use crate::error::Error;
 use crate::failpoint;
-use crate::inner::{AttemptTicket, Inner};
+use crate::inner::Inner;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -124,7 +124,16 @@ pub(crate) async fn run(inner: &Arc<Inner>, budget: Duration) -> Result<Counts, 
     inner.recovering.start(plan.items.iter().map(|i| i.grant.clone()));
     let tally = Arc::new(Tally::default());
     let ticket = inner.attempt_ticket();
-    let task = tokio::spawn(recover(Arc::clone(inner), plan.items, Arc::clone(&tally), ticket));
+    let task = tokio::spawn({
+        let (inner, tally) = (Arc::clone(inner), Arc::clone(&tally));
+        async move {
+            // The engine's state (and the store's file lock with it) goes before the ticket that
+            // shutdown waits for.
+            let r = recover(inner, plan.items, tally).await;
+            drop(ticket);
+            r
+        }
+    });
     let finished = match tokio::time::timeout(budget, task).await {
         Ok(joined) => {
             joined.map_err(|e| Error::Internal(format!("recovery task failed: {e}")))??;
@@ -145,12 +154,7 @@ pub(crate) async fn run(inner: &Arc<Inner>, budget: Duration) -> Result<Counts, 
 }
 
 /// The background task: transitions through group commit, then the probes.
-async fn recover(
-    inner: Arc<Inner>,
-    items: Vec<RecoveryItem>,
-    tally: Arc<Tally>,
-    _ticket: AttemptTicket,
-) -> Result<(), Error> {
+async fn recover(inner: Arc<Inner>, items: Vec<RecoveryItem>, tally: Arc<Tally>) -> Result<(), Error> {
     let total = items.len();
     let mut stop = inner.shutdown.subscribe();
     let mut to_resolve = Vec::new();

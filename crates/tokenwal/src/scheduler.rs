@@ -31,7 +31,13 @@ pub(crate) fn spawn(inner: Arc<Inner>, rx: SchedulerRx) {
 
 /// Without the scheduler: the grant census's scan alone, in the background.
 pub(crate) fn spawn_census(inner: Arc<Inner>) {
-    tokio::task::spawn_blocking(move || census_scan(&inner, |_| {}));
+    // Shutdown waits for the ticket, and the engine's state goes before it.
+    let ticket = inner.attempt_ticket();
+    tokio::task::spawn_blocking(move || {
+        census_scan(&inner, |_| {});
+        drop(inner);
+        drop(ticket);
+    });
 }
 
 /// One full scan of the store that takes the grant census (`crate::metrics`) and hands every state
