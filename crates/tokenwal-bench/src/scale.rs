@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokenwal::core::{FingerprintKey, GrantKey, InstallSource, Machine, Outcome, UnixMillis, WriteBatch};
 use tokenwal::store::{Store, StoreConfig};
-use tokenwal_sim::{serve, SimConfig};
+use tokenwal_sim::{serve, SimConfig, SimHandle};
 
 /// An address nothing listens on: engines that will send nothing still need an endpoint.
 const NOWHERE: &str = "http://127.0.0.1:9/";
@@ -108,20 +108,7 @@ pub async fn recovery(opts: &Opts) {
     let sim = serve(SimConfig::default(), "127.0.0.1:0".parse().expect("addr")).await.expect("simulator");
     let k = large / 100;
     let tokens_file = opts.dir.join("inflight-tokens.tsv");
-    let lines: Vec<String> = (0..k)
-        .map(|j| {
-            let i = j * 100;
-            let t = sim.seed_shop(scale_shop(i).as_str());
-            format!(
-                "{i}\t{}\t{}\t{}\t{}",
-                t.access_token.as_str(),
-                t.refresh_token.as_str(),
-                t.refresh_token_expires_in,
-                t.scope
-            )
-        })
-        .collect();
-    std::fs::write(&tokens_file, lines.join("\n")).expect("tokens file");
+    write_tokens_file(&sim, &tokens_file, (0..k).map(|j| j * 100));
     // A crash after a long write session: sled 0.34.7 writes its snapshot only when it opens, so the
     // first open after a process that wrote a lot replays everything that process wrote.
     let refreshes = if opts.quick { 200 } else { large / 5 };
@@ -244,19 +231,7 @@ pub async fn recovery_intents(opts: &Opts) {
         let base_store = scale_store(&opts.dir, n).await;
         let sim = serve(SimConfig::default(), "127.0.0.1:0".parse().expect("addr")).await.expect("simulator");
         let tokens_file = opts.dir.join(format!("all-inflight-{n}-tokens.tsv"));
-        let lines: Vec<String> = (0..n)
-            .map(|i| {
-                let t = sim.seed_shop(scale_shop(i).as_str());
-                format!(
-                    "{i}\t{}\t{}\t{}\t{}",
-                    t.access_token.as_str(),
-                    t.refresh_token.as_str(),
-                    t.refresh_token_expires_in,
-                    t.scope
-                )
-            })
-            .collect();
-        std::fs::write(&tokens_file, lines.join("\n")).expect("tokens file");
+        write_tokens_file(&sim, &tokens_file, 0..n);
         let image = opts.dir.join(format!("grants-{n}-all-inflight"));
         let _ = std::fs::remove_dir_all(&image);
         copy_dir(&base_store.path, &image).expect("copy the store");
@@ -390,6 +365,24 @@ async fn transitions_one_by_one_vs_together(path: &Path) {
         fmt_dur(wall / n_conc.max(1) as u32),
         format!("{}", s2.syncs - s1.syncs),
     ]);
+}
+
+/// Seeds the grants `indices` in `sim` and writes their tokens to `path` in the format the
+/// `crash-intents` child reads (`i, access, refresh, refresh expires in (s), scope`, tab-separated).
+fn write_tokens_file(sim: &SimHandle, path: &Path, indices: impl Iterator<Item = usize>) {
+    let lines: Vec<String> = indices
+        .map(|i| {
+            let t = sim.seed_shop(scale_shop(i).as_str());
+            format!(
+                "{i}\t{}\t{}\t{}\t{}",
+                t.access_token.as_str(),
+                t.refresh_token.as_str(),
+                t.refresh_token_expires_in,
+                t.scope
+            )
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n")).expect("tokens file");
 }
 
 fn path_str(p: &Path) -> String {
