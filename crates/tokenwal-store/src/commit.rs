@@ -162,6 +162,11 @@ fn commit_group(shared: &Shared, next_lsn: &mut u64, group: &mut Vec<Request>) {
             Err(e) => failure = Some(e),
         }
     }
+    if failure.is_some() || written == 0 {
+        // Nothing of this group will be synced: a backend holding it open (PostgreSQL's group
+        // transaction, with the fence's lock) lets it go.
+        shared.backend.end_unsynced_group();
+    }
     if let Some(f) = &failure {
         shared.poison(f);
         tracing::error!(error = %f, "store poisoned: a write or sync failed; reopen it to recover");

@@ -31,7 +31,7 @@
 //! A torn or corrupt letter reads as [`StoreError::Corrupt`] naming it (`meta/dead_letter/{consumer}/{lsn}`),
 //! never as another letter, and listing reports it next to the others instead of stopping.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, DurableBackend};
 use crate::error::StoreError;
 use crate::layout::{self, Tree};
 use crate::Store;
@@ -267,6 +267,14 @@ impl Store {
                 Some(v) => m.put_durable(Tree::Meta, k, v),
                 None => m.del_durable(Tree::Meta, k),
             },
+            // Its own committed transaction, beside the committer's group.
+            Backend::Postgres(p) => {
+                if let Err(e) = p.put_meta(k, v) {
+                    shared.poison(&e);
+                    tracing::error!(error = %e, "store poisoned: a dead-letter write failed; reopen it to recover");
+                    return Err(e);
+                }
+            }
         }
         Ok(())
     }

@@ -54,6 +54,81 @@ pub enum StoreError {
     /// Any other error of the storage engine.
     #[error("storage engine error: {0}")]
     Backend(String),
+    /// A store location (a PostgreSQL URL, a schema name) is not usable; `reason` says why. Never
+    /// holds a password.
+    #[error("invalid store location: {reason}")]
+    InvalidLocation {
+        /// Why.
+        reason: String,
+    },
+    /// A database operation failed (PostgreSQL): the operation and the server's code and message.
+    /// Never holds a password or a token (statements bind ciphertext).
+    #[error("database error during {op}: {message}")]
+    Database {
+        /// The operation (`connect`, `write`, `commit`, …).
+        op: &'static str,
+        /// The server's SQLSTATE and message, or the driver's.
+        message: String,
+    },
+    /// The schema holds tables with tokenwal's names that tokenwal did not create: another
+    /// application's. Nothing is touched.
+    #[error(
+        "schema {schema:?} holds tables named {tables:?} that tokenwal did not create (no tokenwal_migrations \
+         table): refusing to touch another application's data; choose another schema with ?schema=NAME"
+    )]
+    ForeignSchema {
+        /// The schema.
+        schema: String,
+        /// The tables found.
+        tables: Vec<String>,
+    },
+    /// The schema was migrated by a newer tokenwal than this build.
+    #[error(
+        "schema {schema:?} is at version {found}, newer than this build supports ({supported}): upgrade tokenwal \
+         on every process that uses this database"
+    )]
+    SchemaTooNew {
+        /// The schema.
+        schema: String,
+        /// The version found.
+        found: i32,
+        /// The newest version this build knows.
+        supported: i32,
+    },
+    /// The schema needs creating or migrating and this database role may not: run the migration
+    /// as a role that may (the schema's owner).
+    #[error(
+        "schema {schema:?} needs a migration this database role may not run ({reason}): run \
+         `tokenwal migrate-schema --db URL` as the schema's owner, then start again"
+    )]
+    MigrationNeeded {
+        /// The schema.
+        schema: String,
+        /// The server's message.
+        reason: String,
+    },
+    /// Another process holds the PostgreSQL store's ownership lease.
+    #[error("the store is held by another process ({holder}); its lease runs out in {lease_left:?} unless renewed")]
+    HeldElsewhere {
+        /// The holder's identity (`host pid=N start=T`).
+        holder: String,
+        /// What was left of its lease on the database's clock.
+        lease_left: std::time::Duration,
+    },
+    /// This process's ownership lease of a PostgreSQL store was taken over (it was frozen or cut off
+    /// past its lease): it may not write again. Fail-stop.
+    #[error("lost the store's ownership lease (epoch {epoch}) to another process: no further writes")]
+    LeaseLost {
+        /// The epoch this process held.
+        epoch: i64,
+    },
+    /// Less than half of this process's ownership lease remains (its renewals failed): no intent is
+    /// committed that its request might outlive. Fail-stop.
+    #[error("the store's ownership lease (epoch {epoch}) is about to run out: refusing to write")]
+    LeaseExpiring {
+        /// The epoch this process holds.
+        epoch: i64,
+    },
     /// The store's committer has stopped (the store is being dropped).
     #[error("store is closed")]
     Closed,
@@ -110,9 +185,23 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether the write may have happened: `true` only for [`StoreError::Io`].
+    /// Whether the write may have happened: `true` for [`StoreError::Io`] and a failed database
+    /// operation ([`StoreError::Database`]: a `COMMIT` whose answer was lost may have committed).
     pub fn may_be_durable(&self) -> bool {
-        matches!(self, StoreError::Io { .. })
+        matches!(self, StoreError::Io { .. } | StoreError::Database { .. })
+    }
+
+    /// Whether the store failed under this handle (an I/O or database failure, a lost ownership
+    /// lease): the process should fail-stop and let a restart recover.
+    pub fn is_fail_stop(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Io { .. }
+                | StoreError::Database { .. }
+                | StoreError::Poisoned
+                | StoreError::LeaseLost { .. }
+                | StoreError::LeaseExpiring { .. }
+        )
     }
 
     pub(crate) fn from_sled(op: &'static str, e: sled::Error) -> StoreError {
@@ -146,6 +235,22 @@ impl StoreError {
             StoreError::PlaintextFormat { path } => StoreError::PlaintextFormat { path: path.clone() },
             StoreError::Poisoned => StoreError::Poisoned,
             StoreError::Closed => StoreError::Closed,
+            StoreError::InvalidLocation { reason } => StoreError::InvalidLocation { reason: reason.clone() },
+            StoreError::Database { op, message } => StoreError::Database { op, message: message.clone() },
+            StoreError::ForeignSchema { schema, tables } => {
+                StoreError::ForeignSchema { schema: schema.clone(), tables: tables.clone() }
+            }
+            StoreError::SchemaTooNew { schema, found, supported } => {
+                StoreError::SchemaTooNew { schema: schema.clone(), found: *found, supported: *supported }
+            }
+            StoreError::MigrationNeeded { schema, reason } => {
+                StoreError::MigrationNeeded { schema: schema.clone(), reason: reason.clone() }
+            }
+            StoreError::HeldElsewhere { holder, lease_left } => {
+                StoreError::HeldElsewhere { holder: holder.clone(), lease_left: *lease_left }
+            }
+            StoreError::LeaseLost { epoch } => StoreError::LeaseLost { epoch: *epoch },
+            StoreError::LeaseExpiring { epoch } => StoreError::LeaseExpiring { epoch: *epoch },
         }
     }
 }

@@ -98,10 +98,13 @@ mod hooks;
 pub mod keys;
 pub mod layout;
 mod lock;
+#[cfg(any(test, feature = "test-hooks"))]
+mod pg_scratch;
 mod seal;
 mod shared;
 pub mod store;
 
+pub use backend::pg::location::{PgLocation, DEFAULT_SCHEMA as DEFAULT_PG_SCHEMA};
 pub use config::{
     CompactReport, History, OpenReport, RecoveryMode, ScanReport, StoreConfig, StoreStats, SYNC_LATENCY_BOUNDS,
     SYNC_LATENCY_BUCKETS,
@@ -114,6 +117,8 @@ pub use store::{KeyUsage, Reseal, Store};
 
 #[cfg(any(test, feature = "test-hooks"))]
 pub use hooks::{FaultPoint, SYNC_FAULT_ENV};
+#[cfg(any(test, feature = "test-hooks"))]
+pub use pg_scratch::{pg_required, test_pg_url, PgScratch};
 #[cfg(any(test, feature = "test-hooks"))]
 pub use store::AckHold;
 

@@ -56,11 +56,22 @@ fn open(path: &Path) -> Store {
     Store::open(path, &ring(), StoreConfig::default()).unwrap().0
 }
 
-/// A sled store in a fresh temporary directory, and an in-memory store.
-fn both() -> Vec<(Store, Option<tempfile::TempDir>)> {
+/// A sled store in a fresh temporary directory, an in-memory store, and a PostgreSQL store in a
+/// fresh schema (when a server is reachable; see [`crate::PgScratch`]). The first element keeps
+/// the directory or schema alive; bound first, it is dropped after the store.
+fn both() -> Vec<(Box<dyn std::any::Any>, Store)> {
     let dir = tempfile::tempdir().unwrap();
     let sled = open(&dir.path().join("store"));
-    vec![(sled, Some(dir)), (Store::in_memory(), None)]
+    let mut all: Vec<(Box<dyn std::any::Any>, Store)> = vec![(Box::new(dir), sled), (Box::new(()), Store::in_memory())];
+    if let Some(pg) = crate::PgScratch::new("store unit tests") {
+        let store = open_pg(&pg.location());
+        all.push((Box::new(pg), store));
+    }
+    all
+}
+
+fn open_pg(location: &crate::PgLocation) -> Store {
+    Store::open_postgres(location, &ring(), StoreConfig::default(), Duration::ZERO).unwrap().0
 }
 
 fn versions(states: &[GrantState]) -> Vec<(GrantKey, u64)> {
@@ -69,7 +80,7 @@ fn versions(states: &[GrantState]) -> Vec<(GrantKey, u64)> {
 
 #[test]
 fn compare_and_swap_refuses_stale_writes_and_writes_nothing() {
-    for (store, _dir) in both() {
+    for (_dir, store) in both() {
         let m = machine(&store);
         let g = key(1);
         let s1 = put(&store, install(&m, None, &g, T0));
@@ -151,7 +162,7 @@ fn open_index_follows_the_phase() {
 
 #[test]
 fn history_is_per_grant_and_in_lsn_order() {
-    for (store, _dir) in both() {
+    for (_dir, store) in both() {
         let m = machine(&store);
         // "oidc/a" is a byte prefix of "oidc/ab": the index must still keep them apart.
         let a = GrantKey::new("oidc", "a").unwrap();
@@ -176,7 +187,7 @@ fn history_is_per_grant_and_in_lsn_order() {
 
 #[test]
 fn find_before_reads_one_grant_backwards_from_the_lsn_and_stops_at_the_first_answer() {
-    for (store, _dir) in both() {
+    for (_dir, store) in both() {
         let m = machine(&store);
         // "oidc/a" is a byte prefix of "oidc/ab": the reverse scan must keep them apart too.
         let a = GrantKey::new("oidc", "a").unwrap();
@@ -396,7 +407,7 @@ async fn concurrent_writers_share_syncs() {
 
 #[test]
 fn queued_writers_are_committed_with_one_sync() {
-    for (store, _dir) in both() {
+    for (_dir, store) in both() {
         let m = machine(&store);
         let hold = store.hold_acks();
         let n = 64;
@@ -425,7 +436,7 @@ fn queued_writers_are_committed_with_one_sync() {
 
 #[test]
 fn readers_see_only_durable_state() {
-    for (store, _dir) in both() {
+    for (_dir, store) in both() {
         let m = machine(&store);
         let g = key(1);
         let s1 = put(&store, install(&m, None, &g, T0));
@@ -822,7 +833,7 @@ fn park_then_queue(store: &Store, first: WriteBatch, rest: Vec<WriteBatch>) -> V
 
 #[test]
 fn a_conflict_in_a_group_answers_only_its_writer() {
-    for (store, _dir) in both() {
+    for (_dir, store) in both() {
         let m = machine(&store);
         let a1 = put(&store, install(&m, None, &key(1), T0));
         let syncs = store.stats().syncs;
@@ -842,7 +853,7 @@ fn a_conflict_in_a_group_answers_only_its_writer() {
 
 #[test]
 fn writes_queued_behind_a_failed_sync_are_refused() {
-    for (store, _dir) in both() {
+    for (_dir, store) in both() {
         let m = machine(&store);
         store.inject_fault(FaultPoint::Sync, 1);
         let results = park_then_queue(
@@ -1194,5 +1205,168 @@ fn a_format_1_store_is_refused_clearly_and_upgrades_in_place() {
         for s in &new {
             assert!(!contains(bytes, s.as_bytes()), "{s} is in the clear in {}", p.display());
         }
+    }
+}
+
+/// PostgreSQL only: what the database holds, ownership, fencing, schema checks.
+mod postgres_store {
+    use super::*;
+    use crate::{PgLocation, PgScratch};
+
+    fn scratch() -> Option<PgScratch> {
+        PgScratch::new("PostgreSQL store tests")
+    }
+
+    fn try_open(l: &PgLocation) -> Result<Store, StoreError> {
+        Store::open_postgres(l, &ring(), StoreConfig::default(), Duration::ZERO).map(|(s, _)| s)
+    }
+
+    #[test]
+    fn the_database_holds_no_token_and_a_reopen_sees_every_acknowledged_write() {
+        let Some(pg) = scratch() else { return };
+        let store = open_pg(&pg.location());
+        let m = machine(&store);
+        let mut states = Vec::new();
+        for i in 0..20 {
+            let s = put(&store, install(&m, None, &key(i), T0 + i as u64));
+            states.push(put(&store, attempt(&m, &s, T0 + 100)));
+        }
+        drop(store);
+        for table in ["grants", "journal", "meta"] {
+            let rows = pg.query_bytes(&format!("SELECT v FROM \"{}\".\"{table}\"", pg.schema())).unwrap();
+            assert!(!rows.is_empty(), "{table}");
+            for v in rows {
+                assert!(!contains(&v, b"shpat_secret") && !contains(&v, b"shprt_secret"), "{table} holds a token");
+            }
+        }
+        let store = open_pg(&pg.location());
+        assert_eq!(store.grant_count(), 20);
+        let open = store.open_grants().unwrap();
+        assert_eq!(versions(&open).len(), 20, "every attempt is an open intent after the reopen");
+        for s in &states {
+            assert_eq!(store.get(&s.grant).unwrap().unwrap().version, s.version);
+        }
+    }
+
+    #[test]
+    fn one_owner_at_a_time_and_a_released_lease_is_taken_at_once() {
+        let Some(pg) = scratch() else { return };
+        let first = open_pg(&pg.location());
+        match try_open(&pg.location()) {
+            Err(StoreError::HeldElsewhere { holder, lease_left }) => {
+                assert!(holder.contains(&format!("pid={}", std::process::id())), "{holder}");
+                assert!(lease_left > Duration::from_secs(30), "{lease_left:?}");
+            }
+            other => panic!("a second owner was let in: {other:?}"),
+        }
+        drop(first);
+        let second = try_open(&pg.location()).expect("a released lease is free at once");
+        let m = machine(&second);
+        put(&second, install(&m, None, &key(1), T0));
+    }
+
+    #[test]
+    fn a_process_whose_lease_was_taken_over_never_writes_again() {
+        let Some(pg) = scratch() else { return };
+        let store = open_pg(&pg.location());
+        let m = machine(&store);
+        let s = put(&store, install(&m, None, &key(1), T0));
+        // Another process took the store over (it found the lease run out while this one was frozen).
+        let q = format!("\"{}\"", pg.schema());
+        pg.execute(&format!("UPDATE {q}.lease SET epoch = epoch + 1; UPDATE {q}.owner SET epoch = epoch + 1")).unwrap();
+        let err = store.apply_blocking(attempt(&m, &s, T0 + 1)).unwrap_err();
+        // The fence refuses it (or, had the renewer noticed first, the store is already fail-stopped).
+        assert!(matches!(err, StoreError::LeaseLost { .. } | StoreError::Poisoned), "{err:?}");
+        assert!(store.is_poisoned(), "fail-stop after losing the lease");
+        assert!(matches!(store.apply_blocking(attempt(&m, &s, T0 + 2)), Err(StoreError::Poisoned)));
+        drop(store);
+        let rows = pg.query_bytes(&format!("SELECT k FROM \"{}\".journal", pg.schema())).unwrap();
+        assert_eq!(rows.len(), 1, "the fenced intent wrote nothing");
+    }
+
+    #[test]
+    fn no_intent_is_committed_on_a_lease_about_to_run_out() {
+        let Some(pg) = scratch() else { return };
+        let store = open_pg(&pg.location());
+        let m = machine(&store);
+        let s = put(&store, install(&m, None, &key(1), T0));
+        pg.execute(&format!("UPDATE \"{}\".lease SET lease_until = now() + interval '5 seconds'", pg.schema()))
+            .unwrap();
+        let err = store.apply_blocking(attempt(&m, &s, T0 + 1)).unwrap_err();
+        assert!(matches!(err, StoreError::LeaseExpiring { .. }), "{err:?}");
+        assert!(store.is_poisoned());
+    }
+
+    #[test]
+    fn another_applications_tables_are_refused_and_left_alone() {
+        let Some(pg) = scratch() else { return };
+        let q = format!("\"{}\"", pg.schema());
+        pg.execute(&format!("CREATE SCHEMA {q}; CREATE TABLE {q}.grants (id int); INSERT INTO {q}.grants VALUES (7)"))
+            .unwrap();
+        let err = try_open(&pg.location()).unwrap_err();
+        assert!(matches!(err, StoreError::ForeignSchema { .. }), "{err:?}");
+        assert!(err.to_string().contains("another application"), "{err}");
+        let rows = pg.query_bytes(&format!("SELECT int4send(id) FROM {q}.grants")).unwrap();
+        assert_eq!(rows, vec![7i32.to_be_bytes().to_vec()], "untouched");
+        let tables = pg
+            .query_bytes(&format!(
+                "SELECT convert_to(tablename, 'UTF8') FROM pg_tables WHERE schemaname = '{}'",
+                pg.schema()
+            ))
+            .unwrap();
+        assert_eq!(tables.len(), 1, "nothing created beside it");
+    }
+
+    #[test]
+    fn a_schema_migrated_by_a_newer_release_is_refused() {
+        let Some(pg) = scratch() else { return };
+        drop(open_pg(&pg.location()));
+        pg.execute(&format!(
+            "INSERT INTO \"{}\".tokenwal_migrations (version, name) VALUES (99, 'future')",
+            pg.schema()
+        ))
+        .unwrap();
+        let err = try_open(&pg.location()).unwrap_err();
+        assert!(matches!(err, StoreError::SchemaTooNew { found: 99, supported: 1, .. }), "{err:?}");
+        assert!(err.to_string().contains("upgrade tokenwal"), "{err}");
+    }
+
+    #[test]
+    fn a_role_without_ddl_rights_is_told_to_run_migrate_schema() {
+        let Some(pg) = scratch() else { return };
+        pg.execute(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'tokenwal_test_app') THEN \
+             CREATE ROLE tokenwal_test_app LOGIN; END IF; END $$",
+        )
+        .unwrap();
+        let url = crate::test_pg_url();
+        let mut app = url::Url::parse(&url).unwrap();
+        app.set_username("tokenwal_test_app").unwrap();
+        let app = PgLocation::parse(app.as_str()).unwrap().with_schema(pg.schema()).unwrap();
+        let err = try_open(&app).unwrap_err();
+        assert!(matches!(err, StoreError::MigrationNeeded { .. }), "{err:?}");
+        assert!(err.to_string().contains("tokenwal migrate-schema"), "{err}");
+        // The owner migrates; the application's role, granted the rights, then opens.
+        assert_eq!(Store::migrate_postgres_schema(&pg.location()).unwrap(), (0, 1));
+        assert_eq!(Store::migrate_postgres_schema(&pg.location()).unwrap(), (1, 1), "idempotent");
+        let q = format!("\"{}\"", pg.schema());
+        pg.execute(&format!(
+            "GRANT USAGE ON SCHEMA {q} TO tokenwal_test_app; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {q} TO tokenwal_test_app"
+        ))
+        .unwrap();
+        let store = try_open(&app).expect("the application's role opens a migrated schema");
+        let m = machine(&store);
+        put(&store, install(&m, None, &key(1), T0));
+    }
+
+    #[test]
+    fn a_password_never_reaches_an_error() {
+        let l = PgLocation::parse("postgres://app:hunter2-secret@127.0.0.1:1/db?connect_timeout=2").unwrap();
+        let err = try_open(&l).unwrap_err();
+        for text in [err.to_string(), format!("{err:?}"), format!("{l:?}"), l.to_string()] {
+            assert!(!text.contains("hunter2-secret"), "{text}");
+        }
+        assert!(matches!(err, StoreError::Database { op: "connect", .. }), "{err:?}");
     }
 }

@@ -7,6 +7,7 @@
 
 pub(crate) mod disk;
 pub(crate) mod mem;
+pub(crate) mod pg;
 
 use crate::error::StoreError;
 use crate::keys::{KeyId, KeyRing};
@@ -199,6 +200,12 @@ pub(crate) trait DurableBackend: Send + Sync {
     /// returning `Ok`. After an `Err`, nothing may be assumed either way.
     fn sync(&self) -> Result<(), StoreError>;
 
+    /// The committer will not sync what it wrote since the last sync (the group failed, or wrote
+    /// nothing): drop it if it is still pending. After a failure the store is poisoned, so whether
+    /// it was written stays unknown to every caller either way. Default: nothing to do (sled and
+    /// memory writes stay visible and are never synced by this handle again).
+    fn end_unsynced_group(&self) {}
+
     /// Writes (`Some`) or deletes (`None`) one `meta` entry outside the commit groups (a journal
     /// cursor) and makes it durable before returning. It must not make a concurrent group's
     /// unsynced writes look durable to anyone but a reopen after a real crash.
@@ -214,6 +221,7 @@ pub(crate) trait DurableBackend: Send + Sync {
 pub(crate) enum Backend {
     Sled(disk::SledBackend),
     Memory(mem::MemBackend),
+    Postgres(pg::PgBackend),
 }
 
 impl std::ops::Deref for Backend {
@@ -223,6 +231,7 @@ impl std::ops::Deref for Backend {
         match self {
             Backend::Sled(s) => s,
             Backend::Memory(m) => m,
+            Backend::Postgres(p) => p,
         }
     }
 }
@@ -233,6 +242,7 @@ impl Backend {
         match self {
             Backend::Sled(_) => "sled",
             Backend::Memory(_) => "memory",
+            Backend::Postgres(_) => "postgres",
         }
     }
 

@@ -26,7 +26,7 @@ impl Store {
                     .expect("a crash image of an in-memory store always opens")
                     .0
             }
-            Backend::Sled(_) => panic!("crash_image is only available on an in-memory store"),
+            Backend::Sled(_) | Backend::Postgres(_) => panic!("crash_image is only available on an in-memory store"),
         }
     }
 
@@ -45,7 +45,9 @@ impl Store {
                     .expect("the crash image opens under the new ring")
                     .0
             }
-            Backend::Sled(_) => panic!("crash_image_with_keys is only available on an in-memory store"),
+            Backend::Sled(_) | Backend::Postgres(_) => {
+                panic!("crash_image_with_keys is only available on an in-memory store")
+            }
         }
     }
 
@@ -72,7 +74,7 @@ impl Store {
                 m.put_durable(t, key, value);
                 true
             }
-            Backend::Sled(_) => false,
+            Backend::Sled(_) | Backend::Postgres(_) => false,
         }
     }
 }

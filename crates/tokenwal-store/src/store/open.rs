@@ -4,6 +4,8 @@ use super::read::decode_grant;
 use super::{Inner, Store};
 use crate::backend::disk::SledBackend;
 use crate::backend::mem::{Image, MemBackend};
+use crate::backend::pg::location::PgLocation;
+use crate::backend::pg::{schema, PgBackend};
 use crate::backend::Backend;
 use crate::commit;
 use crate::config::{OpenReport, StoreConfig};
@@ -14,8 +16,8 @@ use crate::seal::{self, OpenError, Slot};
 use crate::shared::Shared;
 use rand::RngCore;
 use std::path::Path;
-use std::sync::{mpsc, Arc};
-use std::time::Instant;
+use std::sync::{mpsc, Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
 use tokenwal_core::{CodecError, FingerprintKey};
 use zeroize::Zeroizing;
 
@@ -96,6 +98,46 @@ impl Store {
         let started = Instant::now();
         let backend = Backend::Sled(SledBackend::open(path.as_ref(), &config)?);
         Store::start(backend, keys.clone(), config, started, Some(path.as_ref()))
+    }
+
+    /// Opens (or creates) the PostgreSQL store at `location`: connects, creates or migrates its schema
+    /// (refusing a schema a newer tokenwal migrated, or one holding another application's tables),
+    /// and takes the store's ownership lease, waiting up to `wait_for_lease` for another process's
+    /// lease to run out ([`StoreError::HeldElsewhere`] after that). One process writes at a time;
+    /// the lease is renewed in the background, and a process that loses it fail-stops (see
+    /// `docs/journal.md`, "PostgreSQL"). Sealing is the same as on disk: the database holds
+    /// ciphertext only.
+    pub fn open_postgres(
+        location: &PgLocation,
+        keys: &KeyRing,
+        config: StoreConfig,
+        wait_for_lease: Duration,
+    ) -> Result<(Store, OpenReport), StoreError> {
+        let started = Instant::now();
+        let slot: Arc<OnceLock<Weak<Shared>>> = Arc::new(OnceLock::new());
+        let on_lost = {
+            let slot = Arc::clone(&slot);
+            Box::new(move |why: String| {
+                if let Some(shared) = slot.get().and_then(Weak::upgrade) {
+                    shared.poison(&why);
+                }
+            })
+        };
+        let opened = PgBackend::open(location, wait_for_lease, on_lost)?;
+        if opened.schema_was < schema::LATEST {
+            tracing::info!(location = %location, from = opened.schema_was, to = schema::LATEST, "schema created or migrated");
+        }
+        let (store, report) = Store::start(Backend::Postgres(opened.backend), keys.clone(), config, started, None)?;
+        let _ = slot.set(Arc::downgrade(&store.inner.shared));
+        Ok((store, report))
+    }
+
+    /// Creates or migrates the PostgreSQL schema at `location` and returns the version found before
+    /// (0: it did not exist), without taking the store (`tokenwal migrate-schema`: run it as the
+    /// schema's owner when the application's role may not run DDL).
+    pub fn migrate_postgres_schema(location: &PgLocation) -> Result<(i32, i32), StoreError> {
+        let found = PgBackend::migrate_only(location)?;
+        Ok((found, schema::LATEST))
     }
 
     /// An in-memory store with the default configuration: the same semantics as the sled store
