@@ -169,6 +169,13 @@ impl From<StoreError> for CliError {
     fn from(e: StoreError) -> CliError {
         match e {
             StoreError::Locked { path } => CliError::Locked { path },
+            // Another process holds a PostgreSQL store: try again later, as with a locked directory.
+            e @ StoreError::HeldElsewhere { .. } => CliError::Transient(e.to_string()),
+            // The operator's configuration or the database's set-up: say what to do.
+            e @ (StoreError::InvalidLocation { .. }
+            | StoreError::ForeignSchema { .. }
+            | StoreError::SchemaTooNew { .. }
+            | StoreError::MigrationNeeded { .. }) => CliError::Config(e.to_string()),
             StoreError::Corrupt { what, source } if what.starts_with("journal/") => {
                 CliError::CorruptRecord { what, detail: source.to_string() }
             }

@@ -205,6 +205,12 @@ enum Command {
         #[arg(long, default_value = "5s", value_name = "DURATION")]
         grace: SimDuration,
     },
+    /// Create or upgrade the PostgreSQL schema of --db postgres://… (run it as the schema's owner
+    /// when the application's role may not run DDL); every other command migrates by itself
+    MigrateSchema {
+        #[command(flatten)]
+        out: JsonFlag,
+    },
     /// Compact the journal now: each grant keeps its newest history_per_grant records, and records
     /// older than retention go (what `run` does in the background)
     Compact {
@@ -482,6 +488,7 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
         }
         Command::Status { out } => commands::status(&settings()?, out.json),
         Command::Compact { out } => commands::compact(&settings()?, out.json),
+        Command::MigrateSchema { out } => commands::migrate_schema(&settings()?, out.json),
         Command::Shops { state, app_handle, out } => {
             commands::shops(&settings()?, state.map(StateArg::name), app_handle.as_deref(), out.json)
         }

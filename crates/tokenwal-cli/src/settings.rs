@@ -128,8 +128,10 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Erro
 
 /// Everything resolved from flags, environment and config file.
 pub struct Settings {
-    /// The store directory.
+    /// The store directory (for a PostgreSQL store: its URL, as given; see [`Settings::postgres`]).
     pub db: PathBuf,
+    /// The PostgreSQL store, when `db` is a `postgres://` or `postgresql://` URL.
+    pg: Option<tokenwal::store::PgLocation>,
     /// `--skip-corrupt-records`: read histories under [`tokenwal::store::RecoveryMode::SkipCorruptRecords`].
     pub skip_corrupt_records: bool,
     file: ConfigFile,
@@ -172,7 +174,26 @@ impl Settings {
             }
             (None, None) => None,
         };
-        Ok(Settings { db, skip_corrupt_records: false, file, test_endpoint })
+        let pg = match db.to_str() {
+            Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
+                Some(tokenwal::store::PgLocation::parse(u).map_err(|e| CliError::Config(e.to_string()))?)
+            }
+            _ => None,
+        };
+        Ok(Settings { db, pg, skip_corrupt_records: false, file, test_endpoint })
+    }
+
+    /// The PostgreSQL store, if `--db` names one.
+    pub fn postgres(&self) -> Option<&tokenwal::store::PgLocation> {
+        self.pg.as_ref()
+    }
+
+    /// The store for logs and messages: the directory, or the URL with its password replaced.
+    pub fn db_display(&self) -> String {
+        match &self.pg {
+            Some(l) => l.to_string(),
+            None => self.db.display().to_string(),
+        }
     }
 
     /// The app handle named in the config file, if any (a label for output).
@@ -213,8 +234,11 @@ impl Settings {
     /// The engine configuration: credentials, endpoint, margins and timeouts.
     pub fn engine_config(&self, proactive: bool) -> Result<Config, CliError> {
         let (id, secret) = self.credentials()?;
-        let mut c = Config::shopify(StoreLocation::Path(self.db.clone()), id, secret)
-            .with_store_keys(KeySource::Ring(self.keys()?));
+        let store = match &self.pg {
+            Some(l) => StoreLocation::Postgres(l.clone()),
+            None => StoreLocation::Path(self.db.clone()),
+        };
+        let mut c = Config::shopify(store, id, secret).with_store_keys(KeySource::Ring(self.keys()?));
         if let Some(u) = &self.test_endpoint {
             c = c.with_insecure_test_endpoint(u.clone());
         }
@@ -370,6 +394,7 @@ mod tests {
     fn webhook_attempts_and_backoff_are_read_and_validated() {
         let settings = |json: &str| Settings {
             db: PathBuf::from("/nonexistent"),
+            pg: None,
             skip_corrupt_records: false,
             file: serde_json::from_str(json).unwrap(),
             test_endpoint: None,

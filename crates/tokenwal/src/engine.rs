@@ -99,6 +99,29 @@ impl Engine {
                     .map_err(|e| Error::Internal(format!("store open task failed: {e}")))??;
                 (store, report.corrupt)
             }
+            StoreLocation::Postgres(location) => {
+                if config.timeouts.total >= location.lease() / 2 {
+                    return Err(Error::Config(format!(
+                        "the PostgreSQL ownership lease ({:?}) must be more than twice the request timeout ({:?}): \
+                         an intent is committed only while half the lease is left",
+                        location.lease(),
+                        config.timeouts.total
+                    )));
+                }
+                let location = location.clone();
+                let keys = config.store_keys.load().map_err(StoreError::Key)?;
+                let store_config = match config.compaction {
+                    Some(c) => StoreConfig::default().with_retention(c.retention),
+                    None => StoreConfig::default(),
+                };
+                // A crashed holder's lease runs out within one lease; wait that long (and a little).
+                let wait = location.lease() + std::time::Duration::from_secs(2);
+                let (store, report) =
+                    tokio::task::spawn_blocking(move || Store::open_postgres(&location, &keys, store_config, wait))
+                        .await
+                        .map_err(|e| Error::Internal(format!("store open task failed: {e}")))??;
+                (store, report.corrupt)
+            }
         };
         if let Some(w) = &config.webhook {
             w.validate().map_err(Error::Config)?;

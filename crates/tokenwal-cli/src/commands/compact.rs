@@ -7,6 +7,7 @@ use super::{open_store, print_json, status::dir_size};
 use crate::error::CliError;
 use crate::settings::Settings;
 use crate::timefmt;
+use tokenwal::store::Store;
 
 #[derive(Serialize)]
 struct CompactView {
@@ -72,5 +73,34 @@ pub fn compact(settings: &Settings, json: bool) -> Result<(), CliError> {
         view.elapsed_ms
     );
     println!("(sled reuses freed space for new writes; the files shrink only as its segments are rewritten)");
+    Ok(())
+}
+
+/// What `tokenwal migrate-schema --json` prints.
+#[derive(Serialize)]
+struct SchemaReport {
+    store: String,
+    version_before: i32,
+    version: i32,
+}
+
+/// `tokenwal migrate-schema`: creates or upgrades a PostgreSQL store's schema, nothing else (no
+/// lease is taken, so it runs beside live processes; a migration takes a transaction-scoped lock).
+pub fn migrate_schema(settings: &Settings, json: bool) -> Result<(), CliError> {
+    let Some(location) = settings.postgres() else {
+        return Err(CliError::Usage(
+            "migrate-schema is for a PostgreSQL store: pass --db postgres://user@host/database[?schema=NAME]".into(),
+        ));
+    };
+    let (before, now) = Store::migrate_postgres_schema(location)?;
+    let report = SchemaReport { store: settings.db_display(), version_before: before, version: now };
+    if json {
+        return print_json(&report);
+    }
+    if before == now {
+        println!("{}: schema is at version {now} (current); nothing to do", report.store);
+    } else {
+        println!("{}: schema migrated from version {before} to {now}", report.store);
+    }
     Ok(())
 }

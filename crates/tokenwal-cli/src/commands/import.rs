@@ -103,7 +103,7 @@ pub async fn import(settings: &Settings, file: &str, options: &ImportOptions) ->
     eprintln!(
         "imported {imported} token set(s) into {}; {unchanged} unchanged (same pair), {refused} refused \
          (the store holds a newer pair); {failed} invalid line(s)",
-        settings.db.display()
+        settings.db_display()
     );
     if failed > 0 {
         return Err(CliError::ImportFailed { failed, total });

@@ -61,6 +61,12 @@ pub fn rekey(
     upgrade: bool,
     json: bool,
 ) -> Result<(), CliError> {
+    if settings.postgres().is_some() {
+        return Err(CliError::Usage(
+            "keys check/upgrade work on a directory store; a PostgreSQL store is opened (and checked) by every command"
+                .into(),
+        ));
+    }
     if !settings.db.exists() {
         return Err(CliError::NoStore { path: settings.db.clone() });
     }

@@ -21,7 +21,7 @@ use tracing::warn;
 use crate::error::CliError;
 use crate::settings::Settings;
 
-pub use compact::compact;
+pub use compact::{compact, migrate_schema};
 pub use export::{export, EXPORT_REFUSAL};
 pub use import::{import, ImportOptions};
 pub use inspect::inspect;
@@ -41,6 +41,13 @@ pub use token::token;
 /// given.
 pub fn open_store(settings: &Settings, create: bool) -> Result<(Store, OpenReport), CliError> {
     let path = settings.db.as_path();
+    if let Some(location) = settings.postgres() {
+        let keys = settings.keys()?;
+        let mode = if settings.skip_corrupt_records { RecoveryMode::SkipCorruptRecords } else { RecoveryMode::Strict };
+        let config = StoreConfig::default().with_recovery(mode).with_retention(settings.compaction()?.retention);
+        // Never wait for another process's lease here: say who holds it (exit 75).
+        return Ok(Store::open_postgres(location, &keys, config, std::time::Duration::ZERO)?);
+    }
     if !create && !path.exists() {
         return Err(CliError::NoStore { path: path.to_owned() });
     }
@@ -62,7 +69,7 @@ pub(crate) async fn open_engine(
     must_exist: bool,
 ) -> Result<(Engine, RecoveryReport), CliError> {
     let config = settings.engine_config(proactive)?;
-    if must_exist && !settings.db.exists() {
+    if must_exist && settings.postgres().is_none() && !settings.db.exists() {
         return Err(CliError::NoStore { path: settings.db.clone() });
     }
     Ok(Engine::open(config).await?)

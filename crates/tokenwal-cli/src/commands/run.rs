@@ -25,7 +25,7 @@ pub async fn run(settings: &Settings, once: bool, sweep: Duration, grace: Durati
             return Ok(());
         }
     };
-    info!(store = %settings.db.display(), "{}", report_line(&report));
+    info!(store = %settings.db_display(), "{}", report_line(&report));
     let failed = engine.fail_stopped();
     tokio::pin!(failed);
     if once {

@@ -126,7 +126,20 @@ pub async fn serve(settings: &Settings, o: ServeOptions) -> Result<(), CliError>
     let bearer = auth::Bearer::load(o.token_file.as_deref())?;
     // Credentials and store key before binding: a misconfigured broker must not look alive.
     let margin = settings.engine_config(true)?.refresh_margin;
-    let listen = o.listen.unwrap_or_else(|| Listen::default_for(&settings.db));
+    let listen = match (o.listen, settings.postgres()) {
+        (Some(l), _) => l,
+        (None, None) => Listen::default_for(&settings.db),
+        (None, Some(_)) => match std::env::var_os("XDG_RUNTIME_DIR").map(std::path::PathBuf::from) {
+            Some(dir) if dir.is_absolute() => Listen::Unix(dir.join("tokenwal.sock")),
+            _ => {
+                return Err(CliError::Usage(
+                    "with a PostgreSQL store there is no data directory to put the socket beside: pass --listen \
+                     unix:/path/to/tokenwal.sock (or set XDG_RUNTIME_DIR)"
+                        .into(),
+                ))
+            }
+        },
+    };
     listen.check()?;
     let broker = Arc::new(Broker::new(bearer, settings.app_handle().map(str::to_owned), margin));
     let bound = listen.bind()?;
@@ -160,7 +173,7 @@ pub async fn serve(settings: &Settings, o: ServeOptions) -> Result<(), CliError>
         }
     };
     let (engine, report) = opened?;
-    info!(store = %settings.db.display(), "{}", report_line(&report));
+    info!(store = %settings.db_display(), "{}", report_line(&report));
     broker.metrics.register_with(|r| engine.metrics().register(r));
     let _ = broker.engine.set(engine.clone());
     broker.metrics.set_ready(true);

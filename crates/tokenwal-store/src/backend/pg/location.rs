@@ -57,7 +57,7 @@ impl PgLocation {
         if config.get_dbname().is_none() {
             return Err(invalid(format!("{redacted}: the URL names no database")));
         }
-        Ok(PgLocation { config, schema, redacted, lease: Duration::from_secs(60) })
+        Ok(PgLocation { config, schema, redacted, lease: Duration::from_secs(90) })
     }
 
     /// The same database with another schema (tests give every store its own).
@@ -67,7 +67,7 @@ impl PgLocation {
         Ok(self)
     }
 
-    /// Sets the ownership lease (default 60 s; at least 4 s). A writer commits an intent only while
+    /// Sets the ownership lease (default 90 s; at least 4 s). A writer commits an intent only while
     /// more than half of its lease remains, so half the lease must exceed the longest token request.
     pub fn with_lease(mut self, lease: Duration) -> PgLocation {
         self.lease = lease.max(Duration::from_secs(4));
