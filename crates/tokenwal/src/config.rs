@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 use std::time::Duration;
-use tokenwal_core::protocol::ProviderSpec;
-use tokenwal_core::{ClientSecret, GrantKey, RetryPolicy, SHOPIFY_PROVIDER};
+use tokenwal_core::protocol::{check_template, ProviderSpec};
+use tokenwal_core::{ClientSecret, GrantKey, ProviderProfile, RetryPolicy, SHOPIFY_PROVIDER};
 use tokenwal_store::KeySource;
 use url::Url;
 
@@ -33,6 +33,10 @@ pub enum Endpoint {
         /// How the client authenticates.
         client_auth: ClientAuth,
     },
+    /// A provider profile ([`ProviderProfile`]: the built-in Customer Account API one, or one from
+    /// a config file). Its token URL template, once filled, must be `https`, or `http` on a
+    /// loopback address. Use [`Config::with_profile`], which also sets the policy and margin.
+    Profile(Box<ProviderProfile>),
 }
 
 impl Endpoint {
@@ -41,7 +45,20 @@ impl Endpoint {
         match self {
             Endpoint::Shopify | Endpoint::ShopifyTestServer { .. } => SHOPIFY_PROVIDER,
             Endpoint::OAuth2 { provider, .. } => provider,
+            Endpoint::Profile(p) => &p.provider,
         }
+    }
+
+    /// The token URL of a profile with its placeholders filled by sample values (for the scheme
+    /// and host checks), if this is a profile with a URL of its own.
+    pub(crate) fn profile_sample_url(&self) -> Option<Result<Url, String>> {
+        let Endpoint::Profile(p) = self else { return None };
+        let ProviderSpec::OAuth2 { token_url, .. } = &p.spec else { return None };
+        Some(
+            check_template(token_url)
+                .map_err(|e| e.to_string())
+                .and_then(|u| Url::parse(&u).map_err(|e| format!("token URL: {e}"))),
+        )
     }
 
     /// Checks the endpoint before any secret could be sent to it.
@@ -71,6 +88,34 @@ impl Endpoint {
                     _ => Err("token URL must be https (or http on loopback)".into()),
                 }
             }
+            Endpoint::Profile(p) => {
+                let name = &p.name;
+                match &p.spec {
+                    ProviderSpec::Shopify if p.provider == SHOPIFY_PROVIDER => Ok(()),
+                    ProviderSpec::ShopifyTestServer { base } if p.provider == SHOPIFY_PROVIDER => {
+                        let base = Url::parse(base).map_err(|e| e.to_string())?;
+                        Endpoint::ShopifyTestServer { base }.validate()
+                    }
+                    ProviderSpec::Shopify | ProviderSpec::ShopifyTestServer { .. } => {
+                        Err(format!("profile {name}: Shopify's Admin API serves provider `shopify` only"))
+                    }
+                    ProviderSpec::OAuth2 { token_url, .. } => {
+                        profile_provider(&p.provider, token_url).map_err(|e| format!("profile {name}: {e}"))?;
+                        let url = match self.profile_sample_url() {
+                            Some(url) => url.map_err(|e| format!("profile {name}: {e}"))?,
+                            None => return Err(format!("profile {name}: no token URL")),
+                        };
+                        if !url.username().is_empty() || url.password().is_some() {
+                            return Err(format!("profile {name}: the token URL must not carry credentials"));
+                        }
+                        match url.scheme() {
+                            "https" => Ok(()),
+                            "http" if is_loopback(&url) => Ok(()),
+                            _ => Err(format!("profile {name}: token URL must be https (or http on loopback)")),
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -80,11 +125,37 @@ impl Endpoint {
         match self {
             Endpoint::Shopify => ProviderSpec::Shopify,
             Endpoint::ShopifyTestServer { base } => ProviderSpec::ShopifyTestServer { base: base.as_str().into() },
-            Endpoint::OAuth2 { token_url, client_auth, .. } => {
-                ProviderSpec::OAuth2 { token_url: token_url.as_str().into(), client_auth: *client_auth }
-            }
+            Endpoint::OAuth2 { token_url, client_auth, .. } => ProviderSpec::oauth2(token_url.as_str(), *client_auth),
+            Endpoint::Profile(p) => p.spec.clone(),
         }
     }
+}
+
+/// Checks that an OAuth 2.0 profile's provider id can hold the values its token URL needs:
+/// `{shop}` only Shopify shop grants (`shopify`), `{shop_id}` only Customer Account API grants
+/// (`shopify-customer-account`); a URL without placeholders, any valid provider id.
+pub fn profile_provider(provider: &str, token_url: &str) -> Result<(), String> {
+    use tokenwal_core::SHOPIFY_CUSTOMER_ACCOUNT;
+    let sample = match provider {
+        SHOPIFY_PROVIDER => "a.myshopify.com",
+        SHOPIFY_CUSTOMER_ACCOUNT => "1:1",
+        _ => "x",
+    };
+    GrantKey::new(provider, sample).map_err(|e| e.to_string())?;
+    if token_url.contains("{shop_id}") && provider != SHOPIFY_CUSTOMER_ACCOUNT {
+        return Err(format!("a token URL with {{shop_id}} serves `{SHOPIFY_CUSTOMER_ACCOUNT}` grants only"));
+    }
+    if token_url.contains("{shop}") && provider != SHOPIFY_PROVIDER {
+        return Err(format!("a token URL with {{shop}} serves `{SHOPIFY_PROVIDER}` grants only"));
+    }
+    Ok(())
+}
+
+/// Checks a profile as [`crate::Engine::open`] will, before any secret could be sent: its
+/// provider id, its token URL (https, or http on loopback, no userinfo, only the placeholders its
+/// grants can fill).
+pub fn check_profile(profile: &ProviderProfile) -> Result<(), String> {
+    Endpoint::Profile(Box::new(profile.clone())).validate()
 }
 
 /// Where the engine keeps its journal.
@@ -201,6 +272,18 @@ impl Config {
     /// Sets [`Config::store_keys`].
     pub fn with_store_keys(mut self, keys: KeySource) -> Config {
         self.store_keys = keys;
+        self
+    }
+
+    /// Serves the grants of `profile`: its endpoint (Shopify's Admin API stays
+    /// [`Endpoint::Shopify`]), its retry policy and its refresh buffer as [`Config::refresh_margin`].
+    pub fn with_profile(mut self, profile: ProviderProfile) -> Config {
+        self.policy = profile.retry_policy();
+        self.refresh_margin = profile.refresh_buffer;
+        self.endpoint = match profile.spec {
+            ProviderSpec::Shopify => Endpoint::Shopify,
+            _ => Endpoint::Profile(Box::new(profile)),
+        };
         self
     }
 
