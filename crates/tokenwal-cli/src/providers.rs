@@ -82,10 +82,17 @@ impl Providers {
         let file: RawFile = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
         let mut providers = Providers::default();
         for (name, raw) in file.providers {
-            let span = raw.span();
-            let profile = build(name.get_ref(), raw.into_inner())
-                .and_then(|p| tokenwal::check_profile(&p).map(|()| p))
-                .map_err(|e| at(text, span, &format!("[providers.{}]: {e}", name.get_ref())))?;
+            let name = name.into_inner();
+            let table = raw.span();
+            let raw = raw.into_inner();
+            // The engine's checks are about the token URL (the provider id is checked while
+            // reading): point at it when the table has one.
+            let url = raw.token_url.as_ref().map_or(table.clone(), Spanned::span);
+            let profile = build(&name, raw).map_err(|e| at(text, table, &format!("[providers.{name}]: {e}")))?;
+            tokenwal::check_profile(&profile).map_err(|e| {
+                let e = e.strip_prefix(&format!("profile {name}: ")).unwrap_or(&e);
+                at(text, url, &format!("[providers.{name}]: {e}"))
+            })?;
             providers.profiles.insert(profile.name.clone(), profile);
         }
         Ok(providers)
@@ -118,8 +125,8 @@ struct RawFile {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawProfile {
-    provider: Option<String>,
-    token_url: Option<String>,
+    provider: Option<ProviderId>,
+    token_url: Option<Spanned<String>>,
     client_auth: Option<Auth>,
     rotation: Option<RotationName>,
     retain_max: Option<Dur>,
@@ -160,7 +167,17 @@ fn build(name: &str, raw: RawProfile) -> Result<ProviderProfile, String> {
             }
         }
     };
-    if let Some(provider) = raw.provider {
+    let id_ok = |s: &str| {
+        (1..=32).contains(&s.len())
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    };
+    if builtin.is_none() && raw.provider.is_none() && !id_ok(name) {
+        return Err(format!(
+            "the profile's name is its grants' provider id unless `provider` is set, and {name:?} is not \
+             1-32 bytes of [a-z0-9_-]"
+        ));
+    }
+    if let Some(ProviderId(provider)) = raw.provider {
         if builtin.is_some() && provider != p.provider {
             return Err(format!("the provider id of a built-in profile is fixed ({})", p.provider));
         }
@@ -195,7 +212,7 @@ fn build(name: &str, raw: RawProfile) -> Result<ProviderProfile, String> {
     match &mut p.spec {
         ProviderSpec::OAuth2 { token_url, client_auth, extra_fields, origin, rules } => {
             if let Some(u) = raw.token_url {
-                *token_url = u;
+                *token_url = u.into_inner();
             }
             if let Some(Auth(a)) = raw.client_auth {
                 *client_auth = a;
@@ -256,6 +273,21 @@ impl<'de> Deserialize<'de> for Dur {
             Raw::Secs(s) => Ok(Dur(Duration::from_secs(s))),
             Raw::Text(t) => t.parse::<SimDuration>().map(|d| Dur(d.to_std())).map_err(serde::de::Error::custom),
         }
+    }
+}
+
+/// A provider id: `[a-z0-9_-]{1,32}`, the first half of its grants' keys.
+struct ProviderId(String);
+
+impl<'de> Deserialize<'de> for ProviderId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<ProviderId, D::Error> {
+        let s = String::deserialize(d)?;
+        let ok = (1..=32).contains(&s.len())
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if !ok {
+            return Err(serde::de::Error::custom(format!("provider id {s:?} is not 1-32 bytes of [a-z0-9_-]")));
+        }
+        Ok(ProviderId(s))
     }
 }
 

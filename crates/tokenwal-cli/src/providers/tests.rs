@@ -84,7 +84,7 @@ fn defaults_of_a_new_profile_and_each_rotation() {
         assert_eq!((x.provider.as_str(), x.rotation, x.refresh_buffer), ("x", rotation, Duration::from_secs(300)));
         let ProviderSpec::OAuth2 { rules, client_auth, .. } = &x.spec else { panic!() };
         assert_eq!(*client_auth, ClientAuth::Public);
-        assert_eq!(rules.require_refresh_token, false, "{name}: generic OAuth 2.0 rules");
+        assert!(!rules.require_refresh_token, "{name}: generic OAuth 2.0 rules");
     }
     let p = parse(
         "[providers.x]\ntoken_url = \"https://a.example/t\"\nclient_auth = \"client_secret_post\"\n\
@@ -134,15 +134,16 @@ fn every_error_names_the_line() {
         ("negative duration", &format!("{base}refresh_buffer = -1\n"), "line 5"),
         ("bad origin", &format!("{base}origin = \"https://a.example/path\"\n"), "line 5"),
         ("missing keys", "\n[providers.y]\nrefresh_buffer = \"1m\"\n", "needs token_url, client_auth, rotation"),
-        ("plain http", "[providers.x]\ntoken_url = \"http://a.example/t\"\nclient_auth = \"none\"\nrotation = \"non-rotating\"\n", "https"),
+        ("plain http", "[providers.x]\ntoken_url = \"http://a.example/t\"\nclient_auth = \"none\"\nrotation = \"non-rotating\"\n", "line 2, column 13: [providers.x]: token URL must be https"),
         ("userinfo", "[providers.x]\ntoken_url = \"https://u:p@a.example/t\"\nclient_auth = \"none\"\nrotation = \"non-rotating\"\n", "credentials"),
         ("unknown placeholder", "[providers.x]\ntoken_url = \"https://a.example/{tenant}\"\nclient_auth = \"none\"\nrotation = \"non-rotating\"\n", "placeholder"),
         ("shop_id for another provider", "[providers.x]\ntoken_url = \"https://a.example/{shop_id}\"\nclient_auth = \"none\"\nrotation = \"non-rotating\"\n", "shopify-customer-account"),
-        ("bad provider id", &format!("{base}provider = \"Bad Id\"\n"), "provider id"),
+        ("bad provider id", &format!("{base}provider = \"Bad Id\"\n"), "line 5"),
         ("reserved extra field", &format!("{base}extra_fields = {{ client_secret = \"x\" }}\n"), "client_secret"),
         ("retain_max without retain", &format!("{base}retain_max = \"1d\"\n"), "retain_max"),
         ("admin wire format", "[providers.shopify-admin]\ntoken_url = \"https://x.example\"\n", "fixed"),
         ("builtin provider id", "[providers.shopify-customer-account]\nprovider = \"other\"\n", "fixed"),
+        ("bad profile name", "[providers.My_IdP]\ntoken_url = \"https://a.example/t\"\nclient_auth = \"none\"\nrotation = \"non-rotating\"\n", "line 1, column 1: [providers.My_IdP]: the profile's name"),
         ("duplicate key", &format!("{base}rotation = \"non-rotating\"\n"), "line 5"),
     ];
     for (what, text, expect) in cases {
