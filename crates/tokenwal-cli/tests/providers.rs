@@ -105,8 +105,19 @@ fn import_and_token_for_a_customer_with_a_public_client() {
     // A customer not in the store: 66, and nothing is sent.
     assert_eq!(tokenwal(&db, &["--config", &config, "token", "4242:9"], None).code, 66);
 
+    // `run --once` refreshes every due customer grant of the profile (another shop's here).
+    let due =
+        r#"{"account":"5151:1","access_token":"cat_SECRET_old1","refresh_token":"crt_SECRET_old1","expires_in":1}"#;
+    assert_eq!(tokenwal(&db, &["--config", &config, "import"], Some(due)).code, 0);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let out = tokenwal(&db, &["--config", &config, "run", "--once"], None);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(!out.all().contains("SECRET"), "{}", out.all());
+
     let seen = seen.lock().unwrap().clone();
-    assert_eq!(seen.len(), 2);
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(seen[2].0, "5151");
+    assert_eq!(seen[2].2["refresh_token"], "crt_SECRET_old1");
     for ((shop_id, auth, form), rt) in seen.iter().zip(["crt_SECRET_old8", "crt_SECRET_old7"]) {
         assert_eq!(shop_id, "4242");
         assert_eq!(auth, &None, "a public client sends no Authorization");
