@@ -134,7 +134,7 @@ impl Endpoint {
 /// Checks that an OAuth 2.0 profile's provider id can hold the values its token URL needs:
 /// `{shop}` only Shopify shop grants (`shopify`), `{shop_id}` only Customer Account API grants
 /// (`shopify-customer-account`); a URL without placeholders, any valid provider id.
-pub fn profile_provider(provider: &str, token_url: &str) -> Result<(), String> {
+pub(crate) fn profile_provider(provider: &str, token_url: &str) -> Result<(), String> {
     use tokenwal_core::SHOPIFY_CUSTOMER_ACCOUNT;
     let sample = match provider {
         SHOPIFY_PROVIDER => "a.myshopify.com",
@@ -280,9 +280,14 @@ impl Config {
     pub fn with_profile(mut self, profile: ProviderProfile) -> Config {
         self.policy = profile.retry_policy();
         self.refresh_margin = profile.refresh_buffer;
-        self.endpoint = match profile.spec {
+        self.endpoint = match &profile.spec {
             ProviderSpec::Shopify => Endpoint::Shopify,
-            _ => Endpoint::Profile(Box::new(profile)),
+            ProviderSpec::ShopifyTestServer { base } => match Url::parse(base) {
+                Ok(base) => Endpoint::ShopifyTestServer { base },
+                // Refused at open, naming the profile.
+                Err(_) => Endpoint::Profile(Box::new(profile)),
+            },
+            ProviderSpec::OAuth2 { .. } => Endpoint::Profile(Box::new(profile)),
         };
         self
     }
@@ -332,6 +337,46 @@ mod tests {
         ] {
             let e = Endpoint::ShopifyTestServer { base: Url::parse(bad).unwrap() };
             assert!(e.validate().is_err(), "{bad}");
+        }
+    }
+
+    /// `shopify-admin` is today's default, bit for bit: same endpoint, policy and margin.
+    #[test]
+    fn the_admin_profile_changes_nothing() {
+        let base = Config::shopify(StoreLocation::InMemory, "id", ClientSecret::new("s"));
+        let with = base.clone().with_profile(ProviderProfile::shopify_admin());
+        assert!(matches!(with.endpoint, Endpoint::Shopify));
+        assert_eq!((with.policy, with.refresh_margin), (base.policy, base.refresh_margin));
+        assert!(matches!(with.endpoint.spec(), ProviderSpec::Shopify));
+    }
+
+    #[test]
+    fn profiles_are_checked_before_any_secret_could_be_sent() {
+        let customer = ProviderProfile::shopify_customer_account();
+        assert_eq!(check_profile(&customer), Ok(()));
+        let c = Config::shopify(StoreLocation::InMemory, "id", ClientSecret::new("s")).with_profile(customer.clone());
+        assert_eq!(c.endpoint.provider(), "shopify-customer-account");
+        assert_eq!(c.refresh_margin, Duration::from_secs(120));
+        let with_url = |u: &str, provider: &str| {
+            let mut p = customer.clone();
+            p.provider = provider.into();
+            let ProviderSpec::OAuth2 { token_url, .. } = &mut p.spec else { unreachable!() };
+            *token_url = u.into();
+            check_profile(&p)
+        };
+        assert_eq!(with_url("http://127.0.0.1:9/{shop_id}/t", "shopify-customer-account"), Ok(()));
+        assert_eq!(with_url("https://idp.example/t", "idp"), Ok(()));
+        assert_eq!(with_url("https://{shop}/t", "shopify"), Ok(()));
+        for (bad, provider) in [
+            ("http://idp.example/{shop_id}/t", "shopify-customer-account"),
+            ("https://u:p@idp.example/{shop_id}", "shopify-customer-account"),
+            ("https://idp.example/{shop_id}", "idp"),
+            ("https://{shop}/t", "idp"),
+            ("https://idp.example/{tenant}", "idp"),
+            ("not a url", "idp"),
+            ("https://idp.example/t", "Bad"),
+        ] {
+            assert!(with_url(bad, provider).is_err(), "{bad} for {provider}");
         }
     }
 
