@@ -11,6 +11,10 @@
 //! | `refresh_token_expires_at` / `refresh_token_expires_in` | optional (at most one) | refresh-token expiry, same forms; must be in the future |
 //! | `scope` | optional | granted scopes, comma-separated |
 //!
+//! With a non-Admin provider profile (`provider` in the config), a line names its grant by
+//! `account` instead of `shop`: the account at that provider (for `shopify-customer-account`,
+//! `{shop_id}:{customer_id}`), validated as the profile's grant key.
+//!
 //! Other keys are ignored. An access token that has already expired is accepted (it is refreshed
 //! at once); a refresh token that has already expired is refused (that grant is dead).
 //!
@@ -19,7 +23,7 @@
 
 use serde_json::{Map, Value};
 use std::time::Duration;
-use tokenwal::core::{AccessToken, RefreshToken, ShopDomain, TokenSet, UnixMillis};
+use tokenwal::core::{AccessToken, GrantKey, RefreshToken, ShopDomain, TokenSet, UnixMillis, SHOPIFY_PROVIDER};
 
 use crate::timefmt;
 
@@ -31,6 +35,35 @@ const MAX_UNIX_SECONDS: f64 = 1e11;
 
 /// Parses one line into a shop and its token set, with `now` for relative lifetimes.
 pub fn parse_line(line: &str, now: UnixMillis) -> Result<(ShopDomain, TokenSet), String> {
+    let (obj, tokens) = parse_tokens(line, now, "shop")?;
+    let shop = match obj.get("shop") {
+        None | Some(Value::Null) => return Err("missing field `shop`".into()),
+        Some(Value::String(s)) => ShopDomain::parse(s).map_err(|e| format!("invalid shop domain: {e}"))?,
+        Some(_) => return Err("`shop` must be a string".into()),
+    };
+    Ok((shop, tokens))
+}
+
+/// Parses one line into a grant of `provider` and its token set: [`parse_line`] for `shopify`;
+/// otherwise the grant is named by `account`, validated as that provider's grant key.
+pub fn parse_grant_line(line: &str, now: UnixMillis, provider: &str) -> Result<(GrantKey, TokenSet), String> {
+    if provider == SHOPIFY_PROVIDER {
+        return parse_line(line, now).map(|(shop, tokens)| (GrantKey::shopify(&shop), tokens));
+    }
+    let (obj, tokens) = parse_tokens(line, now, "account")?;
+    let grant = match obj.get("account") {
+        None | Some(Value::Null) => return Err(format!("missing field `account` (a `{provider}` account)")),
+        Some(Value::String(s)) => {
+            GrantKey::new(provider, s).map_err(|e| format!("invalid `{provider}` account: {e}"))?
+        }
+        Some(_) => return Err("`account` must be a string".into()),
+    };
+    Ok((grant, tokens))
+}
+
+/// The token set of a line and its object; `who` (`shop` or `account`) is checked first, so a
+/// line without it reports that before anything else.
+fn parse_tokens(line: &str, now: UnixMillis, who: &str) -> Result<(Map<String, Value>, TokenSet), String> {
     if line.len() > MAX_LINE {
         return Err(format!("line longer than {MAX_LINE} bytes"));
     }
@@ -41,11 +74,9 @@ pub fn parse_line(line: &str, now: UnixMillis) -> Result<(ShopDomain, TokenSet),
     let Value::Object(obj) = value else {
         return Err("not a JSON object".into());
     };
-    let shop = match obj.get("shop") {
-        None | Some(Value::Null) => return Err("missing field `shop`".into()),
-        Some(Value::String(s)) => ShopDomain::parse(s).map_err(|e| format!("invalid shop domain: {e}"))?,
-        Some(_) => return Err("`shop` must be a string".into()),
-    };
+    if matches!(obj.get(who), None | Some(Value::Null)) {
+        return Err(format!("missing field `{who}`"));
+    }
     let access_token = secret(&obj, "access_token")?;
     let refresh_token = secret(&obj, "refresh_token")?;
     let access_expires_at = match expiry(&obj, "expires_at", "expires_in", now)? {
@@ -70,7 +101,7 @@ pub fn parse_line(line: &str, now: UnixMillis) -> Result<(ShopDomain, TokenSet),
         refresh_expires_at,
         scope,
     };
-    Ok((shop, tokens))
+    Ok((obj, tokens))
 }
 
 fn secret(obj: &Map<String, Value>, key: &str) -> Result<String, String> {
@@ -161,6 +192,29 @@ mod tests {
         assert_eq!(t.access_expires_at, UnixMillis(1_700_000_000_000), "an expired access token is fine");
         assert_eq!(t.refresh_expires_at, Some(UnixMillis(NOW.0 + 86_400_000)));
         assert_eq!(t.scope, None);
+    }
+
+    #[test]
+    fn grant_lines_per_provider() {
+        let line = r#"{"account":"55555:7","access_token":"a","refresh_token":"r","expires_in":60}"#;
+        let (grant, t) = parse_grant_line(line, NOW, "shopify-customer-account").unwrap();
+        assert_eq!(grant.to_string(), "shopify-customer-account/55555:7");
+        assert_eq!(t.access_expires_at, UnixMillis(NOW.0 + 60_000));
+        let (grant, _) = parse_grant_line(&line.replace("55555:7", "user-1"), NOW, "idp").unwrap();
+        assert_eq!(grant.to_string(), "idp/user-1");
+        for (bad, want) in [
+            (line.replace("55555:7", "55555:07"), "invalid `shopify-customer-account` account"),
+            (line.replace("55555:7", "a.myshopify.com"), "invalid `shopify-customer-account` account"),
+            (line.replace("\"account\"", "\"shop\""), "missing field `account`"),
+        ] {
+            let e = parse_grant_line(&bad, NOW, "shopify-customer-account").unwrap_err();
+            assert!(e.contains(want), "{bad}: {e}");
+            assert!(!e.contains("\"a\"") && !e.contains("\"r\""), "no token in {e}");
+        }
+        // The Admin API still reads `shop`.
+        let admin = r#"{"shop":"a.myshopify.com","access_token":"a","refresh_token":"r","expires_in":60}"#;
+        assert_eq!(parse_grant_line(admin, NOW, "shopify").unwrap().0.to_string(), "shopify/a.myshopify.com");
+        assert!(parse_grant_line(line, NOW, "shopify").is_err());
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod error;
 mod import;
 mod input;
 mod migrate;
+mod providers;
 mod serve;
 mod settings;
 mod timefmt;
@@ -61,6 +62,10 @@ CONFIG FILE (--config FILE or TOKENWAL_CONFIG), JSON, every key optional, unknow
   signed with TOKENWAL_WEBHOOK_SECRET (or webhook_secret); see docs/webhooks.md. An event refused
   webhook_max_attempts times becomes a dead letter: `tokenwal webhooks dead-letters`, `... replay`.
   Durations: a string with a unit (ms, s, m, h, d) or a number of seconds.
+  provider: the provider profile to serve (default: Shopify's Admin API, as always);
+  providers_file (or TOKENWAL_PROVIDERS): a TOML file of profiles (docs/providers.md). With a
+  profile other than shopify-admin, `token` takes and `import` lines carry an `account` of that
+  provider (shopify-customer-account: SHOP_ID:CUSTOMER_ID); a public client needs no secret.
 
 ONE PROCESS PER STORE
   The store is locked by whichever command has it open: while `tokenwal run` (or `serve`) runs, the other
@@ -251,7 +256,8 @@ enum Command {
     /// Print a valid access token for SHOP to stdout, refreshing first if needed (for scripts)
     #[command(long_about = TOKEN_ABOUT)]
     Token {
-        /// The shop, e.g. my-shop.myshopify.com
+        /// The shop, e.g. my-shop.myshopify.com (with a non-Admin `provider`: its account, e.g.
+        /// SHOP_ID:CUSTOMER_ID)
         shop: String,
     },
     /// Export every stored token set as JSON lines, the shape `import` reads

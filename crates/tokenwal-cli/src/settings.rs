@@ -29,7 +29,9 @@
 //!   "webhook_max_backoff": "5m",
 //!   "retention": "30d",
 //!   "history_per_grant": 64,
-//!   "compact_interval": "10m"
+//!   "compact_interval": "10m",
+//!   "providers_file": "/etc/my-app/providers.toml",
+//!   "provider": "shopify-admin"
 //! }
 //! ```
 //!
@@ -44,6 +46,11 @@
 //! (journal records older than `retention` go; each grant keeps its newest `history_per_grant`
 //! records whatever their age) and what `tokenwal compact` does now (`history_per_grant` is at
 //! least 1).
+//! `provider` names the provider profile the engine serves (default: none, which is exactly
+//! `shopify-admin`, today's behaviour); `providers_file` (or `TOKENWAL_PROVIDERS`) is a TOML file of
+//! profiles (crate::providers): new providers, and settings of the built-in `shopify-admin` and
+//! `shopify-customer-account`. A profile whose `client_auth` is `none` (a public client) needs no
+//! client secret. `refresh_margin` in this file overrides the profile's `refresh_buffer`.
 //! A file that holds a client secret should be readable by its owner only: tokenwal warns otherwise.
 //!
 //! # The store key
@@ -54,10 +61,12 @@
 //! key file is refused. `tokenwal keygen FILE` makes one (see docs/security.md).
 
 use crate::error::CliError;
+use crate::providers::Providers;
 use serde::{Deserialize, Deserializer};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokenwal::core::{ClientSecret, FingerprintKey, Machine};
+use tokenwal::core::protocol::{ClientAuth, ProviderSpec};
+use tokenwal::core::{ClientSecret, FingerprintKey, Machine, ProviderProfile};
 use tokenwal::store::keys::{KEY_ENV, KEY_FILE_ENV};
 use tokenwal::store::StoreError;
 use tokenwal::{Config, KeyRing, KeySource, StoreLocation};
@@ -68,6 +77,8 @@ use url::Url;
 pub const ENV_CLIENT_ID: &str = "TOKENWAL_CLIENT_ID";
 /// Environment variable of the app's client secret.
 pub const ENV_CLIENT_SECRET: &str = "TOKENWAL_CLIENT_SECRET";
+/// Environment variable of the provider profiles file (overrides `providers_file`).
+pub const ENV_PROVIDERS: &str = "TOKENWAL_PROVIDERS";
 /// Environment variable of the webhook sink's signing secret.
 pub const ENV_WEBHOOK_SECRET: &str = "TOKENWAL_WEBHOOK_SECRET";
 
@@ -108,6 +119,8 @@ pub struct ConfigFile {
     history_per_grant: Option<usize>,
     #[serde(default, deserialize_with = "duration")]
     compact_interval: Option<Duration>,
+    providers_file: Option<PathBuf>,
+    provider: Option<String>,
 }
 
 /// A duration: `"90s"`-style string or a number of seconds.
@@ -136,6 +149,7 @@ pub struct Settings {
     pub skip_corrupt_records: bool,
     file: ConfigFile,
     test_endpoint: Option<Url>,
+    profile: Option<ProviderProfile>,
 }
 
 /// The platform's data directory for tokenwal: `$XDG_DATA_HOME/tokenwal` or
@@ -180,7 +194,30 @@ impl Settings {
             }
             _ => None,
         };
-        Ok(Settings { db, pg, skip_corrupt_records: false, file, test_endpoint })
+        let profile = load_profile(&file)?;
+        if let (Some(p), Some(_)) = (&profile, &test_endpoint) {
+            if !p.is_shopify_admin() {
+                return Err(CliError::Config(format!(
+                    "insecure_test_endpoint is for the Admin API; profile {} has its own token_url (a loopback \
+                     http URL is allowed there)",
+                    p.name
+                )));
+            }
+        }
+        Ok(Settings { db, pg, skip_corrupt_records: false, file, test_endpoint, profile })
+    }
+
+    /// The provider profile named by `provider` in the config file, if any (none: Shopify's Admin
+    /// API as always).
+    pub fn profile(&self) -> Option<&ProviderProfile> {
+        self.profile.as_ref()
+    }
+
+    fn public_client(&self) -> bool {
+        matches!(
+            &self.profile,
+            Some(ProviderProfile { spec: ProviderSpec::OAuth2 { client_auth: ClientAuth::Public, .. }, .. })
+        )
     }
 
     /// The PostgreSQL store, if `--db` names one.
@@ -224,6 +261,8 @@ impl Settings {
         let secret = env(ENV_CLIENT_SECRET).or_else(|| self.file.client_secret.clone());
         match (id, secret) {
             (Some(id), Some(secret)) => Ok((id, ClientSecret::new(secret))),
+            // A public client has no secret; none is ever sent (a configured one is ignored).
+            (Some(id), None) if self.public_client() => Ok((id, ClientSecret::new(String::new()))),
             _ => Err(CliError::Config(format!(
                 "app credentials missing: set {ENV_CLIENT_ID} and {ENV_CLIENT_SECRET}, or client_id and \
                  client_secret in a --config file (never on the command line)"
@@ -239,6 +278,9 @@ impl Settings {
             None => StoreLocation::Path(self.db.clone()),
         };
         let mut c = Config::shopify(store, id, secret).with_store_keys(KeySource::Ring(self.keys()?));
+        if let Some(p) = &self.profile {
+            c = c.with_profile(p.clone());
+        }
         if let Some(u) = &self.test_endpoint {
             c = c.with_insecure_test_endpoint(u.clone());
         }
@@ -326,6 +368,10 @@ impl Settings {
     /// credentials).
     pub fn machine(&self, key: FingerprintKey) -> Machine {
         let mut m = Machine::shopify(key);
+        if let Some(p) = &self.profile {
+            m.policy = p.retry_policy();
+            m.refresh_margin = p.refresh_buffer;
+        }
         if let Some(d) = self.file.refresh_margin {
             m.refresh_margin = d;
         }
@@ -333,6 +379,22 @@ impl Settings {
             m.refresh_token_margin = d;
         }
         m
+    }
+}
+
+/// The profile `provider` names, from `TOKENWAL_PROVIDERS` or `providers_file` (or the built-ins).
+fn load_profile(file: &ConfigFile) -> Result<Option<ProviderProfile>, CliError> {
+    let path = std::env::var_os(ENV_PROVIDERS)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| file.providers_file.clone());
+    let providers = match &path {
+        Some(p) => Providers::load(p)?,
+        None => Providers::default(),
+    };
+    match &file.provider {
+        Some(name) => Ok(Some(providers.get(name)?.clone())),
+        None => Ok(None),
     }
 }
 
@@ -398,6 +460,7 @@ mod tests {
             skip_corrupt_records: false,
             file: serde_json::from_str(json).unwrap(),
             test_endpoint: None,
+            profile: None,
         };
         let base = r#""webhook_url":"https://h.example.com/x","webhook_secret":"s""#;
         let w = settings(&format!(
@@ -417,5 +480,60 @@ mod tests {
             assert!(matches!(err, CliError::Config(_)), "{bad}: {err}");
         }
         assert!(settings("{}").webhook_config().unwrap().is_none());
+    }
+}
+
+#[cfg(test)]
+mod profile_tests {
+    use super::*;
+
+    fn settings(json: &str) -> Result<Settings, CliError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, json).unwrap();
+        Settings::load(Some(dir.path().join("db")), Some(&path), None)
+    }
+
+    #[test]
+    fn no_provider_is_todays_admin_api() {
+        let s = settings(r#"{"client_id":"a","client_secret":"b"}"#).unwrap();
+        assert!(s.profile().is_none());
+    }
+
+    #[test]
+    fn a_builtin_provider_needs_no_file_and_a_public_client_no_secret() {
+        let s = settings(r#"{"client_id":"a","provider":"shopify-customer-account"}"#).unwrap();
+        assert_eq!(s.profile(), Some(&ProviderProfile::shopify_customer_account()));
+        let (id, secret) = s.credentials().unwrap();
+        assert_eq!((id.as_str(), secret.expose_secret()), ("a", ""));
+        let m = s.machine(FingerprintKey::from_bytes([1; 32]));
+        assert_eq!(m.refresh_margin, Duration::from_secs(120));
+        assert_eq!(m.policy, ProviderProfile::shopify_customer_account().retry_policy());
+        // The Admin API still needs its secret.
+        let s = settings(r#"{"client_id":"a","provider":"shopify-admin"}"#).unwrap();
+        assert!(matches!(s.credentials(), Err(CliError::Config(_))));
+    }
+
+    #[test]
+    fn a_profile_from_a_file_and_its_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = dir.path().join("providers.toml");
+        std::fs::write(
+            &toml,
+            "[providers.idp]\ntoken_url = \"http://127.0.0.1:9/t\"\nclient_auth = \"client_secret_basic\"\n\
+             rotation = \"non-rotating\"\nrefresh_buffer = \"1m\"\n",
+        )
+        .unwrap();
+        let json = |provider: &str| {
+            format!(r#"{{"client_id":"a","providers_file":{:?},"provider":"{provider}"}}"#, toml.to_str().unwrap())
+        };
+        let s = settings(&json("idp")).unwrap();
+        assert_eq!(s.profile().unwrap().provider, "idp");
+        assert_eq!(s.machine(FingerprintKey::from_bytes([1; 32])).refresh_margin, Duration::from_secs(60));
+        let e = settings(&json("idq")).err().unwrap().to_string();
+        assert!(e.contains("no provider profile \"idq\""), "{e}");
+        std::fs::write(&toml, "[providers.idp]\nrotation = \"often\"\n").unwrap();
+        let e = settings(&json("idp")).err().unwrap().to_string();
+        assert!(e.contains("providers.toml") && e.contains("line 2"), "{e}");
     }
 }

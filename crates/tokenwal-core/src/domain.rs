@@ -138,15 +138,99 @@ pub enum GrantKeyError {
     /// A Shopify account must be a valid shop domain.
     #[error(transparent)]
     Shop(#[from] ShopDomainError),
+    /// A Customer Account API account must be `{shop_id}:{customer_id}`.
+    #[error(transparent)]
+    Customer(#[from] CustomerAccountError),
 }
 
 /// The provider id of Shopify grants.
 pub const SHOPIFY: &str = "shopify";
 
-/// Identifies one grant: a provider and an account at that provider (for Shopify, the shop).
+/// The provider id of Shopify Customer Account API grants (one per customer of a shop).
+pub const SHOPIFY_CUSTOMER_ACCOUNT: &str = "shopify-customer-account";
+
+/// Why a string is not a Customer Account API account.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CustomerAccountError {
+    /// Not `{shop_id}:{customer_id}` (or `{shop_id}:gid://shopify/Customer/{customer_id}`).
+    #[error(
+        "customer account must be SHOP_ID:CUSTOMER_ID, both positive decimal numbers without sign or leading \
+         zeros (the customer may also be written gid://shopify/Customer/ID)"
+    )]
+    Malformed,
+}
+
+/// One customer of one shop at the Customer Account API: the typed account of a
+/// [`SHOPIFY_CUSTOMER_ACCOUNT`] grant.
+///
+/// Both ids are numbers, so the canonical text `{shop_id}:{customer_id}` is injective: two customers
+/// never share a key, and no key of one customer parses as another's. The token URL's `{shop_id}` is
+/// taken from this key only, so a customer's refresh token is only ever presented to its own shop's
+/// endpoint.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct CustomerAccount {
+    shop_id: u64,
+    customer_id: u64,
+}
+
+impl CustomerAccount {
+    /// The customer `customer_id` of the shop `shop_id`; both must be non-zero.
+    pub fn new(shop_id: u64, customer_id: u64) -> Result<CustomerAccount, CustomerAccountError> {
+        if shop_id == 0 || customer_id == 0 {
+            return Err(CustomerAccountError::Malformed);
+        }
+        Ok(CustomerAccount { shop_id, customer_id })
+    }
+
+    /// Parses `{shop_id}:{customer_id}`; the customer may be the GraphQL id
+    /// `gid://shopify/Customer/{customer_id}`. Never trims or normalises anything else.
+    pub fn parse(s: &str) -> Result<CustomerAccount, CustomerAccountError> {
+        let (shop, customer) = s.split_once(':').ok_or(CustomerAccountError::Malformed)?;
+        let customer = customer.strip_prefix("gid://shopify/Customer/").unwrap_or(customer);
+        CustomerAccount::new(decimal(shop)?, decimal(customer)?)
+    }
+
+    /// The shop's numeric id (the `{shop_id}` of the token URL).
+    pub fn shop_id(&self) -> u64 {
+        self.shop_id
+    }
+
+    /// The customer's numeric id.
+    pub fn customer_id(&self) -> u64 {
+        self.customer_id
+    }
+}
+
+/// A canonical positive decimal: digits only, no leading zero, fits a u64.
+fn decimal(s: &str) -> Result<u64, CustomerAccountError> {
+    let canonical = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && !s.starts_with('0');
+    if !canonical {
+        return Err(CustomerAccountError::Malformed);
+    }
+    s.parse().map_err(|_| CustomerAccountError::Malformed)
+}
+
+impl fmt::Display for CustomerAccount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.shop_id, self.customer_id)
+    }
+}
+
+impl std::str::FromStr for CustomerAccount {
+    type Err = CustomerAccountError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        CustomerAccount::parse(s)
+    }
+}
+
+/// Identifies one grant: a provider and an account at that provider (for Shopify, the shop; for the
+/// Customer Account API, one customer of one shop).
 ///
 /// The key is generic so that non-Shopify OAuth providers fit; Shopify keys can only be built from a
-/// validated [`ShopDomain`].
+/// validated [`ShopDomain`], and [`SHOPIFY_CUSTOMER_ACCOUNT`] keys only from a [`CustomerAccount`]
+/// (in its canonical text, so the stored bytes `provider/account` are the same format as every
+/// other key's).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct GrantKey {
     provider: String,
@@ -159,7 +243,13 @@ impl GrantKey {
         GrantKey { provider: SHOPIFY.to_owned(), account: shop.as_str().to_owned() }
     }
 
-    /// A key for any provider. A `shopify` key must name a valid shop domain.
+    /// The key of one customer's Customer Account API grant.
+    pub fn customer_account(customer: &CustomerAccount) -> GrantKey {
+        GrantKey { provider: SHOPIFY_CUSTOMER_ACCOUNT.to_owned(), account: customer.to_string() }
+    }
+
+    /// A key for any provider. A `shopify` key must name a valid shop domain; a
+    /// `shopify-customer-account` key a [`CustomerAccount`] (stored in its canonical form).
     pub fn new(provider: &str, account: &str) -> Result<GrantKey, GrantKeyError> {
         let p_ok = (1..=32).contains(&provider.len())
             && provider.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
@@ -168,6 +258,14 @@ impl GrantKey {
         }
         if provider == SHOPIFY {
             return Ok(GrantKey::shopify(&ShopDomain::parse(account)?));
+        }
+        if provider == SHOPIFY_CUSTOMER_ACCOUNT {
+            let customer = CustomerAccount::parse(account)?;
+            // Only the canonical text is a key: one customer, one key, whatever was typed.
+            if customer.to_string() != account {
+                return Err(CustomerAccountError::Malformed.into());
+            }
+            return Ok(GrantKey::customer_account(&customer));
         }
         let a_ok = (1..=255).contains(&account.len()) && !account.chars().any(|c| c.is_control() || c == '/');
         if !a_ok {
@@ -189,6 +287,11 @@ impl GrantKey {
     /// The shop, if this is a Shopify grant.
     pub fn shop(&self) -> Option<ShopDomain> {
         (self.provider == SHOPIFY).then(|| ShopDomain::parse(&self.account).ok()).flatten()
+    }
+
+    /// The customer, if this is a Customer Account API grant.
+    pub fn customer(&self) -> Option<CustomerAccount> {
+        (self.provider == SHOPIFY_CUSTOMER_ACCOUNT).then(|| CustomerAccount::parse(&self.account).ok()).flatten()
     }
 
     /// A byte key that sorts by provider, then account: `provider / account`.
@@ -372,6 +475,46 @@ mod tests {
         assert!(GrantKey::new("Bad", "x").is_err());
         assert!(GrantKey::new("oidc", "a/b").is_err());
         assert!(GrantKey::new("oidc", "user-42").is_ok());
+    }
+
+    #[test]
+    fn customer_account_keys_are_typed_and_canonical() {
+        let c = CustomerAccount::new(55_555, 7).unwrap();
+        let k = GrantKey::customer_account(&c);
+        assert_eq!(k.to_string(), "shopify-customer-account/55555:7");
+        assert_eq!(GrantKey::from_bytes(&k.to_bytes()).unwrap(), k, "the stored format round-trips");
+        assert_eq!(k.customer(), Some(c));
+        assert_eq!(k.shop(), None);
+        assert_eq!(GrantKey::shopify(&ShopDomain::parse("x.myshopify.com").unwrap()).customer(), None);
+        // Another customer of the same shop, or the same customer id at another shop, is another key.
+        assert_ne!(k, GrantKey::customer_account(&CustomerAccount::new(55_555, 8).unwrap()));
+        assert_ne!(k, GrantKey::customer_account(&CustomerAccount::new(5_555, 57).unwrap()));
+        assert_eq!(CustomerAccount::parse("55555:gid://shopify/Customer/7"), Ok(c));
+        assert_eq!(GrantKey::new(SHOPIFY_CUSTOMER_ACCOUNT, "55555:7"), Ok(k));
+        for bad in [
+            "",
+            "55555",
+            "55555:",
+            ":7",
+            "0:7",
+            "55555:0",
+            "055555:7",
+            "55555:07",
+            "+5:7",
+            " 5:7",
+            "5:7 ",
+            "5:7:9",
+            "5:-7",
+            "5:gid://shopify/Order/7",
+            "99999999999999999999:7",
+            "x.myshopify.com",
+        ] {
+            assert!(CustomerAccount::parse(bad).is_err(), "accepted {bad:?}");
+            assert!(GrantKey::new(SHOPIFY_CUSTOMER_ACCOUNT, bad).is_err(), "accepted {bad:?}");
+        }
+        // The gid form parses, but only the canonical text is a key.
+        assert!(GrantKey::new(SHOPIFY_CUSTOMER_ACCOUNT, "55555:gid://shopify/Customer/7").is_err());
+        assert!(GrantKey::from_bytes(b"shopify-customer-account/5:07").is_err());
     }
 
     #[test]

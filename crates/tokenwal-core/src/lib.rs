@@ -15,6 +15,8 @@
 //!   of each attempt ([`protocol::build`]) and what its answer means ([`classify`](mod@classify), [`Outcome`]; also
 //!   re-exported at the crate root, as before).
 //! * [`policy`] — per-provider retry policy: retention of old refresh tokens, backoff.
+//! * [`profile`] — provider profiles (built in: Shopify's Admin API and Customer Account API): the
+//!   grants, wire format, rotation and refresh buffer of one token endpoint.
 //! * [`machine`] — the per-grant state machine; [`Pending`]/[`Durable`] make "journal before network"
 //!   and "commit before use" hold by construction.
 //! * [`recovery`] — the recovery planner.
@@ -73,6 +75,7 @@ pub mod domain;
 pub mod mac;
 pub mod machine;
 pub mod policy;
+pub mod profile;
 pub mod protocol;
 pub mod record;
 pub mod recovery;
@@ -82,13 +85,15 @@ pub mod time;
 pub use codec::CodecError;
 pub use domain::SHOPIFY as SHOPIFY_PROVIDER;
 pub use domain::{
-    AttemptId, Fingerprint, FingerprintKey, Generation, GrantKey, GrantKeyError, ShopDomain, ShopDomainError, TokenSet,
+    AttemptId, CustomerAccount, CustomerAccountError, Fingerprint, FingerprintKey, Generation, GrantKey, GrantKeyError,
+    ShopDomain, ShopDomainError, TokenSet, SHOPIFY_CUSTOMER_ACCOUNT,
 };
 pub use machine::{
     AttemptRequest, Credential, Decision, Durable, DurableLog, Event, Goal, Machine, NoChange, Pending, Prior, Refusal,
     Step, Transition, Verdict, WriteBatch, ABANDONED, MIGRATION_RETRY,
 };
 pub use policy::{Backoff, Retention, RetryPolicy};
+pub use profile::{ProviderProfile, Rotation};
 /// The classification keeps its old paths (`tokenwal_core::classify::…`, `tokenwal_core::classify`).
 pub use protocol::classify;
 pub use protocol::{classify_attempt, Exchange, HttpAnswer, Outcome, ResponseRules, TransportFailure, MAX_BODY};

@@ -24,6 +24,9 @@ pub enum Retention {
     /// whether a lost request was processed: if it was, the grant is already lost with the
     /// response, and the server's rejection says so; if it was not, the retry succeeds.
     SingleUse,
+    /// The server does not rotate (RFC 6749 §6 allows it): a presented refresh token stays usable
+    /// until its own expiry, so a retry resolves an ambiguous attempt for as long as the token lives.
+    NonRotating,
 }
 
 /// Exponential backoff with jitter and a cap.
@@ -98,7 +101,7 @@ impl RetryPolicy {
         let window = match self.retention {
             Retention::RetainUntilReplacementUsed { max } => Some(first_presented.saturating_add(max)),
             Retention::Window(w) => Some(first_presented.saturating_add(w)),
-            Retention::SingleUse => None,
+            Retention::SingleUse | Retention::NonRotating => None,
         };
         match (window, refresh_expires) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -122,6 +125,9 @@ mod tests {
         assert_eq!(w.retry_deadline(t0, None), Some(UnixMillis(1_000 + 3_600_000)));
         assert_eq!(RetryPolicy::single_use().retry_deadline(t0, None), None);
         assert_eq!(RetryPolicy::single_use().retry_deadline(t0, Some(UnixMillis(9))), Some(UnixMillis(9)));
+        let n = RetryPolicy { retention: Retention::NonRotating, ..RetryPolicy::shopify() };
+        assert_eq!(n.retry_deadline(t0, None), None, "no deadline but the token's own");
+        assert_eq!(n.retry_deadline(t0, Some(UnixMillis(9_000_000_000))), Some(UnixMillis(9_000_000_000)));
     }
 
     #[test]

@@ -9,13 +9,14 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 /// Every environment variable the CLI reads: removed before each run.
-pub const ENV_VARS: [&str; 8] = [
+pub const ENV_VARS: [&str; 9] = [
     "TOKENWAL_STORE_KEY",
     "TOKENWAL_STORE_KEY_FILE",
     "TOKENWAL_CLIENT_ID",
     "TOKENWAL_CLIENT_SECRET",
     "TOKENWAL_DB",
     "TOKENWAL_CONFIG",
+    "TOKENWAL_PROVIDERS",
     "TOKENWAL_INSECURE_TEST_ENDPOINT",
     "RUST_LOG",
 ];

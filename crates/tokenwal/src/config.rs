@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 use std::time::Duration;
-use tokenwal_core::protocol::ProviderSpec;
-use tokenwal_core::{ClientSecret, GrantKey, RetryPolicy, SHOPIFY_PROVIDER};
+use tokenwal_core::protocol::{check_template, ProviderSpec};
+use tokenwal_core::{ClientSecret, GrantKey, ProviderProfile, RetryPolicy, SHOPIFY_PROVIDER};
 use tokenwal_store::KeySource;
 use url::Url;
 
@@ -33,6 +33,10 @@ pub enum Endpoint {
         /// How the client authenticates.
         client_auth: ClientAuth,
     },
+    /// A provider profile ([`ProviderProfile`]: the built-in Customer Account API one, or one from
+    /// a config file). Its token URL template, once filled, must be `https`, or `http` on a
+    /// loopback address. Use [`Config::with_profile`], which also sets the policy and margin.
+    Profile(Box<ProviderProfile>),
 }
 
 impl Endpoint {
@@ -41,7 +45,20 @@ impl Endpoint {
         match self {
             Endpoint::Shopify | Endpoint::ShopifyTestServer { .. } => SHOPIFY_PROVIDER,
             Endpoint::OAuth2 { provider, .. } => provider,
+            Endpoint::Profile(p) => &p.provider,
         }
+    }
+
+    /// The token URL of a profile with its placeholders filled by sample values (for the scheme
+    /// and host checks), if this is a profile with a URL of its own.
+    pub(crate) fn profile_sample_url(&self) -> Option<Result<Url, String>> {
+        let Endpoint::Profile(p) = self else { return None };
+        let ProviderSpec::OAuth2 { token_url, .. } = &p.spec else { return None };
+        Some(
+            check_template(token_url)
+                .map_err(|e| e.to_string())
+                .and_then(|u| Url::parse(&u).map_err(|e| format!("token URL: {e}"))),
+        )
     }
 
     /// Checks the endpoint before any secret could be sent to it.
@@ -71,6 +88,34 @@ impl Endpoint {
                     _ => Err("token URL must be https (or http on loopback)".into()),
                 }
             }
+            Endpoint::Profile(p) => {
+                let name = &p.name;
+                match &p.spec {
+                    ProviderSpec::Shopify if p.provider == SHOPIFY_PROVIDER => Ok(()),
+                    ProviderSpec::ShopifyTestServer { base } if p.provider == SHOPIFY_PROVIDER => {
+                        let base = Url::parse(base).map_err(|e| e.to_string())?;
+                        Endpoint::ShopifyTestServer { base }.validate()
+                    }
+                    ProviderSpec::Shopify | ProviderSpec::ShopifyTestServer { .. } => {
+                        Err(format!("profile {name}: Shopify's Admin API serves provider `shopify` only"))
+                    }
+                    ProviderSpec::OAuth2 { token_url, .. } => {
+                        profile_provider(&p.provider, token_url).map_err(|e| format!("profile {name}: {e}"))?;
+                        let url = match self.profile_sample_url() {
+                            Some(url) => url.map_err(|e| format!("profile {name}: {e}"))?,
+                            None => return Err(format!("profile {name}: no token URL")),
+                        };
+                        if !url.username().is_empty() || url.password().is_some() {
+                            return Err(format!("profile {name}: the token URL must not carry credentials"));
+                        }
+                        match url.scheme() {
+                            "https" => Ok(()),
+                            "http" if is_loopback(&url) => Ok(()),
+                            _ => Err(format!("profile {name}: token URL must be https (or http on loopback)")),
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -80,11 +125,37 @@ impl Endpoint {
         match self {
             Endpoint::Shopify => ProviderSpec::Shopify,
             Endpoint::ShopifyTestServer { base } => ProviderSpec::ShopifyTestServer { base: base.as_str().into() },
-            Endpoint::OAuth2 { token_url, client_auth, .. } => {
-                ProviderSpec::OAuth2 { token_url: token_url.as_str().into(), client_auth: *client_auth }
-            }
+            Endpoint::OAuth2 { token_url, client_auth, .. } => ProviderSpec::oauth2(token_url.as_str(), *client_auth),
+            Endpoint::Profile(p) => p.spec.clone(),
         }
     }
+}
+
+/// Checks that an OAuth 2.0 profile's provider id can hold the values its token URL needs:
+/// `{shop}` only Shopify shop grants (`shopify`), `{shop_id}` only Customer Account API grants
+/// (`shopify-customer-account`); a URL without placeholders, any valid provider id.
+pub(crate) fn profile_provider(provider: &str, token_url: &str) -> Result<(), String> {
+    use tokenwal_core::SHOPIFY_CUSTOMER_ACCOUNT;
+    let sample = match provider {
+        SHOPIFY_PROVIDER => "a.myshopify.com",
+        SHOPIFY_CUSTOMER_ACCOUNT => "1:1",
+        _ => "x",
+    };
+    GrantKey::new(provider, sample).map_err(|e| e.to_string())?;
+    if token_url.contains("{shop_id}") && provider != SHOPIFY_CUSTOMER_ACCOUNT {
+        return Err(format!("a token URL with {{shop_id}} serves `{SHOPIFY_CUSTOMER_ACCOUNT}` grants only"));
+    }
+    if token_url.contains("{shop}") && provider != SHOPIFY_PROVIDER {
+        return Err(format!("a token URL with {{shop}} serves `{SHOPIFY_PROVIDER}` grants only"));
+    }
+    Ok(())
+}
+
+/// Checks a profile as [`crate::Engine::open`] will, before any secret could be sent: its
+/// provider id, its token URL (https, or http on loopback, no userinfo, only the placeholders its
+/// grants can fill).
+pub fn check_profile(profile: &ProviderProfile) -> Result<(), String> {
+    Endpoint::Profile(Box::new(profile.clone())).validate()
 }
 
 /// Where the engine keeps its journal.
@@ -209,6 +280,23 @@ impl Config {
         self
     }
 
+    /// Serves the grants of `profile`: its endpoint (Shopify's Admin API stays
+    /// [`Endpoint::Shopify`]), its retry policy and its refresh buffer as [`Config::refresh_margin`].
+    pub fn with_profile(mut self, profile: ProviderProfile) -> Config {
+        self.policy = profile.retry_policy();
+        self.refresh_margin = profile.refresh_buffer;
+        self.endpoint = match &profile.spec {
+            ProviderSpec::Shopify => Endpoint::Shopify,
+            ProviderSpec::ShopifyTestServer { base } => match Url::parse(base) {
+                Ok(base) => Endpoint::ShopifyTestServer { base },
+                // Refused at open, naming the profile.
+                Err(_) => Endpoint::Profile(Box::new(profile)),
+            },
+            ProviderSpec::OAuth2 { .. } => Endpoint::Profile(Box::new(profile)),
+        };
+        self
+    }
+
     /// **Test only**: point the Shopify profile at a local server (see [`Endpoint::ShopifyTestServer`]).
     pub fn with_insecure_test_endpoint(mut self, base: Url) -> Config {
         self.endpoint = Endpoint::ShopifyTestServer { base };
@@ -254,6 +342,46 @@ mod tests {
         ] {
             let e = Endpoint::ShopifyTestServer { base: Url::parse(bad).unwrap() };
             assert!(e.validate().is_err(), "{bad}");
+        }
+    }
+
+    /// `shopify-admin` is today's default, bit for bit: same endpoint, policy and margin.
+    #[test]
+    fn the_admin_profile_changes_nothing() {
+        let base = Config::shopify(StoreLocation::InMemory, "id", ClientSecret::new("s"));
+        let with = base.clone().with_profile(ProviderProfile::shopify_admin());
+        assert!(matches!(with.endpoint, Endpoint::Shopify));
+        assert_eq!((with.policy, with.refresh_margin), (base.policy, base.refresh_margin));
+        assert!(matches!(with.endpoint.spec(), ProviderSpec::Shopify));
+    }
+
+    #[test]
+    fn profiles_are_checked_before_any_secret_could_be_sent() {
+        let customer = ProviderProfile::shopify_customer_account();
+        assert_eq!(check_profile(&customer), Ok(()));
+        let c = Config::shopify(StoreLocation::InMemory, "id", ClientSecret::new("s")).with_profile(customer.clone());
+        assert_eq!(c.endpoint.provider(), "shopify-customer-account");
+        assert_eq!(c.refresh_margin, Duration::from_secs(120));
+        let with_url = |u: &str, provider: &str| {
+            let mut p = customer.clone();
+            p.provider = provider.into();
+            let ProviderSpec::OAuth2 { token_url, .. } = &mut p.spec else { unreachable!() };
+            *token_url = u.into();
+            check_profile(&p)
+        };
+        assert_eq!(with_url("http://127.0.0.1:9/{shop_id}/t", "shopify-customer-account"), Ok(()));
+        assert_eq!(with_url("https://idp.example/t", "idp"), Ok(()));
+        assert_eq!(with_url("https://{shop}/t", "shopify"), Ok(()));
+        for (bad, provider) in [
+            ("http://idp.example/{shop_id}/t", "shopify-customer-account"),
+            ("https://u:p@idp.example/{shop_id}", "shopify-customer-account"),
+            ("https://idp.example/{shop_id}", "idp"),
+            ("https://{shop}/t", "idp"),
+            ("https://idp.example/{tenant}", "idp"),
+            ("not a url", "idp"),
+            ("https://idp.example/t", "Bad"),
+        ] {
+            assert!(with_url(bad, provider).is_err(), "{bad} for {provider}");
         }
     }
 

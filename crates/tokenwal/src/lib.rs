@@ -79,7 +79,7 @@ pub mod webhook;
 pub mod webhook_sink;
 
 pub use acquire::{AcquireError, ExchangeError, MigrateError, MigrateOutcome, MigrationState};
-pub use config::{ClientAuth, Compaction, Config, Endpoint, StoreLocation, Timeouts};
+pub use config::{check_profile, ClientAuth, Compaction, Config, Endpoint, StoreLocation, Timeouts};
 pub use driver::{Driven, Driver, Io, Offline};
 pub use engine::{Engine, RecoveryReport};
 pub use error::Error;

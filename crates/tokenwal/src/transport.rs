@@ -62,6 +62,11 @@ impl Transport {
         let client = match &endpoint {
             Endpoint::ShopifyTestServer { .. } => client.no_proxy(),
             Endpoint::OAuth2 { token_url, .. } if crate::config::is_loopback(token_url) => client.no_proxy(),
+            Endpoint::Profile(_)
+                if endpoint.profile_sample_url().is_some_and(|u| u.is_ok_and(|u| crate::config::is_loopback(&u))) =>
+            {
+                client.no_proxy()
+            }
             _ => client,
         };
         let client = client.build().map_err(|e| TransportBuildError(e.without_url().to_string()))?;
@@ -123,6 +128,9 @@ impl Transport {
         let mut builder = self.client.request(method, url);
         for (name, value) in Request::HEADERS {
             builder = builder.header(*name, *value);
+        }
+        if let Some(origin) = request.origin() {
+            builder = builder.header("origin", origin);
         }
         if let Some((user, password)) = request.expose_basic_auth() {
             // reqwest marks the `Authorization` header sensitive.

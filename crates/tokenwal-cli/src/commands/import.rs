@@ -2,7 +2,7 @@
 //! as a checked install (an older pair than the one held is refused, the same pair is left alone).
 
 use std::io::BufRead;
-use tokenwal::core::{Goal, GrantKey, InstallSource, NoChange, Refusal};
+use tokenwal::core::{Goal, InstallSource, NoChange, Refusal, SHOPIFY_PROVIDER};
 use tokenwal::{Driven, Driver, Offline};
 use tracing::{info, warn};
 
@@ -41,6 +41,9 @@ pub async fn import(settings: &Settings, file: &str, options: &ImportOptions) ->
     let mut valid = Vec::new();
     let (mut total, mut failed) = (0usize, 0usize);
     let now = now();
+    // The grants of the configured provider profile (Shopify's Admin API unless `provider` says
+    // otherwise): lines name a `shop`, or an `account` of that provider.
+    let provider = settings.profile().map_or(SHOPIFY_PROVIDER, |p| p.provider.as_str());
     for (i, line) in reader.split(b'\n').enumerate() {
         let n = i + 1;
         let line = line.map_err(|e| CliError::io(format!("cannot read line {n}"), e))?;
@@ -55,7 +58,7 @@ pub async fn import(settings: &Settings, file: &str, options: &ImportOptions) ->
             continue;
         }
         total += 1;
-        match import::parse_line(line, now) {
+        match import::parse_grant_line(line, now, provider) {
             Ok(parsed) => valid.push((n, parsed)),
             Err(why) => {
                 failed += 1;
@@ -71,8 +74,9 @@ pub async fn import(settings: &Settings, file: &str, options: &ImportOptions) ->
         if let (true, Some(reason)) = (options.force, &options.reason) {
             warn!(%reason, "forced import: pairs older than the ones held will be installed");
         }
-        for (n, (shop, tokens)) in valid {
-            let grant = GrantKey::shopify(&shop);
+        for (n, (grant, tokens)) in valid {
+            // The shop domain for Admin API grants, as always; the account for other providers.
+            let shop = grant.account().to_owned();
             let goal = Goal::Install { tokens, source: InstallSource::Import, force: options.force };
             match driver.drive(&grant, &goal).await? {
                 Driven::Wrote(done) => {

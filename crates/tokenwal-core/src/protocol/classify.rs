@@ -15,6 +15,7 @@
 //! | any 4xx with `error` = `invalid_client` or `unauthorized_client` | `BadCredentials` |
 //! | any 4xx with `error` = `invalid_grant` or `invalid_subject_token` | `Rejected` |
 //! | 401 with `error` = `invalid_request` (Shopify: "requires an active refresh_token") | `Rejected` |
+//! | a refresh's 400 or 401 with any other (or no) `error`, when [`ResponseRules::rejected_on_400_401`] (the Customer Account API: "log the customer in again") | `Rejected` |
 //! | 5xx (520 with `error code: 520` in plain text included), 1xx, 3xx, any other 4xx | `Ambiguous` |
 //! | a body over the size cap | `Ambiguous` |
 //!
@@ -93,6 +94,12 @@ pub struct ResponseRules {
     pub require_expires_in: bool,
     /// The access lifetime assumed when `expires_in` is absent and not required.
     pub default_access_lifetime: Duration,
+    /// A refresh answered 400 or 401 is definitive (`Rejected`) whatever its `error` code, except
+    /// `invalid_client`/`unauthorized_client` (still the app's credentials). For providers whose
+    /// documented contract is "400/401 on refresh: the user must log in again" (the Customer
+    /// Account API). A 5xx, a timeout or any other 4xx stays ambiguous; token exchanges and
+    /// migrations are not affected.
+    pub rejected_on_400_401: bool,
 }
 
 impl ResponseRules {
@@ -101,6 +108,16 @@ impl ResponseRules {
         require_refresh_token: true,
         require_expires_in: true,
         default_access_lifetime: Duration::from_secs(3600),
+        rejected_on_400_401: false,
+    };
+
+    /// A generic OAuth 2.0 server (RFC 6749 §6): the refresh token may not rotate, `expires_in`
+    /// may be absent (an hour is assumed).
+    pub const OAUTH2: ResponseRules = ResponseRules {
+        require_refresh_token: false,
+        require_expires_in: false,
+        default_access_lifetime: Duration::from_secs(3600),
+        rejected_on_400_401: false,
     };
 }
 
@@ -293,7 +310,20 @@ pub fn classify_attempt(
 ) -> Outcome {
     let outcome = classify(exchange, rules, reuse_refresh, received_at);
     if kind == AttemptKind::Refresh {
-        return outcome;
+        return match (exchange, outcome) {
+            (Exchange::Answer(a), Outcome::Ambiguous { .. })
+                if rules.rejected_on_400_401 && matches!(a.status, 400 | 401) =>
+            {
+                let err = serde_json::from_slice::<WireError>(a.body).ok();
+                Outcome::Rejected {
+                    status: a.status,
+                    error: err.as_ref().and_then(|e| e.error.as_deref()).map(|c| sanitize(c, 64)).unwrap_or_default(),
+                    description: err.as_ref().and_then(|e| e.error_description.as_deref()).map(|d| sanitize(d, 256)),
+                    request_id: a.request_id.map(|s| sanitize(s, 128)),
+                }
+            }
+            (_, outcome) => outcome,
+        };
     }
     let Exchange::Answer(answer) = exchange else { return outcome };
     if answer.status != 400 || !matches!(outcome, Outcome::Ambiguous { .. }) {
@@ -539,6 +569,7 @@ mod tests {
             require_refresh_token: false,
             require_expires_in: false,
             default_access_lifetime: Duration::from_secs(60),
+            rejected_on_400_401: false,
         };
         let old = RefreshToken::new("old");
         let a = HttpAnswer {
@@ -573,6 +604,45 @@ mod tests {
         // A refresh never reads a description.
         let o = classify_attempt(AttemptKind::Refresh, Exchange::Answer(subject), &ResponseRules::SHOPIFY, None, NOW);
         assert!(is_ambiguous(&o), "{o:?}");
+    }
+
+    /// The Customer Account API's contract: a refresh answered 400 or 401 means "log in again",
+    /// whatever the body; the app's own credentials, a 5xx, a timeout, a 403 stay what they were.
+    #[test]
+    fn rejected_on_400_401_is_definitive_for_refreshes_only() {
+        let rules = ResponseRules { rejected_on_400_401: true, ..ResponseRules::OAUTH2 };
+        let a = |status: u16, body: &'static str| HttpAnswer {
+            status,
+            request_id: Some("rid"),
+            retry_after: None,
+            body: body.as_bytes(),
+            body_truncated: false,
+        };
+        let refresh = |x: HttpAnswer<'_>, rules: &ResponseRules| {
+            classify_attempt(AttemptKind::Refresh, Exchange::Answer(x), rules, None, NOW)
+        };
+        for (status, body) in [(400, ""), (400, "not json"), (401, r#"{"error":"invalid_token"}"#), (400, "{}")] {
+            let o = refresh(a(status, body), &rules);
+            assert!(matches!(o, Outcome::Rejected { status: s, .. } if s == status), "{status} {body}: {o:?}");
+            // Without the rule the same answers are ambiguous.
+            assert!(is_ambiguous(&refresh(a(status, body), &ResponseRules::OAUTH2)), "{status} {body}");
+        }
+        let Outcome::Rejected { error, request_id, .. } = refresh(a(401, r#"{"error":"invalid_token"}"#), &rules)
+        else {
+            panic!()
+        };
+        assert_eq!((error.as_str(), request_id.as_deref()), ("invalid_token", Some("rid")));
+        let o = refresh(a(401, r#"{"error":"invalid_client"}"#), &rules);
+        assert!(matches!(o, Outcome::BadCredentials { .. }), "{o:?}");
+        for status in [403, 404, 409, 500, 502, 520] {
+            assert!(is_ambiguous(&refresh(a(status, "{}"), &rules)), "{status}");
+        }
+        for f in [TransportFailure::Timeout, TransportFailure::ConnectionLost] {
+            let o = classify_attempt(AttemptKind::Refresh, Exchange::Failed(&f), &rules, None, NOW);
+            assert!(is_ambiguous(&o), "{f:?}");
+        }
+        let o = classify_attempt(AttemptKind::TokenExchange, Exchange::Answer(a(400, "{}")), &rules, None, NOW);
+        assert!(is_ambiguous(&o), "acquisitions are not affected: {o:?}");
     }
 
     #[test]

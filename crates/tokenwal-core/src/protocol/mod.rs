@@ -14,7 +14,7 @@
 //! |---|---|---|---|---|
 //! | [`ProviderSpec::Shopify`] | `https://{shop}/admin/oauth/access_token` | JSON | `client_id` + `client_secret` in the body | refresh, token exchange, migration |
 //! | [`ProviderSpec::ShopifyTestServer`] | `{base}/shops/{shop}/admin/oauth/access_token` | JSON | as Shopify | as Shopify |
-//! | [`ProviderSpec::OAuth2`] | the configured token URL | form | [`ClientAuth::Body`] or [`ClientAuth::Basic`] | refresh only |
+//! | [`ProviderSpec::OAuth2`] | the configured token URL (`{shop}`/`{shop_id}` filled from the grant key) | form | [`ClientAuth::Body`], [`ClientAuth::Basic`] or [`ClientAuth::Public`] (no secret) | refresh only |
 //!
 //! Every request carries `Accept: application/json`. The host of a Shopify URL comes only from the
 //! validated [`ShopDomain`](crate::ShopDomain) of the grant; a test server's base and an OAuth 2.0
@@ -28,6 +28,6 @@ pub use classify::{
     classify, classify_attempt, Exchange, HttpAnswer, Outcome, ResponseRules, TransportFailure, MAX_BODY,
 };
 pub use request::{
-    build, BuildError, ClientAuth, ClientCredentials, Encoding, ProviderSpec, Request, GRANT_TOKEN_EXCHANGE,
-    TOKEN_TYPE_ID_TOKEN, TOKEN_TYPE_OFFLINE,
+    build, check_template, BuildError, ClientAuth, ClientCredentials, Encoding, ProviderSpec, Request, TemplateError,
+    GRANT_TOKEN_EXCHANGE, PLACEHOLDERS, RESERVED_FIELDS, TOKEN_TYPE_ID_TOKEN, TOKEN_TYPE_OFFLINE,
 };

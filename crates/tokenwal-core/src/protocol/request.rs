@@ -6,15 +6,20 @@
 //! | Shopify (JSON) | refresh | `grant_type=refresh_token`, `refresh_token` | `client_id`, `client_secret` in the body |
 //! | Shopify (JSON) | token exchange | `grant_type=`[`GRANT_TOKEN_EXCHANGE`], `subject_token` (the session token), `subject_token_type=`[`TOKEN_TYPE_ID_TOKEN`], `requested_token_type=`[`TOKEN_TYPE_OFFLINE`], `expiring=1` | in the body |
 //! | Shopify (JSON) | migration | as token exchange, `subject_token` the legacy token, `subject_token_type=`[`TOKEN_TYPE_OFFLINE`] | in the body |
-//! | OAuth 2.0 (form) | refresh | `grant_type=refresh_token`, `refresh_token` | [`ClientAuth::Body`]: `client_id`, `client_secret` in the body; [`ClientAuth::Basic`]: `Authorization: Basic`, nothing in the body |
+//! | OAuth 2.0 (form) | refresh | `grant_type=refresh_token`, `refresh_token`, then the configured extra fields | [`ClientAuth::Body`]: `client_id`, `client_secret` in the body; [`ClientAuth::Basic`]: `Authorization: Basic`, nothing in the body; [`ClientAuth::Public`]: `client_id` in the body, no secret anywhere |
 //! | OAuth 2.0 | token exchange, migration | — ([`BuildError::AcquisitionNotSupported`]: nothing is sent) | — |
+//!
+//! An OAuth 2.0 token URL may hold the placeholders `{shop}` (the grant's validated
+//! [`ShopDomain`](crate::ShopDomain)) and `{shop_id}` (the shop id of a
+//! [`CustomerAccount`](crate::CustomerAccount) grant): both values come from the typed grant key only
+//! (a lowercase DNS name, a decimal number), so no account text can change the URL's shape, and a
+//! grant without the value is refused before anything is sent ([`BuildError::MissingPlaceholder`]).
 
 use super::classify::ResponseRules;
 use crate::domain::GrantKey;
 use crate::machine::{AttemptRequest, Credential};
 use crate::secret::ClientSecret;
 use std::fmt;
-use std::time::Duration;
 
 /// `grant_type` of token exchange (RFC 8693), for session tokens and migrations alike.
 pub const GRANT_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
@@ -37,23 +42,75 @@ pub enum ProviderSpec {
         /// The server's base URL, serialized (e.g. `http://127.0.0.1:8080/`).
         base: String,
     },
-    /// A generic OAuth 2.0 server (RFC 6749 §6): a form-encoded refresh at a fixed token URL.
+    /// A generic OAuth 2.0 server (RFC 6749 §6): a form-encoded refresh at a configured token URL
+    /// (build one with [`ProviderSpec::oauth2`]; a provider profile sets the rest).
     OAuth2 {
-        /// The token endpoint, serialized; validated by whoever configures it (`https`, or `http` on
-        /// loopback).
+        /// The token endpoint, serialized, perhaps with the placeholders `{shop}` and `{shop_id}`
+        /// (see the module doc; [`check_template`] lists what is allowed); validated by whoever
+        /// configures it (`https`, or `http` on loopback, once the placeholders are filled).
         token_url: String,
         /// How the client authenticates.
         client_auth: ClientAuth,
+        /// Fields appended to every refresh body, in order (never one of the fields tokenwal sets:
+        /// [`RESERVED_FIELDS`]). Not secrets: they show in the request's `Debug`.
+        extra_fields: Vec<(String, String)>,
+        /// An `Origin` header to send (Shopify's Customer Account API public clients send one).
+        origin: Option<String>,
+        /// What a response must contain, and whether a 400/401 to a refresh is definitive.
+        rules: ResponseRules,
     },
+}
+
+/// The body fields tokenwal itself sets; a provider's extra fields may not name them.
+pub const RESERVED_FIELDS: &[&str] = &[
+    "grant_type",
+    "refresh_token",
+    "client_id",
+    "client_secret",
+    "subject_token",
+    "subject_token_type",
+    "requested_token_type",
+];
+
+/// The placeholders an OAuth 2.0 token URL may hold.
+pub const PLACEHOLDERS: &[&str] = &["{shop}", "{shop_id}"];
+
+/// Why a token URL template is not usable.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TemplateError {
+    /// A `{` or `}` that is not one of [`PLACEHOLDERS`].
+    #[error("unknown placeholder in token URL (allowed: {{shop}}, {{shop_id}})")]
+    UnknownPlaceholder,
+    /// Both placeholders: no grant key has both a shop domain and a shop id.
+    #[error("a token URL cannot hold both {{shop}} and {{shop_id}} (no grant has both)")]
+    BothPlaceholders,
+}
+
+/// Checks a token URL template: only [`PLACEHOLDERS`], at most one kind. Returns the template with
+/// each placeholder replaced by a sample value (`a.myshopify.com`, `1`), for the caller to check
+/// the URL's scheme and host.
+pub fn check_template(template: &str) -> Result<String, TemplateError> {
+    let filled = template.replace("{shop_id}", "1").replace("{shop}", "a.myshopify.com");
+    if filled.contains(['{', '}']) {
+        return Err(TemplateError::UnknownPlaceholder);
+    }
+    if template.contains("{shop}") && template.contains("{shop_id}") {
+        return Err(TemplateError::BothPlaceholders);
+    }
+    Ok(filled)
 }
 
 /// How an OAuth 2.0 client authenticates at the token endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClientAuth {
-    /// `client_id` and `client_secret` in the form body.
+    /// `client_id` and `client_secret` in the form body (`client_secret_post`).
     Body,
     /// HTTP Basic (`client_secret_basic`).
     Basic,
+    /// A public client (`none`): `client_id` in the body, and the client secret is never sent,
+    /// whatever the configuration holds.
+    Public,
 }
 
 /// The app's client credentials.
@@ -84,6 +141,10 @@ pub enum BuildError {
     /// A token exchange or migration at a provider that has none.
     #[error("token exchange and migration are Shopify grants")]
     AcquisitionNotSupported,
+    /// The token URL holds a placeholder the grant has no value for (`{shop}` needs a Shopify shop
+    /// grant, `{shop_id}` a Customer Account API grant).
+    #[error("the token URL needs {0} and this grant has none")]
+    MissingPlaceholder(&'static str),
 }
 
 /// One token request. Every token request is a `POST`. It borrows the secrets it carries and its
@@ -91,8 +152,9 @@ pub enum BuildError {
 pub struct Request<'a> {
     url: String,
     encoding: Encoding,
-    fields: Vec<(&'static str, &'a str)>,
+    fields: Vec<(&'a str, &'a str)>,
     basic_auth: Option<(&'a str, &'a str)>,
+    origin: Option<&'a str>,
 }
 
 impl<'a> Request<'a> {
@@ -114,7 +176,7 @@ impl<'a> Request<'a> {
     }
 
     /// The body fields, in order. Holds secrets: for the request body only.
-    pub fn expose_fields(&self) -> &[(&'static str, &'a str)] {
+    pub fn expose_fields(&self) -> &[(&'a str, &'a str)] {
         &self.fields
     }
 
@@ -128,6 +190,11 @@ impl<'a> Request<'a> {
     pub fn expose_basic_auth(&self) -> Option<(&'a str, &'a str)> {
         self.basic_auth
     }
+
+    /// The `Origin` header to send, if the provider wants one (not a secret).
+    pub fn origin(&self) -> Option<&'a str> {
+        self.origin
+    }
 }
 
 impl fmt::Debug for Request<'_> {
@@ -138,20 +205,29 @@ impl fmt::Debug for Request<'_> {
             .field("encoding", &self.encoding)
             .field("fields", &names)
             .field("basic_auth", &self.basic_auth.map(|_| "<redacted>"))
+            .field("origin", &self.origin)
             .finish()
     }
 }
 
 impl ProviderSpec {
+    /// A generic OAuth 2.0 server at `token_url` with [`ResponseRules::OAUTH2`], no extra fields
+    /// and no `Origin`.
+    pub fn oauth2(token_url: impl Into<String>, client_auth: ClientAuth) -> ProviderSpec {
+        ProviderSpec::OAuth2 {
+            token_url: token_url.into(),
+            client_auth,
+            extra_fields: Vec::new(),
+            origin: None,
+            rules: ResponseRules::OAUTH2,
+        }
+    }
+
     /// What this provider's successful token response must contain.
     pub fn response_rules(&self) -> ResponseRules {
         match self {
             ProviderSpec::Shopify | ProviderSpec::ShopifyTestServer { .. } => ResponseRules::SHOPIFY,
-            ProviderSpec::OAuth2 { .. } => ResponseRules {
-                require_refresh_token: false,
-                require_expires_in: false,
-                default_access_lifetime: Duration::from_secs(3600),
-            },
+            ProviderSpec::OAuth2 { rules, .. } => *rules,
         }
     }
 
@@ -173,14 +249,27 @@ impl ProviderSpec {
                 let head = head.strip_suffix('/').unwrap_or(head);
                 Ok(format!("{head}/shops/{}/admin/oauth/access_token{tail}", shop.as_str()))
             }
-            ProviderSpec::OAuth2 { token_url, .. } => Ok(token_url.clone()),
+            ProviderSpec::OAuth2 { token_url, .. } => fill(token_url, grant),
         }
     }
 }
 
+/// Fills a token URL template's placeholder from the typed grant key (never from account text).
+fn fill(template: &str, grant: &GrantKey) -> Result<String, BuildError> {
+    if template.contains("{shop_id}") {
+        let customer = grant.customer().ok_or(BuildError::MissingPlaceholder("{shop_id}"))?;
+        return Ok(template.replace("{shop_id}", &customer.shop_id().to_string()));
+    }
+    if template.contains("{shop}") {
+        let shop = grant.shop().ok_or(BuildError::MissingPlaceholder("{shop}"))?;
+        return Ok(template.replace("{shop}", shop.as_str()));
+    }
+    Ok(template.to_owned())
+}
+
 /// Builds the request of `attempt` (see the module table).
 pub fn build<'a>(
-    spec: &ProviderSpec,
+    spec: &'a ProviderSpec,
     client: &'a ClientCredentials,
     attempt: &'a AttemptRequest,
 ) -> Result<Request<'a>, BuildError> {
@@ -188,15 +277,15 @@ pub fn build<'a>(
 }
 
 fn build_for<'a>(
-    spec: &ProviderSpec,
+    spec: &'a ProviderSpec,
     client: &'a ClientCredentials,
     grant: &GrantKey,
     credential: &'a Credential,
 ) -> Result<Request<'a>, BuildError> {
     let url = spec.token_url(grant)?;
-    let secret = client.secret.expose_secret();
     match spec {
         ProviderSpec::Shopify | ProviderSpec::ShopifyTestServer { .. } => {
+            let secret = client.secret.expose_secret();
             let mut fields = vec![("client_id", client.id.as_str()), ("client_secret", secret)];
             match credential {
                 Credential::RefreshToken(t) => {
@@ -209,21 +298,33 @@ fn build_for<'a>(
                     fields.extend(exchange(t.expose_secret(), TOKEN_TYPE_OFFLINE));
                 }
             }
-            Ok(Request { url, encoding: Encoding::Json, fields, basic_auth: None })
+            Ok(Request { url, encoding: Encoding::Json, fields, basic_auth: None, origin: None })
         }
-        ProviderSpec::OAuth2 { client_auth, .. } => {
+        ProviderSpec::OAuth2 { client_auth, extra_fields, origin, .. } => {
             let Credential::RefreshToken(refresh) = credential else {
                 return Err(BuildError::AcquisitionNotSupported);
             };
             let mut fields = vec![("grant_type", "refresh_token"), ("refresh_token", refresh.expose_secret())];
             let basic_auth = match client_auth {
                 ClientAuth::Body => {
-                    fields.extend([("client_id", client.id.as_str()), ("client_secret", secret)]);
+                    fields
+                        .extend([("client_id", client.id.as_str()), ("client_secret", client.secret.expose_secret())]);
                     None
                 }
-                ClientAuth::Basic => Some((client.id.as_str(), secret)),
+                ClientAuth::Basic => Some((client.id.as_str(), client.secret.expose_secret())),
+                // A public client: the secret is never read, let alone sent.
+                ClientAuth::Public => {
+                    fields.push(("client_id", client.id.as_str()));
+                    None
+                }
             };
-            Ok(Request { url, encoding: Encoding::Form, fields, basic_auth })
+            fields.extend(
+                extra_fields
+                    .iter()
+                    .filter(|(n, _)| !RESERVED_FIELDS.contains(&n.as_str()))
+                    .map(|(n, v)| (n.as_str(), v.as_str())),
+            );
+            Ok(Request { url, encoding: Encoding::Form, fields, basic_auth, origin: origin.as_deref() })
         }
     }
 }

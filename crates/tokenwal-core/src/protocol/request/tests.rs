@@ -1,6 +1,7 @@
 use super::*;
-use crate::domain::ShopDomain;
+use crate::domain::{CustomerAccount, ShopDomain};
 use crate::secret::{LegacyToken, RefreshToken, SessionToken};
+use std::time::Duration;
 use url::Url;
 
 const SECRET: &str = "client-secret-canary";
@@ -25,7 +26,7 @@ fn credentials() -> [(Credential, &'static str); 3] {
 }
 
 fn oauth2(client_auth: ClientAuth) -> ProviderSpec {
-    ProviderSpec::OAuth2 { token_url: "https://auth.example.com/oauth/token".into(), client_auth }
+    ProviderSpec::oauth2("https://auth.example.com/oauth/token", client_auth)
 }
 
 /// The secret's destination is built from the validated shop only: `https`, that host, the
@@ -94,7 +95,7 @@ fn the_test_server_url_is_the_base_with_the_shop_in_the_path() {
 #[test]
 fn oauth2_uses_the_configured_url_for_every_grant() {
     let g = GrantKey::new("oidc", "user@example.com").unwrap();
-    for auth in [ClientAuth::Body, ClientAuth::Basic] {
+    for auth in [ClientAuth::Body, ClientAuth::Basic, ClientAuth::Public] {
         assert_eq!(oauth2(auth).token_url(&g).unwrap(), "https://auth.example.com/oauth/token");
     }
 }
@@ -149,7 +150,9 @@ fn oauth2_refresh_bodies_per_client_auth() {
     let c = client();
     let refresh = Credential::RefreshToken(RefreshToken::new(REFRESH));
 
-    let r = build_for(&oauth2(ClientAuth::Body), &c, &g, &refresh).unwrap();
+    let spec = oauth2(ClientAuth::Body);
+
+    let r = build_for(&spec, &c, &g, &refresh).unwrap();
     assert_eq!(r.encoding(), Encoding::Form);
     assert_eq!(
         r.expose_fields(),
@@ -162,7 +165,9 @@ fn oauth2_refresh_bodies_per_client_auth() {
     );
     assert_eq!(r.expose_basic_auth(), None);
 
-    let r = build_for(&oauth2(ClientAuth::Basic), &c, &g, &refresh).unwrap();
+    let spec = oauth2(ClientAuth::Basic);
+
+    let r = build_for(&spec, &c, &g, &refresh).unwrap();
     assert_eq!(r.encoding(), Encoding::Form);
     assert_eq!(r.expose_fields(), [("grant_type", "refresh_token"), ("refresh_token", REFRESH)]);
     assert_eq!(r.expose_basic_auth(), Some(("the-client-id", SECRET)));
@@ -175,9 +180,10 @@ fn oauth2_refresh_bodies_per_client_auth() {
 fn oauth2_has_no_acquisitions() {
     let g = GrantKey::new("oidc", "user@example.com").unwrap();
     let c = client();
-    for auth in [ClientAuth::Body, ClientAuth::Basic] {
+    for auth in [ClientAuth::Body, ClientAuth::Basic, ClientAuth::Public] {
         for (credential, _) in credentials().into_iter().skip(1) {
-            let r = build_for(&oauth2(auth), &c, &g, &credential);
+            let spec = oauth2(auth);
+            let r = build_for(&spec, &c, &g, &credential);
             assert_eq!(r.err(), Some(BuildError::AcquisitionNotSupported), "{credential:?}");
         }
     }
@@ -198,8 +204,12 @@ fn debug_shows_no_secret() {
     let idp = GrantKey::new("oidc", "user@example.com").unwrap();
     let c = client();
     for (credential, subject) in credentials() {
-        let specs =
-            [(ProviderSpec::Shopify, &shop), (oauth2(ClientAuth::Body), &idp), (oauth2(ClientAuth::Basic), &idp)];
+        let specs = [
+            (ProviderSpec::Shopify, &shop),
+            (oauth2(ClientAuth::Body), &idp),
+            (oauth2(ClientAuth::Basic), &idp),
+            (oauth2(ClientAuth::Public), &idp),
+        ];
         for (spec, g) in specs {
             let Ok(r) = build_for(&spec, &c, g, &credential) else { continue };
             let d = format!("{r:?}");
@@ -217,6 +227,111 @@ fn response_rules_per_provider() {
         ResponseRules::SHOPIFY
     );
     let generic = oauth2(ClientAuth::Basic).response_rules();
-    assert!(!generic.require_refresh_token && !generic.require_expires_in);
+    assert!(!generic.require_refresh_token && !generic.require_expires_in && !generic.rejected_on_400_401);
     assert_eq!(generic.default_access_lifetime, Duration::from_secs(3600));
+}
+
+/// A public client (`none`): `client_id` in the body and the client secret nowhere — not in the
+/// body, not in a header — even when the configuration holds one.
+#[test]
+fn a_public_client_never_sends_a_secret() {
+    let g = GrantKey::new("oidc", "user@example.com").unwrap();
+    let c = client();
+    let refresh = Credential::RefreshToken(RefreshToken::new(REFRESH));
+    let spec = oauth2(ClientAuth::Public);
+    let r = build_for(&spec, &c, &g, &refresh).unwrap();
+    assert_eq!(r.encoding(), Encoding::Form);
+    assert_eq!(
+        r.expose_fields(),
+        [("grant_type", "refresh_token"), ("refresh_token", REFRESH), ("client_id", "the-client-id")]
+    );
+    assert_eq!(r.expose_basic_auth(), None);
+    assert_eq!(r.origin(), None);
+    assert!(r.expose_fields().iter().all(|(_, v)| *v != SECRET));
+}
+
+/// Where the secret may go, per client authentication: exactly one place, or none.
+#[test]
+fn the_secret_goes_to_exactly_the_place_its_client_auth_names() {
+    let g = GrantKey::new("oidc", "user@example.com").unwrap();
+    let c = client();
+    let refresh = Credential::RefreshToken(RefreshToken::new(REFRESH));
+    for (auth, in_body, in_header) in
+        [(ClientAuth::Body, true, false), (ClientAuth::Basic, false, true), (ClientAuth::Public, false, false)]
+    {
+        let spec = oauth2(auth);
+        let r = build_for(&spec, &c, &g, &refresh).unwrap();
+        let body: Vec<&str> = r.expose_fields().iter().filter(|(_, v)| v.contains(SECRET)).map(|(n, _)| *n).collect();
+        assert_eq!(body, if in_body { vec!["client_secret"] } else { vec![] }, "{auth:?}");
+        assert_eq!(r.expose_basic_auth().is_some_and(|(_, p)| p == SECRET), in_header, "{auth:?}");
+        assert_eq!(r.expose_basic_auth().is_some(), in_header, "{auth:?}");
+    }
+}
+
+/// Extra fields follow tokenwal's own, in order; one naming a field tokenwal sets is dropped (a
+/// config cannot smuggle a second `client_secret` or `grant_type` in); the `Origin` is passed on.
+#[test]
+fn extra_fields_and_origin() {
+    let g = GrantKey::new("oidc", "user@example.com").unwrap();
+    let c = client();
+    let refresh = Credential::RefreshToken(RefreshToken::new(REFRESH));
+    let spec = ProviderSpec::OAuth2 {
+        token_url: "https://auth.example.com/token".into(),
+        client_auth: ClientAuth::Public,
+        extra_fields: vec![
+            ("audience".into(), "api".into()),
+            ("client_secret".into(), "smuggled".into()),
+            ("resource".into(), "https://api.example.com".into()),
+        ],
+        origin: Some("https://shop.example.com".into()),
+        rules: ResponseRules::OAUTH2,
+    };
+    let r = build_for(&spec, &c, &g, &refresh).unwrap();
+    assert_eq!(
+        r.expose_fields(),
+        [
+            ("grant_type", "refresh_token"),
+            ("refresh_token", REFRESH),
+            ("client_id", "the-client-id"),
+            ("audience", "api"),
+            ("resource", "https://api.example.com"),
+        ]
+    );
+    assert_eq!(r.origin(), Some("https://shop.example.com"));
+    let d = format!("{r:?}");
+    assert!(d.contains("audience") && d.contains("shop.example.com") && !d.contains(REFRESH), "{d}");
+}
+
+/// `{shop_id}` and `{shop}` come from the typed grant key only; a grant without the value is
+/// refused before anything is sent.
+#[test]
+fn token_url_placeholders_come_from_the_typed_grant() {
+    let customer = GrantKey::customer_account(&CustomerAccount::new(987, 65).unwrap());
+    let shop = grant("my-shop.myshopify.com");
+    let other = GrantKey::new("oidc", "user@example.com").unwrap();
+    let by_id = ProviderSpec::oauth2("https://shopify.com/authentication/{shop_id}/oauth/token", ClientAuth::Public);
+    assert_eq!(by_id.token_url(&customer).unwrap(), "https://shopify.com/authentication/987/oauth/token");
+    assert_eq!(by_id.token_url(&shop), Err(BuildError::MissingPlaceholder("{shop_id}")));
+    assert_eq!(by_id.token_url(&other), Err(BuildError::MissingPlaceholder("{shop_id}")));
+    let refresh = Credential::RefreshToken(RefreshToken::new(REFRESH));
+    assert!(build_for(&by_id, &client(), &other, &refresh).is_err());
+
+    let by_shop = ProviderSpec::oauth2("https://{shop}/oauth/token", ClientAuth::Basic);
+    assert_eq!(by_shop.token_url(&shop).unwrap(), "https://my-shop.myshopify.com/oauth/token");
+    assert_eq!(by_shop.token_url(&customer), Err(BuildError::MissingPlaceholder("{shop}")));
+    assert_eq!(
+        BuildError::MissingPlaceholder("{shop}").to_string(),
+        "the token URL needs {shop} and this grant has none"
+    );
+}
+
+#[test]
+fn templates_are_checked() {
+    assert_eq!(check_template("https://x.example/{shop_id}/t").unwrap(), "https://x.example/1/t");
+    assert_eq!(check_template("https://{shop}/t").unwrap(), "https://a.myshopify.com/t");
+    assert_eq!(check_template("https://x.example/t").unwrap(), "https://x.example/t");
+    for bad in ["https://x/{shopid}", "https://x/{", "https://x/}", "https://x/{customer_id}", "https://x/{{shop}}"] {
+        assert_eq!(check_template(bad), Err(TemplateError::UnknownPlaceholder), "{bad}");
+    }
+    assert_eq!(check_template("https://{shop}/{shop_id}"), Err(TemplateError::BothPlaceholders));
 }
