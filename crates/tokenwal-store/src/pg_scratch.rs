@@ -74,6 +74,13 @@ impl PgScratch {
         self.location.clone()
     }
 
+    /// The store's URL (the test database's, with `schema=` this scratch schema), for `--db`.
+    pub fn url(&self) -> String {
+        let base = test_pg_url();
+        let sep = if base.contains('?') { '&' } else { '?' };
+        format!("{base}{sep}schema={}", self.location.schema())
+    }
+
     /// Runs SQL in the test database as the admin (test corruption, foreign tables, raw reads).
     pub fn execute(&self, sql: &str) -> Result<(), String> {
         let sql = sql.to_string();

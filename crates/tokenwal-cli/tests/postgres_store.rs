@@ -1,0 +1,151 @@
+//! `tokenwal` on a PostgreSQL store (`--db postgres://…`), as real processes against the simulator
+//! over loopback (issue 13, first step: one writer at a time by an ownership lease):
+//!
+//! * `run` killed with SIGKILL at random moments and restarted, over and over, with faults on (lost
+//!   answers, resets, 5xx): every restart takes the store over at once (the lease's holder is a dead
+//!   process of this host), recovery resolves what the kill left ambiguous, and in the end every
+//!   shop is healthy with a grant alive at the server — no lockout.
+//! * While `run` holds the store, other commands are refused at once with exit 75 naming the holder
+//!   (they never wait for, or steal, a live lease); after `run` stops they work at once.
+//!
+//! Each test uses a fresh schema ([`tokenwal_store::PgScratch`]); without a reachable PostgreSQL the
+//! tests skip loudly, and fail under `TOKENWAL_REQUIRE_PG=1` (CI).
+
+use rand::Rng;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tokenwal_sim::{Fault, SimConfig};
+use tokenwal_store::PgScratch;
+use tokenwal_testkit::cli::{run, spawn, CREDENTIALS};
+use tokenwal_testkit::BlockingSim;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tokenwal");
+const SHOPS: usize = 12;
+
+fn shop(i: usize) -> String {
+    format!("fleet-{i}.myshopify.com")
+}
+
+fn import_all(sim: &BlockingSim, db: &Path) {
+    let lines: Vec<String> = (0..SHOPS)
+        .map(|i| {
+            let t = sim.h().seed_shop(&shop(i));
+            format!(
+                r#"{{"shop":"{}","access_token":"{}","refresh_token":"{}","expires_at":1700000000,"refresh_token_expires_in":7776000}}"#,
+                shop(i),
+                t.access_token.as_str(),
+                t.refresh_token.as_str()
+            )
+        })
+        .collect();
+    let out = run(BIN, db, &["import"], &[], Some(&lines.join("\n")), true);
+    assert_eq!(out.code, 0, "{out:?}");
+}
+
+fn shops(db: &Path) -> Vec<serde_json::Value> {
+    let out = run(BIN, db, &["shops", "--json"], &[], None, true);
+    assert_eq!(out.code, 0, "{out:?}");
+    serde_json::from_str::<Vec<serde_json::Value>>(&out.stdout).unwrap()
+}
+
+fn env(sim: &BlockingSim) -> Vec<(&'static str, String)> {
+    vec![
+        (CREDENTIALS[0].0, CREDENTIALS[0].1.to_string()),
+        (CREDENTIALS[1].0, CREDENTIALS[1].1.to_string()),
+        ("TOKENWAL_INSECURE_TEST_ENDPOINT", sim.h().base_url()),
+    ]
+}
+
+fn exits_within(child: &mut std::process::Child, within: Duration) -> Option<i32> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        assert!(Instant::now() < deadline, "tokenwal run did not exit within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn run_killed_again_and_again_loses_no_shop() {
+    let Some(pg) = PgScratch::new("tokenwal run on PostgreSQL, kill -9 loop") else { return };
+    let cfg = SimConfig { access_ttl: "3s".parse().unwrap(), ..SimConfig::default() };
+    let sim = BlockingSim::start_with(cfg, 2);
+    let url = pg.url();
+    let db = Path::new(&url);
+    import_all(&sim, db);
+    // Every shop's first refreshes meet faults (the rotation's answer lost, the connection reset, a
+    // 5xx), spread over the kill rounds; then the server behaves, so the last run can finish them.
+    for i in 0..SHOPS {
+        let faults = match i % 3 {
+            0 => vec![Fault::RotateThenDrop, Fault::FailBeforeProcessing { status: 503, json: false }],
+            1 => vec![Fault::RotateThenReset, Fault::RotateThenDrop],
+            _ => vec![Fault::FailBeforeProcessing { status: 502, json: false }, Fault::RotateThenReset],
+        };
+        sim.h().push_faults(&shop(i), faults).unwrap();
+    }
+    let env = env(&sim);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut rng = rand::thread_rng();
+    for round in 0..6 {
+        let (mut child, rx) = spawn(BIN, db, &["run"], &env);
+        std::thread::sleep(Duration::from_millis(rng.gen_range(800..2500)));
+        if let Some(status) = child.try_wait().unwrap() {
+            let log: Vec<String> = rx.try_iter().collect();
+            panic!("round {round}: run exited early with {status:?}:\n{}", log.join("\n"));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    // A last run, stopped cleanly after every shop had time to recover and refresh.
+    let (mut child, rx) = spawn(BIN, db, &["run"], &env);
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    assert_eq!(exits_within(&mut child, Duration::from_secs(30)), Some(0));
+    let log = rx.iter().collect::<Vec<_>>().join("\n");
+    assert!(!log.contains("shpat_") && !log.contains("shprt_") && !log.contains("sim-client-secret"), "{log}");
+    assert!(!log.contains("held by another process"), "a restart waited for a dead process's lease:\n{log}");
+
+    let states = shops(db);
+    assert_eq!(states.len(), SHOPS, "{states:?}");
+    for s in &states {
+        assert_eq!(s["state"], "healthy", "{s}");
+        let name = s["shop"].as_str().unwrap();
+        assert!(sim.h().grant_alive(name), "{name}: the grant is dead at the server (a lockout)");
+    }
+    let refreshes: u64 = (0..SHOPS).map(|i| sim.h().counters().shop(&shop(i)).token_requests).sum();
+    assert!(refreshes >= SHOPS as u64 * 3, "every shop's faults were met and passed ({refreshes} token requests)");
+    let faults = sim.h().counters().total.total_faults();
+    assert_eq!(faults, SHOPS as u64 * 2, "every scripted fault was met");
+}
+
+#[test]
+fn other_commands_name_the_live_holder_and_work_once_it_stops() {
+    let Some(pg) = PgScratch::new("tokenwal run on PostgreSQL, one holder") else { return };
+    let sim = BlockingSim::start();
+    let url = pg.url();
+    let db = Path::new(&url);
+    import_all(&sim, db);
+    let env = env(&sim);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (mut child, rx) = spawn(BIN, db, &["run"], &env);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut log = Vec::new();
+    while !log.iter().any(|l: &String| l.contains("store opened")) {
+        assert!(Instant::now() < deadline, "run did not open the store:\n{}", log.join("\n"));
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+            log.push(l);
+        }
+    }
+    let started = Instant::now();
+    let out = run(BIN, db, &["shops", "--json"], &[], None, true);
+    assert_eq!(out.code, 75, "{out:?}");
+    assert!(out.stderr.contains(&format!("pid={}", child.id())), "names the holder: {out:?}");
+    assert!(started.elapsed() < Duration::from_secs(20), "refused at once, not after waiting for the lease");
+
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    assert_eq!(exits_within(&mut child, Duration::from_secs(30)), Some(0));
+    assert_eq!(shops(db).len(), SHOPS, "the lease was released at exit: the next command opens at once");
+}
