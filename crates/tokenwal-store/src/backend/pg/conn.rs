@@ -36,7 +36,10 @@ impl Session {
                 });
             }
             self.statements.clear();
-            self.client = Some(self.config.connect(NoTls).map_err(db_err("connect"))?);
+            let mut client = self.config.connect(NoTls).map_err(db_err("connect"))?;
+            // The durability contract: a COMMIT that returned is on disk, whatever the server's default.
+            client.batch_execute("SET synchronous_commit TO on").map_err(db_err("connect"))?;
+            self.client = Some(client);
         }
         Ok(self.client.as_mut().expect("connected above"))
     }
