@@ -274,7 +274,7 @@ impl Settings {
     pub fn engine_config(&self, proactive: bool) -> Result<Config, CliError> {
         let (id, secret) = self.credentials()?;
         let store = match &self.pg {
-            Some(l) => StoreLocation::Postgres(l.clone()),
+            Some(l) => StoreLocation::Postgres(Box::new(l.clone())),
             None => StoreLocation::Path(self.db.clone()),
         };
         let mut c = Config::shopify(store, id, secret).with_store_keys(KeySource::Ring(self.keys()?));

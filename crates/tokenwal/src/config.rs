@@ -170,7 +170,7 @@ pub enum StoreLocation {
     /// [`Config::store_keys`] like a directory store. One process writes at a time, by an ownership
     /// lease on the database's clock; [`crate::Engine::open`] waits up to the lease for a crashed
     /// holder's lease to run out. Half the lease must exceed the request timeout.
-    Postgres(tokenwal_store::PgLocation),
+    Postgres(Box<tokenwal_store::PgLocation>),
     /// A store the caller already opened (tests restart engines on a crash image of an in-memory
     /// store this way). One engine at a time may use a store.
     Open(tokenwal_store::Store),

@@ -108,7 +108,7 @@ impl Engine {
                         config.timeouts.total
                     )));
                 }
-                let location = location.clone();
+                let location = (**location).clone();
                 let keys = config.store_keys.load().map_err(StoreError::Key)?;
                 let store_config = match config.compaction {
                     Some(c) => StoreConfig::default().with_retention(c.retention),

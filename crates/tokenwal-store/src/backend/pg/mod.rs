@@ -336,12 +336,15 @@ fn renew_loop(
     }
 }
 
+/// Writes staged in a transaction: `(tree index, key)` → the value (`None`: delete).
+type Staged = BTreeMap<(usize, Vec<u8>), Option<Vec<u8>>>;
+
 /// A transaction's view: reads go to the connection (seeing the writes staged before them), writes
 /// are staged and sent together by [`PgTxn::flush`], at most two statements per table.
 struct PgTxn<'a> {
     session: RefCell<&'a mut Session>,
     sql: &'a Sql,
-    staged: RefCell<BTreeMap<(usize, Vec<u8>), Option<Vec<u8>>>>,
+    staged: RefCell<Staged>,
 }
 
 impl PgTxn<'_> {
