@@ -322,11 +322,32 @@ async fn engine_path(opts: &Opts, dir: &std::path::Path, summary: &mut Summary) 
         let (mem_engine, _) =
             Engine::open(engine_config(&base, StoreLocation::InMemory)).await.expect("engine (memory)");
         let mem_tid = committer_since(&before);
+        // A PostgreSQL store in a schema of its own, when --pg names a database.
+        let before = threads_named("tokenwal-commit");
+        let pg_engine = match &opts.pg {
+            Some(url) => {
+                let schema = format!("tokenwal_bench_{}_{n}", std::process::id());
+                let location = tokenwal::store::PgLocation::parse(url)
+                    .and_then(|l| l.with_schema(&schema))
+                    .expect("--pg: a postgres:// URL");
+                eprintln!("postgres store: schema {schema} (drop it with: DROP SCHEMA {schema} CASCADE)");
+                let (e, _) = Engine::open(engine_config(&base, StoreLocation::Postgres(Box::new(location))))
+                    .await
+                    .expect("engine (postgres)");
+                Some(e)
+            }
+            None => None,
+        };
+        let pg_tid = committer_since(&before);
         // Warm-up: connections, allocator, page cache.
         let mut warm = Side::default();
         let w = n.min(64);
         engine_round(&sled_engine, sled_tid, &sim, &format!("ws{n}"), w, &mut warm).await;
         engine_round(&mem_engine, mem_tid, &sim, &format!("wm{n}"), w, &mut warm).await;
+        if let Some(e) = &pg_engine {
+            engine_round(e, pg_tid, &sim, &format!("wp{n}"), w, &mut warm).await;
+        }
+        let mut pg = Side::default();
         let (mut sled, mut mem) = (Side::default(), Side::default());
         for r in 0..rounds(opts, n) {
             // Alternate which side goes first, so drift in the machine's load hits both alike.
@@ -338,9 +359,17 @@ async fn engine_path(opts: &Opts, dir: &std::path::Path, summary: &mut Summary) 
                 engine_round(&mem_engine, mem_tid, &sim, &m, n, &mut mem).await;
                 engine_round(&sled_engine, sled_tid, &sim, &s, n, &mut sled).await;
             }
+            if let Some(e) = &pg_engine {
+                engine_round(e, pg_tid, &sim, &format!("ep{n}r{r}"), n, &mut pg).await;
+            }
         }
         sled.row(&table, n, "sled");
         mem.row(&table, n, "memory");
+        if let Some(e) = pg_engine {
+            // syncs/refresh is database COMMITs per refresh.
+            pg.row(&table, n, "postgres");
+            e.shutdown().await;
+        }
         summary.push((n, "engine", sled, mem));
         sled_engine.shutdown().await;
         mem_engine.shutdown().await;

@@ -38,6 +38,7 @@
 //!                          schedule, latency counted from each request's scheduled time
 //!   --path engine|store    journal: run only the engine or only the store-only comparison
 //!   --soak-ttl D           soak: the access tokens' lifetime (default 60s; each grant rotates every D/2)
+//!   --pg URL               journal: also run the engine on a PostgreSQL store at URL (a fresh schema)
 //!   --cache-mib N          soak: sled's cache capacity (default 256 MiB, the store's default)
 //!   --soak-retention-secs S soak: compact at every sample with this journal retention (default: never,
 //!                          as a running engine does today)
@@ -82,6 +83,8 @@ pub struct Opts {
     pub concurrency: Option<Vec<usize>>,
     /// Journal: only `engine` or only `store`.
     pub path: Option<String>,
+    /// journal: also run the engine on a PostgreSQL store at this URL (a fresh schema per run).
+    pub pg: Option<String>,
     /// Soak: sled's cache capacity in MiB (default: the store's default, 256).
     pub cache_mib: Option<u64>,
     /// Soak: compact at every sample with this retention.
@@ -106,7 +109,7 @@ const SCENARIOS: [&str; 12] = [
 fn usage() -> ! {
     eprintln!(
         "usage: tokenwal-bench <{}> [--quick] [--dir DIR] [--refreshes N] [--churn-grants N] \
-         [--retention-hours H] [--history-per-grant N] [--max-minutes M] [--concurrency A,B,..] [--rate R] [--path engine|store] [--cache-mib N] [--soak-ttl D] [--soak-retention-secs S]",
+         [--retention-hours H] [--history-per-grant N] [--max-minutes M] [--concurrency A,B,..] [--rate R] [--path engine|store] [--pg URL] [--cache-mib N] [--soak-ttl D] [--soak-retention-secs S]",
         SCENARIOS.join("|")
     );
     std::process::exit(2);
@@ -126,6 +129,7 @@ fn parse(args: &[String]) -> (String, Opts) {
         max_wall: None,
         concurrency: None,
         path: None,
+        pg: None,
         cache_mib: None,
         soak_retention: None,
     };
@@ -157,6 +161,7 @@ fn parse(args: &[String]) -> (String, Opts) {
             "--soak-retention-secs" => {
                 opts.soak_retention = Some(Duration::from_secs(number(value("--soak-retention-secs"))))
             }
+            "--pg" => opts.pg = Some(value("--pg")),
             "--cache-mib" => opts.cache_mib = Some(number(value("--cache-mib"))),
             "--max-minutes" => opts.max_wall = Some(Duration::from_secs(60 * number(value("--max-minutes")))),
             s if SCENARIOS.contains(&s) && scenario.is_none() => scenario = Some(s.to_owned()),
