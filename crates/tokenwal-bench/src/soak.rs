@@ -14,7 +14,8 @@
 //! Every interval it samples the process: resident memory, open file descriptors, live tokio tasks,
 //! the journal's live records (appended − compacted since open) and the store's bytes on disk, and
 //! the grants by phase. They must stay flat after warm-up: a leak of any of them shows as a trend
-//! across the rows. The last row compares the first sample after warm-up with the last.
+//! across the rows. The last two rows compare the last sample with the first after warm-up, and
+//! with the first of the run's second half (the plateau, once every grant is past the cap).
 
 use crate::util::{disk_usage, fmt_bytes, open_fds, proc_status_kb, shop, Table};
 use crate::Opts;
