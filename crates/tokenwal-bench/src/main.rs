@@ -31,7 +31,8 @@
 //!   --churn-grants N       churn: fleet size (default 10 000)
 //!   --retention-hours H    churn: journal retention (default 720 = 30 days, the store's default)
 //!   --history-per-grant N  churn: also trim each grant to its newest N records, as the engine's
-//!                          background compaction does (default: no cap, retention only)
+//!                          background compaction does (default: no cap, retention only); soak: the
+//!                          engine's Compaction::history_per_grant (default 64)
 //!   --max-minutes M        churn: stop after M minutes of wall time (the rows so far show the trend)
 //!   --concurrency A,B,..   journal: concurrencies to run (default 1,16,256,4096); broker: clients (default 64)
 //!   --rate R               broker: also an open-loop row per concurrency, R requests/s in all on a fixed
@@ -40,8 +41,10 @@
 //!   --soak-ttl D           soak: the access tokens' lifetime (default 60s; each grant rotates every D/2)
 //!   --pg URL               journal: also run the engine on a PostgreSQL store at URL (a fresh schema)
 //!   --cache-mib N          soak: sled's cache capacity (default 256 MiB, the store's default)
-//!   --soak-retention-secs S soak: compact at every sample with this journal retention (default: never,
-//!                          as a running engine does today)
+//!   --compact-interval D   soak: the engine's Compaction::interval, time between background compaction
+//!                          passes (default 10m; the first pass runs after min(D, 60s))
+//!   --soak-retention-secs S soak: the store's journal retention, and also compact at every sample with
+//!                          it (default: 30 days, and only the engine's background passes)
 //! ```
 
 #![forbid(unsafe_code)]
@@ -89,6 +92,8 @@ pub struct Opts {
     pub cache_mib: Option<u64>,
     /// Soak: compact at every sample with this retention.
     pub soak_retention: Option<Duration>,
+    /// Soak: the engine's compaction interval (default: `Compaction::default`, 10 minutes).
+    pub compact_interval: Option<Duration>,
 }
 
 const SCENARIOS: [&str; 12] = [
@@ -109,7 +114,7 @@ const SCENARIOS: [&str; 12] = [
 fn usage() -> ! {
     eprintln!(
         "usage: tokenwal-bench <{}> [--quick] [--dir DIR] [--refreshes N] [--churn-grants N] \
-         [--retention-hours H] [--history-per-grant N] [--max-minutes M] [--concurrency A,B,..] [--rate R] [--path engine|store] [--pg URL] [--cache-mib N] [--soak-ttl D] [--soak-retention-secs S]",
+         [--retention-hours H] [--history-per-grant N] [--max-minutes M] [--concurrency A,B,..] [--rate R] [--path engine|store] [--pg URL] [--cache-mib N] [--soak-ttl D] [--compact-interval D] [--soak-retention-secs S]",
         SCENARIOS.join("|")
     );
     std::process::exit(2);
@@ -132,6 +137,7 @@ fn parse(args: &[String]) -> (String, Opts) {
         pg: None,
         cache_mib: None,
         soak_retention: None,
+        compact_interval: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -162,6 +168,20 @@ fn parse(args: &[String]) -> (String, Opts) {
                 opts.soak_retention = Some(Duration::from_secs(number(value("--soak-retention-secs"))))
             }
             "--pg" => opts.pg = Some(value("--pg")),
+            "--compact-interval" => {
+                let v = value("--compact-interval");
+                match v.parse::<tokenwal_sim::SimDuration>() {
+                    Ok(d) if d.as_millis() > 0 => opts.compact_interval = Some(d.to_std()),
+                    Ok(_) => {
+                        eprintln!("--compact-interval must be more than 0");
+                        usage()
+                    }
+                    Err(e) => {
+                        eprintln!("--compact-interval {v}: {e}");
+                        usage()
+                    }
+                }
+            }
             "--cache-mib" => opts.cache_mib = Some(number(value("--cache-mib"))),
             "--max-minutes" => opts.max_wall = Some(Duration::from_secs(60 * number(value("--max-minutes")))),
             s if SCENARIOS.contains(&s) && scenario.is_none() => scenario = Some(s.to_owned()),

@@ -1,17 +1,23 @@
-//! Scenario 9, soak (issue 16.6): the real engine — on-disk store, proactive scheduler — against the
-//! simulator over loopback, **in its own process** (`tokenwal-bench child soak-sim`: the simulator
-//! remembers every token it ever minted, to recognise replays, so in-process its memory would be
-//! counted as the engine's), for a long run with random faults on (lost answers, hangs,
-//! resets, 5xx, throttles, slow and garbled answers). Access tokens live `--soak-ttl` (default 60 s),
-//! so every grant is refreshed every half-life: 10 000 grants make about 330 refreshes a second, and
-//! a ten-minute run puts each grant through about 20 rotations — the wear of days of hourly
-//! refreshes, compressed by the short lifetime (the engine's clock is the wall clock).
+//! Scenario 9, soak (issue 16.6): the real engine — on-disk store, proactive scheduler, background
+//! compaction — against the simulator over loopback, **in its own process** (`tokenwal-bench child
+//! soak-sim`: the simulator remembers every token it ever minted, to recognise replays, so
+//! in-process its memory would be counted as the engine's), for a long run with random faults on
+//! (lost answers, hangs, resets, 5xx, throttles, slow and garbled answers). Access tokens live
+//! `--soak-ttl` (default 60 s), so every grant is refreshed every half-life: 10 000 grants make about
+//! 330 refreshes a second, and a ten-minute run puts each grant through about 20 rotations — the
+//! wear of days of hourly refreshes, compressed by the short lifetime (the engine's clock is the
+//! wall clock). The engine's compaction (`Config::compaction`) runs as in production, with
+//! `--history-per-grant` and `--compact-interval` to make a short run reach the per-grant history
+//! cap and trim it several times (e.g. 2 000 grants, `--soak-ttl 10s`, `--compact-interval 30s`:
+//! each grant passes the default 64-record cap after ~32 rotations, under three minutes).
 //!
 //! Every interval it samples the process: resident memory, open file descriptors, live tokio tasks,
-//! and the grants by phase. They must stay flat after warm-up: a leak of any of them shows as a
-//! trend across the rows. The last row compares the first sample after warm-up with the last.
+//! the journal's live records (appended − compacted since open) and the store's bytes on disk, and
+//! the grants by phase. They must stay flat after warm-up: a leak of any of them shows as a trend
+//! across the rows. The last two rows compare the last sample with the first after warm-up, and
+//! with the first of the run's second half (the plateau, once every grant is past the cap).
 
-use crate::util::{fmt_bytes, open_fds, proc_status_kb, shop, Table};
+use crate::util::{disk_usage, fmt_bytes, open_fds, proc_status_kb, shop, Table};
 use crate::Opts;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -19,7 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokenwal::core::{AccessToken, ClientSecret, RefreshToken, TokenSet, UnixMillis};
 use tokenwal::store::{Store, StoreConfig};
-use tokenwal::{Config, Engine, StoreLocation};
+use tokenwal::{Compaction, Config, Engine, StoreLocation};
 use tokenwal_sim::{serve, SimConfig, SimDuration};
 
 struct Sample {
@@ -28,9 +34,11 @@ struct Sample {
     fds: usize,
     tasks: usize,
     rotations: u64,
+    live_records: u64,
+    disk: u64,
 }
 
-fn config(base: &str, store: StoreLocation) -> Config {
+fn config(base: &str, store: StoreLocation, compaction: Compaction) -> Config {
     let mut c = Config::shopify(store, "sim-client-id", ClientSecret::new("sim-client-secret"))
         .with_insecure_test_endpoint(url::Url::parse(base).expect("sim url"))
         .with_store_keys(tokenwal::KeySource::Ring(tokenwal::KeyRing::insecure_test_ring()));
@@ -38,6 +46,7 @@ fn config(base: &str, store: StoreLocation) -> Config {
     c.timeouts.total = Duration::from_secs(5);
     c.policy.backoff.base = Duration::from_millis(200);
     c.policy.backoff.cap = Duration::from_secs(5);
+    c.compaction = Some(compaction);
     c
 }
 
@@ -153,7 +162,15 @@ pub async fn run(opts: &Opts) {
     let cache = fmt_bytes(store_config.cache_capacity as f64);
     let keys = tokenwal::KeyRing::insecure_test_ring();
     let (store, _) = Store::open(&dir, &keys, store_config).expect("store open");
-    let (engine, _) = Engine::open(config(&sim.base, StoreLocation::Open(store))).await.expect("engine open");
+    let defaults = Compaction::default();
+    let compaction = Compaction {
+        history_per_grant: opts.history_per_grant.unwrap_or(defaults.history_per_grant),
+        interval: opts.compact_interval.unwrap_or(defaults.interval),
+        // A store passed in keeps its own retention (`--soak-retention-secs`).
+        retention: defaults.retention,
+    };
+    let (engine, _) =
+        Engine::open(config(&sim.base, StoreLocation::Open(store), compaction)).await.expect("engine open");
     let t0 = UnixMillis::from_system_time(std::time::SystemTime::now());
     let ttl_ms = sim_config(ttl).access_ttl.as_millis();
     for i in 0..grants {
@@ -172,11 +189,14 @@ pub async fn run(opts: &Opts) {
     }
     let table = Table::new(
         &format!(
-            "9. Soak: {grants} grants, access TTL {ttl}, random faults on, {} s, sled cache {cache}, {}",
+            "9. Soak: {grants} grants, access TTL {ttl}, random faults on, {} s, sled cache {cache}, \
+             compaction every {} s (history cap {}){}",
             wall.as_secs(),
+            compaction.interval.as_secs_f64(),
+            compaction.history_per_grant,
             match opts.soak_retention {
-                Some(r) => format!("compacted at every sample ({} s retention)", r.as_secs()),
-                None => "never compacted".into(),
+                Some(r) => format!(", and at every sample with a {} s retention", r.as_secs()),
+                None => String::new(),
             }
         ),
         &[
@@ -185,6 +205,9 @@ pub async fn run(opts: &Opts) {
             "RSS",
             "open fds",
             "live tasks",
+            "journal records (live)",
+            "records compacted",
+            "store on disk",
             "grants by phase",
             "simulator RSS (other process)",
         ],
@@ -199,12 +222,15 @@ pub async fn run(opts: &Opts) {
             let now = UnixMillis::from_system_time(std::time::SystemTime::now());
             let _ = tokio::task::spawn_blocking(move || store.compact(now)).await;
         }
+        let stats = engine.store().stats();
         let s = Sample {
             at: started.elapsed(),
             rss_kb: proc_status_kb("VmRSS"),
             fds: open_fds(),
             tasks: metrics.num_alive_tasks(),
             rotations: sim.rotations().await,
+            live_records: stats.records_appended.saturating_sub(stats.compacted),
+            disk: disk_usage(&dir).1,
         };
         table.row(&[
             format!("{} s", s.at.as_secs()),
@@ -212,20 +238,29 @@ pub async fn run(opts: &Opts) {
             fmt_bytes(s.rss_kb as f64 * 1024.0),
             s.fds.to_string(),
             s.tasks.to_string(),
+            s.live_records.to_string(),
+            stats.compacted.to_string(),
+            fmt_bytes(s.disk as f64),
             phases(engine.store()),
             fmt_bytes(sim.rss_kb() as f64 * 1024.0),
         ]);
         samples.push(s);
     }
-    if let (Some(first), Some(last)) = (samples.iter().find(|s| s.at >= warm_up), samples.last()) {
-        let growth = (last.rss_kb as f64 - first.rss_kb as f64) / first.rss_kb.max(1) as f64 * 100.0;
+    // First vs last sample after warm-up, and over the second half of the run: with compaction on,
+    // the journal grows until each grant reaches the history cap, so the second half is the plateau.
+    for (from, what) in [(warm_up, "after warm-up"), (wall / 2, "second half")] {
+        let (Some(first), Some(last)) = (samples.iter().find(|s| s.at >= from), samples.last()) else { continue };
+        let pct = |a: u64, b: u64| (b as f64 - a as f64) / a.max(1) as f64 * 100.0;
         table.row(&[
             format!("{} s → {} s", first.at.as_secs(), last.at.as_secs()),
             format!("+{}", last.rotations - first.rotations),
-            format!("{growth:+.1} %"),
+            format!("{:+.1} %", pct(first.rss_kb, last.rss_kb)),
             format!("{:+}", last.fds as i64 - first.fds as i64),
             format!("{:+}", last.tasks as i64 - first.tasks as i64),
-            "(after warm-up: first vs last)".into(),
+            format!("{:+}", last.live_records as i64 - first.live_records as i64),
+            String::new(),
+            format!("{:+.1} %", pct(first.disk, last.disk)),
+            format!("({what}: first vs last)"),
             String::new(),
         ]);
     }

@@ -38,3 +38,29 @@ fn every_scenario_runs_at_quick_sizes() {
         assert!(stdout.contains(&held), "{stdout}");
     }
 }
+
+/// The soak (not part of `all`) at quick sizes, with the engine's compaction made fast enough to run
+/// within its 20 s: `--history-per-grant` and `--compact-interval` must reach the engine's
+/// `Config::compaction` (with the defaults, the first pass would start after 60 s and delete nothing).
+#[test]
+fn soak_runs_the_engines_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tokenwal-bench"))
+        .args(["soak", "--quick", "--history-per-grant", "2", "--compact-interval", "2s", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("compaction every 2 s (history cap 2)"), "{stdout}");
+    // The sample rows (`| 12 s | …`), not the header or the first-vs-last rows (`| 4 s → 20 s | …`).
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| ") && l.contains(" s |") && !l.contains('→') && !l.contains("elapsed"))
+        .map(|l| l.split('|').map(str::trim).collect())
+        .collect();
+    let last = rows.last().unwrap_or_else(|| panic!("no sample rows in:\n{stdout}"));
+    // Cells: "", elapsed, rotations, RSS, fds, tasks, live records, records compacted, …
+    let compacted: u64 = last[7].parse().unwrap_or_else(|_| panic!("records compacted {:?} in:\n{stdout}", last[7]));
+    assert!(compacted > 0, "the engine's compaction deleted nothing:\n{stdout}");
+}
