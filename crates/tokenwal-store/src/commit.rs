@@ -88,6 +88,28 @@ fn write_one(shared: &Shared, b: &WriteBatch, lsn: u64, group_lsn: u64) -> Resul
     Ok(result)
 }
 
+/// Writes a whole group in one backend call (one transaction), for a backend that prefers it. The
+/// pre-images are captured first unless the backend's readers see only durable data anyway.
+fn write_whole(
+    shared: &Shared,
+    group: &[Request],
+    first_lsn: u64,
+) -> Result<std::collections::VecDeque<BatchResult>, StoreError> {
+    shared.hooks.fault(FaultPoint::BeforeWrite).map_err(|source| StoreError::Io { op: "transaction", source })?;
+    if !shared.backend.readers_see_only_durable() {
+        for r in group {
+            capture_preimage(shared, &r.batch.grant, first_lsn)?;
+        }
+    }
+    let batches: Vec<&WriteBatch> = group.iter().map(|r| &r.batch).collect();
+    let started = Instant::now();
+    let results = shared.backend.apply_group(&shared.keys, &batches, first_lsn);
+    Counters::add_time(&shared.counters.write_nanos, started);
+    let results = results?;
+    shared.hooks.fault(FaultPoint::AfterWrite).map_err(|source| StoreError::Io { op: "transaction", source })?;
+    Ok(results.into())
+}
+
 fn commit_group(shared: &Shared, next_lsn: &mut u64, group: &mut Vec<Request>) {
     if shared.is_poisoned() {
         for r in group.drain(..) {
@@ -100,9 +122,21 @@ fn commit_group(shared: &Shared, next_lsn: &mut u64, group: &mut Vec<Request>) {
     let mut answers = Vec::with_capacity(group.len());
     let mut failure: Option<StoreError> = None;
     let (mut written, mut records, mut new_grants) = (0u64, 0u64, 0u64);
+    // A backend that writes a whole group in one transaction (PostgreSQL) gets it in one call.
+    let mut whole = if shared.backend.whole_groups() { Some(write_whole(shared, group, *next_lsn)) } else { None };
     for req in group.iter() {
         let b = &req.batch;
-        match write_one(shared, b, *next_lsn, group_lsn) {
+        let result = match &mut whole {
+            None => write_one(shared, b, *next_lsn, group_lsn),
+            Some(Ok(results)) => Ok(results.pop_front().expect("one result per batch")),
+            Some(Err(e)) => {
+                // The group's transaction failed: any of its batches may have been written.
+                failure = Some(e.duplicate());
+                answers.extend(group.iter().map(|_| Answer::Written));
+                break;
+            }
+        };
+        match result {
             Ok(Ok(new)) => {
                 let n = b.records.len() as u64;
                 *next_lsn += n;

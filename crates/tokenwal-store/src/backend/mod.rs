@@ -206,6 +206,21 @@ pub(crate) trait DurableBackend: Send + Sync {
     /// memory writes stay visible and are never synced by this handle again).
     fn end_unsynced_group(&self) {}
 
+    /// Whether the committer should hand a whole group to one [`DurableBackend::apply_group`] call
+    /// (one transaction) rather than one call per batch. Default `false` (sled: one transaction
+    /// per batch measured no slower, and a failure then names exactly the batches it may have
+    /// written); PostgreSQL: `true` (round trips, not keys, are its cost).
+    fn whole_groups(&self) -> bool {
+        false
+    }
+
+    /// Whether readers can never see a write before [`DurableBackend::sync`] made it durable (so the
+    /// store needs no pre-images). Default `false`; PostgreSQL: `true` (readers use other
+    /// connections and see only committed data, and a commit is durable).
+    fn readers_see_only_durable(&self) -> bool {
+        false
+    }
+
     /// Writes (`Some`) or deletes (`None`) one `meta` entry outside the commit groups (a journal
     /// cursor) and makes it durable before returning. It must not make a concurrent group's
     /// unsynced writes look durable to anyone but a reopen after a real crash.

@@ -213,7 +213,7 @@ impl PgBackend {
             s.client()?.batch_execute("BEGIN").map_err(db_err("begin"))?;
             s.in_txn = true;
             let result = {
-                let txn = PgTxn { session: RefCell::new(s), sql, staged: RefCell::new(BTreeMap::new()) };
+                let txn = PgTxn::new(s, sql);
                 f(&txn).and_then(|()| txn.flush())
             };
             let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
@@ -345,9 +345,34 @@ struct PgTxn<'a> {
     session: RefCell<&'a mut Session>,
     sql: &'a Sql,
     staged: RefCell<Staged>,
+    /// Values read ahead in one round trip (`None`: absent), consulted after `staged`.
+    prefetched: RefCell<Staged>,
 }
 
 impl PgTxn<'_> {
+    fn new<'a>(session: &'a mut Session, sql: &'a Sql) -> PgTxn<'a> {
+        PgTxn {
+            session: RefCell::new(session),
+            sql,
+            staged: RefCell::new(BTreeMap::new()),
+            prefetched: RefCell::new(BTreeMap::new()),
+        }
+    }
+
+    /// Reads `keys` of `t` in one round trip, for the `get`s that follow.
+    fn prefetch(&self, t: Tree, keys: Vec<Vec<u8>>) -> Result<(), StoreError> {
+        let mut s = self.session.borrow_mut();
+        let stmt = s.statement(&self.sql.get_many[t as usize])?;
+        let rows = s.client()?.query(&stmt, &[&keys]).map_err(db_err("read"))?;
+        let mut found: BTreeMap<Vec<u8>, Vec<u8>> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let mut p = self.prefetched.borrow_mut();
+        for k in keys {
+            let v = found.remove(&k);
+            p.insert((t as usize, k), v);
+        }
+        Ok(())
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         let staged = std::mem::take(&mut *self.staged.borrow_mut());
         let mut s = self.session.borrow_mut();
@@ -380,7 +405,11 @@ impl Kv for PgTxn<'_> {
     type Err = StoreError;
 
     fn get(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(v) = self.staged.borrow().get(&(t as usize, k.to_vec())) {
+        let key = (t as usize, k.to_vec());
+        if let Some(v) = self.staged.borrow().get(&key) {
+            return Ok(v.clone());
+        }
+        if let Some(v) = self.prefetched.borrow().get(&key) {
             return Ok(v.clone());
         }
         let mut s = self.session.borrow_mut();
@@ -423,7 +452,12 @@ fn group_in_txn(
         }
     }
     let refs: Vec<&WriteBatch> = batches.iter().collect();
-    let txn = PgTxn { session: RefCell::new(s), sql, staged: RefCell::new(BTreeMap::new()) };
+    let txn = PgTxn::new(s, sql);
+    // Every batch's compare-and-swap reads its grant's state: one round trip for the group.
+    let mut grants: Vec<Vec<u8>> = batches.iter().map(|b| b.grant.clone()).collect();
+    grants.sort();
+    grants.dedup();
+    txn.prefetch(Tree::Grants, grants)?;
     let results = write_group(&txn, keys, &refs, first_lsn)?;
     txn.flush()?;
     Ok(results)
@@ -545,6 +579,14 @@ impl DurableBackend for PgBackend {
             s.in_txn = false;
             committed
         })
+    }
+
+    fn whole_groups(&self) -> bool {
+        true
+    }
+
+    fn readers_see_only_durable(&self) -> bool {
+        true
     }
 
     fn end_unsynced_group(&self) {

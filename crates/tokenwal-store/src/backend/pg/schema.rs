@@ -127,6 +127,7 @@ pub(crate) fn quote(schema: &str) -> String {
 /// The statements of one store, for its schema.
 pub(crate) struct Sql {
     pub get: [String; 6],
+    pub get_many: [String; 6],
     pub upsert: [String; 6],
     pub delete: [String; 6],
     pub scan_from: [String; 6],
@@ -148,6 +149,7 @@ impl Sql {
         let per = |f: &dyn Fn(String) -> String| Tree::ALL.map(|t| f(format!("{q}.\"{}\"", t.name())));
         Sql {
             get: per(&|t| format!("SELECT v FROM {t} WHERE k = $1")),
+            get_many: per(&|t| format!("SELECT k, v FROM {t} WHERE k = ANY($1::bytea[])")),
             upsert: per(&|t| {
                 format!(
                     "INSERT INTO {t} (k, v) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
