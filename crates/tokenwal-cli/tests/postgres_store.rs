@@ -5,6 +5,9 @@
 //!   answers, resets, 5xx): every restart takes the store over at once (the lease's holder is a dead
 //!   process of this host), recovery resolves what the kill left ambiguous, and in the end every
 //!   shop is healthy with a grant alive at the server — no lockout.
+//! * A standby `run` started while another holds the store waits (it neither steals a live lease nor
+//!   exits) and takes over within seconds of the holder's clean stop; a `run` whose database is
+//!   unreachable keeps retrying with backoff instead of exiting.
 //! * While `run` holds the store, other commands are refused at once with exit 75 naming the holder
 //!   (they never wait for, or steal, a live lease); after `run` stops they work at once.
 //!
@@ -148,4 +151,60 @@ fn other_commands_name_the_live_holder_and_work_once_it_stops() {
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
     assert_eq!(exits_within(&mut child, Duration::from_secs(30)), Some(0));
     assert_eq!(shops(db).len(), SHOPS, "the lease was released at exit: the next command opens at once");
+}
+
+fn wait_for_line(rx: &std::sync::mpsc::Receiver<String>, needle: &str, within: Duration) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    let mut log = Vec::new();
+    while !log.iter().any(|l: &String| l.contains(needle)) {
+        assert!(Instant::now() < deadline, "no {needle:?} within {within:?}:\n{}", log.join("\n"));
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+            log.push(l);
+        }
+    }
+    log
+}
+
+#[test]
+fn a_standby_run_waits_for_the_holder_and_takes_over_when_it_stops() {
+    let Some(pg) = PgScratch::new("tokenwal run on PostgreSQL, standby") else { return };
+    let sim = BlockingSim::start();
+    let url = pg.url();
+    let db = Path::new(&url);
+    import_all(&sim, db);
+    let env = env(&sim);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (mut holder, holder_rx) = spawn(BIN, db, &["run"], &env);
+    wait_for_line(&holder_rx, "store opened", Duration::from_secs(30));
+    let (mut standby, standby_rx) = spawn(BIN, db, &["run"], &env);
+    wait_for_line(&standby_rx, "held by another process", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(standby.try_wait().unwrap().is_none(), "the standby gave up while the holder lives");
+
+    let stopped = Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &holder.id().to_string()]).status().unwrap().success());
+    assert_eq!(exits_within(&mut holder, Duration::from_secs(30)), Some(0));
+    wait_for_line(&standby_rx, "store opened", Duration::from_secs(20));
+    assert!(stopped.elapsed() < Duration::from_secs(20), "the standby took over well inside the lease");
+    assert!(Command::new("kill").args(["-TERM", &standby.id().to_string()]).status().unwrap().success());
+    assert_eq!(exits_within(&mut standby, Duration::from_secs(30)), Some(0));
+    assert!(shops(db).iter().all(|s| s["state"] == "healthy"), "{:?}", shops(db));
+}
+
+#[test]
+fn a_run_whose_database_is_down_keeps_retrying() {
+    // Nothing listens on port 1: every connection is refused at once.
+    let db = Path::new("postgres://tokenwal:never-shown-pw@127.0.0.1:1/none?connect_timeout=2");
+    let sim = BlockingSim::start();
+    let env = env(&sim);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (mut child, rx) = spawn(BIN, db, &["run"], &env);
+    let log = wait_for_line(&rx, "retrying", Duration::from_secs(30));
+    let log2 = wait_for_line(&rx, "retrying", Duration::from_secs(30));
+    assert!(child.try_wait().unwrap().is_none(), "run exited instead of retrying");
+    let text = [log, log2].concat().join("\n");
+    assert!(text.contains("database error during connect"), "{text}");
+    assert!(!text.contains("never-shown-pw"), "the URL's password in a log line: {text}");
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    assert_eq!(exits_within(&mut child, Duration::from_secs(10)), Some(0));
 }

@@ -19,7 +19,7 @@ pub async fn run(settings: &Settings, once: bool, sweep: Duration, grace: Durati
     let stop = shutdown_signal();
     tokio::pin!(stop);
     let (engine, report) = tokio::select! {
-        opened = open_engine(settings, !once, false) => opened.map_err(fail_stop_at_open)?,
+        opened = open_retrying(settings, !once) => opened.map_err(fail_stop_at_open)?,
         _ = &mut stop => {
             warn!("stopped during recovery: what it had not finished stays journaled for the next start");
             return Ok(());
@@ -48,6 +48,30 @@ pub async fn run(settings: &Settings, once: bool, sweep: Duration, grace: Durati
     wind_down(&engine, grace).await;
     drop(engine);
     Ok(())
+}
+
+/// [`open_engine`], except that a PostgreSQL store that cannot be reached yet, or whose lease a live
+/// process holds past the wait ([`tokenwal::store::Store::open_postgres`] waits one lease), is
+/// retried with backoff (1 s doubling to 30 s) instead of ending the process: a standby `run` keeps
+/// waiting for the holder, and a fleet restarted with its database comes up by itself.
+async fn open_retrying(settings: &Settings, proactive: bool) -> Result<(Engine, tokenwal::RecoveryReport), CliError> {
+    if settings.postgres().is_none() {
+        return open_engine(settings, proactive, false).await;
+    }
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match Engine::open(settings.engine_config(proactive)?).await {
+            Ok(opened) => return Ok(opened),
+            Err(tokenwal::Error::Store(
+                e @ (StoreError::Database { op: "connect", .. } | StoreError::HeldElsewhere { .. }),
+            )) => {
+                warn!(store = %settings.db_display(), error = %e, retry_in_s = delay.as_secs(), "the PostgreSQL store is not available yet: retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// The steady state shared by `run` and `serve`: tally events into a summary a minute, sweep for
