@@ -134,14 +134,7 @@ fn other_commands_name_the_live_holder_and_work_once_it_stops() {
     let env = env(&sim);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let (mut child, rx) = spawn(BIN, db, &["run"], &env);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut log = Vec::new();
-    while !log.iter().any(|l: &String| l.contains("store opened")) {
-        assert!(Instant::now() < deadline, "run did not open the store:\n{}", log.join("\n"));
-        if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
-            log.push(l);
-        }
-    }
+    wait_for_line(&rx, "store opened", Duration::from_secs(30));
     let started = Instant::now();
     let out = run(BIN, db, &["shops", "--json"], &[], None, true);
     assert_eq!(out.code, 75, "{out:?}");

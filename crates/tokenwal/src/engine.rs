@@ -84,19 +84,21 @@ impl Engine {
         if config.max_concurrent_refreshes == 0 {
             return Err(Error::Config("max_concurrent_refreshes must be at least 1".into()));
         }
+        // What a durable store needs (loaded only for one: an in-memory store needs no key).
+        let durable = || -> Result<_, Error> {
+            let keys = config.store_keys.load().map_err(StoreError::Key)?;
+            let store_config = match config.compaction {
+                Some(c) => StoreConfig::default().with_retention(c.retention),
+                None => StoreConfig::default(),
+            };
+            Ok((keys, store_config))
+        };
         let (store, corrupt) = match &config.store {
             StoreLocation::InMemory => (Store::in_memory(), Vec::new()),
             StoreLocation::Open(store) => (store.clone(), Vec::new()),
             StoreLocation::Path(p) => {
-                let p = p.clone();
-                let keys = config.store_keys.load().map_err(StoreError::Key)?;
-                let store_config = match config.compaction {
-                    Some(c) => StoreConfig::default().with_retention(c.retention),
-                    None => StoreConfig::default(),
-                };
-                let (store, report) = tokio::task::spawn_blocking(move || Store::open(p, &keys, store_config))
-                    .await
-                    .map_err(|e| Error::Internal(format!("store open task failed: {e}")))??;
+                let (p, (keys, store_config)) = (p.clone(), durable()?);
+                let (store, report) = open_blocking(move || Store::open(p, &keys, store_config)).await?;
                 (store, report.corrupt)
             }
             StoreLocation::Postgres(location) => {
@@ -108,18 +110,11 @@ impl Engine {
                         config.timeouts.total
                     )));
                 }
-                let location = (**location).clone();
-                let keys = config.store_keys.load().map_err(StoreError::Key)?;
-                let store_config = match config.compaction {
-                    Some(c) => StoreConfig::default().with_retention(c.retention),
-                    None => StoreConfig::default(),
-                };
+                let (location, (keys, store_config)) = ((**location).clone(), durable()?);
                 // A crashed holder's lease runs out within one lease; wait that long (and a little).
                 let wait = location.lease() + std::time::Duration::from_secs(2);
                 let (store, report) =
-                    tokio::task::spawn_blocking(move || Store::open_postgres(&location, &keys, store_config, wait))
-                        .await
-                        .map_err(|e| Error::Internal(format!("store open task failed: {e}")))??;
+                    open_blocking(move || Store::open_postgres(&location, &keys, store_config, wait)).await?;
                 (store, report.corrupt)
             }
         };
@@ -464,4 +459,13 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Runs a store open on the blocking pool (it does file or database I/O).
+async fn open_blocking(
+    open: impl FnOnce() -> Result<(Store, tokenwal_store::OpenReport), StoreError> + Send + 'static,
+) -> Result<(Store, tokenwal_store::OpenReport), Error> {
+    Ok(tokio::task::spawn_blocking(open)
+        .await
+        .map_err(|e| Error::Internal(format!("store open task failed: {e}")))??)
 }

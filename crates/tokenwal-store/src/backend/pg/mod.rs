@@ -55,6 +55,18 @@ pub(crate) fn db_err(op: &'static str) -> impl Fn(postgres::Error) -> StoreError
     }
 }
 
+/// `e` with the password of `config` removed from a driver message (belt and braces: the driver does
+/// not echo passwords).
+fn scrub_password(e: StoreError, config: &postgres::Config) -> StoreError {
+    match e {
+        StoreError::Database { op, message } => {
+            let password = config.get_password().map(String::from_utf8_lossy);
+            StoreError::Database { op, message: scrub(&message, password.as_deref()) }
+        }
+        e => e,
+    }
+}
+
 /// The identity of this process in the owner row: `host pid=N start=T` (the start time tells a
 /// reused pid apart).
 fn holder_id() -> String {
@@ -125,24 +137,10 @@ impl PgBackend {
         on_lost: Box<dyn Fn(String) + Send>,
     ) -> Result<Opened, StoreError> {
         let config = location.driver_config().clone();
-        let password = config.get_password().map(|p| String::from_utf8_lossy(p).into_owned());
-        let scrubbed = move |e: StoreError| match e {
-            StoreError::Database { op, message } => {
-                StoreError::Database { op, message: scrub(&message, password.as_deref()) }
-            }
-            e => e,
-        };
+        let scrubbed = |e| scrub_password(e, &config);
         let sql = Arc::new(Sql::new(location.schema()));
         let owner = Arc::new(Worker::spawn("tokenwal-pg-owner", config.clone())?);
-        let schema_name = location.schema().to_string();
-        let schema_was = owner
-            .call(move |s| {
-                let mut tx = s.client()?.transaction().map_err(db_err("begin"))?;
-                let was = schema::migrate(&mut tx, &schema_name)?;
-                tx.commit().map_err(db_err("commit the migration"))?;
-                Ok(was)
-            })
-            .map_err(&scrubbed)?;
+        let schema_was = migrate_on(&owner, location.schema()).map_err(&scrubbed)?;
         let epoch = acquire(&owner, &sql, location, wait_for_lease).map_err(&scrubbed)?;
         let readers = Pool::new(READERS, &config)?;
         let writer = Worker::spawn("tokenwal-pg-write", config)?;
@@ -175,21 +173,8 @@ impl PgBackend {
     /// Creates or migrates the schema only (`tokenwal migrate-schema`). Returns the version found.
     pub(crate) fn migrate_only(location: &PgLocation) -> Result<i32, StoreError> {
         let config = location.driver_config().clone();
-        let password = config.get_password().map(|p| String::from_utf8_lossy(p).into_owned());
         let worker = Worker::spawn("tokenwal-pg-migrate", config)?;
-        let schema_name = location.schema().to_string();
-        let found = worker.call(move |s| {
-            let mut tx = s.client()?.transaction().map_err(db_err("begin"))?;
-            let was = schema::migrate(&mut tx, &schema_name)?;
-            tx.commit().map_err(db_err("commit the migration"))?;
-            Ok(was)
-        });
-        found.map_err(|e| match e {
-            StoreError::Database { op, message } => {
-                StoreError::Database { op, message: scrub(&message, password.as_deref()) }
-            }
-            e => e,
-        })
+        migrate_on(&worker, location.schema()).map_err(|e| scrub_password(e, location.driver_config()))
     }
 
     fn fence_margin(&self) -> f64 {
@@ -255,6 +240,18 @@ impl Drop for PgBackend {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// Creates or migrates `schema` on `worker`'s connection, in one transaction. Returns the version
+/// found before.
+fn migrate_on(worker: &Worker, schema: &str) -> Result<i32, StoreError> {
+    let schema = schema.to_string();
+    worker.call(move |s| {
+        let mut tx = s.client()?.transaction().map_err(db_err("begin"))?;
+        let was = schema::migrate(&mut tx, &schema)?;
+        tx.commit().map_err(db_err("commit the migration"))?;
+        Ok(was)
+    })
 }
 
 /// Takes the lease, waiting for a live holder's to run out (up to `wait`).
@@ -471,6 +468,18 @@ fn get_on(s: &mut Session, sql: &Sql, t: Tree, k: &[u8]) -> Result<Option<Vec<u8
 
 type Rows = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// Hands one scan chunk to `f` while its keys have `prefix`. Returns the key to continue after, or
+/// `None` when the scan is over (`f` said stop, the prefix ended, or the chunk was the last).
+fn feed(chunk: Rows, prefix: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Option<Vec<u8>> {
+    let full = chunk.len() as i64 == SCAN_CHUNK;
+    for (k, v) in &chunk {
+        if !k.starts_with(prefix) || !f(k, v) {
+            return None;
+        }
+    }
+    chunk.into_iter().last().filter(|_| full).map(|(k, _)| k)
+}
+
 fn rows(s: &mut Session, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Rows, StoreError> {
     let stmt = s.statement(sql)?;
     let rows = s.client()?.query(&stmt, params).map_err(db_err("scan"))?;
@@ -491,15 +500,9 @@ impl DurableBackend for PgBackend {
                 None => rows(s, &sql.scan_from[t as usize], &[&prefix2, &SCAN_CHUNK]),
                 Some(a) => rows(s, &sql.scan_after[t as usize], &[&a, &SCAN_CHUNK]),
             })?;
-            let full = chunk.len() as i64 == SCAN_CHUNK;
-            for (k, v) in &chunk {
-                if !k.starts_with(prefix) || !f(k, v) {
-                    return Ok(());
-                }
-            }
-            match chunk.into_iter().last() {
-                Some((k, _)) if full => after = Some(k),
-                _ => return Ok(()),
+            match feed(chunk, prefix, f) {
+                Some(k) => after = Some(k),
+                None => return Ok(()),
             }
         }
     }
@@ -518,15 +521,9 @@ impl DurableBackend for PgBackend {
         loop {
             let (lo, hi) = (prefix.to_vec(), upper.clone());
             let chunk = self.read(move |s, sql| rows(s, &sql.scan_rev[t as usize], &[&lo, &hi, &SCAN_CHUNK]))?;
-            let full = chunk.len() as i64 == SCAN_CHUNK;
-            for (k, v) in &chunk {
-                if !k.starts_with(prefix) || !f(k, v) {
-                    return Ok(());
-                }
-            }
-            match chunk.into_iter().last() {
-                Some((k, _)) if full => upper = k,
-                _ => return Ok(()),
+            match feed(chunk, prefix, f) {
+                Some(k) => upper = k,
+                None => return Ok(()),
             }
         }
     }
