@@ -18,6 +18,7 @@
 //!   grant, and **LOCKED OUT** if the grant is still alive (the app lost its working credential, or
 //!   gave up on a live shop).
 
+mod customers;
 mod engine_app;
 mod naive;
 mod report;
@@ -67,9 +68,33 @@ backoff 100 ms to 1 s, and a 300 ms fleet-wide pause after invalid_client (60 s 
 Exits 70 if tokenwal locked any shop out. (A hidden, test-only flag, --issued-tokens-out, exists for
 the no-leak test; it writes the simulated secrets to a file and is not for other use.)";
 
+/// Which storefront the demo simulates.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    /// Admin API shops, crashes and revocations (the default)
+    Shops,
+    /// A headless storefront's customer sessions (Customer Account API, per-customer grants of a
+    /// public client, strict single use) against the naive per-session-mutex baseline
+    CustomerAccounts,
+}
+
 /// Flags of `tokenwal demo`.
 #[derive(Args, Clone, Debug)]
 pub struct DemoArgs {
+    /// What to simulate: `shops` (Admin API) or `customer-accounts` (a headless storefront's
+    /// customers; --customers, --customer-shops, --storefront-instances)
+    #[arg(long, value_enum, default_value = "shops")]
+    pub scenario: Scenario,
+    /// customer-accounts: customers signed in, spread over --customer-shops shops
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub customers: u32,
+    /// customer-accounts: shops the customers belong to
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub customer_shops: u32,
+    /// customer-accounts: storefront instances sharing each session (each with its own per-session
+    /// mutex in the naive baseline)
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub storefront_instances: u32,
     /// Shops seeded at the simulated Shopify and installed in each app
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub shops: u32,
@@ -467,6 +492,9 @@ fn write_issued(path: &Path, secrets: &[String]) -> Result<(), CliError> {
 
 /// `tokenwal demo`.
 pub fn run(args: DemoArgs) -> Result<(), CliError> {
+    if args.scenario == Scenario::CustomerAccounts {
+        return customers::run(args);
+    }
     let json = args.json;
     let world = World::new(args);
     let sim_rt = tokio::runtime::Builder::new_multi_thread()
