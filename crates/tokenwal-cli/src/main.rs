@@ -238,9 +238,10 @@ enum Command {
         #[command(flatten)]
         out: JsonFlag,
     },
-    /// Show one shop's state and journal history (never its secrets)
+    /// Show one grant's state and journal history (never its secrets)
     Inspect {
-        /// The shop, e.g. my-shop.myshopify.com
+        /// The shop, e.g. my-shop.myshopify.com; with a non-Admin `provider`, its account (e.g.
+        /// SHOP_ID:CUSTOMER_ID); or any grant in full as PROVIDER/ACCOUNT
         shop: String,
         #[command(flatten)]
         out: JsonFlag,
@@ -257,8 +258,22 @@ enum Command {
     #[command(long_about = TOKEN_ABOUT)]
     Token {
         /// The shop, e.g. my-shop.myshopify.com (with a non-Admin `provider`: its account, e.g.
-        /// SHOP_ID:CUSTOMER_ID)
+        /// SHOP_ID:CUSTOMER_ID; any grant in full: PROVIDER/ACCOUNT)
         shop: String,
+        /// Print {"grant","provider","account","access_token","access_expires"} (holds the token)
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every grant of every provider: provider/account, state, generation, expiries, why
+    Grants {
+        /// Only grants of this provider id (e.g. shopify, shopify-customer-account)
+        #[arg(long, value_name = "PROVIDER")]
+        provider: Option<String>,
+        /// Only grants in this state
+        #[arg(long, value_enum)]
+        state: Option<StateArg>,
+        #[command(flatten)]
+        out: JsonFlag,
     },
     /// Export every stored token set as JSON lines, the shape `import` reads
     Export {
@@ -501,7 +516,10 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Inspect { shop, out } => commands::inspect(&settings()?, &shop, out.json),
         Command::Recover { dry_run: true, out } => commands::recover_dry_run(&settings()?, out.json),
         Command::Recover { dry_run: false, out } => runtime()?.block_on(commands::recover(&settings()?, out.json)),
-        Command::Token { shop } => runtime()?.block_on(commands::token(&settings()?, &shop)),
+        Command::Token { shop, json } => runtime()?.block_on(commands::token(&settings()?, &shop, json)),
+        Command::Grants { provider, state, out } => {
+            commands::grants(&settings()?, provider.as_deref(), state.map(StateArg::name), out.json)
+        }
         Command::Export { reveal_secrets: false, .. } => Err(CliError::Usage(commands::EXPORT_REFUSAL.into())),
         Command::Export { reveal_secrets: true, .. } => commands::export(&settings()?),
         Command::Sim { port, sim } => runtime()?.block_on(commands::sim(*sim, port)),

@@ -41,7 +41,13 @@ impl Instant {
 /// One grant, without its secrets.
 #[derive(Serialize)]
 pub struct GrantView {
-    /// The shop (the grant's account).
+    /// The grant, `provider/account` (e.g. `shopify/a.myshopify.com`,
+    /// `shopify-customer-account/4242:7`).
+    pub grant: String,
+    /// The grant's provider id (`shopify` for the Admin API).
+    pub provider: String,
+    /// The grant's account: the shop for the Admin API (the field's historical name), a
+    /// customer's `{shop_id}:{customer_id}`, or a generic provider's account.
     pub shop: String,
     /// `healthy`, `refreshing`, `ambiguous`, `needs-reauth` or `uninstalled`.
     pub state: &'static str,
@@ -79,6 +85,15 @@ pub struct GrantView {
 }
 
 impl GrantView {
+    /// How tables name the grant: the shop for the Admin API, `provider/account` otherwise.
+    pub fn display_name(&self) -> String {
+        if self.provider == tokenwal::core::SHOPIFY_PROVIDER {
+            self.shop.clone()
+        } else {
+            self.grant.clone()
+        }
+    }
+
     /// The view of `s`; `key` fingerprints the refresh token.
     pub fn of(s: &GrantState, key: &FingerprintKey) -> GrantView {
         let t = s.tokens.as_ref();
@@ -97,6 +112,8 @@ impl GrantView {
             Phase::Uninstalled { since } | Phase::NotInstalled { since } => (Some(Instant::of(*since)), None, None),
         };
         GrantView {
+            grant: s.grant.to_string(),
+            provider: s.grant.provider().to_owned(),
             shop: s.grant.account().to_owned(),
             state: s.phase.name(),
             generation: s.generation.0,

@@ -1,9 +1,10 @@
-//! `tokenwal inspect SHOP`: one grant's state and history.
+//! `tokenwal inspect GRANT`: one grant's state and history — a shop, an account of the configured
+//! provider profile, or `provider/account` of any provider.
 
 use serde::Serialize;
-use tokenwal::core::{GrantKey, UnixMillis};
+use tokenwal::core::UnixMillis;
 
-use super::{open_store, parse_shop, print_json};
+use super::{open_store, print_json, resolve_grant};
 use crate::error::CliError;
 use crate::settings::Settings;
 use crate::timefmt::{self, now};
@@ -19,10 +20,9 @@ struct InspectView {
 
 /// `tokenwal inspect SHOP`.
 pub fn inspect(settings: &Settings, shop: &str, json: bool) -> Result<(), CliError> {
-    let shop = parse_shop(shop)?;
+    let grant = resolve_grant(settings, shop)?;
     let (store, _) = open_store(settings, false)?;
-    let grant = GrantKey::shopify(&shop);
-    let state = store.get(&grant)?.ok_or_else(|| CliError::NotInstalled { shop: shop.to_string() })?;
+    let state = store.get(&grant)?.ok_or_else(|| CliError::NotInstalled { shop: grant.account().to_owned() })?;
     let key = store.fingerprint_key();
     let history = store.history_report(&grant)?;
     let view = InspectView {
@@ -37,7 +37,11 @@ pub fn inspect(settings: &Settings, shop: &str, json: bool) -> Result<(), CliErr
     let g = &view.grant;
     let mut out = String::new();
     let mut field = |k: &str, v: String| out.push_str(&format!("{k:<18} {v}\n"));
-    field("shop", g.shop.clone());
+    if g.provider == tokenwal::core::SHOPIFY_PROVIDER {
+        field("shop", g.shop.clone());
+    } else {
+        field("grant", g.grant.clone());
+    }
     field("state", format!("{} (generation {}, version {})", g.state, g.generation, g.version));
     if let Some(why) = &g.why {
         field("why", why.clone());

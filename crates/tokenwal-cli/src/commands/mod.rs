@@ -2,6 +2,7 @@
 
 mod compact;
 mod export;
+mod grants;
 mod import;
 mod inspect;
 mod keys;
@@ -23,6 +24,7 @@ use crate::settings::Settings;
 
 pub use compact::{compact, migrate_schema};
 pub use export::{export, EXPORT_REFUSAL};
+pub use grants::grants;
 pub use import::{import, ImportOptions};
 pub use inspect::inspect;
 pub use keys::{keygen, rekey};
@@ -79,6 +81,24 @@ fn print_json(v: &impl Serialize) -> Result<(), CliError> {
     let s = serde_json::to_string_pretty(v).map_err(|e| CliError::Usage(format!("cannot render JSON: {e}")))?;
     println!("{s}");
     Ok(())
+}
+
+/// The grant named by a command-line argument: `provider/account` in full (any provider), else an
+/// account of the configured non-Admin provider profile (`4242:7` with `shopify-customer-account`),
+/// else an Admin API shop domain.
+pub(crate) fn resolve_grant(settings: &Settings, arg: &str) -> Result<tokenwal::core::GrantKey, CliError> {
+    use tokenwal::core::GrantKey;
+    if let Some((provider, account)) = arg.split_once('/') {
+        if provider == tokenwal::core::SHOPIFY_PROVIDER {
+            return Ok(GrantKey::shopify(&parse_shop(account)?));
+        }
+        return GrantKey::new(provider, account).map_err(|e| CliError::Usage(format!("invalid grant {arg:?}: {e}")));
+    }
+    match settings.profile().filter(|p| !p.is_shopify_admin()) {
+        Some(p) => GrantKey::new(&p.provider, arg)
+            .map_err(|e| CliError::Usage(format!("invalid `{}` account: {e}", p.provider))),
+        None => Ok(GrantKey::shopify(&parse_shop(arg)?)),
+    }
 }
 
 fn parse_shop(s: &str) -> Result<ShopDomain, CliError> {

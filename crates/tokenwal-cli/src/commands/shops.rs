@@ -35,7 +35,7 @@ pub fn shops(settings: &Settings, state: Option<&str>, app_handle: Option<&str>,
             .map(|v| {
                 let since = v.since.map(|s| timefmt::stamp(UnixMillis(s.at_ms), now)).unwrap_or_default();
                 let link = v.deep_link.clone().unwrap_or_else(|| "-".into());
-                vec![v.shop.clone(), since, v.why.clone().unwrap_or_default(), link]
+                vec![v.display_name(), since, v.why.clone().unwrap_or_default(), link]
             })
             .collect();
         print!("{}", views::table(&["SHOP", "SINCE", "WHY", "RE-AUTH LINK"], &rows));
@@ -56,7 +56,7 @@ pub fn shops(settings: &Settings, state: Option<&str>, app_handle: Option<&str>,
                 _ => String::new(),
             };
             vec![
-                v.shop.clone(),
+                v.display_name(),
                 v.state.to_owned(),
                 v.generation.to_string(),
                 views::expiry_cell(&v.access_expires, now),

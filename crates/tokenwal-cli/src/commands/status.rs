@@ -52,6 +52,8 @@ struct StoreInfo {
 struct StatusView {
     app_handle: Option<String>,
     grants: usize,
+    /// Grants per provider id (`shopify`, `shopify-customer-account`, …).
+    providers: std::collections::BTreeMap<String, usize>,
     states: StateCounts,
     oldest_ambiguous: Option<OldestAmbiguous>,
     next_refresh_due: Option<NextDue>,
@@ -71,6 +73,15 @@ pub(super) fn dir_size(p: &Path) -> u64 {
         .sum()
 }
 
+/// How status names a grant: the shop for the Admin API (as always), `provider/account` otherwise.
+fn grant_name(g: &tokenwal::core::GrantKey) -> String {
+    if g.provider() == tokenwal::core::SHOPIFY_PROVIDER {
+        g.account().to_owned()
+    } else {
+        g.to_string()
+    }
+}
+
 /// `tokenwal status`.
 pub fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
     let (store, report) = open_store(settings, false)?;
@@ -84,7 +95,9 @@ pub fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
     let mut oldest: Option<OldestAmbiguous> = None;
     let mut next: Option<NextDue> = None;
     let mut overdue = 0;
+    let mut providers = std::collections::BTreeMap::<String, usize>::new();
     for s in &grants {
+        *providers.entry(s.grant.provider().to_owned()).or_default() += 1;
         let amb = match &s.phase {
             Phase::Healthy => {
                 states.healthy += 1;
@@ -115,7 +128,7 @@ pub fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
         if let Some(a) = amb {
             if oldest.as_ref().is_none_or(|o| a.since.0 < o.since.at_ms) {
                 oldest = Some(OldestAmbiguous {
-                    shop: s.grant.account().to_owned(),
+                    shop: grant_name(&s.grant),
                     since: Instant::of(a.since),
                     tries: a.tries,
                     last_reason: a.last_reason.to_string(),
@@ -128,7 +141,7 @@ pub fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
                 overdue += 1;
             }
             if next.as_ref().is_none_or(|n| due.0 < n.due.at_ms) {
-                next = Some(NextDue { shop: s.grant.account().to_owned(), due: Instant::of(due), overdue: due <= now });
+                next = Some(NextDue { shop: grant_name(&s.grant), due: Instant::of(due), overdue: due <= now });
             }
         }
     }
@@ -136,6 +149,7 @@ pub fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
     let view = StatusView {
         app_handle: settings.app_handle().map(str::to_owned),
         grants: grants.len(),
+        providers,
         states,
         oldest_ambiguous: oldest,
         next_refresh_due: next,
@@ -162,6 +176,10 @@ pub fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
         view.store.bytes_per_grant as f64 / 1024.0
     ));
     out.push_str(&format!("shops              {}\n", view.grants));
+    if view.providers.keys().any(|p| p != tokenwal::core::SHOPIFY_PROVIDER) {
+        let per: Vec<String> = view.providers.iter().map(|(p, n)| format!("{p} {n}")).collect();
+        out.push_str(&format!("  by provider      {}\n", per.join(", ")));
+    }
     let s = &view.states;
     for (name, n) in [
         ("healthy", s.healthy),
