@@ -147,6 +147,9 @@ enum Command {
         /// Why the held pairs are known dead (required with --force; logged)
         #[arg(long, value_name = "TEXT", requires = "force")]
         reason: Option<String>,
+        /// Also print a JSON summary on stdout: counts, and per line its grant, outcome and why
+        #[arg(long)]
+        json: bool,
     },
     /// Migrate legacy non-expiring offline tokens (JSON lines {shop, access_token}) to expiring pairs
     #[command(long_about = MIGRATE_ABOUT)]
@@ -482,8 +485,8 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
         })
     };
     match cli.command {
-        Command::Import { file, force, reason } => {
-            let options = commands::ImportOptions { force, reason };
+        Command::Import { file, force, reason, json } => {
+            let options = commands::ImportOptions { force, reason, json };
             runtime()?.block_on(commands::import(&settings()?, &file, &options))
         }
         Command::Migrate { file, concurrency, rate, canary, yes, dry_run, max_attempts, max_retry_wait, out } => {

@@ -68,8 +68,9 @@ fn every_command_speaks_every_provider() {
     let c8 = sim.seed_customer(4242, 8);
     let u1 = sim.seed_customer(77, 1);
     let lines = format!("{}\n{}\n", line("4242:7", &c7), line("4242:8", &c8));
-    let out = tokenwal(&db, &customers, &["import"], Some(&lines));
-    assert_eq!(out.code, 0, "{out:?}");
+    let summary = json(&tokenwal(&db, &customers, &["import", "--json"], Some(&lines)));
+    assert_eq!((summary["imported"].as_u64(), summary["invalid"].as_u64()), (Some(2), Some(0)), "{summary}");
+    assert_eq!(summary["lines"][1]["grant"], "shopify-customer-account/4242:8");
     let out = tokenwal(&db, &idp, &["import"], Some(&line("user-1", &u1)));
     assert_eq!(out.code, 0, "{out:?}");
     std::thread::sleep(std::time::Duration::from_millis(1100));
@@ -90,6 +91,14 @@ fn every_command_speaks_every_provider() {
     // The plain form prints the token alone.
     let out = tokenwal(&db, &customers, &["token", "4242:7"], None);
     assert_eq!(out.stdout.trim(), token);
+
+    // A re-run import: 4242:7 rotated since (refused, never rolled back), 4242:8 did not (unchanged).
+    let out = tokenwal(&db, &customers, &["import", "--json"], Some(&lines));
+    let again = json(&out);
+    assert_eq!((again["refused"].as_u64(), again["unchanged"].as_u64()), (Some(1), Some(1)), "{again}");
+    assert_eq!(again["lines"][0]["outcome"], "refused");
+    assert_eq!(again["lines"][1]["outcome"], "unchanged");
+    assert!(!out.all().contains(c8.refresh_token.as_str()), "{}", out.all());
 
     // grants: every provider's grants, by PROVIDER/ACCOUNT, filterable; --json.
     let g = json(&tokenwal(&db, &customers, &["grants", "--json"], None));

@@ -14,6 +14,8 @@ use crate::timefmt::now;
 
 /// How `tokenwal import` treats a line whose shop already holds a different pair.
 pub struct ImportOptions {
+    /// Print a JSON summary on stdout (per line: grant, outcome, why).
+    pub json: bool,
     /// Install even over a newer pair.
     pub force: bool,
     /// Why (required with `force`; logged and printed).
@@ -28,6 +30,29 @@ struct ImportTally {
     refused: usize,
 }
 
+/// One line of `tokenwal import --json` (never a secret: the grant, the outcome, why).
+#[derive(serde::Serialize)]
+struct LineOutcome {
+    line: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grant: Option<String>,
+    /// `imported`, `unchanged`, `refused` or `invalid`.
+    outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    why: Option<String>,
+}
+
+/// `tokenwal import --json`.
+#[derive(serde::Serialize)]
+struct ImportSummary {
+    store: String,
+    imported: usize,
+    unchanged: usize,
+    refused: usize,
+    invalid: usize,
+    lines: Vec<LineOutcome>,
+}
+
 /// `tokenwal import [FILE|-]`.
 ///
 /// Each valid line is a checked install through the engine's driver (`Goal::Install`): the pair the
@@ -40,6 +65,7 @@ pub async fn import(settings: &Settings, file: &str, options: &ImportOptions) ->
     // not even create the store.
     let mut valid = Vec::new();
     let (mut total, mut failed) = (0usize, 0usize);
+    let mut lines = Vec::new();
     let now = now();
     // The grants of the configured provider profile (Shopify's Admin API unless `provider` says
     // otherwise): lines name a `shop`, or an `account` of that provider.
@@ -51,6 +77,7 @@ pub async fn import(settings: &Settings, file: &str, options: &ImportOptions) ->
             total += 1;
             failed += 1;
             eprintln!("line {n}: not UTF-8");
+            lines.push(LineOutcome { line: n, grant: None, outcome: "invalid", why: Some("not UTF-8".into()) });
             continue;
         };
         let line = line.trim();
@@ -63,6 +90,7 @@ pub async fn import(settings: &Settings, file: &str, options: &ImportOptions) ->
             Err(why) => {
                 failed += 1;
                 eprintln!("line {n}: {why}");
+                lines.push(LineOutcome { line: n, grant: None, outcome: "invalid", why: Some(why.to_string()) });
             }
         }
     }
@@ -78,14 +106,18 @@ pub async fn import(settings: &Settings, file: &str, options: &ImportOptions) ->
             // The shop domain for Admin API grants, as always; the account for other providers.
             let shop = grant.account().to_owned();
             let goal = Goal::Install { tokens, source: InstallSource::Import, force: options.force };
+            let record =
+                |outcome, why: Option<String>| LineOutcome { line: n, grant: Some(grant.to_string()), outcome, why };
             match driver.drive(&grant, &goal).await? {
                 Driven::Wrote(done) => {
                     info!(line = n, %shop, generation = done.state().generation.0, "imported");
                     tally.imported += 1;
+                    lines.push(record("imported", None));
                 }
                 Driven::Unchanged { why: NoChange::SamePair, .. } => {
                     eprintln!("line {n}: {shop}: already holds this pair; unchanged");
                     tally.unchanged += 1;
+                    lines.push(record("unchanged", Some("already holds this pair".into())));
                 }
                 Driven::Refused { refusal: Refusal::OlderPair { held }, .. } => {
                     eprintln!(
@@ -94,6 +126,8 @@ pub async fn import(settings: &Settings, file: &str, options: &ImportOptions) ->
                         held.0
                     );
                     tally.refused += 1;
+                    lines
+                        .push(record("refused", Some(format!("the store holds a newer pair (generation {})", held.0))));
                 }
                 other => {
                     return Err(CliError::Engine(tokenwal::Error::Internal(format!(
@@ -109,6 +143,18 @@ pub async fn import(settings: &Settings, file: &str, options: &ImportOptions) ->
          (the store holds a newer pair); {failed} invalid line(s)",
         settings.db_display()
     );
+    if options.json {
+        lines.sort_by_key(|l| l.line);
+        let summary = ImportSummary {
+            store: settings.db_display().to_string(),
+            imported,
+            unchanged,
+            refused,
+            invalid: failed,
+            lines,
+        };
+        super::print_json(&summary)?;
+    }
     if failed > 0 {
         return Err(CliError::ImportFailed { failed, total });
     }
