@@ -16,6 +16,10 @@ pub async fn sim(config: tokenwal_sim::SimConfig, port: u16) -> Result<(), CliEr
         "simulator listening; point tokenwal at it with --insecure-test-endpoint {} (Ctrl-C stops it)",
         handle.base_url()
     );
+    eprintln!(
+        "Customer Account API mode: token_url = \"{}\" in a shopify-customer-account profile",
+        handle.customer_token_url_template()
+    );
     shutdown_signal().await;
     handle.shutdown().await;
     Ok(())

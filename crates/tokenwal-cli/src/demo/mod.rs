@@ -65,6 +65,15 @@ shop must re-auth\".
 tokenwal's engine runs with the demo's short lifetimes: refresh margin 1.5 s, request timeout 1.5 s,
 backoff 100 ms to 1 s, and a 300 ms fleet-wide pause after invalid_client (60 s by default).
 
+--scenario customer-accounts runs a headless storefront instead: --customers (10 000) across
+--customer-shops (20) at the simulator's Customer Account API mode (public client, strict single use),
+--storefront-instances (4) sharing each session, page loads of three concurrent loaders; tokenwal with
+the shopify-customer-account profile against the naive per-session-mutex baseline (a mutex per session
+per instance, last writer wins, any refresh failure clears the session). It reports the customers forced
+to log in again — with a rotation lost at the server (unavoidable under single use) or needlessly — and
+the overlapping token requests per customer the simulator saw; exits 70 if tokenwal logged any customer
+out needlessly.
+
 Exits 70 if tokenwal locked any shop out. (A hidden, test-only flag, --issued-tokens-out, exists for
 the no-leak test; it writes the simulated secrets to a file and is not for other use.)";
 
