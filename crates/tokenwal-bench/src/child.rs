@@ -351,13 +351,13 @@ fn trivial_endpoint() -> (String, Arc<std::sync::atomic::AtomicU64>) {
 
 /// Token latency over a scale store of `n` grants, one call at a time (fresh process):
 ///
-/// - `first`: the first call for a grant (its state read from the store), 1 in 100 grants up to
-///   10 000;
+/// - `first`: the first call for a grant (its state read from the store), 10 000 grants spread over
+///   the store (at least 1 in 10);
 /// - then every other grant is touched (64 tasks) so that all are cached;
 /// - `cached`: a cached, valid token, up to 100 000 grants;
 /// - `refresh`: a grant whose access token has expired — intent durable, a refresh at a trivial
-///   loopback endpoint, commit durable — 1 in 1 000 grants up to 1 000 (made due by re-installing
-///   them with an expired access token before the engine opens).
+///   loopback endpoint, commit durable — 1 000 grants spread over the store (at least 1 in 100),
+///   made due by re-installing them with an expired access token before the engine opens.
 fn token_latency(path: &Path, n: usize) {
     let first_step = (n / 10_000).max(10);
     let stale_step = (n / 1_000).max(100);
