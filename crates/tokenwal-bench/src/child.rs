@@ -254,24 +254,7 @@ fn engine_open(path: &Path, base: &str, flags: &[String]) {
         }
         if touch > 0 {
             let t = Instant::now();
-            let mut tasks = tokio::task::JoinSet::new();
-            let workers = 64;
-            for w in 0..workers {
-                let engine = engine.clone();
-                tasks.spawn(async move {
-                    let mut errors = 0usize;
-                    for i in (w..touch).step_by(workers) {
-                        if engine.access_token_for(&scale_key(i)).await.is_err() {
-                            errors += 1;
-                        }
-                    }
-                    errors
-                });
-            }
-            let mut errors = 0;
-            while let Some(r) = tasks.join_next().await {
-                errors += r.expect("touch task");
-            }
+            let errors = touch_all(&engine, touch, |_| false).await;
             emit("touch_ns", t.elapsed().as_nanos());
             emit("touch_errors", errors);
             emit("touch_syncs", engine.store().stats().syncs - stats.syncs);
@@ -279,6 +262,30 @@ fn engine_open(path: &Path, base: &str, flags: &[String]) {
         }
         engine.shutdown().await;
     });
+}
+
+/// Calls `access_token_for` for every grant `i < n` that `skip` leaves out, from 64 tasks: the number
+/// of errors.
+async fn touch_all(engine: &Engine, n: usize, skip: impl Fn(usize) -> bool + Copy + Send + Sync + 'static) -> usize {
+    let mut tasks = tokio::task::JoinSet::new();
+    let workers = 64;
+    for w in 0..workers {
+        let engine = engine.clone();
+        tasks.spawn(async move {
+            let mut errors = 0usize;
+            for i in (w..n).step_by(workers).filter(|&i| !skip(i)) {
+                if engine.access_token_for(&scale_key(i)).await.is_err() {
+                    errors += 1;
+                }
+            }
+            errors
+        });
+    }
+    let mut errors = 0;
+    while let Some(r) = tasks.join_next().await {
+        errors += r.expect("touch task");
+    }
+    errors
 }
 
 /// The engine's config for a scale store of this run's kind, its token endpoint at `base`: the
@@ -410,19 +417,8 @@ fn token_latency(path: &Path, n: usize) {
         time_each((0..n).step_by(first_step).collect(), "first").await;
 
         let t = Instant::now();
-        let mut tasks = tokio::task::JoinSet::new();
-        let workers = 64;
-        for w in 0..workers {
-            let engine = engine.clone();
-            tasks.spawn(async move {
-                for i in (w..n).step_by(workers).filter(|&i| i % first_step != 0 && !is_stale(i)) {
-                    engine.access_token_for(&scale_key(i)).await.expect("touch");
-                }
-            });
-        }
-        while let Some(r) = tasks.join_next().await {
-            r.expect("touch task");
-        }
+        let errors = touch_all(&engine, n, move |i| i % first_step == 0 || is_stale(i)).await;
+        assert_eq!(errors, 0, "every token is served");
         emit("touch_ns", t.elapsed().as_nanos());
         emit_mem("touched");
 
