@@ -8,12 +8,15 @@
 //! grant on reuse — tokenwal says so instead of looping or reporting healthy), while a 5xx before the
 //! server processed anything ends healthy.
 //!
+//! The same server's public client (no secret, authorization code + PKCE, rotation with reuse
+//! detection) is driven through a TOML provider profile by the `tokenwal` binary in
+//! `crates/tokenwal-cli/tests/oidc_provider.rs`.
+//!
 //! Needs node and `npm ci` in `tests/oidc` (`.ci/run` does it). Without node the suite is skipped with
-//! a message, unless `TOKENWAL_REQUIRE_NODE=1` (CI sets it), in which case it fails.
+//! a message, unless `TOKENWAL_REQUIRE_NODE=1` (CI sets it), in which case it fails
+//! (`tokenwal_testkit::oidc::start`).
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokenwal::core::{
@@ -21,55 +24,10 @@ use tokenwal::core::{
     UnixMillis,
 };
 use tokenwal::{ClientAuth, Config, Endpoint, Engine, Error, StoreLocation};
+use tokenwal_testkit::oidc::{start as start_server, OidcServer as Server};
 
 const CLIENT: &str = "tokenwal";
 const SECRET: &str = "tokenwal-test-secret";
-
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts the oidc-provider server, or returns `None` (skip) when node is absent and not required.
-fn start_server() -> Option<Server> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oidc");
-    let required = std::env::var("TOKENWAL_REQUIRE_NODE").is_ok_and(|v| v == "1");
-    if Command::new("node").arg("--version").output().is_err() {
-        assert!(!required, "TOKENWAL_REQUIRE_NODE=1 but node is not installed");
-        eprintln!("SKIPPED: node is not installed; the oidc-provider suite needs it (install node and run `npm ci` in tests/oidc)");
-        return None;
-    }
-    assert!(
-        dir.join("node_modules/oidc-provider").exists(),
-        "oidc-provider is not installed: run `npm ci` in {}",
-        dir.display()
-    );
-    let mut child = Command::new("node")
-        .arg("server.js")
-        .arg("0")
-        .current_dir(&dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("node starts");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let port = loop {
-        let line = lines.next().expect("server prints its port").expect("readable stdout");
-        if let Some(p) = line.strip_prefix("LISTENING ") {
-            break p.trim().to_owned();
-        }
-    };
-    // Keep draining stdout (oidc-provider prints warnings) so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    Some(Server { child, url: format!("http://127.0.0.1:{port}/token") })
-}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Mode {
@@ -137,7 +95,7 @@ async fn start_proxy(upstream: &str) -> (String, Proxy) {
 /// Mints a first pair through the custom grant (no browser).
 async fn mint(server: &Server, account: &str) -> (String, String) {
     let v: serde_json::Value = reqwest::Client::new()
-        .post(&server.url)
+        .post(server.token_url())
         .basic_auth(CLIENT, Some(SECRET))
         .form(&[("grant_type", "urn:tokenwal:test:mint"), ("account", account)])
         .send()
@@ -152,7 +110,7 @@ async fn mint(server: &Server, account: &str) -> (String, String) {
 /// Presents `rt` directly to the server (bypassing the proxy); returns the HTTP status.
 async fn direct_refresh(server: &Server, rt: &str) -> u16 {
     reqwest::Client::new()
-        .post(&server.url)
+        .post(server.token_url())
         .basic_auth(CLIENT, Some(SECRET))
         .form(&[("grant_type", "refresh_token"), ("refresh_token", rt)])
         .send()
@@ -190,7 +148,7 @@ fn expired(access: String, refresh: String) -> TokenSet {
 #[tokio::test]
 async fn a_response_lost_after_rotation_ends_in_needs_reauth() {
     let Some(server) = start_server() else { return };
-    let (proxy_url, proxy) = start_proxy(&server.url).await;
+    let (proxy_url, proxy) = start_proxy(&server.token_url()).await;
     let engine = engine(&proxy_url).await;
     let grant = GrantKey::new("oidc", "alice").unwrap();
     let (a0, r0) = mint(&server, "alice").await;
@@ -219,7 +177,7 @@ async fn a_response_lost_after_rotation_ends_in_needs_reauth() {
 #[tokio::test]
 async fn a_failure_before_processing_ends_healthy() {
     let Some(server) = start_server() else { return };
-    let (proxy_url, proxy) = start_proxy(&server.url).await;
+    let (proxy_url, proxy) = start_proxy(&server.token_url()).await;
     let engine = engine(&proxy_url).await;
     let grant = GrantKey::new("oidc", "bob").unwrap();
     let (a0, r0) = mint(&server, "bob").await;

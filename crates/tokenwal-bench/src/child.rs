@@ -2,7 +2,9 @@
 //! state): the bench binary re-runs itself as `tokenwal-bench child <what> ...` and reads
 //! `key=value` lines from its stdout.
 
-use crate::util::{cpu_time, fake_tokens, now, parse_kv, proc_status_kb, scale_key, scale_shop};
+use crate::util::{
+    cpu_time, fake_tokens, kind, now, parse_kv, percentile, proc_status_kb, scale_key, scale_tokens, Kind, KIND_ENV,
+};
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
@@ -23,7 +25,7 @@ pub fn settle(quick: bool) {
 /// Runs `tokenwal-bench child <args>` and returns its answer.
 pub fn run(args: &[String]) -> HashMap<String, String> {
     let exe = std::env::current_exe().expect("own executable");
-    let out = Command::new(exe).arg("child").args(args).output().expect("spawn child");
+    let out = Command::new(exe).env(KIND_ENV, kind().name()).arg("child").args(args).output().expect("spawn child");
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         panic!("child {args:?} failed ({}): {}\n{}", out.status, stdout, String::from_utf8_lossy(&out.stderr));
@@ -34,7 +36,7 @@ pub fn run(args: &[String]) -> HashMap<String, String> {
 /// Runs a child that is meant to end by aborting (a crash): its answer, whatever its exit status.
 pub fn run_crashing(args: &[String]) -> HashMap<String, String> {
     let exe = std::env::current_exe().expect("own executable");
-    let out = Command::new(exe).arg("child").args(args).output().expect("spawn child");
+    let out = Command::new(exe).env(KIND_ENV, kind().name()).arg("child").args(args).output().expect("spawn child");
     parse_kv(&String::from_utf8_lossy(&out.stdout))
 }
 
@@ -56,6 +58,7 @@ pub fn main(args: &[String]) {
         "engine-open" => engine_open(Path::new(&args[1]), &args[2], &args[3..]),
         "crash-intents" => crash_intents(Path::new(&args[1]), Path::new(&args[2]), args.get(3).is_some()),
         "crash-refresh" => crash_refresh(Path::new(&args[1]), args[2].parse().expect("count")),
+        "token-latency" => token_latency(Path::new(&args[1]), args[2].parse().expect("grants")),
         "soak-sim" => crate::soak::sim_child(&args[1]),
         other => panic!("unknown child command {other:?}"),
     }
@@ -196,13 +199,7 @@ fn engine_open(path: &Path, base: &str, flags: &[String]) {
     let budget_ms: u64 = flag("budget-ms").and_then(|v| v.parse().ok()).unwrap_or(600_000);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
-        let mut config = Config::shopify(
-            StoreLocation::Path(path.to_path_buf()),
-            "sim-client-id",
-            ClientSecret::new("sim-client-secret"),
-        )
-        .with_insecure_test_endpoint(url::Url::parse(base).expect("base url"))
-        .with_store_keys(tokenwal::KeySource::Ring(tokenwal::KeyRing::insecure_test_ring()));
+        let mut config = engine_config(path, base);
         config.proactive = proactive;
         config.max_concurrent_refreshes = 256;
         config.recovery_budget = Duration::from_millis(budget_ms);
@@ -257,29 +254,180 @@ fn engine_open(path: &Path, base: &str, flags: &[String]) {
         }
         if touch > 0 {
             let t = Instant::now();
-            let mut tasks = tokio::task::JoinSet::new();
-            let workers = 64;
-            for w in 0..workers {
-                let engine = engine.clone();
-                tasks.spawn(async move {
-                    let mut errors = 0usize;
-                    for i in (w..touch).step_by(workers) {
-                        if engine.access_token(&scale_shop(i)).await.is_err() {
-                            errors += 1;
-                        }
-                    }
-                    errors
-                });
-            }
-            let mut errors = 0;
-            while let Some(r) = tasks.join_next().await {
-                errors += r.expect("touch task");
-            }
+            let errors = touch_all(&engine, touch, |_| false).await;
             emit("touch_ns", t.elapsed().as_nanos());
             emit("touch_errors", errors);
             emit("touch_syncs", engine.store().stats().syncs - stats.syncs);
             emit_mem("touched");
         }
+        engine.shutdown().await;
+    });
+}
+
+/// Calls `access_token_for` for every grant `i < n` that `skip` leaves out, from 64 tasks: the number
+/// of errors.
+async fn touch_all(engine: &Engine, n: usize, skip: impl Fn(usize) -> bool + Copy + Send + Sync + 'static) -> usize {
+    let mut tasks = tokio::task::JoinSet::new();
+    let workers = 64;
+    for w in 0..workers {
+        let engine = engine.clone();
+        tasks.spawn(async move {
+            let mut errors = 0usize;
+            for i in (w..n).step_by(workers).filter(|&i| !skip(i)) {
+                if engine.access_token_for(&scale_key(i)).await.is_err() {
+                    errors += 1;
+                }
+            }
+            errors
+        });
+    }
+    let mut errors = 0;
+    while let Some(r) = tasks.join_next().await {
+        errors += r.expect("touch task");
+    }
+    errors
+}
+
+/// The engine's config for a scale store of this run's kind, its token endpoint at `base`: the
+/// Admin API's test endpoint, or the built-in Customer Account API profile (a public client) with
+/// its token URL moved to `{base}/authentication/{shop_id}/oauth/token`.
+fn engine_config(path: &Path, base: &str) -> Config {
+    let config = Config::shopify(
+        StoreLocation::Path(path.to_path_buf()),
+        "sim-client-id",
+        ClientSecret::new("sim-client-secret"),
+    )
+    .with_store_keys(tokenwal::KeySource::Ring(tokenwal::KeyRing::insecure_test_ring()));
+    match kind() {
+        Kind::Admin => config.with_insecure_test_endpoint(url::Url::parse(base).expect("base url")),
+        Kind::Customer => {
+            let mut profile = tokenwal::core::ProviderProfile::shopify_customer_account();
+            if let tokenwal::core::protocol::ProviderSpec::OAuth2 { token_url, .. } = &mut profile.spec {
+                *token_url = format!("{}/authentication/{{shop_id}}/oauth/token", base.trim_end_matches('/'));
+            }
+            config.with_profile(profile)
+        }
+    }
+}
+
+/// A token endpoint that answers every POST at once with a fresh pair (any path, either body
+/// format, no checks): the refresh latency measured is tokenwal's (two durable writes and the
+/// HTTP exchange over loopback), not a server's. Runs on its own thread and runtime; returns its
+/// base URL and the number of requests it answered.
+fn trivial_endpoint() -> (String, Arc<std::sync::atomic::AtomicU64>) {
+    use http_body_util::{BodyExt, Full};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let served = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let counter = Arc::clone(&served);
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("endpoint runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            tx.send(format!("http://{}", listener.local_addr().expect("addr"))).expect("send the address");
+            loop {
+                let (stream, _) = listener.accept().await.expect("accept");
+                let counter = Arc::clone(&counter);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let counter = Arc::clone(&counter);
+                        async move {
+                            let _ = req.into_body().collect().await;
+                            let n = counter.fetch_add(1, Ordering::Relaxed);
+                            let t = fake_tokens(n + (1 << 50), UnixMillis(0), UnixMillis(0));
+                            let body = serde_json::json!({
+                                "access_token": t.access_token.expose_secret(),
+                                "expires_in": 86_400,
+                                "refresh_token": t.refresh_token.expose_secret(),
+                                "refresh_token_expires_in": 7_776_000,
+                                "scope": t.scope,
+                            });
+                            hyper::Response::builder()
+                                .header("content-type", "application/json")
+                                .body(Full::new(hyper::body::Bytes::from(body.to_string())))
+                        }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+                });
+            }
+        });
+    });
+    (rx.recv().expect("the endpoint's address"), served)
+}
+
+/// Token latency over a scale store of `n` grants, one call at a time (fresh process):
+///
+/// - `first`: the first call for a grant (its state read from the store), 10 000 grants spread over
+///   the store (at least 1 in 10);
+/// - then every other grant is touched (64 tasks) so that all are cached;
+/// - `cached`: a cached, valid token, up to 100 000 grants;
+/// - `refresh`: a grant whose access token has expired — intent durable, a refresh at a trivial
+///   loopback endpoint, commit durable — 1 000 grants spread over the store (at least 1 in 100),
+///   made due by re-installing them with an expired access token before the engine opens.
+fn token_latency(path: &Path, n: usize) {
+    let first_step = (n / 10_000).max(10);
+    let stale_step = (n / 1_000).max(100);
+    // Disjoint samples: `first` takes i ≡ 0, `refresh` i ≡ 1 (mod their steps; first_step divides stale_step).
+    let is_stale = move |i: usize| i % stale_step == 1;
+    let stale: Vec<usize> = (1..n).step_by(stale_step).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        {
+            let (store, _) =
+                Store::open(path, &tokenwal::KeyRing::insecure_test_ring(), StoreConfig::default()).expect("open");
+            let machine = Machine::shopify(store.fingerprint_key());
+            for &i in &stale {
+                let key = scale_key(i);
+                let cur = store.get(&key).expect("read").expect("grant exists");
+                let t = now();
+                let tokens =
+                    scale_tokens(i as u64 + (1 << 41), UnixMillis(t.0 - 1_000), UnixMillis(t.0 + 90 * 86_400_000));
+                machine
+                    .install(Some(&cur), key, tokens, InstallSource::Application, t)
+                    .make_durable(&store)
+                    .await
+                    .expect("install");
+            }
+        }
+        let (base, served) = trivial_endpoint();
+        let mut config = engine_config(path, &base);
+        config.proactive = false;
+        let (engine, _) = Engine::open(config).await.expect("engine open");
+        emit_mem("opened");
+
+        let time_each = |indices: Vec<usize>, label: &'static str| {
+            let engine = engine.clone();
+            async move {
+                let mut samples = Vec::with_capacity(indices.len());
+                for i in indices {
+                    let key = scale_key(i);
+                    let t = Instant::now();
+                    let token = engine.access_token_for(&key).await;
+                    samples.push(t.elapsed());
+                    token.unwrap_or_else(|e| panic!("{label}: grant {i}: {e}"));
+                }
+                samples.sort_unstable();
+                emit(&format!("{label}_n"), samples.len());
+                for (name, p) in [("p50", 50.0), ("p99", 99.0), ("max", 100.0)] {
+                    emit(&format!("{label}_{name}_ns"), percentile(&samples, p).as_nanos());
+                }
+            }
+        };
+        time_each((0..n).step_by(first_step).collect(), "first").await;
+
+        let t = Instant::now();
+        let errors = touch_all(&engine, n, move |i| i % first_step == 0 || is_stale(i)).await;
+        assert_eq!(errors, 0, "every token is served");
+        emit("touch_ns", t.elapsed().as_nanos());
+        emit_mem("touched");
+
+        let cached_step = (n / 100_000).max(1);
+        time_each((0..n).step_by(cached_step).filter(|&i| !is_stale(i)).collect(), "cached").await;
+        let before = served.load(std::sync::atomic::Ordering::Relaxed);
+        time_each(stale.clone(), "refresh").await;
+        emit("refresh_requests", served.load(std::sync::atomic::Ordering::Relaxed) - before);
+        emit("syncs", engine.store().stats().syncs);
         engine.shutdown().await;
     });
 }

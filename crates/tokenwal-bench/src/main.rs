@@ -15,6 +15,9 @@
 //!   footprint  5. bytes on disk and resident memory per grant; disk under 10M refreshes (churn)
 //!   churn      5b. only the continuous-refresh part of footprint
 //!   scheduler  6. the proactive scheduler over 1M grants when nothing is due
+//!   per-grant  14. per-grant costs of a 100k and a 1M store: state and disk bytes, open time, RSS,
+//!              token latency (first call, cached, refresh); with --grants customer-account for Customer
+//!              Account API grants (not part of `all`)
 //!   sink       8. the webhook sink's first look at each of 100k grants: whole history vs reverse scan
 //!   soak       9. the engine against the simulator for minutes with faults on: RSS, fds, tasks over time
 //!              (not part of `all`; --churn-grants N grants, default 10 000; --max-minutes M, default 10)
@@ -25,6 +28,10 @@
 //!
 //! options:
 //!   --quick                tiny sizes: finishes in seconds (a CI smoke run)
+//!   --grants KIND          footprint, scheduler, per-grant: the scale stores hold `admin` grants
+//!                          (shopify/g{i}.myshopify.com, the default) or `customer-account` grants
+//!                          (shopify-customer-account/{shop_id}:{customer_id}, 20 shops; stores named
+//!                          customer-grants-N); footprint then skips the churn
 //!   --dir DIR              work directory on the disk to measure (default: $TMPDIR/tokenwal-bench);
 //!                          the 100k/1M stores are kept there and reused for 4 hours
 //!   --refreshes N          churn: total refreshes (default 10 000 000)
@@ -96,7 +103,7 @@ pub struct Opts {
     pub compact_interval: Option<Duration>,
 }
 
-const SCENARIOS: [&str; 12] = [
+const SCENARIOS: [&str; 13] = [
     "env",
     "journal",
     "sync",
@@ -105,6 +112,7 @@ const SCENARIOS: [&str; 12] = [
     "footprint",
     "churn",
     "scheduler",
+    "per-grant",
     "sink",
     "soak",
     "broker",
@@ -113,7 +121,7 @@ const SCENARIOS: [&str; 12] = [
 
 fn usage() -> ! {
     eprintln!(
-        "usage: tokenwal-bench <{}> [--quick] [--dir DIR] [--refreshes N] [--churn-grants N] \
+        "usage: tokenwal-bench <{}> [--quick] [--dir DIR] [--grants admin|customer-account] [--refreshes N] [--churn-grants N] \
          [--retention-hours H] [--history-per-grant N] [--max-minutes M] [--concurrency A,B,..] [--rate R] [--path engine|store] [--pg URL] [--cache-mib N] [--soak-ttl D] [--compact-interval D] [--soak-retention-secs S]",
         SCENARIOS.join("|")
     );
@@ -150,6 +158,7 @@ fn parse(args: &[String]) -> (String, Opts) {
         let number = |v: String| -> u64 { v.replace('_', "").parse().unwrap_or_else(|_| usage()) };
         match a.as_str() {
             "--quick" => opts.quick = true,
+            "--grants" => util::set_kind(util::Kind::parse(&value("--grants")).unwrap_or_else(|| usage())),
             "--dir" => opts.dir = PathBuf::from(value("--dir")),
             "--refreshes" => opts.refreshes = Some(number(value("--refreshes"))),
             "--churn-grants" => opts.churn_grants = Some(number(value("--churn-grants")) as usize),
@@ -227,6 +236,10 @@ fn main() {
         return child::main(&args[1..]);
     }
     let (scenario, opts) = parse(&args);
+    if util::kind() != util::Kind::Admin && !["footprint", "scheduler", "per-grant"].contains(&scenario.as_str()) {
+        eprintln!("--grants {} works with footprint, scheduler and per-grant only", util::kind().name());
+        std::process::exit(2);
+    }
     std::fs::create_dir_all(&opts.dir).expect("work dir");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let all = scenario == "all";
@@ -255,6 +268,9 @@ fn main() {
         }
         if all || scenario == "scheduler" {
             scale::scheduler(&opts).await;
+        }
+        if scenario == "per-grant" {
+            scale::per_grant(&opts).await;
         }
         if all || scenario == "sink" {
             sink::run(&opts).await;

@@ -2,7 +2,7 @@
 //! `Store::apply`, many writers at once so that group commit shares the syncs. Nothing bypasses the
 //! store (no raw sled writes), so what is on disk is exactly what an app's installs would leave.
 
-use crate::util::{fake_tokens, now, scale_key, Table};
+use crate::util::{kind, now, scale_key, scale_tokens, Kind, Table};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,10 +68,15 @@ pub struct ScaleStore {
 /// A built scale store is reused for this long (its expiries start 6 hours after the build).
 const REUSE_FOR: Duration = Duration::from_secs(4 * 3600);
 
-/// Builds (or reuses, if built less than 4 hours ago) the scale store of `n` grants under `dir`.
+/// Builds (or reuses, if built less than 4 hours ago) the scale store of `n` grants under `dir`
+/// (`grants-{n}`, or `customer-grants-{n}` with `--grants customer-account`).
 pub async fn scale_store(dir: &Path, n: usize) -> ScaleStore {
-    let path = dir.join(format!("grants-{n}"));
-    let marker = dir.join(format!("grants-{n}.ready"));
+    let name = match kind() {
+        Kind::Admin => format!("grants-{n}"),
+        Kind::Customer => format!("customer-grants-{n}"),
+    };
+    let path = dir.join(&name);
+    let marker = dir.join(format!("{name}.ready"));
     if let Some(at) = std::fs::read_to_string(&marker).ok().and_then(|s| s.trim().parse::<u64>().ok()) {
         if now().0.saturating_sub(at) < REUSE_FOR.as_millis() as u64 && path.is_dir() {
             eprintln!("reusing {} (built {} s ago)", path.display(), (now().0 - at) / 1000);
@@ -88,7 +93,7 @@ pub async fn scale_store(dir: &Path, n: usize) -> ScaleStore {
     let day = 86_400_000u64;
     let make = Arc::new(move |i: usize| {
         let access = UnixMillis(built_at.0 + 6 * 3_600_000 + (i as u64 * day) / n.max(1) as u64);
-        (scale_key(i), fake_tokens(i as u64, access, UnixMillis(built_at.0 + 90 * day)))
+        (scale_key(i), scale_tokens(i as u64, access, UnixMillis(built_at.0 + 90 * day)))
     });
     let started = Instant::now();
     install_many(&store, n, false, make).await;
@@ -98,7 +103,10 @@ pub async fn scale_store(dir: &Path, n: usize) -> ScaleStore {
     drop(store);
     {
         let t = Table::new(
-            &format!("Building the {n}-grant store (through Store::apply, {WRITERS} concurrent installers)"),
+            &format!(
+                "Building the {n}-grant store of {} grants (through Store::apply, {WRITERS} concurrent installers)",
+                kind().name()
+            ),
             &["grants", "wall", "installs/s", "syncs", "syncs/install"],
         );
         t.row(&[

@@ -3,7 +3,9 @@
 
 use crate::child::{self, settle};
 use crate::populate::{install_many, scale_store};
-use crate::util::{copy_dir, disk_usage, fake_tokens, fmt_bytes, fmt_dur, now, scale_key, scale_shop, Table};
+use crate::util::{
+    copy_dir, disk_usage, fake_tokens, fmt_bytes, fmt_dur, kind, now, scale_key, scale_shop, scale_tokens, Kind, Table,
+};
 use crate::Opts;
 use std::collections::HashMap;
 use std::path::Path;
@@ -401,12 +403,18 @@ fn batch_bytes(b: &WriteBatch) -> (u64, u64) {
 
 /// Logical bytes of a scale-store grant right after its install (state + one `Installed` record).
 fn install_bytes() -> u64 {
+    let (state, records) = install_parts();
+    state + records
+}
+
+/// [`install_bytes`] split: the grant's state (key, state frame, open-index entry) and its
+/// `Installed` record (with its index entries).
+fn install_parts() -> (u64, u64) {
     let machine = Machine::shopify(FingerprintKey::from_bytes([7; 32]));
     let t = now();
-    let tokens = fake_tokens(123_456, t, UnixMillis(t.0 + 90 * 86_400_000));
+    let tokens = scale_tokens(123_456, t, UnixMillis(t.0 + 90 * 86_400_000));
     let b = machine.install(None, scale_key(123_456), tokens, InstallSource::Import, t).transition().write_batch();
-    let (state, records) = batch_bytes(&b.expect("encode"));
-    state + records
+    batch_bytes(&b.expect("encode"))
 }
 
 /// Logical bytes of one churned grant's state, and of its intent and commit records (with index
@@ -472,7 +480,11 @@ pub async fn footprint(opts: &Opts) {
             fmt_bytes(rss.saturating_sub(base) as f64 * 1024.0 / n as f64),
         ]);
     }
-    churn(opts).await;
+    if kind() == Kind::Admin {
+        churn(opts).await;
+    } else {
+        eprintln!("(the churn is run with Admin API grants only)");
+    }
 }
 
 /// Continuous refreshes over a fixed fleet with a simulated clock: each round every grant refreshes
@@ -686,4 +698,85 @@ pub async fn scheduler(opts: &Opts) {
         format!("{}", num(&on, "idle_syncs")),
         fmt_bytes(loaded.saturating_sub(num(&scan, "scanned_rss_kb")) as f64 * 1024.0 / large as f64),
     ]);
+}
+
+/// Scenario 14 (issue 17, item 5): the per-grant costs of one store of this run's kind
+/// (`--grants admin|customer-account`) at 100k and 1M grants — bytes, open time, memory, and
+/// token latency (first call, cached, refresh) — each measured in fresh child processes.
+pub async fn per_grant(opts: &Opts) {
+    let sizes = sizes(opts);
+    let mut stores = Vec::new();
+    for n in sizes {
+        stores.push(scale_store(&opts.dir, n).await);
+    }
+    settle(opts.quick);
+    let (state, record) = install_parts();
+    let key = scale_key(123_456);
+    let name = kind().name();
+    let t = Table::new(
+        &format!("Per-grant costs, {name} grants (sled, default settings; each grant installed once)"),
+        &[
+            "grants",
+            "grant key (bytes)",
+            "state bytes / grant (logical: key, state frame, index entry)",
+            "+ its install record",
+            "disk (allocated) / grant",
+            "Store::open",
+            "Engine::open",
+            "RSS after Engine::open (/ grant)",
+            "RSS, every token cached (/ grant)",
+        ],
+    );
+    let mut latencies = Vec::new();
+    for (n, s) in sizes.into_iter().zip(&stores) {
+        let (_, allocated) = disk_usage(&s.path);
+        let path = path_str(&s.path);
+        let open = child::run(&["store-open".into(), path.clone()]);
+        settle(opts.quick);
+        let engine = child::run(&["engine-open".into(), path.clone(), NOWHERE.into()]);
+        settle(opts.quick);
+        let lat = child::run(&["token-latency".into(), path, format!("{n}")]);
+        let per = |kb: u64| format!("{} ({})", mib(kb), fmt_bytes(kb as f64 * 1024.0 / n as f64));
+        t.row(&[
+            format!("{n}"),
+            format!("{key} ({} B)", key.to_string().len()),
+            format!("{state} B"),
+            format!("{} B", state + record),
+            fmt_bytes(allocated as f64 / n as f64),
+            fmt_dur(ns(&open, "open_ns")),
+            fmt_dur(ns(&engine, "open_ns")),
+            per(num(&engine, "opened_rss_kb")),
+            per(num(&lat, "touched_rss_kb")),
+        ]);
+        latencies.push((n, lat));
+        settle(opts.quick);
+    }
+    let t = Table::new(
+        &format!("Token latency, {name} grants (one call at a time; fresh process; p50 / p99 / max)"),
+        &[
+            "grants",
+            "first call (state read from the store)",
+            "cached, valid token",
+            "refresh (intent, loopback HTTP, commit)",
+            "requests sent for the refreshes",
+        ],
+    );
+    for (n, lat) in latencies {
+        let cell = |label: &str| {
+            format!(
+                "{} / {} / {} (n = {})",
+                fmt_dur(ns(&lat, &format!("{label}_p50_ns"))),
+                fmt_dur(ns(&lat, &format!("{label}_p99_ns"))),
+                fmt_dur(ns(&lat, &format!("{label}_max_ns"))),
+                num(&lat, &format!("{label}_n")),
+            )
+        };
+        t.row(&[
+            format!("{n}"),
+            cell("first"),
+            cell("cached"),
+            cell("refresh"),
+            format!("{}", num(&lat, "refresh_requests")),
+        ]);
+    }
 }

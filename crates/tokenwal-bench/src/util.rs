@@ -2,8 +2,9 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
-use tokenwal::core::{AccessToken, GrantKey, RefreshToken, ShopDomain, TokenSet, UnixMillis};
+use tokenwal::core::{AccessToken, CustomerAccount, GrantKey, RefreshToken, ShopDomain, TokenSet, UnixMillis};
 
 /// The current time by the system clock.
 pub fn now() -> UnixMillis {
@@ -20,9 +21,79 @@ pub fn scale_shop(i: usize) -> ShopDomain {
     shop(&format!("g{i}"))
 }
 
-/// [`scale_shop`]'s grant key.
+/// Which grants the scale stores hold (`--grants`): Admin API shops (the default) or Customer
+/// Account API customers. Child processes learn it from [`KIND_ENV`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `shopify/g{i}.myshopify.com`.
+    Admin,
+    /// `shopify-customer-account/{shop_id}:{customer_id}`: customer `i` of one of
+    /// [`CUSTOMER_SHOPS`] shops.
+    Customer,
+}
+
+/// The environment variable that hands the kind to child processes.
+pub const KIND_ENV: &str = "TOKENWAL_BENCH_GRANTS";
+
+/// How many shops the customers of a customer-account scale store belong to.
+pub const CUSTOMER_SHOPS: u64 = 20;
+
+static KIND: OnceLock<Kind> = OnceLock::new();
+
+impl Kind {
+    /// The `--grants` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Admin => "admin",
+            Kind::Customer => "customer-account",
+        }
+    }
+
+    /// Reads a `--grants` value.
+    pub fn parse(s: &str) -> Option<Kind> {
+        [Kind::Admin, Kind::Customer].into_iter().find(|k| k.name() == s)
+    }
+}
+
+/// Sets the kind of this run (once, before anything reads it).
+pub fn set_kind(kind: Kind) {
+    assert_eq!(*KIND.get_or_init(|| kind), kind, "the grant kind is set once");
+}
+
+/// The kind of this run: set by `--grants`, or inherited through [`KIND_ENV`] by a child.
+pub fn kind() -> Kind {
+    *KIND.get_or_init(|| std::env::var(KIND_ENV).ok().and_then(|v| Kind::parse(&v)).unwrap_or(Kind::Admin))
+}
+
+/// The grant `i` of the scale stores: shop `g{i}`, or (customer-account grants) customer
+/// `7 000 000 000 000 + i` of shop `68 000 000 000 + i mod 20` — ids of Shopify's usual lengths (11
+/// and 13 digits), so the keys are as long as real ones.
 pub fn scale_key(i: usize) -> GrantKey {
-    GrantKey::shopify(&scale_shop(i))
+    match kind() {
+        Kind::Admin => GrantKey::shopify(&scale_shop(i)),
+        Kind::Customer => {
+            let customer =
+                CustomerAccount::new(68_000_000_000 + i as u64 % CUSTOMER_SHOPS, 7_000_000_000_000 + i as u64)
+                    .expect("non-zero ids");
+            GrantKey::customer_account(&customer)
+        }
+    }
+}
+
+/// [`fake_tokens`] shaped for this run's kind: the Customer Account API's tokens get `shcat_` /
+/// `shcrt_` prefixes and an OpenID scope (same lengths: real customer tokens may be longer — not
+/// confirmed, see docs/benchmarks.md §14).
+pub fn scale_tokens(seed: u64, access_expires_at: UnixMillis, refresh_expires_at: UnixMillis) -> TokenSet {
+    let t = fake_tokens(seed, access_expires_at, refresh_expires_at);
+    match kind() {
+        Kind::Admin => t,
+        Kind::Customer => TokenSet {
+            access_token: AccessToken::new(t.access_token.expose_secret().replacen("shpat_", "shcat_", 1)),
+            refresh_token: RefreshToken::new(t.refresh_token.expose_secret().replacen("shprt_", "shcrt_", 1)),
+            scope: Some("openid email customer-account-api:full".into()),
+            ..t
+        },
+    }
 }
 
 /// splitmix64: deterministic, well-mixed fixture bytes (token strings must not compress or repeat).

@@ -64,3 +64,23 @@ fn soak_runs_the_engines_compaction() {
     let compacted: u64 = last[7].parse().unwrap_or_else(|_| panic!("records compacted {:?} in:\n{stdout}", last[7]));
     assert!(compacted > 0, "the engine's compaction deleted nothing:\n{stdout}");
 }
+
+/// The per-grant scenario (not part of `all`) with Customer Account API grants: the stores hold
+/// customer keys, the engine serves them through the built-in profile (every first call, cached
+/// call and refresh succeeds: the child asserts it), and each refresh sent exactly one request.
+#[test]
+fn per_grant_runs_with_customer_account_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tokenwal-bench"))
+        .args(["per-grant", "--quick", "--grants", "customer-account", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("### Per-grant costs, customer-account grants"), "{stdout}");
+    assert!(stdout.contains("shopify-customer-account/68000000016:7000000123456 (50 B)"), "{stdout}");
+    // 1 000 and 2 000 grants: 1 in 100 made due, each refreshed with one request.
+    assert!(stdout.contains("(n = 10) | 10 |") && stdout.contains("(n = 20) | 20 |"), "{stdout}");
+    assert!(dir.path().join("customer-grants-1000").is_dir());
+}
