@@ -1345,13 +1345,15 @@ mod postgres_store {
         expire(&pg, a.member_id().unwrap());
         assert_eq!(versions(&b.recoverable_grants().unwrap()), vec![(key(1), s4.version)]);
         put(&b, install(&m, Some(&s4), &key(1), T0 + 5));
+        let journal = || pg.query_bytes(&format!("SELECT k FROM \"{}\".journal", pg.schema())).unwrap().len();
+        let before = journal();
         let err = a.apply_blocking(install(&m, None, &key(2), T0 + 6)).unwrap_err();
         assert!(matches!(err, StoreError::LeaseLost { .. } | StoreError::Poisoned), "{err:?}");
         assert!(a.is_poisoned(), "fail-stop after losing the lease");
         assert_eq!(a.lease_left(), Some(Duration::ZERO), "a lost lease leaves no time to send in");
         drop(a);
-        let rows = pg.query_bytes(&format!("SELECT k FROM \"{}\".journal", pg.schema())).unwrap();
-        assert_eq!(rows.len(), 5, "the fenced write wrote nothing");
+        assert_eq!(journal(), before, "the fenced write wrote nothing");
+        assert_eq!(b.get(&key(2)).unwrap(), None);
     }
 
     #[test]
