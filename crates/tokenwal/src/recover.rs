@@ -114,7 +114,9 @@ pub(crate) struct Counts {
 /// Runs recovery, waiting for it at most `budget`; the rest goes on in the background.
 pub(crate) async fn run(inner: &Arc<Inner>, budget: Duration) -> Result<Counts, Error> {
     let store = inner.store.clone();
-    let open = tokio::task::spawn_blocking(move || store.open_grants())
+    // A shared store: only the attempts of processes that are gone (their lease ran out, or they
+    // left); a live process's attempt in flight is its own.
+    let open = tokio::task::spawn_blocking(move || store.recoverable_grants())
         .await
         .map_err(|e| Error::Internal(format!("recovery task failed: {e}")))??;
     let plan = recovery::plan(&inner.machine, &open, now(), rand::random());
@@ -153,6 +155,37 @@ pub(crate) async fn run(inner: &Arc<Inner>, budget: Duration) -> Result<Counts, 
     })
 }
 
+/// A shared store (a fleet): every `every`, recovers the attempts that processes which are gone left
+/// open, as recovery at open does for the ones found then. Each orphan is taken over by whichever
+/// process's compare-and-swap commits first; the others find it held (`Busy`) or moved on
+/// (`Conflict`) and leave it. Skips a round while an earlier recovery is still running.
+pub(crate) fn spawn_orphan_sweep(inner: &Arc<Inner>, every: Duration) {
+    let weak = Arc::downgrade(inner);
+    let mut stop = inner.shutdown.subscribe();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let Some(inner) = weak.upgrade() else { return };
+            if *inner.shutdown.borrow() || inner.store.is_poisoned() {
+                return;
+            }
+            if inner.recovering.count() > 0 {
+                continue;
+            }
+            match run(&inner, Duration::ZERO).await {
+                Ok(c) if c.open > 0 => {
+                    info!(orphaned = c.open, interrupted = c.interrupted, "recovering attempts left open by processes that are gone")
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "orphan sweep failed; retrying next round"),
+            }
+        }
+    });
+}
+
 /// The background task: transitions through group commit, then the probes.
 async fn recover(inner: Arc<Inner>, items: Vec<RecoveryItem>, tally: Arc<Tally>) -> Result<(), Error> {
     let total = items.len();
@@ -187,6 +220,10 @@ async fn recover(inner: Arc<Inner>, items: Vec<RecoveryItem>, tally: Arc<Tally>)
                 // afresh (and does nothing if the grant is no longer open).
                 Err(Error::Store(StoreError::Conflict { .. })) => {
                     debug!(%grant, "recovery transition superseded by a newer write");
+                }
+                // Another process of a shared store took this attempt over first and holds it.
+                Err(Error::Store(StoreError::Busy { .. })) => {
+                    debug!(%grant, "recovery transition: another live process holds the attempt");
                 }
                 Err(e) => return Err(e),
             }
