@@ -8,7 +8,10 @@ use clap::{ArgAction, Args, Parser, ValueEnum};
 
 use crate::duration::SimDuration;
 use crate::faults::{FaultProbabilities, RandomFaults};
-use crate::model::{MigrationErrorStyle, Model, ModelConfig, RejectionStyle, RetryReturns, RotationPolicy};
+use crate::model::{
+    CustomerAccountConfig, CustomerRejectionStyle, MigrationErrorStyle, Model, ModelConfig, RejectionStyle,
+    RetryReturns, RotationPolicy,
+};
 
 /// Rotation policy selector (see [`RotationPolicy`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -37,6 +40,15 @@ pub enum RejectionStyleArg {
     InvalidRequest,
     /// 400 `invalid_grant`.
     InvalidGrant,
+}
+
+/// [`CustomerRejectionStyle`] selector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CustomerRejectionArg {
+    /// 400 `invalid_grant`.
+    InvalidGrant,
+    /// 401 `invalid_token`.
+    InvalidToken,
 }
 
 /// [`MigrationErrorStyle`] selector.
@@ -104,6 +116,17 @@ pub struct SimConfig {
     /// Client secret of the default app.
     #[arg(long, default_value = "sim-client-secret")]
     pub client_secret: String,
+    /// Client id of the default public client of the Customer Account API mode
+    /// (`POST /authentication/{shop_id}/oauth/token`; no secret).
+    #[arg(long, default_value = "sim-public-client-id")]
+    pub public_client_id: String,
+    /// Rotation policy of customer refresh tokens (the shopify-customer-account profile: strict
+    /// single use). `--window` and `--retention` apply as for the Admin API.
+    #[arg(long, value_enum, default_value = "strict")]
+    pub customer_policy: PolicyKind,
+    /// How a dead or reused customer refresh token is refused.
+    #[arg(long, value_enum, default_value = "invalid-grant")]
+    pub customer_rejection_style: CustomerRejectionArg,
     /// Scope reported in token answers.
     #[arg(long, default_value = "write_products,read_orders")]
     pub scope: String,
@@ -197,7 +220,21 @@ impl Default for SimConfig {
 impl SimConfig {
     /// The model switches these settings select.
     pub fn model_config(&self) -> ModelConfig {
-        let policy = match self.policy {
+        let customer_policy = self.policy_of(self.customer_policy);
+        ModelConfig {
+            customer_account: CustomerAccountConfig {
+                policy: customer_policy,
+                rejection_style: match self.customer_rejection_style {
+                    CustomerRejectionArg::InvalidGrant => CustomerRejectionStyle::InvalidGrant,
+                    CustomerRejectionArg::InvalidToken => CustomerRejectionStyle::InvalidToken,
+                },
+            },
+            ..self.admin_model_config()
+        }
+    }
+
+    fn policy_of(&self, kind: PolicyKind) -> RotationPolicy {
+        match kind {
             PolicyKind::RetainUntilReplacementUsed => RotationPolicy::RetainUntilReplacementUsed {
                 max_retention_ms: self.retention.as_millis(),
                 retry_returns: match self.retry_returns {
@@ -208,9 +245,12 @@ impl SimConfig {
             },
             PolicyKind::Window => RotationPolicy::Window { window_ms: self.window.as_millis() },
             PolicyKind::Strict => RotationPolicy::Strict,
-        };
+        }
+    }
+
+    fn admin_model_config(&self) -> ModelConfig {
         ModelConfig {
-            policy,
+            policy: self.policy_of(self.policy),
             revoke_family_on_reuse: self.revoke_family_on_reuse,
             admin_use_retires_previous: self.admin_use_retires_previous,
             revoke_old_access_on_acquisition: self.revoke_old_access_on_acquisition,
@@ -230,6 +270,7 @@ impl SimConfig {
             migration_retry_ms: self.migration_retry.as_millis(),
             session_token_leeway_ms: self.session_token_leeway.as_millis(),
             scope: self.scope.clone(),
+            customer_account: CustomerAccountConfig::default(),
         }
     }
 
@@ -263,6 +304,7 @@ impl SimConfig {
         let seed = self.seed.unwrap_or_else(rand::random);
         let mut model = Model::new(self.model_config(), seed);
         model.register_app(&self.client_id, &self.client_secret);
+        model.register_public_client(&self.public_client_id);
         model.set_random_faults(self.random_faults())?;
         Ok(model)
     }

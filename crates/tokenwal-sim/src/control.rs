@@ -15,15 +15,20 @@
 //! | `POST /_sim/shops/{shop}/hold/wait` | `{"timeout_ms"?}` (default 10000) | `{"armed","held"}` once a request is held; 408 if none was in time |
 //! | `POST /_sim/shops/{shop}/hold/release` | | sends the oldest held answer; `{"released":bool}` |
 //! | `POST /_sim/shops/{shop}/hold/cancel` | | disarms, resets every held connection; `{"cancelled":bool}` |
+//! | `POST /_sim/public_clients` | `{"client_id"}` | `{"client_id"}` (a Customer Account API public client) |
+//! | `POST /_sim/customers` | `{"shop_id","customer_id","client_id"?}` | a token set, as by the app's code exchange; the grant is then `/_sim/shops/{shop_id}:{customer_id}` |
 //! | `POST /_sim/legacy_tokens` | `{"shop","client_id"?,"token"?}` | `{"access_token"}` |
 //! | `POST /_sim/session_tokens` | `{"shop","client_id"?,"lifetime_ms"?}` | `{"session_token"}` |
 //! | `GET /_sim/config` | | [`ModelConfig`](crate::ModelConfig) |
 //! | `PATCH` or `POST /_sim/config` | JSON merge patch of the config | the new config |
 //! | `GET` / `PUT` / `DELETE /_sim/faults/random` | [`RandomFaults`](crate::faults::RandomFaults) | the setting or `null` |
-//! | `GET /_sim/counters` | | [`CounterSet`](crate::CounterSet) |
+//! | `GET /_sim/counters` | | [`CounterSet`](crate::CounterSet): per grant (a shop, or a customer's `{shop_id}:{customer_id}`) and in total, including `overlapping_token_requests` and `max_concurrent_token_requests` |
 //! | `POST /_sim/counters/reset` | | `{}` |
 //! | `GET /_sim/clock` | | `{"now_ms","offset_ms"}` |
 //! | `POST /_sim/clock/advance` | `{"ms":N}` (may be negative) | `{"now_ms","offset_ms"}` |
+//!
+//! Every `/_sim/shops/{shop}/…` route takes a customer's grant name `{shop_id}:{customer_id}` as
+//! its `{shop}` too (state, faults, holds, uninstall).
 //!
 //! Errors are `{"error":"…"}` with status 400 (bad input), 404 (unknown app) or 408 (no
 //! request held in time).
@@ -92,6 +97,8 @@ pub(crate) fn router() -> Router<Arc<Shared>> {
         .route("/shops/{shop}/hold/wait", post(wait_held))
         .route("/shops/{shop}/hold/release", post(release))
         .route("/shops/{shop}/hold/cancel", post(cancel))
+        .route("/public_clients", post(register_public_client))
+        .route("/customers", post(seed_customer))
         .route("/legacy_tokens", post(seed_legacy))
         .route("/session_tokens", post(session_token))
         .route("/config", get(get_config).patch(patch_config).post(patch_config))
@@ -128,6 +135,31 @@ async fn seed_shop(State(s): Ctl, body: Bytes) -> Answer {
     let b: ShopBody = parse(&body)?;
     let now = s.clock.now_ms();
     let tokens = s.model().seed_grant(now, &b.shop.to_ascii_lowercase(), b.client_id.as_deref())?;
+    to_json(tokens)
+}
+
+#[derive(Deserialize)]
+struct PublicClientBody {
+    client_id: String,
+}
+
+async fn register_public_client(State(s): Ctl, body: Bytes) -> Answer {
+    let b: PublicClientBody = parse(&body)?;
+    s.model().register_public_client(&b.client_id);
+    Ok(Json(json!({"client_id": b.client_id})))
+}
+
+#[derive(Deserialize)]
+struct CustomerBody {
+    shop_id: u64,
+    customer_id: u64,
+    client_id: Option<String>,
+}
+
+async fn seed_customer(State(s): Ctl, body: Bytes) -> Answer {
+    let b: CustomerBody = parse(&body)?;
+    let now = s.clock.now_ms();
+    let tokens = s.model().seed_customer(now, b.shop_id, b.customer_id, b.client_id.as_deref())?;
     to_json(tokens)
 }
 

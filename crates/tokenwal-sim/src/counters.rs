@@ -32,6 +32,13 @@ pub struct Counters {
     pub admin_ok: u64,
     /// Admin API answers 401.
     pub admin_unauthorized: u64,
+    /// Token requests that arrived while another token request to the same grant was still being
+    /// handled (received, not yet answered): a sign of two refreshers racing one grant. Per grant
+    /// here; the total is the sum over grants, so requests to two different grants never count.
+    pub overlapping_token_requests: u64,
+    /// The most token requests to one grant ever handled at the same time (1 when they never
+    /// overlapped, 0 before any). The total is the maximum over grants.
+    pub max_concurrent_token_requests: u64,
     /// Admin API answers 403 (non-expiring token refused, see
     /// [`ModelConfig::reject_non_expiring_admin`](crate::ModelConfig::reject_non_expiring_admin)).
     pub admin_forbidden: u64,
@@ -59,7 +66,9 @@ impl Counters {
     }
 }
 
-/// Counters in total and for each shop that saw a request.
+/// Counters in total and for each grant that saw a request: a shop domain for the Admin API, a
+/// customer's `{shop_id}:{customer_id}` for the Customer Account API (see
+/// [`customer_grant`](crate::model::customer_grant)).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct CounterSet {
@@ -73,6 +82,17 @@ impl CounterSet {
     /// The counters of `shop` (all zero if it saw nothing).
     pub fn shop(&self, shop: &str) -> Counters {
         self.shops.get(shop).cloned().unwrap_or_default()
+    }
+
+    /// The grants whose token requests ever overlapped, with their
+    /// [`overlapping_token_requests`](Counters::overlapping_token_requests) and
+    /// [`max_concurrent_token_requests`](Counters::max_concurrent_token_requests), by name.
+    pub fn overlapping_grants(&self) -> BTreeMap<&str, (u64, u64)> {
+        self.shops
+            .iter()
+            .filter(|(_, c)| c.overlapping_token_requests > 0)
+            .map(|(g, c)| (g.as_str(), (c.overlapping_token_requests, c.max_concurrent_token_requests)))
+            .collect()
     }
 
     /// Applies `f` to the shop's counters and to the total.

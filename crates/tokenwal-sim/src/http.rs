@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::header::{CONTENT_TYPE, HOST};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -31,7 +31,7 @@ use crate::counters::CounterSet;
 use crate::faults::{Fault, FaultConfigError};
 use crate::hold::{HoldStatus, Verdict};
 use crate::model::{AdminApi, Model, ShopState};
-use crate::reply::{Delivery, HttpReply};
+use crate::reply::{Delivery, HttpReply, TokenReply};
 pub use crate::shared::SimClock;
 use crate::shared::{wait_shutdown, Shared};
 use crate::token::TokenSet;
@@ -123,6 +123,33 @@ impl SimHandle {
     /// The token endpoint URL for `shop` (path-based shop resolution).
     pub fn token_url(&self, shop: &str) -> String {
         format!("{}/admin/oauth/access_token", self.shop_base_url(shop))
+    }
+
+    /// The Customer Account API's token URL template, `http://{addr}/authentication/{shop_id}/oauth/token`
+    /// with `{shop_id}` left in: the `token_url` of a `shopify-customer-account` profile pointed at
+    /// this simulator.
+    pub fn customer_token_url_template(&self) -> String {
+        format!("http://{}/authentication/{{shop_id}}/oauth/token", self.addr)
+    }
+
+    /// The Customer Account API's GraphQL URL of shop `shop_id` (answers 200 for a live customer
+    /// access token in `Authorization`, else 401).
+    pub fn customer_api_url(&self, shop_id: u64) -> String {
+        format!("http://{}/{shop_id}/account/customer/api/2026-01/graphql", self.addr)
+    }
+
+    /// Seeds the grant of customer `customer_id` of shop `shop_id` with the default public client
+    /// (as the app's PKCE code exchange would) and returns its tokens.
+    pub fn seed_customer(&self, shop_id: u64, customer_id: u64) -> TokenSet {
+        let now = self.now_ms();
+        self.with_model(|m| m.seed_customer(now, shop_id, customer_id, None))
+            .expect("the server always has a default public client")
+    }
+
+    /// [`Model::customer_alive`] at the simulator's now: false means the customer must log in again.
+    pub fn customer_alive(&self, shop_id: u64, customer_id: u64) -> bool {
+        let now = self.now_ms();
+        self.with_model(|m| m.customer_alive(shop_id, customer_id, now))
     }
 
     /// The simulator's clock.
@@ -317,6 +344,8 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/admin/api/{version}/shop.json", get(shop_json_by_host))
         .route("/shops/{shop}/admin/api/{version}/shop.json", get(shop_json_by_path))
         .route("/admin/api/{version}/graphql.json", post(graphql_by_host))
+        .route("/authentication/{shop_id}/oauth/token", post(customer_token))
+        .route("/{shop_id}/account/customer/api/{version}/graphql", post(customer_api))
         .route("/shops/{shop}/admin/api/{version}/graphql.json", post(graphql_by_path))
         .nest("/_sim", crate::control::router())
         .fallback(not_found)
@@ -367,19 +396,82 @@ async fn token_by_path(
     token(s, ctl.map(|e| e.0), shop.to_ascii_lowercase(), &headers, body).await
 }
 
+/// One token request to a grant being handled: counted in by [`Model::begin_token_request`] under
+/// the lock that handles it, counted out when dropped — with the answer, or with the handler when a
+/// hang, a reset or a client that gave up drops it.
+struct InFlight {
+    shared: Arc<Shared>,
+    grant: String,
+}
+
+impl InFlight {
+    fn begin(shared: &Arc<Shared>, model: &mut Model, grant: &str) -> InFlight {
+        model.begin_token_request(grant);
+        InFlight { shared: shared.clone(), grant: grant.to_owned() }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.shared.model().end_token_request(&self.grant);
+    }
+}
+
 async fn token(s: Arc<Shared>, ctl: Option<ConnControl>, shop: String, headers: &HeaderMap, body: Bytes) -> Response {
     let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let now = s.clock.now_ms();
-    let reply = s.model().handle_token_request(now, &shop, content_type, &body);
+    let (reply, in_flight) = {
+        let mut m = s.model();
+        let reply = m.handle_token_request(now, &shop, content_type, &body);
+        let in_flight = InFlight::begin(&s, &mut m, &reply.grant);
+        (reply, in_flight)
+    };
+    answer_token(s, ctl, reply, in_flight).await
+}
+
+async fn customer_token(
+    State(s): State<Arc<Shared>>,
+    Path(shop_id): Path<String>,
+    ctl: Option<Extension<ConnControl>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let authorization = headers.get(AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
+    let now = s.clock.now_ms();
+    let (reply, in_flight) = {
+        let mut m = s.model();
+        let reply = m.handle_customer_token_request(now, &shop_id, content_type, &body, authorization);
+        let in_flight = InFlight::begin(&s, &mut m, &reply.grant);
+        (reply, in_flight)
+    };
+    answer_token(s, ctl.map(|e| e.0), reply, in_flight).await
+}
+
+async fn customer_api(
+    State(s): State<Arc<Shared>>,
+    Path((shop_id, _version)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let token = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let now = s.clock.now_ms();
+    let reply = s.model().handle_customer_api(now, &shop_id, token);
+    to_response(reply.reply, &reply.request_id)
+}
+
+/// Delivers a token answer (after its hold, if the grant has one armed), then counts the request
+/// out.
+async fn answer_token(s: Arc<Shared>, ctl: Option<ConnControl>, reply: TokenReply, in_flight: InFlight) -> Response {
+    let shop = reply.grant.clone();
     tracing::debug!(
-        %shop,
+        grant = %shop,
         request_id = %reply.request_id,
         fault = ?reply.fault.map(|f| f.kind()),
         "token request"
     );
     let delivery = match s.holds.take(&shop) {
         Some(verdict) => {
-            tracing::debug!(%shop, request_id = %reply.request_id, "token answer held");
+            tracing::debug!(grant = %shop, request_id = %reply.request_id, "token answer held");
             let mut shutdown = s.shutdown.clone();
             tokio::select! {
                 // A dropped sender (never expected) answers, as a release would.
@@ -389,7 +481,9 @@ async fn token(s: Arc<Shared>, ctl: Option<ConnControl>, shop: String, headers: 
         }
         None => reply.delivery,
     };
-    deliver(&s, ctl, &reply.request_id, delivery).await
+    let response = deliver(&s, ctl, &reply.request_id, delivery).await;
+    drop(in_flight);
+    response
 }
 
 async fn shop_json_by_host(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {

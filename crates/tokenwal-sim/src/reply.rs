@@ -189,6 +189,10 @@ pub struct TokenReply {
     pub fault: Option<Fault>,
     /// What to put on the wire.
     pub delivery: Delivery,
+    /// The grant the request was counted under (and its fault drawn for, and its hold taken
+    /// from): the shop domain for the Admin API, `{shop_id}:{customer_id}` for a customer (the
+    /// path's `{shop_id}` when the refresh token is not one of that shop's).
+    pub grant: String,
 }
 
 /// The model's answer to one Admin API request.

@@ -532,3 +532,130 @@ async fn holds_over_the_control_api() {
     let r: Value = c.post(ctl("/cancel")).send().await.unwrap().json().await.unwrap();
     assert_eq!(r, json!({"cancelled": false}));
 }
+
+/// Two token requests for one shop at the same time are counted as overlapping; for two shops,
+/// or one after the other, they are not. Reported by `SimHandle::counters` and `GET /_sim/counters`.
+#[tokio::test]
+async fn overlapping_token_requests_are_counted_per_grant() {
+    let sim = std::sync::Arc::new(start().await);
+    let other = "other.myshopify.com";
+    let t0 = sim.seed_shop(SHOP);
+    let o0 = sim.seed_shop(other);
+    let c = client();
+
+    // Shop A's first request is held (received, processed, unanswered) ...
+    sim.hold(SHOP);
+    let first = {
+        let (c, sim, rt) = (c.clone(), sim.clone(), t0.refresh_token.as_str().to_owned());
+        tokio::spawn(async move { refresh(&c, &sim, &rt).await.unwrap().status() })
+    };
+    assert!(sim.wait_held(SHOP, Duration::from_secs(10)).await);
+    // ... while shop B is refreshed: different grants never overlap.
+    let resp = c.post(sim.token_url(other)).json(&refresh_body(o0.refresh_token.as_str())).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(sim.counters().total.overlapping_token_requests, 0);
+    // A second request for shop A while the first is still being handled: one overlap.
+    assert_eq!(refresh(&c, &sim, t0.refresh_token.as_str()).await.unwrap().status(), StatusCode::OK);
+    assert!(sim.release(SHOP));
+    assert_eq!(first.await.unwrap(), StatusCode::OK);
+    // Shop A again, alone.
+    assert_eq!(refresh(&c, &sim, t0.refresh_token.as_str()).await.unwrap().status(), StatusCode::OK);
+
+    let counters = sim.counters();
+    let a = counters.shop(SHOP);
+    assert_eq!((a.token_requests, a.overlapping_token_requests, a.max_concurrent_token_requests), (3, 1, 2));
+    let b = counters.shop(other);
+    assert_eq!((b.overlapping_token_requests, b.max_concurrent_token_requests), (0, 1));
+    assert_eq!((counters.total.overlapping_token_requests, counters.total.max_concurrent_token_requests), (1, 2));
+    let json = ctl(&c, &sim, reqwest::Method::GET, "/counters", None).await;
+    assert_eq!(json["total"]["overlapping_token_requests"], 1);
+    assert_eq!(json["shops"][SHOP]["max_concurrent_token_requests"], 2);
+    assert_eq!(json["shops"][other]["overlapping_token_requests"], 0);
+    sim.with_model(|m| assert_eq!(m.token_requests_in_flight(SHOP), 0));
+}
+
+/// A hung or reset answer is counted out when its connection goes, not left in flight.
+#[tokio::test]
+async fn dropped_answers_leave_nothing_in_flight() {
+    let sim = start_with(SimConfig {
+        seed: Some(1),
+        hang_cap: tokenwal_sim::SimDuration::from_millis(300),
+        ..SimConfig::default()
+    })
+    .await;
+    let t0 = sim.seed_shop(SHOP);
+    sim.push_faults(SHOP, [Fault::RotateThenHang, Fault::RotateThenReset]).unwrap();
+    let c = client();
+    assert!(refresh(&c, &sim, t0.refresh_token.as_str()).await.is_err());
+    assert!(refresh(&c, &sim, t0.refresh_token.as_str()).await.is_err());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sim.with_model(|m| m.token_requests_in_flight(SHOP)) > 0 {
+        assert!(Instant::now() < deadline, "still in flight");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sim.counters().shop(SHOP).overlapping_token_requests, 0);
+}
+
+/// The Customer Account API mode over HTTP: a public client's form refresh at
+/// `/authentication/{shop_id}/oauth/token`, its refusals, the control API, the token check.
+#[tokio::test]
+async fn customer_account_mode_over_http() {
+    let sim = start().await;
+    let c = client();
+    let seeded =
+        ctl(&c, &sim, reqwest::Method::POST, "/customers", Some(json!({"shop_id": 42, "customer_id": 7}))).await;
+    let rt0 = seeded["refresh_token"].as_str().unwrap().to_owned();
+    let url = sim.customer_token_url_template().replace("{shop_id}", "42");
+    let form = |rt: &str| {
+        vec![
+            ("grant_type", "refresh_token".to_owned()),
+            ("client_id", "sim-public-client-id".to_owned()),
+            ("refresh_token", rt.to_owned()),
+        ]
+    };
+
+    let resp = c.post(&url).form(&form(&rt0)).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let t1: TokenSet = resp.json().await.unwrap();
+    // Strict single use: the spent token is refused with a JSON 400.
+    let resp = c.post(&url).form(&form(&rt0)).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(resp.json::<Value>().await.unwrap()["error"], "invalid_grant");
+    // A secret, in the body or as HTTP Basic, or a wrong client id: 401 invalid_client.
+    let mut with_secret = form(t1.refresh_token.as_str());
+    with_secret.push(("client_secret", "x".to_owned()));
+    let mut wrong_client = form(t1.refresh_token.as_str());
+    wrong_client[1].1 = "sim-client-id".to_owned();
+    for resp in [
+        c.post(&url).form(&with_secret).send().await.unwrap(),
+        c.post(&url)
+            .basic_auth("sim-public-client-id", Some("x"))
+            .form(&form(t1.refresh_token.as_str()))
+            .send()
+            .await
+            .unwrap(),
+        c.post(&url).form(&wrong_client).send().await.unwrap(),
+    ] {
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(resp.json::<Value>().await.unwrap()["error"], "invalid_client");
+    }
+    // The customer's grant is `42:7` in the per-shop control routes; still alive.
+    let state = ctl(&c, &sim, reqwest::Method::GET, "/shops/42:7", None).await;
+    assert_eq!(state["alive"], true);
+    assert!(sim.customer_alive(42, 7));
+    let counters = sim.counters().shop("42:7");
+    assert_eq!((counters.token_requests, counters.rotations, counters.invalid_client), (5, 1, 3));
+    // The Customer Account API takes the new access token, not the spent one's shop neighbour.
+    let ok = c.post(sim.customer_api_url(42)).header("authorization", t1.access_token.as_str()).send().await.unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    let no = c.post(sim.customer_api_url(43)).header("authorization", t1.access_token.as_str()).send().await.unwrap();
+    assert_eq!(no.status(), StatusCode::UNAUTHORIZED);
+    // Scripted faults by grant name over the control API.
+    ctl(&c, &sim, reqwest::Method::POST, "/shops/42:7/faults", Some(json!({"kind": "rotate_then_drop"}))).await;
+    let resp = c.post(&url).form(&form(t1.refresh_token.as_str())).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 520);
+    // Under strict single use the lost answer spent the token.
+    let resp = c.post(&url).form(&form(t1.refresh_token.as_str())).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    sim.shutdown().await;
+}

@@ -95,6 +95,38 @@ pub enum MigrationErrorStyle {
     InvalidRequest,
 }
 
+/// How the Customer Account API refuses a dead or reused refresh token (UNCONFIRMED: no public
+/// document shows the body; docs/providers.md). Both are JSON; tokenwal's
+/// `shopify-customer-account` profile treats any 400/401 but `invalid_client` as "log in again".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CustomerRejectionStyle {
+    /// 400 `{"error":"invalid_grant","error_description":"The refresh token is invalid or
+    /// expired"}` (RFC 6749 §5.2; default).
+    #[default]
+    InvalidGrant,
+    /// 401 `{"error":"invalid_token","error_description":"The refresh token is invalid or
+    /// expired"}`.
+    InvalidToken,
+}
+
+/// Behaviour of the Customer Account API mode (`POST /authentication/{shop_id}/oauth/token`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CustomerAccountConfig {
+    /// Rotation of customer refresh tokens. Default [`RotationPolicy::Strict`], as the
+    /// `shopify-customer-account` profile's rotation (strict single use) says.
+    pub policy: RotationPolicy,
+    /// Body and status of a refused refresh.
+    pub rejection_style: CustomerRejectionStyle,
+}
+
+impl Default for CustomerAccountConfig {
+    fn default() -> Self {
+        Self { policy: RotationPolicy::Strict, rejection_style: CustomerRejectionStyle::InvalidGrant }
+    }
+}
+
 /// Behaviour of the simulated token endpoint and Admin API.
 ///
 /// Serialises to JSON for the control API (`GET`/`PATCH /_sim/config`); absent fields take
@@ -137,6 +169,9 @@ pub struct ModelConfig {
     pub session_token_leeway_ms: u64,
     /// `scope` reported in token answers.
     pub scope: String,
+    /// The Customer Account API mode (its rotation and refusal shape; lifetimes, faults, family
+    /// revocation and `invalid_client_status` are shared with the Admin API mode).
+    pub customer_account: CustomerAccountConfig,
 }
 
 impl Default for ModelConfig {
@@ -156,6 +191,7 @@ impl Default for ModelConfig {
             migration_retry_ms: 7 * DAY_MS,
             session_token_leeway_ms: 0,
             scope: "write_products,read_orders".to_owned(),
+            customer_account: CustomerAccountConfig::default(),
         }
     }
 }

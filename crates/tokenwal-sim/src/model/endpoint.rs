@@ -4,6 +4,20 @@
 use super::state::GrantKey;
 use super::*;
 
+/// Which token endpoint a request came to.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Endpoint<'a> {
+    /// `/admin/oauth/access_token` of a shop.
+    Admin,
+    /// `/authentication/{shop_id}/oauth/token`.
+    Customer {
+        /// The path's shop id.
+        shop_id: &'a str,
+        /// Whether the request carried an `Authorization` header.
+        authorization: bool,
+    },
+}
+
 impl Model {
     /// Handles a raw token request body (JSON or form; see [`TokenParams::parse`]).
     pub fn handle_token_request(
@@ -14,15 +28,24 @@ impl Model {
         body: &[u8],
     ) -> TokenReply {
         let params = TokenParams::parse(content_type, body);
-        self.handle(now, shop, params.map_err(|e| e.to_string()))
+        self.handle(now, shop, params.map_err(|e| e.to_string()), Endpoint::Admin)
     }
 
     /// Handles a parsed token request.
     pub fn handle_token_params(&mut self, now: u64, shop: &str, params: &TokenParams) -> TokenReply {
-        self.handle(now, shop, Ok(params.clone()))
+        self.handle(now, shop, Ok(params.clone()), Endpoint::Admin)
     }
 
-    pub(super) fn handle(&mut self, now: u64, shop: &str, params: Result<TokenParams, String>) -> TokenReply {
+    /// One token request to the grant named `shop` (a shop domain, or a customer's
+    /// `{shop_id}:{customer_id}`): counters, the fault, processing by `endpoint`, the answer.
+    pub(super) fn handle(
+        &mut self,
+        now: u64,
+        shop: &str,
+        params: Result<TokenParams, String>,
+        endpoint: Endpoint<'_>,
+    ) -> TokenReply {
+        let grant = shop.to_owned();
         let request_id = self.next_request_id();
         self.counters.bump(shop, |c| c.token_requests += 1);
         let fault = self.faults.next(shop);
@@ -38,6 +61,7 @@ impl Model {
                     request_id,
                     outcome: TokenOutcome::NotProcessed,
                     fault,
+                    grant,
                 };
             }
             Some(Fault::Throttle { retry_after_secs }) => {
@@ -51,6 +75,7 @@ impl Model {
                     request_id,
                     outcome: TokenOutcome::NotProcessed,
                     fault,
+                    grant,
                 };
             }
             Some(Fault::InvalidClient) => TokenOutcome::Rejected(self.invalid_client()),
@@ -59,9 +84,12 @@ impl Model {
                     Some(Fault::ShortRefreshTtl { secs }) => Some(secs.saturating_mul(1000)),
                     _ => None,
                 };
-                match params {
-                    Ok(p) => self.process(now, shop, &p, short_ttl),
-                    Err(msg) => TokenOutcome::Rejected(OAuthError::invalid_request(&msg)),
+                match (params, endpoint) {
+                    (Ok(p), Endpoint::Admin) => self.process(now, shop, &p, short_ttl),
+                    (Ok(p), Endpoint::Customer { shop_id, authorization }) => {
+                        self.process_customer(now, shop_id, &p, authorization, short_ttl)
+                    }
+                    (Err(msg), _) => TokenOutcome::Rejected(OAuthError::invalid_request(&msg)),
                 }
             }
         };
@@ -84,14 +112,17 @@ impl Model {
             TokenOutcome::NotProcessed => unreachable!("handled above"),
         };
         let delivery = realise_fault(fault, reply, &outcome);
-        TokenReply { request_id, outcome, fault, delivery }
+        TokenReply { request_id, outcome, fault, delivery, grant }
     }
 
     pub(super) fn invalid_client(&self) -> OAuthError {
         OAuthError::new(self.config.invalid_client_status, "invalid_client", "Client credentials are invalid")
     }
 
-    pub(super) fn inactive_refresh_error(&self) -> OAuthError {
+    pub(super) fn inactive_refresh_error(&self, key: &GrantKey) -> OAuthError {
+        if key.customer.is_some() {
+            return self.customer_rejection();
+        }
         match self.config.rejection_style {
             RejectionStyle::InvalidRequest => OAuthError::new(401, "invalid_request", ACTIVE_REFRESH_TOKEN_REQUIRED),
             RejectionStyle::InvalidGrant => OAuthError::new(400, "invalid_grant", REFRESH_TOKEN_INVALID_OR_EXPIRED),

@@ -91,8 +91,11 @@ impl Model {
         parent: Option<&str>,
         short_ttl: Option<u64>,
     ) -> (String, String) {
-        let a = self.mint("shpat_");
-        let r = self.mint("shprt_");
+        let (a, r) = if key.customer.is_some() {
+            (self.mint("shcat_"), self.mint("shcrt_"))
+        } else {
+            (self.mint("shpat_"), self.mint("shprt_"))
+        };
         let refresh_ttl = short_ttl.unwrap_or(self.config.refresh_ttl_ms);
         self.access.insert(
             a.clone(),
@@ -180,10 +183,12 @@ impl Model {
             expires_in: a.expires_at.saturating_sub(now) / 1000,
             refresh_token: SimToken::new(refresh),
             refresh_token_expires_in: r.expires_at.saturating_sub(now) / 1000,
-            scope: self.config.scope.clone(),
-            session: self
-                .config
-                .include_session_field
+            scope: if r.key.customer.is_some() {
+                customer::CUSTOMER_SCOPE.to_owned()
+            } else {
+                self.config.scope.clone()
+            },
+            session: (self.config.include_session_field && r.key.customer.is_none())
                 .then(|| format!("sim-session-{}-{}-{}", r.key.client_id, r.key.shop, r.generation)),
         }
     }

@@ -28,6 +28,7 @@
 
 mod admin;
 mod config;
+mod customer;
 mod endpoint;
 mod exchange;
 mod grants;
@@ -35,13 +36,18 @@ mod refresh;
 mod state;
 mod views;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-pub use config::{MigrationErrorStyle, ModelConfig, RejectionStyle, RetryReturns, RotationPolicy, DAY_MS, MINUTE_MS};
+pub use config::{
+    CustomerAccountConfig, CustomerRejectionStyle, MigrationErrorStyle, ModelConfig, RejectionStyle, RetryReturns,
+    RotationPolicy, DAY_MS, MINUTE_MS,
+};
+pub use customer::{customer_grant, CUSTOMER_REFRESH_REFUSED, CUSTOMER_SCOPE, PUBLIC_CLIENT_MUST_NOT_AUTHENTICATE};
+use endpoint::Endpoint;
 pub use state::{AccessTokenView, GrantView, LegacyTokenView, RefreshTokenView, ShopState, TokenStatus};
 
 use crate::counters::CounterSet;
@@ -95,6 +101,10 @@ pub struct Model {
     config: ModelConfig,
     apps: BTreeMap<String, ClientSecret>,
     default_client_id: Option<String>,
+    public_clients: BTreeSet<String>,
+    default_public_client: Option<String>,
+    /// Token requests being handled now, per grant name (see [`Model::begin_token_request`]).
+    in_flight: HashMap<String, u64>,
     grants: BTreeMap<GrantKey, Grant>,
     refresh: HashMap<String, RefreshRecord>,
     access: HashMap<String, AccessRecord>,
@@ -128,6 +138,9 @@ impl Model {
             config,
             apps: BTreeMap::new(),
             default_client_id: None,
+            public_clients: BTreeSet::new(),
+            default_public_client: None,
+            in_flight: HashMap::new(),
             grants: BTreeMap::new(),
             refresh: HashMap::new(),
             access: HashMap::new(),
@@ -220,9 +233,46 @@ impl Model {
         &self.counters
     }
 
-    /// Zeroes all counters.
+    /// Zeroes all counters (requests in flight stay in flight).
     pub fn reset_counters(&mut self) {
         self.counters = CounterSet::default();
+    }
+
+    /// Marks a token request to `grant` (a [`TokenReply::grant`]) as being handled, until the
+    /// matching [`end_token_request`](Self::end_token_request), and returns how many requests to
+    /// that grant are being handled now, this one included. A count above one bumps the grant's
+    /// [`overlapping_token_requests`](crate::Counters::overlapping_token_requests); every count
+    /// raises its [`max_concurrent_token_requests`](crate::Counters::max_concurrent_token_requests).
+    ///
+    /// The HTTP front end calls this under the same lock as the request's handling, and ends it
+    /// when the answer is handed to the connection (or the request is dropped: a hang, a reset, a
+    /// client that gave up). Callers of the model alone may bracket requests the same way.
+    pub fn begin_token_request(&mut self, grant: &str) -> u64 {
+        let n = self.in_flight.entry(grant.to_owned()).or_default();
+        *n += 1;
+        let n = *n;
+        self.counters.bump(grant, |c| {
+            if n > 1 {
+                c.overlapping_token_requests += 1;
+            }
+            c.max_concurrent_token_requests = c.max_concurrent_token_requests.max(n);
+        });
+        n
+    }
+
+    /// Ends one [`begin_token_request`](Self::begin_token_request) of `grant`.
+    pub fn end_token_request(&mut self, grant: &str) {
+        if let Some(n) = self.in_flight.get_mut(grant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.in_flight.remove(grant);
+            }
+        }
+    }
+
+    /// Token requests to `grant` being handled now.
+    pub fn token_requests_in_flight(&self, grant: &str) -> u64 {
+        self.in_flight.get(grant).copied().unwrap_or(0)
     }
 
     /// A fresh unique `x-request-id`.

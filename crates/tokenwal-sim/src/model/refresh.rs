@@ -18,6 +18,15 @@ pub(super) enum Decision {
 }
 
 impl Model {
+    /// The rotation policy of `key`'s grant: the Customer Account API mode's for a customer.
+    pub(super) fn policy_for(&self, key: &GrantKey) -> RotationPolicy {
+        if key.customer.is_some() {
+            self.config.customer_account.policy
+        } else {
+            self.config.policy
+        }
+    }
+
     pub(super) fn evaluate(&self, token: &str, key: &GrantKey, now: u64) -> Decision {
         let Some(rec) = self.refresh.get(token) else {
             return Decision::Reject { reuse: false };
@@ -35,7 +44,7 @@ impl Model {
         let Some(first_used) = rec.first_used_at else {
             return Decision::Fresh;
         };
-        let retained_until = match self.config.policy {
+        let retained_until = match self.policy_for(key) {
             RotationPolicy::Strict => return Decision::Reject { reuse: true },
             RotationPolicy::Window { window_ms } => first_used.saturating_add(window_ms),
             RotationPolicy::RetainUntilReplacementUsed { max_retention_ms, .. } => {
@@ -77,7 +86,7 @@ impl Model {
                         self.counters.bump(&key.shop, |c| c.family_revocations += 1);
                     }
                 }
-                TokenOutcome::Rejected(self.inactive_refresh_error())
+                TokenOutcome::Rejected(self.inactive_refresh_error(key))
             }
         }
     }
@@ -87,7 +96,7 @@ impl Model {
         let rec = &self.refresh[token];
         let (key, generation, predecessor) = (rec.key.clone(), rec.generation, rec.predecessor.clone());
         let (a, r) = self.mint_pair(now, &key, generation, Some(token), short_ttl);
-        let policy = self.config.policy;
+        let policy = self.policy_for(&key);
         let rec = self.refresh.get_mut(token).expect("evaluated above");
         rec.first_used_at = Some(now);
         rec.replacement = Some(r.clone());
@@ -111,7 +120,7 @@ impl Model {
         let a = rec.replacement_access.clone().expect("used token has a replacement");
         let r = rec.replacement.clone().expect("used token has a replacement");
         let (key, generation) = (rec.key.clone(), rec.generation);
-        match self.config.policy {
+        match self.policy_for(&key) {
             RotationPolicy::RetainUntilReplacementUsed { retry_returns: RetryReturns::NewPair, .. } => {
                 self.retire_if_active(&r);
                 let (a2, r2) = self.mint_pair(now, &key, generation, Some(token), short_ttl);

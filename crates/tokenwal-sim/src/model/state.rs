@@ -5,16 +5,31 @@ use serde::Serialize;
 use crate::faults::Fault;
 use crate::token::SimToken;
 
-/// Identifies a grant: one app installed on one shop.
+/// Identifies a grant: one app installed on one shop (Admin API), or one customer of one shop
+/// signed in to a public client (Customer Account API).
+///
+/// `shop` is the grant's name in every per-shop table (faults, counters, holds, views): the shop
+/// domain for the Admin API, `{shop_id}:{customer_id}` for a customer (see
+/// [`customer_grant`](crate::model::customer_grant)).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct GrantKey {
     pub(crate) client_id: String,
     pub(crate) shop: String,
+    /// `(shop_id, customer_id)` of a Customer Account API grant.
+    pub(crate) customer: Option<(u64, u64)>,
 }
 
 impl GrantKey {
     pub(crate) fn new(client_id: &str, shop: &str) -> Self {
-        Self { client_id: client_id.to_owned(), shop: shop.to_owned() }
+        Self { client_id: client_id.to_owned(), shop: shop.to_owned(), customer: None }
+    }
+
+    pub(crate) fn customer(client_id: &str, shop_id: u64, customer_id: u64) -> Self {
+        Self {
+            client_id: client_id.to_owned(),
+            shop: super::customer_grant(shop_id, customer_id),
+            customer: Some((shop_id, customer_id)),
+        }
     }
 }
 

@@ -906,3 +906,235 @@ fn non_expiring_tokens_can_be_refused_by_the_admin_api() {
     assert!(m.handle_admin(T0, SHOP, Some(pair.access_token.as_str()), AdminApi::RestShop).authorized);
     assert_eq!(m.handle_admin(T0, SHOP, Some(legacy.as_str()), AdminApi::RestShop).reply.status, 401);
 }
+
+// ---------------------------------------------------------------- Customer Account API mode
+
+const PUBLIC: &str = "public-cid";
+
+fn customer_model(config: ModelConfig) -> Model {
+    let mut m = model(config);
+    m.register_public_client(PUBLIC);
+    m
+}
+
+fn customer_refresh(m: &mut Model, now: u64, shop_id: &str, rt: &SimToken) -> TokenReply {
+    let p = TokenParams::from_pairs([
+        ("client_id", PUBLIC),
+        ("grant_type", "refresh_token"),
+        ("refresh_token", rt.as_str()),
+    ]);
+    m.handle_customer_token_request(
+        now,
+        shop_id,
+        Some("application/x-www-form-urlencoded"),
+        p.to_form().as_bytes(),
+        None,
+    )
+}
+
+fn assert_customer_refused(reply: &TokenReply) {
+    assert_eq!(status(reply), 400, "{reply:?}");
+    assert_eq!(body(reply), json!({"error":"invalid_grant","error_description":CUSTOMER_REFRESH_REFUSED}));
+}
+
+#[test]
+fn customer_refresh_is_strict_single_use_per_customer() {
+    let mut m = customer_model(ModelConfig::default());
+    let t0 = m.seed_customer(T0, 42, 7, None).unwrap();
+    assert!(t0.access_token.as_str().starts_with("shcat_") && t0.refresh_token.as_str().starts_with("shcrt_"));
+    assert_eq!(t0.scope, CUSTOMER_SCOPE);
+    let r1 = customer_refresh(&mut m, T0 + SEC, "42", &t0.refresh_token);
+    assert_eq!(r1.grant, "42:7");
+    assert_eq!(kind(&r1), IssueKind::Rotation);
+    let t1 = ok(r1);
+    assert_ne!(t1.refresh_token, t0.refresh_token);
+    assert_eq!(t1.expires_in, 3600);
+    // The profile's Retention is single use: the spent token is refused, the grant lives on.
+    assert_customer_refused(&customer_refresh(&mut m, T0 + 2 * SEC, "42", &t0.refresh_token));
+    assert!(m.customer_alive(42, 7, T0 + 2 * SEC));
+    // The new token works, and the new access token is the customer's at the Customer Account API.
+    assert_eq!(m.customer_access_token_valid("42", t1.access_token.as_str(), T0 + 3 * SEC), Some(7));
+    assert_eq!(m.customer_access_token_valid("43", t1.access_token.as_str(), T0 + 3 * SEC), None);
+    assert!(!m.access_token_valid("42", t1.access_token.as_str(), T0 + 3 * SEC), "not an Admin API token");
+    let t2 = ok(customer_refresh(&mut m, T0 + 3 * SEC, "42", &t1.refresh_token));
+    let c = m.counters().shop("42:7");
+    assert_eq!((c.token_requests, c.rotations, c.rejections_of("invalid_grant")), (3, 2, 1));
+    assert_eq!(m.shop_state("42:7", T0 + 4 * SEC).grants[0].client_id, PUBLIC);
+    assert!(m.shop_state("42:7", T0 + 4 * SEC).refresh_token(t2.refresh_token.as_str()).unwrap().accepted_now);
+}
+
+#[test]
+fn a_customers_token_works_only_for_that_customer_at_its_own_shop() {
+    let mut m = customer_model(ModelConfig::default());
+    let alice = m.seed_customer(T0, 42, 7, None).unwrap();
+    let bob = m.seed_customer(T0, 42, 8, None).unwrap();
+    // Another shop's path: refused and counted under that shop id, nothing rotated.
+    let wrong = customer_refresh(&mut m, T0, "43", &alice.refresh_token);
+    assert_customer_refused(&wrong);
+    assert_eq!(wrong.grant, "43");
+    // Unknown tokens and Admin API tokens are refused too.
+    assert_customer_refused(&customer_refresh(&mut m, T0, "42", &SimToken::new("shcrt_nope")));
+    let admin = m.seed_grant(T0, SHOP, None).unwrap();
+    assert_customer_refused(&customer_refresh(&mut m, T0, "42", &admin.refresh_token));
+    // A customer token is not an Admin API refresh token either.
+    assert_inactive(&refresh(&mut m, T0, &alice.refresh_token));
+    // Bob's refresh rotates Bob only.
+    let r = customer_refresh(&mut m, T0 + SEC, "42", &bob.refresh_token);
+    assert_eq!(r.grant, "42:8");
+    ok(r);
+    assert!(m.shop_state("42:7", T0 + SEC).refresh_token(alice.refresh_token.as_str()).unwrap().accepted_now);
+    assert_eq!(m.counters().shop("42:7").rotations, 0);
+    assert!(m.grant_alive(SHOP, T0 + SEC));
+}
+
+#[test]
+fn a_public_client_must_not_authenticate_and_must_be_known() {
+    let mut m = customer_model(ModelConfig::default());
+    let t0 = m.seed_customer(T0, 42, 7, None).unwrap();
+    let base = TokenParams::from_pairs([
+        ("client_id", PUBLIC),
+        ("grant_type", "refresh_token"),
+        ("refresh_token", t0.refresh_token.as_str()),
+    ]);
+    let cases = [
+        (base.clone().with("client_secret", "s3cret"), None, PUBLIC_CLIENT_MUST_NOT_AUTHENTICATE),
+        (base.clone(), Some("Basic cHVibGljLWNpZDpzM2NyZXQ="), PUBLIC_CLIENT_MUST_NOT_AUTHENTICATE),
+        (base.clone().with("client_id", "other-client"), None, "Client credentials are invalid"),
+        // The Admin API app's id is not a public client.
+        (base.clone().with("client_id", CID), None, "Client credentials are invalid"),
+    ];
+    for (params, authorization, description) in cases {
+        let reply = m.handle_customer_token_request(T0, "42", None, params.to_form().as_bytes(), authorization);
+        assert_eq!(status(&reply), 401, "{params:?}");
+        assert_eq!(body(&reply), json!({"error":"invalid_client","error_description":description}));
+    }
+    let missing = m.handle_customer_token_params(T0, "42", &base.clone().without("client_id"));
+    assert_eq!(status(&missing), 400);
+    assert_eq!(m.counters().shop("42:7").invalid_client, 4);
+    // None of it touched the customer's token: it still rotates (JSON bodies are read too).
+    let reply = m.handle_customer_token_request(T0, "42", Some("application/json"), base.to_json().as_bytes(), None);
+    ok(reply);
+    // invalid_client's status is the shared switch.
+    let mut m = customer_model(ModelConfig { invalid_client_status: 400, ..ModelConfig::default() });
+    let t0 = m.seed_customer(T0, 42, 7, None).unwrap();
+    let p = base.with("refresh_token", t0.refresh_token.as_str()).with("client_secret", "x");
+    assert_eq!(status(&m.handle_customer_token_params(T0, "42", &p)), 400);
+}
+
+#[test]
+fn customer_rejection_style_and_policy_are_switches() {
+    let config = ModelConfig {
+        customer_account: CustomerAccountConfig {
+            policy: RotationPolicy::Window { window_ms: MIN },
+            rejection_style: CustomerRejectionStyle::InvalidToken,
+        },
+        ..ModelConfig::default()
+    };
+    let mut m = customer_model(config);
+    let t0 = m.seed_customer(T0, 42, 7, None).unwrap();
+    let t1 = ok(customer_refresh(&mut m, T0, "42", &t0.refresh_token));
+    // Within the window a retry returns the same pair; after it, 401 invalid_token.
+    let again = customer_refresh(&mut m, T0 + SEC, "42", &t0.refresh_token);
+    assert_eq!(kind(&again), IssueKind::ReplaySamePair);
+    assert_eq!(ok(again).refresh_token, t1.refresh_token);
+    let late = customer_refresh(&mut m, T0 + 2 * MIN, "42", &t0.refresh_token);
+    assert_eq!(status(&late), 401);
+    assert_eq!(body(&late), json!({"error":"invalid_token","error_description":CUSTOMER_REFRESH_REFUSED}));
+    // The Admin API mode keeps its own policy and rejection.
+    let admin = m.seed_grant(T0, SHOP, None).unwrap();
+    let a1 = ok(refresh(&mut m, T0, &admin.refresh_token));
+    assert_eq!(kind(&refresh(&mut m, T0 + 2 * MIN, &admin.refresh_token)), IssueKind::ReplaySamePair);
+    assert_ne!(a1.refresh_token, admin.refresh_token);
+    // Family revocation applies to customers too.
+    let mut m = customer_model(ModelConfig { revoke_family_on_reuse: true, ..ModelConfig::default() });
+    let t0 = m.seed_customer(T0, 42, 7, None).unwrap();
+    ok(customer_refresh(&mut m, T0, "42", &t0.refresh_token));
+    assert_customer_refused(&customer_refresh(&mut m, T0 + SEC, "42", &t0.refresh_token));
+    assert!(!m.customer_alive(42, 7, T0 + SEC));
+    assert_eq!(m.counters().shop("42:7").family_revocations, 1);
+}
+
+#[test]
+fn faults_apply_per_customer_grant() {
+    let mut m = customer_model(ModelConfig::default());
+    let alice = m.seed_customer(T0, 42, 7, None).unwrap();
+    let bob = m.seed_customer(T0, 42, 8, None).unwrap();
+    m.push_faults("42:7", [Fault::FailBeforeProcessing { status: 503, json: false }, Fault::RotateThenDrop]).unwrap();
+    // Bob is not scripted.
+    ok(customer_refresh(&mut m, T0, "42", &bob.refresh_token));
+    // A 5xx before processing changes nothing: the same token works afterwards ...
+    let r = customer_refresh(&mut m, T0, "42", &alice.refresh_token);
+    assert_eq!(r.outcome, TokenOutcome::NotProcessed);
+    assert_eq!(status(&r), 503);
+    // ... and a commit-then-520 under strict single use spends the token with its answer lost:
+    let r = customer_refresh(&mut m, T0 + SEC, "42", &alice.refresh_token);
+    assert_eq!(status(&r), 520);
+    let committed = r.outcome.tokens().unwrap().clone();
+    assert_customer_refused(&customer_refresh(&mut m, T0 + 2 * SEC, "42", &alice.refresh_token));
+    // the customer can still be saved only by a client that somehow has the committed pair.
+    assert!(m.customer_alive(42, 7, T0 + 2 * SEC));
+    assert!(m.shop_state("42:7", T0).refresh_token(committed.refresh_token.as_str()).unwrap().accepted_now);
+    let c = m.counters().shop("42:7");
+    assert_eq!((c.faults_of("fail_before_processing"), c.faults_of("rotate_then_drop")), (1, 1));
+    assert_eq!(m.counters().shop("42:8").total_faults(), 0);
+    // Random faults draw for customers as for shops.
+    m.set_random_faults(Some(RandomFaults {
+        seed: 1,
+        probabilities: crate::faults::FaultProbabilities { throttle: 1.0, ..Default::default() },
+        ..RandomFaults::default()
+    }))
+    .unwrap();
+    assert_eq!(status(&customer_refresh(&mut m, T0, "42", &committed.refresh_token)), 429);
+}
+
+#[test]
+fn the_customer_account_api_accepts_only_live_customer_tokens() {
+    let mut m = customer_model(ModelConfig { access_ttl_ms: MIN, ..ModelConfig::default() });
+    let t0 = m.seed_customer(T0, 42, 7, None).unwrap();
+    let reply = m.handle_customer_api(T0, "42", Some(t0.access_token.as_str()));
+    assert!(reply.authorized);
+    assert_eq!(reply.reply.json_body().unwrap(), json!({"data":{"customer":{"id":"gid://shopify/Customer/7"}}}));
+    let bearer = format!("Bearer {}", t0.access_token.as_str());
+    assert!(m.handle_customer_api(T0, "42", Some(&bearer)).authorized);
+    assert!(!m.handle_customer_api(T0, "43", Some(t0.access_token.as_str())).authorized);
+    assert!(!m.handle_customer_api(T0 + MIN, "42", Some(t0.access_token.as_str())).authorized, "expired");
+    assert_eq!(m.handle_customer_api(T0, "42", None).reply.status, 401);
+    assert_eq!(m.counters().shop("42:7").admin_ok, 2);
+}
+
+// ---------------------------------------------------------------- overlapping token requests
+
+#[test]
+fn overlapping_requests_are_counted_per_grant() {
+    let mut m = default_model();
+    // Two requests for one shop at once: the second overlaps.
+    assert_eq!(m.begin_token_request(SHOP), 1);
+    assert_eq!(m.begin_token_request(SHOP), 2);
+    assert_eq!(m.token_requests_in_flight(SHOP), 2);
+    m.end_token_request(SHOP);
+    m.end_token_request(SHOP);
+    // Two shops at once: no overlap.
+    assert_eq!(m.begin_token_request(OTHER_SHOP), 1);
+    assert_eq!(m.begin_token_request("42:7"), 1);
+    m.end_token_request(OTHER_SHOP);
+    m.end_token_request("42:7");
+    // One after the other: no overlap either.
+    m.begin_token_request(OTHER_SHOP);
+    m.end_token_request(OTHER_SHOP);
+    let c = m.counters();
+    assert_eq!((c.shop(SHOP).overlapping_token_requests, c.shop(SHOP).max_concurrent_token_requests), (1, 2));
+    assert_eq!(
+        (c.shop(OTHER_SHOP).overlapping_token_requests, c.shop(OTHER_SHOP).max_concurrent_token_requests),
+        (0, 1)
+    );
+    assert_eq!(c.shop("42:7").overlapping_token_requests, 0);
+    assert_eq!((c.total.overlapping_token_requests, c.total.max_concurrent_token_requests), (1, 2));
+    assert_eq!(c.overlapping_grants().into_iter().collect::<Vec<_>>(), vec![(SHOP, (1, 2))]);
+    assert_eq!(m.token_requests_in_flight(SHOP), 0);
+    // A reset zeroes the counts, not what is in flight; an unmatched end is harmless.
+    m.begin_token_request(SHOP);
+    m.reset_counters();
+    assert_eq!(m.begin_token_request(SHOP), 2);
+    assert_eq!(m.counters().shop(SHOP).overlapping_token_requests, 1);
+    m.end_token_request("never-began");
+}
