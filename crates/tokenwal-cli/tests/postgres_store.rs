@@ -195,8 +195,17 @@ fn a_fleet_of_four_runs_killed_one_at_a_time_loses_no_shop() {
         let name = s["shop"].as_str().unwrap();
         assert!(sim.h().grant_alive(name), "{name}: the grant is dead at the server (a lockout)");
     }
-    let faults = sim.h().counters().total.total_faults();
-    assert_eq!(faults, SHOPS as u64 * 2, "every scripted fault was met");
+    let counters = sim.h().counters();
+    assert_eq!(counters.total.total_faults(), SHOPS as u64 * 2, "every scripted fault was met");
+    // The fleet refreshed each shop many times over (tokens live 3 s), and never two of its
+    // processes at once: the simulator saw no token request for a shop while another was open.
+    let requests: u64 = (0..SHOPS).map(|i| counters.shop(&shop(i)).token_requests).sum();
+    assert!(requests >= SHOPS as u64 * 4, "{requests} token requests");
+    assert_eq!(
+        (counters.total.overlapping_token_requests, counters.total.max_concurrent_token_requests),
+        (0, 1),
+        "concurrent token requests for one shop"
+    );
 }
 
 fn wait_for_line(rx: &std::sync::mpsc::Receiver<String>, needle: &str, within: Duration) -> Vec<String> {
