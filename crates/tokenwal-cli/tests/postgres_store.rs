@@ -24,6 +24,8 @@ use tokenwal_testkit::BlockingSim;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenwal");
 const SHOPS: usize = 12;
+/// Slow answers per shop in the fleet test.
+const SLOW_PER_SHOP: usize = 8;
 
 fn shop(i: usize) -> String {
     format!("fleet-{i}.myshopify.com")
@@ -159,9 +161,17 @@ fn a_fleet_of_four_runs_killed_one_at_a_time_loses_no_shop() {
             1 => vec![Fault::RotateThenReset, Fault::RotateThenDrop],
             _ => vec![Fault::FailBeforeProcessing { status: 502, json: false }, Fault::RotateThenReset],
         };
-        sim.h().push_faults(&shop(i), faults).unwrap();
+        // Then slow answers: attempts stay in flight long enough for kills and restarts (and the
+        // recovery each restart runs) to meet the other processes' attempts on the wire.
+        let slow = std::iter::repeat_n(Fault::Slow { delay_ms: 300 }, SLOW_PER_SHOP);
+        sim.h().push_faults(&shop(i), faults.into_iter().chain(slow)).unwrap();
     }
-    let env = env(&sim);
+    // Requests time out after 3 s, so a killed process's attempt is probed 3 s after it started.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, r#"{"request_timeout": "3s"}"#).unwrap();
+    let mut env = env(&sim);
+    env.push(("TOKENWAL_CONFIG", config.display().to_string()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut fleet: Vec<_> = (0..4).map(|_| spawn(BIN, db, &["run"], &env)).collect();
     let mut rng = rand::thread_rng();
@@ -196,7 +206,9 @@ fn a_fleet_of_four_runs_killed_one_at_a_time_loses_no_shop() {
         assert!(sim.h().grant_alive(name), "{name}: the grant is dead at the server (a lockout)");
     }
     let counters = sim.h().counters();
-    assert_eq!(counters.total.total_faults(), SHOPS as u64 * 2, "every scripted fault was met");
+    let faults = counters.total.total_faults();
+    eprintln!("fleet: {faults} faults met, {} token requests", (0..SHOPS).map(|i| counters.shop(&shop(i)).token_requests).sum::<u64>());
+    assert!(faults >= SHOPS as u64 * (2 + SLOW_PER_SHOP as u64 / 2), "the faults were met ({faults})");
     // The fleet refreshed each shop many times over (tokens live 3 s), and never two of its
     // processes at once: the simulator saw no token request for a shop while another was open.
     let requests: u64 = (0..SHOPS).map(|i| counters.shop(&shop(i)).token_requests).sum();

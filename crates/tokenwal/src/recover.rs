@@ -20,11 +20,11 @@ use crate::clock::now;
 use crate::error::Error;
 use crate::failpoint;
 use crate::inner::Inner;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokenwal_core::{recovery, GrantKey, Intention, Phase, RecoveryItem};
+use tokenwal_core::{recovery, GrantKey, Intention, Phase, RecoveryItem, UnixMillis};
 use tokenwal_store::StoreError;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -122,6 +122,21 @@ pub(crate) async fn run(inner: &Arc<Inner>, budget: Duration) -> Result<Counts, 
     let plan = recovery::plan(&inner.machine, &open, now(), rand::random());
     let (interrupted, _, _) = plan.summary();
     let n_open = open.len();
+    // A shared store: the process that left an attempt open may have died with its request still
+    // on the wire; its probe waits until that request would have timed out, so that the server
+    // never sees two requests for the grant at once. (A lease that ran out covers that already:
+    // it is more than twice the timeout.)
+    let timeout = inner.transport.total_timeout();
+    let not_before: HashMap<GrantKey, UnixMillis> = if inner.store.is_shared() {
+        open.iter()
+            .filter_map(|s| match &s.phase {
+                Phase::Refreshing { started_at, .. } => Some((s.grant.clone(), started_at.saturating_add(timeout))),
+                _ => None,
+            })
+            .collect()
+    } else {
+        HashMap::new()
+    };
     drop(open);
     inner.recovering.start(plan.items.iter().map(|i| i.grant.clone()));
     let tally = Arc::new(Tally::default());
@@ -131,7 +146,7 @@ pub(crate) async fn run(inner: &Arc<Inner>, budget: Duration) -> Result<Counts, 
         async move {
             // The engine's state (and the store's file lock with it) goes before the ticket that
             // shutdown waits for.
-            let r = recover(inner, plan.items, tally).await;
+            let r = recover(inner, plan.items, tally, not_before).await;
             drop(ticket);
             r
         }
@@ -187,7 +202,13 @@ pub(crate) fn spawn_orphan_sweep(inner: &Arc<Inner>, every: Duration) {
 }
 
 /// The background task: transitions through group commit, then the probes.
-async fn recover(inner: Arc<Inner>, items: Vec<RecoveryItem>, tally: Arc<Tally>) -> Result<(), Error> {
+async fn recover(
+    inner: Arc<Inner>,
+    items: Vec<RecoveryItem>,
+    tally: Arc<Tally>,
+    not_before: HashMap<GrantKey, UnixMillis>,
+) -> Result<(), Error> {
+    let not_before = Arc::new(not_before);
     let total = items.len();
     let mut stop = inner.shutdown.subscribe();
     let mut to_resolve = Vec::new();
@@ -246,8 +267,19 @@ async fn recover(inner: Arc<Inner>, items: Vec<RecoveryItem>, tally: Arc<Tally>)
     for grant in to_resolve {
         let inner = Arc::clone(&inner);
         let tally = Arc::clone(&tally);
+        let not_before = Arc::clone(&not_before);
         let mut stop = inner.shutdown.subscribe();
         probes.spawn(async move {
+            if let Some(at) = not_before.get(&grant) {
+                let wait = at.since(now());
+                if !wait.is_zero() {
+                    debug!(%grant, wait_ms = wait.as_millis() as u64, "probe waits for the dead process's request to time out");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                }
+            }
             let _permit = tokio::select! {
                 p = inner.permits.acquire() => p,
                 _ = stop.wait_for(|s| *s) => return,
