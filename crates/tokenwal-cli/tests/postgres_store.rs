@@ -249,3 +249,83 @@ fn a_run_whose_database_is_down_keeps_retrying() {
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
     assert_eq!(exits_within(&mut child, Duration::from_secs(10)), Some(0));
 }
+
+#[test]
+fn a_run_frozen_past_its_lease_is_taken_over_and_never_writes_again() {
+    let Some(pg) = PgScratch::new("tokenwal run on PostgreSQL, SIGSTOP past the lease") else { return };
+    let sim = BlockingSim::start();
+    // A 6 s membership lease; requests time out after 2 s (less than half the lease).
+    let url = format!("{}&lease=6", pg.url());
+    let db = Path::new(&url);
+    import_all(&sim, db);
+    let frozen_shop = shop(0);
+    // Its refresh is answered 1.5 s late, so the first process is frozen with it in flight.
+    sim.h().push_faults(&frozen_shop, [Fault::Slow { delay_ms: 1500 }]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, r#"{"request_timeout": "2s"}"#).unwrap();
+    let mut env = env(&sim);
+    env.push(("TOKENWAL_CONFIG", config.display().to_string()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let requests = |s: &str| sim.h().counters().shop(s).token_requests;
+
+    let (mut first, first_rx) = spawn(BIN, db, &["run"], &env);
+    let _resume = Resume(first.id());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while requests(&frozen_shop) == 0 {
+        assert!(Instant::now() < deadline, "the first run never sent its refresh");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(Command::new("kill").args(["-STOP", &first.id().to_string()]).status().unwrap().success());
+    let frozen_at = Instant::now();
+
+    // A second process joins, and takes the frozen process's attempt over only once its lease has
+    // run out: until then the shop stays with its attempt in flight.
+    let (mut second, _second_rx) = spawn(BIN, db, &["run"], &env);
+    let _stop_second = Resume(second.id());
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while requests(&frozen_shop) < 2 {
+        assert!(Instant::now() < deadline, "the second run never recovered the frozen attempt");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let taken_after = frozen_at.elapsed();
+    assert!(taken_after >= Duration::from_secs(4), "taken over {taken_after:?} after the freeze: inside the lease");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = shops(db).into_iter().find(|s| s["shop"] == frozen_shop.as_str()).unwrap();
+        if s["state"] == "healthy" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not healthy after the takeover: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The frozen process resumes: its lease is gone, so it fail-stops without writing.
+    assert!(Command::new("kill").args(["-CONT", &first.id().to_string()]).status().unwrap().success());
+    let code = exits_within(&mut first, Duration::from_secs(30));
+    assert_eq!(code, Some(74), "the resumed process must fail-stop (exit 74)");
+    let log = first_rx.iter().collect::<Vec<_>>().join("\n");
+    assert!(log.contains("lease"), "says why:\n{log}");
+    assert!(!log.contains("shpat_") && !log.contains("shprt_"), "{log}");
+
+    assert!(second.try_wait().unwrap().is_none(), "the second process is unaffected");
+    let s = shops(db).into_iter().find(|s| s["shop"] == frozen_shop.as_str()).unwrap();
+    assert_eq!(s["state"], "healthy", "{s}");
+    assert!(sim.h().grant_alive(&frozen_shop), "the grant is alive at the server");
+    let c = sim.h().counters();
+    assert_eq!(c.total.overlapping_token_requests, 0, "two requests for one shop at once");
+    assert!(Command::new("kill").args(["-TERM", &second.id().to_string()]).status().unwrap().success());
+    assert_eq!(exits_within(&mut second, Duration::from_secs(30)), Some(0));
+}
+
+/// Kills a process (resuming it first, should it be stopped) when a test ends, passed or not: a
+/// stopped process would keep its database session, and the scratch schema could not be dropped.
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let pid = self.0.to_string();
+        let _ = Command::new("kill").args(["-CONT", &pid]).status();
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+    }
+}

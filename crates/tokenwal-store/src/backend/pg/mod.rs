@@ -143,7 +143,7 @@ impl PgBackend {
     /// dead processes of this host, whose attempts then recover at once) and starts renewing this
     /// process's lease. `on_lost` is called (once, from the renewer's thread) if the lease is lost.
     pub(crate) fn open(location: &PgLocation, on_lost: Box<dyn Fn(String) + Send>) -> Result<Opened, StoreError> {
-        let config = location.driver_config().clone();
+        let config = with_session_timeouts(location.driver_config().clone(), location.lease());
         let scrubbed = |e| scrub_password(e, &config);
         let sql = Arc::new(Sql::new(location.schema()));
         let owner = Arc::new(Worker::spawn("tokenwal-pg-member", config.clone())?);
@@ -277,6 +277,24 @@ impl Drop for PgBackend {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// `config` with the server-side timeouts every connection of a store runs under. A process frozen
+/// (SIGSTOP, a debugger, a VM pause) inside a transaction would otherwise hold its grants' locks
+/// and the LSN row for as long as it stays frozen, stalling every other process: the server ends a
+/// session idle inside a transaction after a quarter of the lease (the frozen process then finds
+/// its transaction gone and fail-stops), and any one statement after half the lease (longer than
+/// any lock wait the first bound leaves).
+fn with_session_timeouts(mut config: postgres::Config, lease: Duration) -> postgres::Config {
+    let idle = (lease / 4).max(Duration::from_secs(1)).as_millis();
+    let statement = (lease / 2).max(Duration::from_secs(2)).as_millis();
+    let ours = format!("-c idle_in_transaction_session_timeout={idle} -c statement_timeout={statement}");
+    let options = match config.get_options() {
+        Some(theirs) if !theirs.trim().is_empty() => format!("{theirs} {ours}"),
+        _ => ours,
+    };
+    config.options(&options);
+    config
 }
 
 /// Creates or migrates `schema` on `worker`'s connection, in one transaction. Returns the version
