@@ -169,8 +169,8 @@ impl From<StoreError> for CliError {
     fn from(e: StoreError) -> CliError {
         match e {
             StoreError::Locked { path } => CliError::Locked { path },
-            // Another process holds a PostgreSQL store: try again later, as with a locked directory.
-            e @ StoreError::HeldElsewhere { .. } => CliError::Transient(e.to_string()),
+            // Another process has this grant's attempt in flight: try again in a moment.
+            e @ StoreError::Busy { .. } => CliError::Transient(e.to_string()),
             // The operator's configuration or the database's set-up: say what to do.
             e @ (StoreError::InvalidLocation { .. }
             | StoreError::ForeignSchema { .. }

@@ -1,15 +1,14 @@
 //! `tokenwal` on a PostgreSQL store (`--db postgres://…`), as real processes against the simulator
-//! over loopback (issue 13, first step: one writer at a time by an ownership lease):
+//! over loopback (issue 13: a fleet of writers on one store):
 //!
 //! * `run` killed with SIGKILL at random moments and restarted, over and over, with faults on (lost
-//!   answers, resets, 5xx): every restart takes the store over at once (the lease's holder is a dead
-//!   process of this host), recovery resolves what the kill left ambiguous, and in the end every
-//!   shop is healthy with a grant alive at the server — no lockout.
-//! * A standby `run` started while another holds the store waits (it neither steals a live lease nor
-//!   exits) and takes over within seconds of the holder's clean stop; a `run` whose database is
-//!   unreachable keeps retrying with backoff instead of exiting.
-//! * While `run` holds the store, other commands are refused at once with exit 75 naming the holder
-//!   (they never wait for, or steal, a live lease); after `run` stops they work at once.
+//!   answers, resets, 5xx): recovery resolves what the kill left ambiguous (the killed process was
+//!   of this host, so its membership ends at once), and in the end every shop is healthy with a
+//!   grant alive at the server — no lockout.
+//! * Four `run` processes on one store, one of them killed with SIGKILL and restarted every round,
+//!   with faults on and tokens living seconds: no lockout, every ambiguity resolved.
+//! * While `run` processes are live, the other commands (`shops`, `status`, `token`) work beside
+//!   them; a `run` whose database is unreachable keeps retrying with backoff instead of exiting.
 //!
 //! Each test uses a fresh schema ([`tokenwal_store::PgScratch`]); without a reachable PostgreSQL the
 //! tests skip loudly, and fail under `TOKENWAL_REQUIRE_PG=1` (CI).
@@ -25,6 +24,8 @@ use tokenwal_testkit::BlockingSim;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenwal");
 const SHOPS: usize = 12;
+/// Slow answers per shop in the fleet test.
+const SLOW_PER_SHOP: usize = 8;
 
 fn shop(i: usize) -> String {
     format!("fleet-{i}.myshopify.com")
@@ -109,7 +110,6 @@ fn run_killed_again_and_again_loses_no_shop() {
     assert_eq!(exits_within(&mut child, Duration::from_secs(30)), Some(0));
     let log = rx.iter().collect::<Vec<_>>().join("\n");
     assert!(!log.contains("shpat_") && !log.contains("shprt_") && !log.contains("sim-client-secret"), "{log}");
-    assert!(!log.contains("held by another process"), "a restart waited for a dead process's lease:\n{log}");
 
     let states = shops(db);
     assert_eq!(states.len(), SHOPS, "{states:?}");
@@ -125,8 +125,8 @@ fn run_killed_again_and_again_loses_no_shop() {
 }
 
 #[test]
-fn other_commands_name_the_live_holder_and_work_once_it_stops() {
-    let Some(pg) = PgScratch::new("tokenwal run on PostgreSQL, one holder") else { return };
+fn other_commands_work_beside_live_runs() {
+    let Some(pg) = PgScratch::new("tokenwal run on PostgreSQL, commands beside it") else { return };
     let sim = BlockingSim::start();
     let url = pg.url();
     let db = Path::new(&url);
@@ -135,15 +135,89 @@ fn other_commands_name_the_live_holder_and_work_once_it_stops() {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let (mut child, rx) = spawn(BIN, db, &["run"], &env);
     wait_for_line(&rx, "store opened", Duration::from_secs(30));
-    let started = Instant::now();
-    let out = run(BIN, db, &["shops", "--json"], &[], None, true);
-    assert_eq!(out.code, 75, "{out:?}");
-    assert!(out.stderr.contains(&format!("pid={}", child.id())), "names the holder: {out:?}");
-    assert!(started.elapsed() < Duration::from_secs(20), "refused at once, not after waiting for the lease");
-
+    assert_eq!(shops(db).len(), SHOPS, "shops reads the store while run holds it");
+    let out = run(BIN, db, &["status", "--json"], &[], None, true);
+    assert_eq!(out.code, 0, "{out:?}");
+    let out = run(BIN, db, &["token", &shop(0)], &env, None, true);
+    assert_eq!(out.code, 0, "token beside a live run: {out:?}");
+    assert!(out.stdout.trim().starts_with("shpat_"), "{out:?}");
+    assert!(child.try_wait().unwrap().is_none(), "run still going");
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
     assert_eq!(exits_within(&mut child, Duration::from_secs(30)), Some(0));
-    assert_eq!(shops(db).len(), SHOPS, "the lease was released at exit: the next command opens at once");
+    assert!(shops(db).iter().all(|s| s["state"] == "healthy"), "{:?}", shops(db));
+}
+
+#[test]
+fn a_fleet_of_four_runs_killed_one_at_a_time_loses_no_shop() {
+    let Some(pg) = PgScratch::new("four tokenwal runs on one PostgreSQL store, kill -9 loop") else { return };
+    let cfg = SimConfig { access_ttl: "3s".parse().unwrap(), ..SimConfig::default() };
+    let sim = BlockingSim::start_with(cfg, 2);
+    let url = pg.url();
+    let db = Path::new(&url);
+    import_all(&sim, db);
+    for i in 0..SHOPS {
+        let faults = match i % 3 {
+            0 => vec![Fault::RotateThenDrop, Fault::FailBeforeProcessing { status: 503, json: false }],
+            1 => vec![Fault::RotateThenReset, Fault::RotateThenDrop],
+            _ => vec![Fault::FailBeforeProcessing { status: 502, json: false }, Fault::RotateThenReset],
+        };
+        // Then slow answers: attempts stay in flight long enough for kills and restarts (and the
+        // recovery each restart runs) to meet the other processes' attempts on the wire.
+        let slow = std::iter::repeat_n(Fault::Slow { delay_ms: 300 }, SLOW_PER_SHOP);
+        sim.h().push_faults(&shop(i), faults.into_iter().chain(slow)).unwrap();
+    }
+    // Requests time out after 3 s, so a killed process's attempt is probed 3 s after it started.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, r#"{"request_timeout": "3s"}"#).unwrap();
+    let mut env = env(&sim);
+    env.push(("TOKENWAL_CONFIG", config.display().to_string()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut fleet: Vec<_> = (0..4).map(|_| spawn(BIN, db, &["run"], &env)).collect();
+    let mut rng = rand::thread_rng();
+    for round in 0..8 {
+        std::thread::sleep(Duration::from_millis(rng.gen_range(700..1800)));
+        for (i, (child, rx)) in fleet.iter_mut().enumerate() {
+            if let Some(status) = child.try_wait().unwrap() {
+                let log: Vec<String> = rx.try_iter().collect();
+                panic!("round {round}: run {i} exited early with {status:?}:\n{}", log.join("\n"));
+            }
+        }
+        let victim = rng.gen_range(0..fleet.len());
+        fleet[victim].0.kill().unwrap();
+        fleet[victim].0.wait().unwrap();
+        fleet[victim] = spawn(BIN, db, &["run"], &env);
+    }
+    // Let the fleet settle (every ambiguity recovered, every shop refreshed again), then stop it.
+    std::thread::sleep(Duration::from_secs(8));
+    let mut logs = String::new();
+    for (mut child, rx) in fleet {
+        assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+        assert_eq!(exits_within(&mut child, Duration::from_secs(30)), Some(0));
+        logs.push_str(&rx.iter().collect::<Vec<_>>().join("\n"));
+    }
+    assert!(!logs.contains("shpat_") && !logs.contains("shprt_") && !logs.contains("sim-client-secret"));
+    assert!(!logs.contains("store poisoned"), "no process fail-stopped:\n{logs}");
+    let states = shops(db);
+    assert_eq!(states.len(), SHOPS, "{states:?}");
+    for s in &states {
+        assert_eq!(s["state"], "healthy", "{s}");
+        let name = s["shop"].as_str().unwrap();
+        assert!(sim.h().grant_alive(name), "{name}: the grant is dead at the server (a lockout)");
+    }
+    let counters = sim.h().counters();
+    let faults = counters.total.total_faults();
+    eprintln!("fleet: {faults} faults met, {} token requests", (0..SHOPS).map(|i| counters.shop(&shop(i)).token_requests).sum::<u64>());
+    assert!(faults >= SHOPS as u64 * (2 + SLOW_PER_SHOP as u64 / 2), "the faults were met ({faults})");
+    // The fleet refreshed each shop many times over (tokens live 3 s), and never two of its
+    // processes at once: the simulator saw no token request for a shop while another was open.
+    let requests: u64 = (0..SHOPS).map(|i| counters.shop(&shop(i)).token_requests).sum();
+    assert!(requests >= SHOPS as u64 * 4, "{requests} token requests");
+    assert_eq!(
+        (counters.total.overlapping_token_requests, counters.total.max_concurrent_token_requests),
+        (0, 1),
+        "concurrent token requests for one shop"
+    );
 }
 
 fn wait_for_line(rx: &std::sync::mpsc::Receiver<String>, needle: &str, within: Duration) -> Vec<String> {
@@ -156,32 +230,6 @@ fn wait_for_line(rx: &std::sync::mpsc::Receiver<String>, needle: &str, within: D
         }
     }
     log
-}
-
-#[test]
-fn a_standby_run_waits_for_the_holder_and_takes_over_when_it_stops() {
-    let Some(pg) = PgScratch::new("tokenwal run on PostgreSQL, standby") else { return };
-    let sim = BlockingSim::start();
-    let url = pg.url();
-    let db = Path::new(&url);
-    import_all(&sim, db);
-    let env = env(&sim);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let (mut holder, holder_rx) = spawn(BIN, db, &["run"], &env);
-    wait_for_line(&holder_rx, "store opened", Duration::from_secs(30));
-    let (mut standby, standby_rx) = spawn(BIN, db, &["run"], &env);
-    wait_for_line(&standby_rx, "held by another process", Duration::from_secs(30));
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(standby.try_wait().unwrap().is_none(), "the standby gave up while the holder lives");
-
-    let stopped = Instant::now();
-    assert!(Command::new("kill").args(["-TERM", &holder.id().to_string()]).status().unwrap().success());
-    assert_eq!(exits_within(&mut holder, Duration::from_secs(30)), Some(0));
-    wait_for_line(&standby_rx, "store opened", Duration::from_secs(20));
-    assert!(stopped.elapsed() < Duration::from_secs(20), "the standby took over well inside the lease");
-    assert!(Command::new("kill").args(["-TERM", &standby.id().to_string()]).status().unwrap().success());
-    assert_eq!(exits_within(&mut standby, Duration::from_secs(30)), Some(0));
-    assert!(shops(db).iter().all(|s| s["state"] == "healthy"), "{:?}", shops(db));
 }
 
 #[test]
@@ -200,4 +248,84 @@ fn a_run_whose_database_is_down_keeps_retrying() {
     assert!(!text.contains("never-shown-pw"), "the URL's password in a log line: {text}");
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
     assert_eq!(exits_within(&mut child, Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn a_run_frozen_past_its_lease_is_taken_over_and_never_writes_again() {
+    let Some(pg) = PgScratch::new("tokenwal run on PostgreSQL, SIGSTOP past the lease") else { return };
+    let sim = BlockingSim::start();
+    // A 6 s membership lease; requests time out after 2 s (less than half the lease).
+    let url = format!("{}&lease=6", pg.url());
+    let db = Path::new(&url);
+    import_all(&sim, db);
+    let frozen_shop = shop(0);
+    // Its refresh is answered 1.5 s late, so the first process is frozen with it in flight.
+    sim.h().push_faults(&frozen_shop, [Fault::Slow { delay_ms: 1500 }]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, r#"{"request_timeout": "2s"}"#).unwrap();
+    let mut env = env(&sim);
+    env.push(("TOKENWAL_CONFIG", config.display().to_string()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let requests = |s: &str| sim.h().counters().shop(s).token_requests;
+
+    let (mut first, first_rx) = spawn(BIN, db, &["run"], &env);
+    let _resume = Resume(first.id());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while requests(&frozen_shop) == 0 {
+        assert!(Instant::now() < deadline, "the first run never sent its refresh");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(Command::new("kill").args(["-STOP", &first.id().to_string()]).status().unwrap().success());
+    let frozen_at = Instant::now();
+
+    // A second process joins, and takes the frozen process's attempt over only once its lease has
+    // run out: until then the shop stays with its attempt in flight.
+    let (mut second, _second_rx) = spawn(BIN, db, &["run"], &env);
+    let _stop_second = Resume(second.id());
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while requests(&frozen_shop) < 2 {
+        assert!(Instant::now() < deadline, "the second run never recovered the frozen attempt");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let taken_after = frozen_at.elapsed();
+    assert!(taken_after >= Duration::from_secs(4), "taken over {taken_after:?} after the freeze: inside the lease");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = shops(db).into_iter().find(|s| s["shop"] == frozen_shop.as_str()).unwrap();
+        if s["state"] == "healthy" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not healthy after the takeover: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The frozen process resumes: its lease is gone, so it fail-stops without writing.
+    assert!(Command::new("kill").args(["-CONT", &first.id().to_string()]).status().unwrap().success());
+    let code = exits_within(&mut first, Duration::from_secs(30));
+    assert_eq!(code, Some(74), "the resumed process must fail-stop (exit 74)");
+    let log = first_rx.iter().collect::<Vec<_>>().join("\n");
+    assert!(log.contains("lease"), "says why:\n{log}");
+    assert!(!log.contains("shpat_") && !log.contains("shprt_"), "{log}");
+
+    assert!(second.try_wait().unwrap().is_none(), "the second process is unaffected");
+    let s = shops(db).into_iter().find(|s| s["shop"] == frozen_shop.as_str()).unwrap();
+    assert_eq!(s["state"], "healthy", "{s}");
+    assert!(sim.h().grant_alive(&frozen_shop), "the grant is alive at the server");
+    let c = sim.h().counters();
+    assert_eq!(c.total.overlapping_token_requests, 0, "two requests for one shop at once");
+    assert!(Command::new("kill").args(["-TERM", &second.id().to_string()]).status().unwrap().success());
+    assert_eq!(exits_within(&mut second, Duration::from_secs(30)), Some(0));
+}
+
+/// Kills a process (resuming it first, should it be stopped) when a test ends, passed or not: a
+/// stopped process would keep its database session, and the scratch schema could not be dropped.
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let pid = self.0.to_string();
+        let _ = Command::new("kill").args(["-CONT", &pid]).status();
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+    }
 }

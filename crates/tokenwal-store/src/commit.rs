@@ -153,6 +153,13 @@ fn commit_group(shared: &Shared, next_lsn: &mut u64, group: &mut Vec<Request>) {
                     found,
                 }));
             }
+            Ok(Err(ApplyError::Busy(member))) => {
+                Counters::add(&c.conflicts, 1);
+                answers.push(Answer::Refused(StoreError::Busy {
+                    grant: String::from_utf8_lossy(&b.grant).into_owned(),
+                    member,
+                }));
+            }
             Ok(Err(ApplyError::UnknownKey(key_id))) => {
                 Counters::add(&c.corrupt_refusals, 1);
                 let what = layout::key_name(layout::GRANTS, &b.grant);

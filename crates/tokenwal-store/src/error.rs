@@ -107,27 +107,30 @@ pub enum StoreError {
         /// The server's message.
         reason: String,
     },
-    /// Another process holds the PostgreSQL store's ownership lease.
-    #[error("the store is held by another process ({holder}); its lease runs out in {lease_left:?} unless renewed")]
-    HeldElsewhere {
-        /// The holder's identity (`host pid=N start=T`).
-        holder: String,
-        /// What was left of its lease on the database's clock.
-        lease_left: std::time::Duration,
+    /// Another live process of a shared (PostgreSQL) store has an attempt in flight for this grant:
+    /// nothing was written. Wait for it to settle (or for its membership lease to run out) and
+    /// re-read the grant.
+    #[error("grant {grant} has an attempt in flight in another process (member {member}): nothing written")]
+    Busy {
+        /// The grant key (`provider/account`).
+        grant: String,
+        /// The member id of the process holding the attempt.
+        member: i64,
     },
-    /// This process's ownership lease of a PostgreSQL store was taken over (it was frozen or cut off
-    /// past its lease): it may not write again. Fail-stop.
-    #[error("lost the store's ownership lease (epoch {epoch}) to another process: no further writes")]
+    /// This process's membership lease of a PostgreSQL store ran out (it was frozen or cut off past
+    /// its lease), so other processes may have taken over its attempts: it may not write again.
+    /// Fail-stop.
+    #[error("lost this process's membership lease of the store (member {member}): no further writes")]
     LeaseLost {
-        /// The epoch this process held.
-        epoch: i64,
+        /// This process's member id.
+        member: i64,
     },
-    /// Less than half of this process's ownership lease remains (its renewals failed): no intent is
+    /// Less than half of this process's membership lease remains (its renewals failed): no intent is
     /// committed that its request might outlive. Fail-stop.
-    #[error("the store's ownership lease (epoch {epoch}) is about to run out: refusing to write")]
+    #[error("this process's membership lease of the store (member {member}) is about to run out: refusing to write")]
     LeaseExpiring {
-        /// The epoch this process holds.
-        epoch: i64,
+        /// This process's member id.
+        member: i64,
     },
     /// The store's committer has stopped (the store is being dropped).
     #[error("store is closed")]
@@ -246,11 +249,9 @@ impl StoreError {
             StoreError::MigrationNeeded { schema, reason } => {
                 StoreError::MigrationNeeded { schema: schema.clone(), reason: reason.clone() }
             }
-            StoreError::HeldElsewhere { holder, lease_left } => {
-                StoreError::HeldElsewhere { holder: holder.clone(), lease_left: *lease_left }
-            }
-            StoreError::LeaseLost { epoch } => StoreError::LeaseLost { epoch: *epoch },
-            StoreError::LeaseExpiring { epoch } => StoreError::LeaseExpiring { epoch: *epoch },
+            StoreError::Busy { grant, member } => StoreError::Busy { grant: grant.clone(), member: *member },
+            StoreError::LeaseLost { member } => StoreError::LeaseLost { member: *member },
+            StoreError::LeaseExpiring { member } => StoreError::LeaseExpiring { member: *member },
         }
     }
 }

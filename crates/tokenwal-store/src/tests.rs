@@ -71,7 +71,7 @@ fn both() -> Vec<(Box<dyn std::any::Any>, Store)> {
 }
 
 fn open_pg(location: &crate::PgLocation) -> Store {
-    Store::open_postgres(location, &ring(), StoreConfig::default(), Duration::ZERO).unwrap().0
+    Store::open_postgres(location, &ring(), StoreConfig::default()).unwrap().0
 }
 
 fn versions(states: &[GrantState]) -> Vec<(GrantKey, u64)> {
@@ -1208,7 +1208,7 @@ fn a_format_1_store_is_refused_clearly_and_upgrades_in_place() {
     }
 }
 
-/// PostgreSQL only: what the database holds, ownership, fencing, schema checks.
+/// PostgreSQL only: what the database holds, several writers, leases and fencing, schema checks.
 mod postgres_store {
     use super::*;
     use crate::{PgLocation, PgScratch};
@@ -1218,7 +1218,7 @@ mod postgres_store {
     }
 
     fn try_open(l: &PgLocation) -> Result<Store, StoreError> {
-        Store::open_postgres(l, &ring(), StoreConfig::default(), Duration::ZERO).map(|(s, _)| s)
+        Store::open_postgres(l, &ring(), StoreConfig::default()).map(|(s, _)| s)
     }
 
     #[test]
@@ -1248,40 +1248,125 @@ mod postgres_store {
         }
     }
 
-    #[test]
-    fn one_owner_at_a_time_and_a_released_lease_is_taken_at_once() {
-        let Some(pg) = scratch() else { return };
-        let first = open_pg(&pg.location());
-        match try_open(&pg.location()) {
-            Err(StoreError::HeldElsewhere { holder, lease_left }) => {
-                assert!(holder.contains(&format!("pid={}", std::process::id())), "{holder}");
-                assert!(lease_left > Duration::from_secs(30), "{lease_left:?}");
-            }
-            other => panic!("a second owner was let in: {other:?}"),
-        }
-        drop(first);
-        let second = try_open(&pg.location()).expect("a released lease is free at once");
-        let m = machine(&second);
-        put(&second, install(&m, None, &key(1), T0));
+    /// Ends member `id`'s lease on the database's clock, as if its process had been frozen past it.
+    fn expire(pg: &PgScratch, id: i64) {
+        pg.execute(&format!("UPDATE \"{}\".members SET expires = now() - interval '1 second' WHERE id = {id}", pg.schema()))
+            .unwrap();
     }
 
     #[test]
-    fn a_process_whose_lease_was_taken_over_never_writes_again() {
+    fn two_processes_write_one_store_and_every_compare_and_swap_sees_the_others_writes() {
         let Some(pg) = scratch() else { return };
-        let store = open_pg(&pg.location());
-        let m = machine(&store);
-        let s = put(&store, install(&m, None, &key(1), T0));
-        // Another process took the store over (it found the lease run out while this one was frozen).
-        let q = format!("\"{}\"", pg.schema());
-        pg.execute(&format!("UPDATE {q}.lease SET epoch = epoch + 1; UPDATE {q}.owner SET epoch = epoch + 1")).unwrap();
-        let err = store.apply_blocking(attempt(&m, &s, T0 + 1)).unwrap_err();
-        // The fence refuses it (or, had the renewer noticed first, the store is already fail-stopped).
+        let (a, b) = (open_pg(&pg.location()), open_pg(&pg.location()));
+        assert!(a.is_shared() && a.member_id() != b.member_id());
+        assert_eq!(b.members().unwrap().len(), 2);
+        let m = machine(&a);
+        let s1 = put(&a, install(&m, None, &key(1), T0));
+        assert_eq!(b.get(&key(1)).unwrap().unwrap(), s1, "a write of one process is read by the other");
+        let s2 = put(&b, attempt(&m, &s1, T0 + 1));
+        // The first process, planning from what it read before, loses the compare-and-swap.
+        let err = a.apply_blocking(attempt(&m, &s1, T0 + 2)).unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { expected: Some(1), found: Some(2), .. }), "{err:?}");
+        assert_eq!(a.get(&key(1)).unwrap().unwrap(), s2);
+        // LSNs are unique across the two writers: both histories are whole.
+        put(&a, install(&m, None, &key(2), T0 + 3));
+        assert_eq!(a.history(&key(1)).unwrap().len(), 2);
+        assert_eq!(b.history(&key(2)).unwrap().len(), 1);
+        let lsns: Vec<u64> = a.journal_from(0, 100).unwrap().iter().map(|(l, _)| *l).collect();
+        assert_eq!(lsns.len(), 3, "{lsns:?}");
+        assert!(lsns.windows(2).all(|w| w[0] < w[1]));
+        assert!(!a.is_poisoned() && !b.is_poisoned());
+    }
+
+    #[test]
+    fn concurrent_writers_of_the_same_new_grants_never_overwrite_each_other() {
+        let Some(pg) = scratch() else { return };
+        let stores: Vec<Arc<Store>> = (0..3).map(|_| Arc::new(open_pg(&pg.location()))).collect();
+        let m = Arc::new(machine(&stores[0]));
+        let won: Vec<usize> = stores
+            .iter()
+            .enumerate()
+            .map(|(w, store)| {
+                let (store, m) = (Arc::clone(store), Arc::clone(&m));
+                thread::spawn(move || {
+                    // Each writer installs the same 40 grants (each must not exist yet), from
+                    // several threads so that its groups hold several batches.
+                    let handles: Vec<_> = (0..4)
+                        .map(|t| {
+                            let (store, m) = (Arc::clone(&store), Arc::clone(&m));
+                            thread::spawn(move || {
+                                (0..10)
+                                    .filter(|i| {
+                                        let g = key(t * 10 + i);
+                                        match store.apply_blocking(install(&m, None, &g, T0 + w as u64)) {
+                                            Ok(()) => true,
+                                            Err(StoreError::Conflict { .. }) => false,
+                                            Err(e) => panic!("{e:?}"),
+                                        }
+                                    })
+                                    .count()
+                            })
+                        })
+                        .collect();
+                    handles.into_iter().map(|h| h.join().unwrap()).sum()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        assert_eq!(won.iter().sum::<usize>(), 40, "each grant is created exactly once: {won:?}");
+        let journal = pg.query_bytes(&format!("SELECT k FROM \"{}\".journal", pg.schema())).unwrap();
+        assert_eq!(journal.len(), 40, "one record per successful install, none overwritten");
+        drop(stores);
+        let reopened = open_pg(&pg.location());
+        assert_eq!(reopened.grant_count(), 40, "the grant count is incremented atomically");
+    }
+
+    #[test]
+    fn an_attempt_in_flight_belongs_to_its_process_until_its_lease_runs_out() {
+        let Some(pg) = scratch() else { return };
+        let (a, b) = (open_pg(&pg.location()), open_pg(&pg.location()));
+        let m = machine(&a);
+        let s1 = put(&a, install(&m, None, &key(1), T0));
+        let s2 = put(&a, attempt(&m, &s1, T0 + 1));
+        assert_eq!(a.open_grants().unwrap().len(), 1);
+        assert!(b.recoverable_grants().unwrap().is_empty(), "a live process's attempt is not recoverable");
+        // Another process may not write the grant while the attempt's process lives, even with the
+        // current version in hand.
+        let err = b.apply_blocking(install(&m, Some(&s2), &key(1), T0 + 2)).unwrap_err();
+        assert!(matches!(err, StoreError::Busy { member, .. } if Some(member) == a.member_id()), "{err:?}");
+        assert!(!err.may_be_durable() && !b.is_poisoned());
+        // Its process may.
+        let s3 = put(&a, install(&m, Some(&s2), &key(1), T0 + 3));
+        let s4 = put(&a, attempt(&m, &s3, T0 + 4));
+        // Once its lease has run out, the attempt is the others' to recover, and its process is
+        // fenced: it never writes again.
+        expire(&pg, a.member_id().unwrap());
+        assert_eq!(versions(&b.recoverable_grants().unwrap()), vec![(key(1), s4.version)]);
+        put(&b, install(&m, Some(&s4), &key(1), T0 + 5));
+        let journal = || pg.query_bytes(&format!("SELECT k FROM \"{}\".journal", pg.schema())).unwrap().len();
+        let before = journal();
+        let err = a.apply_blocking(install(&m, None, &key(2), T0 + 6)).unwrap_err();
         assert!(matches!(err, StoreError::LeaseLost { .. } | StoreError::Poisoned), "{err:?}");
-        assert!(store.is_poisoned(), "fail-stop after losing the lease");
-        assert!(matches!(store.apply_blocking(attempt(&m, &s, T0 + 2)), Err(StoreError::Poisoned)));
-        drop(store);
-        let rows = pg.query_bytes(&format!("SELECT k FROM \"{}\".journal", pg.schema())).unwrap();
-        assert_eq!(rows.len(), 1, "the fenced intent wrote nothing");
+        assert!(a.is_poisoned(), "fail-stop after losing the lease");
+        assert_eq!(a.lease_left(), Some(Duration::ZERO), "a lost lease leaves no time to send in");
+        drop(a);
+        assert_eq!(journal(), before, "the fenced write wrote nothing");
+        assert_eq!(b.get(&key(2)).unwrap(), None);
+    }
+
+    #[test]
+    fn a_clean_close_hands_the_attempts_it_left_open_to_the_others_at_once() {
+        let Some(pg) = scratch() else { return };
+        let (a, b) = (open_pg(&pg.location()), open_pg(&pg.location()));
+        let m = machine(&a);
+        let s1 = put(&a, install(&m, None, &key(1), T0));
+        put(&a, attempt(&m, &s1, T0 + 1));
+        assert!(b.recoverable_grants().unwrap().is_empty());
+        drop(a);
+        assert_eq!(b.recoverable_grants().unwrap().len(), 1, "the closed process's attempt is recoverable");
+        assert_eq!(b.members().unwrap().len(), 1);
     }
 
     #[test]
@@ -1290,7 +1375,7 @@ mod postgres_store {
         let store = open_pg(&pg.location());
         let m = machine(&store);
         let s = put(&store, install(&m, None, &key(1), T0));
-        pg.execute(&format!("UPDATE \"{}\".lease SET lease_until = now() + interval '5 seconds'", pg.schema()))
+        pg.execute(&format!("UPDATE \"{}\".members SET expires = now() + interval '5 seconds'", pg.schema()))
             .unwrap();
         let err = store.apply_blocking(attempt(&m, &s, T0 + 1)).unwrap_err();
         assert!(matches!(err, StoreError::LeaseExpiring { .. }), "{err:?}");
@@ -1327,7 +1412,7 @@ mod postgres_store {
         ))
         .unwrap();
         let err = try_open(&pg.location()).unwrap_err();
-        assert!(matches!(err, StoreError::SchemaTooNew { found: 99, supported: 1, .. }), "{err:?}");
+        assert!(matches!(err, StoreError::SchemaTooNew { found: 99, supported: 2, .. }), "{err:?}");
         assert!(err.to_string().contains("upgrade tokenwal"), "{err}");
     }
 
@@ -1347,12 +1432,13 @@ mod postgres_store {
         assert!(matches!(err, StoreError::MigrationNeeded { .. }), "{err:?}");
         assert!(err.to_string().contains("tokenwal migrate-schema"), "{err}");
         // The owner migrates; the application's role, granted the rights, then opens.
-        assert_eq!(Store::migrate_postgres_schema(&pg.location()).unwrap(), (0, 1));
-        assert_eq!(Store::migrate_postgres_schema(&pg.location()).unwrap(), (1, 1), "idempotent");
+        assert_eq!(Store::migrate_postgres_schema(&pg.location()).unwrap(), (0, 2));
+        assert_eq!(Store::migrate_postgres_schema(&pg.location()).unwrap(), (2, 2), "idempotent");
         let q = format!("\"{}\"", pg.schema());
         pg.execute(&format!(
             "GRANT USAGE ON SCHEMA {q} TO tokenwal_test_app; \
-             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {q} TO tokenwal_test_app"
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {q} TO tokenwal_test_app; \
+             GRANT USAGE ON ALL SEQUENCES IN SCHEMA {q} TO tokenwal_test_app"
         ))
         .unwrap();
         let store = try_open(&app).expect("the application's role opens a migrated schema");

@@ -20,7 +20,12 @@ use tokenwal_core::{
     Refusal, TokenSet, UnixMillis, ABANDONED,
 };
 use tokenwal_store::{Store, StoreError};
-use tracing::{info, Instrument};
+use tracing::{info, warn, Instrument};
+
+/// What a request must leave of the membership lease beyond its own timeout.
+const LEASE_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
+/// The `NotSent` detail of a request withheld because the lease would not outlive it.
+pub(crate) const LEASE_TOO_SHORT: &str = "not sent: the store lease would not outlive the request";
 
 /// How many version conflicts in a row a goal survives before the driver gives up (each one means
 /// another writer won; under the engine's per-grant flight lock they are rare).
@@ -103,6 +108,7 @@ impl<'a, I: Io> Driver<'a, I> {
 
     /// Carries out `goal` for `grant`.
     pub async fn drive(&self, grant: &GrantKey, goal: &Goal) -> Result<Driven, Error> {
+        let mut busy = 0;
         for _ in 0..MAX_CONFLICTS {
             let current = self.store.get(grant)?;
             let decision = self.machine.decide(current.as_ref(), grant, goal, now());
@@ -118,6 +124,9 @@ impl<'a, I: Io> Driver<'a, I> {
             match written {
                 // Someone else wrote first (for an intent: nothing was sent): re-read and decide again.
                 Err(Error::Store(StoreError::Conflict { .. })) => continue,
+                // Another process of a shared store has an attempt in flight for this grant: nothing
+                // was written; give it a moment to settle, then re-read and decide again.
+                Err(Error::Store(StoreError::Busy { .. })) => busy_pause(&mut busy).await,
                 other => return other,
             }
         }
@@ -188,7 +197,7 @@ impl<I: Io> Driver<'_, I> {
                     let outcome = Outcome::NotSent(NotSentReason::Build { detail: ABANDONED.into() });
                     return Ok(Some(Driven::Attempted { settled, outcome }));
                 }
-                Err(StoreError::Conflict { .. }) => continue,
+                Err(StoreError::Conflict { .. } | StoreError::Busy { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -196,8 +205,27 @@ impl<I: Io> Driver<'_, I> {
     }
 }
 
+/// Waits before re-reading a grant another process holds in flight: 20 ms doubling to 640 ms (its
+/// attempt lasts at most the request timeout; the driver's conflict budget bounds the total wait).
+async fn busy_pause(n: &mut u32) {
+    let ms = 20u64 << (*n).min(5);
+    *n += 1;
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+}
+
 impl Io for Inner {
     async fn send(&self, request: &Durable<AttemptRequest>) -> Outcome {
+        // A shared store: the attempt is this process's only while its membership lease lives;
+        // once the lease runs out another process may take the attempt over and send. A request
+        // that might outlive the lease is not sent (the check is local and conservative: the lease
+        // is counted from when its last renewal was sent).
+        if let Some(left) = self.store.lease_left() {
+            let needed = self.transport.total_timeout() + LEASE_MARGIN;
+            if left < needed {
+                warn!(grant = %request.value().grant(), lease_left_ms = left.as_millis() as u64, "not sending: this process's lease of the store would not outlive the request");
+                return Outcome::NotSent(NotSentReason::Connect { detail: LEASE_TOO_SHORT.into() });
+            }
+        }
         let started = std::time::Instant::now();
         let (outcome, status) = self.transport.send(request.value(), now).await;
         self.metrics.observe_attempt(request.value().kind(), &outcome, started.elapsed());

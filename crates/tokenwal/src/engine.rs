@@ -104,17 +104,15 @@ impl Engine {
             StoreLocation::Postgres(location) => {
                 if config.timeouts.total >= location.lease() / 2 {
                     return Err(Error::Config(format!(
-                        "the PostgreSQL ownership lease ({:?}) must be more than twice the request timeout ({:?}): \
+                        "the PostgreSQL membership lease ({:?}) must be more than twice the request timeout ({:?}): \
                          an intent is committed only while half the lease is left",
                         location.lease(),
                         config.timeouts.total
                     )));
                 }
                 let (location, (keys, store_config)) = ((**location).clone(), durable()?);
-                // A crashed holder's lease runs out within one lease; wait that long (and a little).
-                let wait = location.lease() + std::time::Duration::from_secs(2);
                 let (store, report) =
-                    open_blocking(move || Store::open_postgres(&location, &keys, store_config, wait)).await?;
+                    open_blocking(move || Store::open_postgres(&location, &keys, store_config)).await?;
                 (store, report.corrupt)
             }
         };
@@ -192,6 +190,11 @@ impl Engine {
         }
         if let Some(c) = config.compaction {
             crate::compactor::spawn(Arc::clone(&engine.inner), c);
+        }
+        if let StoreLocation::Postgres(location) = &config.store {
+            // Other processes may die with attempts open: take those over a quarter lease after
+            // their lease runs out, at the latest.
+            crate::recover::spawn_orphan_sweep(&engine.inner, location.lease() / 4);
         }
         report.elapsed = started.elapsed();
         info!(

@@ -20,11 +20,11 @@ use crate::clock::now;
 use crate::error::Error;
 use crate::failpoint;
 use crate::inner::Inner;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokenwal_core::{recovery, GrantKey, Intention, Phase, RecoveryItem};
+use tokenwal_core::{recovery, GrantKey, Intention, Phase, RecoveryItem, UnixMillis};
 use tokenwal_store::StoreError;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -114,12 +114,29 @@ pub(crate) struct Counts {
 /// Runs recovery, waiting for it at most `budget`; the rest goes on in the background.
 pub(crate) async fn run(inner: &Arc<Inner>, budget: Duration) -> Result<Counts, Error> {
     let store = inner.store.clone();
-    let open = tokio::task::spawn_blocking(move || store.open_grants())
+    // A shared store: only the attempts of processes that are gone (their lease ran out, or they
+    // left); a live process's attempt in flight is its own.
+    let open = tokio::task::spawn_blocking(move || store.recoverable_grants())
         .await
         .map_err(|e| Error::Internal(format!("recovery task failed: {e}")))??;
     let plan = recovery::plan(&inner.machine, &open, now(), rand::random());
     let (interrupted, _, _) = plan.summary();
     let n_open = open.len();
+    // A shared store: the process that left an attempt open may have died with its request still
+    // on the wire; its probe waits until that request would have timed out, so that the server
+    // never sees two requests for the grant at once. (A lease that ran out covers that already:
+    // it is more than twice the timeout.)
+    let timeout = inner.transport.total_timeout();
+    let not_before: HashMap<GrantKey, UnixMillis> = if inner.store.is_shared() {
+        open.iter()
+            .filter_map(|s| match &s.phase {
+                Phase::Refreshing { started_at, .. } => Some((s.grant.clone(), started_at.saturating_add(timeout))),
+                _ => None,
+            })
+            .collect()
+    } else {
+        HashMap::new()
+    };
     drop(open);
     inner.recovering.start(plan.items.iter().map(|i| i.grant.clone()));
     let tally = Arc::new(Tally::default());
@@ -129,7 +146,7 @@ pub(crate) async fn run(inner: &Arc<Inner>, budget: Duration) -> Result<Counts, 
         async move {
             // The engine's state (and the store's file lock with it) goes before the ticket that
             // shutdown waits for.
-            let r = recover(inner, plan.items, tally).await;
+            let r = recover(inner, plan.items, tally, not_before).await;
             drop(ticket);
             r
         }
@@ -153,8 +170,45 @@ pub(crate) async fn run(inner: &Arc<Inner>, budget: Duration) -> Result<Counts, 
     })
 }
 
+/// A shared store (a fleet): every `every`, recovers the attempts that processes which are gone left
+/// open, as recovery at open does for the ones found then. Each orphan is taken over by whichever
+/// process's compare-and-swap commits first; the others find it held (`Busy`) or moved on
+/// (`Conflict`) and leave it. Skips a round while an earlier recovery is still running.
+pub(crate) fn spawn_orphan_sweep(inner: &Arc<Inner>, every: Duration) {
+    let weak = Arc::downgrade(inner);
+    let mut stop = inner.shutdown.subscribe();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let Some(inner) = weak.upgrade() else { return };
+            if *inner.shutdown.borrow() || inner.store.is_poisoned() {
+                return;
+            }
+            if inner.recovering.count() > 0 {
+                continue;
+            }
+            match run(&inner, Duration::ZERO).await {
+                Ok(c) if c.open > 0 => {
+                    info!(orphaned = c.open, interrupted = c.interrupted, "recovering attempts left open by processes that are gone")
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "orphan sweep failed; retrying next round"),
+            }
+        }
+    });
+}
+
 /// The background task: transitions through group commit, then the probes.
-async fn recover(inner: Arc<Inner>, items: Vec<RecoveryItem>, tally: Arc<Tally>) -> Result<(), Error> {
+async fn recover(
+    inner: Arc<Inner>,
+    items: Vec<RecoveryItem>,
+    tally: Arc<Tally>,
+    not_before: HashMap<GrantKey, UnixMillis>,
+) -> Result<(), Error> {
+    let not_before = Arc::new(not_before);
     let total = items.len();
     let mut stop = inner.shutdown.subscribe();
     let mut to_resolve = Vec::new();
@@ -188,6 +242,10 @@ async fn recover(inner: Arc<Inner>, items: Vec<RecoveryItem>, tally: Arc<Tally>)
                 Err(Error::Store(StoreError::Conflict { .. })) => {
                     debug!(%grant, "recovery transition superseded by a newer write");
                 }
+                // Another process of a shared store took this attempt over first and holds it.
+                Err(Error::Store(StoreError::Busy { .. })) => {
+                    debug!(%grant, "recovery transition: another live process holds the attempt");
+                }
                 Err(e) => return Err(e),
             }
             if !resolves {
@@ -209,8 +267,19 @@ async fn recover(inner: Arc<Inner>, items: Vec<RecoveryItem>, tally: Arc<Tally>)
     for grant in to_resolve {
         let inner = Arc::clone(&inner);
         let tally = Arc::clone(&tally);
+        let not_before = Arc::clone(&not_before);
         let mut stop = inner.shutdown.subscribe();
         probes.spawn(async move {
+            if let Some(at) = not_before.get(&grant) {
+                let wait = at.since(now());
+                if !wait.is_zero() {
+                    debug!(%grant, wait_ms = wait.as_millis() as u64, "probe waits for the dead process's request to time out");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                }
+            }
             let _permit = tokio::select! {
                 p = inner.permits.acquire() => p,
                 _ = stop.wait_for(|s| *s) => return,

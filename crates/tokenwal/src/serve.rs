@@ -10,6 +10,7 @@ use crate::driver::Driven;
 use crate::error::Error;
 use crate::inner::Inner;
 use std::sync::Arc;
+use std::time::Duration;
 use tokenwal_core::{AccessToken, Durable, Goal, GrantKey, GrantState, Phase, Refusal, Step, TokenSet, UnixMillis};
 use tracing::{debug, warn};
 
@@ -68,6 +69,7 @@ impl Inner {
         };
         let deadline = now().saturating_add(self.max_wait);
         let mut force = rejected.is_some();
+        let mut in_flight_poll = Duration::from_millis(20);
         for _ in 0..MAX_ROUNDS {
             if *self.shutdown.borrow() {
                 return Err(Error::ShuttingDown);
@@ -145,9 +147,18 @@ impl Inner {
                     }
                     tokio::time::sleep(until.since(now)).await;
                 }
-                // Under the flight lock, an attempt in flight is one whose task died (or another
-                // process's): recovery at the next start resolves it. A valid token is still served.
-                Step::InFlight => return still_valid.ok_or_else(|| Error::InFlight { grant: grant.clone() }),
+                // A valid token is still served. Under the flight lock, an attempt in flight is
+                // another process's (a shared store: wait for it to commit, or for its lease to
+                // run out and the orphan sweep to take it over) or one whose task died (recovery
+                // at the next start resolves it).
+                Step::InFlight => match still_valid {
+                    Some(t) => return Ok(t),
+                    None if self.store.is_shared() && now < deadline => {
+                        tokio::time::sleep(in_flight_poll).await;
+                        in_flight_poll = (in_flight_poll * 2).min(Duration::from_millis(500));
+                    }
+                    None => return Err(Error::InFlight { grant: grant.clone() }),
+                },
                 Step::Dormant => return dormant(grant, &state, still_valid, rejected.is_some()),
             }
         }

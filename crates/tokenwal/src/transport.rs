@@ -32,6 +32,8 @@ pub(crate) struct Transport {
     spec: ProviderSpec,
     credentials: ClientCredentials,
     rules: ResponseRules,
+    /// The deadline of one whole attempt.
+    total: Duration,
 }
 
 /// Why a transport could not be built.
@@ -40,6 +42,11 @@ pub(crate) struct Transport {
 pub struct TransportBuildError(String);
 
 impl Transport {
+    /// The deadline of one whole attempt (connect, send, answer).
+    pub(crate) fn total_timeout(&self) -> Duration {
+        self.total
+    }
+
     pub(crate) fn new(
         endpoint: Endpoint,
         client_id: String,
@@ -73,7 +80,8 @@ impl Transport {
         let spec = endpoint.spec();
         let rules = spec.response_rules();
         let credentials = ClientCredentials { id: client_id, secret: client_secret };
-        Ok(Transport { client, spec, credentials, rules })
+        let total = timeouts.total;
+        Ok(Transport { client, spec, credentials, rules, total })
     }
 
     /// Sends one token request and classifies what happened. Never returns an error: every failure is

@@ -47,8 +47,8 @@ pub fn open_store(settings: &Settings, create: bool) -> Result<(Store, OpenRepor
         let keys = settings.keys()?;
         let mode = if settings.skip_corrupt_records { RecoveryMode::SkipCorruptRecords } else { RecoveryMode::Strict };
         let config = StoreConfig::default().with_recovery(mode).with_retention(settings.compaction()?.retention);
-        // Never wait for another process's lease here: say who holds it (exit 75).
-        return Ok(Store::open_postgres(location, &keys, config, std::time::Duration::ZERO)?);
+        // A PostgreSQL store is shared: this command joins the `run` processes using it.
+        return Ok(Store::open_postgres(location, &keys, config)?);
     }
     if !create && !path.exists() {
         return Err(CliError::NoStore { path: path.to_owned() });

@@ -50,10 +50,9 @@ pub async fn run(settings: &Settings, once: bool, sweep: Duration, grace: Durati
     Ok(())
 }
 
-/// [`open_engine`], except that a PostgreSQL store that cannot be reached yet, or whose lease a live
-/// process holds past the wait ([`tokenwal::store::Store::open_postgres`] waits one lease), is
-/// retried with backoff (1 s doubling to 30 s) instead of ending the process: a standby `run` keeps
-/// waiting for the holder, and a fleet restarted with its database comes up by itself.
+/// [`open_engine`], except that a PostgreSQL store that cannot be reached yet is retried with
+/// backoff (1 s doubling to 30 s) instead of ending the process: a fleet restarted with its
+/// database comes up by itself.
 async fn open_retrying(settings: &Settings, proactive: bool) -> Result<(Engine, tokenwal::RecoveryReport), CliError> {
     if settings.postgres().is_none() {
         return open_engine(settings, proactive, false).await;
@@ -62,9 +61,7 @@ async fn open_retrying(settings: &Settings, proactive: bool) -> Result<(Engine, 
     loop {
         match Engine::open(settings.engine_config(proactive)?).await {
             Ok(opened) => return Ok(opened),
-            Err(tokenwal::Error::Store(
-                e @ (StoreError::Database { op: "connect", .. } | StoreError::HeldElsewhere { .. }),
-            )) => {
+            Err(tokenwal::Error::Store(e @ StoreError::Database { op: "connect", .. })) => {
                 warn!(store = %settings.db_display(), error = %e, retry_in_s = delay.as_secs(), "the PostgreSQL store is not available yet: retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(30));

@@ -24,6 +24,8 @@ pub(crate) enum ApplyError {
     /// The stored state is sealed under a key the ring does not hold: it cannot be authenticated,
     /// so it is not overwritten.
     UnknownKey(KeyId),
+    /// Another live writer of a shared store holds the grant's open intent (its member id).
+    Busy(i64),
 }
 
 /// A transaction's view of the trees.
@@ -32,6 +34,27 @@ pub(crate) trait Kv {
     fn get(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, Self::Err>;
     fn put(&self, t: Tree, k: &[u8], v: &[u8]) -> Result<(), Self::Err>;
     fn del(&self, t: Tree, k: &[u8]) -> Result<(), Self::Err>;
+
+    /// The `open` entry's value for an intent this writer commits. Default: empty (one writer per
+    /// store); a shared store names the writer (its member id) so that others can tell whether
+    /// the attempt's process is alive.
+    fn open_marker(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    /// The member id of another **live** writer holding `grant`'s open intent, if any: only that
+    /// writer may write the grant until it settles or its lease runs out. Default: none.
+    fn held_elsewhere(&self, _grant: &[u8]) -> Result<Option<i64>, Self::Err> {
+        Ok(None)
+    }
+
+    /// Adds `n` to the durable grant count. Default: read and rewrite the `meta` entry (one writer
+    /// per store); a shared store increments it atomically.
+    fn add_grant_count(&self, n: u64) -> Result<(), Self::Err> {
+        let v = self.get(Tree::Meta, layout::META_GRANT_COUNT)?;
+        let v = v.as_deref().and_then(layout::be_u64).unwrap_or(0);
+        self.put(Tree::Meta, layout::META_GRANT_COUNT, &(v + n).to_be_bytes())
+    }
 }
 
 /// Why a transaction body stopped.
@@ -75,9 +98,12 @@ pub(crate) fn write_batch<K: Kv>(
 ) -> Result<bool, TxnFail<K::Err>> {
     let stored = kv.get(Tree::Grants, &b.grant).map_err(TxnFail::Kv)?;
     check_version(keys, &b.grant, stored.as_deref(), b.expected_version).map_err(TxnFail::Abort)?;
+    if let Some(member) = kv.held_elsewhere(&b.grant).map_err(TxnFail::Kv)? {
+        return Err(TxnFail::Abort(ApplyError::Busy(member)));
+    }
     kv.put(Tree::Grants, &b.grant, &b.state).map_err(TxnFail::Kv)?;
     if b.open {
-        kv.put(Tree::Open, &b.grant, &[]).map_err(TxnFail::Kv)?;
+        kv.put(Tree::Open, &b.grant, &kv.open_marker()).map_err(TxnFail::Kv)?;
     } else {
         kv.del(Tree::Open, &b.grant).map_err(TxnFail::Kv)?;
     }
@@ -89,9 +115,7 @@ pub(crate) fn write_batch<K: Kv>(
     }
     let new = stored.is_none();
     if new {
-        let n = kv.get(Tree::Meta, layout::META_GRANT_COUNT).map_err(TxnFail::Kv)?;
-        let n = n.as_deref().and_then(layout::be_u64).unwrap_or(0);
-        kv.put(Tree::Meta, layout::META_GRANT_COUNT, &(n + 1).to_be_bytes()).map_err(TxnFail::Kv)?;
+        kv.add_grant_count(1).map_err(TxnFail::Kv)?;
     }
     Ok(new)
 }

@@ -24,6 +24,7 @@ mod write;
 pub use hooks::AckHold;
 pub use rekey::{KeyUsage, Reseal};
 
+use crate::backend::Backend;
 use crate::commit::Request;
 use crate::config::{StoreConfig, StoreStats};
 use crate::error::StoreError;
@@ -119,6 +120,43 @@ impl Store {
     /// Why and since when the store is fail-stopped (`None`: it is not).
     pub fn fail_stop(&self) -> Option<FailStop> {
         self.shared().fail_stop.borrow().clone()
+    }
+
+    /// Whether other processes may write this store at the same time (PostgreSQL: a fleet). Then a
+    /// grant read a moment ago may have moved on, another process may hold a grant's attempt in
+    /// flight ([`StoreError::Busy`]), and recovery takes over only the attempts of processes that
+    /// are gone ([`Store::recoverable_grants`]).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.shared().backend, Backend::Postgres(_))
+    }
+
+    /// What is left of this process's membership lease of a shared store, by the local monotonic
+    /// clock from its last renewal (zero once lost); `None`: the store has no lease (sled, memory).
+    /// A request whose timeout does not fit in it must not be sent: another process may take its
+    /// attempt over once the lease runs out.
+    pub fn lease_left(&self) -> Option<std::time::Duration> {
+        match &self.shared().backend {
+            Backend::Postgres(p) => Some(p.lease_left()),
+            _ => None,
+        }
+    }
+
+    /// This process's member id in a shared store (`None`: not shared).
+    pub fn member_id(&self) -> Option<i64> {
+        match &self.shared().backend {
+            Backend::Postgres(p) => Some(p.member()),
+            _ => None,
+        }
+    }
+
+    /// The live members of a shared store: `(member id, holder)` where the holder is
+    /// `host pid=N start=T`. Empty for a store that is not shared.
+    pub fn members(&self) -> Result<Vec<(i64, String)>, StoreError> {
+        self.check()?;
+        match &self.shared().backend {
+            Backend::Postgres(p) => p.live_members(),
+            _ => Ok(Vec::new()),
+        }
     }
 
     /// Watches for the fail-stop: the value turns `Some` once, when the first write, sync or

@@ -17,7 +17,7 @@ use crate::shared::Shared;
 use rand::RngCore;
 use std::path::Path;
 use std::sync::{mpsc, Arc, OnceLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokenwal_core::{CodecError, FingerprintKey};
 use zeroize::Zeroizing;
 
@@ -102,16 +102,16 @@ impl Store {
 
     /// Opens (or creates) the PostgreSQL store at `location`: connects, creates or migrates its schema
     /// (refusing a schema a newer tokenwal migrated, or one holding another application's tables),
-    /// and takes the store's ownership lease, waiting up to `wait_for_lease` for another process's
-    /// lease to run out ([`StoreError::HeldElsewhere`] after that). One process writes at a time;
-    /// the lease is renewed in the background, and a process that loses it fail-stops (see
-    /// `docs/journal.md`, "PostgreSQL"). Sealing is the same as on disk: the database holds
-    /// ciphertext only.
+    /// and joins the store as one of its writers. Any number of processes, on any number of hosts,
+    /// may have one store open: per-grant compare-and-swap under the database's locks keeps every
+    /// write current, an attempt in flight belongs to the process that committed its intent while
+    /// that process's membership lease lives ([`StoreError::Busy`] for the others), and a process
+    /// that loses its lease fail-stops (see `docs/journal.md`, "PostgreSQL"). Sealing is the same
+    /// as on disk: the database holds ciphertext only.
     pub fn open_postgres(
         location: &PgLocation,
         keys: &KeyRing,
         config: StoreConfig,
-        wait_for_lease: Duration,
     ) -> Result<(Store, OpenReport), StoreError> {
         let started = Instant::now();
         let slot: Arc<OnceLock<Weak<Shared>>> = Arc::new(OnceLock::new());
@@ -123,7 +123,7 @@ impl Store {
                 }
             })
         };
-        let opened = PgBackend::open(location, wait_for_lease, on_lost)?;
+        let opened = PgBackend::open(location, on_lost)?;
         if opened.schema_was < schema::LATEST {
             tracing::info!(location = %location, from = opened.schema_was, to = schema::LATEST, "schema created or migrated");
         }

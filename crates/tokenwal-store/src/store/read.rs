@@ -49,11 +49,25 @@ impl Store {
     /// Entries that fail their checks are skipped (and logged): they were reported by
     /// [`Store::open`] in [`OpenReport::corrupt`](crate::OpenReport::corrupt), and [`Store::get`] answers `Corrupt` for them.
     pub fn open_grants(&self) -> Result<Vec<GrantState>, StoreError> {
+        self.open_grants_where(|_| true)
+    }
+
+    /// [`Store::open_grants`] without the attempts that a live process of a shared store holds in
+    /// flight (this one's included): what recovery may take over. The same as
+    /// [`Store::open_grants`] for a store that is not shared.
+    pub fn recoverable_grants(&self) -> Result<Vec<GrantState>, StoreError> {
+        let live: std::collections::HashSet<i64> = self.members()?.into_iter().map(|(id, _)| id).collect();
+        self.open_grants_where(|marker| crate::backend::pg::member_of(marker).is_none_or(|m| !live.contains(&m)))
+    }
+
+    fn open_grants_where(&self, take: impl Fn(&[u8]) -> bool) -> Result<Vec<GrantState>, StoreError> {
         self.check()?;
         let backend = &self.shared().backend;
         let mut keys = Vec::new();
-        backend.scan(Tree::Open, &[], &mut |k, _| {
-            keys.push(k.to_vec());
+        backend.scan(Tree::Open, &[], &mut |k, v| {
+            if take(v) {
+                keys.push(k.to_vec());
+            }
             true
         })?;
         let mut frames = BTreeMap::new();

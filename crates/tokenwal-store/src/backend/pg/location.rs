@@ -1,5 +1,5 @@
 //! Where a PostgreSQL store lives: a connection URL (whose password is never shown), the schema that
-//! holds the store's tables, and the ownership lease.
+//! holds the store's tables, and the membership lease.
 
 use crate::error::StoreError;
 use std::fmt;
@@ -33,10 +33,16 @@ impl PgLocation {
             return Err(invalid(format!("scheme {:?} is not postgres:// or postgresql://", parsed.scheme())));
         }
         let mut schema = DEFAULT_SCHEMA.to_string();
+        let mut lease = Duration::from_secs(90);
         let mut rest = Vec::new();
         for (k, v) in parsed.query_pairs() {
             if k == "schema" {
                 schema = v.into_owned();
+            } else if k == "lease" {
+                lease = match v.parse::<u64>() {
+                    Ok(secs) if (4..=86_400).contains(&secs) => Duration::from_secs(secs),
+                    _ => return Err(invalid(format!("lease={v:?}: expected whole seconds from 4 to 86400"))),
+                };
             } else {
                 rest.push((k.into_owned(), v.into_owned()));
             }
@@ -57,7 +63,7 @@ impl PgLocation {
         if config.get_dbname().is_none() {
             return Err(invalid(format!("{redacted}: the URL names no database")));
         }
-        Ok(PgLocation { config, schema, redacted, lease: Duration::from_secs(90) })
+        Ok(PgLocation { config, schema, redacted, lease })
     }
 
     /// The same database with another schema (tests give every store its own).
@@ -67,7 +73,7 @@ impl PgLocation {
         Ok(self)
     }
 
-    /// Sets the ownership lease (default 90 s; at least 4 s). A writer commits an intent only while
+    /// Sets the membership lease (default 90 s, or the URL's `?lease=SECONDS`; at least 4 s). A writer commits an intent only while
     /// more than half of its lease remains, so half the lease must exceed the longest token request.
     pub fn with_lease(mut self, lease: Duration) -> PgLocation {
         self.lease = lease.max(Duration::from_secs(4));
@@ -79,7 +85,7 @@ impl PgLocation {
         &self.schema
     }
 
-    /// The ownership lease.
+    /// The membership lease.
     pub fn lease(&self) -> Duration {
         self.lease
     }
@@ -153,6 +159,8 @@ mod tests {
         assert_eq!(l.schema(), "tw");
         assert_eq!(l.driver_config().get_dbname(), Some("shop"));
         assert_eq!(l.driver_config().get_connect_timeout(), Some(&Duration::from_secs(5)));
+        assert_eq!(l.lease(), Duration::from_secs(90));
+        assert_eq!(PgLocation::parse("postgres://h/db?lease=12").unwrap().lease(), Duration::from_secs(12));
     }
 
     #[test]
@@ -163,6 +171,8 @@ mod tests {
             ("postgres://h/db?schema=Bad-Name", "plain identifier"),
             ("postgres://h/db?schema=pg_catalog", "plain identifier"),
             ("not a url", "not a URL"),
+            ("postgres://h/db?lease=2", "lease"),
+            ("postgres://h/db?lease=ten", "lease"),
         ] {
             let e = PgLocation::parse(url).unwrap_err().to_string();
             assert!(e.contains(says), "{url}: {e}");

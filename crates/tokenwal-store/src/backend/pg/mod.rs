@@ -1,21 +1,28 @@
-//! The PostgreSQL backend: the six trees as tables of `(k bytea PRIMARY KEY, v bytea)`, one writer at
-//! a time, fenced by an ownership lease on the database's clock.
+//! The PostgreSQL backend: the six trees as tables of `(k bytea PRIMARY KEY, v bytea)`, shared by
+//! any number of writer processes (a fleet), each fenced by a membership lease on the database's
+//! clock.
 //!
 //! * **Group commit.** The committer's first write of a group opens a transaction on the writer's
-//!   connection and checks the fence; every batch of the group is written in it (reads inside see
-//!   the group's own writes); [`DurableBackend::sync`] is the `COMMIT` (with `synchronous_commit`
-//!   on: durable once it returns). One database commit per group, however many refreshes it holds.
+//!   connection and checks this process's membership fence; every batch of the group is written in
+//!   it; [`DurableBackend::sync`] is the `COMMIT` (with `synchronous_commit` on: durable once it
+//!   returns). One database commit per group, however many refreshes it holds.
+//! * **Per-grant exclusion.** A group first takes a transaction-scoped advisory lock per grant it
+//!   writes (ascending hash order, so two groups never deadlock), then reads those grants' states:
+//!   every compare-and-swap is made against the latest committed version, and two processes
+//!   writing one grant are serialised, including a grant that does not exist yet.
+//! * **Attempts in flight.** An open intent's `open` row names the member that committed it. Only
+//!   that member may write the grant while its lease lives ([`StoreError::Busy`] for everyone
+//!   else); once the lease has run out, any member may take the attempt over (recovery). A lease is
+//!   renewed every sixth of its length while the process lives; an expired lease is never renewed,
+//!   so a process frozen past its lease fail-stops instead of writing again.
+//! * **LSNs** come from one `lsn` row, taken just before the group's rows are written and locked
+//!   until its `COMMIT`: journal LSNs are unique across the fleet and increase in commit order, so
+//!   a journal reader (the webhook sink's cursor) never misses a record committed late.
 //! * **Readers** use other connections and so see only committed, i.e. durable, data.
-//! * **Ownership and fencing.** Opening takes the `owner` row's lease (its expiry is `now()` on the
-//!   database) and a new epoch; a thread renews it every sixth of the lease. Every group transaction
-//!   share-locks the owner row and is refused unless the epoch is still ours **and** more than half
-//!   the lease remains: a process frozen past its lease (SIGSTOP, a long GC pause, a partition) finds
-//!   its epoch taken over and never commits again — the store fail-stops. Another process takes over
-//!   only once the lease has run out on the database's clock, or its holder released it, or its
-//!   holder is a dead process on the same host.
 //! * **Failure.** A lost connection or a failed statement fails the group (the store poisons: the
 //!   outcome of a `COMMIT` whose answer was lost is unknown, so nothing written by that group is
-//!   presented before a reopen re-reads it).
+//!   presented before a reopen re-reads it). A deadlock or serialisation failure (nothing
+//!   committed) is retried.
 
 mod conn;
 pub(crate) mod location;
@@ -24,18 +31,19 @@ pub(crate) mod schema;
 use super::{delete_expired, write_group, BatchResult, DurableBackend, Expired, Kv};
 use crate::error::StoreError;
 use crate::keys::KeyRing;
-use crate::layout::Tree;
+use crate::layout::{self, Tree};
 use crate::lock::lock;
 use conn::{Pool, Session, Worker};
 use location::{scrub, PgLocation};
 use postgres::types::ToSql;
 use schema::Sql;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
 use tokenwal_core::WriteBatch;
 
 /// Rows fetched per scan round trip.
@@ -112,11 +120,14 @@ pub(crate) struct PgBackend {
     sql: Arc<Sql>,
     readers: Pool,
     writer: Worker,
-    /// The owner row's connection: acquires, renews, releases the lease.
+    /// The membership connection: joins, renews, leaves.
     owner: Arc<Worker>,
-    epoch: i64,
-    /// Set when the lease could not be renewed (or was taken over): the store must fail-stop.
+    /// This process's member id.
+    member: i64,
+    /// Set when the lease could not be renewed before it ran out: the store must fail-stop.
     lost: Arc<AtomicBool>,
+    /// When the last successful renewal was sent (the lease runs at least `lease` from then).
+    renewed: Arc<Mutex<Instant>>,
     renewer: Mutex<Renewer>,
 }
 
@@ -128,33 +139,32 @@ pub(crate) struct Opened {
 }
 
 impl PgBackend {
-    /// Connects, migrates the schema if needed, takes the ownership lease (waiting up to
-    /// `wait_for_lease` for a live holder's lease to run out) and starts renewing it. `on_lost` is
-    /// called (once, from the renewer's thread) if the lease is lost.
-    pub(crate) fn open(
-        location: &PgLocation,
-        wait_for_lease: Duration,
-        on_lost: Box<dyn Fn(String) + Send>,
-    ) -> Result<Opened, StoreError> {
-        let config = location.driver_config().clone();
+    /// Connects, migrates the schema if needed, joins the store's members (ending the leases of
+    /// dead processes of this host, whose attempts then recover at once) and starts renewing this
+    /// process's lease. `on_lost` is called (once, from the renewer's thread) if the lease is lost.
+    pub(crate) fn open(location: &PgLocation, on_lost: Box<dyn Fn(String) + Send>) -> Result<Opened, StoreError> {
+        let config = with_session_timeouts(location.driver_config().clone(), location.lease());
         let scrubbed = |e| scrub_password(e, &config);
         let sql = Arc::new(Sql::new(location.schema()));
-        let owner = Arc::new(Worker::spawn("tokenwal-pg-owner", config.clone())?);
+        let owner = Arc::new(Worker::spawn("tokenwal-pg-member", config.clone())?);
         let schema_was = migrate_on(&owner, location.schema()).map_err(&scrubbed)?;
-        let epoch = acquire(&owner, &sql, location, wait_for_lease).map_err(&scrubbed)?;
+        let sent = Instant::now();
+        let member = join(&owner, &sql, location).map_err(&scrubbed)?;
         let readers = Pool::new(READERS, &config)?;
         let writer = Worker::spawn("tokenwal-pg-write", config)?;
         let lost = Arc::new(AtomicBool::new(false));
+        let renewed = Arc::new(Mutex::new(sent));
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let thread = {
-            let (owner, sql, lost, stop) = (Arc::clone(&owner), Arc::clone(&sql), Arc::clone(&lost), Arc::clone(&stop));
+            let (owner, sql, lost, stop, renewed) =
+                (Arc::clone(&owner), Arc::clone(&sql), Arc::clone(&lost), Arc::clone(&stop), Arc::clone(&renewed));
             let lease = location.lease();
             std::thread::Builder::new()
                 .name("tokenwal-pg-lease".into())
-                .spawn(move || renew_loop(&owner, &sql, epoch, lease, &lost, &stop, on_lost))
+                .spawn(move || renew_loop(&owner, &sql, member, lease, &lost, &renewed, &stop, on_lost))
                 .map_err(|source| StoreError::Io { op: "spawn lease renewer", source })?
         };
-        tracing::info!(location = %location, epoch, "PostgreSQL store owned");
+        tracing::info!(location = %location, member, "joined the PostgreSQL store");
         Ok(Opened {
             backend: PgBackend {
                 location: location.clone(),
@@ -162,8 +172,9 @@ impl PgBackend {
                 readers,
                 writer,
                 owner,
-                epoch,
+                member,
                 lost,
+                renewed,
                 renewer: Mutex::new(Renewer { stop, thread: Some(thread) }),
             },
             schema_was,
@@ -179,6 +190,30 @@ impl PgBackend {
 
     fn fence_margin(&self) -> f64 {
         self.location.lease().as_secs_f64() / 2.0
+    }
+
+    /// What is left of this process's lease by the local monotonic clock, counted from when its last
+    /// successful renewal was sent (never more than the database grants). Zero once lost.
+    pub(crate) fn lease_left(&self) -> Duration {
+        if self.lost.load(Ordering::Acquire) {
+            return Duration::ZERO;
+        }
+        let since = lock(&self.renewed).elapsed();
+        self.location.lease().saturating_sub(since)
+    }
+
+    /// The ids of the members whose lease has not run out, with their holders.
+    pub(crate) fn live_members(&self) -> Result<Vec<(i64, String)>, StoreError> {
+        self.read(move |s, sql| {
+            let stmt = s.statement(&sql.members)?;
+            let rows = s.client()?.query(&stmt, &[]).map_err(db_err("read the members"))?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+    }
+
+    /// This process's member id.
+    pub(crate) fn member(&self) -> i64 {
+        self.member
     }
 
     fn read<T: Send + 'static>(
@@ -198,8 +233,8 @@ impl PgBackend {
             s.client()?.batch_execute("BEGIN").map_err(db_err("begin"))?;
             s.in_txn = true;
             let result = {
-                let txn = PgTxn::new(s, sql);
-                f(&txn).and_then(|()| txn.flush())
+                let txn = PgTxn::new(s, sql, 0, HashSet::new());
+                f(&txn).and_then(|()| txn.flush().map(drop))
             };
             let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
             let ended = s.client().and_then(|c| c.batch_execute(end).map_err(db_err("commit")));
@@ -226,10 +261,12 @@ impl PgBackend {
         drop(r);
         self.readers.close();
         if !self.lost.load(Ordering::Acquire) {
-            let (sql, epoch) = (Arc::clone(&self.sql), self.epoch);
+            // Leaving: an attempt this process left open (its task died) is recovered by the
+            // others at once rather than after the lease.
+            let (sql, member) = (Arc::clone(&self.sql), self.member);
             let _ = self.owner.call(move |s| {
                 let stmt = s.statement(&sql.release)?;
-                s.client()?.execute(&stmt, &[&epoch]).map_err(db_err("release the lease"))
+                s.client()?.execute(&stmt, &[&member]).map_err(db_err("leave the store"))
             });
         }
         self.owner.close();
@@ -240,6 +277,24 @@ impl Drop for PgBackend {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// `config` with the server-side timeouts every connection of a store runs under. A process frozen
+/// (SIGSTOP, a debugger, a VM pause) inside a transaction would otherwise hold its grants' locks
+/// and the LSN row for as long as it stays frozen, stalling every other process: the server ends a
+/// session idle inside a transaction after a quarter of the lease (the frozen process then finds
+/// its transaction gone and fail-stops), and any one statement after half the lease (longer than
+/// any lock wait the first bound leaves).
+fn with_session_timeouts(mut config: postgres::Config, lease: Duration) -> postgres::Config {
+    let idle = (lease / 4).max(Duration::from_secs(1)).as_millis();
+    let statement = (lease / 2).max(Duration::from_secs(2)).as_millis();
+    let ours = format!("-c idle_in_transaction_session_timeout={idle} -c statement_timeout={statement}");
+    let options = match config.get_options() {
+        Some(theirs) if !theirs.trim().is_empty() => format!("{theirs} {ours}"),
+        _ => ours,
+    };
+    config.options(&options);
+    config
 }
 
 /// Creates or migrates `schema` on `worker`'s connection, in one transaction. Returns the version
@@ -254,48 +309,39 @@ fn migrate_on(worker: &Worker, schema: &str) -> Result<i32, StoreError> {
     })
 }
 
-/// Takes the lease, waiting for a live holder's to run out (up to `wait`).
-fn acquire(owner: &Worker, sql: &Arc<Sql>, location: &PgLocation, wait: Duration) -> Result<i64, StoreError> {
-    let deadline = std::time::Instant::now() + wait;
+/// Joins the store's members: ends the leases of dead processes of this host (their attempts are
+/// then recovered at once, not a lease later), forgets long-expired members, and takes a new id.
+fn join(owner: &Worker, sql: &Arc<Sql>, location: &PgLocation) -> Result<i64, StoreError> {
     let me = holder_id();
     let lease = location.lease().as_secs_f64();
-    loop {
-        let (sql2, me2) = (Arc::clone(sql), me.clone());
-        let got = owner.call(move |s| {
-            let read = s.statement(&sql2.holder)?;
-            let row = s.client()?.query_one(&read, &[]).map_err(db_err("read the lease"))?;
-            let (holder, left): (Option<String>, f64) = (row.get(0), row.get(1));
-            let dead = holder.as_deref().filter(|h| holder_is_dead_here(h)).map(str::to_string);
-            let take = s.statement(&sql2.acquire)?;
-            let rows = s.client()?.query(&take, &[&me2, &lease, &dead]).map_err(db_err("take the lease"))?;
-            Ok(match rows.first() {
-                Some(r) => Ok(r.get::<_, i64>(0)),
-                None => Err((holder.unwrap_or_default(), left)),
-            })
-        })?;
-        match got {
-            Ok(epoch) => return Ok(epoch),
-            Err((holder, left)) => {
-                let now = std::time::Instant::now();
-                if now >= deadline {
-                    return Err(StoreError::HeldElsewhere {
-                        holder: holder.chars().filter(|c| !c.is_control()).take(200).collect(),
-                        lease_left: Duration::from_secs_f64(left.max(0.0)),
-                    });
-                }
-                tracing::info!(holder = %holder, lease_left_s = left, "the store's lease is held by another process: waiting");
-                std::thread::sleep(Duration::from_secs_f64(left.clamp(0.05, 1.0)).min(deadline - now));
+    let sql = Arc::clone(sql);
+    owner.call(move |s| {
+        let live = s.statement(&sql.members)?;
+        let rows = s.client()?.query(&live, &[]).map_err(db_err("read the members"))?;
+        for r in &rows {
+            let (id, holder): (i64, String) = (r.get(0), r.get(1));
+            if holder_is_dead_here(&holder) {
+                tracing::info!(member = id, holder = %holder, "ending the lease of a dead process of this host");
+                let expire = s.statement(&sql.expire)?;
+                s.client()?.execute(&expire, &[&id, &holder]).map_err(db_err("end a dead member's lease"))?;
             }
         }
-    }
+        let forget = s.statement(&sql.forget)?;
+        s.client()?.execute(&forget, &[]).map_err(db_err("forget old members"))?;
+        let join = s.statement(&sql.join)?;
+        let row = s.client()?.query_one(&join, &[&me, &lease]).map_err(db_err("join the store"))?;
+        Ok(row.get(0))
+    })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn renew_loop(
     owner: &Worker,
     sql: &Arc<Sql>,
-    epoch: i64,
+    member: i64,
     lease: Duration,
     lost: &AtomicBool,
+    renewed: &Mutex<Instant>,
     stop: &(Mutex<bool>, Condvar),
     on_lost: Box<dyn Fn(String) + Send>,
 ) {
@@ -311,23 +357,27 @@ fn renew_loop(
         }
         let sql2 = Arc::clone(sql);
         let secs = lease.as_secs_f64();
-        let renewed = owner.call(move |s| {
+        let sent = Instant::now();
+        let renewed_now = owner.call(move |s| {
             let stmt = s.statement(&sql2.renew)?;
-            let rows = s.client()?.query(&stmt, &[&epoch, &secs]).map_err(db_err("renew the lease"))?;
+            let rows = s.client()?.query(&stmt, &[&member, &secs]).map_err(db_err("renew the lease"))?;
             Ok(!rows.is_empty())
         });
-        let why = match renewed {
-            Ok(true) => continue,
-            Ok(false) => "the store's lease was taken over by another process".to_string(),
-            // A transient failure: the lease still has five sixths left; retry on the next tick, but
-            // give up once the commit fence would refuse anyway.
+        let why = match renewed_now {
+            Ok(true) => {
+                *lock(renewed) = sent;
+                continue;
+            }
+            Ok(false) => "this process's membership lease ran out (it was frozen or cut off)".to_string(),
+            // A transient failure: the lease still has five sixths left; retry on the next tick (the
+            // commit fence refuses once less than half is left).
             Err(e) => {
                 tracing::warn!(error = %e, "could not renew the store's lease; retrying");
                 continue;
             }
         };
         lost.store(true, Ordering::Release);
-        tracing::error!(epoch, "{why}: fail-stop");
+        tracing::error!(member, "{why}: fail-stop");
         on_lost(why);
         return;
     }
@@ -344,15 +394,45 @@ struct PgTxn<'a> {
     staged: RefCell<Staged>,
     /// Values read ahead in one round trip (`None`: absent), consulted after `staged`.
     prefetched: RefCell<Staged>,
+    /// This process's member id (0: a side transaction, which writes no grant).
+    member: i64,
+    /// The members whose lease had not run out when the group's fence was checked.
+    live: HashSet<i64>,
+    /// Grants created in this transaction.
+    grants_added: Cell<u64>,
+}
+
+/// The advisory lock key of a grant within [`schema::GRANT_LOCK`] (FNV-1a: stable across processes
+/// and releases; a collision only serialises two grants' writes).
+fn grant_lock_key(grant: &[u8]) -> i32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in grant {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    i32::from_ne_bytes(h.to_ne_bytes())
+}
+
+/// `key` with its trailing LSN moved up by `base` (journal, history and expiry keys end with it).
+fn relocate(key: &[u8], base: u64) -> Vec<u8> {
+    let mut k = key.to_vec();
+    if let Some(lsn) = layout::trailing_lsn(key) {
+        let at = k.len() - 8;
+        k[at..].copy_from_slice(&(lsn + base).to_be_bytes());
+    }
+    k
 }
 
 impl PgTxn<'_> {
-    fn new<'a>(session: &'a mut Session, sql: &'a Sql) -> PgTxn<'a> {
+    fn new<'a>(session: &'a mut Session, sql: &'a Sql, member: i64, live: HashSet<i64>) -> PgTxn<'a> {
         PgTxn {
             session: RefCell::new(session),
             sql,
             staged: RefCell::new(BTreeMap::new()),
             prefetched: RefCell::new(BTreeMap::new()),
+            member,
+            live,
+            grants_added: Cell::new(0),
         }
     }
 
@@ -370,9 +450,25 @@ impl PgTxn<'_> {
         Ok(())
     }
 
+    /// Sends the staged writes. In a group (`member` set), the journal records were staged at LSNs
+    /// from 0: they take their real LSNs from the `lsn` row now, which stays locked until the
+    /// `COMMIT`, so LSNs increase in commit order across the fleet.
     fn flush(&self) -> Result<(), StoreError> {
-        let staged = std::mem::take(&mut *self.staged.borrow_mut());
+        let mut staged = std::mem::take(&mut *self.staged.borrow_mut());
         let mut s = self.session.borrow_mut();
+        let journal = Tree::Journal as usize;
+        let records = staged.range((journal, Vec::new())..(journal + 1, Vec::new())).filter(|(_, v)| v.is_some()).count();
+        if self.member != 0 && records > 0 {
+            let stmt = s.statement(&self.sql.take_lsns)?;
+            let n = i64::try_from(records).unwrap_or(i64::MAX);
+            let base: i64 = s.client()?.query_one(&stmt, &[&n]).map_err(db_err("take LSNs"))?.get(0);
+            let base = u64::try_from(base).unwrap_or(0);
+            let trees = [Tree::Journal, Tree::History, Tree::Expiry].map(|t| t as usize);
+            staged = staged
+                .into_iter()
+                .map(|((t, k), v)| if trees.contains(&t) && v.is_some() { ((t, relocate(&k, base)), v) } else { ((t, k), v) })
+                .collect();
+        }
         for t in Tree::ALL {
             let i = t as usize;
             let (mut keys, mut vals, mut dels) = (Vec::new(), Vec::new(), Vec::new());
@@ -393,6 +489,12 @@ impl PgTxn<'_> {
                 let stmt = s.statement(&self.sql.upsert[i])?;
                 s.client()?.execute(&stmt, &[&keys, &vals]).map_err(db_err("write"))?;
             }
+        }
+        let added = self.grants_added.get();
+        if added > 0 {
+            let stmt = s.statement(&self.sql.add_grants)?;
+            let n = i64::try_from(added).unwrap_or(i64::MAX);
+            s.client()?.execute(&stmt, &[&layout::META_GRANT_COUNT, &n]).map_err(db_err("count grants"))?;
         }
         Ok(())
     }
@@ -422,42 +524,77 @@ impl Kv for PgTxn<'_> {
         self.staged.borrow_mut().insert((t as usize, k.to_vec()), None);
         Ok(())
     }
+
+    fn open_marker(&self) -> Vec<u8> {
+        self.member.to_be_bytes().to_vec()
+    }
+
+    fn held_elsewhere(&self, grant: &[u8]) -> Result<Option<i64>, StoreError> {
+        let marker = self.get(Tree::Open, grant)?;
+        Ok(marker
+            .as_deref()
+            .and_then(member_of)
+            .filter(|m| *m != self.member && self.live.contains(m)))
+    }
+
+    fn add_grant_count(&self, n: u64) -> Result<(), StoreError> {
+        self.grants_added.set(self.grants_added.get() + n);
+        Ok(())
+    }
 }
 
-/// One `apply_group` on the writer's connection: opens the group's transaction (checking the fence)
-/// if this is the group's first write, then writes the batches in it.
+/// The member named by an `open` row (`None`: written by a single-writer store, or unreadable).
+pub(crate) fn member_of(marker: &[u8]) -> Option<i64> {
+    <[u8; 8]>::try_from(marker).ok().map(i64::from_be_bytes)
+}
+
+/// One `apply_group` on the writer's connection: opens the group's transaction, checks the fence,
+/// locks the group's grants, and writes the batches in it.
 fn group_in_txn(
     s: &mut Session,
     sql: &Sql,
     keys: &KeyRing,
     batches: &[WriteBatch],
-    first_lsn: u64,
-    epoch: i64,
+    member: i64,
     margin: f64,
 ) -> Result<Vec<BatchResult>, StoreError> {
     if !s.in_txn {
         s.client()?.batch_execute("BEGIN").map_err(db_err("begin"))?;
         s.in_txn = true;
-        let fence = s.statement(&sql.fence)?;
-        let row = s.client()?.query_one(&fence, &[&margin]).map_err(db_err("check the lease"))?;
-        let (found, fresh): (i64, bool) = (row.get(0), row.get(1));
-        if found != epoch {
-            return Err(StoreError::LeaseLost { epoch });
-        }
-        if !fresh {
-            return Err(StoreError::LeaseExpiring { epoch });
-        }
     }
-    let refs: Vec<&WriteBatch> = batches.iter().collect();
-    let txn = PgTxn::new(s, sql);
-    // Every batch's compare-and-swap reads its grant's state: one round trip for the group.
+    let fence = s.statement(&sql.fence)?;
+    let row = s.client()?.query_opt(&fence, &[&member, &margin]).map_err(db_err("check the lease"))?;
+    let Some(row) = row else { return Err(StoreError::LeaseLost { member }) };
+    let (fresh, live): (bool, Vec<i64>) = (row.get(0), row.get(1));
+    if !live.contains(&member) {
+        return Err(StoreError::LeaseLost { member });
+    }
+    if !fresh {
+        return Err(StoreError::LeaseExpiring { member });
+    }
     let mut grants: Vec<Vec<u8>> = batches.iter().map(|b| b.grant.clone()).collect();
     grants.sort();
     grants.dedup();
-    txn.prefetch(Tree::Grants, grants)?;
-    let results = write_group(&txn, keys, &refs, first_lsn)?;
+    let mut locks: Vec<i32> = grants.iter().map(|g| grant_lock_key(g)).collect();
+    locks.sort_unstable();
+    locks.dedup();
+    let stmt = s.statement(&sql.lock_grants)?;
+    s.client()?.execute(&stmt, &[&schema::GRANT_LOCK, &locks]).map_err(db_err("lock grants"))?;
+    let refs: Vec<&WriteBatch> = batches.iter().collect();
+    let txn = PgTxn::new(s, sql, member, live.into_iter().collect());
+    // Every batch's compare-and-swap reads its grant's state and open row: two round trips for the
+    // group, made under the grants' locks, so they see the latest committed versions.
+    txn.prefetch(Tree::Grants, grants.clone())?;
+    txn.prefetch(Tree::Open, grants)?;
+    let results = write_group(&txn, keys, &refs, 0)?;
     txn.flush()?;
     Ok(results)
+}
+
+/// Whether a failed group may simply run again: a deadlock or serialisation failure (SQLSTATE 40P01,
+/// 40001) rolled it back whole, so nothing of it was committed.
+fn retryable(e: &StoreError) -> bool {
+    matches!(e, StoreError::Database { message, .. } if message.starts_with("40P01") || message.starts_with("40001"))
 }
 
 fn get_on(s: &mut Session, sql: &Sql, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -540,25 +677,40 @@ impl DurableBackend for PgBackend {
         &self,
         keys: &KeyRing,
         batches: &[&WriteBatch],
-        first_lsn: u64,
+        // LSNs are taken from the database in commit order (see the module docs), not from the
+        // committer's counter, which knows nothing of the other processes.
+        _first_lsn: u64,
     ) -> Result<Vec<BatchResult>, StoreError> {
         if self.lost.load(Ordering::Acquire) {
-            return Err(StoreError::LeaseLost { epoch: self.epoch });
+            return Err(StoreError::LeaseLost { member: self.member });
         }
         let (keys, batches): (KeyRing, Vec<WriteBatch>) =
             (keys.clone(), batches.iter().map(|b| (*b).clone()).collect());
-        let (sql, epoch, margin) = (Arc::clone(&self.sql), self.epoch, self.fence_margin());
-        self.writer.call(move |s| {
-            let result = group_in_txn(s, &sql, &keys, &batches, first_lsn, epoch, margin);
-            if result.is_err() && s.in_txn {
-                // The store fail-stops on this error; leave the connection clean anyway.
-                s.in_txn = false;
-                if let Ok(c) = s.client() {
-                    let _ = c.batch_execute("ROLLBACK");
+        let (sql, member, margin) = (Arc::clone(&self.sql), self.member, self.fence_margin());
+        let result = self.writer.call(move |s| {
+            let mut tries = 0;
+            loop {
+                let result = group_in_txn(s, &sql, &keys, &batches, member, margin);
+                if result.is_err() && s.in_txn {
+                    // Either retried below or fail-stop; leave the connection clean anyway.
+                    s.in_txn = false;
+                    if let Ok(c) = s.client() {
+                        let _ = c.batch_execute("ROLLBACK");
+                    }
+                }
+                match result {
+                    Err(e) if retryable(&e) && tries < 5 => {
+                        tries += 1;
+                        tracing::debug!(error = %e, tries, "group rolled back by the database: retrying it");
+                    }
+                    other => return other,
                 }
             }
-            result
-        })
+        });
+        if matches!(result, Err(StoreError::LeaseLost { .. })) {
+            self.lost.store(true, Ordering::Release);
+        }
+        result
     }
 
     fn delete_expired(&self, entries: &[Expired]) -> Result<(), StoreError> {

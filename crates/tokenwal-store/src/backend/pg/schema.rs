@@ -9,10 +9,11 @@ use postgres::Transaction;
 
 /// Migrations, in order: `(version, name, statements)`. `{s}` is the quoted schema. A release adds
 /// one at the end; it never edits one that has shipped.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "key-value trees and the ownership lease",
-    r#"
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "key-value trees and the ownership lease",
+        r#"
 CREATE TABLE {s}."grants"  (k bytea PRIMARY KEY, v bytea NOT NULL);
 CREATE TABLE {s}."open"    (k bytea PRIMARY KEY, v bytea NOT NULL);
 CREATE TABLE {s}."journal" (k bytea PRIMARY KEY, v bytea NOT NULL);
@@ -32,7 +33,32 @@ CREATE TABLE {s}."lease" (
 INSERT INTO {s}."owner" (epoch) VALUES (0);
 INSERT INTO {s}."lease" (epoch, holder, lease_until) VALUES (0, NULL, to_timestamp(0));
 "#,
-)];
+    ),
+    (
+        2,
+        "fleet: writer membership leases, commit-ordered LSNs",
+        r#"
+DROP TABLE {s}."owner";
+DROP TABLE {s}."lease";
+CREATE SEQUENCE {s}."member_ids";
+CREATE TABLE {s}."members" (
+    id      bigint PRIMARY KEY,
+    holder  text NOT NULL,
+    joined  timestamptz NOT NULL DEFAULT now(),
+    expires timestamptz NOT NULL
+);
+CREATE TABLE {s}."lsn" (
+    id   boolean PRIMARY KEY DEFAULT true CHECK (id),
+    next bigint NOT NULL
+);
+INSERT INTO {s}."lsn" (next) SELECT GREATEST(
+    1,
+    COALESCE((SELECT ('x' || encode(k, 'hex'))::bit(64)::bigint + 1 FROM {s}."journal" ORDER BY k DESC LIMIT 1), 1),
+    COALESCE((SELECT ('x' || encode(v, 'hex'))::bit(64)::bigint FROM {s}."meta" WHERE k = 'lsn_floor'::bytea), 1)
+);
+"#,
+    ),
+];
 
 /// The newest schema version this build knows.
 pub(crate) const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -42,7 +68,11 @@ const MIGRATIONS_TABLE: &str = "tokenwal_migrations";
 
 /// Every table name a migration creates: a schema holding one of them without tokenwal's migration
 /// table belongs to someone else and is refused.
-const OURS: &[&str] = &["grants", "open", "journal", "history", "expiry", "meta", "owner", "lease"];
+const OURS: &[&str] = &["grants", "open", "journal", "history", "expiry", "meta", "owner", "lease", "members", "lsn"];
+
+/// Advisory lock class of grants: every group transaction takes `(GRANT_LOCK, hash of the grant)`
+/// for each grant it writes, in ascending hash order, before reading their states.
+pub(crate) const GRANT_LOCK: i32 = 0x7477_6772;
 
 /// Advisory lock class serialising migrations of one schema across processes.
 const MIGRATION_LOCK: i32 = 0x7477_6d67;
@@ -134,13 +164,25 @@ pub(crate) struct Sql {
     pub scan_after: [String; 6],
     pub scan_rev: [String; 6],
     pub last: [String; 6],
-    /// Fencing: the epoch and whether the lease has more than `$1` seconds left, on the database's
-    /// clock, with the owner row share-locked until the transaction ends.
+    /// Takes the advisory locks of `$2` (grant hashes, ascending) in class `$1`.
+    pub lock_grants: String,
+    /// The membership fence: whether member `$1` has more than `$2` seconds left on the database's
+    /// clock, and the ids of every live member (none if `$1` is gone).
     pub fence: String,
-    pub acquire: String,
+    /// Allocates `$1` LSNs: returns the first. The row stays locked until the transaction ends, so
+    /// LSNs are taken in commit order.
+    pub take_lsns: String,
+    /// Adds `$1` to the grant count (an 8-byte big-endian `meta` value).
+    pub add_grants: String,
+    pub join: String,
     pub renew: String,
     pub release: String,
-    pub holder: String,
+    /// Members whose lease has not run out: `(id, holder)`.
+    pub members: String,
+    /// Ends the lease of member `$1` (a dead process of this host).
+    pub expire: String,
+    /// Forgets members whose lease ran out more than a day ago.
+    pub forget: String,
 }
 
 impl Sql {
@@ -161,29 +203,29 @@ impl Sql {
             scan_after: per(&|t| format!("SELECT k, v FROM {t} WHERE k > $1 ORDER BY k LIMIT $2")),
             scan_rev: per(&|t| format!("SELECT k, v FROM {t} WHERE k >= $1 AND k < $2 ORDER BY k DESC LIMIT $3")),
             last: per(&|t| format!("SELECT k FROM {t} ORDER BY k DESC LIMIT 1")),
-            // The owner row (the epoch) is share-locked by every group transaction, so a takeover
-            // (which writes it) waits for the group in flight and the group after it sees the new
-            // epoch. The lease lives in another row so that renewing it never waits for a group.
+            lock_grants: "SELECT pg_advisory_xact_lock($1, h) FROM unnest($2::int4[]) AS u(h)".to_string(),
             fence: format!(
-                "SELECT o.epoch, l.lease_until > now() + make_interval(secs => $1) \
-                 FROM {q}.\"owner\" o, {q}.\"lease\" l FOR SHARE OF o"
+                "SELECT expires > now() + make_interval(secs => $2), \
+                 ARRAY(SELECT id FROM {q}.\"members\" WHERE expires > now()) \
+                 FROM {q}.\"members\" WHERE id = $1"
             ),
-            // Takes the store if its lease has run out (or its holder released it, or is `$3`, a dead
-            // process of this host); returns the new epoch, or nothing if someone else holds it.
-            acquire: format!(
-                "WITH l AS (UPDATE {q}.\"lease\" SET epoch = epoch + 1, holder = $1, \
-                 lease_until = now() + make_interval(secs => $2) \
-                 WHERE lease_until <= now() OR holder IS NULL OR holder = $3 RETURNING epoch) \
-                 UPDATE {q}.\"owner\" o SET epoch = l.epoch FROM l RETURNING o.epoch"
+            take_lsns: format!("UPDATE {q}.\"lsn\" SET next = next + $1 RETURNING next - $1"),
+            add_grants: format!(
+                "INSERT INTO {q}.\"meta\" AS m (k, v) VALUES ($1, int8send($2)) ON CONFLICT (k) DO UPDATE \
+                 SET v = int8send(('x' || encode(m.v, 'hex'))::bit(64)::bigint + $2)"
+            ),
+            join: format!(
+                "INSERT INTO {q}.\"members\" (id, holder, expires) \
+                 VALUES (nextval('{q}.\"member_ids\"'), $1, now() + make_interval(secs => $2)) RETURNING id"
             ),
             renew: format!(
-                "UPDATE {q}.\"lease\" SET lease_until = now() + make_interval(secs => $2) \
-                 WHERE epoch = $1 RETURNING epoch"
+                "UPDATE {q}.\"members\" SET expires = now() + make_interval(secs => $2) \
+                 WHERE id = $1 AND expires > now() RETURNING id"
             ),
-            release: format!("UPDATE {q}.\"lease\" SET holder = NULL, lease_until = to_timestamp(0) WHERE epoch = $1"),
-            holder: format!(
-                "SELECT holder, GREATEST(0, EXTRACT(EPOCH FROM lease_until - now()))::float8 FROM {q}.\"lease\""
-            ),
+            release: format!("UPDATE {q}.\"members\" SET expires = to_timestamp(0) WHERE id = $1"),
+            members: format!("SELECT id, holder FROM {q}.\"members\" WHERE expires > now() ORDER BY id"),
+            expire: format!("UPDATE {q}.\"members\" SET expires = to_timestamp(0) WHERE id = $1 AND holder = $2"),
+            forget: format!("DELETE FROM {q}.\"members\" WHERE expires < now() - interval '1 day'"),
         }
     }
 }
