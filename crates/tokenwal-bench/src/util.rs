@@ -82,7 +82,7 @@ pub fn scale_key(i: usize) -> GrantKey {
 
 /// [`fake_tokens`] shaped for this run's kind: the Customer Account API's tokens get `shcat_` /
 /// `shcrt_` prefixes and an OpenID scope (same lengths: real customer tokens may be longer — not
-/// confirmed, see docs/benchmarks.md §14).
+/// confirmed, see docs/benchmarks.md §15).
 pub fn scale_tokens(seed: u64, access_expires_at: UnixMillis, refresh_expires_at: UnixMillis) -> TokenSet {
     let t = fake_tokens(seed, access_expires_at, refresh_expires_at);
     match kind() {
