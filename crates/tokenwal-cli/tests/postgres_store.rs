@@ -207,7 +207,10 @@ fn a_fleet_of_four_runs_killed_one_at_a_time_loses_no_shop() {
     }
     let counters = sim.h().counters();
     let faults = counters.total.total_faults();
-    eprintln!("fleet: {faults} faults met, {} token requests", (0..SHOPS).map(|i| counters.shop(&shop(i)).token_requests).sum::<u64>());
+    eprintln!(
+        "fleet: {faults} faults met, {} token requests",
+        (0..SHOPS).map(|i| counters.shop(&shop(i)).token_requests).sum::<u64>()
+    );
     assert!(faults >= SHOPS as u64 * (2 + SLOW_PER_SHOP as u64 / 2), "the faults were met ({faults})");
     // The fleet refreshed each shop many times over (tokens live 3 s), and never two of its
     // processes at once: the simulator saw no token request for a shop while another was open.

@@ -1250,8 +1250,11 @@ mod postgres_store {
 
     /// Ends member `id`'s lease on the database's clock, as if its process had been frozen past it.
     fn expire(pg: &PgScratch, id: i64) {
-        pg.execute(&format!("UPDATE \"{}\".members SET expires = now() - interval '1 second' WHERE id = {id}", pg.schema()))
-            .unwrap();
+        pg.execute(&format!(
+            "UPDATE \"{}\".members SET expires = now() - interval '1 second' WHERE id = {id}",
+            pg.schema()
+        ))
+        .unwrap();
     }
 
     #[test]
@@ -1375,8 +1378,7 @@ mod postgres_store {
         let store = open_pg(&pg.location());
         let m = machine(&store);
         let s = put(&store, install(&m, None, &key(1), T0));
-        pg.execute(&format!("UPDATE \"{}\".members SET expires = now() + interval '5 seconds'", pg.schema()))
-            .unwrap();
+        pg.execute(&format!("UPDATE \"{}\".members SET expires = now() + interval '5 seconds'", pg.schema())).unwrap();
         let err = store.apply_blocking(attempt(&m, &s, T0 + 1)).unwrap_err();
         assert!(matches!(err, StoreError::LeaseExpiring { .. }), "{err:?}");
         assert!(store.is_poisoned());

@@ -192,7 +192,11 @@ pub(crate) fn spawn_orphan_sweep(inner: &Arc<Inner>, every: Duration) {
             }
             match run(&inner, Duration::ZERO).await {
                 Ok(c) if c.open > 0 => {
-                    info!(orphaned = c.open, interrupted = c.interrupted, "recovering attempts left open by processes that are gone")
+                    info!(
+                        orphaned = c.open,
+                        interrupted = c.interrupted,
+                        "recovering attempts left open by processes that are gone"
+                    )
                 }
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "orphan sweep failed; retrying next round"),

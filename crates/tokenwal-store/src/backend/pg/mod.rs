@@ -39,10 +39,10 @@ use postgres::types::ToSql;
 use schema::Sql;
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use tokenwal_core::WriteBatch;
 
@@ -457,7 +457,8 @@ impl PgTxn<'_> {
         let mut staged = std::mem::take(&mut *self.staged.borrow_mut());
         let mut s = self.session.borrow_mut();
         let journal = Tree::Journal as usize;
-        let records = staged.range((journal, Vec::new())..(journal + 1, Vec::new())).filter(|(_, v)| v.is_some()).count();
+        let records =
+            staged.range((journal, Vec::new())..(journal + 1, Vec::new())).filter(|(_, v)| v.is_some()).count();
         if self.member != 0 && records > 0 {
             let stmt = s.statement(&self.sql.take_lsns)?;
             let n = i64::try_from(records).unwrap_or(i64::MAX);
@@ -466,7 +467,15 @@ impl PgTxn<'_> {
             let trees = [Tree::Journal, Tree::History, Tree::Expiry].map(|t| t as usize);
             staged = staged
                 .into_iter()
-                .map(|((t, k), v)| if trees.contains(&t) && v.is_some() { ((t, relocate(&k, base)), v) } else { ((t, k), v) })
+                .map(
+                    |((t, k), v)| {
+                        if trees.contains(&t) && v.is_some() {
+                            ((t, relocate(&k, base)), v)
+                        } else {
+                            ((t, k), v)
+                        }
+                    },
+                )
                 .collect();
         }
         for t in Tree::ALL {
@@ -531,10 +540,7 @@ impl Kv for PgTxn<'_> {
 
     fn held_elsewhere(&self, grant: &[u8]) -> Result<Option<i64>, StoreError> {
         let marker = self.get(Tree::Open, grant)?;
-        Ok(marker
-            .as_deref()
-            .and_then(member_of)
-            .filter(|m| *m != self.member && self.live.contains(m)))
+        Ok(marker.as_deref().and_then(member_of).filter(|m| *m != self.member && self.live.contains(m)))
     }
 
     fn add_grant_count(&self, n: u64) -> Result<(), StoreError> {
