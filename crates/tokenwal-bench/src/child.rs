@@ -55,6 +55,8 @@ pub fn main(args: &[String]) {
     emit_mem("start");
     match what {
         "store-open" => store_open(Path::new(&args[1])),
+        "fleet-refresh" => crate::fleet::refresh_child(&args[1..]),
+        "fleet-recover" => crate::fleet::recover_child(&args[1..]),
         "engine-open" => engine_open(Path::new(&args[1]), &args[2], &args[3..]),
         "crash-intents" => crash_intents(Path::new(&args[1]), Path::new(&args[2]), args.get(3).is_some()),
         "crash-refresh" => crash_refresh(Path::new(&args[1]), args[2].parse().expect("count")),

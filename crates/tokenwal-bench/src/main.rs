@@ -58,6 +58,7 @@
 
 mod broker;
 mod child;
+mod fleet;
 mod journal;
 mod populate;
 mod scale;
@@ -101,9 +102,11 @@ pub struct Opts {
     pub soak_retention: Option<Duration>,
     /// Soak: the engine's compaction interval (default: `Compaction::default`, 10 minutes).
     pub compact_interval: Option<Duration>,
+    /// Fleet: engine processes on the one PostgreSQL store (default 4).
+    pub processes: Option<usize>,
 }
 
-const SCENARIOS: [&str; 13] = [
+const SCENARIOS: [&str; 14] = [
     "env",
     "journal",
     "sync",
@@ -116,13 +119,14 @@ const SCENARIOS: [&str; 13] = [
     "sink",
     "soak",
     "broker",
+    "fleet",
     "all",
 ];
 
 fn usage() -> ! {
     eprintln!(
         "usage: tokenwal-bench <{}> [--quick] [--dir DIR] [--grants admin|customer-account] [--refreshes N] [--churn-grants N] \
-         [--retention-hours H] [--history-per-grant N] [--max-minutes M] [--concurrency A,B,..] [--rate R] [--path engine|store] [--pg URL] [--cache-mib N] [--soak-ttl D] [--compact-interval D] [--soak-retention-secs S]",
+         [--retention-hours H] [--history-per-grant N] [--max-minutes M] [--concurrency A,B,..] [--rate R] [--path engine|store] [--pg URL] [--processes N] [--cache-mib N] [--soak-ttl D] [--compact-interval D] [--soak-retention-secs S]",
         SCENARIOS.join("|")
     );
     std::process::exit(2);
@@ -146,6 +150,7 @@ fn parse(args: &[String]) -> (String, Opts) {
         cache_mib: None,
         soak_retention: None,
         compact_interval: None,
+        processes: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -177,6 +182,7 @@ fn parse(args: &[String]) -> (String, Opts) {
                 opts.soak_retention = Some(Duration::from_secs(number(value("--soak-retention-secs"))))
             }
             "--pg" => opts.pg = Some(value("--pg")),
+            "--processes" => opts.processes = Some(value("--processes").parse().unwrap_or_else(|_| usage())),
             "--compact-interval" => {
                 let v = value("--compact-interval");
                 match v.parse::<tokenwal_sim::SimDuration>() {
@@ -280,6 +286,9 @@ fn main() {
         }
         if scenario == "broker" {
             broker::run(&opts).await;
+        }
+        if scenario == "fleet" {
+            fleet::run(&opts).await;
         }
     });
 }

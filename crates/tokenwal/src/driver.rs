@@ -108,9 +108,21 @@ impl<'a, I: Io> Driver<'a, I> {
 
     /// Carries out `goal` for `grant`.
     pub async fn drive(&self, grant: &GrantKey, goal: &Goal) -> Result<Driven, Error> {
+        self.drive_from(grant, goal, None).await
+    }
+
+    /// [`Driver::drive`] for a caller that chose `goal` from the grant's state at version `seen`: if
+    /// the grant has moved on since (another process of a shared store refreshed it), nothing is
+    /// done ([`NoChange::Moved`]) and the caller decides again — so a refresh the fleet already
+    /// made is not made twice.
+    pub async fn drive_from(&self, grant: &GrantKey, goal: &Goal, seen: Option<u64>) -> Result<Driven, Error> {
         let mut busy = 0;
         for _ in 0..MAX_CONFLICTS {
             let current = self.store.get(grant)?;
+            // Checked again after every conflict or busy wait: whoever wrote in between moved it on.
+            if seen.is_some() && current.as_ref().map(|s| s.version) != seen {
+                return Ok(Driven::Unchanged { why: NoChange::Moved, state: current });
+            }
             let decision = self.machine.decide(current.as_ref(), grant, goal, now());
             let written = match decision {
                 Decision::Nothing(why) => return Ok(Driven::Unchanged { why, state: current }),
@@ -261,12 +273,23 @@ impl Inner {
         goal: Goal,
         flight: Flight,
     ) -> Result<(Result<Driven, Error>, Flight), Error> {
+        self.drive_owned_from(grant, goal, flight, None).await
+    }
+
+    /// [`Inner::drive_owned`] with [`Driver::drive_from`]'s `seen`.
+    pub(crate) async fn drive_owned_from(
+        self: &Arc<Self>,
+        grant: GrantKey,
+        goal: Goal,
+        flight: Flight,
+        seen: Option<u64>,
+    ) -> Result<(Result<Driven, Error>, Flight), Error> {
         let inner = Arc::clone(self);
         let ticket = self.attempt_ticket();
         let span = tracing::info_span!("attempt", %grant, goal = goal.name());
         let task = tokio::spawn(
             async move {
-                let driven = inner.driver().drive(&grant, &goal).await;
+                let driven = inner.driver().drive_from(&grant, &goal, seen).await;
                 // The engine's state (and the store's file lock with it) goes before the ticket
                 // that shutdown waits for.
                 drop(inner);

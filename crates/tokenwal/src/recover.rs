@@ -213,6 +213,9 @@ async fn recover(
     not_before: HashMap<GrantKey, UnixMillis>,
 ) -> Result<(), Error> {
     let not_before = Arc::new(not_before);
+    // The grants whose attempt this process took over (its transition committed): only their probes
+    // wait out the dead request. Another process that took a grant over first owns it now.
+    let took: Arc<Mutex<HashSet<GrantKey>>> = Arc::new(Mutex::new(HashSet::new()));
     let total = items.len();
     let mut stop = inner.shutdown.subscribe();
     let mut to_resolve = Vec::new();
@@ -236,10 +239,13 @@ async fn recover(
         while commits.len() >= TRANSITION_WINDOW {
             note(&mut first_error, commits.join_next().await);
         }
-        let (inner, grant) = (Arc::clone(&inner), item.grant);
+        let (inner, grant, took) = (Arc::clone(&inner), item.grant, Arc::clone(&took));
         commits.spawn(async move {
             match inner.commit_transition(t).await {
-                Ok(()) => failpoint::hit("during-recovery"),
+                Ok(()) => {
+                    lock(&took).insert(grant.clone());
+                    failpoint::hit("during-recovery")
+                }
                 // Open returned (the budget ran out) and a caller wrote the grant first (an install,
                 // an uninstall): what is durable now supersedes the plan. A planned probe reads it
                 // afresh (and does nothing if the grant is no longer open).
@@ -272,9 +278,10 @@ async fn recover(
         let inner = Arc::clone(&inner);
         let tally = Arc::clone(&tally);
         let not_before = Arc::clone(&not_before);
+        let took = lock(&took).contains(&grant);
         let mut stop = inner.shutdown.subscribe();
         probes.spawn(async move {
-            if let Some(at) = not_before.get(&grant) {
+            if let Some(at) = not_before.get(&grant).filter(|_| took) {
                 let wait = at.since(now());
                 if !wait.is_zero() {
                     debug!(%grant, wait_ms = wait.as_millis() as u64, "probe waits for the dead process's request to time out");

@@ -115,6 +115,9 @@ pub enum NoChange {
     },
     /// The grant holds this very pair already (an install or import run twice).
     SamePair,
+    /// The grant moved on (another process of a shared store wrote it) since the caller read the
+    /// state it decided on: nothing was done; decide again from the new state.
+    Moved,
 }
 
 impl Machine {

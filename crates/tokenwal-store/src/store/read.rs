@@ -49,27 +49,39 @@ impl Store {
     /// Entries that fail their checks are skipped (and logged): they were reported by
     /// [`Store::open`] in [`OpenReport::corrupt`](crate::OpenReport::corrupt), and [`Store::get`] answers `Corrupt` for them.
     pub fn open_grants(&self) -> Result<Vec<GrantState>, StoreError> {
-        self.open_grants_where(|_| true)
+        self.open_grants_where(|entries| Ok(entries.into_iter().map(|(k, _)| k).collect()))
     }
 
     /// [`Store::open_grants`] without the attempts that a live process of a shared store holds in
     /// flight (this one's included): what recovery may take over. The same as
     /// [`Store::open_grants`] for a store that is not shared.
     pub fn recoverable_grants(&self) -> Result<Vec<GrantState>, StoreError> {
-        let live: std::collections::HashSet<i64> = self.members()?.into_iter().map(|(id, _)| id).collect();
-        self.open_grants_where(|marker| crate::backend::pg::member_of(marker).is_none_or(|m| !live.contains(&m)))
+        // The members are read after the open index: a marker seen in the scan names a member that
+        // had joined before it, so a live one is in the list (read the other way round, a process
+        // that joined and wrote in between would look dead).
+        self.open_grants_where(|entries| {
+            let live: std::collections::HashSet<i64> = self.members()?.into_iter().map(|(id, _)| id).collect();
+            Ok(entries
+                .into_iter()
+                .filter(|(_, marker)| crate::backend::pg::member_of(marker).is_none_or(|m| !live.contains(&m)))
+                .map(|(k, _)| k)
+                .collect())
+        })
     }
 
-    fn open_grants_where(&self, take: impl Fn(&[u8]) -> bool) -> Result<Vec<GrantState>, StoreError> {
+    /// The open grants among the open index's `(key, marker)` entries that `select` keeps.
+    fn open_grants_where(
+        &self,
+        select: impl FnOnce(Vec<(Vec<u8>, Vec<u8>)>) -> Result<Vec<Vec<u8>>, StoreError>,
+    ) -> Result<Vec<GrantState>, StoreError> {
         self.check()?;
         let backend = &self.shared().backend;
-        let mut keys = Vec::new();
+        let mut entries = Vec::new();
         backend.scan(Tree::Open, &[], &mut |k, v| {
-            if take(v) {
-                keys.push(k.to_vec());
-            }
+            entries.push((k.to_vec(), v.to_vec()));
             true
         })?;
+        let keys = select(entries)?;
         let mut frames = BTreeMap::new();
         for k in keys {
             let f = backend.get(Tree::Grants, &k)?;
