@@ -84,3 +84,28 @@ fn per_grant_runs_with_customer_account_grants() {
     assert!(stdout.contains("(n = 10) | 10 |") && stdout.contains("(n = 20) | 20 |"), "{stdout}");
     assert!(dir.path().join("customer-grants-1000").is_dir());
 }
+
+#[test]
+fn fleet_runs_several_processes_on_one_postgres_store() {
+    // The scratch schema only decides skip (no PostgreSQL) or fail (TOKENWAL_REQUIRE_PG=1); the
+    // bench makes schemas of its own, dropped below.
+    let Some(pg) = tokenwal_store::PgScratch::new("tokenwal-bench fleet") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tokenwal-bench"))
+        .args(["fleet", "--quick", "--processes", "2", "--concurrency", "8", "--pg", &tokenwal_store::test_pg_url()])
+        .arg("--dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    for line in stderr.lines() {
+        if let Some(schema) = line.strip_prefix("fleet: schema ").and_then(|r| r.split(' ').next()) {
+            pg.execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE")).unwrap();
+        }
+    }
+    assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
+    assert!(stdout.contains("### Fleet: engine processes on one PostgreSQL store"), "{stdout}");
+    // 500 orphans, each probed exactly once, none overlapping, all healthy (the bench asserts it too).
+    assert!(stdout.contains("| 500 | 2 |"), "{stdout}");
+    assert!(stdout.contains("| 500 | 1 | 0 | 500 |"), "{stdout}");
+}
