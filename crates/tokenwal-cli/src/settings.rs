@@ -14,6 +14,7 @@
 //!   "db": "/var/lib/my-app/tokenwal",
 //!   "store_key_file": "/etc/my-app/tokenwal.key",
 //!   "app_handle": "my-app",
+//!   "login_url": "https://store.example/account/login?customer={customer_id}",
 //!   "insecure_test_endpoint": "http://127.0.0.1:8080",
 //!   "refresh_margin": "5m",
 //!   "refresh_token_margin": "7d",
@@ -91,6 +92,9 @@ pub struct ConfigFile {
     db: Option<PathBuf>,
     store_key_file: Option<PathBuf>,
     app_handle: Option<String>,
+    /// The re-login link of grants that are not Admin API shops (`{account}`, `{shop_id}`,
+    /// `{customer_id}` replaced): in webhook events and `shops`.
+    login_url: Option<String>,
     insecure_test_endpoint: Option<String>,
     #[serde(default, deserialize_with = "duration")]
     refresh_margin: Option<Duration>,
@@ -177,6 +181,9 @@ impl Settings {
             Some(p) => read_config(p)?,
             None => ConfigFile::default(),
         };
+        if let Some(t) = &file.login_url {
+            tokenwal::webhook_sink::check_login_url(t).map_err(CliError::Config)?;
+        }
         let db = db
             .or_else(|| file.db.clone())
             .or_else(default_db)
@@ -236,6 +243,11 @@ impl Settings {
     /// The app handle named in the config file, if any (a label for output).
     pub fn app_handle(&self) -> Option<&str> {
         self.file.app_handle.as_deref()
+    }
+
+    /// The re-login link template of non-Admin grants named in the config file, if any.
+    pub fn login_url(&self) -> Option<&str> {
+        self.file.login_url.as_deref()
     }
 
     /// Where the store keys come from: the environment ([`KEY_ENV`], [`KEY_FILE_ENV`]) first, then
@@ -351,6 +363,7 @@ impl Settings {
             })?;
         let mut w = tokenwal::WebhookConfig::new(url, ClientSecret::new(secret));
         w.app_handle = f.app_handle.clone();
+        w.login_url = f.login_url.clone();
         if let Some(n) = f.webhook_max_attempts {
             w.max_attempts = n;
         }
@@ -475,6 +488,13 @@ mod tests {
         );
         let defaults = settings(&format!("{{{base}}}")).webhook_config().unwrap().unwrap();
         assert_eq!(defaults.max_attempts, tokenwal::webhook_sink::DEFAULT_MAX_ATTEMPTS);
+        assert_eq!(defaults.login_url, None);
+        let login = r#""login_url":"https://store.example/login?c={customer_id}""#;
+        let w = settings(&format!("{{{base},{login}}}")).webhook_config().unwrap().unwrap();
+        assert_eq!(w.login_url.as_deref(), Some("https://store.example/login?c={customer_id}"));
+        let err =
+            settings(&format!(r#"{{{base},"login_url":"http://store.example/login"}}"#)).webhook_config().unwrap_err();
+        assert!(err.to_string().contains("login_url"), "{err}");
         for bad in [r#""webhook_max_attempts":0"#, r#""webhook_min_backoff":"10s","webhook_max_backoff":"1s""#] {
             let err = settings(&format!("{{{base},{bad}}}")).webhook_config().unwrap_err();
             assert!(matches!(err, CliError::Config(_)), "{bad}: {err}");

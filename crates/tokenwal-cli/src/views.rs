@@ -133,10 +133,11 @@ impl GrantView {
         }
     }
 
-    /// Adds the re-auth deep link of a needs-reauth grant (when `app_handle` is known).
-    pub fn with_deep_link(mut self, s: &GrantState, app_handle: Option<&str>) -> GrantView {
-        if let (Phase::NeedsReauth { .. }, Some(h)) = (&s.phase, app_handle) {
-            self.deep_link = tokenwal::webhook_sink::deep_link(&s.grant, h);
+    /// Adds the re-auth link of a needs-reauth grant: an Admin API shop's admin link (when
+    /// `app_handle` is known), another grant's re-login link (when `login_url` is configured).
+    pub fn with_deep_link(mut self, s: &GrantState, app_handle: Option<&str>, login_url: Option<&str>) -> GrantView {
+        if let Phase::NeedsReauth { .. } = &s.phase {
+            self.deep_link = tokenwal::webhook_sink::reauth_link(&s.grant, app_handle, login_url);
         }
         self
     }

@@ -22,7 +22,7 @@ pub fn shops(settings: &Settings, state: Option<&str>, app_handle: Option<&str>,
     let views: Vec<GrantView> = all_grants(&store)?
         .iter()
         .filter(|s| state.is_none_or(|st| s.phase.name() == st))
-        .map(|s| GrantView::of(s, &key).with_deep_link(s, app_handle))
+        .map(|s| GrantView::of(s, &key).with_deep_link(s, app_handle, settings.login_url()))
         .collect();
     if json {
         return print_json(&views);

@@ -67,6 +67,10 @@ pub struct WebhookConfig {
     pub secret: ClientSecret,
     /// The app's handle in the Shopify admin, for the `deep_link` field (omitted when `None`).
     pub app_handle: Option<String>,
+    /// The re-login link of grants that are not Admin API shops (a Customer Account API customer,
+    /// another provider's account), for the `deep_link` field: a URL template where `{account}`,
+    /// `{shop_id}` and `{customer_id}` are replaced ([`login_link`]). `None`: no link.
+    pub login_url: Option<String>,
     /// Connect and whole-request timeouts of each delivery attempt (default 5 s and 10 s).
     pub timeouts: Timeouts,
     /// Attempts per event before it becomes a dead letter (default 10, at least 1).
@@ -87,6 +91,7 @@ impl fmt::Debug for WebhookConfig {
             .field("url", &self.url.as_str())
             .field("secret", &self.secret)
             .field("app_handle", &self.app_handle)
+            .field("login_url", &self.login_url)
             .field("timeouts", &self.timeouts)
             .field("max_attempts", &self.max_attempts)
             .field("min_backoff", &self.min_backoff)
@@ -103,6 +108,7 @@ impl WebhookConfig {
             url,
             secret,
             app_handle: None,
+            login_url: None,
             timeouts: Timeouts { connect: Duration::from_secs(5), total: Duration::from_secs(10) },
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             min_backoff: Duration::from_secs(1),
@@ -131,6 +137,9 @@ impl WebhookConfig {
                 return Err("app handle must match [a-z0-9-]{1,100}".into());
             }
         }
+        if let Some(t) = &self.login_url {
+            check_login_url(t)?;
+        }
         if self.min_backoff.is_zero() || self.max_backoff < self.min_backoff {
             return Err("webhook backoff must satisfy 0 < min_backoff <= max_backoff".into());
         }
@@ -151,6 +160,50 @@ pub fn valid_handle(h: &str) -> bool {
 pub fn deep_link(grant: &GrantKey, app_handle: &str) -> Option<String> {
     let shop = grant.shop()?;
     Some(format!("https://admin.shopify.com/store/{}/apps/{app_handle}", shop.handle()))
+}
+
+/// The re-login link of `grant` from `template`: `{account}` is the grant's account, `{shop_id}` and
+/// `{customer_id}` the two halves of a Customer Account API account (`shop_id:customer_id`; empty
+/// for other accounts), each percent-encoded. `None` for an Admin API shop (its link is
+/// [`deep_link`]).
+pub fn login_link(grant: &GrantKey, template: &str) -> Option<String> {
+    if grant.shop().is_some() {
+        return None;
+    }
+    let account = grant.account();
+    let (shop_id, customer_id) = account.split_once(':').unwrap_or(("", ""));
+    let enc = |v: &str| url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
+    Some(
+        template
+            .replace("{account}", &enc(account))
+            .replace("{shop_id}", &enc(shop_id))
+            .replace("{customer_id}", &enc(customer_id)),
+    )
+}
+
+/// The re-auth link of `grant`: an Admin API shop's admin link (with an app handle), another
+/// grant's re-login link (with a login URL template).
+pub fn reauth_link(grant: &GrantKey, app_handle: Option<&str>, login_url: Option<&str>) -> Option<String> {
+    match grant.shop() {
+        Some(_) => app_handle.and_then(|h| deep_link(grant, h)),
+        None => login_url.and_then(|t| login_link(grant, t)),
+    }
+}
+
+/// Checks a login URL template: once expanded it is an `https` URL (or `http` on loopback) without
+/// credentials.
+pub fn check_login_url(template: &str) -> Result<(), String> {
+    let sample = template.replace("{account}", "1:2").replace("{shop_id}", "1").replace("{customer_id}", "2");
+    let url = Url::parse(&sample).map_err(|e| format!("login_url is not a URL template ({e})"))?;
+    match url.scheme() {
+        "https" => {}
+        "http" if is_loopback(&url) => {}
+        _ => return Err("login_url must be https (or http on loopback)".into()),
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("login_url must not carry credentials".into());
+    }
+    Ok(())
 }
 
 /// What happened (the payload's `kind`).
@@ -199,14 +252,15 @@ pub(crate) struct Deriver {
     store: Store,
     store_id: String,
     app_handle: Option<String>,
+    login_url: Option<String>,
     in_reauth: HashMap<GrantKey, bool>,
 }
 
 impl Deriver {
-    pub(crate) fn new(store: Store, app_handle: Option<String>) -> Deriver {
+    pub(crate) fn new(store: Store, app_handle: Option<String>, login_url: Option<String>) -> Deriver {
         let fp = store.fingerprint_key().fingerprint("webhook-store-id", "");
         let store_id = fp.0[..8].iter().map(|b| format!("{b:02x}")).collect();
-        Deriver { store, store_id, app_handle, in_reauth: HashMap::new() }
+        Deriver { store, store_id, app_handle, login_url, in_reauth: HashMap::new() }
     }
 
     /// Whether `grant` was in needs-reauth just before `lsn`: its last phase-changing record before
@@ -266,7 +320,7 @@ impl Deriver {
             since: at.to_string(),
             since_ms: at.0,
             generation,
-            deep_link: self.app_handle.as_deref().and_then(|h| deep_link(&grant, h)),
+            deep_link: reauth_link(&grant, self.app_handle.as_deref(), self.login_url.as_deref()),
             lsn,
         }))
     }
@@ -323,7 +377,7 @@ pub(crate) async fn run(
         return;
     };
     let mut persisted = cursor;
-    let mut deriver = Deriver::new(store.clone(), config.app_handle.clone());
+    let mut deriver = Deriver::new(store.clone(), config.app_handle.clone(), config.login_url.clone());
     info!(url = %config.url.as_str(), cursor = cursor, "webhook sink started");
     loop {
         if *shutdown.borrow() {
@@ -463,5 +517,29 @@ mod tests {
         assert!(valid_handle("my-app-2"));
         assert!(!valid_handle("My App"));
         assert!(!valid_handle("a/b"));
+    }
+
+    #[test]
+    fn a_customer_gets_the_login_link_and_a_shop_the_admin_link() {
+        let customer = GrantKey::new("shopify-customer-account", "68000000016:7000000123456").unwrap();
+        let template = "https://store.example/account/login?shop={shop_id}&customer={customer_id}&a={account}";
+        assert_eq!(
+            reauth_link(&customer, Some("my-app"), Some(template)).unwrap(),
+            "https://store.example/account/login?shop=68000000016&customer=7000000123456&a=68000000016%3A7000000123456"
+        );
+        assert_eq!(reauth_link(&customer, Some("my-app"), None), None);
+        let shop = GrantKey::shopify(&tokenwal_core::ShopDomain::parse("cool-shop.myshopify.com").unwrap());
+        assert_eq!(
+            reauth_link(&shop, Some("my-app"), Some(template)).unwrap(),
+            "https://admin.shopify.com/store/cool-shop/apps/my-app"
+        );
+        assert!(check_login_url(template).is_ok());
+        for (bad, says) in [
+            ("http://store.example/login", "https"),
+            ("not a url {account}", "not a URL"),
+            ("https://u:p@store.example/", "credentials"),
+        ] {
+            assert!(check_login_url(bad).unwrap_err().contains(says), "{bad}");
+        }
     }
 }
