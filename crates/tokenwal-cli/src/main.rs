@@ -53,7 +53,8 @@ STORE KEY
 CONFIG FILE (--config FILE or TOKENWAL_CONFIG), JSON, every key optional, unknown keys refused:
   {\"client_id\": \"...\", \"client_secret\": \"...\", \"db\": \"/var/lib/app/tokenwal\",
    \"store_key_file\": \"/etc/app/tokenwal.key\",
-   \"app_handle\": \"my-app\", \"insecure_test_endpoint\": \"http://127.0.0.1:8080\",
+   \"app_handle\": \"my-app\", \"login_url\": \"https://store.example/login?customer={customer_id}\",
+   \"insecure_test_endpoint\": \"http://127.0.0.1:8080\",
    \"refresh_margin\": \"5m\", \"refresh_token_margin\": \"7d\", \"connect_timeout\": \"5s\",
    \"request_timeout\": \"30s\", \"max_wait\": \"10s\", \"max_concurrent_refreshes\": 64,
    \"recovery_budget\": \"5s\", \"webhook_url\": \"https://...\", \"webhook_secret\": \"...\", \"webhook_max_attempts\": 10,
