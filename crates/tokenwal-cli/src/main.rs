@@ -68,9 +68,11 @@ CONFIG FILE (--config FILE or TOKENWAL_CONFIG), JSON, every key optional, unknow
   profile other than shopify-admin, `token` takes and `import` lines carry an `account` of that
   provider (shopify-customer-account: SHOP_ID:CUSTOMER_ID); a public client needs no secret.
 
-ONE PROCESS PER STORE
-  The store is locked by whichever command has it open: while `tokenwal run` (or `serve`) runs, the other
-  commands answer \"store is in use by another process\" (exit 75).
+ONE PROCESS PER STORE DIRECTORY; A POSTGRESQL STORE IS SHARED
+  A store directory is locked by whichever command has it open: while `tokenwal run` (or `serve`) runs,
+  the other commands answer \"store is in use by another process\" (exit 75). A PostgreSQL store
+  (--db postgres://...) is shared: any number of run/serve processes on any hosts, and the other
+  commands beside them (docs/journal.md, \"PostgreSQL\").
 
 EXIT CODES
    0  success
