@@ -21,7 +21,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use tokenwal::core::{ClientSecret, InstallSource, Machine, TokenSet, UnixMillis};
+use tokenwal::core::{InstallSource, Machine, TokenSet, UnixMillis};
 use tokenwal::store::{PgLocation, Store, StoreConfig};
 use tokenwal::{Config, Engine, StoreLocation};
 use tokenwal_sim::{serve, SimConfig};
@@ -274,16 +274,7 @@ async fn orphans(opts: &Opts, url: &str, processes: usize, sim: &tokenwal_sim::S
 
 fn engine_config(db: &str, base: &str) -> Config {
     let location = PgLocation::parse(db).expect("postgres URL");
-    let mut c = Config::shopify(
-        StoreLocation::Postgres(Box::new(location)),
-        "sim-client-id",
-        ClientSecret::new("sim-client-secret"),
-    )
-    .with_insecure_test_endpoint(url::Url::parse(base).expect("sim url"))
-    .with_store_keys(tokenwal::KeySource::Ring(tokenwal::KeyRing::insecure_test_ring()));
-    c.proactive = false;
-    c.max_concurrent_refreshes = 4096;
-    c
+    crate::journal::engine_config(base, StoreLocation::Postgres(Box::new(location)))
 }
 
 /// `child fleet-refresh DB SIM TAG PER ROUNDS`.
@@ -324,22 +315,9 @@ pub fn refresh_child(args: &[String]) {
             stdin.lock().read_line(&mut line).expect("go");
             let syncs_before = engine.store().stats().syncs;
             let started = Instant::now();
-            let mut calls = tokio::task::JoinSet::new();
-            for s in shops {
-                let engine = engine.clone();
-                calls.spawn(async move {
-                    let t = Instant::now();
-                    let ok = engine.access_token(&s).await.is_ok();
-                    (t.elapsed(), ok)
-                });
-            }
-            let (mut lat, mut errors) = (Vec::new(), 0);
-            while let Some(r) = calls.join_next().await {
-                let (d, ok) = r.expect("call");
-                lat.push(d.as_micros().to_string());
-                errors += u64::from(!ok);
-            }
+            let (lat, errors) = crate::journal::tokens_at_once(&engine, shops).await;
             let wall = started.elapsed();
+            let lat: Vec<String> = lat.iter().map(|d| d.as_micros().to_string()).collect();
             let syncs = engine.store().stats().syncs - syncs_before;
             println!(
                 "done n={per} wall_us={} errors={errors} syncs={syncs} lat_us={}",

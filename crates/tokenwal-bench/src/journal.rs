@@ -21,7 +21,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokenwal::core::{ClientSecret, GrantKey, InstallSource, Machine, Outcome, TokenSet, UnixMillis};
+use tokenwal::core::{ClientSecret, GrantKey, InstallSource, Machine, Outcome, ShopDomain, TokenSet, UnixMillis};
 use tokenwal::store::{Store, StoreConfig, StoreStats};
 use tokenwal::{Config, Engine, StoreLocation};
 use tokenwal_sim::{serve, SimConfig, SimHandle};
@@ -157,7 +157,7 @@ fn rounds(opts: &Opts, n: usize) -> usize {
     target.div_ceil(n).max(3)
 }
 
-fn engine_config(base: &str, store: StoreLocation) -> Config {
+pub(crate) fn engine_config(base: &str, store: StoreLocation) -> Config {
     let mut c = Config::shopify(store, "sim-client-id", ClientSecret::new("sim-client-secret"))
         .with_insecure_test_endpoint(url::Url::parse(base).expect("sim url"))
         .with_store_keys(tokenwal::KeySource::Ring(tokenwal::KeyRing::insecure_test_ring()));
@@ -185,6 +185,13 @@ async fn engine_round(engine: &Engine, tid: Option<u32>, sim: &SimHandle, tag: &
     while installs.join_next().await.is_some() {}
     let before = Probe::take(engine.store(), tid);
     let started = Instant::now();
+    let (lat, errors) = tokens_at_once(engine, shops).await;
+    let wall = started.elapsed();
+    side.add(n, wall, lat, errors, before, Probe::take(engine.store(), tid));
+}
+
+/// Asks `engine` for every shop's token at once: each call's latency, and how many failed.
+pub(crate) async fn tokens_at_once(engine: &Engine, shops: Vec<ShopDomain>) -> (Vec<Duration>, u64) {
     let mut calls = tokio::task::JoinSet::new();
     for s in shops {
         let engine = engine.clone();
@@ -194,15 +201,13 @@ async fn engine_round(engine: &Engine, tid: Option<u32>, sim: &SimHandle, tag: &
             (t.elapsed(), ok)
         });
     }
-    let mut lat = Vec::with_capacity(n);
-    let mut errors = 0;
+    let (mut lat, mut errors) = (Vec::with_capacity(calls.len()), 0);
     while let Some(r) = calls.join_next().await {
         let (d, ok) = r.expect("call task");
         lat.push(d);
         errors += u64::from(!ok);
     }
-    let wall = started.elapsed();
-    side.add(n, wall, lat, errors, before, Probe::take(engine.store(), tid));
+    (lat, errors)
 }
 
 /// Installs `n` grants, then runs one refresh each (intent durable, then commit durable), all at once.

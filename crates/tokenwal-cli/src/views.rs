@@ -296,6 +296,32 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// The overview table of `shops` and `grants`: one row per grant, named by `name` (the column
+/// headed `first`), with its state, generation, expiries, and why and since when it is not healthy.
+pub fn overview(first: &str, views: &[GrantView], name: impl Fn(&GrantView) -> String, now: UnixMillis) -> String {
+    let rows: Vec<Vec<String>> = views
+        .iter()
+        .map(|v| {
+            let since = |s: &Instant| timefmt::relative(UnixMillis(s.at_ms), now);
+            let note = match (v.state, &v.why, &v.since) {
+                ("healthy", _, _) => String::new(),
+                (_, Some(why), Some(s)) => format!("{why} (since {})", since(s)),
+                (_, None, Some(s)) => format!("since {}", since(s)),
+                _ => String::new(),
+            };
+            vec![
+                name(v),
+                v.state.to_owned(),
+                v.generation.to_string(),
+                expiry_cell(&v.access_expires, now),
+                expiry_cell(&v.refresh_expires, now),
+                note,
+            ]
+        })
+        .collect();
+    table(&[first, "STATE", "GEN", "ACCESS EXPIRES", "REFRESH EXPIRES", "WHY / SINCE"], &rows)
+}
+
 /// `—` for a missing value.
 pub fn or_dash(s: Option<String>) -> String {
     s.unwrap_or_else(|| "—".into())

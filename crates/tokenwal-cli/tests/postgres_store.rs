@@ -61,6 +61,25 @@ fn env(sim: &BlockingSim) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// Every shop's first refreshes meet faults (the rotation's answer lost, the connection reset, a
+/// 5xx); then the server behaves.
+fn scripted_faults(i: usize) -> Vec<Fault> {
+    match i % 3 {
+        0 => vec![Fault::RotateThenDrop, Fault::FailBeforeProcessing { status: 503, json: false }],
+        1 => vec![Fault::RotateThenReset, Fault::RotateThenDrop],
+        _ => vec![Fault::FailBeforeProcessing { status: 502, json: false }, Fault::RotateThenReset],
+    }
+}
+
+/// [`env`] plus a config file (in `dir`) setting the request timeout.
+fn env_with_request_timeout(sim: &BlockingSim, dir: &Path, timeout: &str) -> Vec<(&'static str, String)> {
+    let config = dir.join("config.json");
+    std::fs::write(&config, format!(r#"{{"request_timeout": "{timeout}"}}"#)).unwrap();
+    let mut env = env(sim);
+    env.push(("TOKENWAL_CONFIG", config.display().to_string()));
+    env
+}
+
 fn exits_within(child: &mut std::process::Child, within: Duration) -> Option<i32> {
     let deadline = Instant::now() + within;
     loop {
@@ -80,15 +99,9 @@ fn run_killed_again_and_again_loses_no_shop() {
     let url = pg.url();
     let db = Path::new(&url);
     import_all(&sim, db);
-    // Every shop's first refreshes meet faults (the rotation's answer lost, the connection reset, a
-    // 5xx), spread over the kill rounds; then the server behaves, so the last run can finish them.
+    // The faults are spread over the kill rounds; the last run can finish them.
     for i in 0..SHOPS {
-        let faults = match i % 3 {
-            0 => vec![Fault::RotateThenDrop, Fault::FailBeforeProcessing { status: 503, json: false }],
-            1 => vec![Fault::RotateThenReset, Fault::RotateThenDrop],
-            _ => vec![Fault::FailBeforeProcessing { status: 502, json: false }, Fault::RotateThenReset],
-        };
-        sim.h().push_faults(&shop(i), faults).unwrap();
+        sim.h().push_faults(&shop(i), scripted_faults(i)).unwrap();
     }
     let env = env(&sim);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -156,22 +169,14 @@ fn a_fleet_of_four_runs_killed_one_at_a_time_loses_no_shop() {
     let db = Path::new(&url);
     import_all(&sim, db);
     for i in 0..SHOPS {
-        let faults = match i % 3 {
-            0 => vec![Fault::RotateThenDrop, Fault::FailBeforeProcessing { status: 503, json: false }],
-            1 => vec![Fault::RotateThenReset, Fault::RotateThenDrop],
-            _ => vec![Fault::FailBeforeProcessing { status: 502, json: false }, Fault::RotateThenReset],
-        };
-        // Then slow answers: attempts stay in flight long enough for kills and restarts (and the
-        // recovery each restart runs) to meet the other processes' attempts on the wire.
+        // The scripted faults, then slow answers: attempts stay in flight long enough for kills and
+        // restarts (and the recovery each restart runs) to meet the other processes' attempts.
         let slow = std::iter::repeat_n(Fault::Slow { delay_ms: 300 }, SLOW_PER_SHOP);
-        sim.h().push_faults(&shop(i), faults.into_iter().chain(slow)).unwrap();
+        sim.h().push_faults(&shop(i), scripted_faults(i).into_iter().chain(slow)).unwrap();
     }
     // Requests time out after 3 s, so a killed process's attempt is probed 3 s after it started.
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.json");
-    std::fs::write(&config, r#"{"request_timeout": "3s"}"#).unwrap();
-    let mut env = env(&sim);
-    env.push(("TOKENWAL_CONFIG", config.display().to_string()));
+    let env = env_with_request_timeout(&sim, dir.path(), "3s");
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut fleet: Vec<_> = (0..4).map(|_| spawn(BIN, db, &["run"], &env)).collect();
     let mut rng = rand::thread_rng();
@@ -265,10 +270,7 @@ fn a_run_frozen_past_its_lease_is_taken_over_and_never_writes_again() {
     // Its refresh is answered 1.5 s late, so the first process is frozen with it in flight.
     sim.h().push_faults(&frozen_shop, [Fault::Slow { delay_ms: 1500 }]).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.json");
-    std::fs::write(&config, r#"{"request_timeout": "2s"}"#).unwrap();
-    let mut env = env(&sim);
-    env.push(("TOKENWAL_CONFIG", config.display().to_string()));
+    let env = env_with_request_timeout(&sim, dir.path(), "2s");
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let requests = |s: &str| sim.h().counters().shop(s).token_requests;
 

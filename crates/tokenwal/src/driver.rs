@@ -25,7 +25,7 @@ use tracing::{info, warn, Instrument};
 /// What a request must leave of the membership lease beyond its own timeout.
 const LEASE_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
 /// The `NotSent` detail of a request withheld because the lease would not outlive it.
-pub(crate) const LEASE_TOO_SHORT: &str = "not sent: the store lease would not outlive the request";
+const LEASE_TOO_SHORT: &str = "not sent: the store lease would not outlive the request";
 
 /// How many version conflicts in a row a goal survives before the driver gives up (each one means
 /// another writer won; under the engine's per-grant flight lock they are rare).
@@ -218,8 +218,8 @@ impl<I: Io> Driver<'_, I> {
 }
 
 /// Waits before re-reading a grant another process holds in flight: 20 ms doubling to 640 ms (its
-/// attempt lasts at most the request timeout; the driver's conflict budget bounds the total wait).
-async fn busy_pause(n: &mut u32) {
+/// attempt lasts at most the request timeout; the caller's round budget bounds the total wait).
+pub(crate) async fn busy_pause(n: &mut u32) {
     let ms = 20u64 << (*n).min(5);
     *n += 1;
     tokio::time::sleep(std::time::Duration::from_millis(ms)).await;

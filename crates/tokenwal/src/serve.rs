@@ -10,7 +10,6 @@ use crate::driver::Driven;
 use crate::error::Error;
 use crate::inner::Inner;
 use std::sync::Arc;
-use std::time::Duration;
 use tokenwal_core::{AccessToken, Durable, Goal, GrantKey, GrantState, Phase, Refusal, Step, TokenSet, UnixMillis};
 use tracing::{debug, warn};
 
@@ -73,7 +72,7 @@ impl Inner {
         };
         let deadline = now().saturating_add(self.max_wait);
         let mut force = rejected.is_some();
-        let mut in_flight_poll = Duration::from_millis(20);
+        let mut in_flight_waits = 0;
         for _ in 0..MAX_ROUNDS {
             if *self.shutdown.borrow() {
                 return Err(Error::ShuttingDown);
@@ -158,8 +157,7 @@ impl Inner {
                 Step::InFlight => match still_valid {
                     Some(t) => return Ok(t),
                     None if self.store.is_shared() && now < deadline => {
-                        tokio::time::sleep(in_flight_poll).await;
-                        in_flight_poll = (in_flight_poll * 2).min(Duration::from_millis(500));
+                        crate::driver::busy_pause(&mut in_flight_waits).await;
                     }
                     None => return Err(Error::InFlight { grant: grant.clone() }),
                 },

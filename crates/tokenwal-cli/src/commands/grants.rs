@@ -1,12 +1,10 @@
 //! `tokenwal grants`: every grant of every provider (Admin API shops, Customer Account API
 //! customers, generic-provider accounts), by `provider/account`.
 
-use tokenwal::core::UnixMillis;
-
 use super::{all_grants, open_store, print_json};
 use crate::error::CliError;
 use crate::settings::Settings;
-use crate::timefmt::{self, now};
+use crate::timefmt::now;
 use crate::views::{self, GrantView};
 
 /// `tokenwal grants`: optionally only `provider`'s grants, or those in `state`.
@@ -23,27 +21,6 @@ pub fn grants(settings: &Settings, provider: Option<&str>, state: Option<&str>, 
     if json {
         return print_json(&views);
     }
-    let rows: Vec<Vec<String>> = views
-        .iter()
-        .map(|v| {
-            let note = match (&v.why, &v.since) {
-                _ if v.state == "healthy" => String::new(),
-                (Some(why), Some(since)) => {
-                    format!("{why} (since {})", timefmt::relative(UnixMillis(since.at_ms), now))
-                }
-                (None, Some(since)) => format!("since {}", timefmt::relative(UnixMillis(since.at_ms), now)),
-                _ => String::new(),
-            };
-            vec![
-                v.grant.clone(),
-                v.state.to_owned(),
-                v.generation.to_string(),
-                views::expiry_cell(&v.access_expires, now),
-                views::expiry_cell(&v.refresh_expires, now),
-                note,
-            ]
-        })
-        .collect();
-    print!("{}", views::table(&["GRANT", "STATE", "GEN", "ACCESS EXPIRES", "REFRESH EXPIRES", "WHY / SINCE"], &rows));
+    print!("{}", views::overview("GRANT", &views, |v| v.grant.clone(), now));
     Ok(())
 }

@@ -44,27 +44,6 @@ pub fn shops(settings: &Settings, state: Option<&str>, app_handle: Option<&str>,
         }
         return Ok(());
     }
-    let rows: Vec<Vec<String>> = views
-        .iter()
-        .map(|v| {
-            let note = match (v.state, &v.why, &v.since) {
-                ("healthy", _, _) => String::new(),
-                (_, Some(why), Some(since)) => {
-                    format!("{why} (since {})", timefmt::relative(UnixMillis(since.at_ms), now))
-                }
-                (_, None, Some(since)) => format!("since {}", timefmt::relative(UnixMillis(since.at_ms), now)),
-                _ => String::new(),
-            };
-            vec![
-                v.display_name(),
-                v.state.to_owned(),
-                v.generation.to_string(),
-                views::expiry_cell(&v.access_expires, now),
-                views::expiry_cell(&v.refresh_expires, now),
-                note,
-            ]
-        })
-        .collect();
-    print!("{}", views::table(&["SHOP", "STATE", "GEN", "ACCESS EXPIRES", "REFRESH EXPIRES", "WHY / SINCE"], &rows));
+    print!("{}", views::overview("SHOP", &views, GrantView::display_name, now));
     Ok(())
 }

@@ -487,16 +487,8 @@ fn table(ours: &CustomerReport, theirs: Option<&CustomerReport>) -> String {
 pub(crate) fn run(args: DemoArgs) -> Result<(), CliError> {
     let json = args.json;
     let world = World::new(args);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .thread_name("demo-customers")
-        .enable_all()
-        .build()
-        .map_err(|e| CliError::io("cannot start a runtime", e))?;
-    let dir = tempfile::Builder::new()
-        .prefix("tokenwal-demo-")
-        .tempdir()
-        .map_err(|e| CliError::io("cannot create a temporary directory", e))?;
+    let rt = super::runtime(4, "demo-customers")?;
+    let dir = super::work_dir()?;
     if !json {
         eprintln!(
             "tokenwal demo --scenario customer-accounts: {} customers across {} shops, {} storefront instances, {} per \

@@ -362,12 +362,25 @@ pub(crate) trait App {
 }
 
 fn app_runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    runtime(2, "demo-app")
+}
+
+/// A multi-threaded runtime of `workers` threads named `name`.
+fn runtime(workers: usize, name: &str) -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("demo-app")
+        .worker_threads(workers)
+        .thread_name(name)
         .enable_all()
         .build()
         .map_err(|e| CliError::io("cannot start a runtime", e))
+}
+
+/// The demo's temporary directory (its stores), removed when dropped.
+fn work_dir() -> Result<tempfile::TempDir, CliError> {
+    tempfile::Builder::new()
+        .prefix("tokenwal-demo-")
+        .tempdir()
+        .map_err(|e| CliError::io("cannot create a temporary directory", e))
 }
 
 /// Stops an incarnation abruptly: every task is dropped wherever it is.
@@ -506,16 +519,8 @@ pub fn run(args: DemoArgs) -> Result<(), CliError> {
     }
     let json = args.json;
     let world = World::new(args);
-    let sim_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("demo-sim")
-        .enable_all()
-        .build()
-        .map_err(|e| CliError::io("cannot start a runtime", e))?;
-    let dir = tempfile::Builder::new()
-        .prefix("tokenwal-demo-")
-        .tempdir()
-        .map_err(|e| CliError::io("cannot create a temporary directory", e))?;
+    let sim_rt = runtime(2, "demo-sim")?;
+    let dir = work_dir()?;
     let bar = ProgressBar::with_draw_target(Some(world.duration.as_millis() as u64), ProgressDrawTarget::stderr());
     bar.set_style(
         ProgressStyle::with_template("{prefix:>8} [{bar:28.cyan/blue}] {elapsed:>3} {msg}")
