@@ -8,7 +8,8 @@
 //! * Four `run` processes on one store, one of them killed with SIGKILL and restarted every round,
 //!   with faults on and tokens living seconds: no lockout, every ambiguity resolved.
 //! * While `run` processes are live, the other commands (`shops`, `status`, `token`) work beside
-//!   them; a `run` whose database is unreachable keeps retrying with backoff instead of exiting.
+//!   them; a `run` or a `serve` whose database is unreachable keeps retrying with backoff instead
+//!   of exiting.
 //!
 //! Each test uses a fresh schema ([`tokenwal_store::PgScratch`]); without a reachable PostgreSQL the
 //! tests skip loudly, and fail under `TOKENWAL_REQUIRE_PG=1` (CI).
@@ -19,7 +20,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use tokenwal_sim::{Fault, SimConfig};
 use tokenwal_store::PgScratch;
-use tokenwal_testkit::cli::{run, spawn, CREDENTIALS};
+use tokenwal_testkit::cli::{exits_within, run, sim_env, sim_env_with_config, spawn, wait_for_line, Resume};
 use tokenwal_testkit::BlockingSim;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenwal");
@@ -32,33 +33,11 @@ fn shop(i: usize) -> String {
 }
 
 fn import_all(sim: &BlockingSim, db: &Path) {
-    let lines: Vec<String> = (0..SHOPS)
-        .map(|i| {
-            let t = sim.h().seed_shop(&shop(i));
-            format!(
-                r#"{{"shop":"{}","access_token":"{}","refresh_token":"{}","expires_at":1700000000,"refresh_token_expires_in":7776000}}"#,
-                shop(i),
-                t.access_token.as_str(),
-                t.refresh_token.as_str()
-            )
-        })
-        .collect();
-    let out = run(BIN, db, &["import"], &[], Some(&lines.join("\n")), true);
-    assert_eq!(out.code, 0, "{out:?}");
+    tokenwal_testkit::cli::import_seeded(BIN, db, sim.h(), &(0..SHOPS).map(shop).collect::<Vec<_>>());
 }
 
 fn shops(db: &Path) -> Vec<serde_json::Value> {
-    let out = run(BIN, db, &["shops", "--json"], &[], None, true);
-    assert_eq!(out.code, 0, "{out:?}");
-    serde_json::from_str::<Vec<serde_json::Value>>(&out.stdout).unwrap()
-}
-
-fn env(sim: &BlockingSim) -> Vec<(&'static str, String)> {
-    vec![
-        (CREDENTIALS[0].0, CREDENTIALS[0].1.to_string()),
-        (CREDENTIALS[1].0, CREDENTIALS[1].1.to_string()),
-        ("TOKENWAL_INSECURE_TEST_ENDPOINT", sim.h().base_url()),
-    ]
+    tokenwal_testkit::cli::shops_json(BIN, db)
 }
 
 /// Every shop's first refreshes meet faults (the rotation's answer lost, the connection reset, a
@@ -68,26 +47,6 @@ fn scripted_faults(i: usize) -> Vec<Fault> {
         0 => vec![Fault::RotateThenDrop, Fault::FailBeforeProcessing { status: 503, json: false }],
         1 => vec![Fault::RotateThenReset, Fault::RotateThenDrop],
         _ => vec![Fault::FailBeforeProcessing { status: 502, json: false }, Fault::RotateThenReset],
-    }
-}
-
-/// [`env`] plus a config file (in `dir`) setting the request timeout.
-fn env_with_request_timeout(sim: &BlockingSim, dir: &Path, timeout: &str) -> Vec<(&'static str, String)> {
-    let config = dir.join("config.json");
-    std::fs::write(&config, format!(r#"{{"request_timeout": "{timeout}"}}"#)).unwrap();
-    let mut env = env(sim);
-    env.push(("TOKENWAL_CONFIG", config.display().to_string()));
-    env
-}
-
-fn exits_within(child: &mut std::process::Child, within: Duration) -> Option<i32> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code();
-        }
-        assert!(Instant::now() < deadline, "tokenwal run did not exit within {within:?}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -103,7 +62,7 @@ fn run_killed_again_and_again_loses_no_shop() {
     for i in 0..SHOPS {
         sim.h().push_faults(&shop(i), scripted_faults(i)).unwrap();
     }
-    let env = env(&sim);
+    let env = sim_env(sim.h());
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut rng = rand::thread_rng();
     for round in 0..6 {
@@ -144,7 +103,7 @@ fn other_commands_work_beside_live_runs() {
     let url = pg.url();
     let db = Path::new(&url);
     import_all(&sim, db);
-    let env = env(&sim);
+    let env = sim_env(sim.h());
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let (mut child, rx) = spawn(BIN, db, &["run"], &env);
     wait_for_line(&rx, "store opened", Duration::from_secs(30));
@@ -176,7 +135,7 @@ fn a_fleet_of_four_runs_killed_one_at_a_time_loses_no_shop() {
     }
     // Requests time out after 3 s, so a killed process's attempt is probed 3 s after it started.
     let dir = tempfile::tempdir().unwrap();
-    let env = env_with_request_timeout(&sim, dir.path(), "3s");
+    let env = sim_env_with_config(sim.h(), dir.path(), r#"{"request_timeout": "3s"}"#);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut fleet: Vec<_> = (0..4).map(|_| spawn(BIN, db, &["run"], &env)).collect();
     let mut rng = rand::thread_rng();
@@ -228,24 +187,12 @@ fn a_fleet_of_four_runs_killed_one_at_a_time_loses_no_shop() {
     );
 }
 
-fn wait_for_line(rx: &std::sync::mpsc::Receiver<String>, needle: &str, within: Duration) -> Vec<String> {
-    let deadline = Instant::now() + within;
-    let mut log = Vec::new();
-    while !log.iter().any(|l: &String| l.contains(needle)) {
-        assert!(Instant::now() < deadline, "no {needle:?} within {within:?}:\n{}", log.join("\n"));
-        if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
-            log.push(l);
-        }
-    }
-    log
-}
-
 #[test]
 fn a_run_whose_database_is_down_keeps_retrying() {
     // Nothing listens on port 1: every connection is refused at once.
     let db = Path::new("postgres://tokenwal:never-shown-pw@127.0.0.1:1/none?connect_timeout=2");
     let sim = BlockingSim::start();
-    let env = env(&sim);
+    let env = sim_env(sim.h());
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let (mut child, rx) = spawn(BIN, db, &["run"], &env);
     let log = wait_for_line(&rx, "retrying", Duration::from_secs(30));
@@ -256,6 +203,36 @@ fn a_run_whose_database_is_down_keeps_retrying() {
     assert!(!text.contains("never-shown-pw"), "the URL's password in a log line: {text}");
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
     assert_eq!(exits_within(&mut child, Duration::from_secs(10)), Some(0));
+}
+
+/// `serve` too: while its database is down the broker keeps retrying the open, answering 503
+/// `recovering`, instead of exiting (a supervisor restarting the fleet with its database would
+/// otherwise see it fail until the database is back).
+#[test]
+fn a_broker_whose_database_is_down_keeps_retrying() {
+    let sim = BlockingSim::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    tokenwal_testkit::broker::write_private(&config, "{}", 0o600);
+    let setup = tokenwal_testkit::broker::BrokerSetup {
+        bin: BIN.to_owned(),
+        db: "postgres://tokenwal:never-shown-pw@127.0.0.1:1/none?connect_timeout=2".into(),
+        sim_base: sim.h().base_url(),
+        config,
+        bearer: "pg-down-broker-bearer-0c9f1e".to_owned(),
+    };
+    let mut b = tokenwal_testkit::broker::Broker::start(&setup, &dir.path().join("b.sock"), None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while b.log_text().matches("retrying").count() < 2 {
+        assert!(b.child.try_wait().unwrap().is_none(), "serve exited instead of retrying:\n{}", b.log_text());
+        assert!(Instant::now() < deadline, "no retries:\n{}", b.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let a = b.call("GET", "/readyz", None);
+    assert_eq!((a.status, a.json()["reason"].as_str()), (503, Some("recovering")), "{:?}", a.json());
+    assert!(!b.log_text().contains("never-shown-pw"), "the URL's password in a log line");
+    tokenwal_testkit::cli::sigterm(b.child.id());
+    assert_eq!(exits_within(&mut b.child, Duration::from_secs(10)), Some(0), "{}", b.log_text());
 }
 
 #[test]
@@ -270,7 +247,7 @@ fn a_run_frozen_past_its_lease_is_taken_over_and_never_writes_again() {
     // Its refresh is answered 1.5 s late, so the first process is frozen with it in flight.
     sim.h().push_faults(&frozen_shop, [Fault::Slow { delay_ms: 1500 }]).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let env = env_with_request_timeout(&sim, dir.path(), "2s");
+    let env = sim_env_with_config(sim.h(), dir.path(), r#"{"request_timeout": "2s"}"#);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let requests = |s: &str| sim.h().counters().shop(s).token_requests;
 
@@ -321,16 +298,4 @@ fn a_run_frozen_past_its_lease_is_taken_over_and_never_writes_again() {
     assert_eq!(c.total.overlapping_token_requests, 0, "two requests for one shop at once");
     assert!(Command::new("kill").args(["-TERM", &second.id().to_string()]).status().unwrap().success());
     assert_eq!(exits_within(&mut second, Duration::from_secs(30)), Some(0));
-}
-
-/// Kills a process (resuming it first, should it be stopped) when a test ends, passed or not: a
-/// stopped process would keep its database session, and the scratch schema could not be dropped.
-struct Resume(u32);
-
-impl Drop for Resume {
-    fn drop(&mut self) {
-        let pid = self.0.to_string();
-        let _ = Command::new("kill").args(["-CONT", &pid]).status();
-        let _ = Command::new("kill").args(["-KILL", &pid]).status();
-    }
 }

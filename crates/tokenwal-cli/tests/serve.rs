@@ -14,92 +14,18 @@
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
-use tokenwal_testkit::cli::{clean_command, test_key, CREDENTIALS};
+use tokenwal_testkit::broker::{
+    self, call, exchange, grant_body, try_exchange, write_private, Answer, Broker, BrokerSetup,
+};
 use tokenwal_testkit::{accepted, requests, BlockingSim};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenwal");
 const BEARER: &str = "broker-test-bearer-7d1f0c2a9e";
 const APP_HANDLE: &str = "tokenwal-test";
-
-// ---------------------------------------------------------------------------------------------
-// A minimal HTTP/1.1 client over the real socket (one request per connection).
-
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
-    }
-}
-
-fn exchange(s: impl Read + Write, method: &str, path: &str, bearer: Option<&str>, body: Option<&[u8]>) -> Answer {
-    try_exchange(s, method, path, bearer, body).unwrap_or_else(|| panic!("{method} {path}: no HTTP answer"))
-}
-
-/// `None` if the connection closed without an answer (the process exited).
-fn try_exchange(
-    mut s: impl Read + Write,
-    method: &str,
-    path: &str,
-    bearer: Option<&str>,
-    body: Option<&[u8]>,
-) -> Option<Answer> {
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-    if let Some(b) = bearer {
-        head.push_str(&format!("Authorization: Bearer {b}\r\n"));
-    }
-    match body {
-        Some(b) => head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len())),
-        None if method != "GET" => head.push_str("Content-Length: 0\r\n"),
-        None => {}
-    }
-    head.push_str("\r\n");
-    // The broker may answer (413) before reading a large body: a failed write is not the test's concern.
-    let _ = s.write_all(head.as_bytes()).and_then(|_| s.write_all(body.unwrap_or_default()));
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    if raw.is_empty() {
-        return None;
-    }
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("{method} {path}: not an HTTP answer: {:?}", String::from_utf8_lossy(&raw)));
-    let head = String::from_utf8(raw[..split].to_vec()).unwrap();
-    let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let headers: Vec<(String, String)> = lines
-        .map(|l| {
-            let (k, v) = l.split_once(':').unwrap();
-            (k.trim().to_ascii_lowercase(), v.trim().to_owned())
-        })
-        .collect();
-    assert!(
-        !headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked")),
-        "chunked answers are not expected"
-    );
-    Some(Answer { status, headers, body: raw[split + 4..].to_vec() })
-}
-
-fn call(sock: &Path, method: &str, path: &str, bearer: Option<&str>, body: Option<&[u8]>) -> Answer {
-    let s = std::os::unix::net::UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {sock:?}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    exchange(s, method, path, bearer, body)
-}
 
 // ---------------------------------------------------------------------------------------------
 // The OpenAPI document: validation of live answers and coverage of documented statuses.
@@ -184,103 +110,33 @@ impl Spec {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The broker process.
+// The broker process (tokenwal_testkit::broker).
 
-struct Broker {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-    sock: PathBuf,
-}
-
-impl Broker {
-    fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+fn setup(db: &Path, config: &Path, sim_base: &str) -> BrokerSetup {
+    BrokerSetup {
+        bin: BIN.to_owned(),
+        db: db.to_owned(),
+        sim_base: sim_base.to_owned(),
+        config: config.to_owned(),
+        bearer: BEARER.to_owned(),
     }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A `tokenwal serve` command with a clean environment, the test store key and credentials.
-fn serve_command(db: &Path, sim_base: &str, args: &[&str]) -> Command {
-    let mut cmd = clean_command(BIN);
-    cmd.env_remove("TOKENWAL_BROKER_TOKEN")
-        .arg("--db")
-        .arg(db)
-        .arg("serve")
-        .args(args)
-        .env("TOKENWAL_STORE_KEY", test_key())
-        .env("TOKENWAL_INSECURE_TEST_ENDPOINT", sim_base)
-        .envs(CREDENTIALS);
-    cmd
 }
 
 /// Starts a broker on `sock` at trace level and waits for its `listening on` line.
 fn start(db: &Path, sock: &Path, config: &Path, sim_base: &str, log: Option<Arc<Mutex<Vec<String>>>>) -> Broker {
-    let listen = format!("unix:{}", sock.display());
-    let mut child = serve_command(db, sim_base, &["--listen", &listen, "--grace", "10s"])
-        .arg("--config")
-        .arg(config)
-        .env("TOKENWAL_BROKER_TOKEN", BEARER)
-        .env("RUST_LOG", "trace")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = log.unwrap_or_default();
-    let want = format!("listening on {listen}");
-    let before = log.lock().unwrap().iter().filter(|l| **l == want).count();
-    let stderr = child.stderr.take().unwrap();
-    let sink = Arc::clone(&log);
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while log.lock().unwrap().iter().filter(|l| **l == want).count() == before {
-        if let Some(s) = child.try_wait().unwrap() {
-            panic!("broker exited {s}: {}", log.lock().unwrap().join("\n"));
-        }
-        assert!(Instant::now() < deadline, "no `{want}` line: {}", log.lock().unwrap().join("\n"));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Broker { child, log, sock: sock.to_owned() }
+    Broker::start(&setup(db, config, sim_base), sock, log)
+}
+
+fn serve_command(db: &Path, sim_base: &str, args: &[&str]) -> Command {
+    broker::serve_command(BIN, db, sim_base, args)
 }
 
 fn wait_ready(b: &Broker) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while call(&b.sock, "GET", "/readyz", Some(BEARER), None).status != 200 {
-        assert!(Instant::now() < deadline, "never ready: {}", b.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    b.wait_ready();
 }
 
 fn shop(name: &str) -> String {
     format!("{name}.myshopify.com")
-}
-
-/// The PUT .../grant body for a simulator-seeded shop, with its access token expiring at `expires_at`.
-fn grant_body(t: &tokenwal_sim::TokenSet, expiry: Value) -> Vec<u8> {
-    let mut b = json!({
-        "access_token": t.access_token.as_str(),
-        "refresh_token": t.refresh_token.as_str(),
-        "refresh_token_expires_in": t.refresh_token_expires_in,
-        "scope": t.scope,
-    });
-    let (k, v) = expiry.as_object().unwrap().iter().next().unwrap();
-    b[k] = v.clone();
-    b.to_string().into_bytes()
-}
-
-fn write_private(path: &Path, text: &str, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 #[test]

@@ -111,3 +111,94 @@ pub fn spawn(
     });
     (child, rx)
 }
+
+/// The CLI environment for the simulator: its default app's credentials and its endpoint.
+pub fn sim_env(sim: &tokenwal_sim::SimHandle) -> Vec<(&'static str, String)> {
+    vec![
+        (CREDENTIALS[0].0, CREDENTIALS[0].1.to_string()),
+        (CREDENTIALS[1].0, CREDENTIALS[1].1.to_string()),
+        ("TOKENWAL_INSECURE_TEST_ENDPOINT", sim.base_url()),
+    ]
+}
+
+/// [`sim_env`] plus `TOKENWAL_CONFIG`: a config file written in `dir` with `json` (an object).
+pub fn sim_env_with_config(sim: &tokenwal_sim::SimHandle, dir: &Path, json: &str) -> Vec<(&'static str, String)> {
+    let config = dir.join("config.json");
+    std::fs::write(&config, json).unwrap();
+    let mut env = sim_env(sim);
+    env.push(("TOKENWAL_CONFIG", config.display().to_string()));
+    env
+}
+
+/// Borrows an owned environment as [`run`] and [`spawn`] take it.
+pub fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'a str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// Waits until `child` exits and returns its code (`None`: killed by a signal); panics after `within`.
+pub fn exits_within(child: &mut std::process::Child, within: std::time::Duration) -> Option<i32> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        assert!(std::time::Instant::now() < deadline, "tokenwal did not exit within {within:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Sends SIGTERM to `pid` (panics if it cannot be sent).
+pub fn sigterm(pid: u32) {
+    assert!(Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
+}
+
+/// Reads lines from `rx` until one contains `needle` and returns them all; panics after `within`.
+pub fn wait_for_line(rx: &std::sync::mpsc::Receiver<String>, needle: &str, within: std::time::Duration) -> Vec<String> {
+    let deadline = std::time::Instant::now() + within;
+    let mut log = Vec::new();
+    while !log.iter().any(|l: &String| l.contains(needle)) {
+        assert!(std::time::Instant::now() < deadline, "no {needle:?} within {within:?}:\n{}", log.join("\n"));
+        if let Ok(l) = rx.recv_timeout(std::time::Duration::from_millis(100)) {
+            log.push(l);
+        }
+    }
+    log
+}
+
+/// Kills a process (resuming it first, should it be stopped) when a test ends, passed or not: a
+/// stopped or forgotten process would keep its database sessions, and the scratch schema could not
+/// be dropped.
+pub struct Resume(pub u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let pid = self.0.to_string();
+        let _ = Command::new("kill").args(["-CONT", &pid]).status();
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+    }
+}
+
+/// Seeds each of `shops` in the simulator and `tokenwal import`s their tokens (access tokens
+/// already expired: every shop is due) into `db`.
+pub fn import_seeded(bin: &str, db: &Path, sim: &tokenwal_sim::SimHandle, shops: &[String]) {
+    let lines: Vec<String> = shops
+        .iter()
+        .map(|shop| {
+            let t = sim.seed_shop(shop);
+            format!(
+                r#"{{"shop":"{shop}","access_token":"{}","refresh_token":"{}","expires_at":1700000000,"refresh_token_expires_in":7776000}}"#,
+                t.access_token.as_str(),
+                t.refresh_token.as_str()
+            )
+        })
+        .collect();
+    let out = run(bin, db, &["import"], &[], Some(&lines.join("\n")), true);
+    assert_eq!(out.code, 0, "{out:?}");
+}
+
+/// `tokenwal shops --json`: one object per shop (`shop`, `state`, …).
+pub fn shops_json(bin: &str, db: &Path) -> Vec<serde_json::Value> {
+    let out = run(bin, db, &["shops", "--json"], &[], None, true);
+    assert_eq!(out.code, 0, "{out:?}");
+    serde_json::from_str(&out.stdout).unwrap()
+}

@@ -7,6 +7,7 @@
 //!   ([`engine_config`]), an engine on a temporary on-disk store ([`temp_engine`]), tokens
 //!   seeded in the simulator as tokenwal sees them ([`seed`]), and inspection helpers.
 //! * [`cli`]: runs the `tokenwal` binary with a clean environment and the test store key.
+//! * [`broker`]: a `tokenwal serve` process and an HTTP/1.1 client over its Unix socket.
 //! * [`oidc`]: the real OAuth 2.0 server (node, `oidc-provider`) of the oidc suites.
 //!
 //! Nothing here is for production: the store key is the fixed public test key.
@@ -22,6 +23,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod broker;
 pub mod cli;
 pub mod oidc;
 

@@ -31,7 +31,7 @@ pub use keys::{keygen, rekey};
 pub(crate) use recover::report_line;
 pub use recover::{recover, recover_dry_run};
 pub use run::run;
-pub(crate) use run::{fail_stop_at_open, keep_running, shutdown_signal, wind_down};
+pub(crate) use run::{fail_stop_at_open, keep_running, open_retrying, shutdown_signal, wind_down};
 pub use shops::shops;
 pub use sim::sim;
 pub use status::status;

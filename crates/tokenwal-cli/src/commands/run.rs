@@ -51,9 +51,12 @@ pub async fn run(settings: &Settings, once: bool, sweep: Duration, grace: Durati
 }
 
 /// [`open_engine`], except that a PostgreSQL store that cannot be reached yet is retried with
-/// backoff (1 s doubling to 30 s) instead of ending the process: a fleet restarted with its
-/// database comes up by itself.
-async fn open_retrying(settings: &Settings, proactive: bool) -> Result<(Engine, tokenwal::RecoveryReport), CliError> {
+/// backoff (1 s doubling to 30 s) instead of ending the process: a fleet (`run` and `serve`)
+/// restarted with its database comes up by itself.
+pub(crate) async fn open_retrying(
+    settings: &Settings,
+    proactive: bool,
+) -> Result<(Engine, tokenwal::RecoveryReport), CliError> {
     if settings.postgres().is_none() {
         return open_engine(settings, proactive, false).await;
     }

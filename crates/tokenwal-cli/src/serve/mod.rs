@@ -8,8 +8,9 @@
 //!
 //! 1. The bearer token, the credentials and the store key are checked (exit 78 without them) and the
 //!    listener is bound; `listening on unix:/path` (or `tcp:ADDR`) goes to stderr.
-//! 2. The engine opens in the background: while recovery runs, token calls and `/readyz` answer 503
-//!    `recovering` (with `Retry-After`).
+//! 2. The engine opens in the background: while recovery runs (or a PostgreSQL store that cannot be
+//!    reached yet is retried, as `run` does), token calls and `/readyz` answer 503 `recovering` (with
+//!    `Retry-After`).
 //! 3. Then it serves, with the proactive scheduler and the sweep of `tokenwal run`.
 //! 4. SIGINT/SIGTERM: stop accepting, let requests and refreshes in flight finish within the grace
 //!    period, exit 0. A store that fail-stops ends the process with 74, as `run` does.
@@ -37,7 +38,7 @@ use tokenwal::core::{AccessToken, GrantKey, ShopDomain, UnixMillis};
 use tokenwal::Engine;
 use tracing::{info, warn};
 
-use crate::commands::{fail_stop_at_open, keep_running, open_engine, report_line, shutdown_signal, wind_down};
+use crate::commands::{fail_stop_at_open, keep_running, open_retrying, report_line, shutdown_signal, wind_down};
 use crate::error::CliError;
 use crate::settings::Settings;
 
@@ -164,7 +165,7 @@ pub async fn serve(settings: &Settings, o: ServeOptions) -> Result<(), CliError>
     let stop = shutdown_signal();
     tokio::pin!(stop);
     let opened = tokio::select! {
-        opened = open_engine(settings, true, false) => opened.map_err(fail_stop_at_open),
+        opened = open_retrying(settings, true) => opened.map_err(fail_stop_at_open),
         _ = &mut stop => {
             warn!("stopped during recovery: what it had not finished stays journaled for the next start");
             let _ = stop_http.send(true);

@@ -225,11 +225,19 @@ impl Broker {
 
 fn store_error(s: StoreError) -> ApiError {
     match s {
-        e @ (StoreError::Poisoned | StoreError::Io { .. }) => ApiError::unavailable(
+        e @ (StoreError::Poisoned
+        | StoreError::Io { .. }
+        | StoreError::LeaseLost { .. }
+        | StoreError::LeaseExpiring { .. }) => ApiError::unavailable(
             "store_poisoned",
             format!("store fail-stopped ({e}): the broker exits for its supervisor to restart it"),
             Duration::from_secs(5),
         ),
+        // PostgreSQL unreachable or restarting: a read is retried on a new connection by the next
+        // call; a write that failed has fail-stopped the store (the broker exits 74).
+        e @ StoreError::Database { .. } => {
+            ApiError::unavailable("store_unavailable", e.to_string(), Duration::from_secs(1))
+        }
         e @ StoreError::Closed => ApiError::unavailable("shutting_down", e.to_string(), Duration::from_secs(1)),
         e => ApiError::internal(format!("store: {e}")),
     }
