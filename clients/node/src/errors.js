@@ -57,7 +57,7 @@ class UnavailableError extends TokenwalError {
     super(message, opts);
     /** For web frameworks (Express answers with an error's `status`): transient, 503. */
     this.status = 503;
-    /** `recovering`, `store_poisoned`, `app_credentials_rejected` or `upstream`. */
+    /** `recovering`, `store_poisoned`, `store_unavailable`, `app_credentials_rejected` or `upstream`. */
     this.reason = opts.reason ?? null;
     /** Seconds to wait before trying again (from Retry-After), or null. */
     this.retryAfter = opts.retryAfter ?? null;

@@ -97,7 +97,7 @@ export declare class NeedsReauthError extends TokenwalError {
   readonly reauthUrl: string | null;
 }
 export declare class UnavailableError extends TokenwalError {
-  readonly reason: 'recovering' | 'store_poisoned' | 'app_credentials_rejected' | 'upstream' | string | null;
+  readonly reason: 'recovering' | 'store_poisoned' | 'store_unavailable' | 'app_credentials_rejected' | 'upstream' | string | null;
   /** Seconds to wait before trying again. */
   readonly retryAfter: number | null;
   /** 503, for web frameworks that answer with an error's `status`. */
