@@ -183,7 +183,7 @@ fn postgresql_restarted_under_load_loses_nothing_acknowledged() {
         let (child, rx) = spawn(BIN, db, &["run"], &env);
         Member::Run { child, rx, log: Vec::new() }
     };
-    let mut fleet = vec![spawn_run(), spawn_run(), Member::Serve(Broker::start(&setup, &sock, None))];
+    let mut fleet = [spawn_run(), spawn_run(), Member::Serve(Broker::start(&setup, &sock, None))];
     if let Member::Serve(b) = &fleet[2] {
         b.wait_ready();
     }
