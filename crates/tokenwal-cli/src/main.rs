@@ -387,7 +387,8 @@ access token: GET /v1/shops/{shop}/token. HTTP/1.1 over a Unix socket created wi
 or loopback TCP; a non-loopback address is refused. Every request needs `Authorization: Bearer <token>`,
 the token from TOKENWAL_BROKER_TOKEN or --token-file (not readable by others); without one the broker
 does not start (exit 78). Credentials, store key and config as for `tokenwal run`. Prints `listening on
-unix:PATH` to stderr once bound; token calls answer 503 \"recovering\" until recovery is done.
+unix:PATH` to stderr once bound; token calls answer 503 \"recovering\" until recovery is done (a
+PostgreSQL store that cannot be reached yet is retried meanwhile).
 API: docs/broker-openapi.json; guide: docs/broker.md.
 
 Exit: 0 stopped by a signal; 74 the store fail-stopped (restart it); 75 the socket is in use by a live
