@@ -1422,6 +1422,73 @@ mod postgres_store {
         assert_eq!(again.len(), claimed[owner].len() - 1, "the claimer's unfinished claims are orphans again");
     }
 
+    /// A text value from the admin connection.
+    fn text(pg: &PgScratch, sql: &str) -> String {
+        let rows = pg.query_bytes(&format!("SELECT convert_to(({sql})::text, 'UTF8')")).unwrap();
+        String::from_utf8(rows[0].clone()).unwrap()
+    }
+
+    #[test]
+    fn connections_use_tls_when_the_url_asks_and_check_the_certificate_as_asked() {
+        let Some(pg) = scratch() else { return };
+        if text(&pg, "current_setting('ssl')") != "on" {
+            eprintln!("\n*** SKIPPED (TLS to PostgreSQL): the test server runs with ssl = off ***\n");
+            return;
+        }
+        let app = format!("tw_tls_{:08x}", rand::random::<u32>());
+        let url = |extra: &str| format!("{}&application_name={app}{extra}", pg.url());
+        let encrypted = || {
+            text(
+                &pg,
+                &format!(
+                    "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                     WHERE a.application_name = '{app}' AND s.ssl"
+                ),
+            )
+            .parse::<usize>()
+            .unwrap()
+        };
+        let write_one = |store: &Store, i: usize| {
+            let m = machine(store);
+            put(store, install(&m, None, &key(i), T0));
+        };
+        // No sslmode: plain connections, as before.
+        let plain = try_open(&PgLocation::parse(&url("")).unwrap()).unwrap();
+        write_one(&plain, 1);
+        assert_eq!(encrypted(), 0);
+        drop(plain);
+        // `require`: encrypted (the server's self-signed certificate is not checked, as in libpq).
+        let store = try_open(&PgLocation::parse(&url("&sslmode=require")).unwrap()).unwrap();
+        write_one(&store, 2);
+        assert!(encrypted() >= 2, "the member and the writer connections are encrypted");
+        assert_eq!(store.get(&key(1)).unwrap().unwrap().grant, key(1));
+        drop(store);
+        // `verify-full` against the public roots: the self-signed certificate is refused, clearly.
+        let err = try_open(&PgLocation::parse(&url("&sslmode=verify-full")).unwrap()).unwrap_err();
+        assert!(matches!(&err, StoreError::Database { .. }), "{err:?}");
+        assert!(err.to_string().contains("certificate"), "{err}");
+        // With the server's own certificate as the root: `verify-ca` accepts it whatever the host
+        // name; `verify-full` checks the name too.
+        let cert = text(&pg, "current_setting('ssl_cert_file')");
+        if std::fs::metadata(&cert).is_err() {
+            eprintln!("\n*** SKIPPED (TLS verify with a root): cannot read {cert} ***\n");
+            return;
+        }
+        let rooted = |mode: &str| url(&format!("&sslmode={mode}&sslrootcert={cert}"));
+        let ca = try_open(&PgLocation::parse(&rooted("verify-ca")).unwrap()).unwrap();
+        write_one(&ca, 3);
+        drop(ca);
+        let subject = std::process::Command::new("openssl")
+            .args(["x509", "-noout", "-ext", "subjectAltName", "-in", &cert])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        if !subject.contains("IP Address:127.0.0.1") {
+            let err = try_open(&PgLocation::parse(&rooted("verify-full")).unwrap()).unwrap_err();
+            assert!(err.to_string().contains("certificate"), "a name mismatch is refused: {err}");
+        }
+    }
+
     #[test]
     fn a_store_that_is_not_shared_has_nothing_to_claim() {
         let dir = tempfile::tempdir().unwrap();

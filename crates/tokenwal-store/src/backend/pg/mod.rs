@@ -28,6 +28,7 @@ mod conn;
 pub(crate) mod location;
 pub(crate) mod notify;
 pub(crate) mod schema;
+pub(crate) mod tls;
 
 use super::{delete_expired, write_group, BatchResult, DurableBackend, Expired, Kv};
 use crate::error::StoreError;
@@ -61,7 +62,17 @@ pub(crate) fn db_err(op: &'static str) -> impl Fn(postgres::Error) -> StoreError
     move |e| {
         let message = match e.as_db_error() {
             Some(d) => format!("{}: {}", d.code().code(), d.message()),
-            None => e.to_string(),
+            // With its causes (a TLS handshake's names the certificate problem); none of them can
+            // hold a password or a token.
+            None => {
+                let mut message = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    message.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
+                message
+            }
         };
         StoreError::Database { op, message }
     }
@@ -154,12 +165,13 @@ impl PgBackend {
         let config = with_session_timeouts(location.driver_config().clone(), location.lease());
         let scrubbed = |e| scrub_password(e, &config);
         let sql = Arc::new(Sql::new(location.schema()));
-        let owner = Arc::new(Worker::spawn("tokenwal-pg-member", config.clone())?);
+        let tls = location.tls().clone();
+        let owner = Arc::new(Worker::spawn("tokenwal-pg-member", config.clone(), tls.clone())?);
         let schema_was = migrate_on(&owner, location.schema()).map_err(&scrubbed)?;
         let sent = Instant::now();
         let member = join(&owner, &sql, location).map_err(&scrubbed)?;
-        let readers = Pool::new(READERS, &config)?;
-        let writer = Worker::spawn("tokenwal-pg-write", config.clone())?;
+        let readers = Pool::new(READERS, &config, &tls)?;
+        let writer = Worker::spawn("tokenwal-pg-write", config.clone(), tls)?;
         let lost = Arc::new(AtomicBool::new(false));
         let renewed = Arc::new(Mutex::new(sent));
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
@@ -194,7 +206,7 @@ impl PgBackend {
     /// Creates or migrates the schema only (`tokenwal migrate-schema`). Returns the version found.
     pub(crate) fn migrate_only(location: &PgLocation) -> Result<i32, StoreError> {
         let config = location.driver_config().clone();
-        let worker = Worker::spawn("tokenwal-pg-migrate", config)?;
+        let worker = Worker::spawn("tokenwal-pg-migrate", config, location.tls().clone())?;
         migrate_on(&worker, location.schema()).map_err(|e| scrub_password(e, location.driver_config()))
     }
 
@@ -331,7 +343,13 @@ impl PgBackend {
     /// Starts hearing the grants other processes of the store commit (`f` runs on a thread of
     /// the listener's own; see [`notify`]). A second call replaces the first listener.
     pub(crate) fn listen(&self, f: Box<dyn Fn(notify::RemoteWrites) + Send + Sync>) -> Result<(), StoreError> {
-        let listener = notify::Listener::spawn(self.config.clone(), self.sql.channel.clone(), self.member, f)?;
+        let listener = notify::Listener::spawn(
+            self.config.clone(),
+            self.location.tls().clone(),
+            self.sql.channel.clone(),
+            self.member,
+            f,
+        )?;
         if let Some(mut old) = lock(&self.listener).replace(listener) {
             old.stop();
         }

@@ -8,10 +8,10 @@
 //! committed while it was not listening is unknown, so everything it caches may be stale.
 
 use super::db_err;
+use super::tls::Tls;
 use crate::error::StoreError;
 use base64::Engine as _;
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::NoTls;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -82,6 +82,7 @@ impl Listener {
     /// Starts listening on `channel`; `f` hears every other member's writes (never `member`'s own).
     pub(crate) fn spawn(
         config: postgres::Config,
+        tls: Tls,
         channel: String,
         member: i64,
         f: Box<dyn Fn(RemoteWrites) + Send + Sync>,
@@ -91,7 +92,7 @@ impl Listener {
             let stop = Arc::clone(&stop);
             std::thread::Builder::new()
                 .name("tokenwal-pg-listen".into())
-                .spawn(move || listen(&config, &channel, member, &stop, &*f))
+                .spawn(move || listen(&config, &tls, &channel, member, &stop, &*f))
                 .map_err(|source| StoreError::Io { op: "spawn the change listener", source })?
         };
         Ok(Listener { stop, thread: Some(thread) })
@@ -108,10 +109,17 @@ impl Listener {
     }
 }
 
-fn listen(config: &postgres::Config, channel: &str, member: i64, stop: &AtomicBool, f: &dyn Fn(RemoteWrites)) {
+fn listen(
+    config: &postgres::Config,
+    tls: &Tls,
+    channel: &str,
+    member: i64,
+    stop: &AtomicBool,
+    f: &dyn Fn(RemoteWrites),
+) {
     let mut backoff = Duration::from_millis(100);
     while !stop.load(Ordering::Acquire) {
-        let connected = config.connect(NoTls).map_err(db_err("connect the change listener")).and_then(|mut c| {
+        let connected = tls.connect(config).map_err(db_err("connect the change listener")).and_then(|mut c| {
             c.batch_execute(&format!("LISTEN {channel}")).map_err(db_err("listen for changes"))?;
             Ok(c)
         });
