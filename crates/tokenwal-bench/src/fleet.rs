@@ -11,7 +11,9 @@
 //!   `P` children open engines on the schema at once: their recoveries take the orphans over between
 //!   them. Reported: the slowest child's recovery time, and that every orphan was resolved exactly
 //!   once. The intents are dated a minute back (a crash found later), so no probe waits for the
-//!   dead request's timeout.
+//!   dead request's timeout. Also reported: the schema's size in the database per grant afterwards
+//!   (`pg_total_relation_size` of its tables, indexes included; each grant then holds its install,
+//!   its intent and recovery's records).
 //!
 //! Children are this binary (`tokenwal-bench child fleet-…`); they talk `key=value` lines.
 
@@ -228,17 +230,17 @@ async fn orphans(opts: &Opts, url: &str, processes: usize, sim: &tokenwal_sim::S
         (0..count).map(|i| counters.shop(shop(&format!("orphan{i}")).as_str()).token_requests).collect();
     let probes: u64 = per_shop.iter().sum();
 
-    let healthy = {
+    let (healthy, bytes) = {
         let (l, k) = (location.clone(), keys.clone());
         tokio::task::spawn_blocking(move || {
             let store = Store::open_postgres(&l, &k, StoreConfig::default()).expect("reopen").0;
-
-            (0..count)
+            let healthy = (0..count)
                 .filter(|i| {
                     let g = tokenwal::core::GrantKey::shopify(&shop(&format!("orphan{i}")));
                     store.get(&g).ok().flatten().is_some_and(|s| s.phase == tokenwal::core::Phase::Healthy)
                 })
-                .count()
+                .count();
+            (healthy, store.database_bytes().expect("schema size").unwrap_or(0))
         })
         .await
         .expect("check task")
@@ -255,6 +257,7 @@ async fn orphans(opts: &Opts, url: &str, processes: usize, sim: &tokenwal_sim::S
             "most probes for one grant",
             "overlapping",
             "healthy after",
+            "database bytes/grant",
         ],
     );
     table.row(&[
@@ -267,6 +270,7 @@ async fn orphans(opts: &Opts, url: &str, processes: usize, sim: &tokenwal_sim::S
         per_shop.iter().max().copied().unwrap_or(0).to_string(),
         counters.total.overlapping_token_requests.to_string(),
         healthy.to_string(),
+        (bytes / count as u64).to_string(),
     ]);
     eprintln!("fleet: the children's recovery reports counted {resolved} resolved (a grant another process resolved first counts for both)");
     assert_eq!((probes, healthy), (count as u64, count), "every orphan probed once and healthy");

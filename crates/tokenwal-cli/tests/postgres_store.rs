@@ -110,6 +110,17 @@ fn other_commands_work_beside_live_runs() {
     assert_eq!(shops(db).len(), SHOPS, "shops reads the store while run holds it");
     let out = run(BIN, db, &["status", "--json"], &[], None, true);
     assert_eq!(out.code, 0, "{out:?}");
+    let status: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert!(status["store"]["size_bytes"].as_u64().unwrap() > 0, "the schema's size: {status}");
+    assert!(status["store"]["bytes_per_grant"].as_u64().unwrap() > 0, "{status}");
+    // The store's URL is shown without its password (trust auth accepts any).
+    let with_password = url.replacen("postgres@", "postgres:hunter2-db-secret@", 1);
+    assert_ne!(with_password, url);
+    for args in [&["status"][..], &["status", "--json"][..]] {
+        let out = run(BIN, Path::new(&with_password), args, &[], None, true);
+        assert_eq!(out.code, 0, "{out:?}");
+        assert!(!format!("{}{}", out.stdout, out.stderr).contains("hunter2"), "{args:?} shows the password: {out:?}");
+    }
     let out = run(BIN, db, &["token", &shop(0)], &env, None, true);
     assert_eq!(out.code, 0, "token beside a live run: {out:?}");
     assert!(out.stdout.trim().starts_with("shpat_"), "{out:?}");

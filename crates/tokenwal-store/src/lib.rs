@@ -105,6 +105,7 @@ mod shared;
 pub mod store;
 
 pub use backend::pg::location::{PgLocation, DEFAULT_SCHEMA as DEFAULT_PG_SCHEMA};
+pub use backend::pg::notify::RemoteWrites;
 pub use config::{
     CompactReport, History, OpenReport, RecoveryMode, ScanReport, StoreConfig, StoreStats, SYNC_LATENCY_BOUNDS,
     SYNC_LATENCY_BUCKETS,

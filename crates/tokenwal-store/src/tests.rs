@@ -1360,6 +1360,147 @@ mod postgres_store {
     }
 
     #[test]
+    fn processes_claiming_orphans_at_once_get_disjoint_sets_and_own_what_they_claim() {
+        let Some(pg) = scratch() else { return };
+        const N: usize = 240;
+        let dead = open_pg(&pg.location());
+        let m = machine(&dead);
+        let mut open = Vec::new();
+        for i in 0..N {
+            let s = put(&dead, install(&m, None, &key(i), T0));
+            open.push(put(&dead, attempt(&m, &s, T0 + 1)));
+        }
+        // A process that leaves (or whose lease runs out) leaves its attempts to the others.
+        drop(dead);
+        let stores: Vec<Store> = (0..3).map(|_| open_pg(&pg.location())).collect();
+        let start = std::sync::Barrier::new(stores.len());
+        let claimed: Vec<Vec<GrantState>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = stores
+                .iter()
+                .map(|s| {
+                    let start = &start;
+                    scope.spawn(move || {
+                        start.wait();
+                        let mut mine = Vec::new();
+                        loop {
+                            let chunk = s.claim_orphans(16).unwrap();
+                            assert!(chunk.len() <= 16);
+                            if chunk.is_empty() {
+                                return mine;
+                            }
+                            mine.extend(chunk);
+                        }
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut all: Vec<GrantKey> = claimed.iter().flatten().map(|s| s.grant.clone()).collect();
+        all.sort();
+        let before = all.len();
+        all.dedup();
+        assert_eq!(before, all.len(), "no orphan is claimed twice");
+        assert_eq!(all.len(), N, "every orphan is claimed");
+        for s in claimed.iter().flatten() {
+            let found = open.iter().find(|o| o.grant == s.grant).unwrap();
+            assert_eq!(s.version, found.version, "a claim returns the durable open state");
+            assert!(s.phase.is_open());
+        }
+        // Claimed attempts belong to their claimer now: nobody else recovers or writes them.
+        for s in &stores {
+            assert!(s.recoverable_grants().unwrap().is_empty());
+            assert!(s.claim_orphans(16).unwrap().is_empty());
+        }
+        let (owner, other) = if claimed[0].is_empty() { (1, 0) } else { (0, 1) };
+        let grant = &claimed[owner][0];
+        let err = stores[other].apply_blocking(install(&m, Some(grant), &grant.grant, T0 + 2)).unwrap_err();
+        assert!(matches!(err, StoreError::Busy { member, .. } if Some(member) == stores[owner].member_id()), "{err:?}");
+        put(&stores[owner], install(&m, Some(grant), &grant.grant, T0 + 3));
+        // The claimer's lease runs out: what it claimed and left open is orphaned again.
+        expire(&pg, stores[owner].member_id().unwrap());
+        let again = stores[other].claim_orphans(1000).unwrap();
+        assert_eq!(again.len(), claimed[owner].len() - 1, "the claimer's unfinished claims are orphans again");
+    }
+
+    /// A text value from the admin connection.
+    fn text(pg: &PgScratch, sql: &str) -> String {
+        let rows = pg.query_bytes(&format!("SELECT convert_to(({sql})::text, 'UTF8')")).unwrap();
+        String::from_utf8(rows[0].clone()).unwrap()
+    }
+
+    #[test]
+    fn connections_use_tls_when_the_url_asks_and_check_the_certificate_as_asked() {
+        let Some(pg) = scratch() else { return };
+        if text(&pg, "current_setting('ssl')") != "on" {
+            eprintln!("\n*** SKIPPED (TLS to PostgreSQL): the test server runs with ssl = off ***\n");
+            return;
+        }
+        let app = format!("tw_tls_{:08x}", rand::random::<u32>());
+        let url = |extra: &str| format!("{}&application_name={app}{extra}", pg.url());
+        let encrypted = || {
+            text(
+                &pg,
+                &format!(
+                    "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                     WHERE a.application_name = '{app}' AND s.ssl"
+                ),
+            )
+            .parse::<usize>()
+            .unwrap()
+        };
+        let write_one = |store: &Store, i: usize| {
+            let m = machine(store);
+            put(store, install(&m, None, &key(i), T0));
+        };
+        // No sslmode: plain connections, as before.
+        let plain = try_open(&PgLocation::parse(&url("")).unwrap()).unwrap();
+        write_one(&plain, 1);
+        assert_eq!(encrypted(), 0);
+        drop(plain);
+        // `require`: encrypted (the server's self-signed certificate is not checked, as in libpq).
+        let store = try_open(&PgLocation::parse(&url("&sslmode=require")).unwrap()).unwrap();
+        write_one(&store, 2);
+        assert!(encrypted() >= 2, "the member and the writer connections are encrypted");
+        assert_eq!(store.get(&key(1)).unwrap().unwrap().grant, key(1));
+        drop(store);
+        // `verify-full` against the public roots: the self-signed certificate is refused, clearly.
+        let err = try_open(&PgLocation::parse(&url("&sslmode=verify-full")).unwrap()).unwrap_err();
+        assert!(matches!(&err, StoreError::Database { .. }), "{err:?}");
+        assert!(err.to_string().contains("certificate"), "{err}");
+        // With the server's own certificate as the root: `verify-ca` accepts it whatever the host
+        // name; `verify-full` checks the name too.
+        let cert = text(&pg, "current_setting('ssl_cert_file')");
+        if std::fs::metadata(&cert).is_err() {
+            eprintln!("\n*** SKIPPED (TLS verify with a root): cannot read {cert} ***\n");
+            return;
+        }
+        let rooted = |mode: &str| url(&format!("&sslmode={mode}&sslrootcert={cert}"));
+        let ca = try_open(&PgLocation::parse(&rooted("verify-ca")).unwrap()).unwrap();
+        write_one(&ca, 3);
+        drop(ca);
+        let subject = std::process::Command::new("openssl")
+            .args(["x509", "-noout", "-ext", "subjectAltName", "-in", &cert])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        if !subject.contains("IP Address:127.0.0.1") {
+            let err = try_open(&PgLocation::parse(&rooted("verify-full")).unwrap()).unwrap_err();
+            assert!(err.to_string().contains("certificate"), "a name mismatch is refused: {err}");
+        }
+    }
+
+    #[test]
+    fn a_store_that_is_not_shared_has_nothing_to_claim() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &ring(), StoreConfig::default()).unwrap().0;
+        let m = machine(&store);
+        let s = put(&store, install(&m, None, &key(1), T0));
+        put(&store, attempt(&m, &s, T0 + 1));
+        assert!(store.claim_orphans(10).unwrap().is_empty());
+        assert_eq!(store.open_grants().unwrap().len(), 1);
+    }
+
+    #[test]
     fn a_clean_close_hands_the_attempts_it_left_open_to_the_others_at_once() {
         let Some(pg) = scratch() else { return };
         let (a, b) = (open_pg(&pg.location()), open_pg(&pg.location()));

@@ -52,6 +52,21 @@ impl Slot {
         self.put(Cached { token: None, refresh_at: UnixMillis(0), expires_at: UnixMillis(0), version });
     }
 
+    /// Another process wrote the grant's state `version`: a line from an older state is no longer
+    /// served by the fast path (the next caller reads the durable state), though it stays usable
+    /// while valid for callers who would otherwise queue behind a refresh.
+    pub(crate) fn mark_stale(&self, version: u64) {
+        self.cached.rcu(|cur| match cur {
+            Some(c) if c.version < version && c.refresh_at > UnixMillis(0) => Some(Arc::new(Cached {
+                token: c.token.clone(),
+                refresh_at: UnixMillis(0),
+                expires_at: c.expires_at,
+                version: c.version,
+            })),
+            other => other.clone(),
+        });
+    }
+
     fn put(&self, line: Cached) {
         let new = Arc::new(line);
         self.cached.rcu(|cur| match cur {
@@ -107,6 +122,16 @@ impl Slots {
         Arc::clone(w.entry(account.to_owned()).or_default())
     }
 
+    /// Marks every cached line stale (see [`Slot::mark_stale`]): what other processes wrote while
+    /// nobody was listening is unknown.
+    pub(crate) fn mark_all_stale(&self) {
+        for shard in &self.shards {
+            for slot in shard.read().unwrap_or_else(|p| p.into_inner()).values() {
+                slot.mark_stale(u64::MAX);
+            }
+        }
+    }
+
     /// A cached token usable without a refresh at `now`.
     ///
     /// Checked under the shard's read lock, without cloning the slot's `Arc` (no shared refcount
@@ -160,5 +185,22 @@ mod tests {
         // A newer state (a reinstall) is cached again.
         slot.offer(&set("b"), 5, UnixMillis(9_000));
         assert_eq!(slot.still_valid(UnixMillis(1)).unwrap(), AccessToken::new("b"));
+    }
+
+    #[test]
+    fn a_line_another_process_superseded_leaves_the_fast_path_until_reread() {
+        let slots = Slots::new();
+        slots.get_or_create("s").offer(&set("a"), 3, UnixMillis(9_000));
+        slots.get_or_create("s").mark_stale(3);
+        assert!(slots.fresh("s", UnixMillis(1)).is_some(), "not newer than the cached state: kept");
+        slots.get_or_create("s").mark_stale(4);
+        assert!(slots.fresh("s", UnixMillis(1)).is_none(), "a newer state elsewhere: the caller re-reads");
+        assert!(slots.get_or_create("s").still_valid(UnixMillis(1)).is_some(), "still valid meanwhile");
+        slots.get_or_create("s").offer(&set("b"), 4, UnixMillis(9_000));
+        assert_eq!(slots.fresh("s", UnixMillis(1)).unwrap(), AccessToken::new("b"));
+        slots.mark_all_stale();
+        assert!(slots.fresh("s", UnixMillis(1)).is_none());
+        slots.get_or_create("s").offer(&set("b"), 4, UnixMillis(9_000));
+        assert!(slots.fresh("s", UnixMillis(1)).is_some(), "re-read: served from the cache again");
     }
 }

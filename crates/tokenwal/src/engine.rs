@@ -156,6 +156,7 @@ impl Engine {
             credentials_pause: config.credentials_pause,
             max_wait: config.max_wait,
             permits: Semaphore::new(config.max_concurrent_refreshes),
+            max_refreshes: config.max_concurrent_refreshes,
             shutdown,
             scheduler,
             attempts: watch::channel(0).0,
@@ -169,6 +170,24 @@ impl Engine {
             let (store, events, stop) =
                 (engine.inner.store.clone(), engine.inner.events.subscribe(), engine.inner.shutdown.subscribe());
             tokio::spawn(crate::webhook_sink::run(w, store, events, stop));
+        }
+        if engine.inner.store.is_shared() {
+            // Another process's rotation drops this one's cache line for the grant at once, not
+            // only at this process's next refresh attempt.
+            let weak = Arc::downgrade(&engine.inner);
+            engine.inner.store.on_remote_writes(move |w| {
+                let Some(inner) = weak.upgrade() else { return };
+                match w {
+                    tokenwal_store::RemoteWrites::Grants(grants) => {
+                        for (grant, version) in grants {
+                            if let Some(slot) = inner.slots.get(grant.account()) {
+                                slot.mark_stale(version);
+                            }
+                        }
+                    }
+                    tokenwal_store::RemoteWrites::Missed => inner.slots.mark_all_stale(),
+                }
+            })?;
         }
         let c = crate::recover::run(&engine.inner, config.recovery_budget).await?;
         let mut report = RecoveryReport {

@@ -31,6 +31,8 @@ pub(crate) struct Inner {
     pub(crate) credentials_pause: Duration,
     pub(crate) max_wait: Duration,
     pub(crate) permits: Semaphore,
+    /// The permits' number (`Config::max_concurrent_refreshes`).
+    pub(crate) max_refreshes: usize,
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) scheduler: SchedulerHandle,
     /// How many engine-owned attempt tasks are running (shutdown waits for none).

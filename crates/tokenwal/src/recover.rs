@@ -95,6 +95,8 @@ impl Recovering {
 /// What recovery has found and done so far (the background task keeps counting after open).
 #[derive(Default)]
 struct Tally {
+    open: AtomicUsize,
+    interrupted: AtomicUsize,
     resolved: AtomicUsize,
     still_ambiguous: AtomicUsize,
     needs_reauth: AtomicUsize,
@@ -111,23 +113,39 @@ pub(crate) struct Counts {
     pub(crate) pending: usize,
 }
 
-/// Runs recovery, waiting for it at most `budget`; the rest goes on in the background.
-pub(crate) async fn run(inner: &Arc<Inner>, budget: Duration) -> Result<Counts, Error> {
+/// One batch of recovery work: the plan for some open grants, and when each probe may be sent.
+struct Batch {
+    items: Vec<RecoveryItem>,
+    not_before: HashMap<GrantKey, UnixMillis>,
+}
+
+/// How many orphaned attempts one claim of a shared store takes: enough to keep this process's
+/// probes busy (four rounds of its permits), few enough that the other processes of a fleet
+/// restarted at once find work too.
+fn claim_chunk(inner: &Inner) -> usize {
+    (inner.max_refreshes * 4).clamp(64, 2048)
+}
+
+/// The next batch: on a shared store, orphaned attempts claimed for this process (at most a
+/// chunk; empty when none is left); otherwise every open grant.
+async fn next_batch(inner: &Arc<Inner>, tally: &Tally) -> Result<Batch, Error> {
     let store = inner.store.clone();
-    // A shared store: only the attempts of processes that are gone (their lease ran out, or they
-    // left); a live process's attempt in flight is its own.
-    let open = tokio::task::spawn_blocking(move || store.recoverable_grants())
-        .await
-        .map_err(|e| Error::Internal(format!("recovery task failed: {e}")))??;
+    let shared = store.is_shared();
+    let chunk = claim_chunk(inner);
+    let open =
+        tokio::task::spawn_blocking(move || if shared { store.claim_orphans(chunk) } else { store.open_grants() })
+            .await
+            .map_err(|e| Error::Internal(format!("recovery task failed: {e}")))??;
     let plan = recovery::plan(&inner.machine, &open, now(), rand::random());
     let (interrupted, _, _) = plan.summary();
-    let n_open = open.len();
+    tally.open.fetch_add(open.len(), Ordering::SeqCst);
+    tally.interrupted.fetch_add(interrupted, Ordering::SeqCst);
     // A shared store: the process that left an attempt open may have died with its request still
     // on the wire; its probe waits until that request would have timed out, so that the server
     // never sees two requests for the grant at once. (A lease that ran out covers that already:
     // it is more than twice the timeout.)
     let timeout = inner.transport.total_timeout();
-    let not_before: HashMap<GrantKey, UnixMillis> = if inner.store.is_shared() {
+    let not_before = if shared {
         open.iter()
             .filter_map(|s| match &s.phase {
                 Phase::Refreshing { started_at, .. } => Some((s.grant.clone(), started_at.saturating_add(timeout))),
@@ -137,16 +155,26 @@ pub(crate) async fn run(inner: &Arc<Inner>, budget: Duration) -> Result<Counts, 
     } else {
         HashMap::new()
     };
-    drop(open);
     inner.recovering.start(plan.items.iter().map(|i| i.grant.clone()));
+    Ok(Batch { items: plan.items, not_before })
+}
+
+/// Runs recovery, waiting for it at most `budget`; the rest goes on in the background.
+///
+/// On a shared store, recovery works through orphaned attempts *claimed* for this process a chunk at
+/// a time ([`tokenwal_store::Store::claim_orphans`]): the processes of a fleet restarted at once
+/// recover disjoint grants in parallel, and a process claims its next chunk only when its probes are
+/// running short of work.
+pub(crate) async fn run(inner: &Arc<Inner>, budget: Duration) -> Result<Counts, Error> {
     let tally = Arc::new(Tally::default());
+    let first = next_batch(inner, &tally).await?;
     let ticket = inner.attempt_ticket();
     let task = tokio::spawn({
         let (inner, tally) = (Arc::clone(inner), Arc::clone(&tally));
         async move {
             // The engine's state (and the store's file lock with it) goes before the ticket that
             // shutdown waits for.
-            let r = recover(inner, plan.items, tally, not_before).await;
+            let r = recover(inner, first, tally).await;
             drop(ticket);
             r
         }
@@ -161,8 +189,8 @@ pub(crate) async fn run(inner: &Arc<Inner>, budget: Duration) -> Result<Counts, 
     let pending = inner.recovering.count();
     debug_assert!(!finished || pending == 0);
     Ok(Counts {
-        open: n_open,
-        interrupted,
+        open: tally.open.load(Ordering::SeqCst),
+        interrupted: tally.interrupted.load(Ordering::SeqCst),
         resolved: tally.resolved.load(Ordering::SeqCst),
         still_ambiguous: tally.still_ambiguous.load(Ordering::SeqCst),
         needs_reauth: tally.needs_reauth.load(Ordering::SeqCst),
@@ -205,19 +233,69 @@ pub(crate) fn spawn_orphan_sweep(inner: &Arc<Inner>, every: Duration) {
     });
 }
 
-/// The background task: transitions through group commit, then the probes.
-async fn recover(
-    inner: Arc<Inner>,
-    items: Vec<RecoveryItem>,
-    tally: Arc<Tally>,
-    not_before: HashMap<GrantKey, UnixMillis>,
+/// The background task: for each batch, its transitions through group commit, then its probes.
+/// On a shared store the next batch is claimed once fewer than half a chunk of probes are left.
+async fn recover(inner: Arc<Inner>, first: Batch, tally: Arc<Tally>) -> Result<(), Error> {
+    let mut stop = inner.shutdown.subscribe();
+    let mut probes = JoinSet::new();
+    let mut batch = Some(first);
+    let mut result = Ok(());
+    while let Some(b) = batch.take() {
+        if let Err(e) = transitions_then_probes(&inner, b, &tally, &mut probes).await {
+            result = Err(e);
+            break;
+        }
+        if !inner.store.is_shared() {
+            break;
+        }
+        let low = claim_chunk(&inner) / 2;
+        while probes.len() > low {
+            probes.join_next().await;
+        }
+        if *stop.borrow_and_update() || inner.store.is_poisoned() {
+            break;
+        }
+        match next_batch(&inner, &tally).await {
+            Ok(b) if b.items.is_empty() => {}
+            Ok(b) => batch = Some(b),
+            // Not fatal here: what is not claimed stays orphaned for the next sweep (or another
+            // process); a store that failed is fail-stopped by its own error path.
+            Err(e) => warn!(error = %e, "could not claim more orphaned attempts; the next sweep retries"),
+        }
+    }
+    while probes.join_next().await.is_some() {}
+    if let Err(e) = result {
+        // The store is fail-stop after a failed write: nothing more can be done in this process.
+        warn!(error = %e, "recovery stopped: a transition could not be written");
+        return Err(e);
+    }
+    if *stop.borrow_and_update() {
+        info!(left = inner.recovering.count(), "recovery stopped by shutdown; the next open resumes it");
+    } else {
+        info!(
+            grants = tally.open.load(Ordering::SeqCst),
+            resolved = tally.resolved.load(Ordering::SeqCst),
+            still_ambiguous = tally.still_ambiguous.load(Ordering::SeqCst),
+            needs_reauth = tally.needs_reauth.load(Ordering::SeqCst),
+            "recovery finished"
+        );
+    }
+    Ok(())
+}
+
+/// One batch: every transition durable (group-committed), then a probe per ambiguous grant spawned
+/// into `probes`.
+async fn transitions_then_probes(
+    inner: &Arc<Inner>,
+    batch: Batch,
+    tally: &Arc<Tally>,
+    probes: &mut JoinSet<()>,
 ) -> Result<(), Error> {
+    let Batch { items, not_before } = batch;
     let not_before = Arc::new(not_before);
     // The grants whose attempt this process took over (its transition committed): only their probes
     // wait out the dead request. Another process that took a grant over first owns it now.
     let took: Arc<Mutex<HashSet<GrantKey>>> = Arc::new(Mutex::new(HashSet::new()));
-    let total = items.len();
-    let mut stop = inner.shutdown.subscribe();
     let mut to_resolve = Vec::new();
     let mut commits = JoinSet::new();
     let mut first_error: Option<Error> = None;
@@ -239,7 +317,7 @@ async fn recover(
         while commits.len() >= TRANSITION_WINDOW {
             note(&mut first_error, commits.join_next().await);
         }
-        let (inner, grant, took) = (Arc::clone(&inner), item.grant, Arc::clone(&took));
+        let (inner, grant, took) = (Arc::clone(inner), item.grant, Arc::clone(&took));
         commits.spawn(async move {
             match inner.commit_transition(t).await {
                 Ok(()) => {
@@ -268,15 +346,12 @@ async fn recover(
         note(&mut first_error, Some(r));
     }
     if let Some(e) = first_error {
-        // The store is fail-stop after a failed write: nothing more can be done in this process.
-        warn!(error = %e, "recovery stopped: a transition could not be written");
         return Err(e);
     }
-    // Every transition is durable: now the probes.
-    let mut probes = JoinSet::new();
+    // Every transition of the batch is durable: now its probes.
     for grant in to_resolve {
-        let inner = Arc::clone(&inner);
-        let tally = Arc::clone(&tally);
+        let inner = Arc::clone(inner);
+        let tally = Arc::clone(tally);
         let not_before = Arc::clone(&not_before);
         let took = lock(&took).contains(&grant);
         let mut stop = inner.shutdown.subscribe();
@@ -307,18 +382,6 @@ async fn recover(
             };
             inner.recovering.finish(&grant);
         });
-    }
-    while probes.join_next().await.is_some() {}
-    if *stop.borrow_and_update() {
-        info!(left = inner.recovering.count(), "recovery stopped by shutdown; the next open resumes it");
-    } else {
-        info!(
-            grants = total,
-            resolved = tally.resolved.load(Ordering::SeqCst),
-            still_ambiguous = tally.still_ambiguous.load(Ordering::SeqCst),
-            needs_reauth = tally.needs_reauth.load(Ordering::SeqCst),
-            "recovery finished"
-        );
     }
     Ok(())
 }

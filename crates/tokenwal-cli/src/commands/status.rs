@@ -145,7 +145,10 @@ pub fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
             }
         }
     }
-    let size_bytes = dir_size(&settings.db);
+    let size_bytes = match store.database_bytes()? {
+        Some(n) => n,
+        None => dir_size(&settings.db),
+    };
     let view = StatusView {
         app_handle: settings.app_handle().map(str::to_owned),
         grants: grants.len(),
@@ -155,7 +158,8 @@ pub fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
         next_refresh_due: next,
         overdue,
         store: StoreInfo {
-            path: settings.db.display().to_string(),
+            // A PostgreSQL URL without its password.
+            path: settings.db_display().to_string(),
             size_bytes,
             bytes_per_grant: size_bytes.checked_div(grants.len() as u64).unwrap_or(0),
             open_attempts: report.open_attempts,

@@ -260,7 +260,7 @@ pub(crate) trait DurableBackend: Send + Sync {
 pub(crate) enum Backend {
     Sled(disk::SledBackend),
     Memory(mem::MemBackend),
-    Postgres(pg::PgBackend),
+    Postgres(Box<pg::PgBackend>),
 }
 
 impl std::ops::Deref for Backend {
@@ -270,7 +270,7 @@ impl std::ops::Deref for Backend {
         match self {
             Backend::Sled(s) => s,
             Backend::Memory(m) => m,
-            Backend::Postgres(p) => p,
+            Backend::Postgres(p) => p.as_ref(),
         }
     }
 }

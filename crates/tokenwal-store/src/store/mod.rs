@@ -24,6 +24,7 @@ mod write;
 pub use hooks::AckHold;
 pub use rekey::{KeyUsage, Reseal};
 
+use crate::backend::pg::notify::RemoteWrites;
 use crate::backend::Backend;
 use crate::commit::Request;
 use crate::config::{StoreConfig, StoreStats};
@@ -156,6 +157,29 @@ impl Store {
         match &self.shared().backend {
             Backend::Postgres(p) => p.live_members(),
             _ => Ok(Vec::new()),
+        }
+    }
+
+    /// The bytes a PostgreSQL store's schema takes in the database (tables, indexes, TOAST);
+    /// `None` for the other backends (a sled store's size is its directory's).
+    pub fn database_bytes(&self) -> Result<Option<u64>, StoreError> {
+        self.check()?;
+        match &self.shared().backend {
+            Backend::Postgres(p) => p.size_bytes().map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Calls `f` with the grants other processes of a shared store commit, soon after each
+    /// commit (PostgreSQL `LISTEN`/`NOTIFY`, on a connection and thread of its own; see
+    /// [`RemoteWrites`]), so that a process can drop what it caches of them. `f` must be quick (it
+    /// runs on the listener's thread). Returns `false` (and never calls `f`) for a store that is
+    /// not shared. A later call replaces the earlier `f`.
+    pub fn on_remote_writes(&self, f: impl Fn(RemoteWrites) + Send + Sync + 'static) -> Result<bool, StoreError> {
+        self.check()?;
+        match &self.shared().backend {
+            Backend::Postgres(p) => p.listen(Box::new(f)).map(|()| true),
+            _ => Ok(false),
         }
     }
 

@@ -127,7 +127,8 @@ impl Store {
         if opened.schema_was < schema::LATEST {
             tracing::info!(location = %location, from = opened.schema_was, to = schema::LATEST, "schema created or migrated");
         }
-        let (store, report) = Store::start(Backend::Postgres(opened.backend), keys.clone(), config, started, None)?;
+        let (store, report) =
+            Store::start(Backend::Postgres(Box::new(opened.backend)), keys.clone(), config, started, None)?;
         let _ = slot.set(Arc::downgrade(&store.inner.shared));
         Ok((store, report))
     }

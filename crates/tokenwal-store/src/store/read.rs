@@ -49,7 +49,7 @@ impl Store {
     /// Entries that fail their checks are skipped (and logged): they were reported by
     /// [`Store::open`] in [`OpenReport::corrupt`](crate::OpenReport::corrupt), and [`Store::get`] answers `Corrupt` for them.
     pub fn open_grants(&self) -> Result<Vec<GrantState>, StoreError> {
-        self.open_grants_where(|entries| Ok(entries.into_iter().map(|(k, _)| k).collect()))
+        self.open_grants_where(|entries| Ok(entries.into_iter().map(|(k, _)| k).collect()), true)
     }
 
     /// [`Store::open_grants`] without the attempts that a live process of a shared store holds in
@@ -59,20 +59,52 @@ impl Store {
         // The members are read after the open index: a marker seen in the scan names a member that
         // had joined before it, so a live one is in the list (read the other way round, a process
         // that joined and wrote in between would look dead).
-        self.open_grants_where(|entries| {
-            let live: std::collections::HashSet<i64> = self.members()?.into_iter().map(|(id, _)| id).collect();
-            Ok(entries
-                .into_iter()
-                .filter(|(_, marker)| crate::backend::pg::member_of(marker).is_none_or(|m| !live.contains(&m)))
-                .map(|(k, _)| k)
-                .collect())
-        })
+        self.open_grants_where(
+            |entries| {
+                let live: std::collections::HashSet<i64> = self.members()?.into_iter().map(|(id, _)| id).collect();
+                Ok(entries
+                    .into_iter()
+                    .filter(|(_, marker)| crate::backend::pg::member_of(marker).is_none_or(|m| !live.contains(&m)))
+                    .map(|(k, _)| k)
+                    .collect())
+            },
+            !self.is_shared(),
+        )
+    }
+
+    /// Claims up to `limit` attempts that processes which are gone left open in a shared store, for
+    /// this process: only it may write those grants from now on (while its own lease lives), and
+    /// processes claiming at the same moment get disjoint sets (PostgreSQL `FOR UPDATE SKIP
+    /// LOCKED`), so a fleet restarted after a crash recovers different grants in parallel instead of
+    /// racing for the same ones. Returns the claimed grants' durable states (open ones only: an
+    /// attempt that was resolved in between is dropped). Call it again until it returns nothing.
+    ///
+    /// A store that is not shared has nothing to claim (one writer: recovery reads
+    /// [`Store::open_grants`]) and returns an empty list. If the claim's `COMMIT` fails, the claim may
+    /// be durable without this process knowing which grants it holds: the store fail-stops, and the
+    /// restart (a new member) finds them orphaned again.
+    pub fn claim_orphans(&self, limit: usize) -> Result<Vec<GrantState>, StoreError> {
+        self.check()?;
+        let crate::backend::Backend::Postgres(pg) = &self.shared().backend else {
+            return Ok(Vec::new());
+        };
+        let keys = match pg.claim_orphans(limit) {
+            Ok(keys) => keys,
+            Err(e) => {
+                if matches!(&e, StoreError::Database { op, .. } if *op == crate::backend::pg::CLAIM_COMMIT) {
+                    self.shared().poison(&e);
+                }
+                return Err(e);
+            }
+        };
+        self.open_states(keys, false)
     }
 
     /// The open grants among the open index's `(key, marker)` entries that `select` keeps.
     fn open_grants_where(
         &self,
         select: impl FnOnce(Vec<(Vec<u8>, Vec<u8>)>) -> Result<Vec<Vec<u8>>, StoreError>,
+        all: bool,
     ) -> Result<Vec<GrantState>, StoreError> {
         self.check()?;
         let backend = &self.shared().backend;
@@ -82,12 +114,23 @@ impl Store {
             true
         })?;
         let keys = select(entries)?;
-        let mut frames = BTreeMap::new();
-        for k in keys {
-            let f = backend.get(Tree::Grants, &k)?;
-            frames.insert(k, f);
-        }
+        self.open_states(keys, all)
+    }
+
+    /// The durable states of `keys` that are open (pre-images first), in key order; with `all`
+    /// (`keys` is the whole open index as the backend shows it), also the grants whose durable
+    /// state is open while a write not yet durable closes them.
+    fn open_states(&self, keys: Vec<Vec<u8>>, all: bool) -> Result<Vec<GrantState>, StoreError> {
+        let backend = &self.shared().backend;
+        let mut frames: BTreeMap<Vec<u8>, Option<Vec<u8>>> = match backend {
+            // One round trip for the lot.
+            crate::backend::Backend::Postgres(pg) => pg.get_many(Tree::Grants, keys)?.into_iter().collect(),
+            _ => keys.into_iter().map(|k| backend.get(Tree::Grants, &k).map(|f| (k, f))).collect::<Result<_, _>>()?,
+        };
         for (k, pre) in lock(&self.shared().pending).iter() {
+            if !all && !frames.contains_key(k) {
+                continue;
+            }
             frames.remove(k);
             if pre.open {
                 frames.insert(k.clone(), pre.state.clone());

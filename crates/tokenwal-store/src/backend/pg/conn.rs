@@ -6,9 +6,10 @@
 //! caller blocks on the answer, as it would on a sled read or an fsync.
 
 use super::db_err;
+use super::tls::Tls;
 use crate::error::StoreError;
 use crate::lock::lock;
-use postgres::{Client, NoTls, Statement};
+use postgres::{Client, Statement};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -18,6 +19,7 @@ use std::thread::JoinHandle;
 /// One connection and the statements prepared on it.
 pub(crate) struct Session {
     config: postgres::Config,
+    tls: Tls,
     client: Option<Client>,
     statements: HashMap<String, Statement>,
     /// Whether a transaction is open (the writer's group).
@@ -36,7 +38,7 @@ impl Session {
                 });
             }
             self.statements.clear();
-            let mut client = self.config.connect(NoTls).map_err(db_err("connect"))?;
+            let mut client = self.tls.connect(&self.config).map_err(db_err("connect"))?;
             // The durability contract: a COMMIT that returned is on disk, whatever the server's default.
             client.batch_execute("SET synchronous_commit TO on").map_err(db_err("connect"))?;
             self.client = Some(client);
@@ -64,12 +66,12 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    pub fn spawn(name: &str, config: postgres::Config) -> Result<Worker, StoreError> {
+    pub fn spawn(name: &str, config: postgres::Config, tls: Tls) -> Result<Worker, StoreError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
-                let mut session = Session { config, client: None, statements: HashMap::new(), in_txn: false };
+                let mut session = Session { config, tls, client: None, statements: HashMap::new(), in_txn: false };
                 while let Ok(job) = rx.recv() {
                     job(&mut session);
                 }
@@ -118,9 +120,9 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    pub fn new(size: usize, config: &postgres::Config) -> Result<Pool, StoreError> {
+    pub fn new(size: usize, config: &postgres::Config, tls: &Tls) -> Result<Pool, StoreError> {
         let workers = (0..size.max(1))
-            .map(|i| Worker::spawn(&format!("tokenwal-pg-read-{i}"), config.clone()))
+            .map(|i| Worker::spawn(&format!("tokenwal-pg-read-{i}"), config.clone(), tls.clone()))
             .collect::<Result<_, _>>()?;
         Ok(Pool { workers, next: AtomicUsize::new(0) })
     }

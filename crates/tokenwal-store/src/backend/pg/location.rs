@@ -1,6 +1,7 @@
 //! Where a PostgreSQL store lives: a connection URL (whose password is never shown), the schema that
 //! holds the store's tables, and the membership lease.
 
+use super::tls::Tls;
 use crate::error::StoreError;
 use std::fmt;
 use std::str::FromStr;
@@ -21,6 +22,7 @@ pub struct PgLocation {
     schema: String,
     redacted: String,
     lease: Duration,
+    tls: Tls,
 }
 
 impl PgLocation {
@@ -35,8 +37,13 @@ impl PgLocation {
         let mut schema = DEFAULT_SCHEMA.to_string();
         let mut lease = Duration::from_secs(90);
         let mut rest = Vec::new();
+        let (mut sslmode, mut sslrootcert) = (None, None);
         for (k, v) in parsed.query_pairs() {
-            if k == "schema" {
+            if k == "sslmode" {
+                sslmode = Some(v.into_owned());
+            } else if k == "sslrootcert" {
+                sslrootcert = Some(v.into_owned());
+            } else if k == "schema" {
                 schema = v.into_owned();
             } else if k == "lease" {
                 lease = match v.parse::<u64>() {
@@ -58,12 +65,14 @@ impl PgLocation {
             let _ = shown.set_password(Some("***"));
         }
         let redacted = shown.to_string();
-        let config = postgres::Config::from_str(parsed.as_str())
+        let mut config = postgres::Config::from_str(parsed.as_str())
             .map_err(|e| invalid(format!("{redacted}: {}", scrub(&e.to_string(), parsed.password()))))?;
+        let (tls, mode) = Tls::from_url(sslmode.as_deref(), sslrootcert.as_deref())?;
+        config.ssl_mode(mode);
         if config.get_dbname().is_none() {
             return Err(invalid(format!("{redacted}: the URL names no database")));
         }
-        Ok(PgLocation { config, schema, redacted, lease })
+        Ok(PgLocation { config, schema, redacted, lease, tls })
     }
 
     /// The same database with another schema (tests give every store its own).
@@ -98,6 +107,11 @@ impl PgLocation {
     pub(crate) fn driver_config(&self) -> &postgres::Config {
         &self.config
     }
+
+    /// How its connections use TLS (the URL's `sslmode` and `sslrootcert`; see [`super::tls`]).
+    pub(crate) fn tls(&self) -> &Tls {
+        &self.tls
+    }
 }
 
 impl fmt::Debug for PgLocation {
@@ -106,6 +120,7 @@ impl fmt::Debug for PgLocation {
             .field("url", &self.redacted)
             .field("schema", &self.schema)
             .field("lease", &self.lease)
+            .field("sslmode", &self.tls.mode())
             .finish()
     }
 }
@@ -173,9 +188,21 @@ mod tests {
             ("not a url", "not a URL"),
             ("postgres://h/db?lease=2", "lease"),
             ("postgres://h/db?lease=ten", "lease"),
+            ("postgres://h/db?sslmode=allow-anything", "sslmode"),
+            ("postgres://h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem", "sslrootcert"),
+            ("postgres://h/db?sslmode=require&sslrootcert=/dev/null", "no usable CA certificate"),
         ] {
             let e = PgLocation::parse(url).unwrap_err().to_string();
             assert!(e.contains(says), "{url}: {e}");
+        }
+        for (url, mode) in [
+            ("postgres://h/db", "disable"),
+            ("postgres://h/db?sslmode=require", "require"),
+            ("postgres://h/db?sslmode=verify-full", "verify-full"),
+        ] {
+            let l = PgLocation::parse(url).unwrap();
+            assert_eq!(l.tls().mode(), mode);
+            assert!(format!("{l:?}").contains(mode));
         }
         let e = PgLocation::parse("postgres://u:hunter2@h/db?bogus_option=1").unwrap_err().to_string();
         assert!(!e.contains("hunter2"), "{e}");

@@ -26,7 +26,9 @@
 
 mod conn;
 pub(crate) mod location;
+pub(crate) mod notify;
 pub(crate) mod schema;
+pub(crate) mod tls;
 
 use super::{delete_expired, write_group, BatchResult, DurableBackend, Expired, Kv};
 use crate::error::StoreError;
@@ -50,6 +52,9 @@ use tokenwal_core::WriteBatch;
 const SCAN_CHUNK: i64 = 512;
 /// Reader connections per store.
 const READERS: usize = 4;
+/// The operation of a claim's `COMMIT`: if it fails, the claim may be durable (see
+/// `Store::claim_orphans`).
+pub(crate) const CLAIM_COMMIT: &str = "commit a claim";
 
 /// A driver error as a store error: an operation and the server's message (which never holds a
 /// password or a token: parameters are bound, values are ciphertext).
@@ -57,7 +62,17 @@ pub(crate) fn db_err(op: &'static str) -> impl Fn(postgres::Error) -> StoreError
     move |e| {
         let message = match e.as_db_error() {
             Some(d) => format!("{}: {}", d.code().code(), d.message()),
-            None => e.to_string(),
+            // With its causes (a TLS handshake's names the certificate problem); none of them can
+            // hold a password or a token.
+            None => {
+                let mut message = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    message.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
+                message
+            }
         };
         StoreError::Database { op, message }
     }
@@ -129,6 +144,10 @@ pub(crate) struct PgBackend {
     /// When the last successful renewal was sent (the lease runs at least `lease` from then).
     renewed: Arc<Mutex<Instant>>,
     renewer: Mutex<Renewer>,
+    /// The connection settings (for the change listener's own connection).
+    config: postgres::Config,
+    /// The change listener, once someone asked to hear other processes' writes.
+    listener: Mutex<Option<notify::Listener>>,
 }
 
 /// What an open found.
@@ -146,12 +165,13 @@ impl PgBackend {
         let config = with_session_timeouts(location.driver_config().clone(), location.lease());
         let scrubbed = |e| scrub_password(e, &config);
         let sql = Arc::new(Sql::new(location.schema()));
-        let owner = Arc::new(Worker::spawn("tokenwal-pg-member", config.clone())?);
+        let tls = location.tls().clone();
+        let owner = Arc::new(Worker::spawn("tokenwal-pg-member", config.clone(), tls.clone())?);
         let schema_was = migrate_on(&owner, location.schema()).map_err(&scrubbed)?;
         let sent = Instant::now();
         let member = join(&owner, &sql, location).map_err(&scrubbed)?;
-        let readers = Pool::new(READERS, &config)?;
-        let writer = Worker::spawn("tokenwal-pg-write", config)?;
+        let readers = Pool::new(READERS, &config, &tls)?;
+        let writer = Worker::spawn("tokenwal-pg-write", config.clone(), tls)?;
         let lost = Arc::new(AtomicBool::new(false));
         let renewed = Arc::new(Mutex::new(sent));
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
@@ -176,6 +196,8 @@ impl PgBackend {
                 lost,
                 renewed,
                 renewer: Mutex::new(Renewer { stop, thread: Some(thread) }),
+                config,
+                listener: Mutex::new(None),
             },
             schema_was,
         })
@@ -184,7 +206,7 @@ impl PgBackend {
     /// Creates or migrates the schema only (`tokenwal migrate-schema`). Returns the version found.
     pub(crate) fn migrate_only(location: &PgLocation) -> Result<i32, StoreError> {
         let config = location.driver_config().clone();
-        let worker = Worker::spawn("tokenwal-pg-migrate", config)?;
+        let worker = Worker::spawn("tokenwal-pg-migrate", config, location.tls().clone())?;
         migrate_on(&worker, location.schema()).map_err(|e| scrub_password(e, location.driver_config()))
     }
 
@@ -208,6 +230,81 @@ impl PgBackend {
             let stmt = s.statement(&sql.members)?;
             let rows = s.client()?.query(&stmt, &[]).map_err(db_err("read the members"))?;
             Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+    }
+
+    /// Claims up to `limit` orphaned attempts (open rows of members that are gone) for this
+    /// process, in one transaction on a reader connection: each row is marked as this member's, so
+    /// only this process writes that grant until its own lease runs out (the in-flight rule), and
+    /// other processes claiming at the same moment skip the rows locked here (`SKIP LOCKED`): a fleet
+    /// restarted after a crash recovers disjoint sets of grants in parallel. Returns the claimed
+    /// grants' keys. Refused (`LeaseLost`, `LeaseExpiring`) by the same fence as a commit group.
+    pub(crate) fn claim_orphans(&self, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+        if self.lost.load(Ordering::Acquire) {
+            return Err(StoreError::LeaseLost { member: self.member });
+        }
+        let (member, margin) = (self.member, self.fence_margin());
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |s, sql| {
+            s.client()?.batch_execute("BEGIN").map_err(db_err("begin"))?;
+            s.in_txn = true;
+            let claimed = (|| {
+                let fence = s.statement(&sql.fence)?;
+                let row = s.client()?.query_opt(&fence, &[&member, &margin]).map_err(db_err("check the lease"))?;
+                match row.map(|r| r.get::<_, bool>(0)) {
+                    None => return Err(StoreError::LeaseLost { member }),
+                    Some(false) => return Err(StoreError::LeaseExpiring { member }),
+                    Some(true) => {}
+                }
+                let claim = s.statement(&sql.claim)?;
+                let marker = member.to_be_bytes().to_vec();
+                let rows = s.client()?.query(&claim, &[&marker, &limit]).map_err(db_err("claim orphaned attempts"))?;
+                Ok(rows.iter().map(|r| r.get::<_, Vec<u8>>(0)).collect::<Vec<_>>())
+            })();
+            let ended = match claimed {
+                Ok(_) => s.client().and_then(|c| c.batch_execute("COMMIT").map_err(db_err(CLAIM_COMMIT))),
+                Err(_) => s.client().and_then(|c| c.batch_execute("ROLLBACK").map_err(db_err("roll back a claim"))),
+            };
+            s.in_txn = false;
+            let mut claimed = claimed.and_then(|k| ended.map(|()| k))?;
+            claimed.sort();
+            Ok(claimed)
+        })
+    }
+
+    /// The values of `keys` in `t` (`None`: absent), in one round trip.
+    pub(crate) fn get_many(&self, t: Tree, keys: Vec<Vec<u8>>) -> Result<Found, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.read(move |s, sql| {
+            let stmt = s.statement(&sql.get_many[t as usize])?;
+            let rows = s.client()?.query(&stmt, &[&keys]).map_err(db_err("read"))?;
+            let mut found: BTreeMap<Vec<u8>, Vec<u8>> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            Ok(keys
+                .into_iter()
+                .map(|k| {
+                    let v = found.remove(&k);
+                    (k, v)
+                })
+                .collect())
+        })
+    }
+
+    /// The bytes the store's schema takes in the database: every table of it with its indexes
+    /// and TOAST (`pg_total_relation_size`).
+    pub(crate) fn size_bytes(&self) -> Result<u64, StoreError> {
+        let schema = self.location.schema().to_string();
+        self.read(move |s, _| {
+            let row = s
+                .client()?
+                .query_one(
+                    "SELECT COALESCE(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind = 'r'",
+                    &[&schema],
+                )
+                .map_err(db_err("measure the schema"))?;
+            Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
         })
     }
 
@@ -243,7 +340,26 @@ impl PgBackend {
         })
     }
 
+    /// Starts hearing the grants other processes of the store commit (`f` runs on a thread of
+    /// the listener's own; see [`notify`]). A second call replaces the first listener.
+    pub(crate) fn listen(&self, f: Box<dyn Fn(notify::RemoteWrites) + Send + Sync>) -> Result<(), StoreError> {
+        let listener = notify::Listener::spawn(
+            self.config.clone(),
+            self.location.tls().clone(),
+            self.sql.channel.clone(),
+            self.member,
+            f,
+        )?;
+        if let Some(mut old) = lock(&self.listener).replace(listener) {
+            old.stop();
+        }
+        Ok(())
+    }
+
     fn close(&self) {
+        if let Some(mut l) = lock(&self.listener).take() {
+            l.stop();
+        }
         // The writer first: a group left open (the store dropped without a sync) is rolled back
         // with its connection, and nothing it holds can block the renewer being stopped.
         self.writer.close();
@@ -594,6 +710,19 @@ fn group_in_txn(
     txn.prefetch(Tree::Open, grants)?;
     let results = write_group(&txn, keys, &refs, 0)?;
     txn.flush()?;
+    drop(txn);
+    // Announce what this group wrote; listeners hear it only if the group commits.
+    let written: Vec<(&[u8], u64)> = batches
+        .iter()
+        .zip(&results)
+        .filter(|(_, r)| r.is_ok())
+        .map(|(b, _)| (b.grant.as_slice(), b.new_version))
+        .collect();
+    let payloads = notify::payloads(member, &written);
+    if !payloads.is_empty() {
+        let stmt = s.statement(&sql.notify)?;
+        s.client()?.execute(&stmt, &[&sql.channel, &payloads]).map_err(db_err("announce the group's writes"))?;
+    }
     Ok(results)
 }
 
@@ -610,6 +739,8 @@ fn get_on(s: &mut Session, sql: &Sql, t: Tree, k: &[u8]) -> Result<Option<Vec<u8
 }
 
 type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+/// Keys with their values (`None`: absent).
+pub(crate) type Found = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 /// Hands one scan chunk to `f` while its keys have `prefix`. Returns the key to continue after, or
 /// `None` when the scan is over (`f` said stop, the prefix ended, or the chunk was the last).

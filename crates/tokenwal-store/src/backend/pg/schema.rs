@@ -183,12 +183,30 @@ pub(crate) struct Sql {
     pub expire: String,
     /// Forgets members whose lease ran out more than a day ago.
     pub forget: String,
+    /// Claims up to `$2` orphaned attempts for member `$1` (8-byte big-endian id): `open` rows whose
+    /// member's lease has run out (or that name no member), row-locked with `SKIP LOCKED` so that
+    /// processes claiming at once get disjoint sets, and marked as `$1`'s. Returns the claimed keys.
+    pub claim: String,
+    /// Sends each of `$2` (text payloads) on channel `$1`; delivered to listeners at `COMMIT`.
+    pub notify: String,
+    /// The store's notification channel (`LISTEN`): a name derived from the schema's (channel
+    /// names are identifiers of at most 63 bytes).
+    pub channel: String,
 }
 
 impl Sql {
     pub fn new(schema: &str) -> Sql {
         let q = quote(schema);
         let per = |f: &dyn Fn(String) -> String| Tree::ALL.map(|t| f(format!("{q}.\"{}\"", t.name())));
+        let channel = format!("tokenwal_{:016x}", {
+            // FNV-1a 64 of the schema name: stable across processes and releases.
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for b in schema.bytes() {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+            h
+        });
         Sql {
             get: per(&|t| format!("SELECT v FROM {t} WHERE k = $1")),
             get_many: per(&|t| format!("SELECT k, v FROM {t} WHERE k = ANY($1::bytea[])")),
@@ -226,6 +244,17 @@ impl Sql {
             members: format!("SELECT id, holder FROM {q}.\"members\" WHERE expires > now() ORDER BY id"),
             expire: format!("UPDATE {q}.\"members\" SET expires = to_timestamp(0) WHERE id = $1 AND holder = $2"),
             forget: format!("DELETE FROM {q}.\"members\" WHERE expires < now() - interval '1 day'"),
+            claim: format!(
+                "WITH orphans AS (\
+                   SELECT o.k FROM {q}.\"open\" o \
+                   WHERE length(o.v) <> 8 OR NOT EXISTS (\
+                     SELECT 1 FROM {q}.\"members\" m \
+                     WHERE m.id = ('x' || encode(o.v, 'hex'))::bit(64)::bigint AND m.expires > now()) \
+                   ORDER BY o.k LIMIT $2 FOR UPDATE OF o SKIP LOCKED) \
+                 UPDATE {q}.\"open\" o SET v = $1 FROM orphans WHERE o.k = orphans.k RETURNING o.k"
+            ),
+            notify: "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS u(p)".to_string(),
+            channel,
         }
     }
 }
