@@ -26,7 +26,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -35,14 +35,16 @@ use rand::Rng;
 use tokenwal::core::{
     AccessToken, ClientSecret, GrantKey, GrantState, Phase, RefreshToken, RetryPolicy, ShopDomain, TokenSet,
 };
-use tokenwal::store::{FaultPoint, Store, StoreConfig};
+use tokenwal::store::{FaultPoint, StoreConfig};
 use tokenwal::{Config, Engine, Error, StoreLocation};
 use tokenwal_sim::config::PolicyKind;
 use tokenwal_sim::{serve, Fault, SimConfig, SimHandle};
-use tokenwal_testkit::{now as wall_now, CLIENT_ID, SECRET};
+use tokenwal_testkit::backend::{location_of, open_at};
+use tokenwal_testkit::{now as wall_now, on_both_backends, Backend, TestStore, CLIENT_ID, SECRET};
 
 const CHILD: &str = "TOKENWAL_CRASH_CHILD";
-const ENV_DIR: &str = "TOKENWAL_CRASH_DIR";
+/// The store: a sled directory or a PostgreSQL URL ([`TestStore::address`]).
+const ENV_STORE: &str = "TOKENWAL_CRASH_STORE";
 const ENV_SIM: &str = "TOKENWAL_CRASH_SIM";
 const ENV_SHOPS: &str = "TOKENWAL_CRASH_SHOPS";
 const ENV_ROUNDS: &str = "TOKENWAL_CRASH_ROUNDS";
@@ -137,13 +139,12 @@ async fn child_main() {
         };
         (point, nth.parse::<u64>().unwrap())
     });
-    let dir = PathBuf::from(env(ENV_DIR));
+    let address = env(ENV_STORE);
     // With a store fault to inject, the child opens the store itself to keep a handle on it.
-    let opened = store_fault
-        .map(|_| Store::open(&dir, &tokenwal_store::KeyRing::insecure_test_ring(), StoreConfig::default()).unwrap().0);
+    let opened = store_fault.map(|_| open_at(&address, StoreConfig::default()));
     let store = match &opened {
         Some(s) => StoreLocation::Open(s.clone()),
-        None => StoreLocation::Path(dir),
+        None => location_of(&address),
     };
     let mut c = Config::shopify(store, CLIENT_ID, ClientSecret::new(SECRET))
         .with_insecure_test_endpoint(base)
@@ -295,11 +296,19 @@ fn parse_line(line: &str) -> Option<String> {
     line.find(MARK).map(|i| line[i + MARK.len()..].to_owned())
 }
 
+/// Whether a test runs in this process: not in a child, and its backend is reachable (without a
+/// PostgreSQL server the `_pg` variants skip loudly, or fail under `TOKENWAL_REQUIRE_PG=1`).
+fn runs_here(backend: Backend) -> bool {
+    std::env::var_os(CHILD).is_none() && (backend == Backend::Sled || TestStore::new(backend, "crash suite").is_some())
+}
+
 struct Harness {
     // Dropped in this order: the simulator's server task before its runtime.
     sim: SimHandle,
     _rt: tokio::runtime::Runtime,
+    /// `shops.json`.
     dir: tempfile::TempDir,
+    store: TestStore,
     shops: Vec<String>,
     rounds: usize,
     strict: bool,
@@ -311,11 +320,11 @@ struct Harness {
 }
 
 impl Harness {
-    fn new(tag: &str, shops: usize, policy: PolicyKind) -> Harness {
-        Harness::with_config(tag, shops, SimConfig { policy, ..SimConfig::default() })
+    fn new(backend: Backend, tag: &str, shops: usize, policy: PolicyKind) -> Harness {
+        Harness::with_config(backend, tag, shops, SimConfig { policy, ..SimConfig::default() })
     }
 
-    fn with_config(tag: &str, shops: usize, config: SimConfig) -> Harness {
+    fn with_config(backend: Backend, tag: &str, shops: usize, config: SimConfig) -> Harness {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let policy = config.policy;
         let config = SimConfig { hang_cap: "5s".parse().unwrap(), ..config };
@@ -339,6 +348,7 @@ impl Harness {
             sim,
             _rt: rt,
             dir,
+            store: TestStore::new(backend, "crash suite").expect("checked by runs_here"),
             shops,
             rounds: 3,
             strict: policy == PolicyKind::Strict,
@@ -350,15 +360,11 @@ impl Harness {
         }
     }
 
-    fn store_path(&self) -> PathBuf {
-        self.dir.path().join("store")
-    }
-
     fn command(&self, failpoint: Option<&str>) -> Command {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
         cmd.args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
             .env(CHILD, "1")
-            .env(ENV_DIR, self.store_path())
+            .env(ENV_STORE, self.store.address())
             .env(ENV_SIM, self.sim.base_url())
             .env(ENV_SHOPS, self.dir.path().join("shops.json"))
             .env(ENV_ROUNDS, self.rounds.to_string())
@@ -452,10 +458,7 @@ impl Harness {
     /// The durable state of every shop, as the stopped child left it.
     fn inspect(&self) -> BTreeMap<String, GrantState> {
         let _g = spawn_lock();
-        let (store, report) =
-            Store::open(self.store_path(), &tokenwal_store::KeyRing::insecure_test_ring(), StoreConfig::default())
-                .unwrap();
-        assert!(report.corrupt.is_empty(), "{:?}", report.corrupt);
+        let store = self.store.open();
         let states =
             self.shops.iter().filter_map(|s| store.get(&grant(s)).unwrap().map(|st| (s.clone(), st))).collect();
         drop(store);
@@ -553,8 +556,8 @@ impl Harness {
 /// Aborts the child at the `nth` hit of `name` (one hit per attempt; shops are served in order, so
 /// the `nth` attempt is shop `(nth-1) % shops` in round `(nth-1) / shops`), checks what the dead
 /// process left, restarts it and checks recovery. Returns the harness for further checks.
-fn crash_at(name: &str, nth: usize) -> Harness {
-    let h = Harness::new(&format!("{name}-{nth}"), 3, PolicyKind::RetainUntilReplacementUsed);
+fn crash_at(backend: Backend, name: &str, nth: usize) -> Harness {
+    let h = Harness::new(backend, &format!("{name}-{nth}"), 3, PolicyKind::RetainUntilReplacementUsed);
     let n = h.shops.len();
     let (round, victim) = ((nth - 1) / n, h.shops[(nth - 1) % n].clone());
     let crashed = h.run(Some(&format!("{name}:{nth}")));
@@ -639,95 +642,109 @@ fn every_failpoint_has_a_crash_test() {
 /// The first, a middle and the last attempt of a 3-shop, 3-round run.
 const VARIANTS: [usize; 3] = [1, 5, 9];
 
-fn crash_case(name: &str) {
-    if std::env::var_os(CHILD).is_some() {
+fn crash_case(backend: Backend, name: &str) {
+    if !runs_here(backend) {
         return;
     }
     for nth in VARIANTS {
-        crash_at(name, nth);
+        crash_at(backend, name, nth);
     }
 }
 
-#[test]
-fn crash_before_intent() {
-    crash_case("before-intent");
-}
-
-#[test]
-fn crash_after_intent() {
-    crash_case("after-intent");
-}
-
-#[test]
-fn crash_after_response() {
-    crash_case("after-response");
-}
-
-#[test]
-fn crash_before_commit() {
-    crash_case("before-commit");
-}
-
-#[test]
-fn crash_after_commit() {
-    crash_case("after-commit");
-}
-
-/// Every attempt-level failpoint with all shops refreshing at once: the process dies with other
-/// shops' attempts at any stage. Whatever it left, the restart serves everyone, loses nothing, and
-/// replays exactly the open attempts the server had acted on.
-#[test]
-fn crash_at_every_failpoint_while_all_shops_refresh_concurrently() {
-    if std::env::var_os(CHILD).is_some() {
-        return;
+on_both_backends! {
+    #[test]
+    fn crash_before_intent, crash_before_intent_pg(backend) {
+        crash_case(backend, "before-intent");
     }
-    for name in ["before-intent", "after-intent", "after-response", "before-commit", "after-commit"] {
-        let mut h = Harness::new(&format!("conc-{name}"), 4, PolicyKind::RetainUntilReplacementUsed);
-        h.concurrent = true;
-        let crashed = h.run(Some(&format!("{name}:6")));
-        assert!(crashed.aborted(), "{name}: {crashed:#?}");
-        h.check_served_was_durable(&crashed);
+}
+
+on_both_backends! {
+    #[test]
+    fn crash_after_intent, crash_after_intent_pg(backend) {
+        crash_case(backend, "after-intent");
+    }
+}
+
+on_both_backends! {
+    #[test]
+    fn crash_after_response, crash_after_response_pg(backend) {
+        crash_case(backend, "after-response");
+    }
+}
+
+on_both_backends! {
+    #[test]
+    fn crash_before_commit, crash_before_commit_pg(backend) {
+        crash_case(backend, "before-commit");
+    }
+}
+
+on_both_backends! {
+    #[test]
+    fn crash_after_commit, crash_after_commit_pg(backend) {
+        crash_case(backend, "after-commit");
+    }
+}
+
+on_both_backends! {
+    /// Every attempt-level failpoint with all shops refreshing at once: the process dies with other
+    /// shops' attempts at any stage. Whatever it left, the restart serves everyone, loses nothing, and
+    /// replays exactly the open attempts the server had acted on.
+    #[test]
+    fn crash_at_every_failpoint_while_all_shops_refresh_concurrently, crash_at_every_failpoint_while_all_shops_refresh_concurrently_pg(backend) {
+        if !runs_here(backend) {
+            return;
+        }
+        for name in ["before-intent", "after-intent", "after-response", "before-commit", "after-commit"] {
+            let mut h = Harness::new(backend, &format!("conc-{name}"), 4, PolicyKind::RetainUntilReplacementUsed);
+            h.concurrent = true;
+            let crashed = h.run(Some(&format!("{name}:6")));
+            assert!(crashed.aborted(), "{name}: {crashed:#?}");
+            h.check_served_was_durable(&crashed);
+            let open = h.check_recoverable();
+            let replays = h.replays();
+            let restarted = h.run_clean();
+            assert_eq!(restarted.report()["open"], open.len(), "{name}");
+            assert_eq!(restarted.report()["resolved"], open.len(), "{name}");
+            h.check_served(&restarted);
+            assert_eq!(h.replays() - replays, open.values().filter(|p| **p).count() as u64, "{name}: {open:?}");
+        }
+    }
+}
+
+on_both_backends! {
+    /// A crash after the response, then another in recovery's probe (its response lost too), then a
+    /// clean restart: the same old token is retried a second time and still returns the pair.
+    #[test]
+    fn crash_after_response_then_again_in_the_recovery_probe, crash_after_response_then_again_in_the_recovery_probe_pg(backend) {
+        if !runs_here(backend) {
+            return;
+        }
+        let h = Harness::new(backend, "probe-crash", 3, PolicyKind::RetainUntilReplacementUsed);
+        let victim = h.shops[1].clone();
+        assert!(h.run(Some("after-response:2")).aborted());
         let open = h.check_recoverable();
+        assert_eq!(open.get(&victim), Some(&true));
         let replays = h.replays();
+        // The recovery probe is the first attempt of the next process.
+        let again = h.run(Some("after-response:1"));
+        assert!(again.aborted(), "{again:#?}");
+        assert_eq!(h.replays(), replays + 1, "the probe replayed the old token");
+        let states = h.inspect();
+        let st = &states[&victim];
+        assert!(matches!(st.phase, Phase::Refreshing { .. }), "{st:?}");
+        assert_eq!(h.check_recoverable().get(&victim), Some(&true));
         let restarted = h.run_clean();
-        assert_eq!(restarted.report()["open"], open.len(), "{name}");
-        assert_eq!(restarted.report()["resolved"], open.len(), "{name}");
+        assert_eq!(restarted.report()["resolved"], 1);
         h.check_served(&restarted);
-        assert_eq!(h.replays() - replays, open.values().filter(|p| **p).count() as u64, "{name}: {open:?}");
+        assert_eq!(h.replays(), replays + 2, "two replays of the same old token");
     }
-}
-
-/// A crash after the response, then another in recovery's probe (its response lost too), then a
-/// clean restart: the same old token is retried a second time and still returns the pair.
-#[test]
-fn crash_after_response_then_again_in_the_recovery_probe() {
-    if std::env::var_os(CHILD).is_some() {
-        return;
-    }
-    let h = Harness::new("probe-crash", 3, PolicyKind::RetainUntilReplacementUsed);
-    let victim = h.shops[1].clone();
-    assert!(h.run(Some("after-response:2")).aborted());
-    let open = h.check_recoverable();
-    assert_eq!(open.get(&victim), Some(&true));
-    let replays = h.replays();
-    // The recovery probe is the first attempt of the next process.
-    let again = h.run(Some("after-response:1"));
-    assert!(again.aborted(), "{again:#?}");
-    assert_eq!(h.replays(), replays + 1, "the probe replayed the old token");
-    let states = h.inspect();
-    let st = &states[&victim];
-    assert!(matches!(st.phase, Phase::Refreshing { .. }), "{st:?}");
-    assert_eq!(h.check_recoverable().get(&victim), Some(&true));
-    let restarted = h.run_clean();
-    assert_eq!(restarted.report()["resolved"], 1);
-    h.check_served(&restarted);
-    assert_eq!(h.replays(), replays + 2, "two replays of the same old token");
 }
 
 /// Every shop stopped after send, before the response (SIGKILL while the server holds every answer).
 /// Returns the harness, the shops' count and the server's token requests so far.
-fn all_in_flight_then_killed(tag: &str) -> (Harness, usize, u64) {
-    let mut h = Harness::new(tag, 4, PolicyKind::RetainUntilReplacementUsed);
+fn all_in_flight_then_killed(backend: Backend, tag: &str) -> (Harness, usize, u64) {
+    let mut h = Harness::new(backend, tag, 4, PolicyKind::RetainUntilReplacementUsed);
     let n = h.shops.len();
     h.concurrent = true;
     h.rounds = 1;
@@ -741,6 +758,9 @@ fn all_in_flight_then_killed(tag: &str) -> (Harness, usize, u64) {
     assert_eq!(open.len(), n, "every shop was in flight: {open:?}");
     assert!(open.values().all(|p| *p), "the server rotated every one");
     let requests = h.sim.counters().total.token_requests;
+    // The hung requests died with the child; the next ones are answered at once. (A recovery probe
+    // on a shared store waits out the dead request's timeout, the restarted process's own.)
+    h.timeout_ms = 5_000;
     (h, n, requests)
 }
 
@@ -752,174 +772,181 @@ fn open_phases(h: &Harness) -> (usize, usize) {
     (refreshing, ambiguous)
 }
 
-/// Every shop in flight at a kill, then crashes in the middle of recovery's transitions. They go
-/// through group commit, so a crash leaves the one that hit the failpoint and whatever shared its
-/// sync durable, and none of the rest: each grant's transition is atomic, and planning again
-/// completes the rest.
-#[test]
-fn crash_during_recovery() {
-    if std::env::var_os(CHILD).is_some() {
-        return;
-    }
-    let (mut h, n, requests) = all_in_flight_then_killed("recovery");
-    let mut written = 0;
-    for _ in 0..2 {
-        if written == n {
-            break; // every transition shared the first crash's sync: nothing left to crash in
+on_both_backends! {
+    /// Every shop in flight at a kill, then crashes in the middle of recovery's transitions. They go
+    /// through group commit, so a crash leaves the one that hit the failpoint and whatever shared its
+    /// sync durable, and none of the rest: each grant's transition is atomic, and planning again
+    /// completes the rest.
+    #[test]
+    fn crash_during_recovery, crash_during_recovery_pg(backend) {
+        if !runs_here(backend) {
+            return;
         }
+        let (mut h, n, requests) = all_in_flight_then_killed(backend, "recovery");
+        let mut written = 0;
+        for _ in 0..2 {
+            if written == n {
+                break; // every transition shared the first crash's sync: nothing left to crash in
+            }
+            let r = h.run(Some("during-recovery:1"));
+            assert!(r.aborted(), "{r:#?}");
+            let (refreshing, ambiguous) = open_phases(&h);
+            assert_eq!(refreshing + ambiguous, n, "every grant is still open");
+            assert!(ambiguous > written, "at least the transition that hit the failpoint is durable");
+            written = ambiguous;
+        }
+        assert_eq!(h.sim.counters().total.token_requests, requests, "recovery crashed before probing anything");
+        h.check_recoverable();
+
+        let replays = h.replays();
+        h.rounds = 2;
+        let restarted = h.run_clean();
+        let report = restarted.report();
+        assert_eq!((report["open"], report["interrupted"], report["resolved"]), (n, n - written, n), "{report:?}");
+        h.check_served(&restarted);
+        assert_eq!(h.replays() - replays, n as u64, "every hung rotation was recovered by a replay");
+    }
+}
+
+on_both_backends! {
+    /// Recovery outlives a zero budget: open returns at once, recovery goes on in the background while
+    /// callers wait for it, and the process dies there (at a recovery probe's response, then in its
+    /// transitions). Nothing is lost: the next start recovers every grant and serves it.
+    #[test]
+    fn crash_during_background_recovery, crash_during_background_recovery_pg(backend) {
+        if !runs_here(backend) {
+            return;
+        }
+        let (mut h, n, requests) = all_in_flight_then_killed(backend, "background");
+        h.budget_ms = Some(0);
+        let r = h.run(Some("after-response:1"));
+        assert!(r.aborted(), "{r:#?}");
+        let report = r.report();
+        assert_eq!((report["open"], report["pending"]), (n, n), "open returned before recovery ended: {report:?}");
+        assert!(h.sim.counters().total.token_requests > requests, "a background probe was sent");
+        let (refreshing, ambiguous) = open_phases(&h);
+        assert_eq!(refreshing + ambiguous, n, "every grant is still open: {r:#?}");
+        h.check_recoverable();
+
         let r = h.run(Some("during-recovery:1"));
         assert!(r.aborted(), "{r:#?}");
         let (refreshing, ambiguous) = open_phases(&h);
-        assert_eq!(refreshing + ambiguous, n, "every grant is still open");
-        assert!(ambiguous > written, "at least the transition that hit the failpoint is durable");
-        written = ambiguous;
-    }
-    assert_eq!(h.sim.counters().total.token_requests, requests, "recovery crashed before probing anything");
-    h.check_recoverable();
+        assert_eq!(refreshing + ambiguous, n);
+        h.check_recoverable();
 
-    let replays = h.replays();
-    h.rounds = 2;
-    let restarted = h.run_clean();
-    let report = restarted.report();
-    assert_eq!((report["open"], report["interrupted"], report["resolved"]), (n, n - written, n), "{report:?}");
-    h.check_served(&restarted);
-    assert_eq!(h.replays() - replays, n as u64, "every hung rotation was recovered by a replay");
-}
-
-/// Recovery outlives a zero budget: open returns at once, recovery goes on in the background while
-/// callers wait for it, and the process dies there (at a recovery probe's response, then in its
-/// transitions). Nothing is lost: the next start recovers every grant and serves it.
-#[test]
-fn crash_during_background_recovery() {
-    if std::env::var_os(CHILD).is_some() {
-        return;
-    }
-    let (mut h, n, requests) = all_in_flight_then_killed("background");
-    h.budget_ms = Some(0);
-    let r = h.run(Some("after-response:1"));
-    assert!(r.aborted(), "{r:#?}");
-    let report = r.report();
-    assert_eq!((report["open"], report["pending"]), (n, n), "open returned before recovery ended: {report:?}");
-    assert!(h.sim.counters().total.token_requests > requests, "a background probe was sent");
-    let (refreshing, ambiguous) = open_phases(&h);
-    assert_eq!(refreshing + ambiguous, n, "every grant is still open: {r:#?}");
-    h.check_recoverable();
-
-    let r = h.run(Some("during-recovery:1"));
-    assert!(r.aborted(), "{r:#?}");
-    let (refreshing, ambiguous) = open_phases(&h);
-    assert_eq!(refreshing + ambiguous, n);
-    h.check_recoverable();
-
-    h.rounds = 2;
-    let restarted = h.run_clean();
-    assert_eq!(restarted.report()["open"], n);
-    h.check_served(&restarted);
-}
-
-/// Compaction cut short: the child compacts every 5 ms with a cap of 2 records per grant while every
-/// round refreshes every shop, and aborts after the N-th chunk that deleted something (before any
-/// sync made it durable). Nothing is lost: every grant's state and refresh token stay valid, the
-/// histories stay readable, and the restart serves every shop.
-#[test]
-fn crash_during_compaction() {
-    if std::env::var_os(CHILD).is_some() {
-        return;
-    }
-    for nth in [1, 3, 6] {
-        let mut h = Harness::new(&format!("compact-{nth}"), 3, PolicyKind::RetainUntilReplacementUsed);
-        h.rounds = 30;
-        h.compact = Some("2:5".into());
-        let crashed = h.run(Some(&format!("during-compaction:{nth}")));
-        assert!(crashed.aborted(), "compaction never deleted {nth} chunks: {crashed:#?}");
-        h.check_served_was_durable(&crashed);
-        // Refreshes run beside the compaction: the abort may catch one mid-attempt (recoverable).
-        let open = h.check_recoverable();
-        {
-            let store =
-                Store::open(h.store_path(), &tokenwal_store::KeyRing::insecure_test_ring(), StoreConfig::default())
-                    .unwrap()
-                    .0;
-            for s in &h.shops {
-                let g = GrantKey::shopify(&ShopDomain::parse(s).unwrap());
-                let history = store.history(&g).expect("a history stays readable");
-                assert!(!history.is_empty(), "{s}: the newest records stay");
-                assert!(store.get(&g).unwrap().is_some(), "{s}: the state stays");
-            }
-        }
         h.rounds = 2;
-        h.compact = None;
         let restarted = h.run_clean();
-        let report = restarted.report();
-        assert_eq!(
-            (report["open"], report["resolved"], report["needs_reauth"]),
-            (open.len(), open.len(), 0),
-            "{report:?}"
-        );
+        assert_eq!(restarted.report()["open"], n);
         h.check_served(&restarted);
     }
 }
 
-/// "After send, before response", at random moments: requests hang at the server after it rotated,
-/// the engine's total timeout is short, and the child is SIGKILLed at random while it retries.
-#[test]
-fn crash_after_send_before_response_random_kills() {
-    if std::env::var_os(CHILD).is_some() {
-        return;
+on_both_backends! {
+    /// Compaction cut short: the child compacts every 5 ms with a cap of 2 records per grant while every
+    /// round refreshes every shop, and aborts after the N-th chunk that deleted something (before any
+    /// sync made it durable). Nothing is lost: every grant's state and refresh token stay valid, the
+    /// histories stay readable, and the restart serves every shop.
+    #[test]
+    fn crash_during_compaction, crash_during_compaction_pg(backend) {
+        if !runs_here(backend) {
+            return;
+        }
+        for nth in [1, 3, 6] {
+            let mut h = Harness::new(backend, &format!("compact-{nth}"), 3, PolicyKind::RetainUntilReplacementUsed);
+            h.rounds = 30;
+            h.compact = Some("2:5".into());
+            let crashed = h.run(Some(&format!("during-compaction:{nth}")));
+            assert!(crashed.aborted(), "compaction never deleted {nth} chunks: {crashed:#?}");
+            h.check_served_was_durable(&crashed);
+            // Refreshes run beside the compaction: the abort may catch one mid-attempt (recoverable).
+            let open = h.check_recoverable();
+            {
+                let _g = spawn_lock();
+                let store = h.store.open();
+                for s in &h.shops {
+                    let g = GrantKey::shopify(&ShopDomain::parse(s).unwrap());
+                    let history = store.history(&g).expect("a history stays readable");
+                    assert!(!history.is_empty(), "{s}: the newest records stay");
+                    assert!(store.get(&g).unwrap().is_some(), "{s}: the state stays");
+                }
+            }
+            h.rounds = 2;
+            h.compact = None;
+            let restarted = h.run_clean();
+            let report = restarted.report();
+            assert_eq!(
+                (report["open"], report["resolved"], report["needs_reauth"]),
+                (open.len(), open.len(), 0),
+                "{report:?}"
+            );
+            h.check_served(&restarted);
+        }
     }
-    let mut h = Harness::new("kill", 3, PolicyKind::RetainUntilReplacementUsed);
-    h.concurrent = true;
-    h.rounds = 6;
-    h.timeout_ms = 150;
-    let seed: u64 = rand::random();
-    eprintln!("random kills: seed {seed}");
-    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
-    let mut kills = 0;
-    for iteration in 0..8 {
+}
+
+on_both_backends! {
+    /// "After send, before response", at random moments: requests hang at the server after it rotated,
+    /// the engine's total timeout is short, and the child is SIGKILLed at random while it retries.
+    #[test]
+    fn crash_after_send_before_response_random_kills, crash_after_send_before_response_random_kills_pg(backend) {
+        if !runs_here(backend) {
+            return;
+        }
+        let mut h = Harness::new(backend, "kill", 3, PolicyKind::RetainUntilReplacementUsed);
+        h.concurrent = true;
+        h.rounds = 6;
+        h.timeout_ms = 150;
+        let seed: u64 = rand::random();
+        eprintln!("random kills: seed {seed}");
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+        let mut kills = 0;
+        for iteration in 0..8 {
+            for s in &h.shops {
+                h.sim.with_model(|m| m.clear_faults(s));
+                // Mostly rotations whose answer never comes (hang until the engine's timeout), some
+                // reset or 520, and slow but normal answers in between.
+                let faults: Vec<Fault> = (0..rng.gen_range(6..12))
+                    .map(|_| match rng.gen_range(0..8) {
+                        0 => Fault::RotateThenReset,
+                        1 => Fault::RotateThenDrop,
+                        2..=4 => Fault::RotateThenHang,
+                        _ => Fault::Slow { delay_ms: rng.gen_range(5..60) },
+                    })
+                    .collect();
+                h.sim.push_faults(s, faults).unwrap();
+            }
+            let after = Duration::from_millis(rng.gen_range(20..900));
+            let (killed, run) = h.run_until_killed(|_, elapsed| elapsed >= after);
+            kills += usize::from(killed);
+            if !killed {
+                assert!(run.finished(), "iteration {iteration} (seed {seed}): {run:#?}");
+            }
+            // Every stored refresh token, open or not, is still accepted by the server.
+            h.check_recoverable();
+            h.check_served_was_durable(&run);
+        }
+        eprintln!("random kills: {kills} kills, {} replays so far", h.replays());
+        assert!(kills >= 4, "too few kills to mean anything ({kills}, seed {seed})");
         for s in &h.shops {
             h.sim.with_model(|m| m.clear_faults(s));
-            // Mostly rotations whose answer never comes (hang until the engine's timeout), some
-            // reset or 520, and slow but normal answers in between.
-            let faults: Vec<Fault> = (0..rng.gen_range(6..12))
-                .map(|_| match rng.gen_range(0..8) {
-                    0 => Fault::RotateThenReset,
-                    1 => Fault::RotateThenDrop,
-                    2..=4 => Fault::RotateThenHang,
-                    _ => Fault::Slow { delay_ms: rng.gen_range(5..60) },
-                })
-                .collect();
-            h.sim.push_faults(s, faults).unwrap();
         }
-        let after = Duration::from_millis(rng.gen_range(20..900));
-        let (killed, run) = h.run_until_killed(|_, elapsed| elapsed >= after);
-        kills += usize::from(killed);
-        if !killed {
-            assert!(run.finished(), "iteration {iteration} (seed {seed}): {run:#?}");
-        }
-        // Every stored refresh token, open or not, is still accepted by the server.
-        h.check_recoverable();
-        h.check_served_was_durable(&run);
+        h.timeout_ms = 5_000;
+        let restarted = h.run_clean();
+        h.check_served(&restarted);
+        assert!(h.replays() > 0, "the lost answers were recovered by replays (seed {seed})");
     }
-    eprintln!("random kills: {kills} kills, {} replays so far", h.replays());
-    assert!(kills >= 4, "too few kills to mean anything ({kills}, seed {seed})");
-    for s in &h.shops {
-        h.sim.with_model(|m| m.clear_faults(s));
-    }
-    h.timeout_ms = 5_000;
-    let restarted = h.run_clean();
-    h.check_served(&restarted);
-    assert!(h.replays() > 0, "the lost answers were recovered by replays (seed {seed})");
 }
 
 /// The last row of the crash-point table: a write or sync fails (full disk, I/O error). The store is
 /// fail-stop: the child gets `Io`, then `Poisoned` for everything, and exits; the failed batch may or
 /// may not be durable. The restart's recovery handles either: every shop is served, nothing the
 /// server holds is lost, and a replay happens exactly if the lost batch left a processed attempt open.
-fn crash_on_store_failure(fault: &str) {
-    if std::env::var_os(CHILD).is_some() {
+fn crash_on_store_failure(backend: Backend, fault: &str) {
+    if !runs_here(backend) {
         return;
     }
-    let mut h = Harness::new(&format!("io-{}", fault.replace(':', "-")), 3, PolicyKind::RetainUntilReplacementUsed);
+    let mut h =
+        Harness::new(backend, &format!("io-{}", fault.replace(':', "-")), 3, PolicyKind::RetainUntilReplacementUsed);
     h.store_fault = Some(fault.to_owned());
     let failed = h.run(None);
     assert!(failed.finished(), "{failed:#?}");
@@ -939,37 +966,45 @@ fn crash_on_store_failure(fault: &str) {
     assert_eq!(h.replays() - replays, open.values().filter(|p| **p).count() as u64);
 }
 
-/// The first attempt's intent is written but its sync fails: nothing was sent.
-#[test]
-fn crash_on_failed_sync_of_an_intent() {
-    crash_on_store_failure("sync:1");
+on_both_backends! {
+    /// The first attempt's intent is written but its sync fails: nothing was sent.
+    #[test]
+    fn crash_on_failed_sync_of_an_intent, crash_on_failed_sync_of_an_intent_pg(backend) {
+        crash_on_store_failure(backend, "sync:1");
+    }
 }
 
-/// The first attempt's commit is written but its sync fails: the server had rotated.
-#[test]
-fn crash_on_failed_sync_of_a_commit() {
-    crash_on_store_failure("sync:2");
+on_both_backends! {
+    /// The first attempt's commit is written but its sync fails: the server had rotated.
+    #[test]
+    fn crash_on_failed_sync_of_a_commit, crash_on_failed_sync_of_a_commit_pg(backend) {
+        crash_on_store_failure(backend, "sync:2");
+    }
 }
 
-/// The first attempt's commit fails right after its transaction (written, reported failed).
-#[test]
-fn crash_on_failed_write_of_a_commit() {
-    crash_on_store_failure("after-write:2");
+on_both_backends! {
+    /// The first attempt's commit fails right after its transaction (written, reported failed).
+    #[test]
+    fn crash_on_failed_write_of_a_commit, crash_on_failed_write_of_a_commit_pg(backend) {
+        crash_on_store_failure(backend, "after-write:2");
+    }
 }
 
-/// The first attempt's intent fails before its transaction: nothing written, nothing sent.
-#[test]
-fn crash_on_failed_write_of_an_intent() {
-    crash_on_store_failure("before-write:1");
+on_both_backends! {
+    /// The first attempt's intent fails before its transaction: nothing written, nothing sent.
+    #[test]
+    fn crash_on_failed_write_of_an_intent, crash_on_failed_write_of_an_intent_pg(backend) {
+        crash_on_store_failure(backend, "before-write:1");
+    }
 }
 
 /// A strict single-use server and a crash after its response: the rotation the server committed is
 /// lost with the process, so the grant is really dead for tokenwal (the only refresh token the
 /// server would still take is the one lost with the answer). The restart probes it once, is
 /// rejected, and marks it needs-reauth: not healthy, and not looped on.
-fn strict_crash_after_response(tag: &str, revoke_family_on_reuse: bool) -> Harness {
+fn strict_crash_after_response(backend: Backend, tag: &str, revoke_family_on_reuse: bool) -> Harness {
     let config = SimConfig { policy: PolicyKind::Strict, revoke_family_on_reuse, ..SimConfig::default() };
-    let h = Harness::with_config(tag, 2, config);
+    let h = Harness::with_config(backend, tag, 2, config);
     let (victim, other) = (h.shops[0].clone(), h.shops[1].clone());
     assert!(h.run(Some("after-response:1")).aborted());
     assert_eq!(h.check_recoverable().get(&victim), Some(&true));
@@ -1010,39 +1045,45 @@ fn strict_crash_after_response(tag: &str, revoke_family_on_reuse: bool) -> Harne
     h
 }
 
-#[test]
-fn strict_crash_after_response_needs_reauth() {
-    if std::env::var_os(CHILD).is_some() {
-        return;
+on_both_backends! {
+    #[test]
+    fn strict_crash_after_response_needs_reauth, strict_crash_after_response_needs_reauth_pg(backend) {
+        if !runs_here(backend) {
+            return;
+        }
+        strict_crash_after_response(backend, "strict", false);
     }
-    strict_crash_after_response("strict", false);
 }
 
-/// The same under a server that revokes the whole grant when a used token is presented again: the
-/// probe makes the server kill the grant outright, and it confirms the grant is dead.
-#[test]
-fn strict_family_revocation_crash_after_response_needs_reauth() {
-    if std::env::var_os(CHILD).is_some() {
-        return;
+on_both_backends! {
+    /// The same under a server that revokes the whole grant when a used token is presented again: the
+    /// probe makes the server kill the grant outright, and it confirms the grant is dead.
+    #[test]
+    fn strict_family_revocation_crash_after_response_needs_reauth, strict_family_revocation_crash_after_response_needs_reauth_pg(backend) {
+        if !runs_here(backend) {
+            return;
+        }
+        let h = strict_crash_after_response(backend, "strict-family", true);
+        assert!(!h.sim.grant_alive(&h.shops[0]), "the server revoked the grant");
+        assert_eq!(h.sim.counters().shop(&h.shops[0]).family_revocations, 1);
+        assert!(h.sim.grant_alive(&h.shops[1]));
     }
-    let h = strict_crash_after_response("strict-family", true);
-    assert!(!h.sim.grant_alive(&h.shops[0]), "the server revoked the grant");
-    assert_eq!(h.sim.counters().shop(&h.shops[0]).family_revocations, 1);
-    assert!(h.sim.grant_alive(&h.shops[1]));
 }
 
-/// Under the same strict server, a crash after the intent (nothing sent) is not a loss: the probe is
-/// the credential's first use and succeeds. No false re-auth.
-#[test]
-fn strict_crash_after_intent_recovers() {
-    if std::env::var_os(CHILD).is_some() {
-        return;
+on_both_backends! {
+    /// Under the same strict server, a crash after the intent (nothing sent) is not a loss: the probe is
+    /// the credential's first use and succeeds. No false re-auth.
+    #[test]
+    fn strict_crash_after_intent_recovers, strict_crash_after_intent_recovers_pg(backend) {
+        if !runs_here(backend) {
+            return;
+        }
+        let h = Harness::new(backend, "strict-intent", 2, PolicyKind::Strict);
+        assert!(h.run(Some("after-intent:1")).aborted());
+        assert_eq!(h.check_recoverable().get(&h.shops[0]), Some(&false));
+        let restarted = h.run_clean();
+        assert_eq!(restarted.report()["resolved"], 1);
+        h.check_served(&restarted);
+        assert_eq!(h.replays(), 0);
     }
-    let h = Harness::new("strict-intent", 2, PolicyKind::Strict);
-    assert!(h.run(Some("after-intent:1")).aborted());
-    assert_eq!(h.check_recoverable().get(&h.shops[0]), Some(&false));
-    let restarted = h.run_clean();
-    assert_eq!(restarted.report()["resolved"], 1);
-    h.check_served(&restarted);
-    assert_eq!(h.replays(), 0);
 }

@@ -6,6 +6,8 @@
 //!   a simulator on loopback ([`sim`]), an engine configuration pointed at it
 //!   ([`engine_config`]), an engine on a temporary on-disk store ([`temp_engine`]), tokens
 //!   seeded in the simulator as tokenwal sees them ([`seed`]), and inspection helpers.
+//! * [`backend`]: a fresh durable store of either backend ([`TestStore`]: sled directory or
+//!   PostgreSQL scratch schema) and [`on_both_backends!`], which runs one test on both.
 //! * [`cli`]: runs the `tokenwal` binary with a clean environment and the test store key.
 //! * [`broker`]: a `tokenwal serve` process and an HTTP/1.1 client over its Unix socket.
 //! * [`oidc`]: the real OAuth 2.0 server (node, `oidc-provider`) of the oidc suites.
@@ -23,9 +25,12 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod backend;
 pub mod broker;
 pub mod cli;
 pub mod oidc;
+
+pub use backend::{Backend, TestStore};
 
 use std::time::Duration;
 
