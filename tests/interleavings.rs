@@ -51,6 +51,7 @@ use tokenwal_sim::{
     Delivery, Fault as SimFault, Model, ModelConfig, RotationPolicy, TokenOutcome, TokenParams, TokenReply, TokenStatus,
 };
 use tokenwal_store::{Store, StoreError};
+use tokenwal_testkit::{Backend, TestStore};
 
 const MIN: u64 = 60_000;
 const HOUR: u64 = 60 * MIN;
@@ -277,10 +278,22 @@ enum Stage {
     Answered(Durable<AttemptRequest>, Outcome),
 }
 
+/// The store under the world.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backing {
+    /// The in-memory store: a crash keeps its crash image, exactly what was durably acknowledged.
+    Memory,
+    /// A PostgreSQL store in a scratch schema: a crash drops the store (nothing pending) and
+    /// reopens the schema, keeping what was committed.
+    Postgres,
+}
+
 struct World<'c> {
     policy: Policy,
     machine: Machine,
     store: Store,
+    /// The PostgreSQL schema (dropped after the store), or `None` for the in-memory store.
+    pg: Option<TestStore>,
     sim: Model,
     names: Vec<String>,
     grants: Vec<GrantKey>,
@@ -338,8 +351,12 @@ fn to_outcome(reply: &TokenReply, presented: &RefreshToken, now: u64) -> Outcome
 }
 
 impl<'c> World<'c> {
-    fn new(policy: Policy, shops: usize, seed: u64, cov: &'c Coverage) -> World<'c> {
-        let store = Store::in_memory();
+    fn new(policy: Policy, backing: Backing, shops: usize, seed: u64, cov: &'c Coverage) -> World<'c> {
+        let pg = match backing {
+            Backing::Memory => None,
+            Backing::Postgres => Some(TestStore::new(Backend::Postgres, "interleavings").expect("checked first")),
+        };
+        let store = pg.as_ref().map_or_else(Store::in_memory, TestStore::open);
         let machine = Machine {
             policy: policy.retry(),
             refresh_margin: Duration::from_secs(300),
@@ -355,6 +372,7 @@ impl<'c> World<'c> {
             policy,
             machine,
             store,
+            pg,
             sim,
             names,
             grants,
@@ -622,8 +640,22 @@ impl<'c> World<'c> {
                 None => {}
             }
         }
-        self.store = self.store.crash_image();
+        self.restart();
         self.recover(stop_after);
+    }
+
+    /// The store as the restarted process finds it. In memory: the crash image. On PostgreSQL
+    /// nothing is pending here (every write of the world has been answered), so what is committed
+    /// is what is durable: the old store goes (leaving the store's members: the attempts it had in
+    /// flight are anyone's, as a dead process's are once its lease ended) and the schema reopens.
+    fn restart(&mut self) {
+        self.store = match &self.pg {
+            None => self.store.crash_image(),
+            Some(pg) => {
+                self.store = Store::in_memory();
+                pg.open()
+            }
+        };
     }
 
     fn recover(&mut self, stop_after: Option<u8>) {
@@ -681,6 +713,10 @@ impl<'c> World<'c> {
     }
 
     /// Crash while shop `i`'s next write is applied but not yet synced: the restart must not see it.
+    /// On PostgreSQL: the group is written inside its transaction, the `COMMIT` not sent, and the
+    /// process dies: the server ends its session and rolls the transaction back. (A `COMMIT` done
+    /// whose answer was lost leaves the write durable: that is a crash right after the step, which
+    /// `Op::Crash` after `Op::Step` covers.)
     fn crash_mid_write(&mut self, i: usize) {
         let pending: Option<Pending<()>> = match self.workers[i].take() {
             Some(Stage::Planned(p)) => {
@@ -709,15 +745,27 @@ impl<'c> World<'c> {
         assert!(hold.wait_parked(Duration::from_secs(10)), "the write never reached the sync");
         // Neither readers nor a crash see a write that is not durable.
         assert_eq!(self.state(i), before);
-        let image = self.store.crash_image();
-        hold.release();
-        writer.join().unwrap().unwrap();
-        assert_eq!(image.get(&self.grants[i]).unwrap().as_ref(), Some(&before));
+        match self.pg.as_ref().and_then(TestStore::pg) {
+            None => {
+                let image = self.store.crash_image();
+                hold.release();
+                // The dead process's write (the image never sees it).
+                writer.join().unwrap().unwrap();
+                self.store = image;
+            }
+            Some(pg) => {
+                assert_eq!(pg.end_sessions_in_transaction(), 1, "the writer's session holds the open group");
+                hold.release();
+                let err = writer.join().unwrap().expect_err("a COMMIT on an ended session succeeded");
+                assert!(err.may_be_durable(), "{err}");
+                self.restart();
+            }
+        }
+        assert_eq!(self.state(i), before, "the restart sees a write that was never durable");
         bump(&self.cov.crashes);
         for w in &mut self.workers {
             *w = None;
         }
-        self.store = image;
         self.recover(None);
     }
 
@@ -1017,8 +1065,8 @@ impl<'c> World<'c> {
     }
 }
 
-fn run_case(policy: Policy, shops: usize, ops: &[Op], seed: u64, cov: &Coverage) {
-    let mut w = World::new(policy, shops, seed, cov);
+fn run_case(policy: Policy, backing: Backing, shops: usize, ops: &[Op], seed: u64, cov: &Coverage) {
+    let mut w = World::new(policy, backing, shops, seed, cov);
     for op in ops {
         w.run(op);
     }
@@ -1026,8 +1074,15 @@ fn run_case(policy: Policy, shops: usize, ops: &[Op], seed: u64, cov: &Coverage)
     w.check_end();
 }
 
-fn cases() -> u32 {
-    std::env::var("TOKENWAL_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1024)
+/// Cases per policy: `TOKENWAL_PROPTEST_CASES`, else 1024 in memory and 16 on PostgreSQL (where
+/// every write is a committed transaction and every read a round trip: a case takes about 1.5 s
+/// there, the 16 cases of all four policies about 50 s on two busy cores).
+fn cases(backing: Backing) -> u32 {
+    let default = match backing {
+        Backing::Memory => 1024,
+        Backing::Postgres => 16,
+    };
+    std::env::var("TOKENWAL_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 thread_local! {
@@ -1048,24 +1103,34 @@ fn quiet_panics() {
     QUIET.with(|q| q.set(true));
 }
 
-fn run_policy(policy: Policy) {
+/// Whether the PostgreSQL variants run (a loud skip without a server, a failure under
+/// `TOKENWAL_REQUIRE_PG=1`).
+fn pg_reachable() -> bool {
+    TestStore::new(Backend::Postgres, "interleavings").is_some()
+}
+
+fn run_policy(policy: Policy, backing: Backing) {
+    if backing == Backing::Postgres && !pg_reachable() {
+        return;
+    }
     quiet_panics();
     let cov = Coverage::default();
-    let config = ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() };
+    let cases = cases(backing);
+    let config = ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() };
     let mut runner = TestRunner::new(config);
     let ops = prop::collection::vec(op(), 1..120);
     let started = std::time::Instant::now();
     let result = runner.run(&(3usize..=MAX_SHOPS, ops, any::<u64>()), |(shops, ops, seed)| {
-        run_case(policy, shops, &ops, seed, &cov);
+        run_case(policy, backing, shops, &ops, seed, &cov);
         Ok(())
     });
     QUIET.with(|q| q.set(false));
-    eprintln!("{policy:?}: {} cases in {:.1?}: {cov}", cases(), started.elapsed());
+    eprintln!("{policy:?} ({backing:?}): {cases} cases in {:.1?}: {cov}", started.elapsed());
     if let Err(e) = result {
-        panic!("{policy:?}: {e}");
+        panic!("{policy:?} ({backing:?}): {e}");
     }
     let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    if cases() >= 64 {
+    if cases >= 64 {
         assert!(r(&cov.crashes_mid_write) > 0 && r(&cov.stale_outcomes) > 0, "{cov}");
         assert!(r(&cov.older_installs_refused) > 0, "no replayed install of an older pair: {cov}");
         assert!(r(&cov.abandoned_before_send) > 0, "no install between an intent and its send: {cov}");
@@ -1080,31 +1145,55 @@ fn run_policy(policy: Policy) {
 
 #[test]
 fn retain_until_replacement_used() {
-    run_policy(Policy::Retain);
+    run_policy(Policy::Retain, Backing::Memory);
+}
+
+#[test]
+fn retain_until_replacement_used_pg() {
+    run_policy(Policy::Retain, Backing::Postgres);
 }
 
 #[test]
 fn legacy_window_60m() {
-    run_policy(Policy::Window);
+    run_policy(Policy::Window, Backing::Memory);
+}
+
+#[test]
+fn legacy_window_60m_pg() {
+    run_policy(Policy::Window, Backing::Postgres);
 }
 
 #[test]
 fn strict_single_use() {
-    run_policy(Policy::Strict);
+    run_policy(Policy::Strict, Backing::Memory);
+}
+
+#[test]
+fn strict_single_use_pg() {
+    run_policy(Policy::Strict, Backing::Postgres);
 }
 
 #[test]
 fn strict_with_family_revocation_on_reuse() {
-    run_policy(Policy::StrictRevokeFamily);
+    run_policy(Policy::StrictRevokeFamily, Backing::Memory);
+}
+
+#[test]
+fn strict_with_family_revocation_on_reuse_pg() {
+    run_policy(Policy::StrictRevokeFamily, Backing::Postgres);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Named scenarios (and regressions of shrunk failures).
 
 fn scenario(policy: Policy, shops: usize, ops: &[Op]) -> World<'static> {
+    scenario_on(Backing::Memory, policy, shops, ops)
+}
+
+fn scenario_on(backing: Backing, policy: Policy, shops: usize, ops: &[Op]) -> World<'static> {
     static COV: std::sync::OnceLock<Coverage> = std::sync::OnceLock::new();
     let cov = COV.get_or_init(Coverage::default);
-    let mut w = World::new(policy, shops, 7, cov);
+    let mut w = World::new(policy, backing, shops, 7, cov);
     for op in ops {
         w.run(op);
     }
@@ -1162,8 +1251,19 @@ fn strict_rotate_then_drop_is_marked_dead() {
 /// its intent only. Recovery replays the first and rotates the second.
 #[test]
 fn interleaved_crash_after_send_and_after_intent() {
-    let mut w =
-        scenario(Policy::Retain, 3, &[Op::Ask(0), Op::Ask(1), Op::Step(0), Op::Step(1), Op::Step(0), Op::Crash(None)]);
+    crash_after_send_and_after_intent(Backing::Memory);
+}
+
+#[test]
+fn interleaved_crash_after_send_and_after_intent_pg() {
+    if pg_reachable() {
+        crash_after_send_and_after_intent(Backing::Postgres);
+    }
+}
+
+fn crash_after_send_and_after_intent(backing: Backing) {
+    let ops = [Op::Ask(0), Op::Ask(1), Op::Step(0), Op::Step(1), Op::Step(0), Op::Crash(None)];
+    let mut w = scenario_on(backing, Policy::Retain, 3, &ops);
     let c = |w: &World, i: usize| w.sim.counters().shop(&w.names[i]);
     assert_eq!((c(&w, 0).rotations, c(&w, 1).token_requests), (1, 0));
     for i in 0..2 {
@@ -1212,10 +1312,22 @@ fn install_between_intent_and_send_never_triggers_a_family_revocation() {
 }
 
 /// A crash with a commit applied but not synced: the restart finds the intent, and the retry of the
-/// old token returns the pair the lost commit held.
+/// old token returns the pair the lost commit held. (On PostgreSQL: written in the group's
+/// transaction, which the server rolls back when the process's session ends.)
 #[test]
 fn crash_with_commit_applied_but_not_durable() {
-    let mut w = scenario(Policy::Retain, 3, &[Op::Ask(1), Op::Step(1), Op::Step(1), Op::CrashMidWrite(1)]);
+    commit_applied_but_not_durable(Backing::Memory);
+}
+
+#[test]
+fn crash_with_commit_applied_but_not_durable_pg() {
+    if pg_reachable() {
+        commit_applied_but_not_durable(Backing::Postgres);
+    }
+}
+
+fn commit_applied_but_not_durable(backing: Backing) {
+    let mut w = scenario_on(backing, Policy::Retain, 3, &[Op::Ask(1), Op::Step(1), Op::Step(1), Op::CrashMidWrite(1)]);
     assert!(matches!(&w.state(1).phase, Phase::Ambiguous(a) if a.last_reason == AmbiguityReason::Interrupted));
     w.step(1);
     w.step(1);

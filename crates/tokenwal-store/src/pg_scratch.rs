@@ -97,6 +97,25 @@ impl PgScratch {
     pub fn schema(&self) -> &str {
         self.location.schema()
     }
+
+    /// Ends (`pg_terminate_backend`) every session of the test database that is idle inside a
+    /// transaction whose last statement named this schema: what the server does with the open
+    /// transaction of a process that died (it is rolled back). Returns how many it ended, each
+    /// gone when this returns (PostgreSQL 14 or later: the terminate waits up to 5 s).
+    pub fn end_sessions_in_transaction(&self) -> usize {
+        let quoted = format!("\"{}\"", self.location.schema());
+        let ended = admin(move |c| {
+            let row = c.query_one(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                 AND state LIKE 'idle in transaction%' AND position($1 in query) > 0",
+                &[&quoted],
+            )?;
+            Ok(row.get::<_, i64>(0))
+        })
+        .unwrap_or_else(|e| panic!("end the sessions of {}: {e}", self.location.schema()));
+        usize::try_from(ended).unwrap_or(0)
+    }
 }
 
 impl Drop for PgScratch {
