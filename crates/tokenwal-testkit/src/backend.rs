@@ -1,6 +1,7 @@
-//! One suite, every durable backend: a [`TestStore`] is a sled store in a temporary directory or a
-//! PostgreSQL store in a scratch schema ([`PgScratch`]), and [`on_both_backends!`] writes a test
-//! once and runs it on both (the PostgreSQL variant is named with `_pg`).
+//! One suite, every backend: a [`TestStore`] is a sled store in a temporary directory, a PostgreSQL
+//! store in a scratch schema ([`PgScratch`]) or the in-memory store, and [`on_both_backends!`]
+//! writes a test once and runs it on sled (or in memory) and on PostgreSQL (the variant named
+//! with `_pg`).
 //!
 //! Without a reachable PostgreSQL the `_pg` variants skip with a loud message (and fail under
 //! `TOKENWAL_REQUIRE_PG=1`, as in CI): see [`PgScratch::new`].
@@ -18,6 +19,8 @@ pub enum Backend {
     Sled,
     /// The PostgreSQL fleet store (a schema).
     Postgres,
+    /// The in-memory store (nothing survives the engine that opened it).
+    Memory,
 }
 
 impl Backend {
@@ -26,6 +29,7 @@ impl Backend {
         match self {
             Backend::Sled => "sled",
             Backend::Postgres => "pg",
+            Backend::Memory => "memory",
         }
     }
 }
@@ -38,6 +42,8 @@ pub enum TestStore {
     Sled(tempfile::TempDir),
     /// The scratch schema.
     Postgres(PgScratch),
+    /// Nothing to keep: every [`TestStore::location`] is a new in-memory store.
+    Memory,
 }
 
 impl TestStore {
@@ -47,6 +53,7 @@ impl TestStore {
         match backend {
             Backend::Sled => Some(TestStore::Sled(tempfile::tempdir().unwrap())),
             Backend::Postgres => PgScratch::new(what).map(TestStore::Postgres),
+            Backend::Memory => Some(TestStore::Memory),
         }
     }
 
@@ -55,34 +62,46 @@ impl TestStore {
         match self {
             TestStore::Sled(_) => Backend::Sled,
             TestStore::Postgres(_) => Backend::Postgres,
+            TestStore::Memory => Backend::Memory,
         }
     }
 
     /// Where an engine finds it.
     pub fn location(&self) -> StoreLocation {
-        location_of(&self.address())
+        match self {
+            TestStore::Memory => StoreLocation::InMemory,
+            _ => location_of(&self.address()),
+        }
     }
 
     /// Its address as one string, for another process: the sled directory, or the PostgreSQL URL
     /// with `schema=` (the test server has trust auth: no password in it). [`location_of`] reads
     /// it back.
+    ///
+    /// # Panics
+    ///
+    /// For the in-memory store, which no other process can reach.
     pub fn address(&self) -> String {
         match self {
             TestStore::Sled(dir) => dir.path().join("store").to_str().expect("a UTF-8 temp dir").to_owned(),
             TestStore::Postgres(pg) => pg.url(),
+            TestStore::Memory => panic!("an in-memory store has no address"),
         }
     }
 
-    /// Opens it under the test key ring with the default configuration.
+    /// Opens it under the test key ring with the default configuration (in memory: a new store).
     pub fn open(&self) -> Store {
-        open_at(&self.address(), StoreConfig::default())
+        match self {
+            TestStore::Memory => Store::in_memory(),
+            _ => open_at(&self.address(), StoreConfig::default()),
+        }
     }
 
     /// The scratch schema, if it is PostgreSQL (raw SQL for the test).
     pub fn pg(&self) -> Option<&PgScratch> {
         match self {
             TestStore::Postgres(pg) => Some(pg),
-            TestStore::Sled(_) => None,
+            TestStore::Sled(_) | TestStore::Memory => None,
         }
     }
 }
@@ -109,10 +128,11 @@ pub fn open_at(address: &str, config: StoreConfig) -> Store {
     store
 }
 
-/// Writes a test once for both backends: `fn NAME, NAME_pg(backend) { BODY }` defines `NAME`
-/// (with `backend` = [`Backend::Sled`]) and `NAME_pg` ([`Backend::Postgres`]), each with the
-/// attributes and doc comment given (`#[test]`, `#[tokio::test]`, …). `async fn` works too. The
-/// body gets its store from [`TestStore::new`] and returns early when that is `None`.
+/// Writes a test once for two backends: `fn NAME, NAME_pg(backend) { BODY }` defines `NAME` (with
+/// `backend` = [`Backend::Sled`]) and `NAME_pg` ([`Backend::Postgres`]), each with the attributes
+/// and doc comment given (`#[test]`, `#[tokio::test]`, …). `(backend = Memory)` makes the first
+/// one [`Backend::Memory`] instead; `async fn` works too. The body gets its store from
+/// [`TestStore::new`] and returns early when that is `None` (no PostgreSQL server).
 ///
 /// ```ignore
 /// on_both_backends! {
@@ -126,10 +146,16 @@ pub fn open_at(address: &str, config: StoreConfig) -> Store {
 /// ```
 #[macro_export]
 macro_rules! on_both_backends {
-    ($($(#[$attr:meta])* fn $sled:ident, $pg:ident ($b:ident) $body:block)+) => {$(
+    ($(#[$attr:meta])* fn $first:ident, $pg:ident ($b:ident) $body:block) => {
+        $crate::on_both_backends! { $(#[$attr])* fn $first, $pg ($b = Sled) $body }
+    };
+    ($(#[$attr:meta])* async fn $first:ident, $pg:ident ($b:ident) $body:block) => {
+        $crate::on_both_backends! { $(#[$attr])* async fn $first, $pg ($b = Sled) $body }
+    };
+    ($(#[$attr:meta])* fn $first:ident, $pg:ident ($b:ident = $kind:ident) $body:block) => {
         $(#[$attr])*
-        fn $sled() {
-            let $b = $crate::Backend::Sled;
+        fn $first() {
+            let $b = $crate::Backend::$kind;
             $body
         }
         $(#[$attr])*
@@ -137,11 +163,11 @@ macro_rules! on_both_backends {
             let $b = $crate::Backend::Postgres;
             $body
         }
-    )+};
-    ($($(#[$attr:meta])* async fn $sled:ident, $pg:ident ($b:ident) $body:block)+) => {$(
+    };
+    ($(#[$attr:meta])* async fn $first:ident, $pg:ident ($b:ident = $kind:ident) $body:block) => {
         $(#[$attr])*
-        async fn $sled() {
-            let $b = $crate::Backend::Sled;
+        async fn $first() {
+            let $b = $crate::Backend::$kind;
             $body
         }
         $(#[$attr])*
@@ -149,5 +175,5 @@ macro_rules! on_both_backends {
             let $b = $crate::Backend::Postgres;
             $body
         }
-    )+};
+    };
 }
