@@ -1,6 +1,8 @@
 //! Crash tests with real processes: the engine runs in a child process (this test binary,
 //! re-executed with `TOKENWAL_CRASH_CHILD=1`) against the simulator served by the parent over
-//! loopback, on a sled store in a directory the parent owns.
+//! loopback, on a store the parent owns: a sled directory, or (every test's `_pg` variant, generated
+//! by `on_both_backends!`) a PostgreSQL scratch schema. The child gets either as one address in
+//! `TOKENWAL_CRASH_STORE`; the parent opens the same store between runs to inspect it.
 //!
 //! The child opens the engine (running recovery), installs the shops the parent listed if they are
 //! not installed yet, then asks `access_token` for every shop for a few rounds, printing one line per
@@ -22,6 +24,17 @@
 //!   state is always recoverable;
 //! * under a strict single-use server, a crash after the response loses the grant, and the restart
 //!   says so (needs-reauth) once, without looping.
+//!
+//! **PostgreSQL.** Every case runs on both backends; none is sled-only. A killed child leaves its
+//! membership lease behind: the next process to join on this host (the parent inspecting, or the
+//! restarted child) finds its pid dead and ends that lease at once, so its attempts are recovered
+//! without waiting for the lease. The restart's recovery probe of such an attempt waits out the
+//! dead request's timeout (the restarted child's own, 5 s; `docs/journal.md`, PostgreSQL), which is
+//! most of the `_pg` variants' extra time. Store faults (`crash_on_failed_*`) are injected in the
+//! committer, above the backend: on PostgreSQL a failed write or sync rolls the group's
+//! transaction back, so the failed batch is never durable there (sled may keep it; the checks
+//! accept either). Compaction runs on PostgreSQL too, each chunk a transaction of its own
+//! (committed at once, where sled's waits for the next sync).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -843,8 +856,8 @@ on_both_backends! {
 
 on_both_backends! {
     /// Compaction cut short: the child compacts every 5 ms with a cap of 2 records per grant while every
-    /// round refreshes every shop, and aborts after the N-th chunk that deleted something (before any
-    /// sync made it durable). Nothing is lost: every grant's state and refresh token stay valid, the
+    /// round refreshes every shop, and aborts after the N-th chunk that deleted something (on sled
+    /// before any sync made it durable; on PostgreSQL it is committed). Nothing is lost: every grant's state and refresh token stay valid, the
     /// histories stay readable, and the restart serves every shop.
     #[test]
     fn crash_during_compaction, crash_during_compaction_pg(backend) {

@@ -36,7 +36,18 @@
 //! needs-reauth for a reason the simulator confirms — under a strict server a rotate-then-drop
 //! leaves the shop dead and it must be marked so, neither looped on nor reported healthy.
 //!
-//! Case count per policy: `TOKENWAL_PROPTEST_CASES` (default 1024).
+//! **PostgreSQL.** Every policy also runs as `…_pg` on a PostgreSQL store (a scratch schema per
+//! case), with the same schedules and checks. A crash there drops the store with nothing pending
+//! (every write of the world has been answered) and reopens the schema: what is committed is what is
+//! durable. A crash mid-write (`hold_acks`: applied, not acknowledged) is the group written inside
+//! its transaction with the `COMMIT` not sent and the process dead: the test ends the writer's
+//! session from outside (`PgScratch::end_sessions_in_transaction`), the server rolls the
+//! transaction back, the writer's answer is an error that may be durable, and the restart must not
+//! see the write. (A `COMMIT` done whose answer was lost leaves the write durable: the same as a
+//! crash right after that step, which `Op::Crash` covers.)
+//!
+//! Case count per policy: `TOKENWAL_PROPTEST_CASES` (default 1024 in memory, 16 on PostgreSQL,
+//! where every write is a committed transaction: about 50 s for the four policies on two cores).
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
