@@ -41,7 +41,7 @@ pub enum TestStore {
     /// `<dir>/store`.
     Sled(tempfile::TempDir),
     /// The scratch schema.
-    Postgres(PgScratch),
+    Postgres(Box<PgScratch>),
     /// Nothing to keep: every [`TestStore::location`] is a new in-memory store.
     Memory,
 }
@@ -52,7 +52,7 @@ impl TestStore {
     pub fn new(backend: Backend, what: &str) -> Option<TestStore> {
         match backend {
             Backend::Sled => Some(TestStore::Sled(tempfile::tempdir().unwrap())),
-            Backend::Postgres => PgScratch::new(what).map(TestStore::Postgres),
+            Backend::Postgres => PgScratch::new(what).map(|pg| TestStore::Postgres(Box::new(pg))),
             Backend::Memory => Some(TestStore::Memory),
         }
     }
