@@ -29,8 +29,8 @@
 //! membership lease behind: the next process to join on this host (the parent inspecting, or the
 //! restarted child) finds its pid dead and ends that lease at once, so its attempts are recovered
 //! without waiting for the lease. The restart's recovery probe of such an attempt waits out the
-//! dead request's timeout (the restarted child's own, 5 s; `docs/journal.md`, PostgreSQL), which is
-//! most of the `_pg` variants' extra time. Store faults (`crash_on_failed_*`) are injected in the
+//! dead request's timeout (the restarted child's own: 2 s on PostgreSQL instead of 5 s;
+//! `docs/journal.md`, PostgreSQL), which is most of the `_pg` variants' extra time. Store faults (`crash_on_failed_*`) are injected in the
 //! committer, above the backend: on PostgreSQL a failed write or sync rolls the group's
 //! transaction back, so the failed batch is never durable there (sled may keep it; the checks
 //! accept either). Compaction runs on PostgreSQL too, each chunk a transaction of its own
@@ -315,6 +315,16 @@ fn runs_here(backend: Backend) -> bool {
     std::env::var_os(CHILD).is_none() && (backend == Backend::Sled || TestStore::new(backend, "crash suite").is_some())
 }
 
+/// The child's request timeout unless a test sets another: 5 s, or 2 s on PostgreSQL, where a
+/// restart's recovery probe of a dead child's attempt waits that long after the attempt's start
+/// (the loopback simulator answers in milliseconds either way).
+fn default_timeout_ms(backend: Backend) -> u64 {
+    match backend {
+        Backend::Postgres => 2_000,
+        _ => 5_000,
+    }
+}
+
 struct Harness {
     // Dropped in this order: the simulator's server task before its runtime.
     sim: SimHandle,
@@ -366,7 +376,7 @@ impl Harness {
             rounds: 3,
             strict: policy == PolicyKind::Strict,
             concurrent: false,
-            timeout_ms: 5_000,
+            timeout_ms: default_timeout_ms(backend),
             store_fault: None,
             budget_ms: None,
             compact: None,
@@ -773,7 +783,7 @@ fn all_in_flight_then_killed(backend: Backend, tag: &str) -> (Harness, usize, u6
     let requests = h.sim.counters().total.token_requests;
     // The hung requests died with the child; the next ones are answered at once. (A recovery probe
     // on a shared store waits out the dead request's timeout, the restarted process's own.)
-    h.timeout_ms = 5_000;
+    h.timeout_ms = default_timeout_ms(h.store.backend());
     (h, n, requests)
 }
 
@@ -943,7 +953,7 @@ on_both_backends! {
         for s in &h.shops {
             h.sim.with_model(|m| m.clear_faults(s));
         }
-        h.timeout_ms = 5_000;
+        h.timeout_ms = default_timeout_ms(h.store.backend());
         let restarted = h.run_clean();
         h.check_served(&restarted);
         assert!(h.replays() > 0, "the lost answers were recovered by replays (seed {seed})");
