@@ -99,17 +99,20 @@ impl PgScratch {
     }
 
     /// Ends (`pg_terminate_backend`) every session of the test database that is idle inside a
-    /// transaction whose last statement named this schema: what the server does with the open
-    /// transaction of a process that died (it is rolled back). Returns how many it ended, each
-    /// gone when this returns (PostgreSQL 14 or later: the terminate waits up to 5 s).
+    /// transaction holding a lock on a table of this schema (a writer with its group written and not
+    /// committed): what the server does with the open transaction of a process that died (it is
+    /// rolled back). Returns how many it ended, each gone when this returns (PostgreSQL 14 or later:
+    /// the terminate waits up to 5 s).
     pub fn end_sessions_in_transaction(&self) -> usize {
-        let quoted = format!("\"{}\"", self.location.schema());
+        let schema = self.location.schema().to_string();
         let ended = admin(move |c| {
             let row = c.query_one(
-                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND pid <> pg_backend_pid() \
-                 AND state LIKE 'idle in transaction%' AND position($1 in query) > 0",
-                &[&quoted],
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(a.pid, 5000)) FROM pg_stat_activity a \
+                 WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() \
+                 AND a.state LIKE 'idle in transaction%' AND EXISTS (SELECT 1 FROM pg_locks l \
+                 JOIN pg_class t ON t.oid = l.relation JOIN pg_namespace n ON n.oid = t.relnamespace \
+                 WHERE l.pid = a.pid AND n.nspname = $1)",
+                &[&schema],
             )?;
             Ok(row.get::<_, i64>(0))
         })
