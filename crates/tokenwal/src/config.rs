@@ -167,9 +167,10 @@ pub enum StoreLocation {
     /// In memory (tests and demos: nothing survives the process).
     InMemory,
     /// A PostgreSQL store (fleet backend; `docs/journal.md`, "PostgreSQL"), sealed under the keys of
-    /// [`Config::store_keys`] like a directory store. One process writes at a time, by an ownership
-    /// lease on the database's clock; [`crate::Engine::open`] waits up to the lease for a crashed
-    /// holder's lease to run out. Half the lease must exceed the request timeout.
+    /// [`Config::store_keys`] like a directory store. Any number of processes (a fleet) share it,
+    /// each under a membership lease on the database's clock: a grant's attempt in flight belongs
+    /// to the process that journaled it, and recovery claims only the attempts of processes that
+    /// are gone. Half the lease must exceed the request timeout.
     Postgres(Box<tokenwal_store::PgLocation>),
     /// A store the caller already opened (tests restart engines on a crash image of an in-memory
     /// store this way). One engine at a time may use a store.
