@@ -245,31 +245,15 @@ impl PgBackend {
         }
         let (member, margin) = (self.member, self.fence_margin());
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.read(move |s, sql| {
-            s.client()?.batch_execute("BEGIN").map_err(db_err("begin"))?;
-            s.in_txn = true;
-            let claimed = (|| {
-                let fence = s.statement(&sql.fence)?;
-                let row = s.client()?.query_opt(&fence, &[&member, &margin]).map_err(db_err("check the lease"))?;
-                match row.map(|r| r.get::<_, bool>(0)) {
-                    None => return Err(StoreError::LeaseLost { member }),
-                    Some(false) => return Err(StoreError::LeaseExpiring { member }),
-                    Some(true) => {}
-                }
-                let claim = s.statement(&sql.claim)?;
-                let marker = member.to_be_bytes().to_vec();
-                let rows = s.client()?.query(&claim, &[&marker, &limit]).map_err(db_err("claim orphaned attempts"))?;
-                Ok(rows.iter().map(|r| r.get::<_, Vec<u8>>(0)).collect::<Vec<_>>())
-            })();
-            let ended = match claimed {
-                Ok(_) => s.client().and_then(|c| c.batch_execute("COMMIT").map_err(db_err(CLAIM_COMMIT))),
-                Err(_) => s.client().and_then(|c| c.batch_execute("ROLLBACK").map_err(db_err("roll back a claim"))),
-            };
-            s.in_txn = false;
-            let mut claimed = claimed.and_then(|k| ended.map(|()| k))?;
-            claimed.sort();
-            Ok(claimed)
-        })
+        let mut claimed = self.reader_txn(CLAIM_COMMIT, move |s, sql| {
+            fence(s, sql, member, margin)?;
+            let claim = s.statement(&sql.claim)?;
+            let marker = member.to_be_bytes().to_vec();
+            let rows = s.client()?.query(&claim, &[&marker, &limit]).map_err(db_err("claim orphaned attempts"))?;
+            Ok(rows.iter().map(|r| r.get::<_, Vec<u8>>(0)).collect::<Vec<_>>())
+        })?;
+        claimed.sort();
+        Ok(claimed)
     }
 
     /// The values of `keys` in `t` (`None`: absent), in one round trip.
@@ -278,9 +262,7 @@ impl PgBackend {
             return Ok(Vec::new());
         }
         self.read(move |s, sql| {
-            let stmt = s.statement(&sql.get_many[t as usize])?;
-            let rows = s.client()?.query(&stmt, &[&keys]).map_err(db_err("read"))?;
-            let mut found: BTreeMap<Vec<u8>, Vec<u8>> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            let mut found = get_many_on(s, sql, t, &keys)?;
             Ok(keys
                 .into_iter()
                 .map(|k| {
@@ -326,17 +308,29 @@ impl PgBackend {
         &self,
         f: impl FnOnce(&PgTxn<'_>) -> Result<(), StoreError> + Send + 'static,
     ) -> Result<(), StoreError> {
+        self.reader_txn("commit", move |s, sql| {
+            let txn = PgTxn::new(s, sql, 0, HashSet::new());
+            f(&txn).and_then(|()| txn.flush())
+        })
+    }
+
+    /// Runs `f` in a transaction of its own on a reader connection: committed if `f` succeeds (a
+    /// failed `COMMIT` is reported as `commit_op`: it may be durable), rolled back otherwise.
+    fn reader_txn<T: Send + 'static>(
+        &self,
+        commit_op: &'static str,
+        f: impl FnOnce(&mut Session, &Sql) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
         self.read(move |s, sql| {
             s.client()?.batch_execute("BEGIN").map_err(db_err("begin"))?;
             s.in_txn = true;
-            let result = {
-                let txn = PgTxn::new(s, sql, 0, HashSet::new());
-                f(&txn).and_then(|()| txn.flush().map(drop))
+            let result = f(s, sql);
+            let ended = match &result {
+                Ok(_) => s.client().and_then(|c| c.batch_execute("COMMIT").map_err(db_err(commit_op))),
+                Err(_) => s.client().and_then(|c| c.batch_execute("ROLLBACK").map_err(db_err("roll back"))),
             };
-            let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
-            let ended = s.client().and_then(|c| c.batch_execute(end).map_err(db_err("commit")));
             s.in_txn = false;
-            result.and(ended)
+            result.and_then(|v| ended.map(|()| v))
         })
     }
 
@@ -554,10 +548,7 @@ impl PgTxn<'_> {
 
     /// Reads `keys` of `t` in one round trip, for the `get`s that follow.
     fn prefetch(&self, t: Tree, keys: Vec<Vec<u8>>) -> Result<(), StoreError> {
-        let mut s = self.session.borrow_mut();
-        let stmt = s.statement(&self.sql.get_many[t as usize])?;
-        let rows = s.client()?.query(&stmt, &[&keys]).map_err(db_err("read"))?;
-        let mut found: BTreeMap<Vec<u8>, Vec<u8>> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let mut found = get_many_on(&mut self.session.borrow_mut(), self.sql, t, &keys)?;
         let mut p = self.prefetched.borrow_mut();
         for k in keys {
             let v = found.remove(&k);
@@ -684,16 +675,7 @@ fn group_in_txn(
         s.client()?.batch_execute("BEGIN").map_err(db_err("begin"))?;
         s.in_txn = true;
     }
-    let fence = s.statement(&sql.fence)?;
-    let row = s.client()?.query_opt(&fence, &[&member, &margin]).map_err(db_err("check the lease"))?;
-    let Some(row) = row else { return Err(StoreError::LeaseLost { member }) };
-    let (fresh, live): (bool, Vec<i64>) = (row.get(0), row.get(1));
-    if !live.contains(&member) {
-        return Err(StoreError::LeaseLost { member });
-    }
-    if !fresh {
-        return Err(StoreError::LeaseExpiring { member });
-    }
+    let live = fence(s, sql, member, margin)?;
     let mut grants: Vec<Vec<u8>> = batches.iter().map(|b| b.grant.clone()).collect();
     grants.sort();
     grants.dedup();
@@ -724,6 +706,34 @@ fn group_in_txn(
         s.client()?.execute(&stmt, &[&sql.channel, &payloads]).map_err(db_err("announce the group's writes"))?;
     }
     Ok(results)
+}
+
+/// The membership fence, inside the caller's transaction: `member`'s lease must be live with more
+/// than `margin` seconds left (`LeaseLost`, `LeaseExpiring`). Returns the ids of every live member.
+fn fence(s: &mut Session, sql: &Sql, member: i64, margin: f64) -> Result<Vec<i64>, StoreError> {
+    let stmt = s.statement(&sql.fence)?;
+    let row = s.client()?.query_opt(&stmt, &[&member, &margin]).map_err(db_err("check the lease"))?;
+    let Some(row) = row else { return Err(StoreError::LeaseLost { member }) };
+    let (fresh, live): (bool, Vec<i64>) = (row.get(0), row.get(1));
+    if !live.contains(&member) {
+        return Err(StoreError::LeaseLost { member });
+    }
+    if !fresh {
+        return Err(StoreError::LeaseExpiring { member });
+    }
+    Ok(live)
+}
+
+/// The rows of `keys` in `t` that exist, in one round trip.
+fn get_many_on(
+    s: &mut Session,
+    sql: &Sql,
+    t: Tree,
+    keys: &[Vec<u8>],
+) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, StoreError> {
+    let stmt = s.statement(&sql.get_many[t as usize])?;
+    let rows = s.client()?.query(&stmt, &[&keys]).map_err(db_err("read"))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Whether a failed group may simply run again: a deadlock or serialisation failure (SQLSTATE 40P01,
