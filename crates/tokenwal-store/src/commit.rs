@@ -1,7 +1,8 @@
 //! The committer: the one thread that writes.
 //!
 //! It blocks for the first request, drains whatever else is queued (up to `max_batch`), applies
-//! each batch in its own transaction (a conflict writes nothing and answers only that writer), then
+//! the group in one transaction (each batch checked on its own: a conflict writes nothing of that
+//! batch and answers only that writer; the memory backend applies one batch at a time), then
 //! makes the whole group durable with one flush and one sync, and only then answers every writer.
 //! Concurrent writers therefore share syncs: that is the design, not an optimisation (concurrent
 //! `flush()` calls do not batch in sled).
@@ -14,9 +15,10 @@
 //! whose batch was (or may have been) written gets [`StoreError::Io`] (it may already be durable);
 //! every later request gets [`StoreError::Poisoned`].
 //!
-//! One transaction per batch, not per group: putting a whole group in one sled transaction was
-//! measured no faster (sled's cost is per key written, about 5 µs on the reference VM), and a
-//! failure then names exactly the batches that may have been written.
+//! One transaction per group (sled and PostgreSQL, [`crate::backend::DurableBackend::whole_groups`]):
+//! a sled transaction writes out the log's I/O buffer when it starts, so its cost is per transaction
+//! far more than per key (see `SledBackend::whole_groups`). A failed group transaction may have
+//! written any of its batches: every writer of the group gets the failure and the store is poisoned.
 
 use crate::backend::{ApplyError, BatchResult};
 use crate::error::StoreError;

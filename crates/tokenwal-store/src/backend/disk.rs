@@ -259,6 +259,15 @@ impl DurableBackend for SledBackend {
         })
     }
 
+    /// One sled transaction per group, not per batch: every sled transaction (and `apply_batch`)
+    /// rolls the log's I/O buffer when it starts and writes it out (`PageCache::pin_log`), so a
+    /// transaction per batch costs a `pwrite` per batch. Measured (2026-12-07, this VM, 20 000
+    /// batches of five keys, a flush every 64): 110 µs of CPU per batch with a transaction each
+    /// (80 % of it system time), 50 µs with 32 batches per transaction, 30 µs with plain inserts.
+    fn whole_groups(&self) -> bool {
+        true
+    }
+
     fn delete_expired(&self, entries: &[Expired]) -> Result<(), StoreError> {
         let r: Result<(), TransactionError<()>> = self.trees().transaction(|(g, o, j, h, e, m)| {
             delete_expired(&SledKv([g, o, j, h, e, m]), entries)?;

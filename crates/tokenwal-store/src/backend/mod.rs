@@ -231,9 +231,9 @@ pub(crate) trait DurableBackend: Send + Sync {
     fn end_unsynced_group(&self) {}
 
     /// Whether the committer should hand a whole group to one [`DurableBackend::apply_group`] call
-    /// (one transaction) rather than one call per batch. Default `false` (sled: one transaction
-    /// per batch measured no slower, and a failure then names exactly the batches it may have
-    /// written); PostgreSQL: `true` (round trips, not keys, are its cost).
+    /// (one transaction) rather than one call per batch. Default `false` (the memory backend: a
+    /// failure then names exactly the batches it may have written); sled: `true` (each transaction
+    /// writes out sled's log buffer); PostgreSQL: `true` (round trips, not keys, are its cost).
     fn whole_groups(&self) -> bool {
         false
     }
