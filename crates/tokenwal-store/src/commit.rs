@@ -26,6 +26,7 @@ use crate::hooks::FaultPoint;
 use crate::layout::{self, Tree};
 use crate::lock::lock;
 use crate::shared::{Counters, PreImage, Shared};
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
@@ -48,19 +49,114 @@ enum Answer {
 }
 
 /// The committer thread's body. `next_lsn` is the first unused LSN.
+///
+/// With a backend whose sync may run beside the next group's writes
+/// ([`crate::backend::DurableBackend::pipelined_sync`], sled), the sync runs on a second thread:
+/// group N+1 is written while group N is synced, and at most one group waits written for its
+/// sync. A group that writes a grant of the group being synced waits for that sync first, so
+/// every grant has at most one unsynced writer group (its pre-image is the durable state).
 pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Request>, mut next_lsn: u64) {
     let max = shared.config.max_batch.max(1);
-    let mut group = Vec::new();
-    while let Ok(first) = rx.recv() {
-        group.push(first);
-        while group.len() < max {
-            match rx.try_recv() {
-                Ok(r) => group.push(r),
-                Err(_) => break,
+    let pipelined = shared.backend.pipelined_sync();
+    std::thread::scope(|scope| {
+        let mut syncer: Option<Syncer> = None;
+        if pipelined {
+            let (tx, srx) = std::sync::mpsc::sync_channel::<Written>(0);
+            let shared = &shared;
+            let spawned = std::thread::Builder::new().name("tokenwal-sync".into()).spawn_scoped(scope, move || {
+                while let Ok(w) = srx.recv() {
+                    sync_and_answer(shared, w);
+                }
+            });
+            match spawned {
+                Ok(_) => syncer = Some(Syncer { tx, last: None }),
+                Err(e) => tracing::warn!(error = %e, "no sync thread: syncing on the committer"),
             }
         }
-        commit_group(&shared, &mut next_lsn, &mut group);
+        let mut group = Vec::new();
+        while let Ok(first) = rx.recv() {
+            if let Some(s) = &mut syncer {
+                s.park_if_held(&shared);
+            }
+            group.push(first);
+            while group.len() < max {
+                match rx.try_recv() {
+                    Ok(r) => group.push(r),
+                    Err(_) => break,
+                }
+            }
+            match &mut syncer {
+                None => sync_and_answer(&shared, write_group(&shared, &mut next_lsn, &mut group)),
+                Some(s) => {
+                    s.wait_if_shared(&group);
+                    let w = write_group(&shared, &mut next_lsn, &mut group);
+                    let grants: HashSet<Vec<u8>> = w.group.iter().map(|r| r.batch.grant.clone()).collect();
+                    let (done_tx, done_rx) = std::sync::mpsc::channel();
+                    let w = Written { done: Some(done_tx), ..w };
+                    if let Err(back) = s.tx.send(w) {
+                        // The sync thread is gone (it panicked): sync here.
+                        sync_and_answer(&shared, back.0);
+                        continue;
+                    }
+                    s.last = Some((grants, done_rx));
+                }
+            }
+        }
+    });
+}
+
+/// The committer's handle on the sync thread.
+struct Syncer {
+    tx: std::sync::mpsc::SyncSender<Written>,
+    /// The grants of the last group handed over, and the signal that it was answered.
+    last: Option<(HashSet<Vec<u8>>, Receiver<()>)>,
+}
+
+impl Syncer {
+    /// The last group handed over, if it is not answered yet.
+    fn in_flight(&mut self) -> Option<&(HashSet<Vec<u8>>, Receiver<()>)> {
+        let (_, done) = self.last.as_ref()?;
+        if matches!(done.try_recv(), Err(std::sync::mpsc::TryRecvError::Empty)) {
+            self.last.as_ref()
+        } else {
+            self.last = None;
+            None
+        }
     }
+
+    /// A test's ack hold (no-op in builds without the `test-hooks` feature): while acks are held,
+    /// this thread parks too and then waits for the held group's answers, so that writes queue up
+    /// behind the held group exactly as they would without the sync thread.
+    fn park_if_held(&mut self, shared: &Shared) {
+        if self.in_flight().is_some() && shared.hooks.park_writer_if_held() {
+            if let Some((_, done)) = self.last.take() {
+                let _ = done.recv();
+            }
+        }
+    }
+
+    /// Waits for the last group handed over to be synced and answered if `group` writes one of
+    /// its grants.
+    fn wait_if_shared(&mut self, group: &[Request]) {
+        let Some((grants, done)) = self.in_flight() else { return };
+        if group.iter().any(|r| grants.contains(&r.batch.grant)) {
+            // `Err`: the sync thread dropped the signal, i.e. it answered the group (or is gone).
+            let _ = done.recv();
+            self.last = None;
+        }
+    }
+}
+
+/// A group written (or refused, or failed) and not yet synced: what the sync step needs.
+struct Written {
+    group: Vec<Request>,
+    answers: Vec<Answer>,
+    failure: Option<StoreError>,
+    written: u64,
+    records: u64,
+    new_grants: u64,
+    /// Dropped (or sent) once the group is answered.
+    done: Option<std::sync::mpsc::Sender<()>>,
 }
 
 /// Records the durable state of `grant` before the group's first write to it becomes visible.
@@ -112,13 +208,17 @@ fn write_whole(
     Ok(results.into())
 }
 
-fn commit_group(shared: &Shared, next_lsn: &mut u64, group: &mut Vec<Request>) {
+/// Writes `group` (taking its requests): every batch is applied or refused, or the write failed.
+/// Nothing is synced or answered yet.
+fn write_group(shared: &Shared, next_lsn: &mut u64, group: &mut Vec<Request>) -> Written {
+    let group: Vec<Request> = std::mem::take(group);
+    let mut w =
+        Written { group, answers: Vec::new(), failure: None, written: 0, records: 0, new_grants: 0, done: None };
     if shared.is_poisoned() {
-        for r in group.drain(..) {
-            let _ = r.reply.send(Err(StoreError::Poisoned));
-        }
-        return;
+        // Nothing is attempted: every writer gets `Poisoned`.
+        return w;
     }
+    let group = &w.group;
     let c = &shared.counters;
     let group_lsn = *next_lsn;
     let mut answers = Vec::with_capacity(group.len());
@@ -183,6 +283,25 @@ fn commit_group(shared: &Shared, next_lsn: &mut u64, group: &mut Vec<Request>) {
             }
         }
     }
+    w.answers = answers;
+    w.failure = failure;
+    (w.written, w.records, w.new_grants) = (written, records, new_grants);
+    w
+}
+
+/// Makes a written group durable with one sync (unless it wrote nothing or failed), then answers
+/// its writers and drops its pre-images. A group written after the store was poisoned (by an
+/// earlier group's failed sync, while this one was being written) may be partly written: its
+/// writers get that failure.
+fn sync_and_answer(shared: &Shared, w: Written) {
+    let Written { group, answers, mut failure, written, records, new_grants, done } = w;
+    let c = &shared.counters;
+    if failure.is_none() && written > 0 && shared.is_poisoned() {
+        failure = Some(StoreError::Io {
+            op: "sync",
+            source: std::io::Error::other("an earlier commit group failed: the store is poisoned"),
+        });
+    }
     if failure.is_none() && written > 0 {
         shared.hooks.park_if_held();
         let started = Instant::now();
@@ -211,12 +330,20 @@ fn commit_group(shared: &Shared, next_lsn: &mut u64, group: &mut Vec<Request>) {
         shared.backend.end_unsynced_group();
     }
     if let Some(f) = &failure {
+        if !shared.is_poisoned() {
+            tracing::error!(error = %f, "store poisoned: a write or sync failed; reopen it to recover");
+        }
         shared.poison(f);
-        tracing::error!(error = %f, "store poisoned: a write or sync failed; reopen it to recover");
     }
-    lock(&shared.pending).clear();
+    {
+        // Only this group's pre-images: a group written since holds its own (on other grants).
+        let mut pending = lock(&shared.pending);
+        for r in &group {
+            pending.remove(&r.batch.grant);
+        }
+    }
     let mut answers = answers.into_iter();
-    for req in group.drain(..) {
+    for req in group {
         let answer = match (answers.next(), &failure) {
             (Some(Answer::Written), None) => Ok(()),
             (Some(Answer::Written), Some(f)) => Err(f.duplicate()),
@@ -226,4 +353,5 @@ fn commit_group(shared: &Shared, next_lsn: &mut u64, group: &mut Vec<Request>) {
         };
         let _ = req.reply.send(answer);
     }
+    drop(done);
 }

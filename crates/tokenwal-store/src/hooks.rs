@@ -37,6 +37,10 @@ mod enabled {
     #[derive(Default)]
     struct HoldState {
         held: bool,
+        /// Only the sync step parks (with a pipelined sync, the writer goes on writing).
+        syncs_only: bool,
+        /// Parks each let through (`AckHold::step`).
+        passes: u64,
         parked: bool,
         shutdown: bool,
     }
@@ -49,8 +53,15 @@ mod enabled {
     }
 
     impl Hold {
-        pub(crate) fn set(&self, held: bool) {
-            lock(&self.state).held = held;
+        pub(crate) fn set(&self, held: bool, syncs_only: bool) {
+            let mut g = lock(&self.state);
+            (g.held, g.syncs_only, g.passes) = (held, syncs_only, 0);
+            drop(g);
+            self.cv.notify_all();
+        }
+
+        pub(crate) fn step(&self) {
+            lock(&self.state).passes += 1;
             self.cv.notify_all();
         }
 
@@ -59,15 +70,23 @@ mod enabled {
             self.cv.notify_all();
         }
 
-        fn park_if_held(&self) {
+        fn park_if_held(&self, at_sync: bool) -> bool {
             let mut g = lock(&self.state);
+            if !g.held || g.shutdown || (g.syncs_only && !at_sync) {
+                return false;
+            }
             while g.held && !g.shutdown {
+                if g.passes > 0 {
+                    g.passes -= 1;
+                    break;
+                }
                 g.parked = true;
                 self.cv.notify_all();
                 g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
             }
             g.parked = false;
             self.cv.notify_all();
+            true
         }
 
         pub(crate) fn wait_parked(&self, timeout: Duration) -> bool {
@@ -108,7 +127,13 @@ mod enabled {
 
         /// Called by the committer between a group's writes and its sync.
         pub(crate) fn park_if_held(&self) {
-            self.hold.park_if_held();
+            self.hold.park_if_held(true);
+        }
+
+        /// Called by the committer, with a pipelined sync, before writing a group while another
+        /// is being synced: it parks too unless only syncs are held. Whether it parked.
+        pub(crate) fn park_writer_if_held(&self) -> bool {
+            self.hold.park_if_held(false)
         }
 
         pub(crate) fn arm_fault(&self, point: FaultPoint, nth: u64) {
@@ -147,6 +172,11 @@ impl Hooks {
 
     #[inline(always)]
     pub(crate) fn park_if_held(&self) {}
+
+    #[inline(always)]
+    pub(crate) fn park_writer_if_held(&self) -> bool {
+        false
+    }
 
     #[inline(always)]
     pub(crate) fn fault(&self, _point: FaultPoint) -> std::io::Result<()> {

@@ -868,6 +868,50 @@ fn writes_queued_behind_a_failed_sync_are_refused() {
     }
 }
 
+/// sled syncs a group on a second thread while the committer writes the next one. A group written
+/// while the one before it is being synced stays invisible to readers (state, open index, journal
+/// end) until its own sync, even after the earlier group is synced and answered.
+#[test]
+fn a_group_written_during_the_previous_sync_stays_hidden_until_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("store"));
+    let m = machine(&store);
+    let a1 = put(&store, install(&m, None, &key(1), T0));
+    let hold = store.hold_syncs();
+    let spawn = |b: WriteBatch| {
+        let store = store.clone();
+        thread::spawn(move || store.apply_blocking(b))
+    };
+    // Group A (an intent on grant 1) parks at its sync.
+    let a_end = store.journal_end().unwrap();
+    let a = spawn(attempt(&m, &a1, T0 + 1));
+    assert!(hold.wait_parked(WAIT));
+    // Group B (a new grant 2) is written meanwhile: live in sled, not durable.
+    let b = spawn(install(&m, None, &key(2), T0));
+    let deadline = std::time::Instant::now() + WAIT;
+    while store.shared().backend.get(layout::Tree::Grants, key(2).to_bytes().as_slice()).unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "group B was not written while A's sync was held");
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(store.get(&key(1)).unwrap().unwrap().version, a1.version);
+    assert!(store.get(&key(2)).unwrap().is_none());
+    assert_eq!(store.journal_end().unwrap(), a_end);
+    // A is synced and answered; B waits at its own sync.
+    hold.step();
+    a.join().unwrap().unwrap();
+    assert!(hold.wait_parked(WAIT));
+    assert_eq!(store.get(&key(1)).unwrap().unwrap().version, a1.version + 1);
+    assert_eq!(store.open_grants().unwrap().len(), 1);
+    assert!(store.get(&key(2)).unwrap().is_none(), "B is visible before its sync");
+    assert_eq!(store.journal_end().unwrap(), a_end + 1);
+    assert_eq!(store.stats().syncs, 2);
+    hold.release();
+    b.join().unwrap().unwrap();
+    assert!(store.get(&key(2)).unwrap().is_some());
+    assert_eq!(store.journal_end().unwrap(), a_end + 2);
+    assert_eq!(store.stats().syncs, 3);
+}
+
 // ------------------------------------------------------------------------------------ sealing
 
 /// Every byte of every file under `dir`, recursively.

@@ -268,6 +268,12 @@ impl DurableBackend for SledBackend {
         true
     }
 
+    /// `flush` and `sync_all` run beside writers in sled (its own flusher thread does so every
+    /// 500 ms).
+    fn pipelined_sync(&self) -> bool {
+        true
+    }
+
     fn delete_expired(&self, entries: &[Expired]) -> Result<(), StoreError> {
         let r: Result<(), TransactionError<()>> = self.trees().transaction(|(g, o, j, h, e, m)| {
             delete_expired(&SledKv([g, o, j, h, e, m]), entries)?;

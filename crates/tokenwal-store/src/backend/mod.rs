@@ -238,6 +238,13 @@ pub(crate) trait DurableBackend: Send + Sync {
         false
     }
 
+    /// Whether [`DurableBackend::sync`] may run on another thread while the next group is applied
+    /// (the sync then makes at least every write that returned before it started durable). The
+    /// committer then writes group N+1 while group N is synced. Default `false`; sled: `true`.
+    fn pipelined_sync(&self) -> bool {
+        false
+    }
+
     /// Whether readers can never see a write before [`DurableBackend::sync`] made it durable (so the
     /// store needs no pre-images). Default `false`; PostgreSQL: `true` (readers use other
     /// connections and see only committed data, and a commit is durable).

@@ -55,7 +55,17 @@ impl Store {
     /// is released or dropped. Writers are not answered meanwhile.
     pub fn hold_acks(&self) -> AckHold {
         let hold = Arc::clone(&self.shared().hooks.hold);
-        hold.set(true);
+        hold.set(true, false);
+        AckHold { hold }
+    }
+
+    /// Test hook: holds every commit group's **sync** until the guard is released or dropped (or
+    /// [`AckHold::step`] lets one through). Unlike [`Store::hold_acks`], a store whose sync runs
+    /// beside the writes (sled) goes on writing the next group while one is held: it then waits,
+    /// written and unsynced, for its own sync.
+    pub fn hold_syncs(&self) -> AckHold {
+        let hold = Arc::clone(&self.shared().hooks.hold);
+        hold.set(true, true);
         AckHold { hold }
     }
 
@@ -92,13 +102,18 @@ impl AckHold {
         self.hold.wait_parked(timeout)
     }
 
+    /// Lets one parked group (the one parked now, or else the next to park) sync; the hold stays.
+    pub fn step(&self) {
+        self.hold.step();
+    }
+
     /// Lets the parked group (and every later one) sync.
     pub fn release(self) {}
 }
 
 impl Drop for AckHold {
     fn drop(&mut self) {
-        self.hold.set(false);
+        self.hold.set(false, false);
     }
 }
 
