@@ -27,7 +27,7 @@
 //! that engine wrote, and its first pass starts up to a minute after open.
 
 use crate::journal::engine_config;
-use crate::util::{fake_tokens, fmt_dur, now, percentile, shop, Table};
+use crate::util::{fake_tokens, fmt_dur, now, percentile, shop, try_cpu_time, Table};
 use crate::Opts;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -77,43 +77,72 @@ impl Sizes {
 #[derive(Default)]
 struct PassReport {
     elapsed: Duration,
+    /// When the trim step ended and the retention step began, with the store's counters then.
+    trim_end: Option<(Instant, StoreStats, Option<Duration>)>,
     trimmed: usize,
     expired: usize,
     trim_tasks: Vec<Duration>,
     retention_tasks: Vec<Duration>,
+    /// CPU time of the blocking threads over the tasks (`None` if `/proc` could not be read).
+    task_cpu: Option<Duration>,
+}
+
+/// CPU time of the calling thread so far.
+fn this_thread_cpu() -> Option<Duration> {
+    let link = std::fs::read_link("/proc/thread-self").ok()?;
+    let tid = link.file_name()?.to_str()?.parse().ok()?;
+    crate::util::thread_cpu(tid)
+}
+
+/// Runs `f` and returns its value with the CPU time this thread spent in it.
+fn with_cpu<T>(f: impl FnOnce() -> T) -> (T, Option<Duration>) {
+    let before = this_thread_cpu();
+    let v = f();
+    (v, before.zip(this_thread_cpu()).map(|(b, a)| a.saturating_sub(b)))
+}
+
+fn add_cpu(total: &mut Option<Duration>, d: Option<Duration>) {
+    *total = total.zip(d).map(|(t, d)| t + d);
 }
 
 /// One compaction pass over `grants`, as `compactor::pass` runs it (see the module doc).
 async fn pass(store: &Store, grants: &[GrantKey], keep: usize) -> PassReport {
     let started = Instant::now();
     let chunk = store.config().compact_chunk.max(1);
-    let mut r = PassReport::default();
+    let mut r = PassReport { task_cpu: Some(Duration::ZERO), ..PassReport::default() };
     for group in grants.chunks(TRIM_GRANTS_PER_TASK) {
         let (store, group) = (store.clone(), group.to_vec());
         let t = Instant::now();
-        let n = tokio::task::spawn_blocking(move || {
-            let mut n = 0;
-            for g in &group {
-                loop {
-                    let k = store.trim_history(g, keep).expect("trim_history");
-                    n += k;
-                    if k < chunk {
-                        break;
+        let (n, cpu) = tokio::task::spawn_blocking(move || {
+            with_cpu(|| {
+                let mut n = 0;
+                for g in &group {
+                    loop {
+                        let k = store.trim_history(g, keep).expect("trim_history");
+                        n += k;
+                        if k < chunk {
+                            break;
+                        }
                     }
                 }
-            }
-            n
+                n
+            })
         })
         .await
         .expect("trim task");
+        add_cpu(&mut r.task_cpu, cpu);
         r.trim_tasks.push(t.elapsed());
         tokio::task::yield_now().await;
         r.trimmed += n;
     }
+    r.trim_end = Some((Instant::now(), store.stats(), try_cpu_time()));
     loop {
         let store = store.clone();
         let t = Instant::now();
-        let c = tokio::task::spawn_blocking(move || store.compact(now()).expect("compact")).await.expect("compact task");
+        let (c, cpu) = tokio::task::spawn_blocking(move || with_cpu(|| store.compact(now()).expect("compact")))
+            .await
+            .expect("compact task");
+        add_cpu(&mut r.task_cpu, cpu);
         r.retention_tasks.push(t.elapsed());
         tokio::task::yield_now().await;
         r.expired += c.removed;
@@ -202,7 +231,13 @@ async fn worker(
     out
 }
 
-const PHASES: [&str; 3] = ["(a) no compaction", "(b) during the pass", "(c) after the pass"];
+const PHASES: [&str; 5] = [
+    "(a) no compaction",
+    "(b) during the pass",
+    "(b1) … its trim step",
+    "(b2) … its retention step",
+    "(c) after the pass",
+];
 
 /// Scenario 16: refresh latency before, during and after a compaction pass over a backlog.
 pub async fn run(opts: &Opts) {
@@ -256,6 +291,9 @@ pub async fn run(opts: &Opts) {
             "p99.9",
             "max",
             "syncs/refresh",
+            "committer write time / sync",
+            "flush + fsync time / sync",
+            "process CPU / s",
             "errors",
         ],
     );
@@ -275,6 +313,9 @@ pub async fn run(opts: &Opts) {
                 fmt_dur(percentile(&lat, 99.9)),
                 fmt_dur(lat.last().copied().unwrap_or_default()),
                 format!("{:.3}", p.syncs as f64 / refreshes.max(1) as f64),
+                fmt_dur(p.write_time / p.syncs.max(1) as u32),
+                fmt_dur(p.sync_time / p.syncs.max(1) as u32),
+                p.cpu.map_or("n/a".into(), |c| format!("{:.2} s", c.as_secs_f64() / p.duration.as_secs_f64())),
                 format!("{}", p.errors),
             ]);
         }
@@ -291,6 +332,7 @@ pub async fn run(opts: &Opts) {
             "syncs during the pass",
             "trim tasks: n, p50, max",
             "retention tasks: n, p50, max",
+            "compaction threads' CPU / task time",
             "refreshes (bench) / rotations (simulator)",
         ],
     );
@@ -298,12 +340,7 @@ pub async fn run(opts: &Opts) {
         let r = &mut run.pass;
         let tasks = |v: &mut Vec<Duration>| {
             v.sort();
-            format!(
-                "{}, {}, {}",
-                v.len(),
-                fmt_dur(percentile(v, 50.0)),
-                fmt_dur(v.last().copied().unwrap_or_default())
-            )
+            format!("{}, {}, {}", v.len(), fmt_dur(percentile(v, 50.0)), fmt_dur(v.last().copied().unwrap_or_default()))
         };
         t.row(&[
             format!("{n}"),
@@ -315,6 +352,10 @@ pub async fn run(opts: &Opts) {
             format!("{}", run.pass_syncs),
             tasks(&mut r.trim_tasks),
             tasks(&mut r.retention_tasks),
+            r.task_cpu.map_or("n/a".into(), |c| {
+                let wall: Duration = r.trim_tasks.iter().chain(&r.retention_tasks).sum();
+                format!("{:.0}%", 100.0 * c.as_secs_f64() / wall.as_secs_f64().max(1e-9))
+            }),
             format!("{} / {}", run.refreshes, run.rotations),
         ]);
     }
@@ -328,6 +369,10 @@ struct Phase {
     latencies: Vec<Duration>,
     errors: u64,
     syncs: u64,
+    write_time: Duration,
+    sync_time: Duration,
+    /// Process CPU time over the phase (every thread: engine, simulator, committer, compaction).
+    cpu: Option<Duration>,
 }
 
 /// One concurrency's results.
@@ -354,8 +399,7 @@ async fn one(
 ) -> Run {
     let dir = opts.dir.join(format!("compaction-{n}"));
     let _ = std::fs::remove_dir_all(&dir);
-    let (store, _) =
-        Store::open(&dir, &tokenwal::KeyRing::insecure_test_ring(), store_config.clone()).expect("store");
+    let (store, _) = Store::open(&dir, &tokenwal::KeyRing::insecure_test_ring(), store_config.clone()).expect("store");
     // The newest backlog round half an hour before now.
     let t0 = UnixMillis(now().0 - s.rounds * HOUR - HOUR / 2);
     let built = Instant::now();
@@ -401,36 +445,43 @@ async fn one(
         workers.spawn(worker(engine.clone(), sh, access, Arc::clone(&stop)));
     }
     tokio::time::sleep(s.warmup).await;
-    let stats = |st: &Store| -> StoreStats { st.stats() };
-    let (a0, sa0) = (Instant::now(), stats(&store));
+    let mark = |st: &Store| (Instant::now(), st.stats(), try_cpu_time());
+    let a0 = mark(&store);
     tokio::time::sleep(s.window).await;
-    let (b0, sb0) = (Instant::now(), stats(&store));
+    let b0 = mark(&store);
     eprintln!("compaction {n}: pass starts");
     let report = pass(&store, &queued, s.cap).await;
-    let (b1, sb1) = (Instant::now(), stats(&store));
+    let b1 = mark(&store);
     eprintln!("compaction {n}: pass done in {}", fmt_dur(report.elapsed));
     tokio::time::sleep(s.window).await;
-    let (c1, sc1) = (Instant::now(), stats(&store));
+    let c1 = mark(&store);
     stop.store(true, Ordering::Relaxed);
     let mut samples = Vec::new();
     while let Some(r) = workers.join_next().await {
         samples.extend(r.expect("worker"));
     }
-    let bounds = [(a0, b0, &sa0, &sb0), (b0, b1, &sb0, &sb1), (b1, c1, &sb1, &sc1)];
+    let trim_end = report.trim_end.expect("the pass marks its trim step's end");
+    let bounds = [(&a0, &b0), (&b0, &b1), (&b0, &trim_end), (&trim_end, &b1), (&b1, &c1)];
     let mut phases: Vec<Phase> = bounds
         .iter()
-        .map(|(from, to, sf, st)| Phase {
+        .map(|((from, sf, cf), (to, st, ct))| Phase {
             duration: *to - *from,
             syncs: st.syncs - sf.syncs,
+            write_time: st.write_time.saturating_sub(sf.write_time),
+            sync_time: st.sync_time.saturating_sub(sf.sync_time),
+            cpu: cf.zip(*ct).map(|(f, t)| t.saturating_sub(f)),
             ..Phase::default()
         })
         .collect();
     for &(start, lat, ok) in &samples {
-        if let Some(i) = bounds.iter().position(|(from, to, _, _)| start >= *from && start < *to) {
-            if ok {
-                phases[i].latencies.push(lat);
-            } else {
-                phases[i].errors += 1;
+        // (b1) and (b2) split (b): a sample counts in every phase it started in.
+        for (i, ((from, ..), (to, ..))) in bounds.iter().enumerate() {
+            if start >= *from && start < *to {
+                if ok {
+                    phases[i].latencies.push(lat);
+                } else {
+                    phases[i].errors += 1;
+                }
             }
         }
     }
@@ -443,8 +494,8 @@ async fn one(
     Run {
         phases,
         pass: report,
-        compacted: sb1.compacted - sb0.compacted,
-        pass_syncs: sb1.syncs - sb0.syncs,
+        compacted: b1.1.compacted - b0.1.compacted,
+        pass_syncs: b1.1.syncs - b0.1.syncs,
         refreshes,
         rotations,
     }
