@@ -148,8 +148,7 @@ fn compaction_runs_a_pass_under_refresh_load() {
     // The pass row: "", concurrency, time, trimmed, expired, deleted (counter), …, refreshes / rotations, "".
     let pass = stdout
         .lines()
-        .filter(|l| l.starts_with("| 8 | ") && l.split('|').count() == 13)
-        .last()
+        .rfind(|l| l.starts_with("| 8 | ") && l.split('|').count() == 13)
         .unwrap_or_else(|| panic!("no pass row in:\n{stdout}"));
     let cells: Vec<&str> = pass.split('|').map(str::trim).collect();
     let (trimmed, expired, deleted): (u64, u64, u64) =
