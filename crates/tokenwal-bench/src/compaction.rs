@@ -23,7 +23,8 @@
 //! backlog grant and every load grant, as the engine's trim queue would hold them) 64 to a blocking
 //! task, each grant's `trim_history` called again while it returns a full `compact_chunk`; then
 //! `compact(now)` on a blocking task per chunk while it reports more; a `yield_now` after each
-//! blocking task. The engine's own compactor is not used because its trim queue only holds grants
+//! blocking task (`--pace`: then a sleep as long as the task took, which the engine does not do). The
+//! engine's own compactor is not used because its trim queue only holds grants
 //! that engine wrote, and its first pass starts up to a minute after open.
 
 use crate::journal::engine_config;
@@ -106,7 +107,7 @@ fn add_cpu(total: &mut Option<Duration>, d: Option<Duration>) {
 }
 
 /// One compaction pass over `grants`, as `compactor::pass` runs it (see the module doc).
-async fn pass(store: &Store, grants: &[GrantKey], keep: usize) -> PassReport {
+async fn pass(store: &Store, grants: &[GrantKey], keep: usize, pace: bool) -> PassReport {
     let started = Instant::now();
     let chunk = store.config().compact_chunk.max(1);
     let mut r = PassReport { task_cpu: Some(Duration::ZERO), ..PassReport::default() };
@@ -132,7 +133,7 @@ async fn pass(store: &Store, grants: &[GrantKey], keep: usize) -> PassReport {
         .expect("trim task");
         add_cpu(&mut r.task_cpu, cpu);
         r.trim_tasks.push(t.elapsed());
-        tokio::task::yield_now().await;
+        after_task(t.elapsed(), pace).await;
         r.trimmed += n;
     }
     r.trim_end = Some((Instant::now(), store.stats(), try_cpu_time()));
@@ -144,7 +145,7 @@ async fn pass(store: &Store, grants: &[GrantKey], keep: usize) -> PassReport {
             .expect("compact task");
         add_cpu(&mut r.task_cpu, cpu);
         r.retention_tasks.push(t.elapsed());
-        tokio::task::yield_now().await;
+        after_task(t.elapsed(), pace).await;
         r.expired += c.removed;
         if !c.more {
             break;
@@ -152,6 +153,15 @@ async fn pass(store: &Store, grants: &[GrantKey], keep: usize) -> PassReport {
     }
     r.elapsed = started.elapsed();
     r
+}
+
+/// Between two blocking tasks: the engine yields; `--pace` sleeps as long as the task took.
+async fn after_task(took: Duration, pace: bool) {
+    if pace {
+        tokio::time::sleep(took).await;
+    } else {
+        tokio::task::yield_now().await;
+    }
 }
 
 /// Writes the backlog: `s.grants` grants installed at `t0`, then `s.rounds` rounds of one refresh per
@@ -257,7 +267,7 @@ pub async fn run(opts: &Opts) {
     println!(
         "backlog: {} grants × {} records ({} refreshes each, an hour apart, the newest half an hour old); \
          history cap {}, retention {} h, compact_chunk {}: a pass trims {} and expires {} records per backlog grant \
-         ({} in all), and trims the load grants to the cap; phases (a) and (c) {} each after {} of warm-up",
+         ({} in all), and trims the load grants to the cap{}; phases (a) and (c) {} each after {} of warm-up",
         s.grants,
         per,
         s.rounds,
@@ -267,6 +277,7 @@ pub async fn run(opts: &Opts) {
         trim_each,
         expire_each,
         (trim_each + expire_each) * s.grants as u64,
+        if opts.pace { " (paced: a sleep as long as each blocking task)" } else { "" },
         fmt_dur(s.window),
         fmt_dur(s.warmup),
     );
@@ -450,7 +461,7 @@ async fn one(
     tokio::time::sleep(s.window).await;
     let b0 = mark(&store);
     eprintln!("compaction {n}: pass starts");
-    let report = pass(&store, &queued, s.cap).await;
+    let report = pass(&store, &queued, s.cap, opts.pace).await;
     let b1 = mark(&store);
     eprintln!("compaction {n}: pass done in {}", fmt_dur(report.elapsed));
     tokio::time::sleep(s.window).await;
