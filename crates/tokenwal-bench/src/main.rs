@@ -24,6 +24,10 @@
 //!   broker     10. the token call of `tokenwal serve` over its Unix socket, 64 keep-alive clients, beside
 //!              the in-process access_token (needs target/release/tokenwal: cargo build --release
 //!              --workspace --bins; not part of `all`)
+//!   compaction 16. refresh latency (p50/p99/p99.9/max) of the engine against the simulator at 64 and
+//!              256 concurrent grants before, during and after one compaction pass (trim to the history
+//!              cap, then retention) over a backlog of 1 000 grants × 201 records (not part of `all`;
+//!              --churn-grants, --refreshes, --history-per-grant, --retention-hours, --compact-chunk)
 //!   all        everything above (footprint before recovery: recovery also opens the churned store)
 //!
 //! options:
@@ -34,14 +38,21 @@
 //!                          customer-grants-N); footprint then skips the churn
 //!   --dir DIR              work directory on the disk to measure (default: $TMPDIR/tokenwal-bench);
 //!                          the 100k/1M stores are kept there and reused for 4 hours
-//!   --refreshes N          churn: total refreshes (default 10 000 000)
-//!   --churn-grants N       churn: fleet size (default 10 000)
-//!   --retention-hours H    churn: journal retention (default 720 = 30 days, the store's default)
+//!   --refreshes N          churn: total refreshes (default 10 000 000); compaction: the backlog's
+//!                          refreshes (default 100 000, spread over its grants)
+//!   --churn-grants N       churn: fleet size (default 10 000); compaction: backlog grants (default 1 000)
+//!   --retention-hours H    churn: journal retention (default 720 = 30 days, the store's default);
+//!                          compaction: the store's retention (default a quarter of the history cap)
 //!   --history-per-grant N  churn: also trim each grant to its newest N records, as the engine's
 //!                          background compaction does (default: no cap, retention only); soak: the
-//!                          engine's Compaction::history_per_grant (default 64)
+//!                          engine's Compaction::history_per_grant (default 64); compaction: the
+//!                          cap the pass trims to (default 64)
+//!   --compact-chunk N      compaction: the store's compact_chunk, records per deletion (default 10 000)
+//!   --pace                 compaction: after each blocking task of the pass, sleep as long as it took
+//!                          (a 50% duty cycle; the engine's compactor does not do this: a proposal's effect)
 //!   --max-minutes M        churn: stop after M minutes of wall time (the rows so far show the trend)
-//!   --concurrency A,B,..   journal: concurrencies to run (default 1,16,256,4096); broker: clients (default 64)
+//!   --concurrency A,B,..   journal: concurrencies to run (default 1,16,256,4096); broker: clients (default 64);
+//!                          compaction: load grants (default 64,256)
 //!   --rate R               broker: also an open-loop row per concurrency, R requests/s in all on a fixed
 //!                          schedule, latency counted from each request's scheduled time
 //!   --path engine|store    journal: run only the engine or only the store-only comparison
@@ -58,6 +69,7 @@
 
 mod broker;
 mod child;
+mod compaction;
 mod fleet;
 mod journal;
 mod populate;
@@ -104,9 +116,13 @@ pub struct Opts {
     pub compact_interval: Option<Duration>,
     /// Fleet: engine processes on the one PostgreSQL store (default 4).
     pub processes: Option<usize>,
+    /// Compaction: the store's `compact_chunk` (default: the store's default).
+    pub compact_chunk: Option<usize>,
+    /// Compaction: sleep after each blocking task of the pass as long as it took.
+    pub pace: bool,
 }
 
-const SCENARIOS: [&str; 14] = [
+const SCENARIOS: [&str; 15] = [
     "env",
     "journal",
     "sync",
@@ -120,13 +136,14 @@ const SCENARIOS: [&str; 14] = [
     "soak",
     "broker",
     "fleet",
+    "compaction",
     "all",
 ];
 
 fn usage() -> ! {
     eprintln!(
         "usage: tokenwal-bench <{}> [--quick] [--dir DIR] [--grants admin|customer-account] [--refreshes N] [--churn-grants N] \
-         [--retention-hours H] [--history-per-grant N] [--max-minutes M] [--concurrency A,B,..] [--rate R] [--path engine|store] [--pg URL] [--processes N] [--cache-mib N] [--soak-ttl D] [--compact-interval D] [--soak-retention-secs S]",
+         [--retention-hours H] [--history-per-grant N] [--max-minutes M] [--concurrency A,B,..] [--rate R] [--path engine|store] [--pg URL] [--processes N] [--cache-mib N] [--soak-ttl D] [--compact-interval D] [--soak-retention-secs S] [--compact-chunk N] [--pace]",
         SCENARIOS.join("|")
     );
     std::process::exit(2);
@@ -151,6 +168,8 @@ fn parse(args: &[String]) -> (String, Opts) {
         soak_retention: None,
         compact_interval: None,
         processes: None,
+        compact_chunk: None,
+        pace: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -163,6 +182,7 @@ fn parse(args: &[String]) -> (String, Opts) {
         let number = |v: String| -> u64 { v.replace('_', "").parse().unwrap_or_else(|_| usage()) };
         match a.as_str() {
             "--quick" => opts.quick = true,
+            "--pace" => opts.pace = true,
             "--grants" => util::set_kind(util::Kind::parse(&value("--grants")).unwrap_or_else(|| usage())),
             "--dir" => opts.dir = PathBuf::from(value("--dir")),
             "--refreshes" => opts.refreshes = Some(number(value("--refreshes"))),
@@ -197,6 +217,7 @@ fn parse(args: &[String]) -> (String, Opts) {
                     }
                 }
             }
+            "--compact-chunk" => opts.compact_chunk = Some(number(value("--compact-chunk")).max(1) as usize),
             "--cache-mib" => opts.cache_mib = Some(number(value("--cache-mib"))),
             "--max-minutes" => opts.max_wall = Some(Duration::from_secs(60 * number(value("--max-minutes")))),
             s if SCENARIOS.contains(&s) && scenario.is_none() => scenario = Some(s.to_owned()),
@@ -289,6 +310,9 @@ fn main() {
         }
         if scenario == "fleet" {
             fleet::run(&opts).await;
+        }
+        if scenario == "compaction" {
+            compaction::run(&opts).await;
         }
     });
 }

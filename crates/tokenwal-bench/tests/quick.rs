@@ -109,3 +109,55 @@ fn fleet_runs_several_processes_on_one_postgres_store() {
     assert!(stdout.contains("| 500 | 2 |"), "{stdout}");
     assert!(stdout.contains("| 500 | 1 | 0 | 500 |"), "{stdout}");
 }
+
+/// The compaction scenario (not part of `all`) at quick sizes: 50 backlog grants × 41 records, a
+/// history cap of 8 and a retention of 2 h. The pass must delete exactly what the backlog holds
+/// beyond the cap and the retention (its counts and the store's counter agree), and the load must
+/// go on through every phase, each call exactly one refresh (the simulator's rotations agree).
+#[test]
+fn compaction_runs_a_pass_under_refresh_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tokenwal-bench"))
+        .args(["compaction", "--quick", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("a pass trims 33 and expires 4 records per backlog grant (1850 in all)"), "{stdout}");
+    let row = |prefix: &str| -> Vec<String> {
+        let line =
+            stdout.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} in:\n{stdout}"));
+        line.split('|').map(|c| c.trim().to_owned()).collect()
+    };
+    // Cells: "", concurrency, backlog grants, journal records, …
+    assert_eq!(row("| 8 | 50 |")[3], "2050", "{stdout}");
+    for phase in [
+        "(a) no compaction",
+        "(b) during the pass",
+        "(b1) … its trim step",
+        "(b2) … its retention step",
+        "(c) after the pass",
+    ] {
+        let cells = row(&format!("| 8 | {phase} |"));
+        // Cells: "", concurrency, phase, duration, refreshes, …, errors, "".
+        let refreshes: u64 = cells[4].parse().unwrap();
+        assert!(refreshes > 0 || phase.starts_with("(b"), "no refreshes in {phase}:\n{stdout}");
+        assert_eq!(cells[cells.len() - 2], "0", "errors in {phase}:\n{stdout}");
+    }
+    // The pass row: "", concurrency, time, trimmed, expired, deleted (counter), …, refreshes / rotations, "".
+    let pass = stdout
+        .lines()
+        .rfind(|l| l.starts_with("| 8 | ") && l.split('|').count() == 13)
+        .unwrap_or_else(|| panic!("no pass row in:\n{stdout}"));
+    let cells: Vec<&str> = pass.split('|').map(str::trim).collect();
+    let (trimmed, expired, deleted): (u64, u64, u64) =
+        (cells[3].parse().unwrap(), cells[4].parse().unwrap(), cells[5].parse().unwrap());
+    // Every backlog grant loses 33 records to the cap (the load grants may lose more) and 4 to retention.
+    assert!(trimmed >= 50 * 33, "trimmed {trimmed}:\n{stdout}");
+    assert_eq!(expired, 50 * 4, "{stdout}");
+    assert_eq!(deleted, trimmed + expired, "{stdout}");
+    let (refreshes, rotations) = cells[11].split_once(" / ").unwrap();
+    assert_eq!(refreshes, rotations, "{stdout}");
+    assert!(refreshes.parse::<u64>().unwrap() > 0, "{stdout}");
+}
