@@ -191,6 +191,12 @@ fn the_broker_answers_every_route_as_documented_and_survives_kill_9() {
     assert_eq!(call(&s, "GET", "/v2/nothing", Some(BEARER), None).json()["error"], "not_found");
     assert_eq!(call(&s, "DELETE", &alpha_path, None, None).status, 401);
     assert_eq!(call(&s, "DELETE", &alpha_path, Some(BEARER), None).json()["error"], "method_not_allowed");
+    // They are counted, under the route `unmatched` (never the path: it could hold anything).
+    let text = String::from_utf8(call(&s, "GET", "/metrics", Some(BEARER), None).body).unwrap();
+    for (code, n) in [(401, 2), (404, 1), (405, 1)] {
+        let line = format!("tokenwal_broker_requests_total{{route=\"unmatched\",code=\"{code}\"}} {n}\n");
+        assert!(text.contains(&line), "{line} in {text}");
+    }
 
     // Bad shop, unknown shop, no bearer on a token call.
     let a = go("GET", TOKEN, "/v1/shops/Alpha.myshopify.com/token", Some(BEARER), None);
