@@ -68,6 +68,14 @@ struct Details {
     tail: Box<[u8]>,
 }
 
+/// The rendered answer holds the token: wiped when the entry goes (as `AccessToken` zeroizes itself).
+impl Drop for Details {
+    fn drop(&mut self) {
+        self.head.fill(0);
+        std::hint::black_box(&self.head);
+    }
+}
+
 impl Details {
     fn new(shop: &ShopDomain, token: AccessToken, expires_at: UnixMillis, scope: Option<&str>) -> Details {
         let (head, tail) = routes::token_body_parts(shop, &token, expires_at, scope);
