@@ -41,6 +41,18 @@ fn tokenwal_bin() -> PathBuf {
     bin
 }
 
+/// A process's user CPU time from `/proc/PID/stat` (10 ms ticks). The broker's own work (parsing,
+/// routing, the answer) is user time; the socket reads, writes and wake-ups are system time, which
+/// grows when the machine is busy (fewer requests per wake-up), so the split shows which one a change
+/// moved.
+fn user_cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start at "state" (field 3); utime
+    // is field 14.
+    let utime = stat.rsplit_once(')')?.1.split_whitespace().nth(11)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(utime * 10))
+}
+
 /// One keep-alive connection's sender.
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
@@ -169,9 +181,12 @@ pub async fn run(opts: &Opts) {
         let pid = child.id();
         let cpu_probe = tokio::spawn(async move {
             tokio::time::sleep_until(measure_from.into()).await;
-            let (before, me) = (crate::util::process_cpu_time(pid), crate::util::try_cpu_time());
+            let before = crate::util::process_cpu_time(pid).zip(user_cpu_time(pid));
+            let me = crate::util::try_cpu_time();
             tokio::time::sleep_until(deadline.into()).await;
-            let broker = before.zip(crate::util::process_cpu_time(pid)).map(|(b, a)| a.saturating_sub(b));
+            let after = crate::util::process_cpu_time(pid).zip(user_cpu_time(pid));
+            // (total, user)
+            let broker = before.zip(after).map(|((bt, bu), (at, au))| (at.saturating_sub(bt), au.saturating_sub(bu)));
             let client = me.zip(crate::util::try_cpu_time()).map(|(b, a)| a.saturating_sub(b));
             (broker, client)
         });
@@ -274,6 +289,8 @@ pub async fn run(opts: &Opts) {
             "max",
             "requests",
             "broker CPU per request",
+            "of which user",
+            "of which system",
             "client CPU per request",
         ],
     );
@@ -289,7 +306,9 @@ pub async fn run(opts: &Opts) {
             fmt_dur(percentile(lat, 99.0)),
             fmt_dur(lat.last().copied().unwrap_or_default()),
             lat.len().to_string(),
-            cpu.0.map_or("-".into(), |c| fmt_dur(c / lat.len().max(1) as u32)),
+            cpu.0.map_or("-".into(), |(t, _)| fmt_dur(t / lat.len().max(1) as u32)),
+            cpu.0.map_or("-".into(), |(_, u)| fmt_dur(u / lat.len().max(1) as u32)),
+            cpu.0.map_or("-".into(), |(t, u)| fmt_dur(t.saturating_sub(u) / lat.len().max(1) as u32)),
             cpu.1.map_or("-".into(), |c| fmt_dur(c / lat.len().max(1) as u32)),
         ]);
     }
@@ -302,6 +321,8 @@ pub async fn run(opts: &Opts) {
             fmt_dur(percentile(lat, 99.0)),
             fmt_dur(lat.last().copied().unwrap_or_default()),
             lat.len().to_string(),
+            "-".into(),
+            "-".into(),
             "-".into(),
             "-".into(),
         ]);

@@ -191,6 +191,12 @@ fn the_broker_answers_every_route_as_documented_and_survives_kill_9() {
     assert_eq!(call(&s, "GET", "/v2/nothing", Some(BEARER), None).json()["error"], "not_found");
     assert_eq!(call(&s, "DELETE", &alpha_path, None, None).status, 401);
     assert_eq!(call(&s, "DELETE", &alpha_path, Some(BEARER), None).json()["error"], "method_not_allowed");
+    // They are counted, under the route `unmatched` (never the path: it could hold anything).
+    let text = String::from_utf8(call(&s, "GET", "/metrics", Some(BEARER), None).body).unwrap();
+    for (code, n) in [(401, 2), (404, 1), (405, 1)] {
+        let line = format!("tokenwal_broker_requests_total{{route=\"unmatched\",code=\"{code}\"}} {n}\n");
+        assert!(text.contains(&line), "{line} in {text}");
+    }
 
     // Bad shop, unknown shop, no bearer on a token call.
     let a = go("GET", TOKEN, "/v1/shops/Alpha.myshopify.com/token", Some(BEARER), None);
@@ -661,5 +667,72 @@ fn per_grant_recovery_and_a_token_inside_the_margin_answer_503() {
     assert_eq!((a.status, a.json()["reason"].clone()), (503, json!("upstream")), "{:?}", a.json());
     assert!(a.header("retry-after").is_some());
     assert!(!String::from_utf8_lossy(&a.body).contains(edge.access_token.as_str()));
+    b.kill9();
+}
+
+/// The broker renders a token's answer once and reuses it while the engine hands out that token:
+/// after every way the token changes (a 401 report rotates it, an install replaces it) the very next
+/// answer, and every one after it, carries the new token with its own expiry and scope, never the
+/// cached answer of the old one.
+#[test]
+fn a_cached_answer_never_outlives_its_token() {
+    let sim = BlockingSim::start_with(tokenwal_sim::SimConfig::default(), 2);
+    let base = sim.h().base_url();
+    let dir = tempfile::tempdir().unwrap();
+    let (db, sock) = (dir.path().join("store"), dir.path().join("b.sock"));
+    let config = dir.path().join("config.json");
+    write_private(&config, "{}", 0o600);
+    let mut b = start(&db, &sock, &config, &base, None);
+    wait_ready(&b);
+    let seeded = sim.h().seed_shop(&shop("rot"));
+    let grant = format!("/v1/shops/{}/grant", shop("rot"));
+    let token = format!("/v1/shops/{}/token", shop("rot"));
+    assert_eq!(
+        call(&sock, "PUT", &grant, Some(BEARER), Some(&grant_body(&seeded, json!({"expires_in": 3600})))).status,
+        200
+    );
+    let get = || {
+        let a = call(&sock, "GET", &token, Some(BEARER), None);
+        assert_eq!(a.status, 200, "{:?}", a.json());
+        a.json()
+    };
+    let t1 = get();
+    assert_eq!(t1["access_token"], seeded.access_token.as_str());
+    for _ in 0..3 {
+        let t = get();
+        assert_eq!((&t["access_token"], &t["expires_at"]), (&t1["access_token"], &t1["expires_at"]));
+    }
+
+    // A 401 seen with the cached token: rotated; its answer and every later one carry the new token.
+    let body = json!({"access_token": seeded.access_token.as_str()}).to_string();
+    let a =
+        call(&sock, "POST", &format!("/v1/shops/{}/unauthorized", shop("rot")), Some(BEARER), Some(body.as_bytes()));
+    assert_eq!(a.status, 200, "{:?}", a.json());
+    let t2 = a.json();
+    assert_ne!(t2["access_token"], t1["access_token"]);
+    assert!(accepted(sim.h(), "rot", &tokenwal::core::AccessToken::new(t2["access_token"].as_str().unwrap())));
+    for _ in 0..3 {
+        let t = get();
+        assert_eq!((&t["access_token"], &t["expires_at"]), (&t2["access_token"], &t2["expires_at"]), "{t}");
+    }
+    assert_eq!(requests(sim.h(), "rot"), 1);
+
+    // A newer pair installed (it expires later than the held one): the next answer is the new pair's,
+    // with its expiry and scope.
+    let installed = json!({
+        "access_token": "shpat_installed_by_the_test",
+        "refresh_token": "shprt_installed_by_the_test",
+        "expires_in": 7200,
+        "scope": "read_products",
+    })
+    .to_string();
+    assert_eq!(call(&sock, "PUT", &grant, Some(BEARER), Some(installed.as_bytes())).status, 200);
+    for _ in 0..3 {
+        let t = get();
+        assert_eq!(t["access_token"], "shpat_installed_by_the_test", "{t}");
+        assert_eq!(t["scope"], "read_products", "{t}");
+        assert_ne!(t["expires_at"], t2["expires_at"], "{t}");
+        assert!(t["expires_in"].as_u64().unwrap() > 3600, "{t}");
+    }
     b.kill9();
 }

@@ -54,11 +54,56 @@ pub struct ServeOptions {
     pub grace: Duration,
 }
 
-/// What the token answer needs beyond the engine's access token: its expiry and scope.
+/// What the token answer needs beyond the engine's access token: its expiry, and the answer's body
+/// rendered once around its only part that changes with time (`expires_in`), so that a cached call
+/// does no JSON work. Immutable: a new token (a refresh, a rotation after a 401 report, an install)
+/// is a new `Details`, and [`Broker::details`] hands one out only for the token the engine just
+/// answered with, so a body can never carry a superseded token.
 struct Details {
     token: AccessToken,
     expires_at: UnixMillis,
-    scope: Option<String>,
+    /// `{"shop":…,"access_token":…,"expires_at":…,"expires_in":`
+    head: Box<[u8]>,
+    /// `,"scope":…}`
+    tail: Box<[u8]>,
+}
+
+/// The rendered answer holds the token: wiped when the entry goes (as `AccessToken` zeroizes itself).
+impl Drop for Details {
+    fn drop(&mut self) {
+        self.head.fill(0);
+        std::hint::black_box(&self.head);
+    }
+}
+
+impl Details {
+    fn new(shop: &ShopDomain, token: AccessToken, expires_at: UnixMillis, scope: Option<&str>) -> Details {
+        let (head, tail) = routes::token_body_parts(shop, &token, expires_at, scope);
+        Details { token, expires_at, head, tail }
+    }
+
+    /// The token answer's body with `expires_in` seconds left: exactly what serialising
+    /// `{shop, access_token, expires_at, expires_in, scope}` with serde_json gives (a unit test in
+    /// `routes` compares them). One allocation of the exact size.
+    fn body(&self, expires_in: u64) -> Vec<u8> {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        let mut n = expires_in;
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let digits = &digits[i..];
+        let mut out = Vec::with_capacity(self.head.len() + digits.len() + self.tail.len());
+        out.extend_from_slice(&self.head);
+        out.extend_from_slice(digits);
+        out.extend_from_slice(&self.tail);
+        out
+    }
 }
 
 /// The state the handlers share.
@@ -112,11 +157,12 @@ impl Broker {
         if tokens.access_token != *token {
             info!(shop = %shop, "a newer token was committed while answering: serving it");
         }
-        let d = Arc::new(Details {
-            token: tokens.access_token.clone(),
-            expires_at: tokens.access_expires_at,
-            scope: tokens.scope.clone(),
-        });
+        let d = Arc::new(Details::new(
+            shop,
+            tokens.access_token.clone(),
+            tokens.access_expires_at,
+            tokens.scope.as_deref(),
+        ));
         self.details.write().unwrap_or_else(|p| p.into_inner()).insert(shop.as_str().to_owned(), Arc::clone(&d));
         Ok(d)
     }

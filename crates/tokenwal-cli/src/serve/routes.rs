@@ -3,7 +3,7 @@
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, MatchedPath, Path, Query, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -36,6 +36,9 @@ const METRICS: &str = "/metrics";
 const ROUTES: [&str; 9] = [TOKEN, UNAUTHORIZED, GRANT, EXCHANGE, UNINSTALL, GRANTS, HEALTHZ, READYZ, METRICS];
 
 /// The router: every route behind the bearer check, observed (log line and metrics) once answered.
+/// One middleware does both for the routes (one layer less per call than a check and an observer
+/// apart); the two fallbacks (no such route, no such method) check and observe themselves, as
+/// route `unmatched`.
 pub fn router(broker: Arc<Broker>) -> Router {
     Router::new()
         .route(TOKEN, get(token))
@@ -47,10 +50,9 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route(HEALTHZ, get(healthz))
         .route(READYZ, get(readyz))
         .route(METRICS, get(metrics))
-        .route_layer(middleware::from_fn_with_state(Arc::clone(&broker), authenticate))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&broker), guard))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(Arc::clone(&broker), observe))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(broker)
 }
@@ -253,13 +255,26 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Shop {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Shop, ApiError> {
-        let Path(raw) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|_| ApiError::bad_request("invalid_shop", "the shop in the path is not valid UTF-8"))?;
+        // Every route with a shop is `/v1/shops/{shop}/…`: without a percent escape the segment is the
+        // parameter as `Path` would decode it, so it is read in place (no deserializer, no copy).
+        let raw = match shop_segment(parts.uri.path()).filter(|s| !s.contains('%')) {
+            Some(s) => std::borrow::Cow::Borrowed(s),
+            None => {
+                let Path(raw) = Path::<String>::from_request_parts(parts, state)
+                    .await
+                    .map_err(|_| ApiError::bad_request("invalid_shop", "the shop in the path is not valid UTF-8"))?;
+                std::borrow::Cow::Owned(raw)
+            }
+        };
         ShopDomain::parse(&raw)
             .map(Shop)
             .map_err(|e| ApiError::bad_request("invalid_shop", format!("invalid shop domain: {e}")))
     }
+}
+
+/// The `{shop}` segment of a `/v1/shops/{shop}/…` path, as sent (not percent-decoded).
+fn shop_segment(path: &str) -> Option<&str> {
+    path.strip_prefix("/v1/shops/").and_then(|rest| rest.split('/').next())
 }
 
 /// A JSON body: at most [`MAX_BODY`] bytes (413), unknown fields refused (400). An empty body reads
@@ -305,19 +320,18 @@ fn json_problem(e: &serde_json::Error) -> String {
 // ---------------------------------------------------------------------------------------------
 // Middleware
 
-/// The route template a request matched, carried on its response to [`observe`].
-#[derive(Clone, Copy)]
-struct RouteTag(&'static str);
-
-/// 401 unless the request carries the broker's bearer token; tags the response with its route.
-async fn authenticate(State(b): State<Arc<Broker>>, matched: MatchedPath, req: Request, next: Next) -> Response {
+/// 401 unless the request carries the broker's bearer token; then [`observe`]s the answer under the
+/// route template the request matched.
+async fn guard(State(b): State<Arc<Broker>>, matched: MatchedPath, req: Request, next: Next) -> Response {
+    let started = Instant::now();
     let route = ROUTES.iter().copied().find(|r| *r == matched.as_str()).unwrap_or("unmatched");
-    let mut r = if b.bearer.accepts(req.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)) {
+    let (method, uri) = (req.method().clone(), req.uri().clone());
+    let r = if b.bearer.accepts(req.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)) {
         next.run(req).await
     } else {
         unauthorized_answer()
     };
-    r.extensions_mut().insert(RouteTag(route));
+    observe(&b, route, &method, &uri, &r, started);
     r
 }
 
@@ -333,50 +347,58 @@ fn unauthorized_answer() -> Response {
 }
 
 /// One log line and the metrics per request: method, route template, shop (when valid), status,
-/// latency. Never the Authorization header, a body or a token.
-async fn observe(State(b): State<Arc<Broker>>, req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = req.method().clone();
-    let shop = req
-        .uri()
-        .path()
-        .strip_prefix("/v1/shops/")
-        .and_then(|rest| rest.split('/').next())
-        .and_then(|s| ShopDomain::parse(s).ok());
-    let r = next.run(req).await;
+/// latency. Never the Authorization header, a body or a token. The shop is read from the path (kept
+/// by reference count, not copied) only when the line is written: at the default level a successful
+/// call writes none.
+fn observe(b: &Broker, route: &'static str, method: &Method, uri: &Uri, r: &Response, started: Instant) {
     let took = started.elapsed();
-    let route = r.extensions().get::<RouteTag>().map_or("unmatched", |t| t.0);
     let status = r.status().as_u16();
     b.metrics.observe(route, status, took);
-    let shop = shop.as_ref().map(ShopDomain::as_str).unwrap_or("-");
     let micros = took.as_micros() as u64;
+    let shop = || shop_segment(uri.path()).and_then(|s| ShopDomain::parse(s).ok());
     if r.status().is_server_error() {
+        let shop = shop();
+        let shop = shop.as_ref().map_or("-", ShopDomain::as_str);
         tracing::warn!(%method, route, shop, status, latency_us = micros, "request");
-    } else {
+    } else if tracing::enabled!(tracing::Level::DEBUG) {
+        let shop = shop();
+        let shop = shop.as_ref().map_or("-", ShopDomain::as_str);
         tracing::debug!(%method, route, shop, status, latency_us = micros, "request");
     }
+}
+
+/// A fallback's answer (behind the bearer check), observed as route `unmatched`.
+fn unmatched(b: &Broker, req: &Request, answer: impl FnOnce() -> Response) -> Response {
+    let started = Instant::now();
+    let r = if b.bearer.accepts(req.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)) {
+        answer()
+    } else {
+        unauthorized_answer()
+    };
+    observe(b, "unmatched", req.method(), req.uri(), &r, started);
     r
 }
 
 async fn not_found(State(b): State<Arc<Broker>>, req: Request) -> Response {
-    if !b.bearer.accepts(req.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)) {
-        return unauthorized_answer();
-    }
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route (see docs/broker-openapi.json)").into_response()
+    unmatched(&b, &req, || {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route (see docs/broker-openapi.json)")
+            .into_response()
+    })
 }
 
 async fn method_not_allowed(State(b): State<Arc<Broker>>, req: Request) -> Response {
-    if !b.bearer.accepts(req.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)) {
-        return unauthorized_answer();
-    }
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
-        .into_response()
+    unmatched(&b, &req, || {
+        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
+            .into_response()
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
 // Handlers
 
-/// The token object of a 200.
+/// The token object of a 200 (the reference for [`token_body_parts`], which renders it in two parts
+/// around `expires_in`; a unit test checks that they agree byte for byte).
+#[cfg(test)]
 #[derive(Serialize)]
 struct TokenAnswer<'a> {
     shop: &'a str,
@@ -384,6 +406,33 @@ struct TokenAnswer<'a> {
     expires_at: String,
     expires_in: u64,
     scope: Option<&'a str>,
+}
+
+/// The token answer's JSON before and after the value of `expires_in` (the key order of the object
+/// above: shop, access_token, expires_at, expires_in, scope).
+pub(super) fn token_body_parts(
+    shop: &ShopDomain,
+    token: &AccessToken,
+    expires_at: UnixMillis,
+    scope: Option<&str>,
+) -> (Box<[u8]>, Box<[u8]>) {
+    fn json<T: Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
+        // Serialising a string or an optional string into a Vec cannot fail.
+        let _ = serde_json::to_writer(out, v);
+    }
+    let mut head = Vec::with_capacity(128);
+    head.extend_from_slice(br#"{"shop":"#);
+    json(&mut head, shop.as_str());
+    head.extend_from_slice(br#","access_token":"#);
+    json(&mut head, token.expose_secret());
+    head.extend_from_slice(br#","expires_at":"#);
+    json(&mut head, &expires_at.to_string());
+    head.extend_from_slice(br#","expires_in":"#);
+    let mut tail = Vec::with_capacity(64);
+    tail.extend_from_slice(br#","scope":"#);
+    json(&mut tail, &scope);
+    tail.push(b'}');
+    (head.into_boxed_slice(), tail.into_boxed_slice())
 }
 
 impl Broker {
@@ -394,6 +443,11 @@ impl Broker {
             Some(i) => i,
             None => self.load_details(engine, shop, &token)?,
         };
+        self.answer(engine, shop, &info)
+    }
+
+    /// The 200 (or the 503 inside the margin) for the token of `info`.
+    fn answer(&self, engine: &Engine, shop: &ShopDomain, info: &super::Details) -> Result<Response, ApiError> {
         let now = now();
         let left = info.expires_at.since(now);
         if left <= self.margin {
@@ -414,17 +468,10 @@ impl Broker {
                 retry,
             ));
         }
-        let body = TokenAnswer {
-            shop: shop.as_str(),
-            access_token: info.token.expose_secret(),
-            expires_at: info.expires_at.to_string(),
-            expires_in: left.as_secs(),
-            scope: info.scope.as_deref(),
-        };
-        let bytes = serde_json::to_vec(&body).map_err(|e| ApiError::internal(format!("cannot render: {e}")))?;
-        let mut r = (StatusCode::OK, bytes).into_response();
-        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        let mut r = Response::new(axum::body::Body::from(info.body(left.as_secs())));
+        let h = r.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         Ok(r)
     }
 }
@@ -439,21 +486,25 @@ impl Broker {
     /// serves a still-valid token inside the refresh margin at once. The broker promises more than
     /// the margin, so it waits (bounded) for that refresh to commit instead of answering 503 —
     /// unless the grant is backing off after a failed refresh, which [`Broker::token_answer`]
-    /// reports at once.
+    /// reports at once. Returns the details of the token to answer with.
     async fn beyond_margin(
         &self,
         engine: &Engine,
         shop: &ShopDomain,
         mut token: AccessToken,
-    ) -> Result<AccessToken, ApiError> {
-        let deadline = Instant::now() + WAIT_FOR_REFRESH;
+    ) -> Result<Arc<super::Details>, ApiError> {
+        // Set when the token is first seen inside the margin (a cached call never needs it).
+        let mut wait_until = None;
         loop {
             let info = match self.details(shop, &token) {
                 Some(i) => i,
                 None => self.load_details(engine, shop, &token)?,
             };
-            if info.expires_at.since(now()) > self.margin || Instant::now() >= deadline {
-                return Ok(token);
+            if info.expires_at.since(now()) > self.margin {
+                return Ok(info);
+            }
+            if Instant::now() >= *wait_until.get_or_insert_with(|| Instant::now() + WAIT_FOR_REFRESH) {
+                return Ok(info);
             }
             let backing_off = engine
                 .state(&GrantKey::shopify(shop))
@@ -462,7 +513,7 @@ impl Broker {
                 .and_then(|s| s.not_before)
                 .is_some_and(|nb| !until(nb).is_zero());
             if backing_off {
-                return Ok(token);
+                return Ok(info);
             }
             tokio::time::sleep(WAIT_STEP).await;
             token = engine.access_token(shop).await.map_err(|e| self.engine_error(e))?;
@@ -473,8 +524,8 @@ impl Broker {
 async fn token(State(b): State<Arc<Broker>>, Shop(shop): Shop) -> Result<Response, ApiError> {
     let engine = b.engine()?;
     let token = engine.access_token(&shop).await.map_err(|e| b.engine_error(e))?;
-    let token = b.beyond_margin(engine, &shop, token).await?;
-    b.token_answer(engine, &shop, token)
+    let info = b.beyond_margin(engine, &shop, token).await?;
+    b.answer(engine, &shop, &info)
 }
 
 #[derive(Deserialize)]
@@ -665,4 +716,41 @@ async fn metrics(State(b): State<Arc<Broker>>) -> Response {
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::Details;
+
+    #[test]
+    fn the_pre_rendered_token_body_is_serde_json_s() {
+        let shop = ShopDomain::parse("body-check.myshopify.com").unwrap();
+        let scopes = [Some("read_orders,write_products"), Some(r#"odd "scope" \ é"#), Some(""), None];
+        for (i, scope) in scopes.into_iter().enumerate() {
+            let token = format!("shpat_{i}\"\\\u{1}/é");
+            let expires_at = UnixMillis(1_765_000_000_123 + i as u64);
+            let d = Details::new(&shop, AccessToken::new(token.clone()), expires_at, scope);
+            for expires_in in [0, 7, 10, 59, 3599, 86_400, u64::MAX] {
+                let want = serde_json::to_vec(&TokenAnswer {
+                    shop: shop.as_str(),
+                    access_token: &token,
+                    expires_at: expires_at.to_string(),
+                    expires_in,
+                    scope,
+                })
+                .unwrap();
+                let got = d.body(expires_in);
+                assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&want));
+                assert_eq!(got.capacity(), got.len(), "one allocation of the exact size");
+            }
+        }
+    }
+
+    #[test]
+    fn the_shop_segment_is_the_path_parameter() {
+        assert_eq!(shop_segment("/v1/shops/a.myshopify.com/token"), Some("a.myshopify.com"));
+        assert_eq!(shop_segment("/v1/shops/a.myshopify.com/token-exchange"), Some("a.myshopify.com"));
+        assert_eq!(shop_segment("/v1/grants"), None);
+    }
 }
