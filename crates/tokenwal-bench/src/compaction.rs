@@ -22,8 +22,9 @@
 //! step, through the same public store calls on the engine's store: the queued grants (every
 //! backlog grant and every load grant, as the engine's trim queue would hold them) 64 to a blocking
 //! task, each grant's `trim_history` called again while it returns a full `compact_chunk`; then
-//! `compact(now)` on a blocking task per chunk while it reports more; a `yield_now` after each
-//! blocking task (`--pace`: then a sleep as long as the task took, which the engine does not do). The
+//! `compact(now)` on a blocking task per chunk while it reports more; after each blocking task a
+//! rest as long as the task took, at most 1 s, as the engine does since 2026-12-07 (`--no-pace`: a
+//! `yield_now` instead, the engine's behaviour before). The
 //! engine's own compactor is not used because its trim queue only holds grants
 //! that engine wrote, and its first pass starts up to a minute after open.
 
@@ -155,10 +156,11 @@ async fn pass(store: &Store, grants: &[GrantKey], keep: usize, pace: bool) -> Pa
     r
 }
 
-/// Between two blocking tasks: the engine yields; `--pace` sleeps as long as the task took.
+/// Between two blocking tasks: the engine rests as long as the task took (at most 1 s); `--no-pace`
+/// only yields, as the engine did before.
 async fn after_task(took: Duration, pace: bool) {
     if pace {
-        tokio::time::sleep(took).await;
+        tokio::time::sleep(took.min(Duration::from_secs(1))).await;
     } else {
         tokio::task::yield_now().await;
     }
@@ -277,7 +279,11 @@ pub async fn run(opts: &Opts) {
         trim_each,
         expire_each,
         (trim_each + expire_each) * s.grants as u64,
-        if opts.pace { " (paced: a sleep as long as each blocking task)" } else { "" },
+        if opts.pace {
+            " (paced as the engine: a rest as long as each blocking task)"
+        } else {
+            " (--no-pace: yield only)"
+        },
         fmt_dur(s.window),
         fmt_dur(s.warmup),
     );

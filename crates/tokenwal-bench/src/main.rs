@@ -48,8 +48,8 @@
 //!                          engine's Compaction::history_per_grant (default 64); compaction: the
 //!                          cap the pass trims to (default 64)
 //!   --compact-chunk N      compaction: the store's compact_chunk, records per deletion (default 10 000)
-//!   --pace                 compaction: after each blocking task of the pass, sleep as long as it took
-//!                          (a 50% duty cycle; the engine's compactor does not do this: a proposal's effect)
+//!   --no-pace              compaction: after each blocking task of the pass only yield, instead of
+//!                          resting as long as it took (at most 1 s) as the engine's compactor does
 //!   --max-minutes M        churn: stop after M minutes of wall time (the rows so far show the trend)
 //!   --concurrency A,B,..   journal: concurrencies to run (default 1,16,256,4096); broker: clients (default 64);
 //!                          compaction: load grants (default 64,256)
@@ -143,7 +143,7 @@ const SCENARIOS: [&str; 15] = [
 fn usage() -> ! {
     eprintln!(
         "usage: tokenwal-bench <{}> [--quick] [--dir DIR] [--grants admin|customer-account] [--refreshes N] [--churn-grants N] \
-         [--retention-hours H] [--history-per-grant N] [--max-minutes M] [--concurrency A,B,..] [--rate R] [--path engine|store] [--pg URL] [--processes N] [--cache-mib N] [--soak-ttl D] [--compact-interval D] [--soak-retention-secs S] [--compact-chunk N] [--pace]",
+         [--retention-hours H] [--history-per-grant N] [--max-minutes M] [--concurrency A,B,..] [--rate R] [--path engine|store] [--pg URL] [--processes N] [--cache-mib N] [--soak-ttl D] [--compact-interval D] [--soak-retention-secs S] [--compact-chunk N] [--no-pace]",
         SCENARIOS.join("|")
     );
     std::process::exit(2);
@@ -169,7 +169,7 @@ fn parse(args: &[String]) -> (String, Opts) {
         compact_interval: None,
         processes: None,
         compact_chunk: None,
-        pace: false,
+        pace: true,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -182,7 +182,7 @@ fn parse(args: &[String]) -> (String, Opts) {
         let number = |v: String| -> u64 { v.replace('_', "").parse().unwrap_or_else(|_| usage()) };
         match a.as_str() {
             "--quick" => opts.quick = true,
-            "--pace" => opts.pace = true,
+            "--no-pace" => opts.pace = false,
             "--grants" => util::set_kind(util::Kind::parse(&value("--grants")).unwrap_or_else(|| usage())),
             "--dir" => opts.dir = PathBuf::from(value("--dir")),
             "--refreshes" => opts.refreshes = Some(number(value("--refreshes"))),

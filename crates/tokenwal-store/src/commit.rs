@@ -64,8 +64,9 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Request>, mut next_lsn: u64)
             let (tx, srx) = std::sync::mpsc::sync_channel::<Written>(0);
             let shared = &shared;
             let spawned = std::thread::Builder::new().name("tokenwal-sync".into()).spawn_scoped(scope, move || {
+                let mut first_failure = None;
                 while let Ok(w) = srx.recv() {
-                    sync_and_answer(shared, w);
+                    sync_and_answer(shared, w, &mut first_failure);
                 }
             });
             match spawned {
@@ -74,6 +75,8 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Request>, mut next_lsn: u64)
             }
         }
         let mut group = Vec::new();
+        // The failure that poisoned the store, as seen by this thread's syncs (no sync thread).
+        let mut first_failure = None;
         while let Ok(first) = rx.recv() {
             if let Some(s) = &mut syncer {
                 s.park_if_held(&shared);
@@ -86,7 +89,10 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Request>, mut next_lsn: u64)
                 }
             }
             match &mut syncer {
-                None => sync_and_answer(&shared, write_group(&shared, &mut next_lsn, &mut group)),
+                None => {
+                    let w = write_group(&shared, &mut next_lsn, &mut group);
+                    sync_and_answer(&shared, w, &mut first_failure);
+                }
                 Some(s) => {
                     s.wait_if_shared(&group);
                     let w = write_group(&shared, &mut next_lsn, &mut group);
@@ -95,7 +101,7 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Request>, mut next_lsn: u64)
                     let w = Written { done: Some(done_tx), ..w };
                     if let Err(back) = s.tx.send(w) {
                         // The sync thread is gone (it panicked): sync here.
-                        sync_and_answer(&shared, back.0);
+                        sync_and_answer(&shared, back.0, &mut first_failure);
                         continue;
                     }
                     s.last = Some((grants, done_rx));
@@ -290,17 +296,20 @@ fn write_group(shared: &Shared, next_lsn: &mut u64, group: &mut Vec<Request>) ->
 }
 
 /// Makes a written group durable with one sync (unless it wrote nothing or failed), then answers
-/// its writers and drops its pre-images. A group written after the store was poisoned (by an
-/// earlier group's failed sync, while this one was being written) may be partly written: its
-/// writers get that failure.
-fn sync_and_answer(shared: &Shared, w: Written) {
+/// its writers and drops its pre-images. A group written while an earlier group's sync failed (the
+/// pipelined sync) is not synced: its writers get that earlier failure (`first_failure`, kept by
+/// the thread that syncs), which says "may already be durable", as their writes may be.
+fn sync_and_answer(shared: &Shared, w: Written, first_failure: &mut Option<StoreError>) {
     let Written { group, answers, mut failure, written, records, new_grants, done } = w;
     let c = &shared.counters;
     if failure.is_none() && written > 0 && shared.is_poisoned() {
-        failure = Some(StoreError::Io {
-            op: "sync",
-            source: std::io::Error::other("an earlier commit group failed: the store is poisoned"),
-        });
+        failure = Some(first_failure.as_ref().map_or_else(
+            || StoreError::Io {
+                op: "sync",
+                source: std::io::Error::other("an earlier commit group failed: the store is poisoned"),
+            },
+            StoreError::duplicate,
+        ));
     }
     if failure.is_none() && written > 0 {
         shared.hooks.park_if_held();
@@ -330,6 +339,9 @@ fn sync_and_answer(shared: &Shared, w: Written) {
         shared.backend.end_unsynced_group();
     }
     if let Some(f) = &failure {
+        if first_failure.is_none() {
+            *first_failure = Some(f.duplicate());
+        }
         if !shared.is_poisoned() {
             tracing::error!(error = %f, "store poisoned: a write or sync failed; reopen it to recover");
         }

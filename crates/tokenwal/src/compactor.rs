@@ -1,8 +1,10 @@
 //! Background compaction: keeps the journal bounded without stalling refreshes.
 //!
 //! Every [`Compaction::interval`] one pass runs, in chunks, each on a blocking thread (the store's
-//! `compact_chunk` records at most), yielding between chunks so refreshes and their commit groups go
-//! on: first each grant queued for trimming loses its records beyond its newest
+//! `compact_chunk` records at most), resting after each chunk as long as it took (at most
+//! [`MAX_REST`]) so that a pass keeps the store busy at most half of the time and refreshes and
+//! their commit groups go on (a pass over a backlog without the rests multiplied refresh p99 by up to
+//! 7.7: `docs/benchmarks.md` §16): first each grant queued for trimming loses its records beyond its newest
 //! [`Compaction::history_per_grant`] ([`tokenwal_store::Store::trim_history`]), then records older
 //! than the retention go ([`tokenwal_store::Store::compact`]). A grant is queued for trimming when
 //! its state version reaches a multiple of half the cap, so the queue holds a small fraction of the
@@ -18,7 +20,7 @@ use crate::failpoint;
 use crate::inner::Inner;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokenwal_core::{GrantKey, GrantState};
 use tracing::{debug, warn};
 
@@ -129,7 +131,11 @@ async fn pass(inner: &Arc<Inner>, c: &Compaction) -> Result<(usize, usize), Stop
     Ok((trimmed, expired))
 }
 
-/// Runs one chunk on a blocking thread, then yields; stops at shutdown.
+/// The longest rest between two chunks of a pass.
+pub(crate) const MAX_REST: Duration = Duration::from_secs(1);
+
+/// Runs one chunk on a blocking thread, then rests as long as it took (at most [`MAX_REST`]; cut
+/// short by shutdown); stops at shutdown.
 async fn blocking<T: Send + 'static>(
     inner: &Inner,
     f: impl FnOnce() -> Result<T, tokenwal_store::StoreError> + Send + 'static,
@@ -137,7 +143,13 @@ async fn blocking<T: Send + 'static>(
     if *inner.shutdown.borrow() {
         return Err(Stop::Shutdown);
     }
+    let started = Instant::now();
     let r = tokio::task::spawn_blocking(f).await.map_err(|e| Stop::Failed(format!("compaction task failed: {e}")))?;
-    tokio::task::yield_now().await;
+    let rest = started.elapsed().min(MAX_REST);
+    let mut shutdown = inner.shutdown.subscribe();
+    tokio::select! {
+        _ = shutdown.wait_for(|s| *s) => {}
+        _ = tokio::time::sleep(rest) => {}
+    }
     r.map_err(|e| Stop::Failed(e.to_string()))
 }
