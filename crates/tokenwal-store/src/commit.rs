@@ -26,7 +26,6 @@ use crate::hooks::FaultPoint;
 use crate::layout::{self, Tree};
 use crate::lock::lock;
 use crate::shared::{Counters, PreImage, Shared};
-use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
@@ -94,9 +93,8 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Request>, mut next_lsn: u64)
                     sync_and_answer(&shared, w, &mut first_failure);
                 }
                 Some(s) => {
-                    s.wait_if_shared(&group);
+                    s.wait_if_shared(&shared, &group);
                     let w = write_group(&shared, &mut next_lsn, &mut group);
-                    let grants: HashSet<Vec<u8>> = w.group.iter().map(|r| r.batch.grant.clone()).collect();
                     let (done_tx, done_rx) = std::sync::mpsc::channel();
                     let w = Written { done: Some(done_tx), ..w };
                     if let Err(back) = s.tx.send(w) {
@@ -104,7 +102,7 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Request>, mut next_lsn: u64)
                         sync_and_answer(&shared, back.0, &mut first_failure);
                         continue;
                     }
-                    s.last = Some((grants, done_rx));
+                    s.last = Some(done_rx);
                 }
             }
         }
@@ -114,14 +112,14 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Request>, mut next_lsn: u64)
 /// The committer's handle on the sync thread.
 struct Syncer {
     tx: std::sync::mpsc::SyncSender<Written>,
-    /// The grants of the last group handed over, and the signal that it was answered.
-    last: Option<(HashSet<Vec<u8>>, Receiver<()>)>,
+    /// The signal that the last group handed over was answered.
+    last: Option<Receiver<()>>,
 }
 
 impl Syncer {
     /// The last group handed over, if it is not answered yet.
-    fn in_flight(&mut self) -> Option<&(HashSet<Vec<u8>>, Receiver<()>)> {
-        let (_, done) = self.last.as_ref()?;
+    fn in_flight(&mut self) -> Option<&Receiver<()>> {
+        let done = self.last.as_ref()?;
         if matches!(done.try_recv(), Err(std::sync::mpsc::TryRecvError::Empty)) {
             self.last.as_ref()
         } else {
@@ -135,17 +133,22 @@ impl Syncer {
     /// behind the held group exactly as they would without the sync thread.
     fn park_if_held(&mut self, shared: &Shared) {
         if self.in_flight().is_some() && shared.hooks.park_writer_if_held() {
-            if let Some((_, done)) = self.last.take() {
+            if let Some(done) = self.last.take() {
                 let _ = done.recv();
             }
         }
     }
 
     /// Waits for the last group handed over to be synced and answered if `group` writes one of
-    /// its grants.
-    fn wait_if_shared(&mut self, group: &[Request]) {
-        let Some((grants, done)) = self.in_flight() else { return };
-        if group.iter().any(|r| grants.contains(&r.batch.grant)) {
+    /// its grants: those are the grants with a pre-image now (the group being synced is the only
+    /// unsynced one, and its pre-images go only after its sync).
+    fn wait_if_shared(&mut self, shared: &Shared, group: &[Request]) {
+        let Some(done) = self.in_flight() else { return };
+        let shares = {
+            let pending = lock(&shared.pending);
+            group.iter().any(|r| pending.contains_key(&r.batch.grant))
+        };
+        if shares {
             // `Err`: the sync thread dropped the signal, i.e. it answered the group (or is gone).
             let _ = done.recv();
             self.last = None;

@@ -912,6 +912,40 @@ fn a_group_written_during_the_previous_sync_stays_hidden_until_its_own() {
     assert_eq!(store.stats().syncs, 3);
 }
 
+/// With the pipelined sync, a group that writes a grant of the group being synced is written only
+/// after that sync: otherwise the earlier group's sync would drop the grant's pre-image and expose
+/// the later, unsynced write.
+#[test]
+fn a_group_writing_a_grant_of_the_group_being_synced_waits_for_that_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("store"));
+    let m = machine(&store);
+    let a1 = put(&store, install(&m, None, &key(1), T0));
+    let hold = store.hold_syncs();
+    let spawn = |b: WriteBatch| {
+        let store = store.clone();
+        thread::spawn(move || store.apply_blocking(b))
+    };
+    let intent = attempt(&m, &a1, T0 + 1);
+    let a2 = state_of(&intent);
+    let a = spawn(intent);
+    assert!(hold.wait_parked(WAIT));
+    // Queued behind A on the same grant.
+    let submitted = store.stats().submitted;
+    let c = spawn(install(&m, Some(&a2), &key(1), T0 + 2));
+    while store.stats().submitted == submitted {
+        thread::sleep(Duration::from_millis(1));
+    }
+    hold.step();
+    a.join().unwrap().unwrap();
+    // C is written now and waits for its own sync: readers still see A's state.
+    assert!(hold.wait_parked(WAIT));
+    assert_eq!(store.get(&key(1)).unwrap().unwrap().version, a2.version, "C is visible before its sync");
+    hold.release();
+    c.join().unwrap().unwrap();
+    assert_eq!(store.get(&key(1)).unwrap().unwrap().version, a2.version + 1);
+}
+
 // ------------------------------------------------------------------------------------ sealing
 
 /// Every byte of every file under `dir`, recursively.

@@ -132,7 +132,7 @@ async fn pass(inner: &Arc<Inner>, c: &Compaction) -> Result<(usize, usize), Stop
 }
 
 /// The longest rest between two chunks of a pass.
-pub(crate) const MAX_REST: Duration = Duration::from_secs(1);
+const MAX_REST: Duration = Duration::from_secs(1);
 
 /// Runs one chunk on a blocking thread, then rests as long as it took (at most [`MAX_REST`]; cut
 /// short by shutdown); stops at shutdown.
