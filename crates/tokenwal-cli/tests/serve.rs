@@ -14,7 +14,7 @@
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
@@ -125,6 +125,15 @@ fn setup(db: &Path, config: &Path, sim_base: &str) -> BrokerSetup {
 /// Starts a broker on `sock` at trace level and waits for its `listening on` line.
 fn start(db: &Path, sock: &Path, config: &Path, sim_base: &str, log: Option<Arc<Mutex<Vec<String>>>>) -> Broker {
     Broker::start(&setup(db, config, sim_base), sock, log)
+}
+
+/// A temporary directory (kept alive by the first element) with a broker's store path, socket path
+/// and private config file holding `config_json`.
+fn broker_paths(config_json: &str) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, sock, config) = (dir.path().join("store"), dir.path().join("b.sock"), dir.path().join("config.json"));
+    write_private(&config, config_json, 0o600);
+    (dir, db, sock, config)
 }
 
 fn serve_command(db: &Path, sim_base: &str, args: &[&str]) -> Command {
@@ -522,10 +531,7 @@ fn loopback_tcp_serves_with_the_token_file() {
 fn a_store_fail_stop_exits_74_and_the_restart_loses_no_acknowledged_install() {
     let sim = BlockingSim::start();
     let base = sim.h().base_url();
-    let dir = tempfile::tempdir().unwrap();
-    let (db, sock) = (dir.path().join("store"), dir.path().join("b.sock"));
-    let config = dir.path().join("config.json");
-    write_private(&config, "{}", 0o600);
+    let (_dir, db, sock, config) = broker_paths("{}");
     // The store's test hook (dev builds only): its 6th group sync fails.
     let listen = format!("unix:{}", sock.display());
     let mut child = serve_command(&db, &base, &["--listen", &listen])
@@ -607,10 +613,7 @@ fn a_store_fail_stop_exits_74_and_the_restart_loses_no_acknowledged_install() {
 fn per_grant_recovery_and_a_token_inside_the_margin_answer_503() {
     let sim = BlockingSim::start_with(tokenwal_sim::SimConfig::default(), 2);
     let base = sim.h().base_url();
-    let dir = tempfile::tempdir().unwrap();
-    let (db, sock) = (dir.path().join("store"), dir.path().join("b.sock"));
-    let config = dir.path().join("config.json");
-    write_private(&config, r#"{"recovery_budget": 0}"#, 0o600);
+    let (_dir, db, sock, config) = broker_paths(r#"{"recovery_budget": 0}"#);
     let mut b = start(&db, &sock, &config, &base, None);
     wait_ready(&b);
     let slow = sim.h().seed_shop(&shop("slow"));
@@ -678,10 +681,7 @@ fn per_grant_recovery_and_a_token_inside_the_margin_answer_503() {
 fn a_cached_answer_never_outlives_its_token() {
     let sim = BlockingSim::start_with(tokenwal_sim::SimConfig::default(), 2);
     let base = sim.h().base_url();
-    let dir = tempfile::tempdir().unwrap();
-    let (db, sock) = (dir.path().join("store"), dir.path().join("b.sock"));
-    let config = dir.path().join("config.json");
-    write_private(&config, "{}", 0o600);
+    let (_dir, db, sock, config) = broker_paths("{}");
     let mut b = start(&db, &sock, &config, &base, None);
     wait_ready(&b);
     let seeded = sim.h().seed_shop(&shop("rot"));

@@ -86,21 +86,11 @@ impl Details {
     /// `{shop, access_token, expires_at, expires_in, scope}` with serde_json gives (a unit test in
     /// `routes` compares them). One allocation of the exact size.
     fn body(&self, expires_in: u64) -> Vec<u8> {
-        let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        let mut n = expires_in;
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        let digits = &digits[i..];
-        let mut out = Vec::with_capacity(self.head.len() + digits.len() + self.tail.len());
+        let digits = expires_in.checked_ilog10().map_or(1, |d| d as usize + 1);
+        let mut out = Vec::with_capacity(self.head.len() + digits + self.tail.len());
         out.extend_from_slice(&self.head);
-        out.extend_from_slice(digits);
+        // serde_json writes the number as it would inside the object (writing to a Vec cannot fail).
+        let _ = serde_json::to_writer(&mut out, &expires_in);
         out.extend_from_slice(&self.tail);
         out
     }
