@@ -1,18 +1,21 @@
 //! Smoke test: every scenario of the bench binary runs to the end at `--quick` sizes. Nothing here
 //! looks at a timing (numbers on a shared CI machine mean nothing); only that the tables come out.
 
+use std::path::Path;
 use std::process::Command;
+
+/// Runs the bench binary with `args` and `--dir dir`, checks that it succeeded, and returns its stdout.
+fn run(args: &[&str], dir: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tokenwal-bench")).args(args).arg("--dir").arg(dir).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    stdout
+}
 
 #[test]
 fn every_scenario_runs_at_quick_sizes() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tokenwal-bench"))
-        .args(["all", "--quick", "--dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let stdout = run(&["all", "--quick"], dir.path());
     for title in [
         "### Machine",
         "### Engine refreshes against the simulator",
@@ -45,13 +48,7 @@ fn every_scenario_runs_at_quick_sizes() {
 #[test]
 fn soak_runs_the_engines_compaction() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tokenwal-bench"))
-        .args(["soak", "--quick", "--history-per-grant", "2", "--compact-interval", "2s", "--dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let stdout = run(&["soak", "--quick", "--history-per-grant", "2", "--compact-interval", "2s"], dir.path());
     assert!(stdout.contains("compaction every 2 s (history cap 2)"), "{stdout}");
     // The sample rows (`| 12 s | …`), not the header or the first-vs-last rows (`| 4 s → 20 s | …`).
     let rows: Vec<Vec<&str>> = stdout
@@ -71,13 +68,7 @@ fn soak_runs_the_engines_compaction() {
 #[test]
 fn per_grant_runs_with_customer_account_grants() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tokenwal-bench"))
-        .args(["per-grant", "--quick", "--grants", "customer-account", "--dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let stdout = run(&["per-grant", "--quick", "--grants", "customer-account"], dir.path());
     assert!(stdout.contains("### Per-grant costs, customer-account grants"), "{stdout}");
     assert!(stdout.contains("shopify-customer-account/68000000016:7000000123456 (50 B)"), "{stdout}");
     // 1 000 and 2 000 grants: 1 in 100 made due, each refreshed with one request.
@@ -117,13 +108,7 @@ fn fleet_runs_several_processes_on_one_postgres_store() {
 #[test]
 fn compaction_runs_a_pass_under_refresh_load() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tokenwal-bench"))
-        .args(["compaction", "--quick", "--dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let stdout = run(&["compaction", "--quick"], dir.path());
     assert!(stdout.contains("a pass trims 33 and expires 4 records per backlog grant (1850 in all)"), "{stdout}");
     let row = |prefix: &str| -> Vec<String> {
         let line =
