@@ -5,9 +5,12 @@
 //! build both with `cargo build --release --workspace --bins`) on a fresh disk store against the
 //! in-process simulator; one shop is installed with an hour of life, so every call is a cached
 //! answer (no I/O, no refresh: the simulator's request counter is checked at the end). Each client
-//! is one HTTP/1.1 connection (hyper) that sends its next request as soon as the previous answer is
-//! read; every request's latency is recorded. The clients and the broker share the machine's cores:
-//! on a 2-core box the client side takes about half the CPU, which the figures include.
+//! is one HTTP/1.1 keep-alive connection that writes the call and reads the answer by its
+//! `content-length` (as `wrk` does: the set-up calls use hyper). Closed loop: each client sends its
+//! next request as soon as the previous answer is read. Open loop (`--rate`): a pacer thread on the
+//! OS timer releases the requests on a schedule, uniform or Poisson (`--arrivals`). Every request's
+//! latency is recorded. The clients and the broker share the machine's cores: on a 2-core box the
+//! client side takes a good part of the CPU, which the figures include.
 
 use crate::util::{fmt_dur, percentile, sig3, Table};
 use crate::Opts;
@@ -79,6 +82,59 @@ async fn send(sender: &mut Sender, method: &str, path: &str, body: Option<String
     (status, body)
 }
 
+/// The measured clients' connection: the token call's request written as fixed bytes and the answer
+/// read by its `content-length` on one task, as a load generator such as `wrk` does, so that the
+/// client's own CPU (which shares the two cores with the broker) stays small. hyper's client costs
+/// about twice as much per call (a connection task beside the caller's, the request built each time).
+struct RawClient {
+    stream: tokio::net::UnixStream,
+    /// The token call, with the headers the hyper client sends.
+    request: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl RawClient {
+    async fn connect(sock: &Path) -> RawClient {
+        let stream = tokio::net::UnixStream::connect(sock).await.expect("connect to the broker");
+        let request =
+            format!("GET /v1/shops/{SHOP}/token HTTP/1.1\r\nhost: localhost\r\nauthorization: {AUTHORIZATION}\r\n\r\n");
+        RawClient { stream, request: request.into_bytes(), buf: Vec::with_capacity(4096) }
+    }
+
+    /// Sends the token call and reads its answer: the status and the body.
+    async fn token_call(&mut self) -> (u16, Vec<u8>) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(&self.request).await.expect("write the request");
+        self.buf.clear();
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = std::str::from_utf8(&self.buf[..end]).expect("an HTTP head in ASCII");
+                let status = head.get(9..12).and_then(|s| s.parse().ok()).expect("a status line");
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (name, value) = l.split_once(':')?;
+                        name.eq_ignore_ascii_case("content-length").then(|| value.trim().parse().ok())?
+                    })
+                    .expect("the broker answers with a content-length");
+                let body_at = end + 4;
+                while self.buf.len() < body_at + len {
+                    self.read_more().await;
+                }
+                assert_eq!(self.buf.len(), body_at + len, "no answer was asked for beyond this one");
+                return (status, self.buf[body_at..].to_vec());
+            }
+            self.read_more().await;
+        }
+    }
+
+    async fn read_more(&mut self) {
+        use tokio::io::AsyncReadExt;
+        let n = self.stream.read_buf(&mut self.buf).await.expect("read the answer");
+        assert!(n > 0, "the broker closed the connection");
+    }
+}
+
 /// Runs `clients` tasks made by `make`; each returns the latencies it measured inside the
 /// measurement window of length `run`. Returns requests/s over that window and the sorted latencies.
 async fn drive<F, Fut>(clients: usize, run: Duration, make: F) -> (f64, Vec<Duration>)
@@ -103,6 +159,33 @@ where
     (rate, all)
 }
 
+/// The open loop's pacer: releases request k (its scheduled time and the time it was released) to
+/// client k mod clients, until `deadline`; dropping the senders ends the clients. The requests are
+/// spaced 1/rate apart (uniform), or with exponentially distributed gaps of mean 1/rate (Poisson: the
+/// arrivals of many independent callers, bunched now and then as real traffic is).
+fn pace(
+    clients: Vec<tokio::sync::mpsc::UnboundedSender<(Instant, Instant)>>,
+    rate: f64,
+    poisson: bool,
+    deadline: Instant,
+) {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    let mut slot = Instant::now();
+    let mut k: usize = 0;
+    while slot < deadline {
+        let now = Instant::now();
+        if slot > now {
+            std::thread::sleep(slot - now);
+            continue;
+        }
+        let _ = clients[k % clients.len()].send((slot, now));
+        k += 1;
+        let gap = if poisson { -(1.0 - rng.gen::<f64>()).ln() / rate } else { 1.0 / rate };
+        slot += Duration::from_secs_f64(gap);
+    }
+}
+
 /// Runs the scenario.
 pub async fn run(opts: &Opts) {
     let (warmup, run) = if opts.quick {
@@ -122,6 +205,7 @@ pub async fn run(opts: &Opts) {
         .arg(dir.join("store"))
         .args(["serve", "--listen"])
         .arg(format!("unix:{}", sock.display()))
+        .args(opts.broker_workers.map(|w| format!("--workers={w}")))
         .env_remove("RUST_LOG")
         .env("TOKENWAL_STORE_KEY", key)
         .env("TOKENWAL_CLIENT_ID", "sim-client-id")
@@ -190,46 +274,65 @@ pub async fn run(opts: &Opts) {
             let client = me.zip(crate::util::try_cpu_time()).map(|(b, a)| a.saturating_sub(b));
             (broker, client)
         });
+        // Open loop: one pacer thread releases request k to client k mod clients at start + k/rate;
+        // it sleeps on the OS timer (tens of µs of slack), not on tokio's 1 ms timer tick, so the
+        // arrivals are spread as the rate says instead of bunched on each tick.
+        let poisson = opts.poisson;
+        let schedules: Vec<_> = match offered {
+            Some(r) => {
+                let (txs, rxs): (Vec<_>, Vec<_>) = (0..clients).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
+                std::thread::Builder::new()
+                    .name("bench-pacer".into())
+                    .spawn(move || pace(txs, r, poisson, deadline))
+                    .expect("pacer thread");
+                rxs.into_iter().map(Some).collect()
+            }
+            None => (0..clients).map(|_| None).collect(),
+        };
+        let schedules = Arc::new(std::sync::Mutex::new(schedules));
+        // Open loop, strictly: every latency counted from its request's scheduled slot, the pacer's
+        // own lateness (a thread on the same two cores) included.
+        let strict = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (rate, lat) = drive(clients, run, |i| {
             let sock = Arc::clone(&sock);
+            let schedule = schedules.lock().expect("schedules")[i].take();
+            let strict = Arc::clone(&strict);
             async move {
-                let mut s = connect(&sock).await;
-                let path = format!("/v1/shops/{SHOP}/token");
+                let mut s = RawClient::connect(&sock).await;
                 let mut out = Vec::with_capacity(100_000);
-                // Open loop: client i sends at start + i/rate + k·clients/rate.
-                let period = offered.map(|r| Duration::from_secs_f64(clients as f64 / r));
-                let mut next =
-                    Instant::now() + offered.map_or(Duration::ZERO, |r| Duration::from_secs_f64(i as f64 / r));
+                let mut from_slot = Vec::new();
+                let mut schedule = schedule;
                 let mut prev_done = Instant::now();
-                while Instant::now() < deadline {
-                    let t = match period {
-                        Some(p) => {
-                            tokio::time::sleep_until(next.into()).await;
-                            let scheduled = next;
-                            next += p;
+                loop {
+                    let (t, slot) = match schedule.as_mut() {
+                        Some(rx) => match rx.recv().await {
                             // Late because the previous answer came after this request's slot: the
-                            // wait is the server's, counted from the slot. Late only because tokio's
-                            // timer wakes on a 1 ms tick: the client's, counted from now.
-                            if prev_done > scheduled {
-                                scheduled
-                            } else {
-                                Instant::now()
-                            }
-                        }
-                        None => Instant::now(),
+                            // wait is the server's, counted from the slot. Otherwise from the moment
+                            // the pacer released it (the pacer's own lateness is not the broker's).
+                            Some((slot, _)) if prev_done > slot => (slot, Some(slot)),
+                            Some((slot, released)) => (released, Some(slot)),
+                            None => break,
+                        },
+                        None if Instant::now() < deadline => (Instant::now(), None),
+                        None => break,
                     };
-                    let (status, body) = send(&mut s, "GET", &path, None).await;
+                    let (status, body) = s.token_call().await;
                     assert!(status == 200 && !body.is_empty(), "token call answered {status}");
                     prev_done = Instant::now();
                     if t >= measure_from {
                         out.push(prev_done - t);
+                        from_slot.extend(slot.map(|slot| prev_done - slot));
                     }
                 }
+                strict.lock().expect("strict latencies").extend(from_slot);
                 out
             }
         })
         .await;
         let cpu = cpu_probe.await.expect("cpu probe");
+        let mut strict = std::mem::take(&mut *strict.lock().expect("strict latencies"));
+        strict.sort();
+        let cpu = (cpu, strict);
         broker_rows.push((clients, offered, rate, lat, cpu));
     }
     let refreshes = sim.counters().shop(SHOP).token_requests;
@@ -287,6 +390,7 @@ pub async fn run(opts: &Opts) {
             "p50",
             "p99",
             "max",
+            "p99 from the slot",
             "requests",
             "broker CPU per request",
             "of which user",
@@ -294,17 +398,22 @@ pub async fn run(opts: &Opts) {
             "client CPU per request",
         ],
     );
-    for (clients, offered, rate, lat, cpu) in &broker_rows {
+    for (clients, offered, rate, lat, (cpu, strict)) in &broker_rows {
         table.row(&[
             match offered {
                 None => "tokenwal serve, GET /v1/shops/{shop}/token, HTTP/1.1 keep-alive, closed loop".into(),
-                Some(r) => format!("tokenwal serve, same call, open loop at {} requests/s offered", sig3(*r)),
+                Some(r) => format!(
+                    "tokenwal serve, same call, open loop at {} requests/s offered ({} arrivals)",
+                    sig3(*r),
+                    if opts.poisson { "Poisson" } else { "uniform" }
+                ),
             },
             clients.to_string(),
             sig3(*rate),
             fmt_dur(percentile(lat, 50.0)),
             fmt_dur(percentile(lat, 99.0)),
             fmt_dur(lat.last().copied().unwrap_or_default()),
+            if strict.is_empty() { "-".into() } else { fmt_dur(percentile(strict, 99.0)) },
             lat.len().to_string(),
             cpu.0.map_or("-".into(), |(t, _)| fmt_dur(t / lat.len().max(1) as u32)),
             cpu.0.map_or("-".into(), |(_, u)| fmt_dur(u / lat.len().max(1) as u32)),
@@ -320,6 +429,7 @@ pub async fn run(opts: &Opts) {
             fmt_dur(percentile(lat, 50.0)),
             fmt_dur(percentile(lat, 99.0)),
             fmt_dur(lat.last().copied().unwrap_or_default()),
+            "-".into(),
             lat.len().to_string(),
             "-".into(),
             "-".into(),

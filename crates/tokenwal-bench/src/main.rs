@@ -53,8 +53,13 @@
 //!   --max-minutes M        churn: stop after M minutes of wall time (the rows so far show the trend)
 //!   --concurrency A,B,..   journal: concurrencies to run (default 1,16,256,4096); broker: clients (default 64);
 //!                          compaction: load grants (default 64,256)
-//!   --rate R               broker: also an open-loop row per concurrency, R requests/s in all on a fixed
-//!                          schedule, latency counted from each request's scheduled time
+//!   --rate R               broker: also an open-loop row per concurrency, R requests/s in all on a
+//!                          schedule (--arrivals); a latency counts from the request's release, or from
+//!                          its scheduled time when its client was still waiting for an earlier answer
+//!   --arrivals A           broker: the open loop's arrivals, uniform (default: 1/R apart) or poisson
+//!                          (exponential gaps of mean 1/R); a pacer thread on the OS timer releases them
+//!   --workers N            the bench process's async runtime threads (default 2): broker: the clients'
+//!   --broker-workers N     broker: `tokenwal serve --workers N` (default 2, serve's default)
 //!   --path engine|store    journal: run only the engine or only the store-only comparison
 //!   --soak-ttl D           soak: the access tokens' lifetime (default 60s; each grant rotates every D/2)
 //!   --pg URL               journal: also run the engine on a PostgreSQL store at URL (a fresh schema)
@@ -120,6 +125,12 @@ pub struct Opts {
     pub compact_chunk: Option<usize>,
     /// Compaction: sleep after each blocking task of the pass as long as it took.
     pub pace: bool,
+    /// Broker: the broker's runtime threads (`tokenwal serve --workers`).
+    pub broker_workers: Option<usize>,
+    /// The bench process's own runtime threads (default 2).
+    pub workers: usize,
+    /// Broker: the open loop's arrivals are a Poisson process (default: evenly spaced).
+    pub poisson: bool,
 }
 
 const SCENARIOS: [&str; 15] = [
@@ -143,7 +154,7 @@ const SCENARIOS: [&str; 15] = [
 fn usage() -> ! {
     eprintln!(
         "usage: tokenwal-bench <{}> [--quick] [--dir DIR] [--grants admin|customer-account] [--refreshes N] [--churn-grants N] \
-         [--retention-hours H] [--history-per-grant N] [--max-minutes M] [--concurrency A,B,..] [--rate R] [--path engine|store] [--pg URL] [--processes N] [--cache-mib N] [--soak-ttl D] [--compact-interval D] [--soak-retention-secs S] [--compact-chunk N] [--no-pace]",
+         [--retention-hours H] [--history-per-grant N] [--max-minutes M] [--concurrency A,B,..] [--rate R] [--path engine|store] [--pg URL] [--processes N] [--cache-mib N] [--soak-ttl D] [--compact-interval D] [--soak-retention-secs S] [--compact-chunk N] [--no-pace] [--workers N] [--broker-workers N] [--arrivals uniform|poisson]",
         SCENARIOS.join("|")
     );
     std::process::exit(2);
@@ -170,6 +181,9 @@ fn parse(args: &[String]) -> (String, Opts) {
         processes: None,
         compact_chunk: None,
         pace: true,
+        broker_workers: None,
+        workers: 2,
+        poisson: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -190,6 +204,15 @@ fn parse(args: &[String]) -> (String, Opts) {
             "--retention-hours" => opts.retention_hours = Some(number(value("--retention-hours"))),
             "--soak-ttl" => opts.soak_ttl = Some(value("--soak-ttl")),
             "--rate" => opts.rate = Some(number(value("--rate")) as f64),
+            "--arrivals" => {
+                opts.poisson = match value("--arrivals").as_str() {
+                    "poisson" => true,
+                    "uniform" => false,
+                    _ => usage(),
+                }
+            }
+            "--workers" => opts.workers = number(value("--workers")).clamp(1, 64) as usize,
+            "--broker-workers" => opts.broker_workers = Some(number(value("--broker-workers")).clamp(1, 64) as usize),
             "--history-per-grant" => {
                 opts.history_per_grant = Some(number(value("--history-per-grant")).max(1) as usize)
             }
@@ -268,7 +291,8 @@ fn main() {
         std::process::exit(2);
     }
     std::fs::create_dir_all(&opts.dir).expect("work dir");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(opts.workers).enable_all().build().expect("runtime");
     let all = scenario == "all";
     if all || scenario == "env" {
         env(&opts);

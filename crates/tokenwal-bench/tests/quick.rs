@@ -146,3 +146,29 @@ fn compaction_runs_a_pass_under_refresh_load() {
     assert_eq!(refreshes, rotations, "{stdout}");
     assert!(refreshes.parse::<u64>().unwrap() > 0, "{stdout}");
 }
+
+/// The broker scenario (not part of `all`) at quick sizes: a real `tokenwal serve` (the workspace's
+/// binary beside the bench's, built by `cargo test --workspace`), 4 clients closed loop, then open
+/// loop at 500 requests/s with evenly spaced arrivals: every request the pacer released in the 1 s
+/// window was answered (the count does not depend on the machine's speed), each a cached answer
+/// (the scenario itself fails if the simulator saw a refresh).
+#[test]
+fn broker_runs_closed_and_open_loop_against_a_real_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let stdout =
+        run(&["broker", "--quick", "--concurrency", "4", "--rate", "500", "--broker-workers", "1"], dir.path());
+    let row = |prefix: &str| -> Vec<String> {
+        let line =
+            stdout.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} in:\n{stdout}"));
+        line.split('|').map(|c| c.trim().to_owned()).collect()
+    };
+    // Cells: "", path, clients, requests/s, p50, p99, max, p99 from the slot, requests, …
+    let closed = row("| tokenwal serve, GET /v1/shops/{shop}/token, HTTP/1.1 keep-alive, closed loop | 4 |");
+    assert!(closed[8].parse::<u64>().unwrap() > 0, "{stdout}");
+    assert_eq!(closed[7], "-", "{stdout}");
+    let open = row("| tokenwal serve, same call, open loop at 500 requests/s offered (uniform arrivals) | 4 |");
+    let answered: u64 = open[8].parse().unwrap();
+    assert!((450..=550).contains(&answered), "{answered} answered of ~500 released:\n{stdout}");
+    assert_ne!(open[7], "-", "{stdout}");
+    row("| in process, Engine::access_token | 4 |");
+}

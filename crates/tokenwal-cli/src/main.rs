@@ -215,6 +215,10 @@ enum Command {
         /// On SIGINT/SIGTERM, how long to let requests and refreshes in flight finish
         #[arg(long, default_value = "5s", value_name = "DURATION")]
         grace: SimDuration,
+        /// Threads of the async runtime that answers requests (the journal's committer and its syncs run on
+        /// threads of their own); docs/benchmarks.md §12c measures 1 against 2
+        #[arg(long, default_value_t = 2, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+        workers: u16,
     },
     /// Create or upgrade the PostgreSQL schema of --db postgres://… (run it as the schema's owner
     /// when the application's role may not run DDL); every other command migrates by itself
@@ -473,8 +477,12 @@ fn init_logging(verbose: u8, default: &str) {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    runtime_with(2)
+}
+
+fn runtime_with(workers: usize) -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .build()
         .map_err(|e| CliError::io("cannot start the async runtime", e))
@@ -510,9 +518,9 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Run { once, sweep, grace } => {
             runtime()?.block_on(commands::run(&settings()?, once, sweep.to_std(), grace.to_std()))
         }
-        Command::Serve { listen, token_file, sweep, grace } => {
+        Command::Serve { listen, token_file, sweep, grace, workers } => {
             let o = serve::ServeOptions { listen, token_file, sweep: sweep.to_std(), grace: grace.to_std() };
-            runtime()?.block_on(serve::serve(&settings()?, o))
+            runtime_with(usize::from(workers))?.block_on(serve::serve(&settings()?, o))
         }
         Command::Status { out } => commands::status(&settings()?, out.json),
         Command::Compact { out } => commands::compact(&settings()?, out.json),

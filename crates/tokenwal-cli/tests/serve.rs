@@ -487,12 +487,30 @@ fn a_non_loopback_address_is_refused_with_the_reason() {
 }
 
 #[test]
+fn a_worker_count_out_of_range_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = format!("unix:{}", dir.path().join("b.sock").display());
+    for n in ["0", "65"] {
+        let out = serve_command(&dir.path().join("db"), "http://127.0.0.1:9", &["--listen", &sock, "--workers", n])
+            .env("TOKENWAL_BROKER_TOKEN", BEARER)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--workers") && err.contains("1..=64"), "{err}");
+        assert!(!dir.path().join("b.sock").exists());
+    }
+}
+
+/// Also the one-thread runtime (`--workers 1`): a broker answers on it.
+#[test]
 fn loopback_tcp_serves_with_the_token_file() {
     let sim = BlockingSim::start();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("token");
     write_private(&file, &format!("{BEARER}\n"), 0o600);
     let mut child = serve_command(&dir.path().join("db"), &sim.h().base_url(), &["--listen", "tcp:127.0.0.1:0"])
+        .args(["--workers", "1"])
         .arg("--token-file")
         .arg(&file)
         .stderr(Stdio::piped())
