@@ -158,22 +158,25 @@ pub(crate) fn quote(schema: &str) -> String {
 pub(crate) struct Sql {
     pub get: [String; 6],
     pub get_many: [String; 6],
-    pub upsert: [String; 6],
-    pub delete: [String; 6],
     pub scan_from: [String; 6],
     pub scan_after: [String; 6],
     pub scan_rev: [String; 6],
     pub last: [String; 6],
-    /// Takes the advisory locks of `$2` (grant hashes, ascending) in class `$1`.
-    pub lock_grants: String,
     /// The membership fence: whether member `$1` has more than `$2` seconds left on the database's
     /// clock, and the ids of every live member (none if `$1` is gone).
     pub fence: String,
-    /// Allocates `$1` LSNs: returns the first. The row stays locked until the transaction ends, so
-    /// LSNs are taken in commit order.
-    pub take_lsns: String,
-    /// Adds `$1` to the grant count (an 8-byte big-endian `meta` value).
-    pub add_grants: String,
+    /// A group's first statement: the membership fence (as [`Sql::fence`]), then, if `$1` is a
+    /// member, the advisory locks of `$4` (grant hashes, ascending) in class `$3`. No row: `$1` is
+    /// gone (and nothing was locked).
+    pub fence_and_lock: String,
+    /// The `grants` (tag 0) and `open` (tag 1) rows of the keys `$1`, in one round trip: `(tag, k,
+    /// v)`. A statement of its own after [`Sql::fence_and_lock`]: its snapshot is taken once the
+    /// locks are held, so it sees the latest committed versions of the locked grants.
+    pub group_read: String,
+    /// Every staged write of a transaction in one statement (see [`Sql::write_all`]'s builder):
+    /// the LSNs taken, the deletes and upserts of the six tables, the grant count, the change
+    /// notifications.
+    pub write_all: String,
     pub join: String,
     pub renew: String,
     pub release: String,
@@ -187,8 +190,6 @@ pub(crate) struct Sql {
     /// member's lease has run out (or that name no member), row-locked with `SKIP LOCKED` so that
     /// processes claiming at once get disjoint sets, and marked as `$1`'s. Returns the claimed keys.
     pub claim: String,
-    /// Sends each of `$2` (text payloads) on channel `$1`; delivered to listeners at `COMMIT`.
-    pub notify: String,
     /// The store's notification channel (`LISTEN`): a name derived from the schema's (channel
     /// names are identifiers of at most 63 bytes).
     pub channel: String,
@@ -210,28 +211,28 @@ impl Sql {
         Sql {
             get: per(&|t| format!("SELECT v FROM {t} WHERE k = $1")),
             get_many: per(&|t| format!("SELECT k, v FROM {t} WHERE k = ANY($1::bytea[])")),
-            upsert: per(&|t| {
-                format!(
-                    "INSERT INTO {t} (k, v) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
-                     ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v"
-                )
-            }),
-            delete: per(&|t| format!("DELETE FROM {t} WHERE k = ANY($1::bytea[])")),
             scan_from: per(&|t| format!("SELECT k, v FROM {t} WHERE k >= $1 ORDER BY k LIMIT $2")),
             scan_after: per(&|t| format!("SELECT k, v FROM {t} WHERE k > $1 ORDER BY k LIMIT $2")),
             scan_rev: per(&|t| format!("SELECT k, v FROM {t} WHERE k >= $1 AND k < $2 ORDER BY k DESC LIMIT $3")),
             last: per(&|t| format!("SELECT k FROM {t} ORDER BY k DESC LIMIT 1")),
-            lock_grants: "SELECT pg_advisory_xact_lock($1, h) FROM unnest($2::int4[]) AS u(h)".to_string(),
             fence: format!(
                 "SELECT expires > now() + make_interval(secs => $2), \
                  ARRAY(SELECT id FROM {q}.\"members\" WHERE expires > now()) \
                  FROM {q}.\"members\" WHERE id = $1"
             ),
-            take_lsns: format!("UPDATE {q}.\"lsn\" SET next = next + $1 RETURNING next - $1"),
-            add_grants: format!(
-                "INSERT INTO {q}.\"meta\" AS m (k, v) VALUES ($1, int8send($2)) ON CONFLICT (k) DO UPDATE \
-                 SET v = int8send(('x' || encode(m.v, 'hex'))::bit(64)::bigint + $2)"
+            // The locks are a scalar subquery of the fence's one row: taken (ascending, in the
+            // array's order) only when the member exists, in the same round trip.
+            fence_and_lock: format!(
+                "SELECT expires > now() + make_interval(secs => $2), \
+                 ARRAY(SELECT id FROM {q}.\"members\" WHERE expires > now()), \
+                 (SELECT count(*) FROM (SELECT pg_advisory_xact_lock($3, h) FROM unnest($4::int4[]) AS u(h)) l) \
+                 FROM {q}.\"members\" WHERE id = $1"
             ),
+            group_read: format!(
+                "SELECT 0::int2, k, v FROM {q}.\"grants\" WHERE k = ANY($1::bytea[]) \
+                 UNION ALL SELECT 1::int2, k, v FROM {q}.\"open\" WHERE k = ANY($1::bytea[])"
+            ),
+            write_all: write_all(&q),
             join: format!(
                 "INSERT INTO {q}.\"members\" (id, holder, expires) \
                  VALUES (nextval('{q}.\"member_ids\"'), $1, now() + make_interval(secs => $2)) RETURNING id"
@@ -253,8 +254,62 @@ impl Sql {
                    ORDER BY o.k LIMIT $2 FOR UPDATE OF o SKIP LOCKED) \
                  UPDATE {q}.\"open\" o SET v = $1 FROM orphans WHERE o.k = orphans.k RETURNING o.k"
             ),
-            notify: "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS u(p)".to_string(),
             channel,
         }
     }
+}
+
+/// Whether the keys of `t` end with a journal LSN (a group stages them from LSN 0 and moves them up
+/// by the LSNs it takes when it writes).
+pub(crate) fn lsn_keyed(t: Tree) -> bool {
+    matches!(t, Tree::Journal | Tree::History | Tree::Expiry)
+}
+
+/// The statement writing a whole transaction's staged rows in one round trip: data-modifying
+/// `WITH` clauses, each run exactly once whatever the final `SELECT` reads (PostgreSQL's rule), all
+/// on one snapshot — so they must not touch one row twice, which the caller ensures (a staged key
+/// is either written or deleted, and the grant count's row is not also written directly).
+///
+/// Parameters, in order:
+/// * `$1` the LSNs to take (`0`: none, and the `lsn` row is not touched); the row stays locked until
+///   the transaction ends, so LSNs are taken in commit order across the fleet;
+/// * `$2` the notification channel, `$3` the payloads (`text[]`, delivered at `COMMIT` only);
+/// * `$4` the grant count's `meta` key, `$5` the grants to add to it (`0`: none);
+/// * per table, in [`Tree::ALL`] order: the keys to delete (`bytea[]`); then the upserts' keys
+///   (`bytea[]`) and values (`bytea[]`) — for an LSN-keyed table ([`lsn_keyed`]) the keys without
+///   their last 8 bytes, then those 8 bytes' LSN (`int8[]`, NULL: a key used as it is), moved up by
+///   the first LSN taken, then the values.
+fn write_all(q: &str) -> String {
+    let mut n = 5;
+    let mut param = || {
+        n += 1;
+        format!("${n}")
+    };
+    let mut ctes = vec![
+        "b AS (UPDATE {q}.\"lsn\" SET next = next + $1::int8 WHERE $1::int8 > 0 RETURNING next - $1::int8 AS base)"
+            .replace("{q}", q),
+        "base AS (SELECT COALESCE((SELECT base FROM b), 0) AS base)".to_string(),
+        "n AS (SELECT pg_notify($2::text, p) FROM unnest($3::text[]) AS u(p))".to_string(),
+        format!(
+            "c AS (INSERT INTO {q}.\"meta\" AS m (k, v) SELECT $4::bytea, int8send($5::int8) WHERE $5::int8 <> 0 \
+             ON CONFLICT (k) DO UPDATE SET v = int8send(('x' || encode(m.v, 'hex'))::bit(64)::bigint + $5::int8))"
+        ),
+    ];
+    for (i, t) in Tree::ALL.into_iter().enumerate() {
+        let table = format!("{q}.\"{}\"", t.name());
+        let dels = param();
+        ctes.push(format!("d{i} AS (DELETE FROM {table} WHERE k = ANY({dels}::bytea[]))"));
+        let rows = if lsn_keyed(t) {
+            let (p, o, v) = (param(), param(), param());
+            format!(
+                "SELECT CASE WHEN o IS NULL THEN p ELSE p || int8send(o + (SELECT base FROM base)) END, v \
+                 FROM unnest({p}::bytea[], {o}::int8[], {v}::bytea[]) AS u(p, o, v)"
+            )
+        } else {
+            let (k, v) = (param(), param());
+            format!("SELECT k, v FROM unnest({k}::bytea[], {v}::bytea[]) AS u(k, v)")
+        };
+        ctes.push(format!("u{i} AS (INSERT INTO {table} (k, v) {rows} ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v)"));
+    }
+    format!("WITH {} SELECT (SELECT count(*) FROM n)", ctes.join(", "))
 }
