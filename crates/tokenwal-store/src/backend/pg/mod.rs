@@ -398,14 +398,7 @@ impl Drop for PgBackend {
 fn with_session_timeouts(mut config: postgres::Config, lease: Duration) -> postgres::Config {
     let idle = (lease / 4).max(Duration::from_secs(1)).as_millis();
     let statement = (lease / 2).max(Duration::from_secs(2)).as_millis();
-    // `enable_seqscan=off`: every lookup of the store is by primary key (`k = $1`, `k = ANY($1)`, key
-    // ranges), but a generic plan cached while a table was small (a fresh schema; `open`, which
-    // is mostly empty) keeps scanning it whole once it has grown, comparing each row with every key
-    // of the array: 10 000 orphaned attempts made each recovery group read the whole `open`
-    // table. Off, the planner takes the primary key's index wherever one applies.
-    let ours = format!(
-        "-c idle_in_transaction_session_timeout={idle} -c statement_timeout={statement}"
-    );
+    let ours = format!("-c idle_in_transaction_session_timeout={idle} -c statement_timeout={statement}");
     let options = match config.get_options() {
         Some(theirs) if !theirs.trim().is_empty() => format!("{theirs} {ours}"),
         _ => ours,
@@ -504,7 +497,7 @@ fn renew_loop(
 type Staged = BTreeMap<(usize, Vec<u8>), Option<Vec<u8>>>;
 
 /// A transaction's view: reads go to the connection (seeing the writes staged before them), writes
-/// are staged and sent together by [`PgTxn::flush`], at most two statements per table.
+/// are staged and sent together by [`PgTxn::flush`], in one statement.
 struct PgTxn<'a> {
     session: RefCell<&'a mut Session>,
     sql: &'a Sql,
