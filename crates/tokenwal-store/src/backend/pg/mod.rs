@@ -38,7 +38,7 @@ use crate::lock::lock;
 use conn::{Pool, Session, Worker};
 use location::{scrub, PgLocation};
 use postgres::types::ToSql;
-use schema::Sql;
+use schema::{Sql, WriteShape};
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::collections::HashSet;
@@ -556,7 +556,7 @@ impl PgTxn<'_> {
         Ok(())
     }
 
-    /// Sends the staged writes in one statement ([`Sql::write_all`]), with `payloads` (change
+    /// Sends the staged writes in one statement ([`schema::write_sql`]), with `payloads` (change
     /// notifications, delivered only if the transaction commits). In a group (`member` set), the
     /// journal records were staged at LSNs from 0: they take their real LSNs from the `lsn` row in
     /// that statement, which stays locked until the `COMMIT`, so LSNs increase in commit order
@@ -568,10 +568,10 @@ impl PgTxn<'_> {
             staged.range((journal, Vec::new())..(journal + 1, Vec::new())).filter(|(_, v)| v.is_some()).count();
         let added = i64::try_from(self.grants_added.get()).unwrap_or(i64::MAX);
         let mut count_inline = true;
-        let mut params = WriteParams::default();
+        let mut tables: [TableWrites; 6] = Default::default();
         for t in Tree::ALL {
+            let table = &mut tables[t as usize];
             let i = t as usize;
-            let mut table = TableWrites::default();
             for ((_, k), v) in staged.range((i, Vec::new())..(i + 1, Vec::new())) {
                 match v {
                     None => table.dels.push(k.clone()),
@@ -594,47 +594,63 @@ impl PgTxn<'_> {
                     }
                 }
             }
-            params.tables[i] = table;
         }
         let take = if self.member != 0 { i64::try_from(records).unwrap_or(i64::MAX) } else { 0 };
-        let inline_added = if count_inline { added } else { 0 };
-        let mut s = self.session.borrow_mut();
-        let stmt = s.statement(&self.sql.write_all)?;
         let count_key = layout::META_GRANT_COUNT.to_vec();
-        let mut args: Vec<&(dyn ToSql + Sync)> = vec![&take, &self.sql.channel, &payloads, &count_key, &inline_added];
-        for t in Tree::ALL {
-            let table = &params.tables[t as usize];
-            args.push(&table.dels);
-            args.push(&table.keys);
-            if schema::lsn_keyed(t) {
-                args.push(&table.lsns);
-            }
-            args.push(&table.vals);
+        let inline_added = if count_inline { added } else { 0 };
+        let mut shape = WriteShape {
+            lsns: take > 0,
+            notify: !payloads.is_empty(),
+            count: inline_added != 0,
+            tables: [(false, false); 6],
+        };
+        let mut args: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        if shape.lsns {
+            args.push(&take);
         }
-        s.client()?.execute(&stmt, &args).map_err(db_err("write"))?;
+        if shape.notify {
+            args.extend([&self.sql.channel as &(dyn ToSql + Sync), &payloads]);
+        }
+        if shape.count {
+            args.extend([&count_key as &(dyn ToSql + Sync), &inline_added]);
+        }
+        for t in Tree::ALL {
+            let table = &tables[t as usize];
+            shape.tables[t as usize] = (!table.dels.is_empty(), !table.keys.is_empty());
+            if !table.dels.is_empty() {
+                args.push(&table.dels);
+            }
+            if !table.keys.is_empty() {
+                args.push(&table.keys);
+                if schema::lsn_keyed(t) {
+                    args.push(&table.lsns);
+                }
+                args.push(&table.vals);
+            }
+        }
+        let mut s = self.session.borrow_mut();
+        if !shape.is_empty() {
+            let stmt = s.statement(&self.write_sql(&shape))?;
+            s.client()?.execute(&stmt, &args).map_err(db_err("write"))?;
+        }
         if !count_inline && added != 0 {
             // Never in practice (no transaction writes the count directly and adds to it): the
             // direct write is applied first, then the addition, as before.
-            let stmt = s.statement(&self.sql.write_all)?;
-            let none: Vec<Vec<u8>> = Vec::new();
-            let no_lsns: Vec<Option<i64>> = Vec::new();
-            let no_payloads: Vec<String> = Vec::new();
-            let zero = 0i64;
-            let mut args: Vec<&(dyn ToSql + Sync)> = vec![&zero, &self.sql.channel, &no_payloads, &count_key, &added];
-            for t in Tree::ALL {
-                args.extend([&none as &(dyn ToSql + Sync), &none]);
-                if schema::lsn_keyed(t) {
-                    args.push(&no_lsns);
-                }
-                args.push(&none);
-            }
-            s.client()?.execute(&stmt, &args).map_err(db_err("count grants"))?;
+            let shape = WriteShape { count: true, ..WriteShape::default() };
+            let stmt = s.statement(&self.write_sql(&shape))?;
+            s.client()?.execute(&stmt, &[&count_key, &added]).map_err(db_err("count grants"))?;
         }
         Ok(())
     }
+
+    /// The write statement of `shape`, built once per store.
+    fn write_sql(&self, shape: &WriteShape) -> Arc<str> {
+        let mut writes = lock(&self.sql.writes);
+        Arc::clone(writes.entry(*shape).or_insert_with(|| schema::write_sql(&self.sql.quoted, shape).into()))
+    }
 }
 
-/// One table's part of [`Sql::write_all`]'s parameters.
+/// One table's part of [`schema::write_sql`]'s parameters.
 #[derive(Default)]
 struct TableWrites {
     dels: Vec<Vec<u8>>,
@@ -643,11 +659,6 @@ struct TableWrites {
     /// key is used as it is.
     lsns: Vec<Option<i64>>,
     vals: Vec<Vec<u8>>,
-}
-
-#[derive(Default)]
-struct WriteParams {
-    tables: [TableWrites; 6],
 }
 
 impl Kv for PgTxn<'_> {

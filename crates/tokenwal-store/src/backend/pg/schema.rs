@@ -173,10 +173,11 @@ pub(crate) struct Sql {
     /// v)`. A statement of its own after [`Sql::fence_and_lock`]: its snapshot is taken once the
     /// locks are held, so it sees the latest committed versions of the locked grants.
     pub group_read: String,
-    /// Every staged write of a transaction in one statement (see [`Sql::write_all`]'s builder):
-    /// the LSNs taken, the deletes and upserts of the six tables, the grant count, the change
-    /// notifications.
-    pub write_all: String,
+    /// The quoted schema (for [`write_sql`]).
+    pub quoted: String,
+    /// [`write_sql`]'s statements, by shape (a handful in practice: an intent group, an outcome
+    /// group, a mixed one, an install, a side transaction).
+    pub writes: std::sync::Mutex<std::collections::HashMap<WriteShape, std::sync::Arc<str>>>,
     pub join: String,
     pub renew: String,
     pub release: String,
@@ -234,7 +235,8 @@ impl Sql {
                 "SELECT 0::int2, k, v FROM {q}.\"grants\" WHERE k = ANY($1::bytea[]) \
                  UNION ALL SELECT 1::int2, k, v FROM {q}.\"open\" WHERE k = ANY($1::bytea[])"
             ),
-            write_all: write_all(&q),
+            quoted: q.clone(),
+            writes: Default::default(),
             join: format!(
                 "INSERT INTO {q}.\"members\" (id, holder, expires) \
                  VALUES (nextval('{q}.\"member_ids\"'), $1, now() + make_interval(secs => $2)) RETURNING id"
@@ -267,51 +269,92 @@ pub(crate) fn lsn_keyed(t: Tree) -> bool {
     matches!(t, Tree::Journal | Tree::History | Tree::Expiry)
 }
 
+/// What one transaction writes, as far as the shape of its write statement goes: which parts of
+/// [`write_sql`] it needs (a part with nothing to do is left out of the statement, not run empty).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) struct WriteShape {
+    /// Takes LSNs from the `lsn` row.
+    pub lsns: bool,
+    /// Sends notifications.
+    pub notify: bool,
+    /// Adds to the grant count.
+    pub count: bool,
+    /// Per table ([`Tree::ALL`] order): deletes, upserts.
+    pub tables: [(bool, bool); 6],
+}
+
+impl WriteShape {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        !self.lsns && !self.notify && !self.count && self.tables.iter().all(|(d, u)| !d && !u)
+    }
+}
+
 /// The statement writing a whole transaction's staged rows in one round trip: data-modifying
 /// `WITH` clauses, each run exactly once whatever the final `SELECT` reads (PostgreSQL's rule), all
 /// on one snapshot — so they must not touch one row twice, which the caller ensures (a staged key
-/// is either written or deleted, and the grant count's row is not also written directly).
+/// is either written or deleted, and the grant count's row is not also written directly). Only the
+/// parts `shape` names are in it; their parameters, in this order:
 ///
-/// Parameters, in order:
-/// * `$1` the LSNs to take (`0`: none, and the `lsn` row is not touched); the row stays locked until
-///   the transaction ends, so LSNs are taken in commit order across the fleet;
-/// * `$2` the notification channel, `$3` the payloads (`text[]`, delivered at `COMMIT` only);
-/// * `$4` the grant count's `meta` key, `$5` the grants to add to it (`0`: none);
+/// * `lsns`: the LSNs to take (`int8`); the `lsn` row stays locked until the transaction ends, so
+///   LSNs are taken in commit order across the fleet;
+/// * `notify`: the channel (`text`) and the payloads (`text[]`, delivered at `COMMIT` only);
+/// * `count`: the grant count's `meta` key (`bytea`) and the grants to add (`int8`);
 /// * per table, in [`Tree::ALL`] order: the keys to delete (`bytea[]`); then the upserts' keys
 ///   (`bytea[]`) and values (`bytea[]`) — for an LSN-keyed table ([`lsn_keyed`]) the keys without
 ///   their last 8 bytes, then those 8 bytes' LSN (`int8[]`, NULL: a key used as it is), moved up by
-///   the first LSN taken, then the values.
-fn write_all(q: &str) -> String {
-    let mut n = 5;
+///   the first LSN taken (by nothing without `lsns`), then the values.
+pub(crate) fn write_sql(q: &str, shape: &WriteShape) -> String {
+    let mut n = 0;
     let mut param = || {
         n += 1;
         format!("${n}")
     };
-    let mut ctes = vec![
-        "b AS (UPDATE {q}.\"lsn\" SET next = next + $1::int8 WHERE $1::int8 > 0 RETURNING next - $1::int8 AS base)"
-            .replace("{q}", q),
-        "base AS (SELECT COALESCE((SELECT base FROM b), 0) AS base)".to_string(),
-        "n AS (SELECT pg_notify($2::text, p) FROM unnest($3::text[]) AS u(p))".to_string(),
-        format!(
-            "c AS (INSERT INTO {q}.\"meta\" AS m (k, v) SELECT $4::bytea, int8send($5::int8) WHERE $5::int8 <> 0 \
-             ON CONFLICT (k) DO UPDATE SET v = int8send(('x' || encode(m.v, 'hex'))::bit(64)::bigint + $5::int8))"
-        ),
-    ];
+    let mut ctes = Vec::new();
+    let base = if shape.lsns {
+        let take = param();
+        ctes.push(format!(
+            "b AS (UPDATE {q}.\"lsn\" SET next = next + {take}::int8 RETURNING next - {take}::int8 AS base)"
+        ));
+        "(SELECT base FROM b)"
+    } else {
+        "0"
+    };
+    if shape.notify {
+        let (channel, payloads) = (param(), param());
+        ctes.push(format!("n AS (SELECT pg_notify({channel}::text, p) FROM unnest({payloads}::text[]) AS u(p))"));
+    }
+    if shape.count {
+        let (key, add) = (param(), param());
+        ctes.push(format!(
+            "c AS (INSERT INTO {q}.\"meta\" AS m (k, v) VALUES ({key}::bytea, int8send({add}::int8)) \
+             ON CONFLICT (k) DO UPDATE SET v = int8send(('x' || encode(m.v, 'hex'))::bit(64)::bigint + {add}::int8))"
+        ));
+    }
     for (i, t) in Tree::ALL.into_iter().enumerate() {
         let table = format!("{q}.\"{}\"", t.name());
-        let dels = param();
-        ctes.push(format!("d{i} AS (DELETE FROM {table} WHERE k = ANY({dels}::bytea[]))"));
-        let rows = if lsn_keyed(t) {
-            let (p, o, v) = (param(), param(), param());
-            format!(
-                "SELECT CASE WHEN o IS NULL THEN p ELSE p || int8send(o + (SELECT base FROM base)) END, v \
-                 FROM unnest({p}::bytea[], {o}::int8[], {v}::bytea[]) AS u(p, o, v)"
-            )
-        } else {
-            let (k, v) = (param(), param());
-            format!("SELECT k, v FROM unnest({k}::bytea[], {v}::bytea[]) AS u(k, v)")
-        };
-        ctes.push(format!("u{i} AS (INSERT INTO {table} (k, v) {rows} ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v)"));
+        let (dels, ups) = shape.tables[i];
+        if dels {
+            let keys = param();
+            ctes.push(format!("d{i} AS (DELETE FROM {table} WHERE k = ANY({keys}::bytea[]))"));
+        }
+        if ups {
+            let rows = if lsn_keyed(t) {
+                let (p, o, v) = (param(), param(), param());
+                format!(
+                    "SELECT CASE WHEN o IS NULL THEN p ELSE p || int8send(o + {base}) END, v \
+                     FROM unnest({p}::bytea[], {o}::int8[], {v}::bytea[]) AS u(p, o, v)"
+                )
+            } else {
+                let (k, v) = (param(), param());
+                format!("SELECT k, v FROM unnest({k}::bytea[], {v}::bytea[]) AS u(k, v)")
+            };
+            ctes.push(format!(
+                "u{i} AS (INSERT INTO {table} (k, v) {rows} ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v)"
+            ));
+        }
     }
-    format!("WITH {} SELECT (SELECT count(*) FROM n)", ctes.join(", "))
+    // A `SELECT` clause runs only if read: the notifications are.
+    let last = if shape.notify { "SELECT (SELECT count(*) FROM n)" } else { "SELECT 1" };
+    format!("WITH {} {last}", ctes.join(", "))
 }
