@@ -5,7 +5,12 @@
 //!   all, disjoint between children), reports ready, and on the parent's `go` refreshes them all at
 //!   once. Per round the fleet's throughput is the refreshes over the slowest child's wall time;
 //!   latencies are every refresh's; database commits per refresh come from the children's store
-//!   counters (each `COMMIT` of a group is one sync).
+//!   counters (each `COMMIT` of a group is one sync). CPU per refresh, over the measured rounds
+//!   (from the parent's `go` to the last child's `done`; 10 ms ticks of `/proc`): the engine
+//!   children's own (each reports its process's CPU over its refreshes), the PostgreSQL server's
+//!   (every `postgres` process of this host), the bench parent's (the simulator answering the
+//!   token requests), and the whole machine's busy time (`/proc/stat`: all of the above, the
+//!   kernel's work for them, and anything else running).
 //! * **Orphaned intents.** The parent writes 10 000 (quick: 500) grants with an attempt in flight
 //!   through a store of its own, leaves (its membership ends, so every attempt is an orphan), and
 //!   `P` children open engines on the schema at once: their recoveries take the orphans over between

@@ -1035,7 +1035,11 @@ mod tests {
         );
         assert_eq!(
             rows(&pg, "expiry"),
-            vec![layout::expiry_key(5, 1).to_vec(), layout::expiry_key(6, 2).to_vec(), layout::expiry_key(6, 3).to_vec()]
+            vec![
+                layout::expiry_key(5, 1).to_vec(),
+                layout::expiry_key(6, 2).to_vec(),
+                layout::expiry_key(6, 3).to_vec()
+            ]
         );
         assert_eq!(rows(&pg, "grants"), vec![b"g".to_vec()]);
         assert!(rows(&pg, "open").is_empty(), "the delete ran");
