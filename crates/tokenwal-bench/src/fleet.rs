@@ -5,7 +5,12 @@
 //!   all, disjoint between children), reports ready, and on the parent's `go` refreshes them all at
 //!   once. Per round the fleet's throughput is the refreshes over the slowest child's wall time;
 //!   latencies are every refresh's; database commits per refresh come from the children's store
-//!   counters (each `COMMIT` of a group is one sync).
+//!   counters (each `COMMIT` of a group is one sync). CPU per refresh, over the measured rounds
+//!   (from the parent's `go` to the last child's `done`; 10 ms ticks of `/proc`): the engine
+//!   children's own (each reports its process's CPU over its refreshes), the PostgreSQL server's
+//!   (every `postgres` process of this host), the bench parent's (the simulator answering the
+//!   token requests), and the whole machine's busy time (`/proc/stat`: all of the above, the
+//!   kernel's work for them, and anything else running).
 //! * **Orphaned intents.** The parent writes 10 000 (quick: 500) grants with an attempt in flight
 //!   through a store of its own, leaves (its membership ends, so every attempt is an orphan), and
 //!   `P` children open engines on the schema at once: their recoveries take the orphans over between
@@ -28,8 +33,55 @@ use tokenwal::store::{PgLocation, Store, StoreConfig};
 use tokenwal::{Config, Engine, StoreLocation};
 use tokenwal_sim::{serve, SimConfig};
 
-const COLUMNS: [&str; 8] =
-    ["processes", "concurrent refreshes", "rounds", "refreshes/s", "p50", "p99", "commits/refresh", "errors"];
+const COLUMNS: [&str; 12] = [
+    "processes",
+    "concurrent refreshes",
+    "rounds",
+    "refreshes/s",
+    "p50",
+    "p99",
+    "commits/refresh",
+    "errors",
+    "CPU/refresh: engines",
+    "database",
+    "bench parent (simulator)",
+    "whole machine",
+];
+
+/// CPU time of every PostgreSQL server process of this host (`postgres` and its backends, by
+/// command name), from `/proc` (10 ms ticks). Backends that exited meanwhile are not counted: the
+/// fleet's connections live through the rounds.
+fn database_cpu() -> Duration {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Duration::ZERO };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            (comm.trim() == "postgres").then_some(pid)
+        })
+        .filter_map(crate::util::process_cpu_time)
+        .sum()
+}
+
+/// Busy CPU time of the whole machine (every CPU, everything but idle and iowait), from the first
+/// line of `/proc/stat` (10 ms ticks).
+fn machine_cpu() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else { return Duration::ZERO };
+    let ticks: Vec<u64> =
+        stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let busy: u64 = ticks.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
+    Duration::from_millis(busy * 10)
+}
+
+/// CPU spent while the refreshes ran, by party.
+#[derive(Default)]
+struct Cpu {
+    engines: Duration,
+    database: Duration,
+    parent: Duration,
+    machine: Duration,
+}
 
 struct Worker {
     child: Child,
@@ -120,10 +172,12 @@ pub async fn run(opts: &Opts) {
         // Database commits made while the refreshes ran (each group's COMMIT is one sync), the
         // installs between rounds excluded.
         let mut commits = 0u64;
+        let mut cpu = Cpu::default();
         for round in 0..=rounds {
             for w in &fleet {
                 w.expect("ready");
             }
+            let (db0, machine0, parent0) = (database_cpu(), machine_cpu(), crate::util::cpu_time());
             for w in &mut fleet {
                 w.say("go");
             }
@@ -141,6 +195,12 @@ pub async fn run(opts: &Opts) {
                 );
                 refreshes += field(&l, "n").parse::<u64>().expect("n");
                 commits += field(&l, "syncs").parse::<u64>().expect("syncs");
+                cpu.engines += Duration::from_micros(field(&l, "cpu_us").parse().expect("cpu_us"));
+            }
+            if round > 0 {
+                cpu.parent += crate::util::cpu_time().saturating_sub(parent0);
+                cpu.machine += machine_cpu().saturating_sub(machine0);
+                cpu.database += database_cpu().saturating_sub(db0);
             }
             walls += wall;
         }
@@ -157,11 +217,19 @@ pub async fn run(opts: &Opts) {
             format!("{:.2} ms", percentile(&lat, 0.99).as_secs_f64() * 1e3),
             format!("{:.3}", commits as f64 / refreshes.max(1) as f64),
             errors.to_string(),
+            per_refresh(cpu.engines, refreshes),
+            per_refresh(cpu.database, refreshes),
+            per_refresh(cpu.parent, refreshes),
+            per_refresh(cpu.machine, refreshes),
         ]);
     }
 
     orphans(opts, &url, processes, &sim).await;
     sim.shutdown().await;
+}
+
+fn per_refresh(cpu: Duration, refreshes: u64) -> String {
+    format!("{:.0} µs", cpu.as_secs_f64() * 1e6 / refreshes.max(1) as f64)
 }
 
 /// Writes `count` grants with an attempt in flight, leaves, and lets `processes` engines recover them.
@@ -318,14 +386,17 @@ pub fn refresh_child(args: &[String]) {
             let mut line = String::new();
             stdin.lock().read_line(&mut line).expect("go");
             let syncs_before = engine.store().stats().syncs;
+            let cpu_before = crate::util::cpu_time();
             let started = Instant::now();
             let (lat, errors) = crate::journal::tokens_at_once(&engine, shops).await;
             let wall = started.elapsed();
+            let cpu = crate::util::cpu_time().saturating_sub(cpu_before);
             let lat: Vec<String> = lat.iter().map(|d| d.as_micros().to_string()).collect();
             let syncs = engine.store().stats().syncs - syncs_before;
             println!(
-                "done n={per} wall_us={} errors={errors} syncs={syncs} lat_us={}",
+                "done n={per} wall_us={} errors={errors} syncs={syncs} cpu_us={} lat_us={}",
                 wall.as_micros(),
+                cpu.as_micros(),
                 lat.join(",")
             );
         }

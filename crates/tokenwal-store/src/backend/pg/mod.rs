@@ -38,7 +38,7 @@ use crate::lock::lock;
 use conn::{Pool, Session, Worker};
 use location::{scrub, PgLocation};
 use postgres::types::ToSql;
-use schema::Sql;
+use schema::{Sql, WriteShape};
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::collections::HashSet;
@@ -310,7 +310,7 @@ impl PgBackend {
     ) -> Result<(), StoreError> {
         self.reader_txn("commit", move |s, sql| {
             let txn = PgTxn::new(s, sql, 0, HashSet::new());
-            f(&txn).and_then(|()| txn.flush())
+            f(&txn).and_then(|()| txn.flush(&[]))
         })
     }
 
@@ -497,7 +497,7 @@ fn renew_loop(
 type Staged = BTreeMap<(usize, Vec<u8>), Option<Vec<u8>>>;
 
 /// A transaction's view: reads go to the connection (seeing the writes staged before them), writes
-/// are staged and sent together by [`PgTxn::flush`], at most two statements per table.
+/// are staged and sent together by [`PgTxn::flush`], in one statement.
 struct PgTxn<'a> {
     session: RefCell<&'a mut Session>,
     sql: &'a Sql,
@@ -523,16 +523,6 @@ fn grant_lock_key(grant: &[u8]) -> i32 {
     i32::from_ne_bytes(h.to_ne_bytes())
 }
 
-/// `key` with its trailing LSN moved up by `base` (journal, history and expiry keys end with it).
-fn relocate(key: &[u8], base: u64) -> Vec<u8> {
-    let mut k = key.to_vec();
-    if let Some(lsn) = layout::trailing_lsn(key) {
-        let at = k.len() - 8;
-        k[at..].copy_from_slice(&(lsn + base).to_be_bytes());
-    }
-    k
-}
-
 impl PgTxn<'_> {
     fn new<'a>(session: &'a mut Session, sql: &'a Sql, member: i64, live: HashSet<i64>) -> PgTxn<'a> {
         PgTxn {
@@ -546,74 +536,129 @@ impl PgTxn<'_> {
         }
     }
 
-    /// Reads `keys` of `t` in one round trip, for the `get`s that follow.
-    fn prefetch(&self, t: Tree, keys: Vec<Vec<u8>>) -> Result<(), StoreError> {
-        let mut found = get_many_on(&mut self.session.borrow_mut(), self.sql, t, &keys)?;
+    /// Reads the `grants` and `open` rows of `grants` in one round trip, for the `get`s that follow.
+    fn prefetch_group(&self, grants: Vec<Vec<u8>>) -> Result<(), StoreError> {
+        let rows = {
+            let mut s = self.session.borrow_mut();
+            let stmt = s.statement(&self.sql.group_read)?;
+            s.client()?.query(&stmt, &[&grants]).map_err(db_err("read"))?
+        };
         let mut p = self.prefetched.borrow_mut();
-        for k in keys {
-            let v = found.remove(&k);
-            p.insert((t as usize, k), v);
+        for t in [Tree::Grants, Tree::Open] {
+            for k in &grants {
+                p.insert((t as usize, k.clone()), None);
+            }
+        }
+        for r in &rows {
+            let t = if r.get::<_, i16>(0) == 0 { Tree::Grants } else { Tree::Open };
+            p.insert((t as usize, r.get(1)), Some(r.get(2)));
         }
         Ok(())
     }
 
-    /// Sends the staged writes. In a group (`member` set), the journal records were staged at LSNs
-    /// from 0: they take their real LSNs from the `lsn` row now, which stays locked until the
-    /// `COMMIT`, so LSNs increase in commit order across the fleet.
-    fn flush(&self) -> Result<(), StoreError> {
-        let mut staged = std::mem::take(&mut *self.staged.borrow_mut());
-        let mut s = self.session.borrow_mut();
+    /// Sends the staged writes in one statement ([`schema::write_sql`]), with `payloads` (change
+    /// notifications, delivered only if the transaction commits). In a group (`member` set), the
+    /// journal records were staged at LSNs from 0: they take their real LSNs from the `lsn` row in
+    /// that statement, which stays locked until the `COMMIT`, so LSNs increase in commit order
+    /// across the fleet.
+    fn flush(&self, payloads: &[String]) -> Result<(), StoreError> {
+        let staged = std::mem::take(&mut *self.staged.borrow_mut());
         let journal = Tree::Journal as usize;
         let records =
             staged.range((journal, Vec::new())..(journal + 1, Vec::new())).filter(|(_, v)| v.is_some()).count();
-        if self.member != 0 && records > 0 {
-            let stmt = s.statement(&self.sql.take_lsns)?;
-            let n = i64::try_from(records).unwrap_or(i64::MAX);
-            let base: i64 = s.client()?.query_one(&stmt, &[&n]).map_err(db_err("take LSNs"))?.get(0);
-            let base = u64::try_from(base).unwrap_or(0);
-            let trees = [Tree::Journal, Tree::History, Tree::Expiry].map(|t| t as usize);
-            staged = staged
-                .into_iter()
-                .map(
-                    |((t, k), v)| {
-                        if trees.contains(&t) && v.is_some() {
-                            ((t, relocate(&k, base)), v)
-                        } else {
-                            ((t, k), v)
-                        }
-                    },
-                )
-                .collect();
-        }
+        let added = i64::try_from(self.grants_added.get()).unwrap_or(i64::MAX);
+        let mut count_inline = true;
+        let mut tables: [TableWrites; 6] = Default::default();
         for t in Tree::ALL {
+            let table = &mut tables[t as usize];
             let i = t as usize;
-            let (mut keys, mut vals, mut dels) = (Vec::new(), Vec::new(), Vec::new());
             for ((_, k), v) in staged.range((i, Vec::new())..(i + 1, Vec::new())) {
                 match v {
+                    None => table.dels.push(k.clone()),
                     Some(v) => {
-                        keys.push(k.clone());
-                        vals.push(v.clone());
+                        if t == Tree::Meta && k.as_slice() == layout::META_GRANT_COUNT {
+                            // One statement may not touch a row twice: the count goes after it.
+                            count_inline = false;
+                        }
+                        match layout::trailing_lsn(k).filter(|_| schema::lsn_keyed(t)) {
+                            Some(lsn) => {
+                                table.keys.push(k[..k.len() - 8].to_vec());
+                                table.lsns.push(Some(i64::try_from(lsn).unwrap_or(i64::MAX)));
+                            }
+                            None => {
+                                table.keys.push(k.clone());
+                                table.lsns.push(None);
+                            }
+                        }
+                        table.vals.push(v.clone());
                     }
-                    None => dels.push(k.clone()),
                 }
             }
-            if !dels.is_empty() {
-                let stmt = s.statement(&self.sql.delete[i])?;
-                s.client()?.execute(&stmt, &[&dels]).map_err(db_err("delete"))?;
+        }
+        let take = if self.member != 0 { i64::try_from(records).unwrap_or(i64::MAX) } else { 0 };
+        let count_key = layout::META_GRANT_COUNT.to_vec();
+        let inline_added = if count_inline { added } else { 0 };
+        let mut shape = WriteShape {
+            lsns: take > 0,
+            notify: !payloads.is_empty(),
+            count: inline_added != 0,
+            tables: [(false, false); 6],
+        };
+        let mut args: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        if shape.lsns {
+            args.push(&take);
+        }
+        if shape.notify {
+            args.extend([&self.sql.channel as &(dyn ToSql + Sync), &payloads]);
+        }
+        if shape.count {
+            args.extend([&count_key as &(dyn ToSql + Sync), &inline_added]);
+        }
+        for t in Tree::ALL {
+            let table = &tables[t as usize];
+            shape.tables[t as usize] = (!table.dels.is_empty(), !table.keys.is_empty());
+            if !table.dels.is_empty() {
+                args.push(&table.dels);
             }
-            if !keys.is_empty() {
-                let stmt = s.statement(&self.sql.upsert[i])?;
-                s.client()?.execute(&stmt, &[&keys, &vals]).map_err(db_err("write"))?;
+            if !table.keys.is_empty() {
+                args.push(&table.keys);
+                if schema::lsn_keyed(t) {
+                    args.push(&table.lsns);
+                }
+                args.push(&table.vals);
             }
         }
-        let added = self.grants_added.get();
-        if added > 0 {
-            let stmt = s.statement(&self.sql.add_grants)?;
-            let n = i64::try_from(added).unwrap_or(i64::MAX);
-            s.client()?.execute(&stmt, &[&layout::META_GRANT_COUNT, &n]).map_err(db_err("count grants"))?;
+        let mut s = self.session.borrow_mut();
+        if !shape.is_empty() {
+            let stmt = s.statement(&self.write_sql(&shape))?;
+            s.client()?.execute(&stmt, &args).map_err(db_err("write"))?;
+        }
+        if !count_inline && added != 0 {
+            // Never in practice (no transaction writes the count directly and adds to it): the
+            // direct write is applied first, then the addition, as before.
+            let shape = WriteShape { count: true, ..WriteShape::default() };
+            let stmt = s.statement(&self.write_sql(&shape))?;
+            s.client()?.execute(&stmt, &[&count_key, &added]).map_err(db_err("count grants"))?;
         }
         Ok(())
     }
+
+    /// The write statement of `shape`, built once per store.
+    fn write_sql(&self, shape: &WriteShape) -> Arc<str> {
+        let mut writes = lock(&self.sql.writes);
+        Arc::clone(writes.entry(*shape).or_insert_with(|| schema::write_sql(&self.sql.quoted, shape).into()))
+    }
+}
+
+/// One table's part of [`schema::write_sql`]'s parameters.
+#[derive(Default)]
+struct TableWrites {
+    dels: Vec<Vec<u8>>,
+    keys: Vec<Vec<u8>>,
+    /// For an LSN-keyed table: each key's trailing LSN (its key above is without it); `None`: the
+    /// key is used as it is.
+    lsns: Vec<Option<i64>>,
+    vals: Vec<Vec<u8>>,
 }
 
 impl Kv for PgTxn<'_> {
@@ -675,24 +720,26 @@ fn group_in_txn(
         s.client()?.batch_execute("BEGIN").map_err(db_err("begin"))?;
         s.in_txn = true;
     }
-    let live = fence(s, sql, member, margin)?;
     let mut grants: Vec<Vec<u8>> = batches.iter().map(|b| b.grant.clone()).collect();
     grants.sort();
     grants.dedup();
     let mut locks: Vec<i32> = grants.iter().map(|g| grant_lock_key(g)).collect();
     locks.sort_unstable();
     locks.dedup();
-    let stmt = s.statement(&sql.lock_grants)?;
-    s.client()?.execute(&stmt, &[&schema::GRANT_LOCK, &locks]).map_err(db_err("lock grants"))?;
+    // The fence, then the grants' locks, in one round trip.
+    let stmt = s.statement(&sql.fence_and_lock)?;
+    let row = s
+        .client()?
+        .query_opt(&stmt, &[&member, &margin, &schema::GRANT_LOCK, &locks])
+        .map_err(db_err("check the lease and lock grants"))?;
+    let live = fence_row(row, member)?;
     let refs: Vec<&WriteBatch> = batches.iter().collect();
     let txn = PgTxn::new(s, sql, member, live.into_iter().collect());
-    // Every batch's compare-and-swap reads its grant's state and open row: two round trips for the
-    // group, made under the grants' locks, so they see the latest committed versions.
-    txn.prefetch(Tree::Grants, grants.clone())?;
-    txn.prefetch(Tree::Open, grants)?;
+    // Every batch's compare-and-swap reads its grant's state and open row: one round trip for the
+    // group, made under the grants' locks (a statement after the one that took them, so its
+    // snapshot sees the latest committed versions).
+    txn.prefetch_group(grants)?;
     let results = write_group(&txn, keys, &refs, 0)?;
-    txn.flush()?;
-    drop(txn);
     // Announce what this group wrote; listeners hear it only if the group commits.
     let written: Vec<(&[u8], u64)> = batches
         .iter()
@@ -700,11 +747,7 @@ fn group_in_txn(
         .filter(|(_, r)| r.is_ok())
         .map(|(b, _)| (b.grant.as_slice(), b.new_version))
         .collect();
-    let payloads = notify::payloads(member, &written);
-    if !payloads.is_empty() {
-        let stmt = s.statement(&sql.notify)?;
-        s.client()?.execute(&stmt, &[&sql.channel, &payloads]).map_err(db_err("announce the group's writes"))?;
-    }
+    txn.flush(&notify::payloads(member, &written))?;
     Ok(results)
 }
 
@@ -713,6 +756,11 @@ fn group_in_txn(
 fn fence(s: &mut Session, sql: &Sql, member: i64, margin: f64) -> Result<Vec<i64>, StoreError> {
     let stmt = s.statement(&sql.fence)?;
     let row = s.client()?.query_opt(&stmt, &[&member, &margin]).map_err(db_err("check the lease"))?;
+    fence_row(row, member)
+}
+
+/// The fence's verdict from its row (`None`: the member is gone).
+fn fence_row(row: Option<postgres::Row>, member: i64) -> Result<Vec<i64>, StoreError> {
     let Some(row) = row else { return Err(StoreError::LeaseLost { member }) };
     let (fresh, live): (bool, Vec<i64>) = (row.get(0), row.get(1));
     if !live.contains(&member) {
@@ -914,5 +962,102 @@ impl DurableBackend for PgBackend {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PgScratch;
+
+    /// Runs one transaction through [`PgTxn`] on a fresh connection to `pg`'s schema (migrated),
+    /// as `member`, committed afterwards.
+    fn in_txn(pg: &PgScratch, member: i64, f: impl FnOnce(&PgTxn<'_>) + Send + 'static) {
+        let location = pg.location();
+        PgBackend::migrate_only(&location).unwrap();
+        let worker = Worker::spawn("test", location.driver_config().clone(), location.tls().clone()).unwrap();
+        let sql = Sql::new(location.schema());
+        worker
+            .call(move |s| {
+                s.client()?.batch_execute("BEGIN").map_err(db_err("begin"))?;
+                let txn = PgTxn::new(s, &sql, member, HashSet::new());
+                f(&txn);
+                txn.flush(&[])?;
+                drop(txn);
+                s.client()?.batch_execute("COMMIT").map_err(db_err("commit"))
+            })
+            .unwrap();
+    }
+
+    fn rows(pg: &PgScratch, table: &str) -> Vec<Vec<u8>> {
+        pg.query_bytes(&format!("SELECT k FROM \"{}\".\"{table}\" ORDER BY k", pg.schema())).unwrap()
+    }
+
+    fn count(pg: &PgScratch) -> u64 {
+        let sql = format!("SELECT v FROM \"{}\".meta WHERE k = 'grant_count'::bytea", pg.schema());
+        assert_eq!(layout::META_GRANT_COUNT, b"grant_count", "the query above names the count's key");
+        pg.query_bytes(&sql).unwrap().first().and_then(|v| layout::be_u64(v)).unwrap_or(0)
+    }
+
+    /// The one-statement write: a group's journal, history and expiry keys staged from LSN 0 take
+    /// their LSNs from the `lsn` row (each key's trailing 8 bytes moved up by the first LSN taken),
+    /// other tables' keys are written as they are, deletes delete, and the grant count is added —
+    /// also when the same transaction writes the count's row directly (then the addition follows
+    /// the write).
+    #[test]
+    fn one_statement_writes_relocate_lsns_delete_and_count() {
+        let Some(pg) = PgScratch::new("PostgreSQL backend unit tests") else { return };
+        // A first group: takes LSNs from the migration's starting point (1).
+        in_txn(&pg, 7, |txn| {
+            txn.put(Tree::Journal, &layout::journal_key(0), b"r0").unwrap();
+            txn.put(Tree::History, &layout::history_key(b"g", 0), b"").unwrap();
+            txn.put(Tree::Expiry, &layout::expiry_key(5, 0), b"g").unwrap();
+            txn.put(Tree::Grants, b"g", b"state").unwrap();
+            txn.put(Tree::Open, b"g", b"marker").unwrap();
+            txn.add_grant_count(1).unwrap();
+        });
+        // A second group: two records at LSNs 0 and 1 of its own, and the open row deleted.
+        in_txn(&pg, 7, |txn| {
+            for lsn in 0..2 {
+                txn.put(Tree::Journal, &layout::journal_key(lsn), b"r").unwrap();
+                txn.put(Tree::History, &layout::history_key(b"g", lsn), b"").unwrap();
+                txn.put(Tree::Expiry, &layout::expiry_key(6, lsn), b"g").unwrap();
+            }
+            txn.del(Tree::Open, b"g").unwrap();
+            txn.add_grant_count(2).unwrap();
+        });
+        let lsns = |keys: Vec<Vec<u8>>| keys.iter().map(|k| layout::trailing_lsn(k).unwrap()).collect::<Vec<_>>();
+        assert_eq!(lsns(rows(&pg, "journal")), vec![1, 2, 3], "LSNs from the lsn row, in commit order");
+        assert_eq!(
+            rows(&pg, "history"),
+            (1..4).map(|l| layout::history_key(b"g", l)).collect::<Vec<_>>(),
+            "history keys keep their grant prefix and take the same LSNs"
+        );
+        assert_eq!(
+            rows(&pg, "expiry"),
+            vec![
+                layout::expiry_key(5, 1).to_vec(),
+                layout::expiry_key(6, 2).to_vec(),
+                layout::expiry_key(6, 3).to_vec()
+            ]
+        );
+        assert_eq!(rows(&pg, "grants"), vec![b"g".to_vec()]);
+        assert!(rows(&pg, "open").is_empty(), "the delete ran");
+        assert_eq!(count(&pg), 3);
+        // A side transaction (member 0) takes no LSNs: its keys are written as staged.
+        in_txn(&pg, 0, |txn| {
+            txn.put(Tree::Journal, &layout::journal_key(100), b"x").unwrap();
+            txn.del(Tree::Journal, &layout::journal_key(1)).unwrap();
+        });
+        assert_eq!(lsns(rows(&pg, "journal")), vec![2, 3, 100]);
+        // The count's row written directly and added to in one transaction: the write, then the
+        // addition.
+        in_txn(&pg, 7, |txn| {
+            txn.put(Tree::Meta, layout::META_GRANT_COUNT, &10u64.to_be_bytes()).unwrap();
+            txn.add_grant_count(2).unwrap();
+        });
+        assert_eq!(count(&pg), 12);
+        let next = pg.query_bytes(&format!("SELECT int8send(next) FROM \"{}\".lsn", pg.schema())).unwrap();
+        assert_eq!(layout::be_u64(&next[0]), Some(4), "three LSNs taken, none by the side transaction");
     }
 }

@@ -158,22 +158,26 @@ pub(crate) fn quote(schema: &str) -> String {
 pub(crate) struct Sql {
     pub get: [String; 6],
     pub get_many: [String; 6],
-    pub upsert: [String; 6],
-    pub delete: [String; 6],
     pub scan_from: [String; 6],
     pub scan_after: [String; 6],
     pub scan_rev: [String; 6],
     pub last: [String; 6],
-    /// Takes the advisory locks of `$2` (grant hashes, ascending) in class `$1`.
-    pub lock_grants: String,
     /// The membership fence: whether member `$1` has more than `$2` seconds left on the database's
     /// clock, and the ids of every live member (none if `$1` is gone).
     pub fence: String,
-    /// Allocates `$1` LSNs: returns the first. The row stays locked until the transaction ends, so
-    /// LSNs are taken in commit order.
-    pub take_lsns: String,
-    /// Adds `$1` to the grant count (an 8-byte big-endian `meta` value).
-    pub add_grants: String,
+    /// A group's first statement: the membership fence (as [`Sql::fence`]), then, if `$1` is a
+    /// member, the advisory locks of `$4` (grant hashes, ascending) in class `$3`. No row: `$1` is
+    /// gone (and nothing was locked).
+    pub fence_and_lock: String,
+    /// The `grants` (tag 0) and `open` (tag 1) rows of the keys `$1`, in one round trip: `(tag, k,
+    /// v)`. A statement of its own after [`Sql::fence_and_lock`]: its snapshot is taken once the
+    /// locks are held, so it sees the latest committed versions of the locked grants.
+    pub group_read: String,
+    /// The quoted schema (for [`write_sql`]).
+    pub quoted: String,
+    /// [`write_sql`]'s statements, by shape (a handful in practice: an intent group, an outcome
+    /// group, a mixed one, an install, a side transaction).
+    pub writes: std::sync::Mutex<std::collections::HashMap<WriteShape, std::sync::Arc<str>>>,
     pub join: String,
     pub renew: String,
     pub release: String,
@@ -186,9 +190,9 @@ pub(crate) struct Sql {
     /// Claims up to `$2` orphaned attempts for member `$1` (8-byte big-endian id): `open` rows whose
     /// member's lease has run out (or that name no member), row-locked with `SKIP LOCKED` so that
     /// processes claiming at once get disjoint sets, and marked as `$1`'s. Returns the claimed keys.
+    /// (The marking finds the claimed rows by key through the primary key's index: as a join, the
+    /// planner hashed the whole `open` table for every claim, 10 000 rows after a fleet crash.)
     pub claim: String,
-    /// Sends each of `$2` (text payloads) on channel `$1`; delivered to listeners at `COMMIT`.
-    pub notify: String,
     /// The store's notification channel (`LISTEN`): a name derived from the schema's (channel
     /// names are identifiers of at most 63 bytes).
     pub channel: String,
@@ -210,28 +214,29 @@ impl Sql {
         Sql {
             get: per(&|t| format!("SELECT v FROM {t} WHERE k = $1")),
             get_many: per(&|t| format!("SELECT k, v FROM {t} WHERE k = ANY($1::bytea[])")),
-            upsert: per(&|t| {
-                format!(
-                    "INSERT INTO {t} (k, v) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
-                     ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v"
-                )
-            }),
-            delete: per(&|t| format!("DELETE FROM {t} WHERE k = ANY($1::bytea[])")),
             scan_from: per(&|t| format!("SELECT k, v FROM {t} WHERE k >= $1 ORDER BY k LIMIT $2")),
             scan_after: per(&|t| format!("SELECT k, v FROM {t} WHERE k > $1 ORDER BY k LIMIT $2")),
             scan_rev: per(&|t| format!("SELECT k, v FROM {t} WHERE k >= $1 AND k < $2 ORDER BY k DESC LIMIT $3")),
             last: per(&|t| format!("SELECT k FROM {t} ORDER BY k DESC LIMIT 1")),
-            lock_grants: "SELECT pg_advisory_xact_lock($1, h) FROM unnest($2::int4[]) AS u(h)".to_string(),
             fence: format!(
                 "SELECT expires > now() + make_interval(secs => $2), \
                  ARRAY(SELECT id FROM {q}.\"members\" WHERE expires > now()) \
                  FROM {q}.\"members\" WHERE id = $1"
             ),
-            take_lsns: format!("UPDATE {q}.\"lsn\" SET next = next + $1 RETURNING next - $1"),
-            add_grants: format!(
-                "INSERT INTO {q}.\"meta\" AS m (k, v) VALUES ($1, int8send($2)) ON CONFLICT (k) DO UPDATE \
-                 SET v = int8send(('x' || encode(m.v, 'hex'))::bit(64)::bigint + $2)"
+            // The locks are a scalar subquery of the fence's one row: taken (ascending, in the
+            // array's order) only when the member exists, in the same round trip.
+            fence_and_lock: format!(
+                "SELECT expires > now() + make_interval(secs => $2), \
+                 ARRAY(SELECT id FROM {q}.\"members\" WHERE expires > now()), \
+                 (SELECT count(*) FROM (SELECT pg_advisory_xact_lock($3, h) FROM unnest($4::int4[]) AS u(h)) l) \
+                 FROM {q}.\"members\" WHERE id = $1"
             ),
+            group_read: format!(
+                "SELECT 0::int2, k, v FROM {q}.\"grants\" WHERE k = ANY($1::bytea[]) \
+                 UNION ALL SELECT 1::int2, k, v FROM {q}.\"open\" WHERE k = ANY($1::bytea[])"
+            ),
+            quoted: q.clone(),
+            writes: Default::default(),
             join: format!(
                 "INSERT INTO {q}.\"members\" (id, holder, expires) \
                  VALUES (nextval('{q}.\"member_ids\"'), $1, now() + make_interval(secs => $2)) RETURNING id"
@@ -251,10 +256,105 @@ impl Sql {
                      SELECT 1 FROM {q}.\"members\" m \
                      WHERE m.id = ('x' || encode(o.v, 'hex'))::bit(64)::bigint AND m.expires > now()) \
                    ORDER BY o.k LIMIT $2 FOR UPDATE OF o SKIP LOCKED) \
-                 UPDATE {q}.\"open\" o SET v = $1 FROM orphans WHERE o.k = orphans.k RETURNING o.k"
+                 UPDATE {q}.\"open\" o SET v = $1 WHERE o.k = ANY(ARRAY(SELECT k FROM orphans)) RETURNING o.k"
             ),
-            notify: "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS u(p)".to_string(),
             channel,
         }
     }
+}
+
+/// Whether the keys of `t` end with a journal LSN (a group stages them from LSN 0 and moves them up
+/// by the LSNs it takes when it writes).
+pub(crate) fn lsn_keyed(t: Tree) -> bool {
+    matches!(t, Tree::Journal | Tree::History | Tree::Expiry)
+}
+
+/// What one transaction writes, as far as the shape of its write statement goes: which parts of
+/// [`write_sql`] it needs (a part with nothing to do is left out of the statement, not run empty).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) struct WriteShape {
+    /// Takes LSNs from the `lsn` row.
+    pub lsns: bool,
+    /// Sends notifications.
+    pub notify: bool,
+    /// Adds to the grant count.
+    pub count: bool,
+    /// Per table ([`Tree::ALL`] order): deletes, upserts.
+    pub tables: [(bool, bool); 6],
+}
+
+impl WriteShape {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        !self.lsns && !self.notify && !self.count && self.tables.iter().all(|(d, u)| !d && !u)
+    }
+}
+
+/// The statement writing a whole transaction's staged rows in one round trip: data-modifying
+/// `WITH` clauses, each run exactly once whatever the final `SELECT` reads (PostgreSQL's rule), all
+/// on one snapshot — so they must not touch one row twice, which the caller ensures (a staged key
+/// is either written or deleted, and the grant count's row is not also written directly). Only the
+/// parts `shape` names are in it; their parameters, in this order:
+///
+/// * `lsns`: the LSNs to take (`int8`); the `lsn` row stays locked until the transaction ends, so
+///   LSNs are taken in commit order across the fleet;
+/// * `notify`: the channel (`text`) and the payloads (`text[]`, delivered at `COMMIT` only);
+/// * `count`: the grant count's `meta` key (`bytea`) and the grants to add (`int8`);
+/// * per table, in [`Tree::ALL`] order: the keys to delete (`bytea[]`); then the upserts' keys
+///   (`bytea[]`) and values (`bytea[]`) — for an LSN-keyed table ([`lsn_keyed`]) the keys without
+///   their last 8 bytes, then those 8 bytes' LSN (`int8[]`, NULL: a key used as it is), moved up by
+///   the first LSN taken (by nothing without `lsns`), then the values.
+pub(crate) fn write_sql(q: &str, shape: &WriteShape) -> String {
+    let mut n = 0;
+    let mut param = || {
+        n += 1;
+        format!("${n}")
+    };
+    let mut ctes = Vec::new();
+    let base = if shape.lsns {
+        let take = param();
+        ctes.push(format!(
+            "b AS (UPDATE {q}.\"lsn\" SET next = next + {take}::int8 RETURNING next - {take}::int8 AS base)"
+        ));
+        "(SELECT base FROM b)"
+    } else {
+        "0"
+    };
+    if shape.notify {
+        let (channel, payloads) = (param(), param());
+        ctes.push(format!("n AS (SELECT pg_notify({channel}::text, p) FROM unnest({payloads}::text[]) AS u(p))"));
+    }
+    if shape.count {
+        let (key, add) = (param(), param());
+        ctes.push(format!(
+            "c AS (INSERT INTO {q}.\"meta\" AS m (k, v) VALUES ({key}::bytea, int8send({add}::int8)) \
+             ON CONFLICT (k) DO UPDATE SET v = int8send(('x' || encode(m.v, 'hex'))::bit(64)::bigint + {add}::int8))"
+        ));
+    }
+    for (i, t) in Tree::ALL.into_iter().enumerate() {
+        let table = format!("{q}.\"{}\"", t.name());
+        let (dels, ups) = shape.tables[i];
+        if dels {
+            let keys = param();
+            ctes.push(format!("d{i} AS (DELETE FROM {table} WHERE k = ANY({keys}::bytea[]))"));
+        }
+        if ups {
+            let rows = if lsn_keyed(t) {
+                let (p, o, v) = (param(), param(), param());
+                format!(
+                    "SELECT CASE WHEN o IS NULL THEN p ELSE p || int8send(o + {base}) END, v \
+                     FROM unnest({p}::bytea[], {o}::int8[], {v}::bytea[]) AS u(p, o, v)"
+                )
+            } else {
+                let (k, v) = (param(), param());
+                format!("SELECT k, v FROM unnest({k}::bytea[], {v}::bytea[]) AS u(k, v)")
+            };
+            ctes.push(format!(
+                "u{i} AS (INSERT INTO {table} (k, v) {rows} ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v)"
+            ));
+        }
+    }
+    // A `SELECT` clause runs only if read: the notifications are.
+    let last = if shape.notify { "SELECT (SELECT count(*) FROM n)" } else { "SELECT 1" };
+    format!("WITH {} {last}", ctes.join(", "))
 }
