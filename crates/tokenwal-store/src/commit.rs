@@ -112,12 +112,13 @@ pub(crate) fn run(shared: Arc<Shared>, rx: Receiver<Request>, mut next_lsn: u64)
 /// The committer's handle on the sync thread.
 struct Syncer {
     tx: std::sync::mpsc::SyncSender<Written>,
-    /// The signal that the last group handed over was answered.
+    /// The signal that the last group handed over was settled (synced or failed, its pre-images
+    /// dropped; its writers are answered right after).
     last: Option<Receiver<()>>,
 }
 
 impl Syncer {
-    /// The last group handed over, if it is not answered yet.
+    /// The last group handed over, if it is not settled yet.
     fn in_flight(&mut self) -> Option<&Receiver<()>> {
         let done = self.last.as_ref()?;
         if matches!(done.try_recv(), Err(std::sync::mpsc::TryRecvError::Empty)) {
@@ -129,7 +130,7 @@ impl Syncer {
     }
 
     /// A test's ack hold (no-op in builds without the `test-hooks` feature): while acks are held,
-    /// this thread parks too and then waits for the held group's answers, so that writes queue up
+    /// this thread parks too and then waits for the held group to settle, so that writes queue up
     /// behind the held group exactly as they would without the sync thread.
     fn park_if_held(&mut self, shared: &Shared) {
         if self.in_flight().is_some() && shared.hooks.park_writer_if_held() {
@@ -164,7 +165,7 @@ struct Written {
     written: u64,
     records: u64,
     new_grants: u64,
-    /// Dropped (or sent) once the group is answered.
+    /// Dropped once the group is settled, just before its writers are answered.
     done: Option<std::sync::mpsc::Sender<()>>,
 }
 
@@ -357,6 +358,10 @@ fn sync_and_answer(shared: &Shared, w: Written, first_failure: &mut Option<Store
             pending.remove(&r.batch.grant);
         }
     }
+    // The committer learns that this group is settled before any of its writers does: a writer
+    // that got its answer and writes again never finds this group still "in flight" (which would
+    // make a test's ack hold park the committer instead of the next group's sync).
+    drop(done);
     let mut answers = answers.into_iter();
     for req in group {
         let answer = match (answers.next(), &failure) {
@@ -368,5 +373,4 @@ fn sync_and_answer(shared: &Shared, w: Written, first_failure: &mut Option<Store
         };
         let _ = req.reply.send(answer);
     }
-    drop(done);
 }

@@ -851,6 +851,10 @@ fn a_conflict_in_a_group_answers_only_its_writer() {
     }
 }
 
+/// Writes queued behind a group whose sync fails are refused, never acknowledged: `Poisoned` when
+/// the committer had not written them yet, or the failed sync's own error ("may be durable") when
+/// it wrote them while that sync ran — with sled's pipelined sync the committer may take them
+/// before the test's hold parks it (found by CI: all three answered the sync's error).
 #[test]
 fn writes_queued_behind_a_failed_sync_are_refused() {
     for (_dir, store) in both() {
@@ -862,9 +866,11 @@ fn writes_queued_behind_a_failed_sync_are_refused() {
             vec![install(&m, None, &key(2), T0), install(&m, None, &key(3), T0)],
         );
         assert!(matches!(results[0], Err(StoreError::Io { op: "sync", .. })), "{results:?}");
-        assert!(matches!(results[1], Err(StoreError::Poisoned)), "{results:?}");
-        assert!(matches!(results[2], Err(StoreError::Poisoned)), "{results:?}");
+        for r in &results[1..] {
+            assert!(matches!(r, Err(StoreError::Poisoned | StoreError::Io { op: "sync", .. })), "{results:?}");
+        }
         assert_eq!(store.stats().syncs, 0);
+        assert!(store.is_poisoned());
     }
 }
 
