@@ -137,9 +137,9 @@ impl RawClient {
 
 /// Runs `clients` tasks made by `make`; each returns the latencies it measured inside the
 /// measurement window of length `run`. Returns requests/s over that window and the sorted latencies.
-async fn drive<F, Fut>(clients: usize, run: Duration, make: F) -> (f64, Vec<Duration>)
+async fn drive<F, Fut>(clients: usize, run: Duration, mut make: F) -> (f64, Vec<Duration>)
 where
-    F: Fn(usize) -> Fut,
+    F: FnMut(usize) -> Fut,
     Fut: std::future::Future<Output = Vec<Duration>> + Send + 'static,
 {
     let tasks: Vec<_> = (0..clients).map(|i| tokio::spawn(make(i))).collect();
@@ -274,11 +274,11 @@ pub async fn run(opts: &Opts) {
             let client = me.zip(crate::util::try_cpu_time()).map(|(b, a)| a.saturating_sub(b));
             (broker, client)
         });
-        // Open loop: one pacer thread releases request k to client k mod clients at start + k/rate;
-        // it sleeps on the OS timer (tens of µs of slack), not on tokio's 1 ms timer tick, so the
-        // arrivals are spread as the rate says instead of bunched on each tick.
+        // Open loop: one pacer thread releases request k to client k mod clients at its slot; it
+        // sleeps on the OS timer (tens of µs of slack), not on tokio's 1 ms timer tick, so the
+        // arrivals are spread as the schedule says instead of bunched on each tick.
         let poisson = opts.poisson;
-        let schedules: Vec<_> = match offered {
+        let mut schedules: Vec<_> = match offered {
             Some(r) => {
                 let (txs, rxs): (Vec<_>, Vec<_>) = (0..clients).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
                 std::thread::Builder::new()
@@ -289,19 +289,17 @@ pub async fn run(opts: &Opts) {
             }
             None => (0..clients).map(|_| None).collect(),
         };
-        let schedules = Arc::new(std::sync::Mutex::new(schedules));
         // Open loop, strictly: every latency counted from its request's scheduled slot, the pacer's
         // own lateness (a thread on the same two cores) included.
         let strict = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (rate, lat) = drive(clients, run, |i| {
             let sock = Arc::clone(&sock);
-            let schedule = schedules.lock().expect("schedules")[i].take();
+            let mut schedule = schedules[i].take();
             let strict = Arc::clone(&strict);
             async move {
                 let mut s = RawClient::connect(&sock).await;
                 let mut out = Vec::with_capacity(100_000);
                 let mut from_slot = Vec::new();
-                let mut schedule = schedule;
                 let mut prev_done = Instant::now();
                 loop {
                     let (t, slot) = match schedule.as_mut() {
@@ -332,8 +330,7 @@ pub async fn run(opts: &Opts) {
         let cpu = cpu_probe.await.expect("cpu probe");
         let mut strict = std::mem::take(&mut *strict.lock().expect("strict latencies"));
         strict.sort();
-        let cpu = (cpu, strict);
-        broker_rows.push((clients, offered, rate, lat, cpu));
+        broker_rows.push((clients, offered, rate, lat, strict, cpu));
     }
     let refreshes = sim.counters().shop(SHOP).token_requests;
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
@@ -398,7 +395,7 @@ pub async fn run(opts: &Opts) {
             "client CPU per request",
         ],
     );
-    for (clients, offered, rate, lat, (cpu, strict)) in &broker_rows {
+    for (clients, offered, rate, lat, strict, cpu) in &broker_rows {
         table.row(&[
             match offered {
                 None => "tokenwal serve, GET /v1/shops/{shop}/token, HTTP/1.1 keep-alive, closed loop".into(),

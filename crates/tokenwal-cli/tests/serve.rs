@@ -474,15 +474,21 @@ fn a_token_file_others_can_read_is_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"), "{out:?}");
 }
 
-#[test]
-fn a_non_loopback_address_is_refused_with_the_reason() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = serve_command(&dir.path().join("db"), "http://127.0.0.1:9", &["--listen", "tcp:0.0.0.0:0"])
+/// Runs `serve ARGS` (with a bearer token, in `dir`) that must be refused as a usage error (exit 2)
+/// before it binds anything; returns its stderr.
+fn refused_usage(dir: &Path, args: &[&str]) -> String {
+    let out = serve_command(&dir.join("db"), "http://127.0.0.1:9", args)
         .env("TOKENWAL_BROKER_TOKEN", BEARER)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
-    let err = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_non_loopback_address_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = refused_usage(dir.path(), &["--listen", "tcp:0.0.0.0:0"]);
     assert!(err.contains("not a loopback address") && err.contains("clear text"), "{err}");
 }
 
@@ -491,12 +497,7 @@ fn a_worker_count_out_of_range_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let sock = format!("unix:{}", dir.path().join("b.sock").display());
     for n in ["0", "65"] {
-        let out = serve_command(&dir.path().join("db"), "http://127.0.0.1:9", &["--listen", &sock, "--workers", n])
-            .env("TOKENWAL_BROKER_TOKEN", BEARER)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2), "{out:?}");
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = refused_usage(dir.path(), &["--listen", &sock, "--workers", n]);
         assert!(err.contains("--workers") && err.contains("1..=64"), "{err}");
         assert!(!dir.path().join("b.sock").exists());
     }

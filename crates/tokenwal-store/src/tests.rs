@@ -47,6 +47,20 @@ fn put(store: &Store, b: WriteBatch) -> GrantState {
     s
 }
 
+/// Applies `b` on a thread of its own (a writer blocked until its answer).
+fn spawn_write(store: &Store, b: WriteBatch) -> thread::JoinHandle<Result<(), StoreError>> {
+    let store = store.clone();
+    thread::spawn(move || store.apply_blocking(b))
+}
+
+/// Waits until `n` writes have been submitted (a writer's submission is counted right after it is
+/// queued).
+fn wait_submitted(store: &Store, n: u64) {
+    while store.stats().submitted < n {
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// The fixed test ring (so a test can reopen a sled store).
 fn ring() -> KeyRing {
     KeyRing::insecure_test_ring()
@@ -411,17 +425,9 @@ fn queued_writers_are_committed_with_one_sync() {
         let m = machine(&store);
         let hold = store.hold_acks();
         let n = 64;
-        let writers: Vec<_> = (0..n)
-            .map(|i| {
-                let b = install(&m, None, &key(i), T0);
-                let store = store.clone();
-                thread::spawn(move || store.apply_blocking(b))
-            })
-            .collect();
+        let writers: Vec<_> = (0..n).map(|i| spawn_write(&store, install(&m, None, &key(i), T0))).collect();
         assert!(hold.wait_parked(WAIT));
-        while store.stats().submitted < n as u64 {
-            thread::sleep(Duration::from_millis(1));
-        }
+        wait_submitted(&store, n as u64);
         hold.release();
         for w in writers {
             w.join().unwrap().unwrap();
@@ -443,11 +449,7 @@ fn readers_see_only_durable_state() {
 
         // Applied but not synced: every reader still sees version 1.
         let hold = store.hold_acks();
-        let b = attempt(&m, &s1, T0 + 1);
-        let w = {
-            let store = store.clone();
-            thread::spawn(move || store.apply_blocking(b))
-        };
+        let w = spawn_write(&store, attempt(&m, &s1, T0 + 1));
         assert!(hold.wait_parked(WAIT));
         assert_eq!(store.get(&g).unwrap().unwrap().version, 1);
         assert!(store.open_grants().unwrap().is_empty());
@@ -464,10 +466,7 @@ fn readers_see_only_durable_state() {
         // A new grant is invisible until durable.
         let s2 = store.get(&g).unwrap().unwrap();
         let hold = store.hold_acks();
-        let w = {
-            let (store, b) = (store.clone(), install(&m, None, &key(2), T0));
-            thread::spawn(move || store.apply_blocking(b))
-        };
+        let w = spawn_write(&store, install(&m, None, &key(2), T0));
         assert!(hold.wait_parked(WAIT));
         assert_eq!(store.get(&key(2)).unwrap(), None);
         assert_eq!(store.grant_count(), 1);
@@ -479,10 +478,7 @@ fn readers_see_only_durable_state() {
 
         // Leaving the open index is invisible until durable too.
         let hold = store.hold_acks();
-        let w = {
-            let (store, b) = (store.clone(), install(&m, Some(&s2), &g, T0 + 2));
-            thread::spawn(move || store.apply_blocking(b))
-        };
+        let w = spawn_write(&store, install(&m, Some(&s2), &g, T0 + 2));
         assert!(hold.wait_parked(WAIT));
         assert_eq!(versions(&store.open_grants().unwrap()), vec![(g.clone(), 2)]);
         assert_eq!(store.history(&g).unwrap().len(), 2);
@@ -791,11 +787,7 @@ fn dropping_the_store_while_acks_are_held_does_not_hang() {
     let store = Store::in_memory();
     let m = machine(&store);
     let hold = store.hold_acks();
-    let w = {
-        let store = store.clone();
-        let b = install(&m, None, &key(1), T0);
-        thread::spawn(move || store.apply_blocking(b))
-    };
+    let w = spawn_write(&store, install(&m, None, &key(1), T0));
     assert!(hold.wait_parked(WAIT));
     drop(store);
     // The writer's clone keeps the store alive; releasing lets it finish and the last drop joins.
@@ -806,26 +798,16 @@ fn dropping_the_store_while_acks_are_held_does_not_hang() {
 /// Parks a first write at the hold, queues `rest` behind it, then releases: `rest` forms one group.
 fn park_then_queue(store: &Store, first: WriteBatch, rest: Vec<WriteBatch>) -> Vec<Result<(), StoreError>> {
     let hold = store.hold_acks();
-    let spawn = |b: WriteBatch| {
-        let store = store.clone();
-        thread::spawn(move || store.apply_blocking(b))
-    };
-    // A writer's submission is counted right after it is queued: waiting for each count in turn
-    // makes the queue order the order given.
-    let wait_submitted = |n: u64| {
-        while store.stats().submitted < n {
-            thread::sleep(Duration::from_millis(1));
-        }
-    };
+    // Waiting for each submission in turn makes the queue order the order given.
     let mut count = store.stats().submitted;
-    let mut writers = vec![spawn(first)];
+    let mut writers = vec![spawn_write(store, first)];
     assert!(hold.wait_parked(WAIT));
     count += 1;
-    wait_submitted(count);
+    wait_submitted(store, count);
     for b in rest {
-        writers.push(spawn(b));
+        writers.push(spawn_write(store, b));
         count += 1;
-        wait_submitted(count);
+        wait_submitted(store, count);
     }
     hold.release();
     writers.into_iter().map(|w| w.join().unwrap()).collect()
@@ -884,16 +866,12 @@ fn a_group_written_during_the_previous_sync_stays_hidden_until_its_own() {
     let m = machine(&store);
     let a1 = put(&store, install(&m, None, &key(1), T0));
     let hold = store.hold_syncs();
-    let spawn = |b: WriteBatch| {
-        let store = store.clone();
-        thread::spawn(move || store.apply_blocking(b))
-    };
     // Group A (an intent on grant 1) parks at its sync.
     let a_end = store.journal_end().unwrap();
-    let a = spawn(attempt(&m, &a1, T0 + 1));
+    let a = spawn_write(&store, attempt(&m, &a1, T0 + 1));
     assert!(hold.wait_parked(WAIT));
     // Group B (a new grant 2) is written meanwhile: live in sled, not durable.
-    let b = spawn(install(&m, None, &key(2), T0));
+    let b = spawn_write(&store, install(&m, None, &key(2), T0));
     let deadline = std::time::Instant::now() + WAIT;
     while store.shared().backend.get(layout::Tree::Grants, key(2).to_bytes().as_slice()).unwrap().is_none() {
         assert!(std::time::Instant::now() < deadline, "group B was not written while A's sync was held");
@@ -928,20 +906,14 @@ fn a_group_writing_a_grant_of_the_group_being_synced_waits_for_that_sync() {
     let m = machine(&store);
     let a1 = put(&store, install(&m, None, &key(1), T0));
     let hold = store.hold_syncs();
-    let spawn = |b: WriteBatch| {
-        let store = store.clone();
-        thread::spawn(move || store.apply_blocking(b))
-    };
     let intent = attempt(&m, &a1, T0 + 1);
     let a2 = state_of(&intent);
-    let a = spawn(intent);
+    let a = spawn_write(&store, intent);
     assert!(hold.wait_parked(WAIT));
     // Queued behind A on the same grant.
     let submitted = store.stats().submitted;
-    let c = spawn(install(&m, Some(&a2), &key(1), T0 + 2));
-    while store.stats().submitted == submitted {
-        thread::sleep(Duration::from_millis(1));
-    }
+    let c = spawn_write(&store, install(&m, Some(&a2), &key(1), T0 + 2));
+    wait_submitted(&store, submitted + 1);
     hold.step();
     a.join().unwrap().unwrap();
     // C is written now and waits for its own sync: readers still see A's state.

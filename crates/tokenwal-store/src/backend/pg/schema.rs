@@ -211,6 +211,11 @@ impl Sql {
             }
             h
         });
+        // The fence's columns: whether member `$1` has more than `$2` seconds left, and every live
+        // member's id.
+        let fence_cols = format!(
+            "expires > now() + make_interval(secs => $2), ARRAY(SELECT id FROM {q}.\"members\" WHERE expires > now())"
+        );
         Sql {
             get: per(&|t| format!("SELECT v FROM {t} WHERE k = $1")),
             get_many: per(&|t| format!("SELECT k, v FROM {t} WHERE k = ANY($1::bytea[])")),
@@ -218,16 +223,11 @@ impl Sql {
             scan_after: per(&|t| format!("SELECT k, v FROM {t} WHERE k > $1 ORDER BY k LIMIT $2")),
             scan_rev: per(&|t| format!("SELECT k, v FROM {t} WHERE k >= $1 AND k < $2 ORDER BY k DESC LIMIT $3")),
             last: per(&|t| format!("SELECT k FROM {t} ORDER BY k DESC LIMIT 1")),
-            fence: format!(
-                "SELECT expires > now() + make_interval(secs => $2), \
-                 ARRAY(SELECT id FROM {q}.\"members\" WHERE expires > now()) \
-                 FROM {q}.\"members\" WHERE id = $1"
-            ),
+            fence: format!("SELECT {fence_cols} FROM {q}.\"members\" WHERE id = $1"),
             // The locks are a scalar subquery of the fence's one row: taken (ascending, in the
             // array's order) only when the member exists, in the same round trip.
             fence_and_lock: format!(
-                "SELECT expires > now() + make_interval(secs => $2), \
-                 ARRAY(SELECT id FROM {q}.\"members\" WHERE expires > now()), \
+                "SELECT {fence_cols}, \
                  (SELECT count(*) FROM (SELECT pg_advisory_xact_lock($3, h) FROM unnest($4::int4[]) AS u(h)) l) \
                  FROM {q}.\"members\" WHERE id = $1"
             ),
