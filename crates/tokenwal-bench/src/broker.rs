@@ -267,12 +267,14 @@ pub async fn run(opts: &Opts) {
             tokio::time::sleep_until(measure_from.into()).await;
             let before = crate::util::process_cpu_time(pid).zip(user_cpu_time(pid));
             let me = crate::util::try_cpu_time();
+            let machine_before = crate::util::machine_cpu();
             tokio::time::sleep_until(deadline.into()).await;
+            let machine = machine_before.zip(crate::util::machine_cpu()).map(|(b, a)| a.since(&b));
             let after = crate::util::process_cpu_time(pid).zip(user_cpu_time(pid));
             // (total, user)
             let broker = before.zip(after).map(|((bt, bu), (at, au))| (at.saturating_sub(bt), au.saturating_sub(bu)));
             let client = me.zip(crate::util::try_cpu_time()).map(|(b, a)| a.saturating_sub(b));
-            (broker, client)
+            (broker, client, machine)
         });
         // Open loop: one pacer thread releases request k to client k mod clients at its slot; it
         // sleeps on the OS timer (tens of µs of slack), not on tokio's 1 ms timer tick, so the
@@ -393,6 +395,8 @@ pub async fn run(opts: &Opts) {
             "of which user",
             "of which system",
             "client CPU per request",
+            "VM steal",
+            "machine busy",
         ],
     );
     for (clients, offered, rate, lat, strict, cpu) in &broker_rows {
@@ -416,6 +420,8 @@ pub async fn run(opts: &Opts) {
             cpu.0.map_or("-".into(), |(_, u)| fmt_dur(u / lat.len().max(1) as u32)),
             cpu.0.map_or("-".into(), |(t, u)| fmt_dur(t.saturating_sub(u) / lat.len().max(1) as u32)),
             cpu.1.map_or("-".into(), |c| fmt_dur(c / lat.len().max(1) as u32)),
+            cpu.2.map_or("-".into(), |m| format!("{:.1} %", m.steal_share() * 100.0)),
+            cpu.2.map_or("-".into(), |m| format!("{:.0} %", m.busy_share() * 100.0)),
         ]);
     }
     for (clients, rate, lat) in &engine_rows {
@@ -428,6 +434,8 @@ pub async fn run(opts: &Opts) {
             fmt_dur(lat.last().copied().unwrap_or_default()),
             "-".into(),
             lat.len().to_string(),
+            "-".into(),
+            "-".into(),
             "-".into(),
             "-".into(),
             "-".into(),

@@ -28,6 +28,9 @@
 //!              256 concurrent grants before, during and after one compaction pass (trim to the history
 //!              cap, then retention) over a backlog of 1 000 grants × 201 records (not part of `all`;
 //!              --churn-grants, --refreshes, --history-per-grant, --retention-hours, --compact-chunk)
+//!   layout     10b. disk per grant of candidate history layouts on raw sled under hourly churn (no
+//!              store code; --churn-grants, default 10 000; --refreshes, default 48 simulated hours;
+//!              --history-per-grant, ring entries, default 8; not part of `all`)
 //!   all        everything above (footprint before recovery: recovery also opens the churned store)
 //!
 //! options:
@@ -77,6 +80,7 @@ mod child;
 mod compaction;
 mod fleet;
 mod journal;
+mod layout;
 mod populate;
 mod scale;
 mod sink;
@@ -133,7 +137,7 @@ pub struct Opts {
     pub poisson: bool,
 }
 
-const SCENARIOS: [&str; 15] = [
+const SCENARIOS: [&str; 16] = [
     "env",
     "journal",
     "sync",
@@ -148,6 +152,7 @@ const SCENARIOS: [&str; 15] = [
     "broker",
     "fleet",
     "compaction",
+    "layout",
     "all",
 ];
 
@@ -337,6 +342,9 @@ fn main() {
         }
         if scenario == "compaction" {
             compaction::run(&opts).await;
+        }
+        if scenario == "layout" {
+            layout::run(&opts).await;
         }
     });
 }

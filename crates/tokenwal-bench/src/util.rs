@@ -253,6 +253,56 @@ pub fn committer_since(before: &[u32]) -> Option<u32> {
     None
 }
 
+/// The machine's CPU time by kind, in clock ticks summed over every CPU (`/proc/stat`'s `cpu` line).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MachineCpu {
+    /// Every kind but idle, iowait and steal: what the guest's processes and kernel ran.
+    pub busy: u64,
+    /// Idle and iowait.
+    pub idle: u64,
+    /// Time the hypervisor ran something else while this VM had work (a shared host's noise).
+    pub steal: u64,
+}
+
+impl MachineCpu {
+    /// Parses the `cpu` line of `/proc/stat`.
+    pub fn parse(stat: &str) -> Option<MachineCpu> {
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let v: Vec<u64> = line.split_whitespace().skip(1).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+        // user nice system idle iowait irq softirq steal [guest guest_nice: already in user/nice]
+        let get = |i: usize| v.get(i).copied().unwrap_or(0);
+        Some(MachineCpu { busy: get(0) + get(1) + get(2) + get(5) + get(6), idle: get(3) + get(4), steal: get(7) })
+    }
+
+    /// What was spent between `earlier` and `self`.
+    pub fn since(&self, earlier: &MachineCpu) -> MachineCpu {
+        MachineCpu {
+            busy: self.busy.saturating_sub(earlier.busy),
+            idle: self.idle.saturating_sub(earlier.idle),
+            steal: self.steal.saturating_sub(earlier.steal),
+        }
+    }
+
+    fn total(&self) -> f64 {
+        (self.busy + self.idle + self.steal).max(1) as f64
+    }
+
+    /// The share of the machine's time the hypervisor took.
+    pub fn steal_share(&self) -> f64 {
+        self.steal as f64 / self.total()
+    }
+
+    /// The share of the machine's time its own work ran.
+    pub fn busy_share(&self) -> f64 {
+        self.busy as f64 / self.total()
+    }
+}
+
+/// The machine's CPU time now (`None` where `/proc/stat` is not readable).
+pub fn machine_cpu() -> Option<MachineCpu> {
+    MachineCpu::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
 /// The 1-, 5- and 15-minute load averages.
 pub fn load_average() -> String {
     let l = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -325,6 +375,19 @@ pub fn parse_kv(text: &str) -> HashMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn machine_cpu_splits_busy_idle_and_steal() {
+        let stat = "cpu  100 5 20 300 7 1 2 9 0 0\ncpu0 50 2 10 150 3 0 1 4 0 0\n";
+        let m = MachineCpu::parse(stat).expect("parsed");
+        assert_eq!(m, MachineCpu { busy: 128, idle: 307, steal: 9 });
+        let later = MachineCpu { busy: 228, idle: 407, steal: 59 };
+        let d = later.since(&m);
+        assert_eq!(d, MachineCpu { busy: 100, idle: 100, steal: 50 });
+        assert!((d.steal_share() - 0.2).abs() < 1e-9);
+        assert!((d.busy_share() - 0.4).abs() < 1e-9);
+        assert_eq!(MachineCpu::parse("intr 1 2 3\n"), None);
+    }
 
     #[test]
     fn percentiles_are_nearest_rank() {
