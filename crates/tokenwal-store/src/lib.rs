@@ -121,7 +121,7 @@ pub use hooks::{FaultPoint, SYNC_FAULT_ENV};
 #[cfg(any(test, feature = "test-hooks"))]
 pub use pg_scratch::{pg_required, test_pg_url, PgScratch};
 #[cfg(any(test, feature = "test-hooks"))]
-pub use store::AckHold;
+pub use store::{AckHold, ReadCount};
 
 /// Seals a grant state frame as the store does (for tests and tools that fill a store's trees
 /// directly, e.g. the million-grant open test). Only with the `test-hooks` feature.

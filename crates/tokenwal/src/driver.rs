@@ -106,22 +106,55 @@ impl<'a, I: Io> Driver<'a, I> {
         Driver { store, machine, io }
     }
 
-    /// Carries out `goal` for `grant`.
+    /// Carries out `goal` for `grant`, deciding first on the grant's state as read now.
     pub async fn drive(&self, grant: &GrantKey, goal: &Goal) -> Result<Driven, Error> {
-        self.drive_from(grant, goal, None).await
+        self.run(grant, goal, None, None).await
     }
 
-    /// [`Driver::drive`] for a caller that chose `goal` from the grant's state at version `seen`: if
-    /// the grant has moved on since (another process of a shared store refreshed it), nothing is
-    /// done ([`NoChange::Moved`]) and the caller decides again — so a refresh the fleet already
-    /// made is not made twice.
-    pub async fn drive_from(&self, grant: &GrantKey, goal: &Goal, seen: Option<u64>) -> Result<Driven, Error> {
+    /// [`Driver::drive`] for a caller that has just read the grant's durable state (`read`; `None`:
+    /// no such grant) and chose `goal` from it: the first decision is taken on `read` instead of a
+    /// second read of the store. That is safe because every write is a compare-and-swap on the
+    /// state version `read` carries: if the grant moved on since, the write is refused
+    /// ([`StoreError::Conflict`]; for an intent, nothing is sent) and the driver re-reads and
+    /// decides again, as after any conflict.
+    ///
+    /// `stop_if_moved`: once the grant is found moved on from `read` (another process of a shared
+    /// store refreshed it), nothing more is done ([`NoChange::Moved`]) and the caller decides again
+    /// — so a refresh the fleet already made is not made twice.
+    pub async fn drive_from(
+        &self,
+        grant: &GrantKey,
+        goal: &Goal,
+        read: Option<GrantState>,
+        stop_if_moved: bool,
+    ) -> Result<Driven, Error> {
+        let seen = stop_if_moved.then(|| read.as_ref().map(|s| s.version));
+        self.run(grant, goal, Some(read), seen).await
+    }
+
+    /// The decide-and-act loop. `first`: the state to decide on first (`None`: read it); `seen`: the
+    /// version (or absence) the caller decided on, if the grant moving on from it ends the drive.
+    async fn run(
+        &self,
+        grant: &GrantKey,
+        goal: &Goal,
+        mut first: Option<Option<GrantState>>,
+        seen: Option<Option<u64>>,
+    ) -> Result<Driven, Error> {
         let mut busy = 0;
         for _ in 0..MAX_CONFLICTS {
-            let current = self.store.get(grant)?;
+            // The caller's reading first; after a conflict or a busy wait, the store's.
+            let current = match first.take() {
+                Some(read) => read,
+                None => self.store.get(grant)?,
+            };
             // Checked again after every conflict or busy wait: whoever wrote in between moved it on.
-            if seen.is_some() && current.as_ref().map(|s| s.version) != seen {
-                return Ok(Driven::Unchanged { why: NoChange::Moved, state: current });
+            // (On the caller's own reading it holds trivially; a move the caller did not see shows as
+            // the conflict of the first write, and then here.)
+            if let Some(seen) = seen {
+                if current.as_ref().map(|s| s.version) != seen {
+                    return Ok(Driven::Unchanged { why: NoChange::Moved, state: current });
+                }
             }
             let decision = self.machine.decide(current.as_ref(), grant, goal, now());
             let written = match decision {
@@ -194,6 +227,20 @@ impl<'a, I: Io> Driver<'a, I> {
 
 impl<I: Io> Driver<'_, I> {
     /// Journals `permit`'s attempt as abandoned if it is no longer the grant's live attempt.
+    ///
+    /// This costs a store read per attempt (on PostgreSQL a round trip, on sled a get, an
+    /// authenticated decrypt and a decode), and it stays one on purpose: installs, uninstalls and
+    /// scope updates drive without the flight lock, so only the durable state says whether one
+    /// landed since the intent, and no cheaper signal here is as strong. Not the engine's
+    /// `after_durable` bookkeeping: it runs after a write is durable (a write durable before this
+    /// check but not yet announced would be missed, where the read sees it) and misses writes not
+    /// made through the driver. Not the sealed envelope's plaintext header (its version) without
+    /// authenticating it: a corrupt or tampered state that stops the send today (the read fails)
+    /// would let it go. What would be as strong, on a store with one writing process: a per-grant
+    /// mark set by `Store::apply` *before* a batch is queued, so that "no write for this grant was
+    /// submitted since the intent" proves the read would return the intent's own state; that is a
+    /// change of the store's write path, not made here. On a shared store the read stays in any
+    /// case: other processes write it.
     async fn abandon_if_replaced(
         &self,
         grant: &GrantKey,
@@ -273,23 +320,39 @@ impl Inner {
         goal: Goal,
         flight: Flight,
     ) -> Result<(Result<Driven, Error>, Flight), Error> {
-        self.drive_owned_from(grant, goal, flight, None).await
+        self.spawn_drive(grant, goal, flight, None).await
     }
 
-    /// [`Inner::drive_owned`] with [`Driver::drive_from`]'s `seen`.
+    /// [`Inner::drive_owned`] deciding first on the state the caller read under `flight`
+    /// ([`Driver::drive_from`]'s `read` and `stop_if_moved`).
     pub(crate) async fn drive_owned_from(
         self: &Arc<Self>,
         grant: GrantKey,
         goal: Goal,
         flight: Flight,
-        seen: Option<u64>,
+        read: Option<GrantState>,
+        stop_if_moved: bool,
+    ) -> Result<(Result<Driven, Error>, Flight), Error> {
+        self.spawn_drive(grant, goal, flight, Some((read, stop_if_moved))).await
+    }
+
+    /// The engine-owned task of [`Inner::drive_owned`] and [`Inner::drive_owned_from`].
+    async fn spawn_drive(
+        self: &Arc<Self>,
+        grant: GrantKey,
+        goal: Goal,
+        flight: Flight,
+        from: Option<(Option<GrantState>, bool)>,
     ) -> Result<(Result<Driven, Error>, Flight), Error> {
         let inner = Arc::clone(self);
         let ticket = self.attempt_ticket();
         let span = tracing::info_span!("attempt", %grant, goal = goal.name());
         let task = tokio::spawn(
             async move {
-                let driven = inner.driver().drive_from(&grant, &goal, seen).await;
+                let driven = match from {
+                    Some((read, stop_if_moved)) => inner.driver().drive_from(&grant, &goal, read, stop_if_moved).await,
+                    None => inner.driver().drive(&grant, &goal).await,
+                };
                 // The engine's state (and the store's file lock with it) goes before the ticket
                 // that shutdown waits for.
                 drop(inner);

@@ -29,17 +29,19 @@ enum Ran {
 
 impl Inner {
     /// Runs `goal` for `grant` in an engine-owned task holding `flight`, and gives the lock back.
-    /// `seen`: the state version the attempt was decided on; on a shared store, another process
-    /// that moved the grant on since makes this a no-op (decide again), not a second refresh.
+    /// `read`: the durable state the attempt was decided on, read under `flight`; the driver decides
+    /// first on it rather than reading the store again (a write made since is caught by the
+    /// compare-and-swap on its version). On a shared store, another process that moved the grant
+    /// on since makes this a no-op (decide again), not a second refresh.
     async fn run_attempt(
         self: &Arc<Self>,
         grant: &GrantKey,
         goal: Goal,
         flight: Flight,
-        seen: u64,
+        read: GrantState,
     ) -> Result<(Result<Ran, Error>, Flight), Error> {
-        let seen = self.store.is_shared().then_some(seen);
-        let (driven, flight) = self.drive_owned_from(grant.clone(), goal, flight, seen).await?;
+        let shared = self.store.is_shared();
+        let (driven, flight) = self.drive_owned_from(grant.clone(), goal, flight, Some(read), shared).await?;
         let ran = driven.map(|d| match d {
             Driven::Attempted { settled, .. } | Driven::Wrote(settled) => Ran::Settled(Box::new(settled)),
             Driven::Paused { until } => Ran::Paused(until),
@@ -108,7 +110,7 @@ impl Inner {
                 }
                 Step::Attempt => {
                     force = false;
-                    let (ran, f) = self.run_attempt(grant, Goal::Refresh, flight, state.version).await?;
+                    let (ran, f) = self.run_attempt(grant, Goal::Refresh, flight, state).await?;
                     flight = f;
                     let done = match ran {
                         Ok(Ran::Settled(done)) => done,
@@ -201,7 +203,7 @@ impl Inner {
                 return;
             }
             let goal = if recovery { Goal::Recover } else { Goal::Refresh };
-            let ran = match self.run_attempt(grant, goal, flight, state.version).await {
+            let ran = match self.run_attempt(grant, goal, flight, state).await {
                 Ok((ran, f)) => {
                     flight = f;
                     ran

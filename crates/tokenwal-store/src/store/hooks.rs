@@ -1,5 +1,6 @@
-//! Test hooks: crash images, the ack hold, fault injection and raw writes. Compiled only with the
-//! `test-hooks` feature (and in this crate's unit tests): a release build has none of them.
+//! Test hooks: crash images, the ack hold, fault injection, raw writes and read counts. Compiled
+//! only with the `test-hooks` feature (and in this crate's unit tests): a release build has none of
+//! them.
 
 use super::Store;
 use crate::backend::mem::MemBackend;
@@ -7,9 +8,18 @@ use crate::backend::Backend;
 use crate::hooks::{FaultPoint, Hold};
 use crate::keys::KeyRing;
 use crate::layout::Tree;
+use crate::lock::lock;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// The live [`ReadCount`]s: (the store's identity, its counter). Kept beside the store rather than
+/// in it so that counting costs a release build nothing and a test-hooks build one relaxed load
+/// per read while no test counts.
+static READ_COUNTS: Mutex<Vec<(usize, Arc<AtomicU64>)>> = Mutex::new(Vec::new());
+/// How many [`ReadCount`]s live (0: [`Store::note_read`] returns at once).
+static COUNTING: AtomicUsize = AtomicUsize::new(0);
 
 impl Store {
     /// restart after a power cut at this instant would find. Writes applied but not yet synced are
@@ -69,6 +79,31 @@ impl Store {
         AckHold { hold }
     }
 
+    /// Test hook: counts this store's [`Store::get`] calls (through any of its handles) while the
+    /// returned guard lives.
+    pub fn count_reads(&self) -> ReadCount {
+        let count = Arc::new(AtomicU64::new(0));
+        lock(&READ_COUNTS).push((self.identity(), Arc::clone(&count)));
+        COUNTING.fetch_add(1, Ordering::SeqCst);
+        ReadCount { count }
+    }
+
+    /// Counts one [`Store::get`] for the [`ReadCount`]s of this store.
+    pub(super) fn note_read(&self) {
+        if COUNTING.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let me = self.identity();
+        for (_, count) in lock(&READ_COUNTS).iter().filter(|(id, _)| *id == me) {
+            count.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// What every handle of one store shares, as a number.
+    fn identity(&self) -> usize {
+        Arc::as_ptr(&self.inner) as usize
+    }
+
     /// Test hook: makes the `nth` (1 = next) visit of `point` fail with an I/O error.
     pub fn inject_fault(&self, point: FaultPoint, nth: u64) {
         self.shared().hooks.arm_fault(point, nth);
@@ -86,6 +121,38 @@ impl Store {
             }
             Backend::Sled(_) | Backend::Postgres(_) => false,
         }
+    }
+}
+
+/// Test hook returned by [`Store::count_reads`]: the number of [`Store::get`] calls made on the store
+/// since, until it is dropped.
+#[must_use = "counting ends when this guard is dropped"]
+pub struct ReadCount {
+    count: Arc<AtomicU64>,
+}
+
+impl ReadCount {
+    /// The reads counted so far.
+    pub fn get(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// The reads counted so far, and starts again from zero.
+    pub fn take(&self) -> u64 {
+        self.count.swap(0, Ordering::SeqCst)
+    }
+}
+
+impl Drop for ReadCount {
+    fn drop(&mut self) {
+        lock(&READ_COUNTS).retain(|(_, c)| !Arc::ptr_eq(c, &self.count));
+        COUNTING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl fmt::Debug for ReadCount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReadCount").field("reads", &self.get()).finish()
     }
 }
 

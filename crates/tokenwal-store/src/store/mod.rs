@@ -8,7 +8,7 @@
 //!   [`Store::history`]: durable state only (pre-images first).
 //! * `rekey` — [`Store::reseal_blocking`], [`Store::key_usage`]: moving states to the active key.
 //! * `compact` — [`Store::compact`]: deleting journal records past retention.
-//! * `hooks` — test hooks (crash images, the ack hold, fault injection, raw writes), compiled only
+//! * `hooks` — test hooks (crash images, the ack hold, fault injection, raw writes, read counts), compiled only
 //!   with the `test-hooks` feature.
 
 mod compact;
@@ -21,7 +21,7 @@ mod upgrade;
 mod write;
 
 #[cfg(any(test, feature = "test-hooks"))]
-pub use hooks::AckHold;
+pub use hooks::{AckHold, ReadCount};
 pub use rekey::{KeyUsage, Reseal};
 
 use crate::backend::pg::notify::RemoteWrites;

@@ -16,6 +16,8 @@ impl Store {
     ///
     /// A state whose frame fails its checks is [`StoreError::Corrupt`]; other grants are unaffected.
     pub fn get(&self, grant: &GrantKey) -> Result<Option<GrantState>, StoreError> {
+        #[cfg(any(test, feature = "test-hooks"))]
+        self.note_read();
         self.check()?;
         let key = grant.to_bytes();
         // Read the live tree first, then the pre-images: a write that became visible before this

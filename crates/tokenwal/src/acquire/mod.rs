@@ -155,7 +155,8 @@ impl Engine {
             }
         }
         let goal = Goal::Migrate { legacy: legacy_token };
-        let (driven, _flight) = inner.drive_owned(grant.clone(), goal, flight).await?;
+        // Decided first on `current`, read under the flight lock (no second read).
+        let (driven, _flight) = inner.drive_owned_from(grant.clone(), goal, flight, current, false).await?;
         let (settled, outcome) = match driven? {
             Driven::Attempted { settled, outcome } => (settled, outcome),
             Driven::Refused { refusal: r, state } => {
