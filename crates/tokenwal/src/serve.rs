@@ -190,9 +190,16 @@ impl Inner {
             let now = now();
             let recovery = resolve_only && first;
             first = false;
+            // Recovery's probe of an attempt a stop interrupted writes the interruption with its
+            // intent (`recover.rs`), while the grant is still `Refreshing` that attempt.
+            let fold = match (&state.phase, if recovery { self.recovering.folding(grant) } else { None }) {
+                (Phase::Refreshing { attempt, .. }, Some(interrupted)) if *attempt == interrupted => Some(interrupted),
+                _ => None,
+            };
             let step = match self.machine.step(&state, now) {
                 // Recovery probes an ambiguity at once.
                 Step::Wait { .. } if recovery && matches!(state.phase, Phase::Ambiguous(_)) => Step::Attempt,
+                Step::InFlight if fold.is_some() => Step::Attempt,
                 s => s,
             };
             if !matches!(step, Step::Attempt) {
@@ -200,7 +207,11 @@ impl Inner {
                 self.scheduler.notify(&state, &self.machine, now);
                 return;
             }
-            let goal = if recovery { Goal::Recover } else { Goal::Refresh };
+            let goal = match fold {
+                Some(attempt) => Goal::RecoverInterrupted { attempt },
+                None if recovery => Goal::Recover,
+                None => Goal::Refresh,
+            };
             let ran = match self.run_attempt(grant, goal, flight, state.version).await {
                 Ok((ran, f)) => {
                     flight = f;
