@@ -137,9 +137,10 @@ impl Recovering {
         f.armed.get(grant).copied()
     }
 
-    /// Deferring is allowed (at the start of a recovery with a budget).
-    fn open_fold(&self) {
-        lock(&self.fold).open = true;
+    /// Whether deferring is allowed, at the start of a recovery: only with a budget (with none,
+    /// open returns at once and every interruption is written alone, as before the fold).
+    fn allow_fold(&self, allow: bool) {
+        lock(&self.fold).open = allow;
     }
 
     /// Open's budget ran out: nothing more is deferred, and the interruptions whose probes have not
@@ -282,9 +283,7 @@ pub(crate) async fn run(inner: &Arc<Inner>, budget: Duration) -> Result<Counts, 
     // The budget counts from here: reading the open index and the states is recovery's work too.
     let deadline = tokio::time::Instant::now() + budget;
     let tally = Arc::new(Tally::default());
-    if !budget.is_zero() {
-        inner.recovering.open_fold();
-    }
+    inner.recovering.allow_fold(!budget.is_zero());
     let first = if inner.store.is_shared() {
         First::Batch(next_batch(inner, &tally).await?)
     } else {
