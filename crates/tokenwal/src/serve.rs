@@ -176,6 +176,11 @@ impl Inner {
         let mut flight = slot.flight().await;
         let mut first = true;
         for _ in 0..4 {
+            // Recovery stops at shutdown: a probe that settled unresolved is not sent again (under
+            // load its backoff may already be over by the time it is looked at).
+            if resolve_only && *self.shutdown.borrow() {
+                return;
+            }
             let state = match self.store.get(grant) {
                 Ok(Some(s)) => s,
                 Ok(None) => return,
