@@ -47,7 +47,9 @@ pub struct RecoveryReport {
     pub grants: usize,
     /// Grants found with an open attempt (an intent without outcome, or an ambiguity).
     pub open: usize,
-    /// Of those, intents without outcome (the process had stopped mid-attempt).
+    /// Of those, intents without outcome (the process had stopped mid-attempt), as far as recovery
+    /// had read them when open returned (all of them unless the budget ran out first: open learns
+    /// which grants are open from the open index's keys, and reads their states in the background).
     pub interrupted: usize,
     /// Ambiguities resolved by retrying the old credential during open.
     pub resolved: usize,

@@ -1,20 +1,35 @@
 //! Recovery at [`crate::Engine::open`]: batched through the store's group commit, and bounded by a
 //! time budget.
 //!
-//! 1. **Transitions.** The planner's transitions (`Refreshing` → `Ambiguous{Interrupted}`, or
-//!    needs-reauth past the retry window) are issued concurrently, at most [`TRANSITION_WINDOW`] at
-//!    a time, so that the store's single committer makes each group of them durable with one sync.
-//!    Each is its own grant's compare-and-swap: no transition depends on another grant's, so their
-//!    order across grants does not matter. Every transition is durable before any probe is sent.
-//! 2. **Probes.** Every ambiguous grant is retried once with its old credential, at most
+//! 0. **What is open.** On a store that is not shared, the open grants are known at once from the
+//!    open index's keys ([`tokenwal_store::Store::open_keys`]: no state is read or decrypted); they
+//!    are *recovering* from then on. Reading their states and planning is the background task's
+//!    first step, inside the budget like the rest (a shared store claims its orphans a chunk at a
+//!    time, [`tokenwal_store::Store::claim_orphans`], and reads them then).
+//! 1. **Interrupted attempts, folded into their probes.** A grant found `Refreshing` (an intent
+//!    without outcome) that can be probed now gets **one** durable write: its probe's intent, which
+//!    carries the interruption's records before it and replaces the interrupted intent with one
+//!    compare-and-swap ([`tokenwal_core::Goal::RecoverInterrupted`],
+//!    [`tokenwal_core::Machine::retry_interrupted`]).
+//!    The history reads exactly as if written apart: `Interrupted`, then the retry's intent.
+//! 2. **Interruptions written alone.** The rest — a grant whose retry must wait (a dead process's
+//!    request on a shared store that has not timed out yet), one the interruption settles without a
+//!    retry (an exchange that falls back), every grant planned after open's budget ran out and every
+//!    probe still waiting for a permit then (so that a hanging endpoint leaves them `Ambiguous`, as
+//!    before) — get their `Refreshing` → `Ambiguous{Interrupted}` transition by itself, issued
+//!    concurrently (at most [`TRANSITION_WINDOW`] at a time) so that the store's single committer makes
+//!    each group of them durable with one sync. Each is decided under the grant's flight lock from
+//!    the state read then: a `Refreshing` state seen there is no live attempt of this process.
+//! 3. **Probes.** Every ambiguous grant is retried once with its old credential, at most
 //!    `max_concurrent_refreshes` at a time (the engine's permits), each attempt in an engine-owned
 //!    task (intent durable before send, commit durable before use, as always).
 //!
-//! Both steps run in one engine-owned background task. `Engine::open` waits for it at most the
-//! recovery budget; the grants it has not finished by then are *recovering*: callers for them get
-//! [`Error::Recovering`] (or wait, by [`crate::Config::wait_for_recovery`]), every other grant is
-//! served at once. Shutdown stops the task (no new probe starts; a probe on the wire runs to its
-//! durable outcome); what it did not finish stays open in the store and the next open recovers it.
+//! All of it runs in one engine-owned background task. `Engine::open` waits for it at most the
+//! recovery budget, counted from before the open index is read; the grants it has not finished by
+//! then are *recovering*: callers for them get [`Error::Recovering`] (or wait, by
+//! [`crate::Config::wait_for_recovery`]), every other grant is served at once. Shutdown stops the task
+//! (no new probe starts; a probe on the wire runs to its durable outcome); what it did not finish
+//! stays open in the store and the next open recovers it.
 
 use crate::clock::now;
 use crate::error::Error;
@@ -24,7 +39,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokenwal_core::{recovery, GrantKey, Intention, Phase, RecoveryItem, UnixMillis};
+use tokenwal_core::{recovery, AttemptId, GrantKey, GrantState, Intention, Phase, RecoveryItem, UnixMillis};
 use tokenwal_store::StoreError;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -48,11 +63,30 @@ pub(crate) struct Recovering {
     /// Whether callers wait for a recovering grant (up to `max_wait`) instead of being answered
     /// [`Error::Recovering`] at once.
     pub(crate) wait: bool,
+    /// Interrupted attempts whose interruption is folded into their probe.
+    fold: Mutex<Fold>,
+}
+
+/// Recovery's interrupted attempts whose interruption is written with their probe's intent
+/// (module docs, step 1): each is *deferred* (its interruption not written, its probe waiting for a
+/// permit), then either *armed* by its probe (which folds it) or *flushed* when open's budget runs
+/// out (its interruption is then written alone), never both: both moves happen under one lock.
+#[derive(Default)]
+struct Fold {
+    /// Whether interruptions may still be deferred (until open's budget runs out).
+    open: bool,
+    deferred: HashMap<GrantKey, AttemptId>,
+    armed: HashMap<GrantKey, AttemptId>,
 }
 
 impl Recovering {
     pub(crate) fn new(wait: bool) -> Recovering {
-        Recovering { grants: Mutex::new(HashSet::new()), left: watch::channel(0).0, wait }
+        Recovering {
+            grants: Mutex::new(HashSet::new()),
+            left: watch::channel(0).0,
+            wait,
+            fold: Mutex::new(Fold::default()),
+        }
     }
 
     fn start(&self, grants: impl IntoIterator<Item = GrantKey>) {
@@ -66,6 +100,55 @@ impl Recovering {
         if set.remove(grant) {
             self.left.send_replace(set.len());
         }
+    }
+
+    /// Defers `grant`'s interruption of `attempt` to its probe; `false` (nothing deferred) once
+    /// open's budget has run out.
+    fn defer(&self, grant: &GrantKey, attempt: AttemptId) -> bool {
+        let mut f = lock(&self.fold);
+        if f.open {
+            f.deferred.insert(grant.clone(), attempt);
+        }
+        f.open
+    }
+
+    /// `grant`'s probe starts: folds its deferred interruption, unless it was flushed.
+    fn arm(&self, grant: &GrantKey) -> bool {
+        let mut f = lock(&self.fold);
+        match f.deferred.remove(grant) {
+            Some(attempt) => {
+                f.armed.insert(grant.clone(), attempt);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn disarm(&self, grant: &GrantKey) {
+        lock(&self.fold).armed.remove(grant);
+    }
+
+    /// The interrupted attempt `grant`'s running recovery probe folds into its intent, if any.
+    pub(crate) fn folding(&self, grant: &GrantKey) -> Option<AttemptId> {
+        let f = lock(&self.fold);
+        if f.armed.is_empty() {
+            return None;
+        }
+        f.armed.get(grant).copied()
+    }
+
+    /// Whether deferring is allowed, at the start of a recovery: only with a budget (with none,
+    /// open returns at once and every interruption is written alone, as before the fold).
+    fn allow_fold(&self, allow: bool) {
+        lock(&self.fold).open = allow;
+    }
+
+    /// Open's budget ran out: nothing more is deferred, and the interruptions whose probes have not
+    /// started are returned, to be written alone.
+    fn close_fold(&self) -> Vec<(GrantKey, AttemptId)> {
+        let mut f = lock(&self.fold);
+        f.open = false;
+        f.deferred.drain().collect()
     }
 
     /// How many grants are still recovering.
@@ -116,7 +199,17 @@ pub(crate) struct Counts {
 /// One batch of recovery work: the plan for some open grants, and when each probe may be sent.
 struct Batch {
     items: Vec<RecoveryItem>,
+    /// The attempts found interrupted (`Refreshing`), by grant.
+    interrupted: HashMap<GrantKey, AttemptId>,
     not_before: HashMap<GrantKey, UnixMillis>,
+}
+
+/// What the background task starts from.
+enum First {
+    /// A planned batch (a shared store's first claim).
+    Batch(Batch),
+    /// The open grants, by key only (their states are read in the background).
+    Keys(Vec<GrantKey>),
 }
 
 /// How many orphaned attempts one claim of a shared store takes: enough to keep this process's
@@ -126,37 +219,58 @@ fn claim_chunk(inner: &Inner) -> usize {
     (inner.max_refreshes * 4).clamp(64, 2048)
 }
 
-/// The next batch: on a shared store, orphaned attempts claimed for this process (at most a
-/// chunk; empty when none is left); otherwise every open grant.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Internal(format!("recovery task failed: {e}")))
+}
+
+/// The next batch of a shared store: orphaned attempts claimed for this process (at most a chunk;
+/// empty when none is left).
 async fn next_batch(inner: &Arc<Inner>, tally: &Tally) -> Result<Batch, Error> {
     let store = inner.store.clone();
-    let shared = store.is_shared();
     let chunk = claim_chunk(inner);
-    let open =
-        tokio::task::spawn_blocking(move || if shared { store.claim_orphans(chunk) } else { store.open_grants() })
-            .await
-            .map_err(|e| Error::Internal(format!("recovery task failed: {e}")))??;
-    let plan = recovery::plan(&inner.machine, &open, now(), rand::random());
-    let (interrupted, _, _) = plan.summary();
+    let open = blocking(move || store.claim_orphans(chunk)).await??;
     tally.open.fetch_add(open.len(), Ordering::SeqCst);
+    let batch = plan(inner, &open, tally);
+    inner.recovering.start(batch.items.iter().map(|i| i.grant.clone()));
+    Ok(batch)
+}
+
+/// The batch of a store that is not shared: the states of `keys` (recovering since open), read now.
+async fn read_batch(inner: &Arc<Inner>, keys: Vec<GrantKey>, tally: &Tally) -> Result<Batch, Error> {
+    let store = inner.store.clone();
+    let (open, keys) = blocking(move || (store.open_grants_among(&keys), keys)).await?;
+    let open = open?;
+    let batch = plan(inner, &open, tally);
+    // A grant no longer open (or unreadable: reported at open) has nothing left to recover.
+    let planned: HashSet<&GrantKey> = batch.items.iter().map(|i| &i.grant).collect();
+    for k in keys.iter().filter(|k| !planned.contains(k)) {
+        inner.recovering.finish(k);
+    }
+    Ok(batch)
+}
+
+/// The plan for `open`.
+fn plan(inner: &Arc<Inner>, open: &[GrantState], tally: &Tally) -> Batch {
+    let plan = recovery::plan(&inner.machine, open, now(), rand::random());
+    let (interrupted, _, _) = plan.summary();
     tally.interrupted.fetch_add(interrupted, Ordering::SeqCst);
     // A shared store: the process that left an attempt open may have died with its request still
     // on the wire; its probe waits until that request would have timed out, so that the server
     // never sees two requests for the grant at once. (A lease that ran out covers that already:
     // it is more than twice the timeout.)
     let timeout = inner.transport.total_timeout();
-    let not_before = if shared {
-        open.iter()
-            .filter_map(|s| match &s.phase {
-                Phase::Refreshing { started_at, .. } => Some((s.grant.clone(), started_at.saturating_add(timeout))),
-                _ => None,
-            })
-            .collect()
-    } else {
-        HashMap::new()
-    };
-    inner.recovering.start(plan.items.iter().map(|i| i.grant.clone()));
-    Ok(Batch { items: plan.items, not_before })
+    let shared = inner.store.is_shared();
+    let mut not_before = HashMap::new();
+    let mut found = HashMap::new();
+    for s in open {
+        if let Phase::Refreshing { attempt, started_at, .. } = &s.phase {
+            found.insert(s.grant.clone(), *attempt);
+            if shared {
+                not_before.insert(s.grant.clone(), started_at.saturating_add(timeout));
+            }
+        }
+    }
+    Batch { items: plan.items, interrupted: found, not_before }
 }
 
 /// Runs recovery, waiting for it at most `budget`; the rest goes on in the background.
@@ -166,8 +280,19 @@ async fn next_batch(inner: &Arc<Inner>, tally: &Tally) -> Result<Batch, Error> {
 /// recover disjoint grants in parallel, and a process claims its next chunk only when its probes are
 /// running short of work.
 pub(crate) async fn run(inner: &Arc<Inner>, budget: Duration) -> Result<Counts, Error> {
+    // The budget counts from here: reading the open index and the states is recovery's work too.
+    let deadline = tokio::time::Instant::now() + budget;
     let tally = Arc::new(Tally::default());
-    let first = next_batch(inner, &tally).await?;
+    inner.recovering.allow_fold(!budget.is_zero());
+    let first = if inner.store.is_shared() {
+        First::Batch(next_batch(inner, &tally).await?)
+    } else {
+        let store = inner.store.clone();
+        let keys = blocking(move || store.open_keys()).await??;
+        tally.open.fetch_add(keys.len(), Ordering::SeqCst);
+        inner.recovering.start(keys.iter().cloned());
+        First::Keys(keys)
+    };
     let ticket = inner.attempt_ticket();
     let task = tokio::spawn({
         let (inner, tally) = (Arc::clone(inner), Arc::clone(&tally));
@@ -179,13 +304,18 @@ pub(crate) async fn run(inner: &Arc<Inner>, budget: Duration) -> Result<Counts, 
             r
         }
     });
-    let finished = match tokio::time::timeout(budget, task).await {
+    let finished = match tokio::time::timeout_at(deadline, task).await {
         Ok(joined) => {
             joined.map_err(|e| Error::Internal(format!("recovery task failed: {e}")))??;
             true
         }
         Err(_) => false,
     };
+    if !finished {
+        // The probes still waiting for a permit leave their grants `Ambiguous` now, as recovery
+        // did before the fold: a hanging endpoint must not keep them `Refreshing` for long.
+        spawn_flush(inner, inner.recovering.close_fold());
+    }
     let pending = inner.recovering.count();
     debug_assert!(!finished || pending == 0);
     Ok(Counts {
@@ -196,6 +326,66 @@ pub(crate) async fn run(inner: &Arc<Inner>, budget: Duration) -> Result<Counts, 
         needs_reauth: tally.needs_reauth.load(Ordering::SeqCst),
         pending,
     })
+}
+
+/// Writes the interruptions of `flushed` alone (group-committed, in an engine-owned task that
+/// shutdown stops and waits for).
+fn spawn_flush(inner: &Arc<Inner>, flushed: Vec<(GrantKey, AttemptId)>) {
+    if flushed.is_empty() {
+        return;
+    }
+    let ticket = inner.attempt_ticket();
+    let inner = Arc::clone(inner);
+    tokio::spawn(async move {
+        let mut writes = JoinSet::new();
+        for (grant, attempt) in flushed {
+            if *inner.shutdown.borrow() || inner.store.is_poisoned() {
+                break;
+            }
+            while writes.len() >= TRANSITION_WINDOW {
+                writes.join_next().await;
+            }
+            let inner = Arc::clone(&inner);
+            writes.spawn(async move {
+                if let Err(e) = interrupt(&inner, &grant, attempt).await {
+                    warn!(%grant, error = %e, "recovery: an interruption could not be written; the next open retries");
+                }
+            });
+        }
+        while writes.join_next().await.is_some() {}
+        drop(ticket);
+    });
+}
+
+/// Writes `grant`'s `Refreshing` → `Ambiguous{Interrupted}` transition if it is still `Refreshing`
+/// `attempt`, decided under the grant's flight lock from the state read there (so never over a live
+/// attempt of this process). Whether this process wrote it.
+async fn interrupt(inner: &Arc<Inner>, grant: &GrantKey, attempt: AttemptId) -> Result<bool, Error> {
+    let slot = inner.slots.get_or_create(grant.account());
+    let _flight = slot.flight().await;
+    let Some(s) = inner.store.get(grant)? else { return Ok(false) };
+    if !matches!(&s.phase, Phase::Refreshing { attempt: a, .. } if *a == attempt) {
+        return Ok(false);
+    }
+    let Some(t) = inner.machine.recover_interrupted(&s, now(), rand::random()) else { return Ok(false) };
+    match inner.commit_transition(t).await {
+        Ok(()) => {
+            failpoint::hit("during-recovery");
+            Ok(true)
+        }
+        // A caller wrote the grant first (an install, an uninstall, after open returned): what is
+        // durable now supersedes the plan.
+        Err(Error::Store(StoreError::Conflict { .. })) => {
+            debug!(%grant, "recovery transition superseded by a newer write");
+            Ok(false)
+        }
+        // Another process of a shared store took this attempt over first and holds it.
+        Err(Error::Store(StoreError::Busy { .. })) => {
+            debug!(%grant, "recovery transition: another live process holds the attempt");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// A shared store (a fleet): every `every`, recovers the attempts that processes which are gone left
@@ -233,13 +423,23 @@ pub(crate) fn spawn_orphan_sweep(inner: &Arc<Inner>, every: Duration) {
     });
 }
 
-/// The background task: for each batch, its transitions through group commit, then its probes.
+/// The background task: for each batch, the interruptions written alone through group commit, then
+/// its probes.
 /// On a shared store the next batch is claimed once fewer than half a chunk of probes are left.
-async fn recover(inner: Arc<Inner>, first: Batch, tally: Arc<Tally>) -> Result<(), Error> {
+async fn recover(inner: Arc<Inner>, first: First, tally: Arc<Tally>) -> Result<(), Error> {
     let mut stop = inner.shutdown.subscribe();
     let mut probes = JoinSet::new();
-    let mut batch = Some(first);
     let mut result = Ok(());
+    let mut batch = match first {
+        First::Batch(b) => Some(b),
+        First::Keys(keys) => match read_batch(&inner, keys, &tally).await {
+            Ok(b) => Some(b),
+            Err(e) => {
+                result = Err(e);
+                None
+            }
+        },
+    };
     while let Some(b) = batch.take() {
         if let Err(e) = transitions_then_probes(&inner, b, &tally, &mut probes).await {
             result = Err(e);
@@ -265,8 +465,9 @@ async fn recover(inner: Arc<Inner>, first: Batch, tally: Arc<Tally>) -> Result<(
     }
     while probes.join_next().await.is_some() {}
     if let Err(e) = result {
-        // The store is fail-stop after a failed write: nothing more can be done in this process.
-        warn!(error = %e, "recovery stopped: a transition could not be written");
+        // The store is fail-stop after a failed read or write: nothing more can be done in this
+        // process.
+        warn!(error = %e, "recovery stopped: the open grants could not be read or a transition written");
         return Err(e);
     }
     if *stop.borrow_and_update() {
@@ -283,15 +484,15 @@ async fn recover(inner: Arc<Inner>, first: Batch, tally: Arc<Tally>) -> Result<(
     Ok(())
 }
 
-/// One batch: every transition durable (group-committed), then a probe per ambiguous grant spawned
-/// into `probes`.
+/// One batch: the interruptions that are not folded durable (group-committed), then a probe per
+/// grant to resolve spawned into `probes` (a deferred interruption goes with its probe's intent).
 async fn transitions_then_probes(
     inner: &Arc<Inner>,
     batch: Batch,
     tally: &Arc<Tally>,
     probes: &mut JoinSet<()>,
 ) -> Result<(), Error> {
-    let Batch { items, not_before } = batch;
+    let Batch { items, interrupted, not_before } = batch;
     let not_before = Arc::new(not_before);
     // The grants whose attempt this process took over (its transition committed): only their probes
     // wait out the dead request. Another process that took a grant over first owns it now.
@@ -299,48 +500,47 @@ async fn transitions_then_probes(
     let mut to_resolve = Vec::new();
     let mut commits = JoinSet::new();
     let mut first_error: Option<Error> = None;
+    let at = now();
     for item in items {
+        let resolves = matches!(item.intention, Intention::Resolve { .. });
         match item.intention {
-            Intention::Resolve { .. } => to_resolve.push(item.grant.clone()),
+            Intention::Resolve { .. } => {}
             Intention::NeedsReauth(_) => {
                 tally.needs_reauth.fetch_add(1, Ordering::SeqCst);
             }
             Intention::Nothing => {}
         }
-        let resolves = matches!(item.intention, Intention::Resolve { .. });
-        let Some(t) = item.transition else {
-            if !resolves {
+        let found = interrupted.get(&item.grant).copied();
+        let Some(attempt) = found.filter(|_| item.transition.is_some()) else {
+            if resolves {
+                to_resolve.push((item.grant, None));
+            } else {
                 inner.recovering.finish(&item.grant);
             }
             continue;
         };
+        // Probed now (no dead request to wait out): the interruption goes with the probe's intent.
+        let may_go = not_before.get(&item.grant).is_none_or(|nb| *nb <= at);
+        if resolves && may_go && inner.recovering.defer(&item.grant, attempt) {
+            to_resolve.push((item.grant, Some(attempt)));
+            continue;
+        }
         while commits.len() >= TRANSITION_WINDOW {
             note(&mut first_error, commits.join_next().await);
         }
-        let (inner, grant, took) = (Arc::clone(inner), item.grant, Arc::clone(&took));
+        let (inner, grant, took) = (Arc::clone(inner), item.grant.clone(), Arc::clone(&took));
         commits.spawn(async move {
-            match inner.commit_transition(t).await {
-                Ok(()) => {
-                    lock(&took).insert(grant.clone());
-                    failpoint::hit("during-recovery")
-                }
-                // Open returned (the budget ran out) and a caller wrote the grant first (an install,
-                // an uninstall): what is durable now supersedes the plan. A planned probe reads it
-                // afresh (and does nothing if the grant is no longer open).
-                Err(Error::Store(StoreError::Conflict { .. })) => {
-                    debug!(%grant, "recovery transition superseded by a newer write");
-                }
-                // Another process of a shared store took this attempt over first and holds it.
-                Err(Error::Store(StoreError::Busy { .. })) => {
-                    debug!(%grant, "recovery transition: another live process holds the attempt");
-                }
-                Err(e) => return Err(e),
+            if interrupt(&inner, &grant, attempt).await? {
+                lock(&took).insert(grant.clone());
             }
             if !resolves {
                 inner.recovering.finish(&grant);
             }
             Ok(())
         });
+        if resolves {
+            to_resolve.push((item.grant, Some(attempt)));
+        }
     }
     while let Some(r) = commits.join_next().await {
         note(&mut first_error, Some(r));
@@ -348,8 +548,8 @@ async fn transitions_then_probes(
     if let Some(e) = first_error {
         return Err(e);
     }
-    // Every transition of the batch is durable: now its probes.
-    for grant in to_resolve {
+    // Every interruption written alone is durable: now the probes.
+    for (grant, found) in to_resolve {
         let inner = Arc::clone(inner);
         let tally = Arc::clone(tally);
         let not_before = Arc::clone(&not_before);
@@ -373,8 +573,25 @@ async fn transitions_then_probes(
             if *inner.shutdown.borrow() {
                 return;
             }
+            let folds = inner.recovering.arm(&grant);
             inner.keep_fresh(&grant, true).await;
-            match inner.store.get(&grant).ok().flatten().map(|s| s.phase) {
+            if folds {
+                inner.recovering.disarm(&grant);
+            }
+            let mut phase = inner.store.get(&grant).ok().flatten().map(|s| s.phase);
+            // Still the interrupted attempt: its fold did not happen (it was flushed at the
+            // budget and not written yet, sending is paused, the machine refused). Interrupt it
+            // alone, then probe the ambiguity.
+            if let (Some(attempt), Some(Phase::Refreshing { attempt: a, .. })) = (found, &phase) {
+                if *a == attempt && !*inner.shutdown.borrow() {
+                    match interrupt(&inner, &grant, attempt).await {
+                        Ok(_) => inner.keep_fresh(&grant, true).await,
+                        Err(e) => warn!(%grant, error = %e, "recovery: an interruption could not be written; the next open retries"),
+                    }
+                    phase = inner.store.get(&grant).ok().flatten().map(|s| s.phase);
+                }
+            }
+            match phase {
                 Some(Phase::Healthy) => tally.resolved.fetch_add(1, Ordering::SeqCst),
                 Some(Phase::NeedsReauth { .. }) => tally.needs_reauth.fetch_add(1, Ordering::SeqCst),
                 Some(_) => tally.still_ambiguous.fetch_add(1, Ordering::SeqCst),

@@ -178,6 +178,11 @@ impl Inner {
         let mut flight = slot.flight().await;
         let mut first = true;
         for _ in 0..4 {
+            // Recovery stops at shutdown: a probe that settled unresolved is not sent again (under
+            // load its backoff may already be over by the time it is looked at).
+            if resolve_only && *self.shutdown.borrow() {
+                return;
+            }
             let state = match self.store.get(grant) {
                 Ok(Some(s)) => s,
                 Ok(None) => return,
@@ -192,9 +197,16 @@ impl Inner {
             let now = now();
             let recovery = resolve_only && first;
             first = false;
+            // Recovery's probe of an attempt a stop interrupted writes the interruption with its
+            // intent (`recover.rs`), while the grant is still `Refreshing` that attempt.
+            let fold = match (&state.phase, if recovery { self.recovering.folding(grant) } else { None }) {
+                (Phase::Refreshing { attempt, .. }, Some(interrupted)) if *attempt == interrupted => Some(interrupted),
+                _ => None,
+            };
             let step = match self.machine.step(&state, now) {
                 // Recovery probes an ambiguity at once.
                 Step::Wait { .. } if recovery && matches!(state.phase, Phase::Ambiguous(_)) => Step::Attempt,
+                Step::InFlight if fold.is_some() => Step::Attempt,
                 s => s,
             };
             if !matches!(step, Step::Attempt) {
@@ -202,7 +214,11 @@ impl Inner {
                 self.scheduler.notify(&state, &self.machine, now);
                 return;
             }
-            let goal = if recovery { Goal::Recover } else { Goal::Refresh };
+            let goal = match fold {
+                Some(attempt) => Goal::RecoverInterrupted { attempt },
+                None if recovery => Goal::Recover,
+                None => Goal::Refresh,
+            };
             let ran = match self.run_attempt(grant, goal, flight, state).await {
                 Ok((ran, f)) => {
                     flight = f;

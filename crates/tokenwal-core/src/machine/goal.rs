@@ -4,7 +4,7 @@
 //! settle with [`Machine::on_outcome`]), and on a version conflict re-reads and decides again.
 
 use super::{Machine, Pending, Refusal, Transition};
-use crate::domain::{GrantKey, TokenSet};
+use crate::domain::{AttemptId, GrantKey, TokenSet};
 use crate::machine::AttemptRequest;
 use crate::record::{AttemptKind, GrantState, InstallSource, Phase};
 use crate::secret::{LegacyToken, SessionToken};
@@ -20,6 +20,17 @@ pub enum Goal {
     /// Recovery's probe of an open ambiguity: like `Refresh`, but an ambiguous grant's backoff does
     /// not delay it.
     Recover,
+    /// Recovery's probe of `attempt`, an attempt a stop interrupted (the grant was found
+    /// `Refreshing` it and no live process holds it): while the grant is still `Refreshing` that
+    /// very attempt, **one** transition records the interruption (as
+    /// [`Machine::recover_interrupted`]) and the retry's intent, with one compare-and-swap
+    /// ([`Machine::retry_interrupted`]). Otherwise — the grant moved on, or the interruption does not
+    /// leave an ambiguity to retry (an exchange that falls back) — like `Recover`, which refuses an
+    /// attempt in flight: the caller then writes the interruption by itself.
+    RecoverInterrupted {
+        /// The interrupted attempt.
+        attempt: AttemptId,
+    },
     /// Token exchange of an App Bridge session token (validated by the caller) expiring at
     /// `expires_at`.
     Exchange {
@@ -62,12 +73,13 @@ pub enum Goal {
 }
 
 impl Goal {
-    /// A short name (`refresh`, `recover`, `exchange`, `migrate`, `install`, `uninstall`,
+    /// A short name (`refresh`, `recover`, `recover-interrupted`, `exchange`, `migrate`, `install`, `uninstall`,
     /// `update-scopes`, `mark-needs-reauth`).
     pub fn name(&self) -> &'static str {
         match self {
             Goal::Refresh => "refresh",
             Goal::Recover => "recover",
+            Goal::RecoverInterrupted { .. } => "recover-interrupted",
             Goal::Exchange { .. } => "exchange",
             Goal::Migrate { .. } => "migrate",
             Goal::Install { .. } => "install",
@@ -125,9 +137,14 @@ impl Machine {
     /// seen). Pure, like every function of the machine.
     pub fn decide(&self, current: Option<&GrantState>, grant: &GrantKey, goal: &Goal, now: UnixMillis) -> Decision {
         let planned = match goal {
-            Goal::Refresh | Goal::Recover => {
+            Goal::Refresh | Goal::Recover | Goal::RecoverInterrupted { .. } => {
                 let Some(s) = current else { return Decision::Refuse(Refusal::NoTokens) };
-                let planned = if matches!(goal, Goal::Recover) {
+                if let Goal::RecoverInterrupted { attempt } = goal {
+                    if let Some(p) = self.retry_interrupted(s, *attempt, now) {
+                        return Decision::Send(p);
+                    }
+                }
+                let planned = if matches!(goal, Goal::Recover | Goal::RecoverInterrupted { .. }) {
                     self.plan_recovery_attempt(s, now)
                 } else {
                     self.plan_attempt(s, now)
@@ -326,6 +343,48 @@ mod tests {
         let refresh = m.plan_attempt(&held, started).unwrap().transition.state;
         let d = m.decide(Some(&refresh), &grant(), &late, after(T0, 25));
         assert!(matches!(d, Decision::Write(_)), "{d:?}");
+    }
+
+    /// Recovery's fold: one transition from the interrupted intent's version carries the
+    /// interruption's records, then the retry's intent, and is the same as the two written apart.
+    #[test]
+    fn an_interrupted_attempt_is_interrupted_and_retried_in_one_transition() {
+        let m = machine();
+        let held = installed(&m, pair("a", after(T0, 3600)), T0);
+        let live = m.plan_attempt(&held, after(T0, 10)).unwrap().transition.state;
+        let Phase::Refreshing { attempt, .. } = live.phase else { panic!("{:?}", live.phase) };
+        let at = after(T0, 100);
+        let goal = Goal::RecoverInterrupted { attempt };
+        let Decision::Send(folded) = m.decide(Some(&live), &grant(), &goal, at) else { panic!("not sent") };
+        let t = folded.transition();
+        assert_eq!(t.expected_version(), Some(live.version), "one compare-and-swap, on the interrupted state");
+        assert_eq!(t.state().version, live.version + 1);
+        assert_eq!(t.verdict(), crate::machine::Verdict::Intent);
+        // The same as writing the interruption, then planning the retry from it.
+        let apart = m.recover_interrupted(&live, at, 0).unwrap();
+        let retry = m.plan_recovery_attempt(&apart.state, at).unwrap();
+        let mut records = apart.records().to_vec();
+        records.extend(retry.transition().records().iter().cloned());
+        assert_eq!(t.records(), &records[..]);
+        assert!(matches!(t.records().last(), Some(crate::record::Record::Intent { .. })), "the intent comes last");
+        assert!(t.records().len() >= 2);
+        let mut events = apart.events().to_vec();
+        events.extend(retry.transition().events().iter().cloned());
+        assert_eq!(t.events(), &events[..]);
+        assert_eq!(folded.value.refresh_token(), retry.value.refresh_token(), "the same old credential");
+        let expected = GrantState { version: live.version + 1, ..retry.transition().state().clone() };
+        assert_eq!(t.state(), &expected);
+
+        // Another attempt than the one found interrupted (a live one): refused, nothing written.
+        let other = crate::domain::AttemptId(attempt.0 + 1);
+        let d = m.decide(Some(&live), &grant(), &Goal::RecoverInterrupted { attempt: other }, at);
+        assert!(matches!(d, Decision::Refuse(Refusal::InFlight)), "{d:?}");
+        // The grant moved on to an ambiguity: planned like `Recover`.
+        let d = m.decide(Some(&apart.state), &grant(), &goal, at);
+        assert!(
+            matches!(&d, Decision::Send(p) if p.transition().expected_version() == Some(apart.state.version)),
+            "{d:?}"
+        );
     }
 
     #[test]

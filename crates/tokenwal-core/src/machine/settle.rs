@@ -113,6 +113,48 @@ impl Machine {
         }
         Some(t)
     }
+
+    /// Recovery's interruption of `attempt` and its retry, **folded into one transition**: from `s`,
+    /// still `Refreshing` `attempt`, straight to `Refreshing` the retry, carrying both records in
+    /// order — the interruption's (exactly those of [`Machine::recover_interrupted`]: the history
+    /// reads `Interrupted`, then the retry's intent) and the retry's intent (as
+    /// [`Machine::plan_recovery_attempt`] plans it from the ambiguity) — and both transitions'
+    /// events, conditioned on `s.version` alone. The ambiguity in between is never stored: a crash
+    /// before the write leaves `s` (`Refreshing`, interrupted: the next recovery does this again), a
+    /// crash after it leaves the retry's intent (interrupted in turn). One durable write instead of
+    /// two; the credential is released, as always, only once it is durable.
+    ///
+    /// `None` if `s` is not `Refreshing` `attempt`, or the interruption does not leave an ambiguity
+    /// that may be retried now (an exchange whose session token expired falls back instead): then
+    /// the interruption is written by itself ([`Machine::recover_interrupted`]).
+    pub fn retry_interrupted(
+        &self,
+        s: &GrantState,
+        attempt: AttemptId,
+        now: UnixMillis,
+    ) -> Option<Pending<AttemptRequest>> {
+        match &s.phase {
+            Phase::Refreshing { attempt: a, .. } if *a == attempt => {}
+            _ => return None,
+        }
+        // The entropy only jitters a backoff, and the interruption clears it.
+        let interrupted = self.recover_interrupted(s, now, 0)?;
+        if interrupted.verdict != Verdict::Interrupted || !matches!(interrupted.state.phase, Phase::Ambiguous(_)) {
+            return None;
+        }
+        let mut retry = self.plan_recovery_attempt(&interrupted.state, now).ok()?;
+        let t = &mut retry.transition;
+        t.expected_version = Some(s.version);
+        t.prior_phase = Some(s.phase.name());
+        t.state.version = s.version + 1;
+        let mut records = interrupted.records;
+        records.append(&mut t.records);
+        t.records = records;
+        let mut events = interrupted.events;
+        events.append(&mut t.events);
+        t.events = events;
+        Some(retry)
+    }
 }
 
 /// Where an unresolved token exchange that can no longer be retried leaves the grant. The exchange

@@ -54,6 +54,44 @@ impl Store {
         self.open_grants_where(|entries| Ok(entries.into_iter().map(|(k, _)| k).collect()), true)
     }
 
+    /// Which grants are in an open phase, from the open index's keys alone (no state is read or
+    /// decrypted): what recovery will work on, known at the cost of a key scan. The same set as
+    /// [`Store::open_grants`] at this moment (a write not yet durable counts as its durable
+    /// pre-image), in key order. Keys that are not grant keys are skipped (and logged).
+    pub fn open_keys(&self) -> Result<Vec<GrantKey>, StoreError> {
+        self.check()?;
+        let mut keys = std::collections::BTreeSet::new();
+        self.shared().backend.scan(Tree::Open, &[], &mut |k, _| {
+            keys.insert(k.to_vec());
+            true
+        })?;
+        for (k, pre) in lock(&self.shared().pending).iter() {
+            if pre.open {
+                keys.insert(k.clone());
+            } else {
+                keys.remove(k);
+            }
+        }
+        self.check()?; // see `get`
+        Ok(keys
+            .into_iter()
+            .filter_map(|k| match GrantKey::from_bytes(&k) {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    tracing::error!(what = %layout::key_name(layout::OPEN, &k), error = %e, "skipping an open index entry that names no grant");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// The durable states of those of `grants` that are in an open phase (pre-images first), in key
+    /// order: [`Store::open_grants`] restricted to a set read before, e.g. by [`Store::open_keys`].
+    pub fn open_grants_among(&self, grants: &[GrantKey]) -> Result<Vec<GrantState>, StoreError> {
+        self.check()?;
+        self.open_states(grants.iter().map(GrantKey::to_bytes).collect(), false)
+    }
+
     /// [`Store::open_grants`] without the attempts that a live process of a shared store holds in
     /// flight (this one's included): what recovery may take over. The same as
     /// [`Store::open_grants`] for a store that is not shared.
