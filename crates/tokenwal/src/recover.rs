@@ -130,11 +130,7 @@ impl Recovering {
 
     /// The interrupted attempt `grant`'s running recovery probe folds into its intent, if any.
     pub(crate) fn folding(&self, grant: &GrantKey) -> Option<AttemptId> {
-        let f = lock(&self.fold);
-        if f.armed.is_empty() {
-            return None;
-        }
-        f.armed.get(grant).copied()
+        lock(&self.fold).armed.get(grant).copied()
     }
 
     /// Whether deferring is allowed, at the start of a recovery: only with a budget (with none,

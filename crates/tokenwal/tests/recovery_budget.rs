@@ -42,6 +42,21 @@ async fn leave_ambiguous(sim: &SimHandle, path: &Path, names: &[&str]) {
 }
 
 /// Waits (bounded) until the engine has no grant recovering.
+/// Installs each of `names` on `store` and leaves an attempt's intent durable for it, as a process
+/// stopped right after its intents would (no answer, no commit).
+async fn leave_intents_open(sim: &SimHandle, store: &Store, names: &[String]) {
+    let machine = Machine::shopify(store.fingerprint_key());
+    for n in names {
+        let grant = GrantKey::shopify(&shop(n));
+        let installed = machine
+            .install(None, grant, seed(sim, n), InstallSource::Application, now())
+            .make_durable(store)
+            .await
+            .unwrap();
+        machine.plan_attempt(installed.state(), now()).unwrap().make_durable(store).await.unwrap();
+    }
+}
+
 async fn recovered(engine: &Engine) {
     for _ in 0..400 {
         if engine.recovering() == 0 {
@@ -201,16 +216,9 @@ async fn recovery_transitions_share_syncs() {
     const N: usize = 64;
     let sim = sim().await;
     let store = Store::in_memory();
-    let machine = Machine::shopify(store.fingerprint_key());
     let names: Vec<String> = (0..N).map(|i| format!("intent-{i}")).collect();
+    leave_intents_open(&sim, &store, &names).await;
     for n in &names {
-        let grant = GrantKey::shopify(&shop(n));
-        let installed = machine
-            .install(None, grant, seed(&sim, n), InstallSource::Application, now())
-            .make_durable(&store)
-            .await
-            .unwrap();
-        machine.plan_attempt(installed.state(), now()).unwrap().make_durable(&store).await.unwrap();
         sim.hold(&shop(n).to_string());
     }
     assert_eq!(store.open_grants().unwrap().len(), N);
@@ -271,17 +279,8 @@ async fn an_interrupted_attempt_and_its_probe_share_one_write() {
     const N: usize = 16;
     let sim = sim().await;
     let store = Store::in_memory();
-    let machine = Machine::shopify(store.fingerprint_key());
     let names: Vec<String> = (0..N).map(|i| format!("fold-{i}")).collect();
-    for n in &names {
-        let grant = GrantKey::shopify(&shop(n));
-        let installed = machine
-            .install(None, grant, seed(&sim, n), InstallSource::Application, now())
-            .make_durable(&store)
-            .await
-            .unwrap();
-        machine.plan_attempt(installed.state(), now()).unwrap().make_durable(&store).await.unwrap();
-    }
+    leave_intents_open(&sim, &store, &names).await;
     let before = store.stats();
     let mut c = engine_config(&sim.base_url(), StoreLocation::Open(store.clone()), SECRET);
     c.recovery_budget = Duration::from_secs(60);
