@@ -458,7 +458,7 @@ impl Engine {
             let inner = Arc::clone(&self.inner);
             tasks.spawn(async move {
                 let _permit = inner.permits.acquire().await;
-                inner.keep_fresh(&grant, false).await
+                inner.keep_fresh(&grant, false, None).await;
             });
         }
         while tasks.join_next().await.is_some() {}

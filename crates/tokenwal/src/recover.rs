@@ -198,6 +198,9 @@ struct Batch {
     /// The attempts found interrupted (`Refreshing`), by grant.
     interrupted: HashMap<GrantKey, AttemptId>,
     not_before: HashMap<GrantKey, UnixMillis>,
+    /// The states the plan was made from, by grant: a probe that nothing wrote before it decides on
+    /// its grant's reading instead of reading it again (`Inner::keep_fresh`).
+    read: HashMap<GrantKey, GrantState>,
 }
 
 /// What the background task starts from.
@@ -258,6 +261,7 @@ fn plan(inner: &Arc<Inner>, open: &[GrantState], tally: &Tally) -> Batch {
     let shared = inner.store.is_shared();
     let mut not_before = HashMap::new();
     let mut found = HashMap::new();
+    let read = open.iter().map(|s| (s.grant.clone(), s.clone())).collect();
     for s in open {
         if let Phase::Refreshing { attempt, started_at, .. } = &s.phase {
             found.insert(s.grant.clone(), *attempt);
@@ -266,7 +270,7 @@ fn plan(inner: &Arc<Inner>, open: &[GrantState], tally: &Tally) -> Batch {
             }
         }
     }
-    Batch { items: plan.items, interrupted: found, not_before }
+    Batch { items: plan.items, interrupted: found, not_before, read }
 }
 
 /// Runs recovery, waiting for it at most `budget`; the rest goes on in the background.
@@ -488,7 +492,7 @@ async fn transitions_then_probes(
     tally: &Arc<Tally>,
     probes: &mut JoinSet<()>,
 ) -> Result<(), Error> {
-    let Batch { items, interrupted, not_before } = batch;
+    let Batch { items, interrupted, not_before, mut read } = batch;
     let not_before = Arc::new(not_before);
     // The grants whose attempt this process took over (its transition committed): only their probes
     // wait out the dead request. Another process that took a grant over first owns it now.
@@ -509,7 +513,8 @@ async fn transitions_then_probes(
         let found = interrupted.get(&item.grant).copied();
         let Some(attempt) = found.filter(|_| item.transition.is_some()) else {
             if resolves {
-                to_resolve.push((item.grant, None));
+                let reading = read.remove(&item.grant);
+                to_resolve.push((item.grant, None, reading));
             } else {
                 inner.recovering.finish(&item.grant);
             }
@@ -518,7 +523,8 @@ async fn transitions_then_probes(
         // Probed now (no dead request to wait out): the interruption goes with the probe's intent.
         let may_go = not_before.get(&item.grant).is_none_or(|nb| *nb <= at);
         if resolves && may_go && inner.recovering.defer(&item.grant, attempt) {
-            to_resolve.push((item.grant, Some(attempt)));
+            let reading = read.remove(&item.grant);
+            to_resolve.push((item.grant, Some(attempt), reading));
             continue;
         }
         while commits.len() >= TRANSITION_WINDOW {
@@ -535,7 +541,8 @@ async fn transitions_then_probes(
             Ok(())
         });
         if resolves {
-            to_resolve.push((item.grant, Some(attempt)));
+            // Its interruption is written alone first: the plan's reading will be stale.
+            to_resolve.push((item.grant, Some(attempt), None));
         }
     }
     while let Some(r) = commits.join_next().await {
@@ -545,7 +552,7 @@ async fn transitions_then_probes(
         return Err(e);
     }
     // Every interruption written alone is durable: now the probes.
-    for (grant, found) in to_resolve {
+    for (grant, found, reading) in to_resolve {
         let inner = Arc::clone(inner);
         let tally = Arc::clone(tally);
         let not_before = Arc::clone(&not_before);
@@ -570,21 +577,24 @@ async fn transitions_then_probes(
                 return;
             }
             let folds = inner.recovering.arm(&grant);
-            inner.keep_fresh(&grant, true).await;
+            let known = inner.keep_fresh(&grant, true, reading).await;
             if folds {
                 inner.recovering.disarm(&grant);
             }
-            let mut phase = inner.store.get(&grant).ok().flatten().map(|s| s.phase);
+            let mut phase = phase_now(&inner, &grant, known);
             // Still the interrupted attempt: its fold did not happen (it was flushed at the
             // budget and not written yet, sending is paused, the machine refused). Interrupt it
             // alone, then probe the ambiguity.
             if let (Some(attempt), Some(Phase::Refreshing { attempt: a, .. })) = (found, &phase) {
                 if *a == attempt && !*inner.shutdown.borrow() {
-                    match interrupt(&inner, &grant, attempt).await {
-                        Ok(_) => inner.keep_fresh(&grant, true).await,
-                        Err(e) => warn!(%grant, error = %e, "recovery: an interruption could not be written; the next open retries"),
-                    }
-                    phase = inner.store.get(&grant).ok().flatten().map(|s| s.phase);
+                    let known = match interrupt(&inner, &grant, attempt).await {
+                        Ok(_) => inner.keep_fresh(&grant, true, None).await,
+                        Err(e) => {
+                            warn!(%grant, error = %e, "recovery: an interruption could not be written; the next open retries");
+                            None
+                        }
+                    };
+                    phase = phase_now(&inner, &grant, known);
                 }
             }
             match phase {
@@ -597,6 +607,11 @@ async fn transitions_then_probes(
         });
     }
     Ok(())
+}
+
+/// The grant's phase after its probe: the state the probe knew it left durable, else read now.
+fn phase_now(inner: &Inner, grant: &GrantKey, known: Option<GrantState>) -> Option<Phase> {
+    known.or_else(|| inner.store.get(grant).ok().flatten()).map(|s| s.phase)
 }
 
 fn note(first: &mut Option<Error>, joined: Option<Result<Result<(), Error>, tokio::task::JoinError>>) {

@@ -110,7 +110,7 @@ async fn run(inner: Arc<Inner>, mut rx: SchedulerRx) {
                     tasks.spawn(async move {
                         let Ok(_permit) = inner.permits.acquire().await else { return };
                         debug!(%grant, "scheduled drive");
-                        inner.keep_fresh(&grant, false).await;
+                        inner.keep_fresh(&grant, false, None).await;
                     });
                 }
             }

@@ -173,7 +173,22 @@ impl Inner {
     /// are logged, not returned: the next schedule retries. `resolve_only`: only an open attempt (an
     /// ambiguity) is driven, and its first probe goes at once, whatever backoff a stopped process
     /// set (recovery).
-    pub(crate) async fn keep_fresh(self: &Arc<Self>, grant: &GrantKey, resolve_only: bool) {
+    ///
+    /// `read`: a reading of the grant its caller already has (recovery's, taken before the flight
+    /// lock): the first decision to **attempt** is made on it without reading the store again. That
+    /// is safe because the attempt's intent is a compare-and-swap on the reading's version: if the
+    /// grant moved on, nothing is written or sent and the driver re-reads. Any other decision (no
+    /// attempt) is not made on it: the store is read, as without a reading, so that nothing stale
+    /// reaches the cache.
+    ///
+    /// Returns the grant's durable state when it stopped, if it knows it (the state it read last, or
+    /// the one its attempt settled in); `None` after an error, a pause or at shutdown.
+    pub(crate) async fn keep_fresh(
+        self: &Arc<Self>,
+        grant: &GrantKey,
+        resolve_only: bool,
+        mut read: Option<GrantState>,
+    ) -> Option<GrantState> {
         let slot = self.slots.get_or_create(grant.account());
         let mut flight = slot.flight().await;
         let mut first = true;
@@ -181,18 +196,27 @@ impl Inner {
             // Recovery stops at shutdown: a probe that settled unresolved is not sent again (under
             // load its backoff may already be over by the time it is looked at).
             if resolve_only && *self.shutdown.borrow() {
-                return;
+                return None;
             }
-            let state = match self.store.get(grant) {
+            let given = read.take();
+            let from_caller = given.is_some();
+            let read_now = match given {
+                Some(s) => Ok(Some(s)),
+                None => self.store.get(grant),
+            };
+            let state = match read_now {
                 Ok(Some(s)) => s,
-                Ok(None) => return,
+                Ok(None) => return None,
                 Err(e) => {
                     warn!(%grant, error = %e, "cannot read grant");
-                    return;
+                    return None;
                 }
             };
             if resolve_only && !state.phase.is_open() {
-                return;
+                if from_caller {
+                    continue; // decided on the durable state instead
+                }
+                return Some(state);
             }
             let now = now();
             let recovery = resolve_only && first;
@@ -210,9 +234,14 @@ impl Inner {
                 s => s,
             };
             if !matches!(step, Step::Attempt) {
+                if from_caller {
+                    // Decide again on the durable state (this is still the first decision).
+                    first = true;
+                    continue;
+                }
                 self.refresh_cache(&slot, &state);
                 self.scheduler.notify(&state, &self.machine, now);
-                return;
+                return Some(state);
             }
             let goal = match fold {
                 Some(attempt) => Goal::RecoverInterrupted { attempt },
@@ -226,32 +255,33 @@ impl Inner {
                 }
                 Err(e) => {
                     warn!(%grant, error = %e, "attempt task failed");
-                    return;
+                    return None;
                 }
             };
             match ran {
-                Ok(Ran::Settled(done)) if done.value().is_some() => return,
+                Ok(Ran::Settled(done)) if done.value().is_some() => return Some(done.state().clone()),
                 // Not resolved yet: go again only if no backoff applies.
                 Ok(Ran::Settled(done)) => {
                     if !matches!(self.machine.step(done.state(), crate::clock::now()), Step::Attempt) {
-                        return;
+                        return Some(done.state().clone());
                     }
                 }
                 Ok(Ran::Paused(until)) => {
                     // Fleet-wide pause after invalid_client: look again when it ends.
                     self.scheduler.notify_at(grant, until);
-                    return;
+                    return None;
                 }
                 Ok(Ran::Nothing(why)) => {
                     debug!(%grant, ?why, "nothing to attempt");
-                    return;
+                    return None;
                 }
                 Err(e) => {
                     warn!(%grant, error = %e, "attempt failed");
-                    return;
+                    return None;
                 }
             }
         }
+        None
     }
 }
 

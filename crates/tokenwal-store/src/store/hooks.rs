@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 static READ_COUNTS: Mutex<Vec<(usize, Arc<AtomicU64>)>> = Mutex::new(Vec::new());
 /// How many [`ReadCount`]s live (0: [`Store::note_read`] returns at once).
 static COUNTING: AtomicUsize = AtomicUsize::new(0);
+/// The identity a [`Store::count_all_reads`] counter is filed under (no store's `Arc` is at 0).
+const ANY_STORE: usize = 0;
 
 impl Store {
     /// restart after a power cut at this instant would find. Writes applied but not yet synced are
@@ -88,13 +90,23 @@ impl Store {
         ReadCount { count }
     }
 
+    /// Test hook: counts the [`Store::get`] calls of **every** store of this process while the returned
+    /// guard lives — for a store that an engine opens itself, whose recovery reads before a handle
+    /// could be counted. Only meaningful in a test binary that runs one test at a time.
+    pub fn count_all_reads() -> ReadCount {
+        let count = Arc::new(AtomicU64::new(0));
+        lock(&READ_COUNTS).push((ANY_STORE, Arc::clone(&count)));
+        COUNTING.fetch_add(1, Ordering::SeqCst);
+        ReadCount { count }
+    }
+
     /// Counts one [`Store::get`] for the [`ReadCount`]s of this store.
     pub(super) fn note_read(&self) {
         if COUNTING.load(Ordering::Relaxed) == 0 {
             return;
         }
         let me = self.identity();
-        for (_, count) in lock(&READ_COUNTS).iter().filter(|(id, _)| *id == me) {
+        for (_, count) in lock(&READ_COUNTS).iter().filter(|(id, _)| *id == me || *id == ANY_STORE) {
             count.fetch_add(1, Ordering::SeqCst);
         }
     }
