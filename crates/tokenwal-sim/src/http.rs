@@ -179,6 +179,17 @@ impl SimHandle {
         self.with_model(|m| m.seed_grant(now, &shop, None)).expect("the server always has a default app")
     }
 
+    /// Seeds a grant of the default app on `shop` whose current pair is `access` / `refresh` (given
+    /// strings, not minted ones; see [`Model::seed_grant_with_tokens`]) and returns its tokens. For
+    /// tests whose client already holds tokens, e.g. a fixture store. Panics if either string is
+    /// already in use.
+    pub fn seed_shop_with_tokens(&self, shop: &str, access: &str, refresh: &str) -> TokenSet {
+        let now = self.now_ms();
+        let shop = shop.to_ascii_lowercase();
+        self.with_model(|m| m.seed_grant_with_tokens(now, &shop, None, access, refresh))
+            .expect("the server always has a default app, and the tokens are new")
+    }
+
     /// A session token for `shop` signed by the default app, valid for a minute from the
     /// simulator's now.
     pub fn session_token(&self, shop: &str) -> String {

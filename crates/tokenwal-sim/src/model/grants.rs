@@ -14,6 +14,30 @@ impl Model {
         Ok(self.token_set(now, &a, &r))
     }
 
+    /// Like [`Model::seed_grant`], but the pair's strings are `access` and `refresh` instead of
+    /// minted ones: for a test that must tell the server tokens a client already holds (e.g. a
+    /// committed fixture store whose grants were written with known tokens). The pair is a new
+    /// acquisition of the grant (older refresh tokens are retired), active, with lifetimes from the
+    /// configuration counted from `now`. Not subject to faults. [`ModelError::DuplicateToken`] if
+    /// either string is already in use (or they are equal).
+    pub fn seed_grant_with_tokens(
+        &mut self,
+        now: u64,
+        shop: &str,
+        client_id: Option<&str>,
+        access: &str,
+        refresh: &str,
+    ) -> Result<TokenSet, ModelError> {
+        let client_id = self.resolve_app(client_id)?;
+        if access == refresh || self.token_exists(access) || self.token_exists(refresh) {
+            return Err(ModelError::DuplicateToken);
+        }
+        let key = GrantKey::new(&client_id, shop);
+        let generation = self.begin_acquisition(&key);
+        self.record_pair(now, &key, generation, None, None, (access.to_owned(), refresh.to_owned()));
+        Ok(self.token_set(now, access, refresh))
+    }
+
     /// Seeds a non-expiring offline token for `client_id` (default app when `None`) on `shop`;
     /// a random `shpat_` string unless `token` is given.
     pub fn seed_legacy_token(
@@ -91,11 +115,24 @@ impl Model {
         parent: Option<&str>,
         short_ttl: Option<u64>,
     ) -> (String, String) {
-        let (a, r) = if key.customer.is_some() {
+        let pair = if key.customer.is_some() {
             (self.mint("shcat_"), self.mint("shcrt_"))
         } else {
             (self.mint("shpat_"), self.mint("shprt_"))
         };
+        self.record_pair(now, key, generation, parent, short_ttl, pair)
+    }
+
+    /// Records the access/refresh pair `(a, r)` in `key`'s grant.
+    fn record_pair(
+        &mut self,
+        now: u64,
+        key: &GrantKey,
+        generation: u64,
+        parent: Option<&str>,
+        short_ttl: Option<u64>,
+        (a, r): (String, String),
+    ) -> (String, String) {
         let refresh_ttl = short_ttl.unwrap_or(self.config.refresh_ttl_ms);
         self.access.insert(
             a.clone(),
@@ -131,6 +168,13 @@ impl Model {
     /// A new acquisition: bump the generation, retire older refresh tokens (and optionally
     /// revoke older access tokens), mint a pair.
     pub(super) fn acquire(&mut self, now: u64, key: &GrantKey, short_ttl: Option<u64>) -> (String, String) {
+        let generation = self.begin_acquisition(key);
+        self.mint_pair(now, key, generation, None, short_ttl)
+    }
+
+    /// The bookkeeping of a new acquisition before its pair is recorded: bumps and returns the
+    /// generation, retires older refresh tokens (and optionally revokes older access tokens).
+    fn begin_acquisition(&mut self, key: &GrantKey) -> u64 {
         let grant = self.grants.entry(key.clone()).or_default();
         grant.generation += 1;
         let generation = grant.generation;
@@ -146,7 +190,7 @@ impl Model {
             }
         }
         self.counters.bump(&key.shop, |c| c.acquisitions += 1);
-        self.mint_pair(now, key, generation, None, short_ttl)
+        generation
     }
 
     pub(super) fn set_refresh_state(&mut self, token: &str, state: RefreshState) {

@@ -1138,3 +1138,22 @@ fn overlapping_requests_are_counted_per_grant() {
     assert_eq!(m.counters().shop(SHOP).overlapping_token_requests, 1);
     m.end_token_request("never-began");
 }
+
+#[test]
+fn a_grant_seeded_with_given_tokens_serves_and_rotates_them() {
+    let mut m = default_model();
+    let first = m.seed_grant(T0, SHOP, None).unwrap();
+    let seeded = m.seed_grant_with_tokens(T0 + MIN, SHOP, None, "shpat_given", "shprt_given").unwrap();
+    assert_eq!((seeded.access_token.as_str(), seeded.refresh_token.as_str()), ("shpat_given", "shprt_given"));
+    assert!(seeded.refresh_token_expires_in > 0 && seeded.expires_in > 0);
+    // A new acquisition: the pair seeded before is retired, the given one is current.
+    assert!(m.access_token_valid(SHOP, "shpat_given", T0 + MIN));
+    assert!(m.refresh_token_accepted(CID, SHOP, "shprt_given", T0 + MIN));
+    assert_inactive(&refresh(&mut m, T0 + MIN, &first.refresh_token));
+    let next = ok(refresh(&mut m, T0 + 2 * MIN, &seeded.refresh_token));
+    assert_ne!(next.refresh_token, seeded.refresh_token);
+    // Strings already in use (or one string for both) are refused.
+    for (a, r) in [("shpat_given", "shprt_new"), ("shpat_new", "shprt_given"), ("same", "same")] {
+        assert_eq!(m.seed_grant_with_tokens(T0, OTHER_SHOP, None, a, r), Err(ModelError::DuplicateToken));
+    }
+}
