@@ -32,16 +32,18 @@ impl Inner {
     /// `read`: the durable state the attempt was decided on, read under `flight`; the driver decides
     /// first on it rather than reading the store again (a write made since is caught by the
     /// compare-and-swap on its version). On a shared store, another process that moved the grant
-    /// on since makes this a no-op (decide again), not a second refresh.
+    /// on since makes this a no-op (decide again), not a second refresh; so does any writer with
+    /// `stop_if_moved` (a reading not taken under `flight`).
     async fn run_attempt(
         self: &Arc<Self>,
         grant: &GrantKey,
         goal: Goal,
         flight: Flight,
         read: GrantState,
+        stop_if_moved: bool,
     ) -> Result<(Result<Ran, Error>, Flight), Error> {
-        let shared = self.store.is_shared();
-        let (driven, flight) = self.drive_owned_from(grant.clone(), goal, flight, Some(read), shared).await?;
+        let stop = stop_if_moved || self.store.is_shared();
+        let (driven, flight) = self.drive_owned_from(grant.clone(), goal, flight, Some(read), stop).await?;
         let ran = driven.map(|d| match d {
             Driven::Attempted { settled, .. } | Driven::Wrote(settled) => Ran::Settled(Box::new(settled)),
             Driven::Paused { until } => Ran::Paused(until),
@@ -110,7 +112,7 @@ impl Inner {
                 }
                 Step::Attempt => {
                     force = false;
-                    let (ran, f) = self.run_attempt(grant, Goal::Refresh, flight, state).await?;
+                    let (ran, f) = self.run_attempt(grant, Goal::Refresh, flight, state, false).await?;
                     flight = f;
                     let done = match ran {
                         Ok(Ran::Settled(done)) => done,
@@ -177,9 +179,11 @@ impl Inner {
     /// `read`: a reading of the grant its caller already has (recovery's, taken before the flight
     /// lock): the first decision to **attempt** is made on it without reading the store again. That
     /// is safe because the attempt's intent is a compare-and-swap on the reading's version: if the
-    /// grant moved on, nothing is written or sent and the driver re-reads. Any other decision (no
-    /// attempt) is not made on it: the store is read, as without a reading, so that nothing stale
-    /// reaches the cache.
+    /// grant moved on (an install, another process), nothing is written or sent, the drive stops
+    /// there, and the decision is made again on the durable state — so an install that landed in
+    /// between is not refreshed by a probe, exactly as without a reading. Any other decision (no
+    /// attempt) is not made on the reading either: the store is read, so that nothing stale reaches
+    /// the cache.
     ///
     /// Returns the grant's durable state when it stopped, if it knows it (the state it read last, or
     /// the one its attempt settled in); `None` after an error, a pause or at shutdown.
@@ -248,7 +252,7 @@ impl Inner {
                 None if recovery => Goal::Recover,
                 None => Goal::Refresh,
             };
-            let ran = match self.run_attempt(grant, goal, flight, state).await {
+            let ran = match self.run_attempt(grant, goal, flight, state, from_caller).await {
                 Ok((ran, f)) => {
                     flight = f;
                     ran
@@ -271,6 +275,9 @@ impl Inner {
                     self.scheduler.notify_at(grant, until);
                     return None;
                 }
+                // Nothing written on the caller's reading (the grant moved on from it, or the attempt
+                // was refused): decide again on the durable state, still as the first decision.
+                Ok(Ran::Nothing(_)) if from_caller => first = true,
                 Ok(Ran::Nothing(why)) => {
                     debug!(%grant, ?why, "nothing to attempt");
                     return None;

@@ -308,3 +308,53 @@ async fn an_interrupted_attempt_and_its_probe_share_one_write() {
     }
     engine.shutdown().await;
 }
+
+/// A probe decides on the state recovery read for its batch, not on a fresh read (one store read
+/// fewer per probe). An install that lands between that reading and the probe must still win: the
+/// probe's intent is refused by its compare-and-swap, it decides again on the installed state, and
+/// the freshly installed grant is not refreshed (`resolve_only`: recovery drives open attempts only).
+/// Made deterministic with one probe at a time: the first probe's answer is held while the other
+/// grant, waiting for the permit with its reading in hand, is installed anew.
+#[tokio::test]
+async fn an_install_after_the_batch_read_is_not_refreshed_by_its_probe() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let names = ["race1", "race2"];
+    leave_ambiguous(&sim, &path, &names).await;
+    for n in names {
+        sim.hold(&shop(n).to_string());
+    }
+    let mut c = config(&sim, &path);
+    c.max_concurrent_refreshes = 1;
+    let (engine, report) = Engine::open(c).await.unwrap();
+    assert_eq!(report.open, 2, "{report:?}");
+    let mut on_wire = None;
+    for _ in 0..400 {
+        on_wire = names.iter().position(|n| sim.hold_status(&shop(n).to_string()).held == 1);
+        if on_wire.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let on_wire = on_wire.expect("one probe is held");
+    let (held, waiting) = (names[on_wire], names[1 - on_wire]);
+    // The waiting grant is installed anew while its probe waits for the permit.
+    let sent_before = requests(&sim, waiting);
+    let installed = seed(&sim, waiting);
+    engine.install(&shop(waiting), installed.clone()).await.unwrap();
+    sim.cancel(&shop(waiting).to_string()); // its hold must not catch a request it should not see
+    assert!(sim.release(&shop(held).to_string()));
+    recovered(&engine).await;
+
+    assert_eq!(requests(&sim, waiting), sent_before, "{waiting}: the installed grant was not refreshed");
+    let s = state(&engine, waiting).unwrap();
+    assert_eq!(s.phase, Phase::Healthy, "{waiting}");
+    assert_eq!(
+        s.tokens.as_ref().map(|t| t.refresh_token.expose_secret()),
+        Some(installed.refresh_token.expose_secret()),
+        "{waiting}: the install's pair stands"
+    );
+    assert_eq!(state(&engine, held).unwrap().phase, Phase::Healthy, "{held}: its probe resolved it");
+    engine.shutdown().await;
+}
