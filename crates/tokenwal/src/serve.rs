@@ -186,7 +186,8 @@ impl Inner {
     /// the cache.
     ///
     /// Returns the grant's durable state when it stopped, if it knows it (the state it read last, or
-    /// the one its attempt settled in); `None` after an error, a pause or at shutdown.
+    /// the one its attempt settled in); `None` when it does not (an error, a pause, shutdown, an
+    /// attempt the driver found nothing to do for).
     pub(crate) async fn keep_fresh(
         self: &Arc<Self>,
         grant: &GrantKey,

@@ -67,6 +67,17 @@ async fn recovered(engine: &Engine) {
     panic!("recovery did not end: {} grants still recovering", engine.recovering());
 }
 
+/// Waits (bounded) until the simulator holds a token request of one of `names`, and returns its index.
+async fn held_probe(sim: &SimHandle, names: &[&str]) -> usize {
+    for _ in 0..400 {
+        if let Some(i) = names.iter().position(|n| sim.hold_status(&shop(n).to_string()).held == 1) {
+            return i;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("no probe of {names:?} is held");
+}
+
 #[tokio::test]
 async fn open_returns_while_the_endpoint_hangs_and_serves_every_other_grant() {
     let sim = sim().await;
@@ -173,15 +184,7 @@ async fn shutdown_during_background_recovery_loses_nothing() {
     let (engine, report) = Engine::open(c).await.unwrap();
     assert_eq!((report.open, report.pending), (3, 3), "{report:?}");
     // Exactly one probe is on the wire.
-    let mut on_wire = None;
-    for _ in 0..400 {
-        on_wire = names.iter().position(|n| sim.hold_status(&shop(n).to_string()).held == 1);
-        if on_wire.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let on_wire = on_wire.expect("one probe is held");
+    let on_wire = held_probe(&sim, &names).await;
     engine.shutdown().await;
     let after: Vec<u64> = names.iter().map(|n| requests(&sim, n)).collect();
     for (i, n) in names.iter().enumerate() {
@@ -329,15 +332,7 @@ async fn an_install_after_the_batch_read_is_not_refreshed_by_its_probe() {
     c.max_concurrent_refreshes = 1;
     let (engine, report) = Engine::open(c).await.unwrap();
     assert_eq!(report.open, 2, "{report:?}");
-    let mut on_wire = None;
-    for _ in 0..400 {
-        on_wire = names.iter().position(|n| sim.hold_status(&shop(n).to_string()).held == 1);
-        if on_wire.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let on_wire = on_wire.expect("one probe is held");
+    let on_wire = held_probe(&sim, &names).await;
     let (held, waiting) = (names[on_wire], names[1 - on_wire]);
     // The waiting grant is installed anew while its probe waits for the permit.
     let sent_before = requests(&sim, waiting);

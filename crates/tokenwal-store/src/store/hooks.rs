@@ -84,20 +84,14 @@ impl Store {
     /// Test hook: counts this store's [`Store::get`] calls (through any of its handles) while the
     /// returned guard lives.
     pub fn count_reads(&self) -> ReadCount {
-        let count = Arc::new(AtomicU64::new(0));
-        lock(&READ_COUNTS).push((self.identity(), Arc::clone(&count)));
-        COUNTING.fetch_add(1, Ordering::SeqCst);
-        ReadCount { count }
+        ReadCount::filed_under(self.identity())
     }
 
     /// Test hook: counts the [`Store::get`] calls of **every** store of this process while the returned
     /// guard lives — for a store that an engine opens itself, whose recovery reads before a handle
     /// could be counted. Only meaningful in a test binary that runs one test at a time.
     pub fn count_all_reads() -> ReadCount {
-        let count = Arc::new(AtomicU64::new(0));
-        lock(&READ_COUNTS).push((ANY_STORE, Arc::clone(&count)));
-        COUNTING.fetch_add(1, Ordering::SeqCst);
-        ReadCount { count }
+        ReadCount::filed_under(ANY_STORE)
     }
 
     /// Counts one [`Store::get`] for the [`ReadCount`]s of this store.
@@ -144,6 +138,14 @@ pub struct ReadCount {
 }
 
 impl ReadCount {
+    /// A new counter of the reads of the store whose identity is `identity` (or of every store).
+    fn filed_under(identity: usize) -> ReadCount {
+        let count = Arc::new(AtomicU64::new(0));
+        lock(&READ_COUNTS).push((identity, Arc::clone(&count)));
+        COUNTING.fetch_add(1, Ordering::SeqCst);
+        ReadCount { count }
+    }
+
     /// The reads counted so far.
     pub fn get(&self) -> u64 {
         self.count.load(Ordering::SeqCst)
