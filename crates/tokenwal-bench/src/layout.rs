@@ -29,6 +29,9 @@ enum Layout {
     /// `Inline`, plus today's LSN journal (an intent and a commit record per refresh) kept for one
     /// simulated hour, as a journal cursor (the webhook sink) would need it.
     InlineWithJournal,
+    /// The grant states alone, one key per grant rewritten in place: what sled would hold in the
+    /// planned format 3 (docs/format3.md), whose history lives in a segment log beside it.
+    StateAlone,
 }
 
 impl Layout {
@@ -37,6 +40,18 @@ impl Layout {
             Layout::Inline => "state + ring in one value",
             Layout::Split => "state and ring in two trees",
             Layout::InlineWithJournal => "one value + LSN journal kept 1 h",
+            Layout::StateAlone => "state alone (format 3's sled part)",
+        }
+    }
+
+    /// The layout `--path` names: `inline`, `split`, `journal` or `state`.
+    fn named(name: &str) -> Option<Layout> {
+        match name {
+            "inline" => Some(Layout::Inline),
+            "split" => Some(Layout::Split),
+            "journal" => Some(Layout::InlineWithJournal),
+            "state" => Some(Layout::StateAlone),
+            _ => None,
         }
     }
 }
@@ -72,7 +87,14 @@ pub async fn run(opts: &Opts) {
         ),
         &["layout", "simulated hours", "live journal records", "disk (allocated)", "allocated / grant", "wall so far"],
     );
-    for layout in [Layout::Inline, Layout::Split, Layout::InlineWithJournal] {
+    let layouts = match opts.path.as_deref() {
+        Some(name) => vec![Layout::named(name).unwrap_or_else(|| {
+            eprintln!("layout: --path must be inline, split, journal or state, not {name:?}");
+            std::process::exit(2)
+        })],
+        None => vec![Layout::Inline, Layout::Split, Layout::InlineWithJournal, Layout::StateAlone],
+    };
+    for layout in layouts {
         let dir = opts.dir.join("layout");
         let _ = std::fs::remove_dir_all(&dir);
         let opts = (grants, hours, ring, cache, every);
@@ -112,7 +134,7 @@ fn churn(
     let started = std::time::Instant::now();
     let mut rows = Vec::new();
     let value = match layout {
-        Layout::Split => STATE_BYTES,
+        Layout::Split | Layout::StateAlone => STATE_BYTES,
         Layout::Inline | Layout::InlineWithJournal => STATE_BYTES + ring * ENTRY_BYTES,
     };
     for h in 0..hours {

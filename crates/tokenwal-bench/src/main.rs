@@ -64,6 +64,7 @@
 //!   --workers N            the bench process's async runtime threads (default 2): broker: the clients'
 //!   --broker-workers N     broker: `tokenwal serve --workers N` (default 2, serve's default)
 //!   --path engine|store    journal: run only the engine or only the store-only comparison
+//!   --path inline|split|journal|state   layout: run only this layout
 //!   --soak-ttl D           soak: the access tokens' lifetime (default 60s; each grant rotates every D/2)
 //!   --pg URL               journal: also run the engine on a PostgreSQL store at URL (a fresh schema)
 //!   --cache-mib N          soak: sled's cache capacity (default 256 MiB, the store's default)
@@ -159,7 +160,7 @@ const SCENARIOS: [&str; 16] = [
 fn usage() -> ! {
     eprintln!(
         "usage: tokenwal-bench <{}> [--quick] [--dir DIR] [--grants admin|customer-account] [--refreshes N] [--churn-grants N] \
-         [--retention-hours H] [--history-per-grant N] [--max-minutes M] [--concurrency A,B,..] [--rate R] [--path engine|store] [--pg URL] [--processes N] [--cache-mib N] [--soak-ttl D] [--compact-interval D] [--soak-retention-secs S] [--compact-chunk N] [--no-pace] [--workers N] [--broker-workers N] [--arrivals uniform|poisson]",
+         [--retention-hours H] [--history-per-grant N] [--max-minutes M] [--concurrency A,B,..] [--rate R] [--path engine|store|inline|split|journal|state] [--pg URL] [--processes N] [--cache-mib N] [--soak-ttl D] [--compact-interval D] [--soak-retention-secs S] [--compact-chunk N] [--no-pace] [--workers N] [--broker-workers N] [--arrivals uniform|poisson]",
         SCENARIOS.join("|")
     );
     std::process::exit(2);
@@ -225,7 +226,10 @@ fn parse(args: &[String]) -> (String, Opts) {
                 opts.concurrency =
                     Some(value("--concurrency").split(',').map(|v| number(v.to_owned()) as usize).collect())
             }
-            "--path" => opts.path = Some(value("--path")).filter(|p| p == "engine" || p == "store").or_else(|| usage()),
+            "--path" => {
+                let known = ["engine", "store", "inline", "split", "journal", "state"];
+                opts.path = Some(value("--path")).filter(|p| known.contains(&p.as_str())).or_else(|| usage())
+            }
             "--soak-retention-secs" => {
                 opts.soak_retention = Some(Duration::from_secs(number(value("--soak-retention-secs"))))
             }
