@@ -151,9 +151,9 @@ fn concurrencies(opts: &Opts) -> Vec<usize> {
     }
 }
 
-/// Rounds at concurrency `n`: enough for `target` refreshes, at least 3.
+/// Rounds at concurrency `n`: enough for `target` refreshes (`--refreshes`, default 4 096), at least 3.
 fn rounds(opts: &Opts, n: usize) -> usize {
-    let target: usize = if opts.quick { 32 } else { 4096 };
+    let target: usize = if opts.quick { 32 } else { opts.refreshes.map_or(4096, |r| r as usize) };
     target.div_ceil(n).max(3)
 }
 

@@ -42,7 +42,8 @@
 //!   --dir DIR              work directory on the disk to measure (default: $TMPDIR/tokenwal-bench);
 //!                          the 100k/1M stores are kept there and reused for 4 hours
 //!   --refreshes N          churn: total refreshes (default 10 000 000); compaction: the backlog's
-//!                          refreshes (default 100 000, spread over its grants)
+//!                          refreshes (default 100 000, spread over its grants); journal: at least
+//!                          this many refreshes per cell (default 4 096)
 //!   --churn-grants N       churn: fleet size (default 10 000); compaction: backlog grants (default 1 000)
 //!   --retention-hours H    churn: journal retention (default 720 = 30 days, the store's default);
 //!                          compaction: the store's retention (default a quarter of the history cap)
