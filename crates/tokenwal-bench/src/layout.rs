@@ -74,6 +74,13 @@ impl Bytes {
 }
 
 pub async fn run(opts: &Opts) {
+    let layouts = match opts.path.as_deref() {
+        Some(name) => vec![Layout::named(name).unwrap_or_else(|| {
+            eprintln!("layout: --path must be inline, split, journal or state, not {name:?}");
+            std::process::exit(2)
+        })],
+        None => vec![Layout::Inline, Layout::Split, Layout::InlineWithJournal, Layout::StateAlone],
+    };
     let grants = opts.churn_grants.unwrap_or(if opts.quick { 500 } else { 10_000 }) as u64;
     let hours = opts.refreshes.map_or(if opts.quick { 6 } else { 48 }, |r| (r / grants).max(1));
     let ring = opts.history_per_grant.unwrap_or(8);
@@ -87,13 +94,6 @@ pub async fn run(opts: &Opts) {
         ),
         &["layout", "simulated hours", "live journal records", "disk (allocated)", "allocated / grant", "wall so far"],
     );
-    let layouts = match opts.path.as_deref() {
-        Some(name) => vec![Layout::named(name).unwrap_or_else(|| {
-            eprintln!("layout: --path must be inline, split, journal or state, not {name:?}");
-            std::process::exit(2)
-        })],
-        None => vec![Layout::Inline, Layout::Split, Layout::InlineWithJournal, Layout::StateAlone],
-    };
     for layout in layouts {
         let dir = opts.dir.join("layout");
         let _ = std::fs::remove_dir_all(&dir);
