@@ -347,6 +347,10 @@ mod tests {
         }
         assert!(slots.get("68000000016:").is_none());
         assert!(slots.get("68000000016:00000000000000").is_none(), "a prefix's match is not enough");
+        let long = "y".repeat(60);
+        for (stored, other) in [("ab", "abc"), ("abc", "ab"), (&long[..59], &long[..]), (&long[..], &long[..59])] {
+            assert!(Slot::new(stored).is(stored) && !Slot::new(stored).is(other), "{stored} vs {other}");
+        }
         assert!(slots.fresh("nobody", UnixMillis(1)).is_none());
         assert_eq!(slots.shards.iter().map(|s| s.read().unwrap().len()).sum::<usize>(), accounts.len());
     }
