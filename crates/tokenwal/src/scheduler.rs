@@ -72,8 +72,10 @@ async fn run(inner: Arc<Inner>, mut rx: SchedulerRx) {
             census_scan(&inner2, |s| inner2.scheduler.notify(s, &inner2.machine, t));
         })
     };
-    let mut heap: BinaryHeap<Reverse<(UnixMillis, GrantKey)>> = BinaryHeap::new();
-    let mut live: HashMap<GrantKey, UnixMillis> = HashMap::new();
+    // One key per grant, shared by its map entry and its heap entries (memory: a `GrantKey` is two
+    // strings, and the scheduler holds every grant).
+    let mut heap: BinaryHeap<Reverse<(UnixMillis, Arc<GrantKey>)>> = BinaryHeap::new();
+    let mut live: HashMap<Arc<GrantKey>, UnixMillis> = HashMap::new();
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         let next = heap.peek().map(|Reverse((at, _))| *at);
@@ -89,10 +91,13 @@ async fn run(inner: Arc<Inner>, mut rx: SchedulerRx) {
             }
             msg = rx.rx.recv() => {
                 let Some((grant, at)) = msg else { break };
-                let keep = live.get(&grant).is_none_or(|cur| at < *cur || *cur <= now());
-                if keep {
-                    live.insert(grant.clone(), at);
-                    heap.push(Reverse((at, grant)));
+                let keep = match live.get_key_value(&grant) {
+                    Some((key, cur)) => (at < *cur || *cur <= now()).then(|| Arc::clone(key)),
+                    None => Some(Arc::new(grant)),
+                };
+                if let Some(key) = keep {
+                    live.insert(Arc::clone(&key), at);
+                    heap.push(Reverse((at, key)));
                 }
             }
             _ = tokio::time::sleep(sleep), if next.is_some() => {
@@ -102,10 +107,10 @@ async fn run(inner: Arc<Inner>, mut rx: SchedulerRx) {
                         break;
                     }
                     let Reverse((at, grant)) = heap.pop().expect("peeked");
-                    if live.get(&grant) != Some(&at) {
+                    if live.get(&*grant) != Some(&at) {
                         continue; // superseded by a later notification
                     }
-                    live.remove(&grant);
+                    live.remove(&*grant);
                     let inner = Arc::clone(&inner);
                     tasks.spawn(async move {
                         let Ok(_permit) = inner.permits.acquire().await else { return };
