@@ -525,3 +525,25 @@ fn a_failed_rotation_poisons_the_log() {
     assert_poisoned(&mut log, written[0].0);
     assert_eq!(fs::read(seg_path(dir.path(), 2)).unwrap(), b"someone else's");
 }
+
+#[test]
+fn read_and_scan_check_frames_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = SegmentLog::open(dir.path(), opts(1 << 20)).unwrap();
+    let written = fill(&mut log, 0, 3, 2);
+    let (loc, _) = written[3];
+    // Corrupted under the open log (a bad disk): the next read of that frame says so.
+    flip(&seg_path(dir.path(), loc.seq), loc.offset + FRAME_OVERHEAD);
+    let (what, source) = corrupt_what(log.read(loc).unwrap_err());
+    assert!(matches!(source, CodecError::Checksum { .. }), "{source:?}");
+    assert!(what.contains(&format!("{} at offset {}", segment_file_name(loc.seq), loc.offset)), "{what}");
+    let (what, _) = corrupt_what(log.scan(|_, _| ControlFlow::Continue(())).unwrap_err());
+    assert!(what.contains(&format!("at offset {}", loc.offset)), "{what}");
+    // Other frames still read; a Loc with the wrong length, or past the end, is refused.
+    assert_eq!(log.read(written[2].0).unwrap().as_deref(), Some(written[2].1.as_slice()));
+    let wrong = Loc { len: written[2].0.len + 1, ..written[2].0 };
+    assert!(matches!(log.read(wrong), Err(StoreError::Corrupt { .. })));
+    let past = Loc { offset: 1 << 30, ..written[2].0 };
+    assert!(matches!(log.read(past), Err(StoreError::Corrupt { .. })));
+    assert!(!log.is_poisoned());
+}
