@@ -27,7 +27,7 @@
 //!   the state version for the compare-and-swap).
 //! * [`keys`] — [`StoreKey`], [`KeyRing`] (active key + older read-only keys), [`KeySource`] (env,
 //!   key file, or a ring in hand), key files (0600, refused if world-accessible).
-//! * [`segment`] — the append-only segment log of the planned format 3 (docs/journal.md, "Format 3
+//! * [`segment`] — the append-only segment log of the planned format 3 (docs/journal.md §8 "Format 3
 //!   (planned): the segment log"), not yet used by the store.
 //! * [`config`] — [`StoreConfig`], [`RecoveryMode`] and the reports.
 //! * [`error`] — [`StoreError`], typed by what the caller can do.

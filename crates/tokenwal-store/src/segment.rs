@@ -604,11 +604,8 @@ impl SegmentLog {
     pub fn remove_segments_below(&mut self, seq: u64) -> Result<usize, StoreError> {
         self.poisoning(|log| {
             let active = log.active.as_ref().map(|a| a.seq);
-            let doomed: Vec<u64> = read_lock(&log.shared.segs)
-                .keys()
-                .copied()
-                .filter(|&s| s < seq && Some(s) != active)
-                .collect();
+            let doomed: Vec<u64> =
+                read_lock(&log.shared.segs).keys().copied().filter(|&s| s < seq && Some(s) != active).collect();
             for &s in &doomed {
                 write_lock(&log.shared.segs).remove(&s);
                 log.unsynced.retain(|u| u.seq != s);

@@ -196,8 +196,8 @@ fn a_write_failing_with_efbig_poisons_the_log_and_loses_no_synced_frame() {
     assert!(out.iter().any(|l| l.ends_with("error segment write Some(27)")), "EFBIG expected: {out:?}");
     assert!(out.iter().any(|l| l.ends_with("poisoned ok")), "{out:?}");
 
-    let (log, report) = SegmentLog::open(&path, LogOptions { max_segment_bytes: 1 << 20, max_frame_bytes: 4096 })
-        .unwrap();
+    let (log, report) =
+        SegmentLog::open(&path, LogOptions { max_segment_bytes: 1 << 20, max_frame_bytes: 4096 }).unwrap();
     let torn = report.torn_tail.expect("the failed write left a partial frame");
     assert!(torn.dropped > 0 && torn.dropped < 1001, "{torn:?}");
     let mut n = 0;
@@ -208,4 +208,7 @@ fn a_write_failing_with_efbig_poisons_the_log_and_loses_no_synced_frame() {
     })
     .unwrap();
     assert_eq!(n, acks.len());
+    // Truncated on disk to the last whole frame.
+    let seg = path.join(tokenwal_store::segment::segment_file_name(1));
+    assert_eq!(std::fs::metadata(seg).unwrap().len(), 16 + 1001 * n as u64);
 }

@@ -153,12 +153,10 @@ fn rotation_happens_exactly_at_the_size_limit() {
     assert_eq!(l5[0].seq, 4);
     log.sync().unwrap();
     let infos = log.segments();
-    assert_eq!(infos.iter().map(|s| (s.seq, s.bytes, s.frames)).collect::<Vec<_>>(), vec![
-        (1, 232, 2),
-        (2, 16 + 9, 1),
-        (3, 16 + 3 * 108, 3),
-        (4, 16 + 108, 1)
-    ]);
+    assert_eq!(
+        infos.iter().map(|s| (s.seq, s.bytes, s.frames)).collect::<Vec<_>>(),
+        vec![(1, 232, 2), (2, 16 + 9, 1), (3, 16 + 3 * 108, 3), (4, 16 + 108, 1)]
+    );
     for s in &infos {
         assert_eq!(file_len(&seg_path(dir.path(), s.seq)), s.bytes);
     }
@@ -308,9 +306,13 @@ fn a_torn_header_of_a_fresh_last_segment_of_every_length_is_reinitialised() {
         );
         assert_eq!(fs::read(seg_path(&d, next)).unwrap(), header(next), "case {i}");
         assert_eq!(scan_all(&log), written, "case {i}");
-        let loc = log.append(&[b"after"]).unwrap()[0];
+        // The re-initialised segment is empty: a group over the size limit still goes into it.
+        let big = [0x11u8; 500];
+        let locs = log.append(&[&big, b"after"]).unwrap();
         log.sync().unwrap();
-        assert_eq!(loc, Loc { seq: next, offset: HEADER_BYTES, len: 5 }, "case {i}");
+        assert_eq!(locs[0], Loc { seq: next, offset: HEADER_BYTES, len: 500 }, "case {i}");
+        let loc = locs[1];
+        assert_eq!(loc, Loc { seq: next, offset: HEADER_BYTES + 508, len: 5 }, "case {i}");
         drop(log);
         let (log, report) = SegmentLog::open(&d, opts(400)).unwrap();
         assert_eq!(report.torn_tail, None);
@@ -347,10 +349,16 @@ fn a_flipped_length_of_a_middle_frame_is_corrupt_not_a_torn_tail() {
     let (written, _) = two_segments(dir.path(), 20);
     let last_seq = written.last().unwrap().0.seq;
     let middle = written.iter().find(|(l, _)| l.seq == last_seq).unwrap().0;
-    // Length 0x..40.. : past the end of the file but under the frame limit.
-    flip(&seg_path(dir.path(), last_seq), middle.offset + 2);
-    let (_, source) = expect_corrupt(dir.path(), last_seq, middle.offset);
-    assert!(matches!(source, CodecError::LengthMismatch { .. } | CodecError::TooLarge(_)), "{source:?}");
+    // A length past the end of the file but under the frame limit: it looks like a partial frame,
+    // but valid frames follow it.
+    let p = seg_path(dir.path(), last_seq);
+    let mut b = fs::read(&p).unwrap();
+    assert!(b.len() < 4000);
+    b[middle.offset as usize..middle.offset as usize + 4].copy_from_slice(&4000u32.to_be_bytes());
+    fs::write(&p, b).unwrap();
+    let (what, source) = expect_corrupt(dir.path(), last_seq, middle.offset);
+    assert!(matches!(source, CodecError::LengthMismatch { declared: 4000, .. }), "{source:?}");
+    assert!(what.contains("a valid frame follows"), "{what}");
 }
 
 #[test]
