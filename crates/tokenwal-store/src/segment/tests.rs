@@ -365,7 +365,7 @@ fn a_flipped_length_of_a_middle_frame_is_corrupt_not_a_torn_tail() {
 fn a_flipped_byte_in_an_older_segment_is_corrupt_even_in_its_last_frame() {
     let dir = tempfile::tempdir().unwrap();
     let (written, _) = two_segments(dir.path(), 20);
-    let last_of_1 = written.iter().filter(|(l, _)| l.seq == 1).last().unwrap().0;
+    let last_of_1 = written.iter().rfind(|(l, _)| l.seq == 1).unwrap().0;
     flip(&seg_path(dir.path(), 1), last_of_1.offset + FRAME_OVERHEAD + last_of_1.len as u64 - 1);
     let (what, source) = expect_corrupt(dir.path(), 1, last_of_1.offset);
     assert!(matches!(source, CodecError::Checksum { .. }), "{source:?}");
