@@ -27,6 +27,8 @@
 //!   the state version for the compare-and-swap).
 //! * [`keys`] — [`StoreKey`], [`KeyRing`] (active key + older read-only keys), [`KeySource`] (env,
 //!   key file, or a ring in hand), key files (0600, refused if world-accessible).
+//! * [`segment`] — the append-only segment log of the planned format 3 (docs/journal.md §8 "Format 3
+//!   (planned): the segment log"), not yet used by the store.
 //! * [`config`] — [`StoreConfig`], [`RecoveryMode`] and the reports.
 //! * [`error`] — [`StoreError`], typed by what the caller can do.
 //!
@@ -101,6 +103,7 @@ mod lock;
 #[cfg(any(test, feature = "test-hooks"))]
 mod pg_scratch;
 mod seal;
+pub mod segment;
 mod shared;
 pub mod store;
 
