@@ -331,12 +331,18 @@ fn expect_corrupt(dir: &Path, seq: u64, offset: u64) -> (String, CodecError) {
     (what, source)
 }
 
+/// Two segments as [`two_segments`] makes them; the last segment's seq and its first frame, which
+/// valid frames follow.
+fn first_frame_of_last_segment(dir: &Path) -> (u64, Loc) {
+    let (written, _) = two_segments(dir, 20);
+    let last_seq = written.last().unwrap().0.seq;
+    (last_seq, written.iter().find(|(l, _)| l.seq == last_seq).unwrap().0)
+}
+
 #[test]
 fn a_flipped_byte_in_a_middle_frame_of_the_last_segment_is_corrupt() {
     let dir = tempfile::tempdir().unwrap();
-    let (written, _) = two_segments(dir.path(), 20);
-    let last_seq = written.last().unwrap().0.seq;
-    let middle = written.iter().find(|(l, _)| l.seq == last_seq).unwrap().0;
+    let (last_seq, middle) = first_frame_of_last_segment(dir.path());
     flip(&seg_path(dir.path(), last_seq), middle.offset + FRAME_OVERHEAD + 3);
     let (what, source) = expect_corrupt(dir.path(), last_seq, middle.offset);
     assert!(matches!(source, CodecError::Checksum { .. }), "{source:?}");
@@ -346,9 +352,7 @@ fn a_flipped_byte_in_a_middle_frame_of_the_last_segment_is_corrupt() {
 #[test]
 fn a_flipped_length_of_a_middle_frame_is_corrupt_not_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
-    let (written, _) = two_segments(dir.path(), 20);
-    let last_seq = written.last().unwrap().0.seq;
-    let middle = written.iter().find(|(l, _)| l.seq == last_seq).unwrap().0;
+    let (last_seq, middle) = first_frame_of_last_segment(dir.path());
     // A length past the end of the file but under the frame limit: it looks like a partial frame,
     // but valid frames follow it.
     let p = seg_path(dir.path(), last_seq);
