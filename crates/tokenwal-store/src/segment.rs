@@ -1,10 +1,11 @@
 //! The append-only segment log of the planned store format 3 (docs/journal.md, "Format 3
 //! (planned): the segment log"). **Not yet used by the store.**
 //!
-//! Journal records will leave sled for this log: the store's one committer thread appends all of a
-//! group's records ([`SegmentLog::append`], one `write`), makes them durable
-//! ([`SegmentLog::sync`], `fdatasync`), and only then commits the group's grant states to sled.
-//! Payloads are opaque bytes here.
+//! docs/format3.md (design B) builds a log-structured store on it: the store's one committer thread
+//! appends all of a group's frames — grant states and records — ([`SegmentLog::append`], one
+//! `write`), makes them durable ([`SegmentLog::sync`], or a [`SyncPoint`] synced on another thread
+//! while the next group is appended), and only then answers the group's writers. Payloads are
+//! opaque bytes here.
 //!
 //! ## Files
 //!
@@ -38,7 +39,9 @@
 //!
 //! ## Concurrency
 //!
-//! One writer: [`SegmentLog`] (`&mut self` for appends, syncs and removals). Readers on other
+//! One writer: [`SegmentLog`] (`&mut self` for appends, syncs and removals). A [`SyncPoint`]
+//! ([`SegmentLog::sync_point`]) carries the `fdatasync` of everything appended so far to another
+//! thread, so that the writer appends the next group while the previous one syncs. Readers on other
 //! threads use a [`LogReader`] ([`SegmentLog::reader`]: cheap to clone, `Send + Sync`), which
 //! `pread`s shared file handles. The log also holds an exclusive `flock` on the directory, so a
 //! second [`SegmentLog::open`] of the same directory (any process) fails with
@@ -171,6 +174,39 @@ pub struct SegmentLog {
     /// Segments rotated away since the last sync (not yet `fdatasync`ed).
     unsynced: Vec<Arc<Seg>>,
     next_seq: u64,
+}
+
+/// What a writer had appended at one moment ([`SegmentLog::sync_point`]), to be made durable and
+/// visible to readers by [`SyncPoint::sync`], on any thread.
+#[derive(Debug)]
+#[must_use = "nothing is durable until the sync point is synced"]
+pub struct SyncPoint {
+    shared: Arc<Shared>,
+    /// Each segment with bytes not yet synced, and how far this point covers it, oldest first.
+    todo: Vec<(Arc<Seg>, u64)>,
+}
+
+impl SyncPoint {
+    /// `fdatasync`s every segment this point covers, oldest first, and lets readers see what it
+    /// covers. Sync points may run at once on several threads: a segment's synced mark only ever
+    /// grows. An I/O error poisons the log (the writer's next call answers
+    /// [`StoreError::Poisoned`]) and nothing this point covers may be taken as durable.
+    pub fn sync(self) -> Result<(), StoreError> {
+        if self.shared.poisoned.load(Ordering::SeqCst) {
+            return Err(StoreError::Poisoned);
+        }
+        for (seg, upto) in &self.todo {
+            if seg.synced.load(Ordering::SeqCst) >= *upto {
+                continue;
+            }
+            if let Err(e) = seg.file.sync_data() {
+                self.shared.poisoned.store(true, Ordering::SeqCst);
+                return Err(StoreError::Io { op: "segment sync", source: e });
+            }
+            seg.synced.fetch_max(*upto, Ordering::SeqCst);
+        }
+        Ok(())
+    }
 }
 
 /// A reader of a segment log: cheap to clone, usable from any thread while the writer appends.
@@ -584,18 +620,25 @@ impl SegmentLog {
     /// Makes everything appended so far durable (`fdatasync` of every segment rotated away since
     /// the last sync, then of the active one) and visible to readers. An I/O error poisons the log.
     pub fn sync(&mut self) -> Result<(), StoreError> {
-        self.poisoning(|log| {
-            let mut todo = std::mem::take(&mut log.unsynced);
-            todo.extend(log.active.iter().cloned());
-            for seg in &todo {
-                let written = seg.written.load(Ordering::SeqCst);
-                if seg.synced.load(Ordering::SeqCst) < written {
-                    seg.file.sync_data().map_err(io_err("segment sync"))?;
-                    seg.synced.store(written, Ordering::SeqCst);
-                }
-            }
-            Ok(())
-        })
+        self.sync_point()?.sync()
+    }
+
+    /// Everything appended so far, to be made durable by [`SyncPoint::sync`] on any thread while
+    /// this writer goes on appending (the pipelined sync of docs/format3.md). Frames appended after
+    /// this call are not covered by it. A sync point dropped without syncing loses nothing: the next
+    /// one covers what it would have.
+    pub fn sync_point(&mut self) -> Result<SyncPoint, StoreError> {
+        self.check_poison()?;
+        let behind = |seg: &Arc<Seg>| seg.synced.load(Ordering::SeqCst) < seg.written.load(Ordering::SeqCst);
+        self.unsynced.retain(behind);
+        let todo = self
+            .unsynced
+            .iter()
+            .chain(self.active.iter())
+            .filter(|seg| behind(seg))
+            .map(|seg| (Arc::clone(seg), seg.written.load(Ordering::SeqCst)))
+            .collect();
+        Ok(SyncPoint { shared: Arc::clone(&self.shared), todo })
     }
 
     /// Deletes every whole segment older than `seq` (never the active one), oldest first, then

@@ -509,17 +509,23 @@ fn a_failed_write_poisons_the_log() {
     assert_eq!(scan_all(&log), written);
 }
 
-#[test]
-fn a_failed_sync_poisons_the_log() {
+/// Makes an unsynced frame's `fdatasync` fail, syncs with `sync`, and checks that it failed and
+/// poisoned the log.
+fn assert_a_failed_sync_poisons(sync: impl FnOnce(&mut SegmentLog) -> Result<(), StoreError>) {
     let dir = tempfile::tempdir().unwrap();
     let (mut log, _) = SegmentLog::open(dir.path(), opts(1 << 20)).unwrap();
     let written = fill(&mut log, 0, 2, 2);
-    log.append(&[b"unsynced"]).unwrap();
+    append_unsynced(&mut log, 10, 1);
     // fdatasync of a character device fails (EINVAL).
     swap_active_file(&mut log, OpenOptions::new().write(true).open("/dev/full").unwrap());
-    let err = log.sync().unwrap_err();
+    let err = sync(&mut log).unwrap_err();
     assert!(matches!(err, StoreError::Io { op: "segment sync", .. }), "{err:?}");
     assert_poisoned(&mut log, written[0].0);
+}
+
+#[test]
+fn a_failed_sync_poisons_the_log() {
+    assert_a_failed_sync_poisons(|log| log.sync());
 }
 
 #[test]
@@ -558,4 +564,86 @@ fn read_and_scan_check_frames_again() {
     let past = Loc { offset: 1 << 30, ..written[2].0 };
     assert!(matches!(log.read(past), Err(StoreError::Corrupt { .. })));
     assert!(!log.is_poisoned());
+}
+
+/// Appends one group of payloads `from..from + n` without syncing.
+fn append_unsynced(log: &mut SegmentLog, from: u64, n: u64) -> Vec<(Loc, Vec<u8>)> {
+    let ps: Vec<Vec<u8>> = (from..from + n).map(payload).collect();
+    let refs: Vec<&[u8]> = ps.iter().map(|p| p.as_slice()).collect();
+    log.append(&refs).unwrap().into_iter().zip(ps).collect()
+}
+
+#[test]
+fn a_sync_point_syncs_on_another_thread_while_the_writer_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = SegmentLog::open(dir.path(), opts(1 << 20)).unwrap();
+    let mut durable = fill(&mut log, 0, 2, 2);
+    let first = append_unsynced(&mut log, 10, 3);
+    let point = log.sync_point().unwrap();
+    // The writer goes on: the next group is appended before the first one is durable.
+    let second = append_unsynced(&mut log, 20, 2);
+    assert_eq!(scan_all(&log), durable, "nothing unsynced is visible");
+    std::thread::scope(|s| s.spawn(move || point.sync()).join().unwrap()).unwrap();
+    durable.extend(first);
+    assert_eq!(scan_all(&log), durable, "the point covers the first group, not the second");
+    log.sync().unwrap();
+    durable.extend(second);
+    assert_eq!(scan_all(&log), durable);
+    drop(log);
+    let (log, report) = SegmentLog::open(dir.path(), opts(1 << 20)).unwrap();
+    assert!(report.torn_tail.is_none());
+    assert_eq!(scan_all(&log), durable);
+}
+
+#[test]
+fn a_dropped_sync_point_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small segments: the groups below rotate, leaving an unsynced segment behind the active one.
+    let (mut log, _) = SegmentLog::open(dir.path(), opts(300)).unwrap();
+    let mut written = Vec::new();
+    for g in 0..4 {
+        written.extend(append_unsynced(&mut log, g * 2, 2));
+    }
+    assert!(log.segments().len() >= 2, "rotated: {:?}", log.segments());
+    drop(log.sync_point().unwrap());
+    log.sync().unwrap();
+    assert_eq!(scan_all(&log), written, "the next sync covers what the dropped point would have");
+}
+
+#[test]
+fn sync_points_on_several_threads_leave_every_acknowledged_group_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = SegmentLog::open(dir.path(), opts(2_000)).unwrap();
+    let reader = log.reader();
+    let mut acked = Vec::new();
+    std::thread::scope(|s| {
+        let mut pending = Vec::new();
+        for g in 0..40 {
+            let group = append_unsynced(&mut log, g * 3, 3);
+            let point = log.sync_point().unwrap();
+            pending.push((s.spawn(move || point.sync()), group));
+            // At most two points in flight, as a pipelined committer would have.
+            if pending.len() == 2 {
+                let (done, group) = pending.remove(0);
+                done.join().unwrap().unwrap();
+                for (loc, p) in group {
+                    assert_eq!(reader.read(loc).unwrap().as_deref(), Some(p.as_slice()), "acknowledged, so readable");
+                    acked.push((loc, p));
+                }
+            }
+        }
+        for (done, group) in pending {
+            done.join().unwrap().unwrap();
+            acked.extend(group);
+        }
+    });
+    assert_eq!(scan_all(&log), acked);
+}
+
+#[test]
+fn a_failed_sync_point_poisons_the_log() {
+    assert_a_failed_sync_poisons(|log| {
+        let point = log.sync_point()?;
+        std::thread::scope(|s| s.spawn(move || point.sync()).join().unwrap())
+    });
 }
