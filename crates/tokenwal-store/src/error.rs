@@ -255,3 +255,8 @@ impl StoreError {
         }
     }
 }
+
+/// Maps an I/O error of operation `op` to [`StoreError::Io`] (for `map_err`).
+pub(crate) fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> StoreError {
+    move |source| StoreError::Io { op, source }
+}

@@ -16,7 +16,7 @@
 //!   in-memory (a live and a durable image), sharing one implementation of a write over a
 //!   transaction's view.
 //! * `shared` — state shared by the handles and the committer (pre-images, counters, poison flag);
-//!   `lock` — mutex locking without poisoning (a leaf module).
+//!   `lock` — mutex and rwlock locking without poisoning (a leaf module).
 //! * [`cursor`] — reading the journal by LSN and named durable cursors into it (at-least-once
 //!   consumers such as the webhook sink); compaction keeps what a cursor has not consumed.
 //! * [`dead_letter`] — what such a consumer gave up delivering, checked frames in `meta` written

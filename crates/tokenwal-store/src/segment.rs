@@ -47,7 +47,8 @@
 //! second [`SegmentLog::open`] of the same directory (any process) fails with
 //! [`StoreError::Locked`].
 
-use crate::error::StoreError;
+use crate::error::{io_err, StoreError};
+use crate::lock::{read_lock, write_lock};
 use fs2::FileExt as _;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -162,6 +163,25 @@ struct Shared {
     poisoned: AtomicBool,
 }
 
+impl Shared {
+    /// `Poisoned` once an earlier I/O error of the writer or a sync point poisoned the log.
+    fn check_poison(&self) -> Result<(), StoreError> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            Err(StoreError::Poisoned)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Passes `r` on, poisoning the log if it is an I/O error (it may have written anything).
+    fn poison_on_io<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(StoreError::Io { .. }) = &r {
+            self.poisoned.store(true, Ordering::SeqCst);
+        }
+        r
+    }
+}
+
 /// The writer of a segment log. See the [module documentation](self).
 #[derive(Debug)]
 pub struct SegmentLog {
@@ -192,17 +212,12 @@ impl SyncPoint {
     /// grows. An I/O error poisons the log (the writer's next call answers
     /// [`StoreError::Poisoned`]) and nothing this point covers may be taken as durable.
     pub fn sync(self) -> Result<(), StoreError> {
-        if self.shared.poisoned.load(Ordering::SeqCst) {
-            return Err(StoreError::Poisoned);
-        }
+        self.shared.check_poison()?;
         for (seg, upto) in &self.todo {
             if seg.synced.load(Ordering::SeqCst) >= *upto {
                 continue;
             }
-            if let Err(e) = seg.file.sync_data() {
-                self.shared.poisoned.store(true, Ordering::SeqCst);
-                return Err(StoreError::Io { op: "segment sync", source: e });
-            }
+            self.shared.poison_on_io(seg.file.sync_data().map_err(io_err("segment sync")))?;
             seg.synced.fetch_max(*upto, Ordering::SeqCst);
         }
         Ok(())
@@ -242,18 +257,6 @@ fn frame_crc(len_bytes: [u8; 4], payload: &[u8]) -> u32 {
     h.update(&len_bytes);
     h.update(payload);
     h.finalize()
-}
-
-fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> StoreError {
-    move |source| StoreError::Io { op, source }
-}
-
-fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|e| e.into_inner())
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -523,22 +526,11 @@ impl SegmentLog {
         self.opts
     }
 
-    fn check_poison(&self) -> Result<(), StoreError> {
-        if self.shared.poisoned.load(Ordering::SeqCst) {
-            Err(StoreError::Poisoned)
-        } else {
-            Ok(())
-        }
-    }
-
-    /// Runs a writer step; an error poisons the log.
+    /// Runs a writer step; an I/O error poisons the log.
     fn poisoning<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        self.check_poison()?;
+        self.shared.check_poison()?;
         let r = f(self);
-        if let Err(StoreError::Io { .. }) = &r {
-            self.shared.poisoned.store(true, Ordering::SeqCst);
-        }
-        r
+        self.shared.poison_on_io(r)
     }
 
     /// Creates segment `next_seq` (header written and synced, directory synced) and makes it active.
@@ -578,7 +570,7 @@ impl SegmentLog {
     /// [`LogOptions::max_frame_bytes`] is refused ([`StoreError::Codec`]) before anything is
     /// written; an I/O error poisons the log.
     pub fn append(&mut self, payloads: &[&[u8]]) -> Result<Vec<Loc>, StoreError> {
-        self.check_poison()?;
+        self.shared.check_poison()?;
         for p in payloads {
             if p.len() > self.opts.max_frame_bytes as usize {
                 return Err(StoreError::Codec(CodecError::TooLarge(p.len())));
@@ -628,7 +620,7 @@ impl SegmentLog {
     /// this call are not covered by it. A sync point dropped without syncing loses nothing: the next
     /// one covers what it would have.
     pub fn sync_point(&mut self) -> Result<SyncPoint, StoreError> {
-        self.check_poison()?;
+        self.shared.check_poison()?;
         let behind = |seg: &Arc<Seg>| seg.synced.load(Ordering::SeqCst) < seg.written.load(Ordering::SeqCst);
         self.unsynced.retain(behind);
         let todo = self
@@ -691,20 +683,12 @@ impl SegmentLog {
 }
 
 impl LogReader {
-    fn check_poison(&self) -> Result<(), StoreError> {
-        if self.shared.poisoned.load(Ordering::SeqCst) {
-            Err(StoreError::Poisoned)
-        } else {
-            Ok(())
-        }
-    }
-
     /// Reads the synced frame at `loc` (`pread`), checking its length and checksum again.
     /// `Ok(None)`: its segment was removed ([`SegmentLog::remove_segments_below`]). A `loc` that
     /// is not a synced frame of a held segment is [`StoreError::Corrupt`]. Read errors do not
     /// poison the log.
     pub fn read(&self, loc: Loc) -> Result<Option<Vec<u8>>, StoreError> {
-        self.check_poison()?;
+        self.shared.check_poison()?;
         let dir = &self.shared.dir;
         if loc.seq < self.shared.floor.load(Ordering::SeqCst) {
             return Ok(None);
@@ -754,7 +738,7 @@ impl LogReader {
     /// Calls `f` with every synced frame in (seq, offset) order, checking each checksum again,
     /// until `f` breaks. A frame that fails its checks now is [`StoreError::Corrupt`].
     pub fn scan(&self, mut f: impl FnMut(Loc, &[u8]) -> ControlFlow<()>) -> Result<(), StoreError> {
-        self.check_poison()?;
+        self.shared.check_poison()?;
         let segs: Vec<Arc<Seg>> = read_lock(&self.shared.segs).values().cloned().collect();
         let max = self.shared.max_frame_bytes;
         for seg in segs {

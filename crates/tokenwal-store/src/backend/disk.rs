@@ -4,7 +4,7 @@
 
 use super::{delete_expired, write_group, BatchResult, DurableBackend, Expired, Kv};
 use crate::config::StoreConfig;
-use crate::error::StoreError;
+use crate::error::{io_err, StoreError};
 use crate::keys::KeyRing;
 use crate::layout::{self, Tree};
 use fs2::FileExt;
@@ -28,10 +28,6 @@ pub(crate) struct SledBackend {
     created_dir: bool,
     /// Holds the advisory lock for as long as the backend lives.
     _lock: File,
-}
-
-fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> StoreError {
-    move |source| StoreError::Io { op, source }
 }
 
 /// Creates `dir` (mode 0700 on unix) if it does not exist. Returns whether it created it.
